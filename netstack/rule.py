@@ -1,0 +1,340 @@
+"""Policy rules: an action, a direction, a destination, and protocol/port filters."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+from netstack.destination import Destination
+from netstack.errors import PolicyError
+
+Action = Literal["allow", "deny"]
+Direction = Literal["egress", "ingress", "any"]
+Protocol = Literal["tcp", "udp", "icmpv4", "icmpv6"]
+PortRange = tuple[int, int]
+
+ACTIONS: Final[tuple[str, ...]] = ("allow", "deny")
+DIRECTIONS: Final[tuple[str, ...]] = ("egress", "ingress", "any")
+PROTOCOLS: Final[tuple[str, ...]] = ("tcp", "udp", "icmpv4", "icmpv6")
+
+PortSpec = int | str | tuple[int, int]
+
+
+def parse_action(value: object) -> Action:
+    """``"allow"`` or ``"deny"`` (case-insensitive).
+
+    >>> parse_action("DENY")
+    'deny'
+    """
+    key = str(value).strip().lower() if isinstance(value, str) else None
+    if key == "allow":
+        return "allow"
+    if key == "deny":
+        return "deny"
+    raise PolicyError(f"action must be 'allow' or 'deny', got {value!r}")
+
+
+def parse_direction(value: object) -> Direction:
+    """``"egress"``, ``"ingress"`` or ``"any"`` (case-insensitive).
+
+    >>> parse_direction("Ingress")
+    'ingress'
+    """
+    key = value.strip().lower() if isinstance(value, str) else None
+    if key == "egress":
+        return "egress"
+    if key == "ingress":
+        return "ingress"
+    if key == "any":
+        return "any"
+    raise PolicyError(f"direction must be one of egress, ingress, any; got {value!r}")
+
+
+def parse_protocol(value: object) -> Protocol:
+    """One of ``tcp``, ``udp``, ``icmpv4``, ``icmpv6`` (case-insensitive).
+
+    >>> parse_protocol("TCP")
+    'tcp'
+    """
+    key = value.strip().lower() if isinstance(value, str) else None
+    if key == "tcp":
+        return "tcp"
+    if key == "udp":
+        return "udp"
+    if key == "icmpv4":
+        return "icmpv4"
+    if key == "icmpv6":
+        return "icmpv6"
+    raise PolicyError(f"unknown protocol {value!r} (expected one of tcp, udp, icmpv4, icmpv6)")
+
+
+def _port_number(value: object, spec: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PolicyError(f"invalid port {spec!r}: expected an integer 1-65535 or 'lo-hi'")
+    if not 1 <= value <= 65535:
+        raise PolicyError(f"port {value} in {spec!r} is out of range (1-65535)")
+    return value
+
+
+def parse_port_range(spec: PortSpec) -> PortRange:
+    """Parse ``443``, ``"443"``, ``"8000-9000"`` or ``(8000, 9000)`` into an inclusive range.
+
+    >>> parse_port_range("8000-9000"), parse_port_range(53)
+    ((8000, 9000), (53, 53))
+
+    A malformed, out-of-range or inverted range raises :class:`~netstack.PolicyError`;
+    nothing is ever turned into "any port".
+    """
+    if isinstance(spec, tuple):
+        if len(spec) != 2:
+            raise PolicyError(f"invalid port range {spec!r}: expected (start, end)")
+        lo, hi = (_port_number(v, spec) for v in spec)
+    elif isinstance(spec, str):
+        text = spec.strip()
+        parts = text.split("-")
+        if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+            raise PolicyError(f"invalid port or port range {spec!r} (expected N or lo-hi)")
+        nums = [int(p) for p in parts]
+        lo = _port_number(nums[0], spec)
+        hi = _port_number(nums[-1], spec)
+    else:
+        lo = hi = _port_number(spec, spec)
+    if lo > hi:
+        raise PolicyError(f"port range {spec!r} is inverted (start {lo} > end {hi})")
+    return (lo, hi)
+
+
+def _listify(one: Any, many: Any, *, ports: bool = False) -> list[Any]:
+    """Flatten ``protocol``+``protocols`` (or ``port``+``ports``) into one list.
+
+    A string or int is one item; for ports, a 2-tuple of ints is one range.
+    """
+    out: list[Any] = []
+    for v in (many, one):
+        if v is None:
+            continue
+        is_range = (ports and isinstance(v, tuple) and len(v) == 2
+                    and all(isinstance(x, int) and not isinstance(x, bool) for x in v))
+        if isinstance(v, str | int) or is_range:
+            out.append(v)
+        elif isinstance(v, Iterable) and not isinstance(v, bytes | dict):
+            out.extend(v)
+        else:
+            out.append(v)
+    return out
+
+
+def _merge_ranges(ranges: Iterable[PortRange]) -> tuple[PortRange, ...]:
+    # Keep the caller's ranges (sorted, duplicates dropped); merging is only a
+    # representation change, so it never widens the set of ports.
+    out: list[PortRange] = []
+    for lo, hi in sorted(set(ranges)):
+        if out and lo <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One first-match rule. Build with :meth:`allow` / :meth:`deny`.
+
+    >>> r = Rule.allow(destination="1.1.1.1", protocol="tcp", port="443")
+    >>> r.destination, r.protocols, r.ports
+    (Destination.cidr('1.1.1.1/32'), frozenset({'tcp'}), ((443, 443),))
+    >>> Rule.deny(destination=Destination.group("metadata")).describe()
+    'deny egress group metadata'
+
+    ``protocols`` empty means any protocol; ``ports`` empty means any port. Ports are
+    always the guest-side port (destination port on egress, listening port on ingress).
+    """
+
+    action: Action
+    direction: Direction = "egress"
+    destination: Destination = Destination("any")  # noqa: RUF009 (frozen, immutable)
+    protocols: frozenset[Protocol] = frozenset()
+    ports: tuple[PortRange, ...] = ()
+
+    def __post_init__(self) -> None:
+        parse_action(self.action)
+        parse_direction(self.direction)
+        if not isinstance(self.destination, Destination):
+            raise PolicyError(f"rule destination must be a Destination, got {self.destination!r}")
+        for p in self.protocols:
+            parse_protocol(p)
+        for r in self.ports:
+            parse_port_range(r)
+
+    @classmethod
+    def build(
+        cls,
+        action: str,
+        *,
+        destination: Destination | str | dict[str, Any] | None = None,
+        direction: str = "egress",
+        protocol: str | Iterable[str] | None = None,
+        protocols: str | Iterable[str] | None = None,
+        port: PortSpec | Iterable[PortSpec] | None = None,
+        ports: PortSpec | Iterable[PortSpec] | None = None,
+    ) -> Rule:
+        """Validate and build a rule (``allow``/``deny`` are the usual entry points).
+
+        >>> Rule.build("deny", destination=".ads.example").destination.kind
+        'domain_suffix'
+        """
+        protos = frozenset(parse_protocol(p) for p in _listify(protocol, protocols))
+        port_ranges = _merge_ranges(parse_port_range(p) for p in _listify(port, ports, ports=True))
+        return cls(
+            action=parse_action(action),
+            direction=parse_direction(direction),
+            destination=Destination.coerce(destination),
+            protocols=protos,
+            ports=port_ranges,
+        )
+
+    @classmethod
+    def allow(
+        cls,
+        destination: Destination | str | dict[str, Any] | None = None,
+        *,
+        direction: str = "egress",
+        protocol: str | Iterable[str] | None = None,
+        protocols: str | Iterable[str] | None = None,
+        port: PortSpec | Iterable[PortSpec] | None = None,
+        ports: PortSpec | Iterable[PortSpec] | None = None,
+    ) -> Rule:
+        """An allow rule.
+
+        >>> Rule.allow(destination="api.example.com", protocol="tcp", port=443).describe()
+        'allow egress domain api.example.com tcp port 443'
+        """
+        return cls.build(
+            "allow", destination=destination, direction=direction, protocol=protocol,
+            protocols=protocols, port=port, ports=ports,
+        )
+
+    @classmethod
+    def deny(
+        cls,
+        destination: Destination | str | dict[str, Any] | None = None,
+        *,
+        direction: str = "egress",
+        protocol: str | Iterable[str] | None = None,
+        protocols: str | Iterable[str] | None = None,
+        port: PortSpec | Iterable[PortSpec] | None = None,
+        ports: PortSpec | Iterable[PortSpec] | None = None,
+    ) -> Rule:
+        """A deny rule.
+
+        >>> Rule.deny(destination="10.0.0.0/8", direction="any").describe()
+        'deny any cidr 10.0.0.0/8'
+        """
+        return cls.build(
+            "deny", destination=destination, direction=direction, protocol=protocol,
+            protocols=protocols, port=port, ports=ports,
+        )
+
+    # -- matching helpers ------------------------------------------------------------
+    def applies_to(self, direction: str) -> bool:
+        """Whether this rule is consulted for traffic in ``direction``.
+
+        >>> Rule.allow(direction="any").applies_to("ingress")
+        True
+        """
+        return self.direction == "any" or self.direction == direction
+
+    def matches_transport(self, protocol: str, port: int | None) -> bool:
+        """Protocol and port filters (a port filter never matches a port-less flow).
+
+        >>> Rule.allow(protocol="udp", port=53).matches_transport("udp", 53)
+        True
+        >>> Rule.allow(port=53).matches_transport("icmpv4", None)
+        False
+        """
+        if self.protocols and protocol not in self.protocols:
+            return False
+        if self.ports:
+            if port is None:
+                return False
+            return any(lo <= port <= hi for lo, hi in self.ports)
+        return True
+
+    # -- presentation / wire ---------------------------------------------------------
+    def describe(self) -> str:
+        """Human form: ``"allow egress group host udp,tcp port 53"``.
+
+        >>> Rule.allow(destination="host", protocols=["udp", "tcp"], port=53).describe()
+        'allow egress group host tcp,udp port 53'
+        """
+        parts = [self.action, self.direction, self.destination.describe()]
+        if self.protocols:
+            parts.append(",".join(p for p in PROTOCOLS if p in self.protocols))
+        if self.ports:
+            rng = ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in self.ports)
+            parts.append(("port " if len(self.ports) == 1 and "-" not in rng else "ports ") + rng)
+        return " ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Upstream's JSON shape for a rule.
+
+        >>> Rule.deny(destination="10.0.0.0/8", port="1-1024").to_dict()["ports"]
+        [{'start': 1, 'end': 1024}]
+        """
+        return {
+            "direction": self.direction,
+            "destination": self.destination.to_dict(),
+            "protocols": [p for p in PROTOCOLS if p in self.protocols],
+            "ports": [{"start": lo, "end": hi} for lo, hi in self.ports],
+            "action": self.action,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Rule:
+        """Read a rule from upstream's JSON shape or the seed's hash shape.
+
+        Accepts ``protocol``/``protocols``, ``port``/``ports`` (ints, ``"lo-hi"``
+        strings or ``{"start", "end"}`` dicts), ``destination`` as a wire dict or a
+        shorthand string, or ``destination_kind`` + ``destination``. Unknown keys are
+        an error (a typo must never silently widen a rule).
+
+        >>> Rule.from_dict({"action": "allow", "destination": "1.1.1.1", "port": "443"}).ports
+        ((443, 443),)
+        """
+        if isinstance(data, Rule):
+            return data
+        if not isinstance(data, dict):
+            raise PolicyError(f"rule must be a dict or Rule, got {data!r}")
+        allowed = {"action", "direction", "destination", "destination_kind", "protocol",
+                   "protocols", "port", "ports"}
+        keys = {str(k) for k in data}
+        unknown = keys - allowed
+        if unknown:
+            raise PolicyError(f"unknown rule keys {sorted(unknown)} in {data!r}")
+        d = {str(k): v for k, v in data.items()}
+        if "action" not in d:
+            raise PolicyError(f"rule {data!r} has no action (allow or deny)")
+        if "destination_kind" in d:
+            dest: Destination = Destination.from_dict(
+                {"destination_kind": d["destination_kind"], "destination": d.get("destination")}
+            )
+        else:
+            dest = Destination.coerce(d.get("destination"))
+
+        def ports_of(v: Any) -> Any:
+            if isinstance(v, dict):
+                return (v.get("start"), v.get("end"))
+            if isinstance(v, list):
+                return [ports_of(x) for x in v]
+            return v
+
+        return cls.build(
+            str(d["action"]),
+            destination=dest,
+            direction=d.get("direction", "egress"),
+            protocol=d.get("protocol"),
+            protocols=d.get("protocols"),
+            port=ports_of(d.get("port")),
+            ports=ports_of(d.get("ports")),
+        )
