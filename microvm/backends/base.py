@@ -1,0 +1,401 @@
+"""What every VMM backend shares: the VM spec, the ``Backend`` protocol, KVM detection, process hygiene.
+
+Example::
+
+    from microvm.backends import Disk, VmSpec, QemuBackend
+    spec = VmSpec(kernel=Path("vendor/krunfw.elf"), disks=[Disk(Path("root.img"))],
+                  rundir=Path("/tmp/vm1"))
+    vm = QemuBackend().launch(spec)
+    vm.wait(timeout=30)
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from microvm.errors import MicrovmError
+
+__all__ = [
+    "Backend",
+    "Disk",
+    "ProcessGroup",
+    "Share",
+    "SpawnedVm",
+    "VmHandle",
+    "VmSpec",
+    "console_tail",
+    "kvm_usable",
+]
+
+_MAC_RE = re.compile(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$")
+_TAG_RE = re.compile(r"^[A-Za-z0-9_.-]{1,36}$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Disk:
+    """A raw disk image attached as virtio-blk; the n-th disk is ``/dev/vd{a+n}`` in the guest.
+
+    Example::
+
+        Disk(Path("rootfs.ext4")), Disk(Path("layer.erofs"), readonly=True)
+    """
+
+    path: Path
+    readonly: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Share:
+    """A host directory exported to the guest over virtio-fs under ``tag``.
+
+    Example::
+
+        Share("data", Path("/srv/data"), readonly=True)
+    """
+
+    tag: str
+    source: Path
+    readonly: bool = False
+
+    def __post_init__(self) -> None:
+        if not _TAG_RE.match(self.tag):
+            raise MicrovmError(
+                f"bad virtio-fs tag {self.tag!r}: use 1-36 characters from [A-Za-z0-9_.-]"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class VmSpec:
+    """Everything a backend needs to start one guest.
+
+    ``rundir`` receives ``console.log`` (hvc0) and ``agent.sock`` (the
+    virtio-serial port named ``agent``); ``net_socket`` is a unix stream
+    socket (u32-BE length-prefixed Ethernet frames) served by the caller.
+
+    Example::
+
+        VmSpec(kernel=k.elf, disks=[Disk(img)], rundir=Path("/tmp/vm"), cpus=2, memory_mib=512)
+    """
+
+    kernel: Path
+    disks: Sequence[Disk]
+    rundir: Path
+    cpus: int = 1
+    memory_mib: int = 512
+    init: str = "/.microvm/agent"
+    cmdline_extra: str = ""
+    net_socket: Path | None = None
+    mac: str = "02:00:00:00:00:02"
+    shares: Sequence[Share] = ()
+    kernel_library: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.cpus, int) or not 1 <= self.cpus <= 32:
+            raise MicrovmError(f"bad cpus {self.cpus!r}: use an integer from 1 to 32")
+        if not isinstance(self.memory_mib, int) or not 64 <= self.memory_mib <= 65536:
+            raise MicrovmError(f"bad memory_mib {self.memory_mib!r}: use 64 to 65536 MiB")
+        if not self.disks:
+            raise MicrovmError("a VM needs at least one disk (the root, /dev/vda)")
+        if len(self.disks) > 8:
+            raise MicrovmError(f"too many disks ({len(self.disks)}): at most 8")
+        if not _MAC_RE.match(self.mac):
+            raise MicrovmError(
+                f"bad mac {self.mac!r}: use six lower-case hex pairs like 02:00:00:00:00:02"
+            )
+        if not self.init.startswith("/") or any(c.isspace() for c in self.init):
+            raise MicrovmError(f"bad init {self.init!r}: an absolute guest path without spaces")
+        tags = [s.tag for s in self.shares]
+        if len(set(tags)) != len(tags):
+            raise MicrovmError(f"duplicate virtio-fs tags in {tags}")
+
+    @property
+    def console_log(self) -> Path:
+        """Path of the file receiving the guest console (hvc0)."""
+        return self.rundir / "console.log"
+
+    @property
+    def agent_socket(self) -> Path:
+        """Path of the unix socket bridged to the guest's ``agent`` port."""
+        return self.rundir / "agent.sock"
+
+    def kernel_cmdline(self) -> str:
+        """Kernel command line for a guest whose root is ``/dev/vda`` and whose PID 1 is ``init``.
+
+        Example::
+
+            spec.kernel_cmdline()  # 'console=hvc0 reboot=t panic=-1 root=/dev/vda rw init=/.microvm/agent quiet'
+        """
+        ro = "ro" if self.disks[0].readonly else "rw"
+        parts = [
+            "console=hvc0",
+            "reboot=t",
+            "panic=-1",
+            "root=/dev/vda",
+            ro,
+            "rootwait",
+            f"init={self.init}",
+            "quiet",
+        ]
+        if self.cmdline_extra:
+            parts.append(self.cmdline_extra)
+        return " ".join(parts)
+
+
+@runtime_checkable
+class VmHandle(Protocol):
+    """A running guest as seen by the host (the VMM process and its helpers).
+
+    Example::
+
+        code = handle.wait(timeout=10)   # None while still running
+        handle.kill()
+    """
+
+    @property
+    def pid(self) -> int:
+        """PID of the VMM process."""
+        ...
+
+    @property
+    def spec(self) -> VmSpec:
+        """The spec the guest was started with."""
+        ...
+
+    def poll(self) -> int | None:
+        """Exit status of the VMM, or None while it runs."""
+        ...
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait up to ``timeout`` seconds for the VMM to exit; its exit status or None."""
+        ...
+
+    def kill(self) -> None:
+        """Kill the VMM and every helper it needed (idempotent)."""
+        ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A way to run a :class:`VmSpec`: ``QemuBackend``, ``LibkrunBackend`` or your own.
+
+    Example::
+
+        backend.check()            # raises BackendUnavailable with install hints
+        handle = backend.launch(spec)
+    """
+
+    name: str
+
+    def check(self) -> None:
+        """Raise :class:`microvm.BackendUnavailable` unless this backend can run here."""
+        ...
+
+    def launch(self, spec: VmSpec) -> VmHandle:
+        """Start the guest described by ``spec``; returns at once (the guest boots meanwhile)."""
+        ...
+
+
+def kvm_usable() -> bool:
+    """True when /dev/kvm is real hardware virtualization (vmx/svm, not nested PVM).
+
+    ``MICROVM_ACCEL=tcg`` forces False; ``MICROVM_ACCEL=kvm`` forces True.
+
+    Example::
+
+        accel = "kvm" if kvm_usable() else "tcg"
+    """
+    forced = os.environ.get("MICROVM_ACCEL", "").lower()
+    if forced in ("tcg", "kvm"):
+        return forced == "kvm"
+    if os.path.exists("/sys/module/kvm_pvm"):
+        return False
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    return "vmx" in flags or "svm" in flags
+    except OSError:
+        return False
+    return False
+
+
+def console_tail(path: Path, lines: int = 30) -> str:
+    """The last ``lines`` lines of a console log (empty if missing).
+
+    Example::
+
+        print(console_tail(spec.console_log))
+    """
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 16384))
+            data = f.read()
+    except OSError:
+        return ""
+    text = data.decode("utf-8", "replace").replace("\r", "")
+    return "\n".join(text.rstrip("\n").splitlines()[-lines:])
+
+
+_LIVE: weakref.WeakSet[ProcessGroup] = weakref.WeakSet()
+_LIVE_LOCK = threading.Lock()
+
+
+def _kill_all_at_exit() -> None:
+    with _LIVE_LOCK:
+        groups = list(_LIVE)
+    for g in groups:
+        g.kill()
+
+
+atexit.register(_kill_all_at_exit)
+
+
+def pdeathsig_prefix() -> list[str]:
+    """``setpriv --pdeathsig KILL --`` when util-linux's setpriv exists (child dies with its parent thread).
+
+    Example::
+
+        subprocess.Popen([*pdeathsig_prefix(), "qemu-system-x86_64", ...])
+    """
+    for p in ("/usr/bin/setpriv", "/bin/setpriv"):
+        if os.access(p, os.X_OK):
+            return [p, "--pdeathsig", "KILL", "--"]
+    return []
+
+
+class ProcessGroup:
+    """Child processes, each in its own process group, killed together (also at exit and on GC).
+
+    Example::
+
+        g = ProcessGroup()
+        p = g.spawn(["sleep", "100"], log=Path("/tmp/x.log"))
+        g.kill()
+    """
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self._lock = threading.Lock()
+        with _LIVE_LOCK:
+            _LIVE.add(self)
+        self._finalizer = weakref.finalize(self, _kill_procs, self.procs)
+
+    def spawn(
+        self, argv: Sequence[str], log: Path | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """Start ``argv`` in a new session, stdin from /dev/null, output appended to ``log``."""
+        out = log.open("ab") if log is not None else subprocess.DEVNULL
+        try:
+            p = subprocess.Popen(
+                [*pdeathsig_prefix(), *argv],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                close_fds=True,
+                env=env,
+            )
+        finally:
+            if log is not None and not isinstance(out, int):
+                out.close()
+        with self._lock:
+            self.procs.append(p)
+        return p
+
+    def kill(self) -> None:
+        """SIGKILL every process group and reap them (idempotent)."""
+        with self._lock:
+            _kill_procs(self.procs)
+
+
+def _kill_procs(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=5)
+
+
+def wait_for_path(path: Path, timeout: float, alive: subprocess.Popen[bytes] | None = None) -> bool:
+    """Poll until ``path`` exists (False on timeout or if ``alive`` exits first).
+
+    Example::
+
+        wait_for_path(Path("/tmp/vfs.sock"), 5.0, proc)
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return True
+        if alive is not None and alive.poll() is not None:
+            return False
+        time.sleep(0.005)
+    return path.exists()
+
+
+class SpawnedVm:
+    """A guest whose VMM runs as a child process (QEMU, or the libkrun launcher) plus helpers.
+
+    Example::
+
+        vm = QemuBackend().launch(spec)
+        vm.wait(timeout=30) or vm.kill()
+    """
+
+    def __init__(self, spec: VmSpec, group: ProcessGroup, proc: subprocess.Popen[bytes]) -> None:
+        self._spec = spec
+        self._group = group
+        self._proc = proc
+
+    @property
+    def pid(self) -> int:
+        """PID of the VMM process (setpriv execs into it, so this is the VMM itself)."""
+        return self._proc.pid
+
+    @property
+    def spec(self) -> VmSpec:
+        """The spec this guest runs."""
+        return self._spec
+
+    @property
+    def helper_pids(self) -> list[int]:
+        """PIDs of every process started for this guest (VMM and helpers such as virtiofsd)."""
+        return [p.pid for p in self._group.procs]
+
+    def poll(self) -> int | None:
+        """The VMM's exit status, or None while it runs."""
+        return self._proc.poll()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for the VMM to exit (then stop the helpers); None on timeout."""
+        try:
+            code = self._proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        self._group.kill()
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL the VMM and helpers (whole process groups) and reap them (idempotent)."""
+        self._group.kill()
