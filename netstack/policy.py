@@ -413,26 +413,34 @@ class NetworkPolicy:
     def _evaluate(self, flow: Flow, *, want_notes: bool) -> Decision:
         if not isinstance(flow, Flow):
             raise PolicyError(f"evaluate expects a Flow, got {type(flow).__name__}")
-        notes: list[str] = []
+        # (action of the rule that nearly matched, hint); only hints for rules that
+        # would have decided the other way are worth showing.
+        notes: list[tuple[str, str]] = []
         for i, rule in enumerate(self.rules):
             if not rule.applies_to(flow.direction):
                 continue
             if not rule.matches_transport(flow.protocol, flow.port):
                 if want_notes and _destination_hit(rule, flow)[0]:
-                    notes.append(f"note: rule {i} ({rule.describe()}) names this destination but "
-                                 f"not {flow.protocol}" + ("" if flow.port is None else
-                                                           f" port {flow.port}"))
+                    notes.append((rule.action,
+                                  f"note: rule {i} ({rule.describe()}) names this destination "
+                                  f"but not {flow.protocol}"
+                                  + ("" if flow.port is None else f" port {flow.port}")))
                 continue
             hit, how = _destination_hit(rule, flow)
             if hit:
                 return Decision(rule.action, i, f"rule {i}: {rule.describe()} matched {how}",
-                                tuple(notes))
+                                _relevant(notes, rule.action))
             if want_notes and how:
-                notes.append(f"note: rule {i} ({rule.describe()}) {how}")
+                notes.append((rule.action, f"note: rule {i} ({rule.describe()}) {how}"))
         default = self.default_egress if flow.direction == "egress" else self.default_ingress
         extra = f" (SNI {flow.sni})" if flow.sni else ""
         return Decision(default, None, f"no rule matched {flow.describe()}{extra}; "
-                                       f"default {flow.direction} is {default}", tuple(notes))
+                                       f"default {flow.direction} is {default}",
+                        _relevant(notes, default))
+
+
+def _relevant(notes: list[tuple[str, str]], decided: str) -> tuple[str, ...]:
+    return tuple(text for action, text in notes if action != decided)
 
 
 def _address_matches(dest: Destination, ip: IPAddress, gateway: tuple[IPAddress, ...]) -> bool:

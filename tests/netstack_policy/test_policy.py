@@ -412,3 +412,12 @@ def test_rebind_exempt() -> None:
     assert not first_deny.rebind_exempt("10.1.2.3")
     assert first_deny.rebind_exempt("10.2.0.1")
     assert NetworkPolicy.from_profiles("host").rebind_exempt("172.16.0.1", gateway=GW)
+
+
+def test_explain_only_hints_rules_that_would_decide_otherwise() -> None:
+    p = NetworkPolicy.custom(rules=[Rule.deny(".ads.test")], deny_domains=[])
+    # denied by default: a deny rule that did not match is not an interesting hint
+    assert p.explain(egress("10.0.0.1", 22)) == p.evaluate(egress("10.0.0.1", 22)).reason
+    q = NetworkPolicy.custom(default_egress="allow", rules=[Rule.deny(".ads.test")])
+    text = q.explain(egress("203.0.113.1"))
+    assert "no hostname is known for 203.0.113.1" in text
