@@ -68,8 +68,16 @@ class Share:
     tag: str
     source: Path
     readonly: bool = False
+    guest_path: str | None = None
+
+    @property
+    def mount_point(self) -> str:
+        """Where the guest agent mounts the share (``guest_path`` or ``/mnt/<tag>``)."""
+        return self.guest_path or f"/mnt/{self.tag}"
 
     def __post_init__(self) -> None:
+        if self.guest_path is not None and not self.guest_path.startswith("/"):
+            raise MicrovmError(f"bad guest_path {self.guest_path!r}: must be absolute")
         if not _TAG_RE.match(self.tag):
             raise MicrovmError(
                 f"bad virtio-fs tag {self.tag!r}: use 1-36 characters from [A-Za-z0-9_.-]"

@@ -1,0 +1,260 @@
+"""``Machine``: the low-level VM API (backend + kernel + disks, booted until the agent answers).
+
+``start()`` launches the backend, connects to the guest agent over the
+``agent`` port, says hello and sends the boot config; any failure on the way
+kills the VMM and raises :class:`microvm.BootError` carrying the last lines of
+the guest console.
+
+Example::
+
+    from microvm import Machine
+    from microvm.backends import Disk
+    with Machine(disks=[Disk(Path("root.img"))], cpus=1, memory=512) as m:
+        r = m.agent.exec("/bin/echo", ["hi"])
+        print(r.exit_code, r.stdout)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from microvm.backends.base import Backend, Disk, Share, VmHandle, VmSpec, console_tail
+from microvm.errors import BootError, MicrovmError
+from microvm.kernel import Kernel, ensure_kernel
+
+if TYPE_CHECKING:
+    from microvm.agent import SyncAgentClient
+
+__all__ = ["Machine"]
+
+
+def _resolve_backend(backend: Backend | str) -> Backend:
+    if isinstance(backend, str):
+        from microvm.backends import get_backend
+
+        return get_backend(backend)
+    return backend
+
+
+class Machine:
+    """One guest: ``start()``, then ``agent`` (a ``SyncAgentClient``), ``shutdown()``/``kill()``/``wait()``.
+
+    ``disks[0]`` is the root (``/dev/vda``); it must contain the agent at
+    ``/.microvm/agent`` (see :func:`microvm.guestdisk.build_ext4`). ``memory``
+    is in MiB. ``net_socket`` is a unix stream socket carrying the guest's
+    Ethernet frames; ``bootstrap`` is merged into the boot config sent to the
+    agent (hostname, network, env, ca_certs, root...).
+
+    Example::
+
+        m = Machine("qemu", disks=[Disk(img)]).start()
+        try:
+            print(m.agent.exec("/bin/uname", ["-a"]).stdout)
+        finally:
+            m.shutdown()
+    """
+
+    def __init__(
+        self,
+        backend: Backend | str = "qemu",
+        kernel: Kernel | Path | None = None,
+        disks: Sequence[Disk | Path] = (),
+        cpus: int = 1,
+        memory: int = 512,
+        net_socket: Path | None = None,
+        shares: Sequence[Share] = (),
+        *,
+        bootstrap: dict[str, Any] | None = None,
+        boot_timeout: float = 60.0,
+        rundir: Path | None = None,
+        mac: str = "02:00:00:00:00:02",
+        init: str = "/.microvm/agent",
+    ) -> None:
+        if boot_timeout <= 0:
+            raise MicrovmError(f"bad boot_timeout {boot_timeout!r}: must be > 0 seconds")
+        self.backend = _resolve_backend(backend)
+        self._kernel_arg = kernel
+        self._disks = [d if isinstance(d, Disk) else Disk(Path(d)) for d in disks]
+        self._own_rundir = rundir is None
+        self.rundir = rundir or Path(tempfile.mkdtemp(prefix="microvm-"))
+        self.bootstrap_extra = dict(bootstrap or {})
+        self.boot_timeout = boot_timeout
+        self.boot_seconds: float | None = None
+        kernel_elf, kernel_lib = self._kernel_paths(kernel)
+        # Validate everything (cpus, memory, mac, tags) before anything starts.
+        self.spec = VmSpec(
+            kernel=kernel_elf,
+            disks=self._disks,
+            rundir=self.rundir,
+            cpus=cpus,
+            memory_mib=memory,
+            init=init,
+            net_socket=net_socket,
+            mac=mac,
+            shares=tuple(shares),
+            kernel_library=kernel_lib,
+        )
+        self._handle: VmHandle | None = None
+        self._agent: SyncAgentClient | None = None
+
+    @staticmethod
+    def _kernel_paths(kernel: Kernel | Path | None) -> tuple[Path, Path | None]:
+        if isinstance(kernel, Kernel):
+            return kernel.elf, kernel.library
+        if kernel is not None:
+            return Path(kernel), None
+        k = ensure_kernel()
+        return k.elf, k.library
+
+    @property
+    def handle(self) -> VmHandle:
+        """The backend's handle on the running VMM (raises if not started)."""
+        if self._handle is None:
+            raise MicrovmError("machine not started: call start() first")
+        return self._handle
+
+    @property
+    def agent(self) -> SyncAgentClient:
+        """The connected guest agent client (``exec``, ``exec_stream``, fs ops, ``shutdown``)."""
+        if self._agent is None:
+            raise MicrovmError("machine not started: call start() first")
+        return self._agent
+
+    @property
+    def agent_socket(self) -> Path:
+        """The unix socket of the guest's ``agent`` port (for an asyncio ``AgentClient``)."""
+        return self.spec.agent_socket
+
+    @property
+    def console_log(self) -> Path:
+        """The file receiving the guest console (hvc0)."""
+        return self.spec.console_log
+
+    def boot_config(self) -> dict[str, Any]:
+        """The ``core.bootstrap`` payload: shares as virtio-fs mounts, then ``bootstrap`` overrides.
+
+        Example::
+
+            Machine(disks=[img], bootstrap={"hostname": "box"}).boot_config()["hostname"]
+        """
+        cfg: dict[str, Any] = {
+            "hostname": "microvm",
+            "root": None,
+            "network": None,
+            "ca_certs": [],
+            "env": {},
+            "mounts": [
+                {"tag": s.tag, "path": s.mount_point, "readonly": s.readonly}
+                for s in self.spec.shares
+            ],
+        }
+        cfg.update(self.bootstrap_extra)
+        return cfg
+
+    def start(self) -> Machine:
+        """Boot and handshake; raise :class:`BootError` (with the console tail) on any failure.
+
+        Example::
+
+            m = Machine(disks=[img]).start()
+        """
+        if self._handle is not None:
+            raise MicrovmError("machine already started")
+        from microvm.agent import SyncAgentClient
+
+        t0 = time.monotonic()
+        self._handle = self.backend.launch(self.spec)
+        deadline = t0 + self.boot_timeout
+        try:
+            self._agent = self._connect(SyncAgentClient, deadline)
+            remaining = max(0.1, deadline - time.monotonic())
+            self._agent.hello(timeout=remaining)
+            self._agent.bootstrap(self.boot_config())
+        except BaseException as e:
+            self._fail_boot(e)
+        self.boot_seconds = time.monotonic() - t0
+        return self
+
+    def _connect(self, client_cls: Any, deadline: float) -> SyncAgentClient:
+        handle = self.handle
+        path = self.spec.agent_socket
+        while True:
+            code = handle.poll()
+            if code is not None:
+                raise BootError(f"VMM exited with status {code} before the agent port opened")
+            if path.exists():
+                client: SyncAgentClient = client_cls.connect_unix(
+                    str(path), timeout=max(0.1, deadline - time.monotonic())
+                )
+                return client
+            if time.monotonic() > deadline:
+                raise BootError(f"agent socket {path} did not appear within {self.boot_timeout}s")
+            time.sleep(0.005)
+
+    def _fail_boot(self, cause: BaseException) -> None:
+        handle = self.handle
+        # Give the VMM a moment to finish writing the console (e.g. a panic message).
+        handle.wait(timeout=0.5)
+        code = handle.poll()
+        tail = console_tail(self.spec.console_log)
+        self.kill()
+        if isinstance(cause, KeyboardInterrupt):
+            raise cause
+        state = f"VMM exited with status {code}" if code is not None else "VMM killed"
+        raise BootError(f"guest did not boot ({cause}); {state}", tail) from cause
+
+    def console(self) -> str:
+        """The guest console output so far (last 200 lines)."""
+        return console_tail(self.spec.console_log, 200)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for the VMM to exit; its exit status, or None on timeout."""
+        return self.handle.wait(timeout)
+
+    def shutdown(self, exit_code: int = 0, timeout: float = 20.0) -> int | None:
+        """Ask the agent to sync and power off; kill the VMM if it is not gone within ``timeout``.
+
+        Returns the VMM exit status (None if it had to be killed).
+        """
+        if self._handle is None:
+            return None
+        code: int | None = None
+        try:
+            if self._agent is not None and self._handle.poll() is None:
+                with contextlib.suppress(Exception):
+                    self._agent.shutdown(exit_code=exit_code)
+                code = self._handle.wait(timeout)
+        finally:
+            self.kill()
+        return code
+
+    def kill(self) -> None:
+        """Kill the VMM and helpers, close the client, remove the rundir we created (idempotent)."""
+        if self._agent is not None:
+            with contextlib.suppress(Exception):
+                self._agent.close()
+            self._agent = None
+        if self._handle is not None:
+            self._handle.kill()
+        if self._own_rundir:
+            shutil.rmtree(self.rundir, ignore_errors=True)
+
+    def __enter__(self) -> Machine:
+        if self._handle is None:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.shutdown()
