@@ -50,7 +50,9 @@ def init_disk(tmp_path_factory: pytest.TempPathFactory, guest_init: Path) -> Pat
 
     root = tmp_path_factory.mktemp("initroot")
     (root / "mnt").mkdir()
-    return build_ext4(root, tmp_path_factory.mktemp("img") / "init.img", agent=guest_init, free_mib=4)
+    return build_ext4(
+        root, tmp_path_factory.mktemp("img") / "init.img", agent=guest_init, free_mib=4
+    )
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +65,9 @@ def busybox_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for d in ("bin", "etc", "tmp", "root", "mnt", "home"):
         (root / d).mkdir()
     shutil.copy2(bb, root / "bin" / "busybox")
-    applets = subprocess.run([bb, "--list"], capture_output=True, text=True, check=True).stdout.split()
+    applets = subprocess.run(
+        [bb, "--list"], capture_output=True, text=True, check=True
+    ).stdout.split()
     for a in applets:
         if a != "busybox" and not (root / "bin" / a).exists():
             os.symlink("busybox", root / "bin" / a)

@@ -73,7 +73,12 @@ def test_sha256_mismatch_is_refused(tmp_path: Path) -> None:
 
 
 def test_pins_are_sha256_hex() -> None:
-    for h in (DEBIAN_PIN.deb_sha256, DEBIAN_PIN.lib_sha256, WHEEL_PIN.wheel_sha256, WHEEL_PIN.lib_sha256):
+    for h in (
+        DEBIAN_PIN.deb_sha256,
+        DEBIAN_PIN.lib_sha256,
+        WHEEL_PIN.wheel_sha256,
+        WHEEL_PIN.lib_sha256,
+    ):
         assert len(h) == 64 and int(h, 16) >= 0
 
 
@@ -95,7 +100,9 @@ def test_real_kernel_payload_and_elf(kernel: Kernel) -> None:
     assert kernel.elf.read_bytes() == elf
 
 
-def test_fetch_into_fresh_dir_from_system_or_existing(kernel: Kernel, tmp_path: Path, monkeypatch) -> None:
+def test_fetch_into_fresh_dir_from_system_or_existing(
+    kernel: Kernel, tmp_path: Path, monkeypatch
+) -> None:
     """Re-extracting from an already verified library (as a 'system' libkrunfw) gives the same ELF."""
     monkeypatch.setenv("MICROVM_LIBKRUNFW", str(kernel.library))
     k = fetch_kernel(tmp_path / "k", source="system")
@@ -106,5 +113,7 @@ def test_fetch_into_fresh_dir_from_system_or_existing(kernel: Kernel, tmp_path: 
 
 
 def test_module_cli_path(kernel: Kernel) -> None:
-    r = subprocess.run([sys.executable, "-m", "microvm.kernel", "path"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "microvm.kernel", "path"], capture_output=True, text=True
+    )
     assert r.returncode == 0 and r.stdout.strip().endswith("krunfw.elf")
