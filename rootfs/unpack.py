@@ -1,0 +1,379 @@
+"""Safe application of OCI layer tarballs onto a directory.
+
+Every entry is checked before anything is written: no ``..`` components, no
+absolute names, parents are resolved component by component (a parent symlink is
+only followed when it is relative and stays inside the destination), hardlinks
+must point at an existing non-directory inside the destination, device nodes are
+refused unless allowed, and the total size and entry count are capped. OCI
+whiteouts (``.wh.NAME``) and opaque markers (``.wh..wh..opq``) remove what lower
+layers put there. A violation raises :class:`~rootfs.errors.UnsafeLayerError`
+naming the entry.
+
+Example::
+
+    state = UnpackState()
+    with open("layer.tar.gz", "rb") as f:
+        diff_id = apply_layer(f, Path("/tmp/root"), state=state)
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, BinaryIO, cast
+
+from rootfs.errors import ImageFormatError, UnsafeLayerError
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+_MAX_SYMLINK_HOPS = 40
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class UnpackLimits:
+    """Caps for one unpack (all layers together).
+
+    Example::
+
+        UnpackLimits(max_bytes=64 << 20, max_files=10_000, allow_devices=False)
+    """
+
+    max_bytes: int = 8 << 30
+    max_files: int = 1_000_000
+    allow_devices: bool = False
+    same_owner: bool | None = None  # None: keep ownership only when running as root
+
+    def keep_owner(self) -> bool:
+        """Whether ownership from the layer is applied (default: only as root)."""
+        return os.geteuid() == 0 if self.same_owner is None else self.same_owner
+
+
+@dataclass
+class UnpackState:
+    """Running totals across the layers of one unpack, plus non-fatal notes.
+
+    Example::
+
+        state = UnpackState(UnpackLimits(max_files=100))
+    """
+
+    limits: UnpackLimits = field(default_factory=UnpackLimits)
+    total_bytes: int = 0
+    total_files: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+class _HashingReader:
+    """File-like wrapper that hashes and counts every byte read through it."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.count = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.sha.update(data)
+        self.count += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(_CHUNK):
+            pass
+
+
+@contextmanager
+def decompressed(fileobj: BinaryIO) -> Iterator[IO[bytes]]:
+    """Yield an uncompressed view of a layer blob (gzip, zstd or plain tar, by magic).
+
+    Example::
+
+        with open(blob, "rb") as f, decompressed(f) as tar_stream:
+            ...
+    """
+    head = fileobj.read(4)
+    fileobj.seek(-len(head), os.SEEK_CUR)
+    if head[:2] == b"\x1f\x8b":
+        with gzip.GzipFile(fileobj=fileobj, mode="rb") as gz:
+            yield cast(IO[bytes], gz)
+    elif head == b"\x28\xb5\x2f\xfd":
+        zstd = shutil.which("zstd")
+        if zstd is None:
+            raise ImageFormatError("layer is zstd-compressed but the zstd binary is not installed")
+        proc = subprocess.Popen([zstd, "-dc"], stdin=fileobj, stdout=subprocess.PIPE)
+        assert proc.stdout is not None
+        try:
+            yield proc.stdout
+        finally:
+            proc.stdout.close()
+            if proc.wait() != 0:
+                raise ImageFormatError(
+                    f"zstd failed to decompress the layer (exit {proc.returncode})"
+                )
+    else:
+        yield fileobj
+
+
+def _split(name: str, what: str) -> list[str]:
+    """Normalise a tar member name into safe relative components."""
+    if "\x00" in name:
+        raise UnsafeLayerError(name, f"{what} contains a NUL byte")
+    if name.startswith("/"):
+        raise UnsafeLayerError(name, f"{what} is an absolute path")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise UnsafeLayerError(name, f"{what} contains a '..' component")
+    return parts
+
+
+def _resolve_parent(root: str, parts: list[str], entry: str, create: bool) -> str:
+    """Host path of the directory ``parts`` under ``root``, following only safe symlinks.
+
+    Relative symlinks are followed when they stay inside ``root``; an absolute
+    target or one climbing above ``root`` raises. Missing directories are created
+    (mode 0755) when ``create``, otherwise raise.
+    """
+    resolved: list[str] = []
+    queue = list(parts)
+    hops = 0
+    while queue:
+        comp = queue.pop(0)
+        if comp in ("", "."):
+            continue
+        if comp == "..":
+            if not resolved:
+                raise UnsafeLayerError(entry, "a parent symlink climbs above the root")
+            resolved.pop()
+            continue
+        path = os.path.join(root, *resolved, comp)
+        where = "/".join([*resolved, comp])
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            if not create:
+                raise UnsafeLayerError(entry, f"parent {where!r} is missing")
+            os.mkdir(path, 0o755)
+            resolved.append(comp)
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            resolved.append(comp)
+        elif stat.S_ISLNK(st.st_mode):
+            hops += 1
+            if hops > _MAX_SYMLINK_HOPS:
+                raise UnsafeLayerError(entry, "too many symlinks in the parent path")
+            target = os.readlink(path)
+            if target.startswith("/"):
+                raise UnsafeLayerError(
+                    entry, f"parent {where!r} is a symlink to an absolute path"
+                )
+            queue = target.split("/") + queue
+        else:
+            if not create:
+                raise UnsafeLayerError(entry, f"parent {where!r} is not a directory")
+            # A layer replacing a file with a directory: the file goes.
+            os.unlink(path)
+            os.mkdir(path, 0o755)
+            resolved.append(comp)
+    return os.path.join(root, *resolved)
+
+
+def _remove_node(path: str) -> None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def _apply_meta(path: str, member: tarfile.TarInfo, state: UnpackState) -> None:
+    is_link = member.issym()
+    if state.limits.keep_owner():
+        os.lchown(path, member.uid, member.gid)
+    if not is_link:
+        os.chmod(path, member.mode & 0o7777)
+    for key, value in member.pax_headers.items():
+        if key.startswith("SCHILY.xattr."):
+            name = key[len("SCHILY.xattr.") :]
+            raw = value.encode("utf-8", "surrogateescape")
+            try:
+                os.setxattr(path, name, raw, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
+                    raise
+                state.notes.append(f"xattr {name} on {member.name} not kept: {exc.strerror}")
+    if not member.isdir():
+        os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
+
+
+def apply_layer(
+    fileobj: BinaryIO,
+    dest: Path,
+    *,
+    state: UnpackState | None = None,
+    expected_diff_id: str | None = None,
+) -> str:
+    """Apply one layer blob (compressed or not) onto ``dest``; return its diff_id.
+
+    Raises :class:`UnsafeLayerError` for a hostile entry and
+    :class:`~rootfs.errors.DigestError` when ``expected_diff_id`` does not match.
+
+    Example::
+
+        with open(blob_path, "rb") as f:
+            apply_layer(f, Path("rootfs"), expected_diff_id=image.diff_ids[0])
+    """
+    from rootfs.errors import DigestError
+
+    st = state if state is not None else UnpackState()
+    root = os.fspath(dest)
+    os.makedirs(root, exist_ok=True)
+    with decompressed(fileobj) as raw:
+        reader = _HashingReader(raw)
+        _apply_tar(reader, root, st)
+        reader.drain()
+    diff_id = "sha256:" + reader.sha.hexdigest()
+    if expected_diff_id is not None and diff_id != expected_diff_id:
+        raise DigestError(f"layer diff_id mismatch: expected {expected_diff_id}, got {diff_id}")
+    return diff_id
+
+
+def _apply_tar(reader: _HashingReader, root: str, st: UnpackState) -> None:
+    limits = st.limits
+    created: set[str] = set()
+    dirs: list[tuple[str, tarfile.TarInfo]] = []
+    try:
+        tar = tarfile.open(fileobj=reader, mode="r|")  # type: ignore[call-overload]  # noqa: SIM115
+    except tarfile.TarError as exc:
+        raise ImageFormatError(f"layer is not a tar archive: {exc}") from None
+    try:
+        for member in tar:
+            _apply_member(tar, member, root, st, limits, created, dirs)
+    except tarfile.TarError as exc:
+        raise ImageFormatError(f"corrupt layer tar: {exc}") from None
+    finally:
+        tar.close()
+    for path, member in reversed(dirs):
+        os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
+
+
+def _apply_member(
+    tar: tarfile.TarFile,
+    member: tarfile.TarInfo,
+    root: str,
+    st: UnpackState,
+    limits: UnpackLimits,
+    created: set[str],
+    dirs: list[tuple[str, tarfile.TarInfo]],
+) -> None:
+    name = member.name
+    st.total_files += 1
+    if st.total_files > limits.max_files:
+        raise UnsafeLayerError(name, f"more than {limits.max_files} entries (max_files)")
+    if member.isreg() and member.size < 0:
+        raise UnsafeLayerError(name, "negative size")
+    if member.isreg() and st.total_bytes + member.size > limits.max_bytes:
+        raise UnsafeLayerError(
+            name,
+            f"claims {member.size} bytes; total would exceed max_bytes={limits.max_bytes}",
+        )
+    parts = _split(name, "name")
+    if not parts:
+        if member.isdir():
+            _apply_meta(root, member, st)
+            dirs.append((root, member))
+            return
+        raise UnsafeLayerError(name, "a non-directory entry for the root itself")
+    base = parts[-1]
+    rel = "/".join(parts)
+    parent = _resolve_parent(root, parts[:-1], name, create=True)
+    if base.startswith(WHITEOUT_PREFIX):
+        parent_rel = "/".join(parts[:-1])
+        if base == OPAQUE_MARKER:
+            for child in os.listdir(parent):
+                child_rel = f"{parent_rel}/{child}" if parent_rel else child
+                if child_rel not in created:
+                    _remove_node(os.path.join(parent, child))
+            return
+        target = base[len(WHITEOUT_PREFIX) :]
+        if target in ("", ".", "..") or target.startswith(WHITEOUT_PREFIX):
+            raise UnsafeLayerError(name, "whiteout names no valid entry")
+        target_rel = f"{parent_rel}/{target}" if parent_rel else target
+        if target_rel not in created:
+            _remove_node(os.path.join(parent, target))
+        return
+    path = os.path.join(parent, base)
+    created.add(rel)
+    if member.isdir():
+        try:
+            old = os.lstat(path)
+            if not stat.S_ISDIR(old.st_mode):
+                _remove_node(path)
+                os.mkdir(path, 0o700)
+        except FileNotFoundError:
+            os.mkdir(path, 0o700)
+        _apply_meta(path, member, st)
+        dirs.append((path, member))
+        return
+    if member.islnk():
+        lparts = _split(member.linkname, "hardlink target")
+        if not lparts:
+            raise UnsafeLayerError(name, "hardlink to the root directory")
+        lparent = _resolve_parent(root, lparts[:-1], name, create=False)
+        src = os.path.join(lparent, lparts[-1])
+        try:
+            sst = os.lstat(src)
+        except FileNotFoundError:
+            raise UnsafeLayerError(name, f"hardlink target {member.linkname!r} does not exist")
+        if stat.S_ISDIR(sst.st_mode):
+            raise UnsafeLayerError(name, f"hardlink target {member.linkname!r} is a directory")
+        if os.path.abspath(src) == os.path.abspath(path):
+            return
+        _remove_node(path)
+        os.link(src, path, follow_symlinks=False)
+        return
+    _remove_node(path)
+    if member.isreg():
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(path, flags, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            src_f = tar.extractfile(member)
+            assert src_f is not None
+            written = 0
+            while True:
+                chunk = src_f.read(_CHUNK)
+                if not chunk:
+                    break
+                written += len(chunk)
+                if st.total_bytes + written > limits.max_bytes:
+                    raise UnsafeLayerError(name, f"total exceeds max_bytes={limits.max_bytes}")
+                out.write(chunk)
+        st.total_bytes += written
+    elif member.issym():
+        os.symlink(member.linkname, path)
+    elif member.isfifo():
+        os.mkfifo(path, 0o600)
+    elif member.ischr() or member.isblk():
+        if not limits.allow_devices:
+            kind = "character" if member.ischr() else "block"
+            raise UnsafeLayerError(
+                name, f"{kind} device {member.devmajor}:{member.devminor} (allow_devices=False)"
+            )
+        kindbit = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
+        os.mknod(path, kindbit | 0o600, os.makedev(member.devmajor, member.devminor))
+    else:
+        raise UnsafeLayerError(name, f"unsupported tar entry type {member.type!r}")
+    _apply_meta(path, member, st)
