@@ -2,8 +2,55 @@
 
 Usable alone (an explicit HTTP CONNECT proxy) or behind a gateway (transparent mode).
 Never imports ``netstack``, ``rootfs`` or ``microvm``.
+
+Example::
+
+    >>> import asyncio, tempfile
+    >>> from tls_proxy import CertificateAuthority, ProxyConfig, Secret, TlsProxy
+    >>> secret = Secret("OPENAI_API_KEY", "sk-real", ["api.openai.com"])
+    >>> secret.guest_env()
+    {'OPENAI_API_KEY': '$MSB_OPENAI_API_KEY'}
+    >>> async def serve():
+    ...     ca = CertificateAuthority.load_or_create(tempfile.mkdtemp())
+    ...     async with TlsProxy(ProxyConfig(ca=ca, secrets=[secret])) as proxy:
+    ...         print(await proxy.listen_explicit("127.0.0.1", 0))   # doctest: +SKIP
+    >>> asyncio.run(serve())
 """
 
-from tls_proxy.errors import TlsProxyError
+from tls_proxy.ca import CertificateAuthority, Leaf
+from tls_proxy.errors import (
+    CertificateError,
+    ClientHelloError,
+    ConfigError,
+    HttpError,
+    SecretError,
+    TlsProxyError,
+    UpstreamError,
+)
+from tls_proxy.hosts import HostList, HostPattern
+from tls_proxy.proxy import ProxyConfig, TlsProxy, original_dst
+from tls_proxy.secrets import Secret, SecretPolicy, parse_secret_spec
+from tls_proxy.sni import ClientHello, HelloParser, parse_client_hello
 
-__all__ = ["TlsProxyError"]
+__all__ = [
+    "CertificateAuthority",
+    "CertificateError",
+    "ClientHello",
+    "ClientHelloError",
+    "ConfigError",
+    "HelloParser",
+    "HostList",
+    "HostPattern",
+    "HttpError",
+    "Leaf",
+    "ProxyConfig",
+    "Secret",
+    "SecretError",
+    "SecretPolicy",
+    "TlsProxy",
+    "TlsProxyError",
+    "UpstreamError",
+    "original_dst",
+    "parse_client_hello",
+    "parse_secret_spec",
+]

@@ -1,0 +1,98 @@
+"""``python -m tls_proxy``: run the explicit (CONNECT) proxy from the command line.
+
+Example::
+
+    $ python -m tls_proxy --listen 127.0.0.1:8080 --ca-dir ~/.microvm/tls \\
+          --secret OPENAI_API_KEY=sk-...@api.openai.com
+    tls_proxy: listening on 127.0.0.1:8080
+    tls_proxy: CA certificate /root/.microvm/tls/ca.crt
+    OPENAI_API_KEY=$MSB_OPENAI_API_KEY
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from tls_proxy.ca import CertificateAuthority
+from tls_proxy.errors import TlsProxyError
+from tls_proxy.proxy import ProxyConfig, TlsProxy
+from tls_proxy.secrets import parse_secret_spec
+
+
+def _listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not (0 <= int(port) < 65536):
+        raise argparse.ArgumentTypeError(f"invalid --listen {text!r}: expected HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _resolve(text: str) -> tuple[str, str]:
+    host, sep, ip = text.partition("=")
+    if not sep or not host or not ip:
+        raise argparse.ArgumentTypeError(f"invalid --resolve {text!r}: expected HOST=IP")
+    return host, ip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser (see the module docstring)."""
+    p = argparse.ArgumentParser(prog="python -m tls_proxy", description=__doc__.splitlines()[0])
+    p.add_argument("--listen", type=_listen, required=True, help="HOST:PORT (port 0 = any)")
+    p.add_argument("--ca-dir", required=True, help="directory holding ca.crt/ca.key (created)")
+    p.add_argument("--secret", action="append", default=[], metavar="ENV=VALUE@HOST[,HOST...]")
+    p.add_argument("--upstream-ca", action="append", default=[], metavar="PEM")
+    p.add_argument("--resolve", action="append", default=[], type=_resolve, metavar="HOST=IP")
+    p.add_argument("--bypass", action="append", default=[], metavar="HOST")
+    p.add_argument("--no-verify", action="append", default=[], metavar="HOST",
+                   help="skip upstream certificate verification for HOST (exact or *.suffix)")
+    p.add_argument("--validity-hours", type=float, default=24.0)
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+async def _run(args: argparse.Namespace) -> None:
+    ca = CertificateAuthority.load_or_create(args.ca_dir, validity_hours=args.validity_hours)
+    secrets = [parse_secret_spec(s) for s in args.secret]
+    cfg = ProxyConfig(
+        ca=ca, secrets=secrets, bypass=args.bypass, upstream_ca_files=args.upstream_ca,
+        resolve=dict(args.resolve), no_verify=args.no_verify,
+    )
+    async with TlsProxy(cfg) as proxy:
+        host, port = await proxy.listen_explicit(*args.listen)
+        print(f"tls_proxy: listening on {host}:{port}", flush=True)
+        print(f"tls_proxy: CA certificate {ca.cert_path}", flush=True)
+        for s in secrets:
+            print(f"{s.env}={s.placeholder}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status (2 for bad arguments or configuration)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="tls_proxy: %(levelname)s %(message)s",
+    )
+    try:
+        asyncio.run(_run(args))
+    except TlsProxyError as e:
+        print(f"tls_proxy: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"tls_proxy: error: {e.strerror or e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,387 @@
+"""The proxy: explicit HTTP CONNECT mode and transparent mode, interception or bypass.
+
+Example::
+
+    >>> import asyncio, tempfile
+    >>> from tls_proxy import CertificateAuthority, ProxyConfig, Secret, TlsProxy
+    >>> async def main():
+    ...     ca = CertificateAuthority.load_or_create(tempfile.mkdtemp())
+    ...     cfg = ProxyConfig(ca=ca, secrets=[Secret("KEY", "real", ["api.example.com"])])
+    ...     async with TlsProxy(cfg) as proxy:
+    ...         host, port = await proxy.listen_explicit("127.0.0.1", 0)
+    ...         # clients: https_proxy=http://127.0.0.1:<port>, trusting ca.cert_path
+    >>> asyncio.run(main())
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import ipaddress
+import logging
+import socket
+import ssl
+import struct
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from tls_proxy.ca import CertificateAuthority
+from tls_proxy.errors import ClientHelloError, ConfigError, HttpError
+from tls_proxy.hosts import HostList, canonical_host
+from tls_proxy.http1 import parse_head
+from tls_proxy.secrets import Secret, SecretPolicy
+from tls_proxy.session import Http1Session, SessionLimits, SessionStats, error_response
+from tls_proxy.sni import MAX_HELLO, ClientHello, HelloParser, parse_client_hello
+from tls_proxy.streams import BufferedReader, Duplex, TcpStream, TlsServerStream
+from tls_proxy.upstream import UpstreamTls
+
+log = logging.getLogger("tls_proxy")
+
+SO_ORIGINAL_DST = 80
+Address = tuple[str, int]
+OriginalDst = Callable[[Address, Address], "Address | Awaitable[Address | None] | None"]
+"""``lookup(peer, local) -> (ip, port)``: the gateway's answer for a transparent flow."""
+
+
+@dataclass
+class ProxyConfig:
+    """Everything a :class:`TlsProxy` needs; all fields but ``ca`` have strict defaults.
+
+    ``bypass`` hosts (exact or ``*.suffix``) are spliced untouched; ``resolve`` maps
+    names to IPs (tests, pinned DNS); ``hello_parser`` is the injected ClientHello
+    reader (``netstack.parse_client_hello`` behind the gateway).
+
+    Example::
+
+        >>> cfg = ProxyConfig(ca=CertificateAuthority.generate(), bypass=["*.bank.example"])
+        >>> cfg.handshake_timeout
+        10.0
+    """
+
+    ca: CertificateAuthority
+    secrets: Sequence[Secret] = ()
+    bypass: Sequence[str] = ()
+    upstream_ca_files: Sequence[str] = ()
+    scoped_upstream_ca: Mapping[str, str] = field(default_factory=dict)
+    no_verify: Sequence[str] = ()
+    verify_upstream: bool = True
+    resolve: Mapping[str, str] = field(default_factory=dict)
+    hello_parser: HelloParser = parse_client_hello
+    handshake_timeout: float = 10.0
+    connect_timeout: float = 10.0
+    header_timeout: float = 30.0
+    idle_timeout: float = 300.0
+    max_body_buffer: int = 16 * 1024 * 1024
+    enforce_authority: bool = True
+    max_connect_head: int = 8192
+
+
+def original_dst(sock: socket.socket) -> Address:
+    """The pre-NAT destination of a redirected IPv4 TCP socket (``SO_ORIGINAL_DST``).
+
+    Example::
+
+        >>> original_dst(conn)   # doctest: +SKIP
+        ('203.0.113.7', 443)
+    """
+    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    port, packed = struct.unpack_from("!2xH4s", raw)
+    return socket.inet_ntoa(packed), int(port)
+
+
+class TlsProxy:
+    """Serves explicit (CONNECT) and/or transparent listeners with one configuration.
+
+    Example::
+
+        >>> proxy = TlsProxy(ProxyConfig(ca=CertificateAuthority.generate()))
+        >>> proxy.policy.guest_env()
+        {}
+    """
+
+    def __init__(self, config: ProxyConfig) -> None:
+        self.config = config
+        self.policy = SecretPolicy(config.secrets)
+        self.bypass = HostList(config.bypass)
+        self.upstream_tls = UpstreamTls(
+            config.upstream_ca_files, config.scoped_upstream_ca, config.no_verify,
+            config.verify_upstream,
+        )
+        self.resolve = {canonical_host(k): v for k, v in config.resolve.items()}
+        for name, ip in self.resolve.items():
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError:
+                raise ConfigError(f"invalid --resolve address {ip!r} for {name!r}") from None
+        self.limits = SessionLimits(
+            config.header_timeout, config.idle_timeout, config.max_body_buffer,
+            config.enforce_authority,
+        )
+        self.stats = SessionStats()
+        self.connections = 0
+        self.bypassed = 0
+        self.intercepted = 0
+        self._servers: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> TlsProxy:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop listening and cancel every live connection."""
+        for s in self._servers:
+            s.close()
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2)
+        for s in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(s.wait_closed(), 2)
+        self._servers.clear()
+
+    def _track(self) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def listen_explicit(self, host: str, port: int) -> Address:
+        """Listen as an HTTP CONNECT proxy; returns the bound (host, port)."""
+        srv = await asyncio.start_server(self._explicit, host, port, limit=1 << 20)
+        self._servers.append(srv)
+        addr = srv.sockets[0].getsockname()
+        return str(addr[0]), int(addr[1])
+
+    async def listen_transparent(
+        self, host: str, port: int, lookup: OriginalDst | None = None
+    ) -> Address:
+        """Listen for redirected TLS flows; the destination comes from ``lookup`` or
+        ``SO_ORIGINAL_DST`` (nftables/iptables ``redirect``)."""
+
+        async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await self._transparent(r, w, lookup)
+
+        srv = await asyncio.start_server(handler, host, port)
+        self._servers.append(srv)
+        addr = srv.sockets[0].getsockname()
+        return str(addr[0]), int(addr[1])
+
+    # ----- entry points ------------------------------------------------------
+
+    async def _explicit(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self._track()
+        self.connections += 1
+        tcp = TcpStream(r, w)
+        try:
+            br = BufferedReader(tcp)
+            try:
+                block = await asyncio.wait_for(
+                    br.read_until(b"\r\n\r\n", self.config.max_connect_head),
+                    self.config.header_timeout,
+                )
+                if not block:
+                    return
+                head = parse_head(block, request=True)
+            except TimeoutError:
+                tcp.send(error_response(408, "bad_request", "CONNECT request not received in time"))
+                return
+            except HttpError as e:
+                tcp.send(error_response(e.status, "bad_request", e.reason))
+                return
+            if head.method != b"CONNECT":
+                tcp.send(error_response(
+                    501, "bad_request",
+                    "only CONNECT is supported; use https:// URLs through this proxy",
+                ))
+                return
+            try:
+                host, port = _split_authority(head.target.decode("latin-1"))
+            except ConfigError as e:
+                tcp.send(error_response(400, "bad_request", str(e)))
+                return
+            tcp.send(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            await tcp.drain()
+            await self._serve_tls(tcp, bytes(br.buf), host, port, expected_sni=host)
+        except (ConnectionError, OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                await tcp.drain()
+            tcp.close()
+
+    async def _transparent(
+        self, r: asyncio.StreamReader, w: asyncio.StreamWriter, lookup: OriginalDst | None
+    ) -> None:
+        self._track()
+        self.connections += 1
+        tcp = TcpStream(r, w)
+        try:
+            peer = w.get_extra_info("peername")
+            local = w.get_extra_info("sockname")
+            dst: Address | None
+            if lookup is not None:
+                res = lookup((peer[0], peer[1]), (local[0], local[1]))
+                dst = await res if inspect.isawaitable(res) else res
+            else:
+                sock = w.get_extra_info("socket")
+                try:
+                    dst = original_dst(sock)
+                except OSError:
+                    dst = None
+            if dst is None:
+                log.warning("transparent flow from %s without an original destination", peer)
+                return
+            await self._serve_tls(tcp, b"", dst[0], dst[1], expected_sni=None)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            tcp.close()
+
+    # ----- TLS ---------------------------------------------------------------
+
+    async def _read_hello(self, tcp: TcpStream, first: bytes) -> tuple[ClientHello, bytes] | None:
+        buf = bytearray(first)
+
+        async def run() -> ClientHello | None:
+            while True:
+                if buf:
+                    hello = self.config.hello_parser(bytes(buf))
+                    if hello is not None:
+                        return hello
+                if len(buf) > 2 * MAX_HELLO:
+                    raise ClientHelloError(f"no ClientHello within {len(buf)} bytes")
+                data = await tcp.recv()
+                if not data:
+                    return None
+                buf.extend(data)
+
+        try:
+            hello = await asyncio.wait_for(run(), self.config.handshake_timeout)
+        except TimeoutError:
+            log.info("no ClientHello within %.1fs; closing", self.config.handshake_timeout)
+            return None
+        except ClientHelloError as e:
+            log.info("closing connection: %s", e)
+            return None
+        except Exception as e:  # an injected parser failing must not kill the proxy
+            log.info("closing connection: ClientHello parser raised %s", e.__class__.__name__)
+            return None
+        if hello is None:
+            return None
+        return hello, bytes(buf)
+
+    async def _serve_tls(
+        self, tcp: TcpStream, first: bytes, host: str, port: int, expected_sni: str | None
+    ) -> None:
+        got = await self._read_hello(tcp, first)
+        if got is None:
+            return
+        hello, raw = got
+        if hello.sni is None:
+            log.info("closing connection to %s:%d: ClientHello has no SNI", host, port)
+            return
+        sni = canonical_host(hello.sni)
+        if expected_sni is not None and sni != canonical_host(expected_sni):
+            log.warning("closing tunnel: SNI %r differs from CONNECT host %r", sni, expected_sni)
+            self.stats.blocked += 1
+            return
+        target_ip = self.resolve.get(sni) or self.resolve.get(canonical_host(host)) or host
+        if self.bypass.matches(sni):
+            self.bypassed += 1
+            await self._splice(tcp, raw, target_ip, port)
+            return
+        self.intercepted += 1
+        await self._intercept(tcp, raw, sni, target_ip, port)
+
+    async def _splice(self, tcp: TcpStream, raw: bytes, ip: str, port: int) -> None:
+        try:
+            ur, uw = await asyncio.wait_for(
+                asyncio.open_connection(ip, port), self.config.connect_timeout
+            )
+        except (OSError, TimeoutError) as e:
+            log.info("bypass upstream %s:%d unreachable: %s", ip, port, e)
+            return
+        up = TcpStream(ur, uw)
+        up.send(raw)
+        try:
+            await asyncio.gather(_pump(tcp, up), _pump(up, tcp))
+        finally:
+            up.close()
+
+    async def _intercept(self, tcp: TcpStream, raw: bytes, sni: str, ip: str, port: int) -> None:
+        problem: str | None = None
+        up: TcpStream | None = None
+        try:
+            ctx = self.upstream_tls.context_for(sni)
+            ur, uw = await asyncio.wait_for(
+                asyncio.open_connection(ip, port, ssl=ctx, server_hostname=sni,
+                                        ssl_handshake_timeout=self.config.handshake_timeout),
+                self.config.connect_timeout + self.config.handshake_timeout,
+            )
+            up = TcpStream(ur, uw)
+        except ssl.SSLCertVerificationError as e:
+            problem = f"upstream {sni}:{port} certificate rejected: {e.verify_message}"
+        except ssl.SSLError as e:
+            problem = f"TLS handshake with upstream {sni}:{port} failed: {e.reason}"
+        except TimeoutError:
+            problem = f"upstream {sni}:{port} did not answer in time"
+        except OSError as e:
+            problem = f"upstream {sni}:{port} unreachable: {e.strerror or e}"
+        if problem:
+            log.warning("%s", problem)
+        try:
+            client_ctx = self.config.ca.server_context(sni)
+            tls = TlsServerStream(tcp, client_ctx, raw)
+            await tls.handshake(self.config.handshake_timeout)
+        except (ssl.SSLError, TimeoutError, ConnectionError, OSError) as e:
+            log.info("client TLS handshake for %s failed: %s", sni, e.__class__.__name__)
+            if up:
+                up.close()
+            return
+        except Exception as e:
+            log.warning("cannot serve %s: %s", sni, e)
+            if up:
+                up.close()
+            return
+        if up is None:
+            await self._answer_upstream_error(tls, problem or "upstream unavailable")
+            return
+        await Http1Session(tls, up, sni, self.policy, self.limits, self.stats).run()
+
+    async def _answer_upstream_error(self, tls: TlsServerStream, problem: str) -> None:
+        br = BufferedReader(tls)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(br.read_until(b"\r\n\r\n", 65536), self.config.header_timeout)
+        tls.send(error_response(502, "upstream_error", problem))
+        with contextlib.suppress(Exception):
+            await tls.drain()
+        tls.close()
+
+
+async def _pump(src: Duplex, dst: Duplex) -> None:
+    try:
+        while True:
+            data = await src.recv()
+            if not data:
+                dst.shutdown_write()
+                return
+            dst.send(data)
+            await dst.drain()
+    except (ConnectionError, OSError):
+        dst.close()
+
+
+def _split_authority(text: str) -> Address:
+    host, sep, port_s = text.rpartition(":")
+    if not sep or not port_s.isdigit() or not (0 < int(port_s) < 65536):
+        raise ConfigError(f"invalid CONNECT authority {text[:100]!r}: expected host:port")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or any(c in host for c in " /\\@\x00"):
+        raise ConfigError(f"invalid CONNECT host {host[:100]!r}")
+    return host.lower().rstrip("."), int(port_s)
