@@ -70,10 +70,16 @@ def build_ext4(
         raise DiskError(f"rootfs source {str(source)!r} is not a directory")
     if agent is not None and not agent.is_file():
         raise DiskError(f"agent binary {str(agent)!r} does not exist")
-    mkfs = shutil.which("mkfs.ext4") or ("/sbin/mkfs.ext4" if os.path.exists("/sbin/mkfs.ext4") else None)
-    debugfs = shutil.which("debugfs") or ("/sbin/debugfs" if os.path.exists("/sbin/debugfs") else None)
+    mkfs = shutil.which("mkfs.ext4") or (
+        "/sbin/mkfs.ext4" if os.path.exists("/sbin/mkfs.ext4") else None
+    )
+    debugfs = shutil.which("debugfs") or (
+        "/sbin/debugfs" if os.path.exists("/sbin/debugfs") else None
+    )
     if not mkfs or not debugfs:
-        raise DiskError("mkfs.ext4/debugfs not found: install e2fsprogs (Debian/Fedora `e2fsprogs`)")
+        raise DiskError(
+            "mkfs.ext4/debugfs not found: install e2fsprogs (Debian/Fedora `e2fsprogs`)"
+        )
     if free_mib < 0:
         raise DiskError(f"bad free_mib {free_mib!r}: must be >= 0")
     content = dir_size(source) + (agent.stat().st_size if agent else 0)
@@ -81,7 +87,9 @@ def build_ext4(
     if size_mib is None:
         size_mib = need
     elif size_mib < need - free_mib:
-        raise DiskError(f"size_mib {size_mib} too small for {str(source)!r}: needs at least {need - free_mib} MiB")
+        raise DiskError(
+            f"size_mib {size_mib} too small for {str(source)!r}: needs at least {need - free_mib} MiB"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
     os.close(fd)
@@ -120,4 +128,6 @@ def build_ext4(
 def _run(cmd: list[str], what: str) -> None:
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if r.returncode != 0:
-        raise DiskError(f"{what} failed (exit {r.returncode}): {(r.stderr or r.stdout).strip()[-500:]}")
+        raise DiskError(
+            f"{what} failed (exit {r.returncode}): {(r.stderr or r.stdout).strip()[-500:]}"
+        )

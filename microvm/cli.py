@@ -1,0 +1,170 @@
+"""The ``microvm`` command: ``microvm kernel fetch|path`` and ``microvm vm run``.
+
+Example::
+
+    microvm kernel fetch --dest vendor
+    microvm vm run --rootfs-dir ./rootfs --cpus 2 --memory 512 -- /bin/sh -c 'echo hi'
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from microvm.errors import MicrovmError
+
+__all__ = ["main"]
+
+
+@click.group()
+def main() -> None:
+    """Boot microVMs and run commands in them."""
+
+
+@main.group()
+def kernel() -> None:
+    """The guest kernel (libkrunfw)."""
+
+
+@kernel.command("fetch")
+@click.option(
+    "--dest",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="target directory (default $MICROVM_HOME/kernel)",
+)
+@click.option("--source", type=click.Choice(["auto", "system", "debian", "wheel"]), default="auto")
+@click.option("--force", is_flag=True, help="fetch again even if present")
+def kernel_fetch(dest: Path | None, source: str, force: bool) -> None:
+    """Fetch libkrunfw (pinned sha256) and write the PVH ELF QEMU boots."""
+    from microvm.kernel import fetch_kernel
+
+    try:
+        k = fetch_kernel(dest, source=source, force=force)
+    except MicrovmError as e:
+        raise click.ClickException(str(e))
+    click.echo(f"kernel: {k.elf} (from {k.source}: {k.library})")
+
+
+@kernel.command("path")
+def kernel_path() -> None:
+    """Print the path of the kernel ELF (exit 1 if not fetched)."""
+    from microvm.kernel import find_kernel
+
+    k = find_kernel()
+    if k is None:
+        raise click.ClickException("no kernel: run `microvm kernel fetch`")
+    click.echo(str(k.elf))
+
+
+@main.group()
+def vm() -> None:
+    """Low-level machines (see microvm.Machine)."""
+
+
+@vm.command("run", context_settings={"ignore_unknown_options": True})
+@click.option(
+    "--rootfs-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    required=True,
+    help="directory that becomes the guest's root (copied into a disk)",
+)
+@click.option("--cpus", type=click.IntRange(1, 32), default=1, show_default=True)
+@click.option(
+    "--memory",
+    type=click.IntRange(64, 65536),
+    default=512,
+    show_default=True,
+    help="guest RAM in MiB",
+)
+@click.option(
+    "--backend", type=click.Choice(["qemu", "libkrun"]), default="qemu", show_default=True
+)
+@click.option("--env", "env", multiple=True, metavar="K=V", help="environment for CMD")
+@click.option("--workdir", default="/", show_default=True, help="working directory of CMD")
+@click.option("--timeout", type=float, default=None, help="kill CMD after this many seconds")
+@click.option("--boot-timeout", type=float, default=60.0, show_default=True)
+@click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
+def vm_run(
+    rootfs_dir: Path,
+    cpus: int,
+    memory: int,
+    backend: str,
+    env: tuple[str, ...],
+    workdir: str,
+    timeout: float | None,
+    boot_timeout: float,
+    cmd: tuple[str, ...],
+) -> None:
+    """Build a disk from ROOTFS_DIR (+ the agent), boot it, run CMD, stream its output, exit with its code."""
+    envd: dict[str, str] = {}
+    for item in env:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise click.BadParameter(f"{item!r} is not K=V", param_hint="--env")
+        envd[k] = v
+    code = run_command(
+        rootfs_dir,
+        list(cmd),
+        cpus=cpus,
+        memory=memory,
+        backend=backend,
+        env=envd,
+        workdir=workdir,
+        timeout=timeout,
+        boot_timeout=boot_timeout,
+    )
+    sys.exit(code)
+
+
+def run_command(
+    rootfs_dir: Path,
+    cmd: list[str],
+    *,
+    cpus: int = 1,
+    memory: int = 512,
+    backend: str = "qemu",
+    env: dict[str, str] | None = None,
+    workdir: str = "/",
+    timeout: float | None = None,
+    boot_timeout: float = 60.0,
+) -> int:
+    """What ``microvm vm run`` does; returns CMD's exit code (128+signal if killed by a signal).
+
+    Example::
+
+        run_command(Path("rootfs"), ["/bin/echo", "hi"])
+    """
+    from microvm.agent import agent_binary
+    from microvm.guestdisk import build_ext4
+    from microvm.machine import Machine
+
+    with tempfile.TemporaryDirectory(prefix="microvm-run-") as tmp:
+        try:
+            img = build_ext4(rootfs_dir, Path(tmp) / "root.img", agent=agent_binary())
+            with Machine(
+                backend,
+                disks=[img],
+                cpus=cpus,
+                memory=memory,
+                boot_timeout=boot_timeout,
+                rundir=Path(tmp) / "run",
+            ) as m:
+                result = m.agent.exec(cmd[0], cmd[1:], env=env or {}, cwd=workdir, timeout=timeout)
+                sys.stdout.buffer.write(result.stdout)
+                sys.stdout.flush()
+                sys.stderr.buffer.write(result.stderr)
+                sys.stderr.flush()
+                if result.signal:
+                    return 128 + int(result.signal)
+                return int(result.exit_code)
+        except MicrovmError as e:
+            click.echo(f"microvm: {type(e).__name__}: {e}", err=True)
+            return 125
+
+
+if __name__ == "__main__":
+    main()
