@@ -1,0 +1,605 @@
+/*
+ * classify.c - the classifier context: flow table + batch loop.
+ *
+ * Flow table: open addressing (linear probing, backward-shift deletion),
+ * capacity 2 x max_flows so the load factor stays <= 0.5.  Key = direction,
+ * IP protocol, source/destination address and ports as seen in the frame.
+ *  - idle expiry: a flow not seen for tcp_idle (TCP) / udp_idle (UDP, ICMP)
+ *    seconds is treated as new on its next frame (re-evaluated, counters
+ *    reset) and removed by ns_ctx_expire();
+ *  - eviction: inserting into a full table (max_flows live entries) examines
+ *    the next 16 occupied slots from a rotating cursor and evicts the first
+ *    idle-expired one, else the least recently seen of the 16;
+ *  - a policy swap bumps the generation: each flow is re-evaluated on its next
+ *    frame with the SNI it had (or none), under the new tables.
+ * Pending TLS flows (verdict NEED_MORE) reassemble in-order guest payload
+ * into a per-flow buffer of at most hello_cap bytes; the total of those
+ * buffers is bounded by hello_budget bytes, and a flow that would exceed it
+ * is denied (fail closed, rule -1).
+ */
+#include <stdlib.h>
+
+#include "ns_internal.h"
+
+#define EVICT_SAMPLE 16
+
+typedef struct flow_key {
+    uint8_t src[16], dst[16];
+    uint16_t sport, dport;
+    uint8_t proto, dir, kind, pad;
+} flow_key; /* 40 bytes */
+
+enum { ST_DECIDED = 0, ST_PENDING = 1 };
+
+typedef struct flow {
+    flow_key k;
+    uint32_t hash;
+    uint8_t used, state, verdict, pbit;
+    int32_t rule;
+    uint32_t gen;
+    double created, last_seen;
+    uint64_t packets, bytes;
+    uint8_t *hbuf;
+    uint32_t hlen, next_seq;
+    uint8_t seq_known, has_sni;
+    uint16_t sni_len;
+    uint8_t *sni;
+} flow;
+
+struct ns_ctx {
+    ns_policy *pol;             /* atomic */
+    int active;                 /* atomic: batches in flight */
+    uint32_t gen_counter;
+    ns_policy *retired;
+    ns_pincache *pins;          /* borrowed; the owner keeps it alive */
+    flow *tab;
+    uint32_t mask, max_flows, count, cursor;
+    double tcp_idle, udp_idle, hello_timeout;
+    uint32_t hello_cap;
+    uint64_t hello_budget, hello_bytes;
+    int stream_broken;
+    ns_ctx_stats st;
+};
+
+/* ------------------------------------------------------------ lifecycle */
+
+ns_ctx *ns_ctx_new(uint32_t max_flows, ns_pincache *pins) {
+    if (max_flows < 16) max_flows = 16;
+    if (max_flows > (1u << 24)) max_flows = 1u << 24;
+    ns_ctx *c = (ns_ctx *)calloc(1, sizeof(*c));
+    if (!c) return NULL;
+    uint32_t cap = 32;
+    while (cap < 2 * max_flows) cap <<= 1;
+    c->tab = (flow *)calloc(cap, sizeof(flow));
+    if (!c->tab) {
+        free(c);
+        return NULL;
+    }
+    c->mask = cap - 1;
+    c->max_flows = max_flows;
+    c->pins = pins;
+    c->tcp_idle = 300.0;
+    c->udp_idle = 60.0;
+    c->hello_timeout = 5.0;
+    c->hello_cap = 16384;
+    c->hello_budget = 64u << 20;
+    return c;
+}
+
+static void flow_release(ns_ctx *c, flow *f) {
+    if (f->hbuf) {
+        free(f->hbuf);
+        c->hello_bytes -= c->hello_cap;
+        f->hbuf = NULL;
+    }
+    free(f->sni);
+    f->sni = NULL;
+    f->has_sni = 0;
+    f->hlen = 0;
+}
+
+void ns_ctx_free(ns_ctx *c) {
+    if (!c) return;
+    for (uint32_t i = 0; i <= c->mask; i++)
+        if (c->tab[i].used) flow_release(c, &c->tab[i]);
+    free(c->tab);
+    ns_policy_free(c->pol);
+    while (c->retired) {
+        ns_policy *n = c->retired->next_retired;
+        ns_policy_free(c->retired);
+        c->retired = n;
+    }
+    free(c);
+}
+
+int ns_ctx_configure(ns_ctx *c, double tcp_idle, double udp_idle, uint32_t hello_cap,
+                     double hello_timeout, uint64_t hello_budget) {
+    if (!(tcp_idle > 0) || !(udp_idle > 0) || !(hello_timeout > 0)) return -1;
+    if (hello_cap < 64 || hello_cap > 65536) return -1;
+    if (c->hello_bytes) return -2; /* cannot resize buffers while flows pend */
+    c->tcp_idle = tcp_idle;
+    c->udp_idle = udp_idle;
+    c->hello_cap = hello_cap;
+    c->hello_timeout = hello_timeout;
+    c->hello_budget = hello_budget;
+    return 0;
+}
+
+static void free_retired(ns_ctx *c) {
+    while (c->retired) {
+        ns_policy *n = c->retired->next_retired;
+        ns_policy_free(c->retired);
+        c->retired = n;
+    }
+}
+
+/* Install p (taking ownership).  Safe against a batch running concurrently
+ * in another thread: the old tables are freed only when no batch is active
+ * (else at the next swap or at ns_ctx_free). */
+void ns_ctx_set_policy(ns_ctx *c, ns_policy *p) {
+    p->gen = ++c->gen_counter;
+    ns_policy *old = __atomic_exchange_n(&c->pol, p, __ATOMIC_SEQ_CST);
+    if (old) {
+        old->next_retired = c->retired;
+        c->retired = old;
+    }
+    if (__atomic_load_n(&c->active, __ATOMIC_SEQ_CST) == 0) free_retired(c);
+}
+
+static ns_policy *enter(ns_ctx *c) {
+    __atomic_add_fetch(&c->active, 1, __ATOMIC_SEQ_CST);
+    return __atomic_load_n(&c->pol, __ATOMIC_SEQ_CST);
+}
+
+static void leave(ns_ctx *c) { __atomic_sub_fetch(&c->active, 1, __ATOMIC_SEQ_CST); }
+
+/* ------------------------------------------------------------ table */
+
+static inline uint32_t key_hash(const flow_key *k) {
+    uint64_t w[5];
+    memcpy(w, k, sizeof(w));
+    uint64_t h = w[0] * 0x9e3779b97f4a7c15ull;
+    h ^= w[1] + 0x632be59bd9b4e019ull + (h << 6) + (h >> 2);
+    h ^= w[2] * 0xc2b2ae3d27d4eb4full + (h << 6) + (h >> 2);
+    h ^= w[3] * 0x165667b19e3779f9ull + (h << 6) + (h >> 2);
+    h ^= w[4] * 0x27d4eb2f165667c5ull + (h << 6) + (h >> 2);
+    h ^= h >> 29;
+    h *= 0xbf58476d1ce4e5b9ull;
+    h ^= h >> 32;
+    return (uint32_t)h;
+}
+
+static inline int key_eq(const flow_key *a, const flow_key *b) {
+    uint64_t x[5], y[5];
+    memcpy(x, a, sizeof(x));
+    memcpy(y, b, sizeof(y));
+    return ((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3]) | (x[4] ^ y[4])) == 0;
+}
+
+static flow *tab_find(ns_ctx *c, const flow_key *k, uint32_t h) {
+    for (uint32_t i = h & c->mask;; i = (i + 1) & c->mask) {
+        flow *f = &c->tab[i];
+        if (!f->used) return NULL;
+        if (f->hash == h && key_eq(&f->k, k)) return f;
+    }
+}
+
+static void tab_delete(ns_ctx *c, uint32_t i) {
+    flow_release(c, &c->tab[i]);
+    for (uint32_t j = i;;) {
+        j = (j + 1) & c->mask;
+        if (!c->tab[j].used) break;
+        uint32_t home = c->tab[j].hash & c->mask;
+        /* can entry j move to the hole at i?  yes unless home lies cyclically in (i, j] */
+        int stays = (i <= j) ? (i < home && home <= j) : (i < home || home <= j);
+        if (stays) continue;
+        c->tab[i] = c->tab[j];
+        i = j;
+    }
+    memset(&c->tab[i], 0, sizeof(flow));
+    c->count--;
+}
+
+static double idle_for(const ns_ctx *c, uint8_t pbit) { return pbit == NS_P_TCP ? c->tcp_idle : c->udp_idle; }
+
+static int expired(const ns_ctx *c, const flow *f, double now) {
+    return now - f->last_seen > idle_for(c, f->pbit);
+}
+
+static void evict_one(ns_ctx *c, double now) {
+    uint32_t best = UINT32_MAX, seen = 0;
+    for (uint32_t step = 0; step <= c->mask && seen < EVICT_SAMPLE; step++) {
+        uint32_t i = c->cursor;
+        c->cursor = (c->cursor + 1) & c->mask;
+        if (!c->tab[i].used) continue;
+        seen++;
+        if (expired(c, &c->tab[i], now)) {
+            best = i;
+            break;
+        }
+        if (best == UINT32_MAX || c->tab[i].last_seen < c->tab[best].last_seen) best = i;
+    }
+    if (best != UINT32_MAX) {
+        tab_delete(c, best);
+        c->st.flows_evicted++;
+    }
+}
+
+static flow *tab_insert(ns_ctx *c, const flow_key *k, uint32_t h, double now) {
+    if (c->count >= c->max_flows) evict_one(c, now);
+    for (uint32_t i = h & c->mask;; i = (i + 1) & c->mask) {
+        flow *f = &c->tab[i];
+        if (!f->used) {
+            memset(f, 0, sizeof(*f));
+            f->k = *k;
+            f->hash = h;
+            f->used = 1;
+            c->count++;
+            c->st.flows_created++;
+            return f;
+        }
+    }
+}
+
+void ns_ctx_expire(ns_ctx *c, double now) {
+    for (uint32_t i = 0; i <= c->mask;) {
+        if (c->tab[i].used && expired(c, &c->tab[i], now)) {
+            tab_delete(c, i);
+            c->st.flows_expired++;
+            continue; /* re-check the slot an entry may have shifted into */
+        }
+        i++;
+    }
+}
+
+/* ------------------------------------------------------------ decisions */
+
+static uint8_t verdict_for(const ns_policy *p, int action, uint8_t pbit, int dir, uint16_t port,
+                           const uint8_t *sni, size_t sni_len) {
+    if (action == NS_ACT_DENY)
+        return pbit == NS_P_TCP ? NS_DENY_RST : pbit == NS_P_UDP ? NS_DENY_ICMP : NS_DENY;
+    if (sni && dir == NS_DIR_EGRESS && pbit == NS_P_TCP && ns_policy_intercept_port(p, port) &&
+        ns_policy_intercept_name(p, sni, sni_len))
+        return NS_TO_PROXY;
+    return NS_ALLOW;
+}
+
+static void fill_query(ns_ctx *c, const ns_policy *p, ns_flowq *q, const ns_frame *fr, int dir,
+                       double now, const uint8_t **names, uint16_t *lens) {
+    q->direction = (uint8_t)dir;
+    q->pbit = fr->pbit;
+    q->has_port = fr->has_ports;
+    q->port = fr->dport;
+    memcpy(q->remote, dir == NS_DIR_EGRESS ? fr->dst : fr->src, 16);
+    q->family = ns_is_v4mapped(q->remote) ? 4 : 6;
+    q->sni = NULL;
+    q->sni_len = 0;
+    q->gateway = p->gw;
+    q->ngw = p->ngw;
+    q->names = names;
+    q->name_lens = lens;
+    q->nnames = 0;
+    if (p->has_domain && c->pins) {
+        size_t n = ns_pin_lookup(c->pins, q->remote, now, names, lens, NS_MAX_NAMES);
+        q->nnames = (uint32_t)(n > NS_MAX_NAMES ? NS_MAX_NAMES : n);
+    }
+}
+
+static void decide(ns_ctx *c, ns_policy *p, flow *f, ns_flowq *q, int dir) {
+    int32_t rule;
+    int act = ns_policy_eval(p, q, &rule);
+    f->verdict = verdict_for(p, act, q->pbit, dir, q->port, q->sni, q->sni_len);
+    f->rule = rule;
+    f->state = ST_DECIDED;
+    f->gen = p->gen;
+    uint32_t ci = rule >= 0 ? (uint32_t)rule : p->nrules + (dir == NS_DIR_INGRESS ? 1u : 0u);
+    p->counters[ci].hits++;
+    if (f->hbuf) {
+        free(f->hbuf);
+        f->hbuf = NULL;
+        c->hello_bytes -= c->hello_cap;
+    }
+}
+
+static void remember_sni(flow *f, const uint8_t *sni, uint16_t len) {
+    free(f->sni);
+    f->sni = (uint8_t *)malloc(len ? len : 1);
+    if (!f->sni) {
+        f->has_sni = 0;
+        return;
+    }
+    memcpy(f->sni, sni, len);
+    f->sni_len = len;
+    f->has_sni = 1;
+}
+
+/* Feed one frame of a pending TLS flow.  Returns 1 when decided. */
+static int feed_pending(ns_ctx *c, ns_policy *p, flow *f, const ns_frame *fr, const uint8_t *buf,
+                        ns_flowq *q, double now) {
+    if (fr->tcp_flags & 0x02) { /* SYN */
+        f->next_seq = fr->seq + 1;
+        f->seq_known = 1;
+    }
+    int ended = (fr->tcp_flags & 0x05) != 0; /* FIN or RST */
+    int status = NS_HELLO_NEED_MORE;
+    ns_hello h;
+    if (fr->payload_len > 0) {
+        if (!f->seq_known) {
+            f->next_seq = fr->seq;
+            f->seq_known = 1;
+        }
+        uint32_t behind = f->next_seq - fr->seq; /* bytes already buffered */
+        if ((int32_t)(fr->seq - f->next_seq) <= 0 && behind < fr->payload_len) {
+            if (!f->hbuf) {
+                if (c->hello_bytes + c->hello_cap > c->hello_budget) {
+                    f->verdict = q->pbit == NS_P_TCP ? NS_DENY_RST : NS_DENY;
+                    f->rule = -1;
+                    f->state = ST_DECIDED;
+                    f->gen = p->gen;
+                    c->st.hello_denied++;
+                    return 1;
+                }
+                f->hbuf = (uint8_t *)malloc(c->hello_cap);
+                if (!f->hbuf) {
+                    f->verdict = NS_DENY_RST;
+                    f->rule = -1;
+                    f->state = ST_DECIDED;
+                    f->gen = p->gen;
+                    c->st.hello_denied++;
+                    return 1;
+                }
+                c->hello_bytes += c->hello_cap;
+            }
+            uint32_t take = fr->payload_len - behind;
+            if (take > c->hello_cap - f->hlen) take = c->hello_cap - f->hlen;
+            memcpy(f->hbuf + f->hlen, buf + fr->payload_off + behind, take);
+            f->hlen += take;
+            f->next_seq += take;
+        }
+        if (f->hlen > 0) status = ns_parse_client_hello(f->hbuf, f->hlen, c->hello_cap, &h);
+    }
+    if (status == NS_HELLO_COMPLETE && h.has_sni) {
+        q->sni = h.sni;
+        q->sni_len = h.sni_len;
+        remember_sni(f, h.sni, h.sni_len);
+        decide(c, p, f, q, NS_DIR_EGRESS);
+        return 1;
+    }
+    if (status == NS_HELLO_NEED_MORE && !ended && f->hlen < c->hello_cap &&
+        now - f->created <= c->hello_timeout)
+        return 0;
+    /* complete without SNI, not TLS, malformed, too big, timed out or closed */
+    decide(c, p, f, q, NS_DIR_EGRESS);
+    return 1;
+}
+
+static inline int needs_sni(const ns_policy *p, const ns_flowq *q, int dir) {
+    if (dir != NS_DIR_EGRESS || q->pbit != NS_P_TCP) return 0;
+    if (ns_policy_sni_dependent(p, q)) return 1;
+    if (q->has_port && ns_policy_intercept_port(p, q->port)) {
+        int32_t r;
+        return ns_policy_eval(p, q, &r) == NS_ACT_ALLOW;
+    }
+    return 0;
+}
+
+static uint8_t classify_one(ns_ctx *c, ns_policy *p, const uint8_t *buf, size_t len, int dir,
+                            double now, int32_t *rule_out) {
+    ns_frame fr;
+    *rule_out = -1;
+    if (ns_parse_frame(buf, len, &fr) != NS_PARSE_OK) {
+        c->st.malformed++;
+        return NS_MALFORMED;
+    }
+    if (fr.l3 == NS_L3_ARP) return NS_ALLOW;
+    if (fr.l3 != NS_L3_IPV4 && fr.l3 != NS_L3_IPV6) return NS_DENY;
+    if (fr.pbit == 0) return NS_DENY;
+    if (dir == NS_DIR_EGRESS && fr.has_ports && (fr.pbit & (NS_P_TCP | NS_P_UDP)) && fr.dport == 53 &&
+        fr.frag != 2)
+        return NS_TO_DNS;
+
+    flow_key k;
+    memcpy(k.src, fr.src, 16);
+    memcpy(k.dst, fr.dst, 16);
+    k.proto = fr.ipproto;
+    k.dir = (uint8_t)dir;
+    k.pad = 0;
+    if (fr.frag == 2) {
+        /* non-first fragment: follows the verdict of its first fragment */
+        k.kind = 1;
+        k.sport = (uint16_t)(fr.frag_id >> 16);
+        k.dport = (uint16_t)fr.frag_id;
+        flow *ff = tab_find(c, &k, key_hash(&k));
+        if (!ff || expired(c, ff, now)) return NS_DENY;
+        ff->last_seen = now;
+        ff->packets++;
+        ff->bytes += len;
+        *rule_out = ff->rule;
+        return ff->verdict;
+    }
+    k.kind = 0;
+    k.sport = fr.has_ports ? fr.sport : 0;
+    k.dport = fr.has_ports ? fr.dport : 0;
+    uint32_t h = key_hash(&k);
+    flow *f = tab_find(c, &k, h);
+
+    const uint8_t *names[NS_MAX_NAMES];
+    uint16_t lens[NS_MAX_NAMES];
+    ns_flowq q;
+
+    if (f && f->state == ST_DECIDED && f->gen == p->gen && !expired(c, f, now)) {
+        /* established fast path */
+    } else {
+        if (f && expired(c, f, now)) {
+            flow_release(c, f);
+            flow_key kk = f->k;
+            uint32_t hh = f->hash;
+            memset(f, 0, sizeof(*f));
+            f->k = kk;
+            f->hash = hh;
+            f->used = 1;
+            c->st.flows_expired++;
+            c->st.flows_created++;
+            f->created = now;
+            f->gen = 0;
+        } else if (!f) {
+            f = tab_insert(c, &k, h, now);
+            f->created = now;
+        }
+        f->pbit = fr.pbit;
+        fill_query(c, p, &q, &fr, dir, now, names, lens);
+        if (f->state == ST_PENDING) {
+            f->gen = p->gen;
+            f->last_seen = now;
+            f->packets++;
+            f->bytes += len;
+            if (!feed_pending(c, p, f, &fr, buf, &q, now)) return NS_NEED_MORE;
+        } else if (f->gen != 0 && f->gen != p->gen) {
+            /* policy swapped: re-evaluate with the SNI the flow had */
+            if (f->has_sni) {
+                q.sni = f->sni;
+                q.sni_len = f->sni_len;
+            }
+            decide(c, p, f, &q, dir);
+        } else if (needs_sni(p, &q, dir)) {
+            f->state = ST_PENDING;
+            f->gen = p->gen;
+            f->last_seen = now;
+            f->packets++;
+            f->bytes += len;
+            if (!feed_pending(c, p, f, &fr, buf, &q, now)) return NS_NEED_MORE;
+        } else {
+            decide(c, p, f, &q, dir);
+        }
+        if (fr.frag == 1) {
+            /* remember the verdict for the later fragments of this datagram */
+            flow_key fk = k;
+            fk.kind = 1;
+            fk.sport = (uint16_t)(fr.frag_id >> 16);
+            fk.dport = (uint16_t)fr.frag_id;
+            uint32_t fh = key_hash(&fk);
+            uint8_t v = f->verdict;
+            int32_t r = f->rule;
+            flow *ff = tab_find(c, &fk, fh);
+            if (!ff) ff = tab_insert(c, &fk, fh, now);
+            /* tab_insert may have evicted and shifted entries: f is stale now */
+            ff->created = now;
+            ff->last_seen = now;
+            ff->pbit = fr.pbit;
+            ff->verdict = v;
+            ff->rule = r;
+            ff->gen = p->gen;
+            f = tab_find(c, &k, h);
+            if (!f) {
+                *rule_out = r;
+                return v;
+            }
+        }
+    }
+    if (f->last_seen != now) f->last_seen = now;
+    f->packets++;
+    f->bytes += len;
+    uint32_t ci = f->rule >= 0 ? (uint32_t)f->rule : p->nrules + (dir == NS_DIR_INGRESS ? 1u : 0u);
+    p->counters[ci].packets++;
+    p->counters[ci].bytes += len;
+    *rule_out = f->rule;
+    return f->verdict;
+}
+
+/* ------------------------------------------------------------ batch API */
+
+void ns_classify_batch(ns_ctx *c, const uint8_t *const *frames, const uint32_t *lens, size_t count,
+                       int direction, double now, uint8_t *verdicts, int32_t *rules) {
+    ns_policy *p = enter(c);
+    int32_t r;
+    for (size_t i = 0; i < count; i++) {
+        if (!p) {
+            verdicts[i] = NS_DENY;
+            r = -1;
+        } else {
+            verdicts[i] = classify_one(c, p, frames[i], lens[i], direction, now, &r);
+        }
+        if (rules) rules[i] = r;
+    }
+    leave(c);
+}
+
+size_t ns_classify_stream(ns_ctx *c, const uint8_t *buf, size_t len, int direction, double now,
+                          uint8_t *verdicts, int32_t *rules, size_t max_frames, size_t *consumed) {
+    ns_policy *p = enter(c);
+    size_t off = 0, n = 0;
+    int32_t r;
+    c->stream_broken = 0;
+    while (n < max_frames && len - off >= 4) {
+        uint32_t fl = ns_rd32(buf + off);
+        if (fl == 0 || fl > NS_MAX_FRAME) {
+            verdicts[n] = NS_MALFORMED;
+            if (rules) rules[n] = -1;
+            n++;
+            c->stream_broken = 1;
+            c->st.malformed++;
+            break;
+        }
+        if (len - off - 4 < fl) break;
+        verdicts[n] = p ? classify_one(c, p, buf + off + 4, fl, direction, now, &r) : NS_DENY;
+        if (!p) r = -1;
+        if (rules) rules[n] = r;
+        n++;
+        off += 4 + (size_t)fl;
+    }
+    leave(c);
+    if (consumed) *consumed = off;
+    return n;
+}
+
+int ns_stream_broken(const ns_ctx *c) { return c->stream_broken; }
+
+/* ------------------------------------------------------------ introspection */
+
+void ns_ctx_stats_get(ns_ctx *c, ns_ctx_stats *out) {
+    *out = c->st;
+    out->live_flows = c->count;
+    out->hello_bytes = c->hello_bytes;
+}
+
+int ns_ctx_flow_info(ns_ctx *c, const uint8_t *buf, size_t len, int dir, ns_flow_info *out) {
+    ns_frame fr;
+    memset(out, 0, sizeof(*out));
+    if (ns_parse_frame(buf, len, &fr) != NS_PARSE_OK) return -1;
+    flow_key k;
+    memcpy(k.src, fr.src, 16);
+    memcpy(k.dst, fr.dst, 16);
+    k.proto = fr.ipproto;
+    k.dir = (uint8_t)dir;
+    k.kind = 0;
+    k.pad = 0;
+    k.sport = fr.has_ports ? fr.sport : 0;
+    k.dport = fr.has_ports ? fr.dport : 0;
+    flow *f = tab_find(c, &k, key_hash(&k));
+    if (!f) return 0;
+    out->found = 1;
+    out->state = f->state;
+    out->verdict = f->verdict;
+    out->rule = f->rule;
+    out->packets = f->packets;
+    out->bytes = f->bytes;
+    out->created = f->created;
+    out->last_seen = f->last_seen;
+    return 1;
+}
+
+/* Copy the current tables' rule counters (nrules + 2 entries: the last two
+ * are the egress and ingress defaults).  Returns the number copied. */
+uint32_t ns_ctx_rule_counters(ns_ctx *c, ns_rule_counter *out, uint32_t max) {
+    ns_policy *p = enter(c);
+    uint32_t n = 0;
+    if (p) {
+        n = p->nrules + 2;
+        if (n > max) n = max;
+        memcpy(out, p->counters, sizeof(ns_rule_counter) * n);
+    }
+    leave(c);
+    return n;
+}
+
+uint32_t ns_ctx_flow_count(const ns_ctx *c) { return c->count; }

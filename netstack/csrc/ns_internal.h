@@ -1,0 +1,243 @@
+/*
+ * ns_internal.h - types shared by the netstack C sources (not a stable API).
+ */
+#ifndef NS_INTERNAL_H
+#define NS_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "netstack.h"
+
+/* ---------------------------------------------------------------- frame */
+
+enum ns_l3 { NS_L3_NONE = 0, NS_L3_ARP = 1, NS_L3_IPV4 = 4, NS_L3_IPV6 = 6, NS_L3_OTHER = 9 };
+
+/* policy protocol bits */
+enum { NS_P_TCP = 1, NS_P_UDP = 2, NS_P_ICMP4 = 4, NS_P_ICMP6 = 8, NS_P_ALL = 15 };
+
+enum ns_parse_status {
+    NS_PARSE_OK = 0,
+    NS_PARSE_MALFORMED = 1,
+    NS_PARSE_TOO_BIG = 2
+};
+
+typedef struct ns_frame {
+    uint8_t l3;          /* enum ns_l3 */
+    uint8_t family;      /* 4 or 6 (IP frames) */
+    uint8_t ipproto;     /* IP protocol number (after the IPv6 extension walk) */
+    uint8_t pbit;        /* NS_P_* bit of the L4 protocol, 0 if not one of the four */
+    uint8_t tcp_flags;
+    uint8_t frag;        /* 0 none, 1 first fragment (MF set), 2 non-first fragment */
+    uint8_t vlan;        /* 1 if an 802.1Q tag was present */
+    uint8_t has_ports;
+    uint16_t ethertype;
+    uint16_t sport, dport;
+    uint32_t seq;
+    uint32_t frag_id;
+    uint8_t src[16], dst[16];   /* IPv4 stored as ::ffff:a.b.c.d */
+    uint32_t l4_off;     /* offset of the L4 header in the frame */
+    uint32_t payload_off;/* offset of the L4 payload (TCP/UDP) */
+    uint32_t payload_len;
+} ns_frame;
+
+int ns_parse_frame(const uint8_t *buf, size_t len, ns_frame *out);
+
+/* ---------------------------------------------------------------- hello */
+
+enum ns_hello_status {
+    NS_HELLO_COMPLETE = 0,
+    NS_HELLO_NEED_MORE = 1,
+    NS_HELLO_NOT_TLS = 2,     /* first bytes are not a TLS handshake record */
+    NS_HELLO_MALFORMED = 3,   /* TLS framing but a broken ClientHello */
+    NS_HELLO_TOO_BIG = 4      /* exceeds the byte cap before completing */
+};
+
+#define NS_HELLO_MAX_ALPN 16
+
+typedef struct ns_hello {
+    uint8_t sni[256];         /* lowercased, no trailing dot, NUL-terminated */
+    uint16_t sni_len;
+    uint8_t has_sni;
+    uint8_t ech;              /* encrypted_client_hello (0xfe0d) present */
+    uint8_t alpn_count;
+    uint8_t alpn_truncated;   /* more than NS_HELLO_MAX_ALPN entries */
+    uint16_t alpn_off[NS_HELLO_MAX_ALPN]; /* offsets into alpn_buf */
+    uint8_t alpn_len[NS_HELLO_MAX_ALPN];
+    uint8_t alpn_buf[NS_HELLO_MAX_ALPN * 256];
+    uint32_t consumed;        /* bytes of the stream the hello occupied */
+} ns_hello;
+
+int ns_parse_client_hello(const uint8_t *buf, size_t len, size_t cap, ns_hello *out);
+
+/* ---------------------------------------------------------------- dns */
+
+#define NS_DNS_MAX_ADDRS 64
+#define NS_DNS_MAX_CHAIN 16
+
+typedef struct ns_dns_result {
+    uint8_t qname[256];
+    uint16_t qname_len;
+    uint16_t qtype;
+    uint16_t id;
+    uint8_t rcode;
+    uint8_t is_response;
+    uint8_t truncated;        /* TC bit */
+    uint16_t naddrs;
+    uint8_t addrs[NS_DNS_MAX_ADDRS][16];
+    uint8_t addr_family[NS_DNS_MAX_ADDRS];
+    uint32_t addr_ttl[NS_DNS_MAX_ADDRS];
+    uint32_t min_ttl;         /* min TTL over contributing CNAME/A/AAAA records */
+    uint16_t nchain;          /* CNAME chain names (targets), in order */
+    uint8_t chain[NS_DNS_MAX_CHAIN][256];
+} ns_dns_result;
+
+enum ns_dns_status { NS_DNS_OK = 0, NS_DNS_MALFORMED = 1 };
+
+int ns_parse_dns(const uint8_t *buf, size_t len, ns_dns_result *out);
+
+/* ---------------------------------------------------------------- pin cache */
+
+ns_pincache *ns_pin_new(uint32_t max_bindings, double ttl_ceiling);
+void ns_pin_free(ns_pincache *pc);
+/* Replace the (name, family) set with ips; n == 0 clears it. ttl in seconds. */
+int ns_pin_set(ns_pincache *pc, const uint8_t *name, size_t name_len, int family,
+               const uint8_t *ips, size_t n, double ttl, double now);
+/* Learn from a raw DNS response; returns number of addresses pinned, -1 malformed, -2 ignored. */
+int ns_pin_learn_dns(ns_pincache *pc, const uint8_t *buf, size_t len, double now);
+/* Names pinned to ip (16-byte, v4-mapped for IPv4) and alive at now: writes up
+ * to max pointers/lengths, returns the total number alive. */
+size_t ns_pin_lookup(ns_pincache *pc, const uint8_t *ip, double now,
+                     const uint8_t **names, uint16_t *lens, size_t max);
+size_t ns_pin_count(const ns_pincache *pc);
+void ns_pin_expire(ns_pincache *pc, double now);
+uint64_t ns_pin_evictions(const ns_pincache *pc);
+
+/* ---------------------------------------------------------------- policy */
+
+enum ns_dest_kind { NS_D_ANY = 0, NS_D_CIDR = 1, NS_D_DOMAIN = 2, NS_D_SUFFIX = 3, NS_D_GROUP = 4 };
+enum ns_group {
+    NS_G_NONE = 0, NS_G_HOST = 1, NS_G_METADATA = 2, NS_G_LOOPBACK = 3, NS_G_PRIVATE = 4,
+    NS_G_LINK_LOCAL = 5, NS_G_MULTICAST = 6, NS_G_PUBLIC = 7
+};
+enum { NS_ACT_ALLOW = 0, NS_ACT_DENY = 1 };
+
+/* Rule as handed over by the Python compiler (cffi fills an array of these). */
+typedef struct ns_rule_spec {
+    uint8_t action;       /* NS_ACT_* */
+    uint8_t dirmask;      /* bit0 egress, bit1 ingress */
+    uint8_t protomask;    /* NS_P_* bits, NS_P_ALL for any */
+    uint8_t kind;         /* ns_dest_kind */
+    uint8_t family;       /* cidr: 4 or 6 */
+    uint8_t prefix;       /* cidr: prefix length (0..32 / 0..128) */
+    uint8_t group;        /* group: ns_group */
+    uint8_t pad;
+    uint8_t addr[16];     /* cidr network address (IPv4 in the first 4 bytes) */
+    uint32_t port_off;    /* index into the port-range array */
+    uint32_t port_count;  /* 0 = any port */
+    uint32_t name_off;    /* domain / suffix: offset into the string blob */
+    uint32_t name_len;
+} ns_rule_spec;
+
+typedef struct ns_flowq {
+    uint8_t direction;    /* NS_DIR_* */
+    uint8_t pbit;         /* NS_P_* of the flow protocol */
+    uint8_t has_port;
+    uint16_t port;
+    uint8_t remote[16];   /* v4-mapped for IPv4 */
+    uint8_t family;       /* 4 or 6 (after mapping normalisation) */
+    const uint8_t *sni;   /* NULL if none */
+    uint16_t sni_len;
+    const uint8_t *const *names;
+    const uint16_t *name_lens;
+    uint32_t nnames;
+    const uint8_t *gateway;   /* ngw 16-byte addresses (v4-mapped) */
+    uint32_t ngw;
+} ns_flowq;
+
+typedef struct ns_rule_counter {
+    uint64_t hits, packets, bytes;
+} ns_rule_counter;
+
+#define NS_MAX_GATEWAY 16
+#define NS_MAX_INTERCEPT 256
+#define NS_MAX_INTERCEPT_PORTS 16
+#define NS_MAX_NAMES 64
+
+typedef struct trie_node {
+    int32_t child[2];
+    uint32_t off, n;      /* slice of the trie's rule list */
+} trie_node;
+
+typedef struct trie {
+    trie_node *nodes;
+    uint32_t nnodes, cap;
+    uint32_t *list;       /* rule indices, grouped per node, ascending */
+} trie;
+
+typedef struct idx_list {
+    uint32_t *v;
+    uint32_t n;
+} idx_list;
+
+struct ns_policy {
+    uint32_t nrules;
+    ns_rule_spec *rules;
+    uint16_t *ranges;
+    uint8_t *blob;
+    int def_deny[3];            /* indexed by direction 1/2 */
+    idx_list any, domain, group[8];
+    trie t4, t6;
+    int has_domain;
+    ns_rule_counter *counters;  /* nrules + 2 */
+    /* classifier configuration carried with the tables (swapped atomically) */
+    uint8_t gw[16 * NS_MAX_GATEWAY];
+    uint32_t ngw;
+    uint8_t *icpt_blob;                 /* TLS-intercepted name suffixes */
+    uint32_t icpt_off[NS_MAX_INTERCEPT];
+    uint16_t icpt_len[NS_MAX_INTERCEPT];
+    uint32_t nicpt;
+    uint16_t icpt_ports[NS_MAX_INTERCEPT_PORTS];
+    uint32_t nicpt_ports;
+    /* set by the classifier */
+    uint32_t gen;
+    struct ns_policy *next_retired;
+};
+
+ns_policy *ns_policy_build(const ns_rule_spec *rules, uint32_t nrules,
+                           const uint16_t *port_ranges /* pairs lo,hi */, uint32_t nranges,
+                           const uint8_t *blob, uint32_t bloblen,
+                           int default_egress_deny, int default_ingress_deny);
+void ns_policy_free(ns_policy *p);
+/* Returns action (NS_ACT_*) and writes *rule_index (-1 for default). */
+int ns_policy_eval(const ns_policy *p, const ns_flowq *q, int32_t *rule_index);
+/* 1 if the decision for q (without SNI) could change once an SNI is known. */
+int ns_policy_sni_dependent(const ns_policy *p, const ns_flowq *q);
+int ns_policy_has_domain_rules(const ns_policy *p);
+uint32_t ns_policy_rule_count(const ns_policy *p);
+ns_rule_counter *ns_policy_counters(ns_policy *p);
+uint32_t ns_ctx_rule_counters(ns_ctx *c, ns_rule_counter *out, uint32_t max); /* nrules + 2 (egress/ingress default) */
+int ns_classify_group(const uint8_t *ip16, const uint8_t *gateway, uint32_t ngw);
+int ns_name_matches(const uint8_t *name, size_t nlen, const uint8_t *dom, size_t dlen, int suffix);
+int ns_policy_set_gateway(ns_policy *p, const uint8_t *ips, uint32_t n);
+int ns_policy_set_intercept(ns_policy *p, const uint8_t *blob, const uint16_t *lens, uint32_t n,
+                            const uint16_t *ports, uint32_t nports);
+int ns_policy_intercept_port(const ns_policy *p, uint16_t port);
+int ns_policy_intercept_name(const ns_policy *p, const uint8_t *sni, size_t len);
+int ns_policy_eval_packed(const ns_policy *p, ns_flowq *q, const uint8_t *names_blob,
+                          const uint16_t *lens, uint32_t n, int32_t *rule_index);
+
+/* ---------------------------------------------------------------- helpers */
+
+static inline int ns_is_v4mapped(const uint8_t *a) {
+    static const uint8_t pre[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+    return memcmp(a, pre, 12) == 0;
+}
+
+static inline uint16_t ns_rd16(const uint8_t *p) { return (uint16_t)((p[0] << 8) | p[1]); }
+static inline uint32_t ns_rd32(const uint8_t *p) {
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
+#endif /* NS_INTERNAL_H */

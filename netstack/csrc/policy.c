@@ -1,0 +1,339 @@
+/*
+ * policy.c - a NetworkPolicy compiled into first-match lookup tables.
+ *
+ * The result is exactly the reference evaluator's (netstack.policy.evaluate):
+ * the lowest-indexed rule whose direction, protocol, port and destination all
+ * match, else the direction's default.  To avoid a linear scan over thousands
+ * of rules the rules are split by destination kind:
+ *   - cidr rules hang off the nodes of a binary trie per family (one list per
+ *     prefix, in rule order); a lookup walks the remote address's path
+ *     (<= 33 / 129 nodes), so its cost depends on prefix lengths, not on the
+ *     number of rules;
+ *   - group rules are bucketed by group (the remote belongs to one group);
+ *   - any rules and domain/suffix rules are kept in ordered lists.
+ * Each candidate list is scanned only while its rule index is below the best
+ * match found so far; the answer is the minimum over all candidates.
+ */
+#include <stdlib.h>
+
+#include "ns_internal.h"
+
+static int32_t trie_new_node(trie *t) {
+    if (t->nnodes == t->cap) {
+        uint32_t nc = t->cap ? t->cap * 2 : 64;
+        trie_node *nn = (trie_node *)realloc(t->nodes, sizeof(trie_node) * nc);
+        if (!nn) return -1;
+        t->nodes = nn;
+        t->cap = nc;
+    }
+    trie_node *n = &t->nodes[t->nnodes];
+    n->child[0] = n->child[1] = -1;
+    n->off = n->n = 0;
+    return (int32_t)t->nnodes++;
+}
+
+static int bit_at(const uint8_t *a, unsigned i) { return (a[i >> 3] >> (7 - (i & 7))) & 1; }
+
+/* Insert every cidr rule of `family` into trie t. */
+static int trie_build(trie *t, const ns_rule_spec *rules, uint32_t nrules, int family) {
+    if (trie_new_node(t) < 0) return -1;
+    /* pass 1: create nodes and count rules per node */
+    int32_t *where = (int32_t *)malloc(sizeof(int32_t) * (nrules ? nrules : 1));
+    if (!where) return -1;
+    for (uint32_t r = 0; r < nrules; r++) {
+        where[r] = -1;
+        const ns_rule_spec *s = &rules[r];
+        if (s->kind != NS_D_CIDR || s->family != family) continue;
+        const uint8_t *a = family == 4 ? s->addr : s->addr;
+        int32_t cur = 0;
+        for (unsigned i = 0; i < s->prefix; i++) {
+            int b = bit_at(a, i);
+            if (t->nodes[cur].child[b] < 0) {
+                int32_t nn = trie_new_node(t);
+                if (nn < 0) { free(where); return -1; }
+                t->nodes[cur].child[b] = nn;
+            }
+            cur = t->nodes[cur].child[b];
+        }
+        where[r] = cur;
+        t->nodes[cur].n++;
+    }
+    uint32_t total = 0;
+    for (uint32_t i = 0; i < t->nnodes; i++) {
+        t->nodes[i].off = total;
+        total += t->nodes[i].n;
+        t->nodes[i].n = 0;
+    }
+    t->list = (uint32_t *)malloc(sizeof(uint32_t) * (total ? total : 1));
+    if (!t->list) { free(where); return -1; }
+    for (uint32_t r = 0; r < nrules; r++) {
+        if (where[r] < 0) continue;
+        trie_node *n = &t->nodes[where[r]];
+        t->list[n->off + n->n++] = r;
+    }
+    free(where);
+    return 0;
+}
+
+static int list_push(idx_list *l, uint32_t v, uint32_t cap) {
+    if (!l->v) {
+        l->v = (uint32_t *)malloc(sizeof(uint32_t) * (cap ? cap : 1));
+        if (!l->v) return -1;
+    }
+    l->v[l->n++] = v;
+    return 0;
+}
+
+void ns_policy_free(ns_policy *p) {
+    if (!p) return;
+    free(p->rules);
+    free(p->ranges);
+    free(p->blob);
+    free(p->any.v);
+    free(p->domain.v);
+    for (int g = 0; g < 8; g++) free(p->group[g].v);
+    free(p->t4.nodes);
+    free(p->t4.list);
+    free(p->t6.nodes);
+    free(p->t6.list);
+    free(p->counters);
+    free(p->icpt_blob);
+    free(p);
+}
+
+ns_policy *ns_policy_build(const ns_rule_spec *rules, uint32_t nrules,
+                           const uint16_t *port_ranges, uint32_t nranges,
+                           const uint8_t *blob, uint32_t bloblen,
+                           int default_egress_deny, int default_ingress_deny) {
+    ns_policy *p = (ns_policy *)calloc(1, sizeof(*p));
+    if (!p) return NULL;
+    p->nrules = nrules;
+    p->def_deny[NS_DIR_EGRESS] = default_egress_deny ? 1 : 0;
+    p->def_deny[NS_DIR_INGRESS] = default_ingress_deny ? 1 : 0;
+    p->rules = (ns_rule_spec *)malloc(sizeof(ns_rule_spec) * (nrules ? nrules : 1));
+    p->ranges = (uint16_t *)malloc(sizeof(uint16_t) * 2 * (nranges ? nranges : 1));
+    p->blob = (uint8_t *)malloc(bloblen ? bloblen : 1);
+    p->counters = (ns_rule_counter *)calloc((size_t)nrules + 2, sizeof(ns_rule_counter));
+    if (!p->rules || !p->ranges || !p->blob || !p->counters) goto fail;
+    if (nrules) memcpy(p->rules, rules, sizeof(ns_rule_spec) * nrules);
+    if (nranges) memcpy(p->ranges, port_ranges, sizeof(uint16_t) * 2 * nranges);
+    if (bloblen) memcpy(p->blob, blob, bloblen);
+    for (uint32_t r = 0; r < nrules; r++) {
+        ns_rule_spec *s = &p->rules[r];
+        /* validate everything the evaluator will index with */
+        if ((uint64_t)s->port_off + s->port_count > nranges) goto fail;
+        if (s->kind == NS_D_DOMAIN || s->kind == NS_D_SUFFIX) {
+            if ((uint64_t)s->name_off + s->name_len > bloblen || s->name_len == 0) goto fail;
+            if (list_push(&p->domain, r, nrules) < 0) goto fail;
+            p->has_domain = 1;
+        } else if (s->kind == NS_D_ANY) {
+            if (list_push(&p->any, r, nrules) < 0) goto fail;
+        } else if (s->kind == NS_D_GROUP) {
+            if (s->group < 1 || s->group > 7) goto fail;
+            if (list_push(&p->group[s->group], r, nrules) < 0) goto fail;
+        } else if (s->kind == NS_D_CIDR) {
+            if (!((s->family == 4 && s->prefix <= 32) || (s->family == 6 && s->prefix <= 128))) goto fail;
+        } else {
+            goto fail;
+        }
+        if (s->protomask == 0) s->protomask = NS_P_ALL;
+    }
+    if (trie_build(&p->t4, p->rules, nrules, 4) < 0) goto fail;
+    if (trie_build(&p->t6, p->rules, nrules, 6) < 0) goto fail;
+    return p;
+fail:
+    ns_policy_free(p);
+    return NULL;
+}
+
+int ns_name_matches(const uint8_t *name, size_t nlen, const uint8_t *dom, size_t dlen, int suffix) {
+    if (nlen == dlen) return memcmp(name, dom, dlen) == 0;
+    if (!suffix || nlen <= dlen) return 0;
+    return name[nlen - dlen - 1] == '.' && memcmp(name + nlen - dlen, dom, dlen) == 0;
+}
+
+static const uint8_t V4_METADATA[4] = {169, 254, 169, 254};
+
+int ns_classify_group(const uint8_t *ip, const uint8_t *gw, uint32_t ngw) {
+    static const uint8_t zero[16] = {0};
+    int v4 = ns_is_v4mapped(ip);
+    if (v4 ? (ip[12] | ip[13] | ip[14] | ip[15]) == 0 : memcmp(ip, zero, 16) == 0) return NS_G_NONE;
+    for (uint32_t i = 0; i < ngw; i++)
+        if (memcmp(gw + 16 * i, ip, 16) == 0) return NS_G_HOST;
+    if (v4) {
+        const uint8_t *a = ip + 12;
+        if (memcmp(a, V4_METADATA, 4) == 0) return NS_G_METADATA;
+        if (a[0] == 127) return NS_G_LOOPBACK;
+        if (a[0] == 10 || (a[0] == 172 && (a[1] & 0xf0) == 16) || (a[0] == 192 && a[1] == 168) ||
+            (a[0] == 100 && (a[1] & 0xc0) == 64))
+            return NS_G_PRIVATE;
+        if (a[0] == 169 && a[1] == 254) return NS_G_LINK_LOCAL;
+        if ((a[0] & 0xf0) == 224) return NS_G_MULTICAST;
+        return NS_G_PUBLIC;
+    }
+    static const uint8_t one[16] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1};
+    if (memcmp(ip, one, 16) == 0) return NS_G_LOOPBACK;
+    if ((ip[0] & 0xfe) == 0xfc) return NS_G_PRIVATE;
+    if (ip[0] == 0xfe && (ip[1] & 0xc0) == 0x80) return NS_G_LINK_LOCAL;
+    if (ip[0] == 0xff) return NS_G_MULTICAST;
+    return NS_G_PUBLIC;
+}
+
+static inline int transport_ok(const ns_policy *p, const ns_rule_spec *s, const ns_flowq *q) {
+    if (!(s->dirmask & q->direction)) return 0;
+    if (!(s->protomask & q->pbit)) return 0;
+    if (s->port_count) {
+        if (!q->has_port) return 0;
+        const uint16_t *r = p->ranges + 2 * s->port_off;
+        for (uint32_t i = 0; i < s->port_count; i++)
+            if (q->port >= r[2 * i] && q->port <= r[2 * i + 1]) return 1;
+        return 0;
+    }
+    return 1;
+}
+
+static int names_match(const ns_policy *p, const ns_rule_spec *s, const ns_flowq *q) {
+    const uint8_t *dom = p->blob + s->name_off;
+    for (uint32_t i = 0; i < q->nnames; i++)
+        if (ns_name_matches(q->names[i], q->name_lens[i], dom, s->name_len, s->kind == NS_D_SUFFIX))
+            return 1;
+    return 0;
+}
+
+/* Domain/suffix destination match (reference semantics, see policy.py). */
+static int domain_hit(const ns_policy *p, const ns_rule_spec *s, const ns_flowq *q) {
+    if (q->sni) {
+        if (!ns_name_matches(q->sni, q->sni_len, p->blob + s->name_off, s->name_len,
+                             s->kind == NS_D_SUFFIX))
+            return 0;
+        if (s->action == NS_ACT_DENY) return 1;
+        return names_match(p, s, q);
+    }
+    return names_match(p, s, q);
+}
+
+/* Best (lowest) matching non-domain rule index, or UINT32_MAX. */
+static uint32_t best_address_match(const ns_policy *p, const ns_flowq *q) {
+    uint32_t best = UINT32_MAX;
+    for (uint32_t i = 0; i < p->any.n && p->any.v[i] < best; i++)
+        if (transport_ok(p, &p->rules[p->any.v[i]], q)) { best = p->any.v[i]; break; }
+    int g = ns_classify_group(q->remote, q->gateway, q->ngw);
+    if (g != NS_G_NONE) {
+        const idx_list *l = &p->group[g];
+        for (uint32_t i = 0; i < l->n && l->v[i] < best; i++)
+            if (transport_ok(p, &p->rules[l->v[i]], q)) { best = l->v[i]; break; }
+    }
+    const trie *t = q->family == 4 ? &p->t4 : &p->t6;
+    const uint8_t *a = q->family == 4 ? q->remote + 12 : q->remote;
+    unsigned bits = q->family == 4 ? 32 : 128;
+    int32_t cur = 0;
+    for (unsigned depth = 0; cur >= 0; depth++) {
+        const trie_node *n = &t->nodes[cur];
+        for (uint32_t i = 0; i < n->n; i++) {
+            uint32_t r = t->list[n->off + i];
+            if (r >= best) break;
+            if (transport_ok(p, &p->rules[r], q)) { best = r; break; }
+        }
+        if (depth >= bits) break;
+        cur = n->child[bit_at(a, depth)];
+    }
+    return best;
+}
+
+int ns_policy_eval(const ns_policy *p, const ns_flowq *q, int32_t *rule_index) {
+    uint32_t best = best_address_match(p, q);
+    for (uint32_t i = 0; i < p->domain.n && p->domain.v[i] < best; i++) {
+        const ns_rule_spec *s = &p->rules[p->domain.v[i]];
+        if (transport_ok(p, s, q) && domain_hit(p, s, q)) { best = p->domain.v[i]; break; }
+    }
+    if (best == UINT32_MAX) {
+        *rule_index = -1;
+        return p->def_deny[q->direction == NS_DIR_INGRESS ? NS_DIR_INGRESS : NS_DIR_EGRESS]
+                   ? NS_ACT_DENY : NS_ACT_ALLOW;
+    }
+    *rule_index = (int32_t)best;
+    return p->rules[best].action;
+}
+
+int ns_policy_sni_dependent(const ns_policy *p, const ns_flowq *q) {
+    if (!p->has_domain) return 0;
+    uint32_t best = best_address_match(p, q);
+    for (uint32_t i = 0; i < p->domain.n && p->domain.v[i] < best; i++) {
+        const ns_rule_spec *s = &p->rules[p->domain.v[i]];
+        if (!transport_ok(p, s, q)) continue;
+        if (s->action == NS_ACT_DENY) return 1;  /* an SNI could match it */
+        if (names_match(p, s, q)) return 1;      /* an SNI could fail to match it */
+    }
+    return 0;
+}
+
+int ns_policy_has_domain_rules(const ns_policy *p) { return p->has_domain; }
+uint32_t ns_policy_rule_count(const ns_policy *p) { return p->nrules; }
+ns_rule_counter *ns_policy_counters(ns_policy *p) { return p->counters; }
+
+
+int ns_policy_set_gateway(ns_policy *p, const uint8_t *ips, uint32_t n) {
+    if (n > NS_MAX_GATEWAY) return -1;
+    if (n) memcpy(p->gw, ips, 16 * (size_t)n);
+    p->ngw = n;
+    return 0;
+}
+
+int ns_policy_set_intercept(ns_policy *p, const uint8_t *blob, const uint16_t *lens, uint32_t n,
+                            const uint16_t *ports, uint32_t nports) {
+    if (n > NS_MAX_INTERCEPT || nports > NS_MAX_INTERCEPT_PORTS) return -1;
+    size_t total = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        if (lens[i] == 0 || lens[i] > 253) return -1;
+        total += lens[i];
+    }
+    free(p->icpt_blob);
+    p->icpt_blob = (uint8_t *)malloc(total ? total : 1);
+    if (!p->icpt_blob) return -1;
+    if (total) memcpy(p->icpt_blob, blob, total);
+    size_t off = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        p->icpt_off[i] = (uint32_t)off;
+        p->icpt_len[i] = lens[i];
+        off += lens[i];
+    }
+    p->nicpt = n;
+    if (nports) memcpy(p->icpt_ports, ports, sizeof(uint16_t) * nports);
+    p->nicpt_ports = nports;
+    return 0;
+}
+
+int ns_policy_intercept_port(const ns_policy *p, uint16_t port) {
+    if (p->nicpt == 0) return 0;
+    for (uint32_t i = 0; i < p->nicpt_ports; i++)
+        if (p->icpt_ports[i] == port) return 1;
+    return 0;
+}
+
+int ns_policy_intercept_name(const ns_policy *p, const uint8_t *sni, size_t len) {
+    for (uint32_t i = 0; i < p->nicpt; i++)
+        if (ns_name_matches(sni, len, p->icpt_blob + p->icpt_off[i], p->icpt_len[i], 1)) return 1;
+    return 0;
+}
+
+int ns_policy_eval_packed(const ns_policy *p, ns_flowq *q, const uint8_t *names_blob,
+                          const uint16_t *lens, uint32_t n, int32_t *rule_index) {
+    const uint8_t *ptrs[NS_MAX_NAMES];
+    if (n > NS_MAX_NAMES) n = NS_MAX_NAMES;
+    size_t off = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        ptrs[i] = names_blob + off;
+        off += lens[i];
+    }
+    q->names = ptrs;
+    q->name_lens = lens;
+    q->nnames = n;
+    if (q->gateway == NULL) {
+        q->gateway = p->gw;
+        q->ngw = p->ngw;
+    }
+    int act = ns_policy_eval(p, q, rule_index);
+    q->names = NULL;
+    q->name_lens = NULL;
+    return act;
+}
