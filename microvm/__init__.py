@@ -3,6 +3,7 @@
 Wires ``rootfs``, ``netstack`` and ``tls_proxy`` together.
 """
 
-from microvm.errors import MicrovmError
+from microvm.errors import BackendUnavailable, BootError, KernelError, MicrovmError
+from microvm.machine import Machine
 
-__all__ = ["MicrovmError"]
+__all__ = ["BackendUnavailable", "BootError", "KernelError", "Machine", "MicrovmError"]

@@ -76,6 +76,7 @@ class Machine:
         rundir: Path | None = None,
         mac: str = "02:00:00:00:00:02",
         init: str = "/.microvm/agent",
+        cmdline_extra: str = "",
     ) -> None:
         if boot_timeout <= 0:
             raise MicrovmError(f"bad boot_timeout {boot_timeout!r}: must be > 0 seconds")
@@ -96,6 +97,7 @@ class Machine:
             cpus=cpus,
             memory_mib=memory,
             init=init,
+            cmdline_extra=cmdline_extra,
             net_socket=net_socket,
             mac=mac,
             shares=tuple(shares),
