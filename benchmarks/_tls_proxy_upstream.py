@@ -113,6 +113,16 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
         writer.close()
 
 
+def record_sni(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    """Make ``ctx`` remember the client's SNI on the SSL object (``sni_name``)."""
+
+    def cb(obj: ssl.SSLObject | ssl.SSLSocket, name: str | None, _c: ssl.SSLContext) -> None:
+        obj.sni_name = name  # type: ignore[union-attr]
+
+    ctx.sni_callback = cb
+    return ctx
+
+
 def server_context(cert_pem: str, key_pem: str) -> ssl.SSLContext:
     """A server context from PEM files."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -125,7 +135,7 @@ class UpstreamThread:
     """Runs the upstream on 127.0.0.1 in a daemon thread; ``port`` is set after ``start``."""
 
     def __init__(self, ctx: ssl.SSLContext | None, host: str = "127.0.0.1") -> None:
-        self.ctx = ctx
+        self.ctx = record_sni(ctx) if ctx else None
         self.host = host
         self.port = 0
         self.loop = asyncio.new_event_loop()

@@ -46,9 +46,17 @@ class ProxyThread:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        fut = asyncio.run_coroutine_threadsafe(self.proxy.close(), self.loop)
+        async def shutdown() -> None:
+            await self.proxy.close()
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in rest:
+                t.cancel()
+            if rest:
+                await asyncio.wait(rest, timeout=2)
+
+        fut = asyncio.run_coroutine_threadsafe(shutdown(), self.loop)
         try:
-            fut.result(5)
+            fut.result(10)
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(5)
