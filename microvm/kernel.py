@@ -360,7 +360,11 @@ def fetch_debian(dest: Path, work: Path) -> Path:
     (work / "lists" / "partial").mkdir(parents=True, exist_ok=True)
     (work / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
     srcs = work / "sources.list"
-    srcs.write_text(f"deb {signed}{_apt_source_uri()} {DEBIAN_PIN.suite} main\n")
+    # MICROVM_DEBIAN_SOURCE replaces the whole one-line source (a mirror, or a local test repo).
+    line = os.environ.get("MICROVM_DEBIAN_SOURCE") or (
+        f"deb {signed}{_apt_source_uri()} {DEBIAN_PIN.suite} main"
+    )
+    srcs.write_text(line + "\n")
     opts = [
         f"-oDir::Etc::sourcelist={srcs}",
         "-oDir::Etc::sourceparts=/dev/null",

@@ -117,3 +117,52 @@ def test_module_cli_path(kernel: Kernel) -> None:
         [sys.executable, "-m", "microvm.kernel", "path"], capture_output=True, text=True
     )
     assert r.returncode == 0 and r.stdout.strip().endswith("krunfw.elf")
+
+
+def _fake_libkrunfw_deb(repo: Path, tmp: Path) -> None:
+    pkg = tmp / "pkg"
+    lib = pkg / DEBIAN_PIN.member
+    lib.parent.mkdir(parents=True)
+    lib.write_bytes(b"not the real libkrunfw")
+    (pkg / "DEBIAN").mkdir()
+    (pkg / "DEBIAN" / "control").write_text(
+        f"Package: {DEBIAN_PIN.package}\nVersion: {DEBIAN_PIN.version}\nArchitecture: amd64\n"
+        "Maintainer: test <t@example.invalid>\nDescription: fake\n"
+    )
+    repo.mkdir()
+    subprocess.run(["dpkg-deb", "-b", str(pkg), str(repo / "libkrunfw5_fake.deb")], check=True,
+                   capture_output=True)  # fmt: skip
+    pk = subprocess.run(["dpkg-scanpackages", "-m", "."], cwd=repo, check=True, capture_output=True)
+    (repo / "Packages").write_bytes(pk.stdout)
+
+
+def test_debian_fetch_refuses_tampered_package(tmp_path: Path, monkeypatch) -> None:
+    """The whole apt pipeline (private state dir, download, verify) against a local repo."""
+    from tests.support import require_binaries
+
+    require_binaries("apt-get", "dpkg-deb", "dpkg-scanpackages")
+    repo = tmp_path / "repo"
+    _fake_libkrunfw_deb(repo, tmp_path)
+    monkeypatch.setenv("MICROVM_DEBIAN_SOURCE", f"deb [trusted=yes] file:{repo} ./")
+    with pytest.raises(KernelError, match=r"sha256 mismatch for libkrunfw5_5\.5\.0"):
+        fetch_kernel(tmp_path / "dest", source="debian")
+    assert not (tmp_path / "dest" / "krunfw.elf").exists()
+
+
+def test_wheel_fetch_refuses_tampered_wheel(tmp_path: Path, monkeypatch) -> None:
+    import zipfile
+
+    links = tmp_path / "links"
+    links.mkdir()
+    whl = links / "microsandbox-0.7.11-cp310-abi3-manylinux_2_28_x86_64.whl"
+    with zipfile.ZipFile(whl, "w") as z:
+        z.writestr(WHEEL_PIN.member, b"fake")
+        z.writestr("microsandbox-0.7.11.dist-info/METADATA",
+                   "Metadata-Version: 2.1\nName: microsandbox\nVersion: 0.7.11\n")  # fmt: skip
+        z.writestr("microsandbox-0.7.11.dist-info/WHEEL",
+                   "Wheel-Version: 1.0\nRoot-Is-Purelib: false\nTag: cp310-abi3-manylinux_2_28_x86_64\n")  # fmt: skip
+        z.writestr("microsandbox-0.7.11.dist-info/RECORD", "")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(links))
+    with pytest.raises(KernelError, match=r"sha256 mismatch for microsandbox-0\.7\.11"):
+        fetch_kernel(tmp_path / "dest", source="wheel")
