@@ -206,11 +206,22 @@ class Machine:
         handle.wait(timeout=0.5)
         code = handle.poll()
         tail = console_tail(self.spec.console_log)
+        vmm_log = self._vmm_log_tail()
         self.kill()
         if isinstance(cause, KeyboardInterrupt):
             raise cause
         state = f"VMM exited with status {code}" if code is not None else "VMM killed"
+        if vmm_log:
+            state += f"; VMM log: {vmm_log}"
         raise BootError(f"guest did not boot ({cause}); {state}", tail) from cause
+
+    def _vmm_log_tail(self) -> str:
+        parts = []
+        for name in ("qemu.log", "launcher.log", "virtiofsd0.log"):
+            text = console_tail(self.rundir / name, 5)
+            if text.strip():
+                parts.append(f"[{name}] " + " | ".join(text.splitlines()))
+        return " ".join(parts)
 
     def console(self) -> str:
         """The guest console output so far (last 200 lines)."""
