@@ -25,7 +25,9 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 import tarfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -111,13 +113,31 @@ def decompressed(fileobj: BinaryIO) -> Iterator[IO[bytes]]:
         zstd = shutil.which("zstd")
         if zstd is None:
             raise ImageFormatError("layer is zstd-compressed but the zstd binary is not installed")
-        proc = subprocess.Popen([zstd, "-dc"], stdin=fileobj, stdout=subprocess.PIPE)
-        assert proc.stdout is not None
+        proc = subprocess.Popen([zstd, "-dcq"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL)
+        assert proc.stdout is not None and proc.stdin is not None
+        sink = proc.stdin
+
+        def feed() -> None:
+            try:
+                while chunk := fileobj.read(_CHUNK):
+                    sink.write(chunk)
+            except (BrokenPipeError, ValueError, OSError):
+                pass
+            finally:
+                try:
+                    sink.close()
+                except OSError:
+                    pass
+
+        feeder = threading.Thread(target=feed, daemon=True)
+        feeder.start()
         try:
             yield proc.stdout
         finally:
             proc.stdout.close()
-            if proc.wait() != 0:
+            feeder.join()
+            if proc.wait() != 0 and sys.exc_info()[0] is None:
                 raise ImageFormatError(
                     f"zstd failed to decompress the layer (exit {proc.returncode})"
                 )
@@ -125,15 +145,16 @@ def decompressed(fileobj: BinaryIO) -> Iterator[IO[bytes]]:
         yield fileobj
 
 
-def _split(name: str, what: str) -> list[str]:
+def _split(name: str, what: str, entry: str | None = None) -> list[str]:
     """Normalise a tar member name into safe relative components."""
+    who = name if entry is None else entry
     if "\x00" in name:
-        raise UnsafeLayerError(name, f"{what} contains a NUL byte")
+        raise UnsafeLayerError(who, f"{what} contains a NUL byte")
     if name.startswith("/"):
-        raise UnsafeLayerError(name, f"{what} is an absolute path")
+        raise UnsafeLayerError(who, f"{what} {name!r} is an absolute path")
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if ".." in parts:
-        raise UnsafeLayerError(name, f"{what} contains a '..' component")
+        raise UnsafeLayerError(who, f"{what} {name!r} contains a '..' component")
     return parts
 
 
@@ -329,7 +350,7 @@ def _apply_member(
         dirs.append((path, member))
         return
     if member.islnk():
-        lparts = _split(member.linkname, "hardlink target")
+        lparts = _split(member.linkname, "hardlink target", name)
         if not lparts:
             raise UnsafeLayerError(name, "hardlink to the root directory")
         lparent = _resolve_parent(root, lparts[:-1], name, create=False)
