@@ -174,10 +174,11 @@ def main() -> None:
     p.add_argument("--cert", required=True)
     p.add_argument("--key", required=True)
     p.add_argument("--port", type=int, default=0)
+    p.add_argument("--host", default="127.0.0.1")
     a = p.parse_args()
 
     async def run() -> None:
-        srv = await asyncio.start_server(_handle, "127.0.0.1", a.port,
+        srv = await asyncio.start_server(_handle, a.host, a.port,
                                          ssl=server_context(a.cert, a.key), limit=1 << 20)
         print(srv.sockets[0].getsockname()[1], flush=True)
         await srv.serve_forever()

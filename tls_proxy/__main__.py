@@ -7,6 +7,7 @@ Example::
     tls_proxy: listening on 127.0.0.1:8080
     tls_proxy: CA certificate /root/.microvm/tls/ca.crt
     OPENAI_API_KEY=$MSB_OPENAI_API_KEY
+    tls_proxy: ready
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ def _resolve(text: str) -> tuple[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser (see the module docstring)."""
     p = argparse.ArgumentParser(prog="python -m tls_proxy", description=__doc__.splitlines()[0])
-    p.add_argument("--listen", type=_listen, required=True, help="HOST:PORT (port 0 = any)")
+    p.add_argument("--listen", type=_listen, help="explicit CONNECT proxy on HOST:PORT (0 = any)")
+    p.add_argument("--transparent", type=_listen, metavar="HOST:PORT",
+                   help="also accept redirected TLS flows here (destination from SO_ORIGINAL_DST)")
     p.add_argument("--ca-dir", required=True, help="directory holding ca.crt/ca.key (created)")
     p.add_argument("--secret", action="append", default=[], metavar="ENV=VALUE@HOST[,HOST...]")
     p.add_argument("--upstream-ca", action="append", default=[], metavar="PEM")
@@ -63,11 +66,16 @@ async def _run(args: argparse.Namespace) -> None:
         resolve=dict(args.resolve), no_verify=args.no_verify,
     )
     async with TlsProxy(cfg) as proxy:
-        host, port = await proxy.listen_explicit(*args.listen)
-        print(f"tls_proxy: listening on {host}:{port}", flush=True)
+        if args.listen:
+            host, port = await proxy.listen_explicit(*args.listen)
+            print(f"tls_proxy: listening on {host}:{port}", flush=True)
+        if args.transparent:
+            host, port = await proxy.listen_transparent(*args.transparent)
+            print(f"tls_proxy: transparent on {host}:{port}", flush=True)
         print(f"tls_proxy: CA certificate {ca.cert_path}", flush=True)
         for s in secrets:
             print(f"{s.env}={s.placeholder}", flush=True)
+        print("tls_proxy: ready", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -77,14 +85,17 @@ async def _run(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for bad arguments or configuration)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.listen and not args.transparent:
+        parser.error("give --listen and/or --transparent")
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="tls_proxy: %(levelname)s %(message)s",
     )
     try:
         asyncio.run(_run(args))
-    except TlsProxyError as e:
+    except (TlsProxyError, ValueError) as e:
         print(f"tls_proxy: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:

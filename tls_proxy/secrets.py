@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
@@ -115,13 +116,18 @@ class Secret:
         raise TypeError("Secret objects are not picklable (the value stays in memory)")
 
 
-def parse_secret_spec(spec: str) -> Secret:
+def parse_secret_spec(spec: str, environ: Mapping[str, str] | None = None) -> Secret:
     """Parse the CLI form ``ENV=VALUE@HOST[,HOST...]`` (the last ``@`` splits the hosts).
+
+    ``ENV=@HOST`` (empty value) reads the value from ``environ[ENV]`` (default
+    ``os.environ``), so the real value need not appear on a command line.
 
     Example::
 
         >>> parse_secret_spec("API_KEY=abc@api.example.com,*.example.org").hosts[1].name
         'example.org'
+        >>> parse_secret_spec("TOK=@a.example", {"TOK": "from-env"}).value
+        'from-env'
     """
     env, eq, rest = spec.partition("=")
     value, at, hosts = rest.rpartition("@")
@@ -129,6 +135,11 @@ def parse_secret_spec(spec: str) -> Secret:
         raise SecretError(
             f"invalid --secret for {env or '?'}: expected ENV=VALUE@HOST[,HOST...]"
         )
+    if not value:
+        src = os.environ if environ is None else environ
+        if env not in src:
+            raise SecretError(f"secret {env}: no value given and ${env} is not set")
+        value = src[env]
     return Secret(env, value, [h for h in hosts.split(",") if h])
 
 

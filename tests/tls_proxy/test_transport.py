@@ -171,7 +171,7 @@ def test_alpn_h2_offer_falls_back_to_http11(proxy, upstream, ca_cert):
 
 def test_leaf_presented_by_proxy(proxy, upstream, ca_cert):
     require_binaries("curl")
-    code, echo = curl(proxy.port, f"https://api.example.test:{upstream.port}/e", ca_cert)
+    code, _ = curl(proxy.port, f"https://api.example.test:{upstream.port}/e", ca_cert)
     assert code == 200
     s = tls_tunnel(proxy.port, "api.example.test", upstream.port, ca_cert)
     cert = s.getpeercert()
