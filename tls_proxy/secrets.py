@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
-from tls_proxy.errors import SecretError
+from tls_proxy.errors import ConfigError, SecretError
 from tls_proxy.hosts import HostPattern, canonical_host
 
 SCOPES = ("headers", "basic_auth", "query", "body")
@@ -80,7 +80,10 @@ class Secret:
         host_list = [hosts] if isinstance(hosts, str) else list(hosts)
         if not host_list:
             raise SecretError(f"secret {env}: at least one allowed host is required")
-        self.hosts: tuple[HostPattern, ...] = tuple(HostPattern.parse(h) for h in host_list)
+        try:
+            self.hosts: tuple[HostPattern, ...] = tuple(HostPattern.parse(h) for h in host_list)
+        except ConfigError as e:
+            raise SecretError(f"secret {env}: {e}") from None
         bad = [s for s in inject if s not in SCOPES]
         if bad or not inject:
             raise SecretError(
@@ -290,8 +293,14 @@ class Substituter:
 
     def __init__(self, secrets: Sequence[Secret]) -> None:
         ordered = sorted(secrets, key=lambda s: -len(s.placeholder))
-        self._by_scope: dict[str, list[tuple[bytes, bytes]]] = {
-            scope: [(s.placeholder.encode(), s.value.encode()) for s in ordered if scope in s.inject]
+        # One pass over every placeholder (longest first), so a placeholder that is a
+        # prefix of another never corrupts it; out-of-scope matches are kept as they are.
+        self._re = (
+            re.compile(b"|".join(re.escape(s.placeholder.encode()) for s in ordered))
+            if ordered else None
+        )
+        self._by_scope: dict[str, dict[bytes, bytes]] = {
+            scope: {s.placeholder.encode(): s.value.encode() for s in ordered if scope in s.inject}
             for scope in SCOPES
         }
         self.body = bool(self._by_scope["body"])
@@ -300,10 +309,10 @@ class Substituter:
         return any(self._by_scope.values())
 
     def _apply(self, scope: str, data: bytes) -> bytes:
-        for ph, val in self._by_scope[scope]:
-            if ph in data:
-                data = data.replace(ph, val)
-        return data
+        table = self._by_scope[scope]
+        if not table or self._re is None:
+            return data
+        return self._re.sub(lambda m: table.get(m.group(0), m.group(0)), data)
 
     def header_value(self, value: bytes, is_authorization: bool = False) -> bytes:
         """Substitute in one header value (and inside Basic credentials when allowed)."""
