@@ -30,3 +30,42 @@ class BootError(MicrovmError):
         full = message if not console_tail else f"{message}\n--- guest console (tail) ---\n{console_tail}"
         super().__init__(full)
         self.console_tail = console_tail
+
+
+class AgentError(MicrovmError):
+    """The guest agent refused a request or the agent channel failed.
+
+    ``kind`` is the agent's error kind (e.g. ``"not_found"``, ``"bad_request"``,
+    ``"connection_lost"``); ``errno`` / ``errno_name`` are set for OS-level failures.
+
+    Example::
+
+        try:
+            await client.exec("/no/such/binary")
+        except AgentError as e:
+            assert e.kind == "not_found"
+    """
+
+    def __init__(self, message: str, kind: str = "other", errno: int = 0, errno_name: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.errno = errno
+        self.errno_name = errno_name
+
+
+class ExecTimeout(AgentError):
+    """A command ran past its timeout; its process group was killed.
+
+    ``result`` holds the output collected before the kill (an ``ExecResult``).
+
+    Example::
+
+        try:
+            await client.exec("sleep", ["60"], timeout=1)
+        except ExecTimeout as e:
+            print(e.result.stdout)
+    """
+
+    def __init__(self, message: str, result: object = None) -> None:
+        super().__init__(message, kind="timeout")
+        self.result = result

@@ -1,0 +1,340 @@
+"""Agent wire protocol: frame codec and message types.
+
+A frame is ``[u32 len BE][u32 id BE][u8 flags][CBOR body]`` where ``len``
+counts id + flags + body (at most :data:`MAX_FRAME`, 4 MiB) and the body is the
+map ``{"v": generation, "t": type, "p": payload}``. Flags: :data:`TERMINAL`
+(last frame of this id), :data:`SESSION_START` (opens an exec session),
+:data:`SHUTDOWN` (on the shutdown ack). The host speaks first.
+
+Messages (``t``: payload), host -> guest unless marked "guest":
+
+* ``core.hello {version}`` -> guest ``core.ready {version, generation, pid,
+  boot_ms, agent, host_mode}``; ``generation = min(host, guest)``.
+* ``core.bootstrap {hostname?, root?, network?, ca_certs?, env?, mounts?,
+  kill_on_disconnect?}`` -> guest ``core.bootstrap.ack {skipped: [str]}`` or
+  ``core.error``. ``root`` is null (keep /dev/vda), ``{"kind": "disk", "device",
+  "fstype", "readonly"?}`` or ``{"kind": "overlay", "lower": [{"device",
+  "fstype"}] (top-most first), "upper": {"device", "fstype", "upperdir",
+  "workdir"}}``. ``network``: ``{"interface", "mac"?, "mtu"?, "ipv4"?: {"address",
+  "prefix_len", "gateway"?, "dns"?: [str]}, "ipv6"?: {same}, "hosts"?: {name:
+  ip}}``. ``mounts``: ``[{"tag", "path", "readonly"?}]`` (virtio-fs). In host
+  mode root/hostname/network/mounts are skipped and files go under ``--sysroot``.
+* ``core.ping {}`` -> guest ``core.pong {}``.
+* ``core.exec.request {cmd, args?, env? ({K: V} or ["K=V"]), cwd?, user? (name,
+  uid or "uid:gid"), tty?, rows?, cols?, stdin? (false: /dev/null), rlimits?:
+  [{resource, soft, hard}] (-1/null = unlimited), timeout_ms?}`` with
+  SESSION_START -> guest ``core.exec.started {pid}``, ``core.exec.stdout {data}``,
+  ``core.exec.stderr {data}``, ``core.exec.stdin.error {message}``, then
+  TERMINAL ``core.exec.exited {code, signal, timed_out}`` (``code`` = exit
+  status, or -1 when killed by ``signal``) or ``core.exec.failed {kind, errno,
+  errno_name, stage, message}``. Host -> guest on the same id:
+  ``core.exec.stdin {data}`` (empty = EOF), ``core.exec.resize {rows, cols}``,
+  ``core.exec.signal {signal}`` (sent to the process group).
+* ``core.fs.request {op, path, ...}`` -> TERMINAL guest ``core.fs.response
+  {ok: true, ...}`` or ``{ok: false, errno, errno_name, message}``. Ops:
+  ``read {offset?, length?}`` (guest streams ``core.fs.data {data}`` first,
+  then ``{ok, size}``), ``write {mode?, append?, mkdirs?, data?}`` (without
+  ``data`` the host streams ``core.fs.data {data}``, ending with an empty one),
+  ``list`` (``entries``), ``stat {follow?}``, ``mkdir {mode?, parents?}``,
+  ``remove {recursive?}``, ``rename {dst}``, ``copy {dst, recursive?}``.
+* ``core.metrics.request {}`` -> guest ``core.metrics.response {uptime_ms,
+  load, cpu, memory, disk, net}``.
+* ``core.shutdown {exit_code}`` -> guest ``core.shutdown.ack {exit_code}``
+  (TERMINAL|SHUTDOWN), then the guest syncs and reboots (the VMM exits).
+* guest ``core.error {kind, message}`` (TERMINAL): malformed, oversized,
+  unknown_type, bad_request, version, bootstrap_failed, internal. Errors
+  about a frame whose id could not be read use id 0.
+
+Example::
+
+    >>> data = encode_frame(Frame(7, TERMINAL, "core.ping", {}))
+    >>> FrameDecoder().feed(data)[0].type
+    'core.ping'
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+import cbor2
+
+from microvm.errors import AgentError
+
+PROTOCOL_VERSION = 1
+MAX_FRAME = 4 * 1024 * 1024
+TERMINAL = 0x01
+SESSION_START = 0x02
+SHUTDOWN = 0x04
+MAX_ID = 0xFFFFFFFF
+
+_HDR = struct.Struct(">IIB")
+
+
+class ProtocolError(AgentError):
+    """A frame could not be encoded or decoded (bad length, CBOR or envelope).
+
+    Example::
+
+        try:
+            FrameDecoder().feed(b"\\x00\\x00\\x00\\x01xxxxx")
+        except ProtocolError as e:
+            print(e)
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, kind="protocol")
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One protocol frame.
+
+    Example::
+
+        Frame(id=1, flags=0, type="core.hello", payload={"version": 1})
+    """
+
+    id: int
+    flags: int
+    type: str
+    payload: Any = None
+    version: int = PROTOCOL_VERSION
+
+    @property
+    def terminal(self) -> bool:
+        """True when this is the last frame for its id.
+
+        Example::
+
+            assert Frame(1, TERMINAL, "core.pong", {}).terminal
+        """
+        return bool(self.flags & TERMINAL)
+
+
+def encode_body(type_: str, payload: Any, version: int = PROTOCOL_VERSION) -> bytes:
+    """CBOR-encode the envelope ``{"v", "t", "p"}``.
+
+    Example::
+
+        body = encode_body("core.ping", {})
+    """
+    return bytes(cbor2.dumps({"v": version, "t": type_, "p": payload}))
+
+
+def encode_raw(id_: int, flags: int, body: bytes) -> bytes:
+    """Frame an already-encoded body; raises :class:`ProtocolError` when it does not fit.
+
+    Example::
+
+        wire = encode_raw(1, 0, encode_body("core.ping", {}))
+    """
+    if not 0 <= id_ <= MAX_ID:
+        raise ProtocolError(f"frame id {id_} is outside 0..{MAX_ID}")
+    if not 0 <= flags <= 0xFF:
+        raise ProtocolError(f"frame flags {flags} are outside 0..255")
+    length = len(body) + 5
+    if length > MAX_FRAME:
+        raise ProtocolError(f"frame of {length} bytes exceeds the {MAX_FRAME}-byte maximum")
+    return _HDR.pack(length, id_, flags) + body
+
+
+def encode_frame(frame: Frame) -> bytes:
+    """Encode a :class:`Frame` to wire bytes.
+
+    Example::
+
+        wire = encode_frame(Frame(1, 0, "core.hello", {"version": 1}))
+    """
+    return encode_raw(frame.id, frame.flags, encode_body(frame.type, frame.payload, frame.version))
+
+
+def decode_body(id_: int, flags: int, body: bytes) -> Frame:
+    """Decode a CBOR envelope into a :class:`Frame`.
+
+    Example::
+
+        f = decode_body(1, 0, encode_body("core.pong", {}))
+    """
+    try:
+        obj = cbor2.loads(body)
+    except Exception as e:
+        raise ProtocolError(f"frame {id_}: body is not valid CBOR: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"frame {id_}: body is {type(obj).__name__}, expected a map")
+    v, t = obj.get("v"), obj.get("t")
+    if not isinstance(v, int) or not isinstance(t, str):
+        raise ProtocolError(f"frame {id_}: envelope needs integer 'v' and text 't', got {v!r}, {t!r}")
+    return Frame(id_, flags, t, obj.get("p"), v)
+
+
+class FrameDecoder:
+    """Incremental frame decoder for a byte stream.
+
+    Example::
+
+        dec = FrameDecoder()
+        frames = dec.feed(wire_bytes)
+    """
+
+    def __init__(self, max_frame: int = MAX_FRAME) -> None:
+        self._buf = bytearray()
+        self._max = max_frame
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """Add bytes; return every frame now complete (raises :class:`ProtocolError`).
+
+        Example::
+
+            FrameDecoder().feed(encode_frame(Frame(1, 0, "core.ping", {})))
+        """
+        self._buf += data
+        out: list[Frame] = []
+        while len(self._buf) >= 4:
+            (length,) = struct.unpack_from(">I", self._buf)
+            if length < 5 or length > self._max:
+                raise ProtocolError(f"frame length {length} is outside 5..{self._max}")
+            if len(self._buf) < 4 + length:
+                break
+            _, id_, flags = _HDR.unpack_from(self._buf)
+            body = bytes(self._buf[9 : 4 + length])
+            del self._buf[: 4 + length]
+            out.append(decode_body(id_, flags, body))
+        return out
+
+    @property
+    def pending(self) -> int:
+        """Bytes buffered towards an incomplete frame.
+
+        Example::
+
+            assert FrameDecoder().pending == 0
+        """
+        return len(self._buf)
+
+
+@dataclass(frozen=True)
+class ReadyInfo:
+    """The agent's ``core.ready`` answer to ``core.hello``.
+
+    Example::
+
+        info = await client.hello()
+        print(info.generation, info.boot_ms)
+    """
+
+    version: int
+    generation: int
+    pid: int
+    boot_ms: int
+    agent: str = ""
+    host_mode: bool = False
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """Outcome of a collected exec: ``exit_code`` is -1 when killed by ``signal``.
+
+    Example::
+
+        r = await client.exec("echo", ["hi"])
+        assert r.exit_code == 0 and r.stdout == b"hi\\n"
+    """
+
+    exit_code: int
+    stdout: bytes = b""
+    stderr: bytes = b""
+    signal: int | None = None
+    timed_out: bool = False
+    pid: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """True when the command exited with status 0.
+
+        Example::
+
+            assert ExecResult(0).ok
+        """
+        return self.exit_code == 0
+
+
+@dataclass(frozen=True)
+class ExecEvent:
+    """One event of a streamed exec: ``kind`` is started, stdout, stderr, stdin_error or exited.
+
+    Example::
+
+        async for ev in client.exec_stream("ls"):
+            if ev.kind == "stdout":
+                print(ev.data)
+    """
+
+    kind: str
+    data: bytes = b""
+    pid: int = 0
+    exit_code: int | None = None
+    signal: int | None = None
+    timed_out: bool = False
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class FileStat:
+    """File metadata from ``stat``/``list_dir``; ``type`` is file, dir, symlink or other.
+
+    Example::
+
+        st = await client.stat("/etc/hostname")
+        print(st.size, oct(st.mode))
+    """
+
+    name: str
+    type: str
+    size: int
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    target: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_payload(cls, name: str, p: dict[str, Any]) -> FileStat:
+        """Build from a ``core.fs.response``/list entry payload.
+
+        Example::
+
+            FileStat.from_payload("x", {"type": "file", "size": 1, "mode": 420,
+                                        "uid": 0, "gid": 0, "mtime_ns": 0})
+        """
+        return cls(
+            name=str(p.get("name", name)),
+            type=str(p.get("type", "other")),
+            size=int(p.get("size", 0)),
+            mode=int(p.get("mode", 0)),
+            uid=int(p.get("uid", 0)),
+            gid=int(p.get("gid", 0)),
+            mtime_ns=int(p.get("mtime_ns", 0)),
+            target=p.get("target"),
+        )
+
+
+def error_from_payload(context: str, payload: Any) -> AgentError:
+    """Turn a ``core.error`` / failed payload into an :class:`AgentError`.
+
+    Example::
+
+        err = error_from_payload("exec 'x'", {"kind": "not_found", "message": "no such file"})
+    """
+    p = payload if isinstance(payload, dict) else {}
+    kind = str(p.get("kind", "other"))
+    msg = str(p.get("message", "no message"))
+    errno = p.get("errno", 0)
+    return AgentError(
+        f"{context}: {msg} ({kind})",
+        kind=kind,
+        errno=int(errno) if isinstance(errno, int) else 0,
+        errno_name=str(p.get("errno_name", "")),
+    )
