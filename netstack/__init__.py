@@ -13,28 +13,66 @@ Never imports ``rootfs``, ``tls_proxy`` or ``microvm``.
 """
 
 from netstack.addresses import GROUPS, classify_group, normalize_ip, parse_network
+from netstack.classifier import (
+    Classifier,
+    ClassifierStats,
+    CompiledEvaluator,
+    FlowInfo,
+    RuleCounter,
+    StreamResult,
+)
 from netstack.destination import Destination
-from netstack.errors import NetstackError, PolicyError
+from netstack.dnsparse import DnsResponse, parse_dns_response
+from netstack.errors import (
+    FastPathError,
+    MalformedDNS,
+    MalformedFrame,
+    MalformedHello,
+    NetstackError,
+    PolicyError,
+)
 from netstack.flow import Decision, Flow
+from netstack.frameinfo import FrameInfo, parse_frame
+from netstack.hello import ClientHelloInfo, parse_client_hello
 from netstack.names import normalize_domain
+from netstack.pincache import PinCache
 from netstack.policy import PRESET_ALIASES, NetworkPolicy, allow_dns_rule, canonical_preset
 from netstack.rule import Rule, parse_port_range
+from netstack.verdict import Verdict
 
 __all__ = [
     "GROUPS",
     "PRESET_ALIASES",
+    "Classifier",
+    "ClassifierStats",
+    "ClientHelloInfo",
+    "CompiledEvaluator",
     "Decision",
     "Destination",
+    "DnsResponse",
+    "FastPathError",
     "Flow",
+    "FlowInfo",
+    "FrameInfo",
+    "MalformedDNS",
+    "MalformedFrame",
+    "MalformedHello",
     "NetstackError",
     "NetworkPolicy",
+    "PinCache",
     "PolicyError",
     "Rule",
+    "RuleCounter",
+    "StreamResult",
+    "Verdict",
     "allow_dns_rule",
     "canonical_preset",
     "classify_group",
     "normalize_domain",
     "normalize_ip",
+    "parse_client_hello",
+    "parse_dns_response",
+    "parse_frame",
     "parse_network",
     "parse_port_range",
 ]

@@ -74,11 +74,11 @@ void ns_pin_free(ns_pincache *pc);
 int ns_pin_set(ns_pincache *pc, const uint8_t *name, size_t name_len, int family,
                const uint8_t *ips, size_t n, double ttl, double now);
 int ns_pin_learn_dns(ns_pincache *pc, const uint8_t *buf, size_t len, double now);
-size_t ns_pin_lookup(ns_pincache *pc, const uint8_t *ip, double now,
-                     const uint8_t **names, uint16_t *lens, size_t max);
-size_t ns_pin_count(const ns_pincache *pc);
+size_t ns_pin_lookup(ns_pincache *pc, const uint8_t *ip, double now, uint8_t *blob,
+                     size_t blob_cap, uint16_t *lens, size_t max);
+size_t ns_pin_count(ns_pincache *pc);
 void ns_pin_expire(ns_pincache *pc, double now);
-uint64_t ns_pin_evictions(const ns_pincache *pc);
+uint64_t ns_pin_evictions(ns_pincache *pc);
 
 typedef struct ns_rule_spec {
     uint8_t action, dirmask, protomask, kind, family, prefix, group, pad;

@@ -13,3 +13,66 @@ class PolicyError(NetstackError, ValueError):
     The message names the offending value and what is allowed, e.g.
     ``PolicyError("port range '90-80' is inverted (start 90 > end 80)")``.
     """
+
+
+class GatewayError(NetstackError):
+    """A sandbox gateway component (address plan, uplink, DNS forwarder, pcap) failed.
+
+    The message names the bad value or the failed operation, e.g.
+    ``GatewayError("slot 70000 is out of range 0..65535")``.
+    """
+
+
+class AddressPlanError(GatewayError, ValueError):
+    """An address plan or slot was invalid, or no slot was free."""
+
+
+class UplinkError(GatewayError):
+    """Creating or removing a sandbox uplink (netns, TAP, veth, nftables) failed."""
+
+
+class DnsForwarderError(GatewayError, ValueError):
+    """A DNS forwarder was misconfigured (e.g. an upstream that is not IP[:PORT])."""
+
+
+class PcapError(GatewayError, ValueError):
+    """A pcap writer was misconfigured or used after close."""
+
+
+class FastPathError(NetstackError):
+    """The C fast path refused a configuration or ran out of memory.
+
+    >>> raise FastPathError("max_flows must be 16..16777216, got 3")
+    Traceback (most recent call last):
+    netstack.errors.FastPathError: max_flows must be 16..16777216, got 3
+    """
+
+
+class MalformedHello(NetstackError, ValueError):
+    """Bytes that are not a (well-formed) TLS ClientHello.
+
+    >>> from netstack import parse_client_hello
+    >>> parse_client_hello(b"GET / HTTP/1.1\\r\\n")
+    Traceback (most recent call last):
+    netstack.errors.MalformedHello: not a TLS handshake record (first byte 0x47, expected 0x16)
+    """
+
+
+class MalformedFrame(NetstackError, ValueError):
+    """An Ethernet frame the parser cannot read (truncated, bad lengths, oversize).
+
+    >>> from netstack import parse_frame
+    >>> parse_frame(b"\\x00" * 10)
+    Traceback (most recent call last):
+    netstack.errors.MalformedFrame: malformed frame (10 bytes): truncated or inconsistent headers
+    """
+
+
+class MalformedDNS(NetstackError, ValueError):
+    """A DNS message the parser cannot read (truncated, bad names, pointer loops).
+
+    >>> from netstack import parse_dns_response
+    >>> parse_dns_response(b"\\x00\\x01")
+    Traceback (most recent call last):
+    netstack.errors.MalformedDNS: malformed DNS message (2 bytes)
+    """

@@ -264,8 +264,14 @@ static uint8_t verdict_for(const ns_policy *p, int action, uint8_t pbit, int dir
     return NS_ALLOW;
 }
 
+typedef struct name_buf {
+    const uint8_t *ptr[NS_MAX_NAMES];
+    uint16_t lens[NS_MAX_NAMES];
+    uint8_t blob[NS_MAX_NAMES * 256];
+} name_buf;
+
 static void fill_query(ns_ctx *c, const ns_policy *p, ns_flowq *q, const ns_frame *fr, int dir,
-                       double now, const uint8_t **names, uint16_t *lens) {
+                       double now, name_buf *nb) {
     q->direction = (uint8_t)dir;
     q->pbit = fr->pbit;
     q->has_port = fr->has_ports;
@@ -276,12 +282,18 @@ static void fill_query(ns_ctx *c, const ns_policy *p, ns_flowq *q, const ns_fram
     q->sni_len = 0;
     q->gateway = p->gw;
     q->ngw = p->ngw;
-    q->names = names;
-    q->name_lens = lens;
+    q->names = nb->ptr;
+    q->name_lens = nb->lens;
     q->nnames = 0;
     if (p->has_domain && c->pins) {
-        size_t n = ns_pin_lookup(c->pins, q->remote, now, names, lens, NS_MAX_NAMES);
-        q->nnames = (uint32_t)(n > NS_MAX_NAMES ? NS_MAX_NAMES : n);
+        size_t n = ns_pin_lookup(c->pins, q->remote, now, nb->blob, sizeof(nb->blob), nb->lens,
+                                 NS_MAX_NAMES);
+        size_t off = 0;
+        for (size_t i = 0; i < n; i++) {
+            nb->ptr[i] = nb->blob + off;
+            off += nb->lens[i];
+        }
+        q->nnames = (uint32_t)n;
     }
 }
 
@@ -423,8 +435,7 @@ static uint8_t classify_one(ns_ctx *c, ns_policy *p, const uint8_t *buf, size_t 
     uint32_t h = key_hash(&k);
     flow *f = tab_find(c, &k, h);
 
-    const uint8_t *names[NS_MAX_NAMES];
-    uint16_t lens[NS_MAX_NAMES];
+    name_buf nb;
     ns_flowq q;
 
     if (f && f->state == ST_DECIDED && f->gen == p->gen && !expired(c, f, now)) {
@@ -447,7 +458,7 @@ static uint8_t classify_one(ns_ctx *c, ns_policy *p, const uint8_t *buf, size_t 
             f->created = now;
         }
         f->pbit = fr.pbit;
-        fill_query(c, p, &q, &fr, dir, now, names, lens);
+        fill_query(c, p, &q, &fr, dir, now, &nb);
         if (f->state == ST_PENDING) {
             f->gen = p->gen;
             f->last_seen = now;

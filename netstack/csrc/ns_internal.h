@@ -106,13 +106,13 @@ int ns_pin_set(ns_pincache *pc, const uint8_t *name, size_t name_len, int family
                const uint8_t *ips, size_t n, double ttl, double now);
 /* Learn from a raw DNS response; returns number of addresses pinned, -1 malformed, -2 ignored. */
 int ns_pin_learn_dns(ns_pincache *pc, const uint8_t *buf, size_t len, double now);
-/* Names pinned to ip (16-byte, v4-mapped for IPv4) and alive at now: writes up
- * to max pointers/lengths, returns the total number alive. */
-size_t ns_pin_lookup(ns_pincache *pc, const uint8_t *ip, double now,
-                     const uint8_t **names, uint16_t *lens, size_t max);
-size_t ns_pin_count(const ns_pincache *pc);
+/* Names pinned to ip (16-byte, v4-mapped for IPv4) and alive at now: copies up
+ * to max names back to back into blob (lengths in lens), returns how many. */
+size_t ns_pin_lookup(ns_pincache *pc, const uint8_t *ip, double now, uint8_t *blob,
+                     size_t blob_cap, uint16_t *lens, size_t max);
+size_t ns_pin_count(ns_pincache *pc);
 void ns_pin_expire(ns_pincache *pc, double now);
-uint64_t ns_pin_evictions(const ns_pincache *pc);
+uint64_t ns_pin_evictions(ns_pincache *pc);
 
 /* ---------------------------------------------------------------- policy */
 

@@ -17,10 +17,15 @@
  *  - at most NS_PIN_MAX_IPS_PER_NAME addresses per key are kept (DNS answers
  *    carry at most 64 anyway); lookups return names most recently pinned first.
  *
+ * Thread safety: every entry point takes the cache's own mutex, so a DNS
+ * forwarder thread may learn answers while a packet loop looks names up;
+ * lookups copy the names out.
+ *
  * Storage: stable pools (names, IPs, bindings) with free lists, indexed by
  * two chained hash tables; each binding sits on its IP's list and its name's
  * list, so both "IP -> names" and "replace the name's set" cost O(bindings).
  */
+#include <pthread.h>
 #include <stdlib.h>
 
 #include "ns_internal.h"
@@ -63,6 +68,7 @@ struct ns_pincache {
     uint32_t nbinds, nnames;
     uint32_t cursor;
     uint64_t evictions;
+    pthread_mutex_t mu;
 };
 
 static uint32_t hash_bytes(const uint8_t *p, size_t n, uint32_t seed) {
@@ -89,6 +95,7 @@ ns_pincache *ns_pin_new(uint32_t max_bindings, double ttl_ceiling) {
     pc->binds = (pin_bind *)calloc(max_bindings, sizeof(pin_bind));
     pc->nbucket = (uint32_t *)malloc(sizeof(uint32_t) * b);
     pc->ibucket = (uint32_t *)malloc(sizeof(uint32_t) * b);
+    pthread_mutex_init(&pc->mu, NULL);
     if (!pc->names || !pc->ips || !pc->binds || !pc->nbucket || !pc->ibucket) {
         ns_pin_free(pc);
         return NULL;
@@ -112,6 +119,7 @@ void ns_pin_free(ns_pincache *pc) {
     free(pc->binds);
     free(pc->nbucket);
     free(pc->ibucket);
+    pthread_mutex_destroy(&pc->mu);
     free(pc);
 }
 
@@ -198,8 +206,8 @@ static int make_room(ns_pincache *pc, uint32_t keep, double now) {
     return pc->free_bind != NIL;
 }
 
-int ns_pin_set(ns_pincache *pc, const uint8_t *name, size_t name_len, int family,
-               const uint8_t *ips, size_t n, double ttl, double now) {
+static int pin_set(ns_pincache *pc, const uint8_t *name, size_t name_len, int family,
+                   const uint8_t *ips, size_t n, double ttl, double now) {
     if (name_len == 0 || name_len > 253 || (family != 4 && family != 6)) return -1;
     uint32_t idx = find_name(pc, name, name_len, family);
     if (idx != NIL) unbind_name(pc, idx);
@@ -270,6 +278,14 @@ int ns_pin_set(ns_pincache *pc, const uint8_t *name, size_t name_len, int family
     return added;
 }
 
+int ns_pin_set(ns_pincache *pc, const uint8_t *name, size_t name_len, int family,
+               const uint8_t *ips, size_t n, double ttl, double now) {
+    pthread_mutex_lock(&pc->mu);
+    int rc = pin_set(pc, name, name_len, family, ips, n, ttl, now);
+    pthread_mutex_unlock(&pc->mu);
+    return rc;
+}
+
 int ns_pin_learn_dns(ns_pincache *pc, const uint8_t *buf, size_t len, double now) {
     ns_dns_result r;
     if (ns_parse_dns(buf, len, &r) != NS_DNS_OK) return -1;
@@ -288,32 +304,40 @@ int ns_pin_learn_dns(ns_pincache *pc, const uint8_t *buf, size_t len, double now
     return ns_pin_set(pc, r.qname, r.qname_len, family, ips, n, (double)r.min_ttl, now);
 }
 
-size_t ns_pin_lookup(ns_pincache *pc, const uint8_t *ip, double now,
-                     const uint8_t **names, uint16_t *lens, size_t max) {
+size_t ns_pin_lookup(ns_pincache *pc, const uint8_t *ip, double now, uint8_t *blob,
+                     size_t blob_cap, uint16_t *lens, size_t max) {
+    pthread_mutex_lock(&pc->mu);
+    size_t n = 0, used = 0;
     uint32_t ipi = find_ip(pc, ip);
-    if (ipi == NIL) return 0;
-    size_t n = 0;
-    uint32_t b = pc->ips[ipi].head;
-    while (b != NIL) {
-        uint32_t next = pc->binds[b].ip_next;
+    for (uint32_t b = ipi == NIL ? NIL : pc->ips[ipi].head; b != NIL && n < max;
+         b = pc->binds[b].ip_next) {
         pin_name *nr = &pc->names[pc->binds[b].name];
-        if (nr->expires > now) {
-            if (n < max) {
-                names[n] = nr->name;
-                lens[n] = nr->len;
-            }
-            n++;
-        }
-        b = next;
+        if (!(nr->expires > now) || nr->len > blob_cap - used) continue;
+        memcpy(blob + used, nr->name, nr->len);
+        lens[n++] = nr->len;
+        used += nr->len;
     }
+    pthread_mutex_unlock(&pc->mu);
     return n;
 }
 
-size_t ns_pin_count(const ns_pincache *pc) { return pc->nbinds; }
+size_t ns_pin_count(ns_pincache *pc) {
+    pthread_mutex_lock(&pc->mu);
+    size_t n = pc->nbinds;
+    pthread_mutex_unlock(&pc->mu);
+    return n;
+}
 
-uint64_t ns_pin_evictions(const ns_pincache *pc) { return pc->evictions; }
+uint64_t ns_pin_evictions(ns_pincache *pc) {
+    pthread_mutex_lock(&pc->mu);
+    uint64_t n = pc->evictions;
+    pthread_mutex_unlock(&pc->mu);
+    return n;
+}
 
 void ns_pin_expire(ns_pincache *pc, double now) {
+    pthread_mutex_lock(&pc->mu);
     for (uint32_t i = 0; i < pc->cap; i++)
         if (pc->names[i].live && pc->names[i].expires <= now) drop_name(pc, i);
+    pthread_mutex_unlock(&pc->mu);
 }
