@@ -277,6 +277,10 @@ class RegistryClient:
                     raise RegistryError(
                         f"TLS verification of {host} failed: {exc.verify_message} "
                         "(pass ca_certs=, or insecure=True for plain HTTP)") from None
+                if isinstance(exc, ssl.SSLError):
+                    raise RegistryError(
+                        f"TLS handshake with {host} failed: {exc} (is it a plain-HTTP "
+                        "registry? then pass insecure=True)") from None
                 if attempt >= self.retries:
                     raise RegistryError(f"{method} {scheme}://{host}{target} failed: {exc}") from None
                 time.sleep(self.backoff * (2 ** attempt))

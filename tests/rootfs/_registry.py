@@ -33,18 +33,104 @@ def policy_file(directory: Path) -> Path:
     return p
 
 
+class TokenServer:
+    """A Docker token server (JWT with an x5c chain, ES256) over HTTPS for Bearer auth."""
+
+    def __init__(self, root: Path, ca: object, user: str, password: str) -> None:
+        import base64
+        import http.server
+        import ssl
+        import threading
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+        self.issuer, self.service = "test-issuer", "test-registry"
+        signer = ca.issue_cert("token-signer")  # type: ignore[attr-defined]
+        key = serialization.load_pem_private_key(signer.private_key_pem.bytes(), None)
+        cert = x509.load_pem_x509_certificate(signer.cert_chain_pems[0].bytes())
+        x5c = base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()
+        self.bundle = root / "token-ca.pem"
+        ca.cert_pem.write_to_path(str(self.bundle))  # type: ignore[attr-defined]
+        server_cert = ca.issue_cert("127.0.0.1")  # type: ignore[attr-defined]
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_cert.configure_cert(ctx)
+        want = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        outer = self
+        self.requests = 0
+
+        def b64(data: bytes) -> str:
+            return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+        def mint(scope: str) -> str:
+            now = int(time.time())
+            access = []
+            for sc in scope.split(" "):
+                parts = sc.split(":")
+                if len(parts) == 3:
+                    access.append({"type": parts[0], "name": parts[1],
+                                   "actions": parts[2].split(",")})
+            header = {"typ": "JWT", "alg": "ES256", "x5c": [x5c]}
+            claims = {"iss": outer.issuer, "sub": user, "aud": outer.service, "exp": now + 600,
+                      "nbf": now - 60, "iat": now, "jti": os.urandom(8).hex(), "access": access}
+            signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
+            der = key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))  # type: ignore[union-attr,call-arg]
+            r, s_ = decode_dss_signature(der)
+            sig = r.to_bytes(32, "big") + s_.to_bytes(32, "big")
+            return f"{signing_input}.{b64(sig)}"
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                import urllib.parse as up
+
+                outer.requests += 1
+                q = up.parse_qs(up.urlsplit(self.path).query)
+                if self.headers.get("Authorization") != want:
+                    self.send_response(401)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                body = json.dumps({"token": mint(" ".join(q.get("scope", [""])))}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def realm(self) -> str:
+        return f"https://127.0.0.1:{self.port}/token"
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
 @dataclass
 class Registry:
     root: Path
     tls: bool = False
     user: str | None = None
     password: str | None = None
+    token: bool = False
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     ca_pem: Path | None = None
     cert_dir: Path | None = None
     log: Path | None = None
     _ca: object = field(default=None, repr=False)
+    token_server: TokenServer | None = None
 
     @property
     def host(self) -> str:
@@ -88,7 +174,14 @@ class Registry:
             self.cert_dir.mkdir(exist_ok=True)
             shutil.copy(self.ca_pem, self.cert_dir / "ca.crt")
             lines += ["  tls:", f"    certificate: {crt_path}", f"    key: {key_path}"]
-        if self.user is not None:
+        if self.token:
+            assert self.tls and self.user is not None
+            self.token_server = TokenServer(self.root, self._ca, self.user, self.password or "")
+            lines += ["auth:", "  token:", f"    realm: {self.token_server.realm}",
+                      f"    service: {self.token_server.service}",
+                      f"    issuer: {self.token_server.issuer}",
+                      f"    rootcertbundle: {self.token_server.bundle}"]
+        elif self.user is not None:
             htpasswd = self.root / "htpasswd"
             subprocess.run(
                 ["htpasswd", "-Bbc", str(htpasswd), self.user, self.password or ""],
@@ -123,6 +216,9 @@ class Registry:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+        if self.token_server is not None:
+            self.token_server.stop()
+            self.token_server = None
 
     def push(self, layout: Path, tag: str, repo: str, *, dest_tag: str | None = None,
              all_platforms: bool = False) -> str:
@@ -155,3 +251,65 @@ class Registry:
                 return int(r.status)
         except urllib.error.HTTPError as e:
             return int(e.code)
+
+
+class FlakyProxy:
+    """TCP proxy to a registry whose first ``failures`` connections get HTTP 503."""
+
+    def __init__(self, target_port: int, failures: int) -> None:
+        import threading
+
+        self.target_port = target_port
+        self.failures = failures
+        self.seen = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self._threads: list[threading.Thread] = []
+        self._stop = False
+        t = threading.Thread(target=self._accept, daemon=True)
+        t.start()
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.seen += 1
+            if self.seen <= self.failures:
+                try:
+                    conn.recv(65536)
+                    conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                                 b"Connection: close\r\n\r\n")
+                finally:
+                    conn.close()
+                continue
+            up = socket.create_connection(("127.0.0.1", self.target_port))
+            for a, b in ((conn, up), (up, conn)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        self._stop = True
+        self.sock.close()
