@@ -33,6 +33,15 @@ from netstack.errors import (
 )
 from netstack.flow import Decision, Flow
 from netstack.frameinfo import FrameInfo, parse_frame
+from netstack.gateway import (
+    AddressPlan,
+    DnsForwarder,
+    PcapWriter,
+    SlotLease,
+    TapUplink,
+    allocate_slot,
+    cleanup_stale,
+)
 from netstack.hello import ClientHelloInfo, parse_client_hello
 from netstack.names import normalize_domain
 from netstack.pincache import PinCache
@@ -43,12 +52,14 @@ from netstack.verdict import Verdict
 __all__ = [
     "GROUPS",
     "PRESET_ALIASES",
+    "AddressPlan",
     "Classifier",
     "ClassifierStats",
     "ClientHelloInfo",
     "CompiledEvaluator",
     "Decision",
     "Destination",
+    "DnsForwarder",
     "DnsResponse",
     "FastPathError",
     "Flow",
@@ -59,15 +70,20 @@ __all__ = [
     "MalformedHello",
     "NetstackError",
     "NetworkPolicy",
+    "PcapWriter",
     "PinCache",
     "PolicyError",
     "Rule",
     "RuleCounter",
+    "SlotLease",
     "StreamResult",
+    "TapUplink",
     "Verdict",
+    "allocate_slot",
     "allow_dns_rule",
     "canonical_preset",
     "classify_group",
+    "cleanup_stale",
     "normalize_domain",
     "normalize_ip",
     "parse_client_hello",

@@ -1,0 +1,31 @@
+"""netstack.gateway: the parts of a sandbox's network around the C frame loop.
+
+* :class:`AddressPlan` / :func:`allocate_slot`: per-sandbox addresses, MACs, MTU and
+  the guest's bootstrap network config.
+* :class:`TapUplink`: netns + TAP + veth + nftables NAT (root); :func:`cleanup_stale`
+  removes what a crashed process left behind.
+* :class:`DnsForwarder`: the policy-enforcing asyncio DNS forwarder.
+* :class:`PcapWriter`: a thread-safe, size-bounded pcap/pcapng writer.
+
+>>> from netstack.gateway import AddressPlan
+>>> AddressPlan(0).guest_config()["ipv4"]["gateway"]
+'172.16.0.1'
+"""
+
+from netstack.gateway.addressing import AddressPlan, SlotLease, allocate_slot, microvm_home
+from netstack.gateway.dns_forwarder import DnsForwarder
+from netstack.gateway.pcap import PcapWriter
+from netstack.gateway.state import cleanup_stale
+from netstack.gateway.uplink_tap import TapUplink, uplink_names
+
+__all__ = [
+    "AddressPlan",
+    "DnsForwarder",
+    "PcapWriter",
+    "SlotLease",
+    "TapUplink",
+    "allocate_slot",
+    "cleanup_stale",
+    "microvm_home",
+    "uplink_names",
+]

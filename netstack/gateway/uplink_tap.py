@@ -1,0 +1,339 @@
+"""TAP uplink: a network namespace per sandbox, NATed to the host's address.
+
+Topology for sandbox token ``T`` on slot ``S`` (needs root)::
+
+    gateway process                netns microvm-T                    host namespace
+    tap_fd  ==frames==>  mvtT (gateway /30 addr, gateway MAC)
+                           |  ip_forward=1, nft "ip microvm_T":
+                           |  masquerade out of mvpT
+                         mvpT 10.212.x.(2S+1)/31  <==veth==>  mvhT 10.212.x.(2S)/31
+                                                              nft "ip microvm_T": masquerade
+                                                              out of any other link, forward
+                                                              accept, input from mvhT dropped
+
+Frames the gateway writes to :attr:`TapUplink.tap_fd` enter the namespace as if the
+guest sent them; the namespace routes them to the host over the veth, and the host
+forwards them with its own address (so guest addresses never appear in the host's
+routing table and cannot collide with host networks). Replies come back the same way
+and are read from ``tap_fd``.
+
+The ``host`` group (``host_loopback=True``): traffic from the guest to the gateway
+address is DNATed in the namespace to the host end of the veth, and there DNATed to
+``127.0.0.1`` (same port). Routing a packet from a non-loopback interface to
+127.0.0.1 requires ``route_localnet=1`` on that interface; we set it **only** on the
+sandbox's own host veth ``mvhT`` (never ``all``), and only when ``host_loopback`` is
+asked for, so other interfaces keep the kernel's martian-address protection. Without
+it, every packet from ``mvhT`` to the host itself (other than replies) is dropped.
+
+Host-wide effect: ``net.ipv4.ip_forward`` is set to 1 if it was 0 and never reset
+(other uplinks may depend on it). A host firewall that drops forwarded traffic in
+another table (e.g. Docker's ``FORWARD DROP``) also drops ours; allow ``mvh*`` there.
+IPv6: the TAP gets the gateway's ULA address when the plan has one, but there is no
+IPv6 egress yet (no NAT66).
+
+All names are derived from the sandbox name (IFNAMSIZ-safe, common prefixes ``mv``
+for links and ``microvm`` for the namespace and nft tables), recorded in
+``$MICROVM_HOME/net/uplinks/T.json`` before anything is created, and removed by
+:meth:`TapUplink.close`, at interpreter exit, when the object is collected, or by
+:func:`netstack.cleanup_stale` after a crash.
+
+>>> uplink_names("web-1")["tap"]
+'mvtweb1c4719a'
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import ipaddress
+import logging
+import os
+import re
+import struct
+import subprocess
+import weakref
+from pathlib import Path
+from typing import Final
+
+from netstack.errors import UplinkError
+from netstack.gateway.addressing import AddressPlan, microvm_home
+from netstack.gateway.state import (
+    UplinkRecord,
+    process_identity,
+    remove_objects,
+    state_dir,
+    write_record,
+)
+
+log = logging.getLogger("netstack.gateway")
+
+#: Pool the per-slot /31 transit links (namespace <-> host) are carved from.
+TRANSIT_POOL: Final = ipaddress.IPv4Network("10.212.0.0/15")
+
+_TUNSETIFF: Final = 0x400454CA
+_IFF_TAP: Final = 0x0002
+_IFF_NO_PI: Final = 0x1000
+_SANDBOX_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+def _token(sandbox: str) -> str:
+    if not isinstance(sandbox, str) or not _SANDBOX_NAME.match(sandbox):
+        raise UplinkError(f"sandbox name must be 1..63 characters of letters, digits, '_', "
+                          f"'.', '-' starting with a letter or digit, got {sandbox!r}")
+    safe = re.sub(r"[^a-z0-9]", "", sandbox.lower())[:6]
+    return safe + hashlib.sha256(sandbox.encode()).hexdigest()[:6]
+
+
+def uplink_names(sandbox: str) -> dict[str, str]:
+    """The kernel object names an uplink for ``sandbox`` uses (all <= 15 characters).
+
+    >>> sorted(uplink_names("web-1"))
+    ['host_veth', 'netns', 'nft_table', 'ns_veth', 'tap', 'token']
+    >>> all(len(v) <= 15 for k, v in uplink_names("a" * 63).items() if k in ('tap', 'ns_veth', 'host_veth'))
+    True
+    """
+    t = _token(sandbox)
+    return {"token": t, "netns": f"microvm-{t}", "tap": f"mvt{t}", "ns_veth": f"mvp{t}",
+            "host_veth": f"mvh{t}", "nft_table": f"microvm_{t}"}
+
+
+def transit_addresses(slot: int) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:
+    """``(host end, namespace end)`` of the slot's /31 transit link.
+
+    >>> [str(a) for a in transit_addresses(1)]
+    ['10.212.0.2', '10.212.0.3']
+    """
+    host = TRANSIT_POOL.network_address + 2 * slot
+    return host, host + 1
+
+
+def _run(argv: list[str], stdin: str | None = None) -> None:
+    r = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30,
+                       check=False)
+    if r.returncode != 0:
+        raise UplinkError(f"{' '.join(argv)} failed (exit {r.returncode}): "
+                          f"{(r.stderr or r.stdout).strip()}")
+
+
+def netns_ruleset(names: dict[str, str], plan: AddressPlan, host_loopback: bool) -> str:
+    """The nftables ruleset loaded inside the sandbox namespace.
+
+    >>> print(netns_ruleset(uplink_names("d"), AddressPlan(0), False).splitlines()[0])
+    table ip microvm_d18ac3e
+    """
+    host_end, _ = transit_addresses(plan.slot)
+    t, tap, nsv = names["nft_table"], names["tap"], names["ns_veth"]
+    dnat = (f'    iifname "{tap}" ip daddr {plan.gateway_ipv4} dnat to {host_end}\n'
+            if host_loopback else "")
+    return (
+        f"table ip {t}\n"
+        f"delete table ip {t}\n"
+        f"table ip {t} {{\n"
+        f"  chain prerouting {{ type nat hook prerouting priority dstnat; policy accept;\n"
+        f"{dnat}  }}\n"
+        f"  chain postrouting {{ type nat hook postrouting priority srcnat; policy accept;\n"
+        f'    oifname "{nsv}" masquerade\n'
+        f"  }}\n"
+        f"  chain input {{ type filter hook input priority filter; policy accept;\n"
+        f'    iifname "{tap}" ct state established,related accept\n'
+        f'    iifname "{tap}" meta l4proto icmp accept\n'
+        f'    iifname "{tap}" drop\n'
+        f"  }}\n"
+        f"}}\n"
+    )
+
+
+def host_ruleset(names: dict[str, str], plan: AddressPlan, host_loopback: bool) -> str:
+    """The nftables ruleset loaded in the host namespace.
+
+    >>> "dnat to 127.0.0.1" in host_ruleset(uplink_names("d"), AddressPlan(0), True)
+    True
+    """
+    host_end, ns_end = transit_addresses(plan.slot)
+    t, hv = names["nft_table"], names["host_veth"]
+    dnat = (f'    iifname "{hv}" ip daddr {host_end} dnat to 127.0.0.1\n'
+            if host_loopback else "")
+    local = f'    iifname "{hv}" ip daddr 127.0.0.1 accept\n' if host_loopback else ""
+    return (
+        f"table ip {t}\n"
+        f"delete table ip {t}\n"
+        f"table ip {t} {{\n"
+        f"  chain prerouting {{ type nat hook prerouting priority dstnat; policy accept;\n"
+        f"{dnat}  }}\n"
+        f"  chain postrouting {{ type nat hook postrouting priority srcnat; policy accept;\n"
+        f'    ip saddr {ns_end} oifname != "{hv}" masquerade\n'
+        f"  }}\n"
+        f"  chain forward {{ type filter hook forward priority filter; policy accept;\n"
+        f'    iifname "{hv}" accept\n'
+        f'    oifname "{hv}" ct state established,related accept\n'
+        f'    oifname "{hv}" drop\n'
+        f"  }}\n"
+        f"  chain input {{ type filter hook input priority filter; policy accept;\n"
+        f'    iifname "{hv}" ct state established,related accept\n'
+        f"{local}"
+        f'    iifname "{hv}" drop\n'
+        f"  }}\n"
+        f"}}\n"
+    )
+
+
+def _teardown(record: UplinkRecord, fd_box: list[int], state_path: Path) -> None:
+    for fd in fd_box:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    fd_box.clear()
+    try:
+        remove_objects(record)
+    except Exception as e:  # pragma: no cover - best effort at exit
+        log.warning("uplink %s: cleanup incomplete (%s); netstack.cleanup_stale() retries",
+                    record.sandbox, e)
+        return
+    try:
+        state_path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _enable_host_forwarding() -> None:
+    path = Path("/proc/sys/net/ipv4/ip_forward")
+    if path.read_text().strip() != "1":
+        path.write_text("1\n")
+        log.info("enabled net.ipv4.ip_forward on the host (needed for uplink NAT)")
+
+
+class TapUplink:
+    """The TAP uplink of one sandbox (see the module docstring for the topology).
+
+    Creating it needs root. ``tap_fd`` is the TAP's file descriptor (IFF_TAP |
+    IFF_NO_PI: bare Ethernet frames, one per read/write); the TAP vanishes when it is
+    closed, the rest by :meth:`close`.
+
+    >>> from netstack.gateway import AddressPlan, TapUplink
+    >>> with TapUplink("doc-sbx", AddressPlan(4000)) as up:   # doctest: +SKIP
+    ...     os.write(up.tap_fd, frame)
+    """
+
+    def __init__(self, sandbox: str, plan: AddressPlan, *, host_loopback: bool = False,
+                 home: str | os.PathLike[str] | None = None, nonblocking: bool = False
+                 ) -> None:
+        if not isinstance(plan, AddressPlan):
+            raise UplinkError(f"plan must be an AddressPlan, got {type(plan).__name__}")
+        if os.geteuid() != 0:
+            raise UplinkError("a TAP uplink needs root (network namespaces, TAP, nftables)")
+        self.sandbox = sandbox
+        self.names = uplink_names(sandbox)
+        self.plan = plan
+        self.host_loopback = bool(host_loopback)
+        self.home = Path(home) if home is not None else microvm_home()
+        pid, start = process_identity()
+        self._record = UplinkRecord(
+            sandbox=sandbox, token=self.names["token"], pid=pid, pid_start=start,
+            netns=self.names["netns"], host_links=[self.names["host_veth"]],
+            nft_tables=[f"ip {self.names['nft_table']}"])
+        self._state_path = state_dir(self.home) / f"{self.names['token']}.json"
+        if self._state_path.exists():
+            old = UplinkRecord.from_json(self._state_path.read_text(encoding="utf-8"))
+            from netstack.gateway.state import owner_alive
+            if owner_alive(old.pid, old.pid_start):
+                raise UplinkError(f"sandbox {sandbox!r} already has an uplink owned by live "
+                                  f"pid {old.pid} ({self._state_path})")
+            remove_objects(old)
+        self._fds: list[int] = []
+        write_record(self._record, self.home)
+        self._finalizer = weakref.finalize(self, _teardown, self._record, self._fds,
+                                           self._state_path)
+        try:
+            self._create(nonblocking)
+        except BaseException as e:
+            self._finalizer()
+            if isinstance(e, UplinkError):
+                raise
+            if isinstance(e, Exception):
+                raise UplinkError(f"creating the uplink of sandbox {sandbox!r} failed: {e}"
+                                  ) from e
+            raise
+
+    @property
+    def tap_fd(self) -> int:
+        """The TAP file descriptor the gateway reads and writes frames on.
+
+        >>> TapUplink.tap_fd.__doc__.split()[0]
+        'The'
+        """
+        if not self._fds:
+            raise UplinkError(f"uplink of sandbox {self.sandbox!r} is closed")
+        return self._fds[0]
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`.
+
+        >>> TapUplink.closed.__doc__.split()[0]
+        'True'
+        """
+        return not self._finalizer.alive
+
+    def close(self) -> None:
+        """Remove everything the uplink created (idempotent).
+
+        >>> TapUplink.close.__doc__.split()[0]
+        'Remove'
+        """
+        self._finalizer()
+
+    def __enter__(self) -> TapUplink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"TapUplink({self.sandbox!r}, slot={self.plan.slot}, "
+                f"netns={self.names['netns']!r}, closed={self.closed})")
+
+    # -- creation ------------------------------------------------------------------
+    def _create(self, nonblocking: bool) -> None:
+        from pyroute2 import IPRoute, NetNS, netns
+
+        n, plan = self.names, self.plan
+        host_end, ns_end = transit_addresses(plan.slot)
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_NONBLOCK if nonblocking else 0)
+        fd = os.open("/dev/net/tun", flags)
+        self._fds.append(fd)
+        fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", n["tap"].encode(),
+                                                _IFF_TAP | _IFF_NO_PI))
+        netns.create(n["netns"])
+        with IPRoute() as ipr:
+            tap = ipr.link_lookup(ifname=n["tap"])[0]
+            ipr.link("set", index=tap, address=plan.gateway_mac, mtu=plan.mtu)
+            ipr.link("set", index=tap, net_ns_fd=n["netns"])
+            ipr.link("add", ifname=n["host_veth"], kind="veth",
+                     peer={"ifname": n["ns_veth"], "net_ns_fd": n["netns"]})
+            hv = ipr.link_lookup(ifname=n["host_veth"])[0]
+            ipr.addr("add", index=hv, address=f"{host_end}/31")
+            ipr.link("set", index=hv, state="up")
+        with NetNS(n["netns"], flags=0) as ns:
+            ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+            tap = ns.link_lookup(ifname=n["tap"])[0]
+            ns.addr("add", index=tap, address=f"{plan.gateway_ipv4}/30")
+            if plan.gateway_ipv6 is not None:
+                ns.addr("add", index=tap, address=f"{plan.gateway_ipv6}/64")
+            ns.link("set", index=tap, state="up")
+            nv = ns.link_lookup(ifname=n["ns_veth"])[0]
+            ns.addr("add", index=nv, address=f"{ns_end}/31")
+            ns.link("set", index=nv, state="up")
+            # onlink (RTNH_F_ONLINK): the /31 prefix route appears only once the veth has
+            # carrier, which is asynchronous
+            ns.route("add", dst="default", gateway=str(host_end), oif=nv, flags=4)
+        exec_ns = ["ip", "netns", "exec", n["netns"]]
+        _run([*exec_ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        _run([*exec_ns, "nft", "-f", "-"], netns_ruleset(n, plan, self.host_loopback))
+        _enable_host_forwarding()
+        if self.host_loopback:
+            Path(f"/proc/sys/net/ipv4/conf/{n['host_veth']}/route_localnet").write_text("1\n")
+        _run(["nft", "-f", "-"], host_ruleset(n, plan, self.host_loopback))
+        log.info("uplink %s: netns %s, tap %s, veth %s<->%s, nft table %s (host_loopback=%s)",
+                 self.sandbox, n["netns"], n["tap"], n["host_veth"], n["ns_veth"],
+                 n["nft_table"], self.host_loopback)
