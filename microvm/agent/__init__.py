@@ -66,7 +66,7 @@ def agent_binary(rebuild: bool = False) -> Path:
     from microvm import _native_build
 
     out = _PKG / "_bin" / "microvm-agent"
-    sources = _native_build.agent_sources() + [_native_build.CSRC / "agent.h"]
+    sources = [*_native_build.agent_sources(), _native_build.CSRC / "agent.h"]
     if not rebuild and out.is_file():
         newest = max((s.stat().st_mtime for s in sources if s.exists()), default=0.0)
         if not sources or out.stat().st_mtime >= newest:

@@ -19,7 +19,16 @@ import os
 import signal as signal_mod
 import socket
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from typing import Any, TypeVar
 
 from microvm.agent.protocol import (
@@ -43,7 +52,7 @@ T = TypeVar("T")
 CHUNK = 1024 * 1024  # data bytes per stdin / fs.data frame
 _LOST = object()  # sentinel put on every route when the channel closes
 RLIMIT_NAMES = frozenset(
-    "cpu fsize data stack core rss nproc nofile memlock as locks sigpending msgqueue nice rtprio rttime".split()
+    ["cpu", "fsize", "data", "stack", "core", "rss", "nproc", "nofile", "memlock", "as", "locks", "sigpending", "msgqueue", "nice", "rtprio", "rttime"]
 )
 
 
@@ -615,8 +624,8 @@ def build_exec_request(
             if name not in RLIMIT_NAMES:
                 raise ValueError(f"unknown rlimit {name!r}; allowed: {', '.join(sorted(RLIMIT_NAMES))}")
             soft, hard = lim if isinstance(lim, tuple) else (lim, lim)
-            for v in (soft, hard):
-                if v is not None and (not isinstance(v, int) or v < 0):
+            for lv in (soft, hard):
+                if lv is not None and (not isinstance(lv, int) or lv < 0):
                     raise ValueError(f"rlimit {name} values must be ints >= 0 or None, got {lim!r}")
             rl.append({"resource": name, "soft": soft, "hard": hard})
         p["rlimits"] = rl
@@ -836,7 +845,7 @@ class ExecProcess:
             remaining = None if deadline is None else max(0.0, deadline - loop.time())
             try:
                 ev = await self.next_event(remaining)
-            except (asyncio.TimeoutError, TimeoutError):
+            except TimeoutError:
                 if client_timeout:
                     break
                 client_timeout = True
@@ -891,7 +900,7 @@ class SyncAgentClient:
         return loop, thread
 
     @classmethod
-    def _connect(cls, factory: Callable[[], Awaitable[AgentClient]]) -> SyncAgentClient:
+    def _connect(cls, factory: Callable[[], Coroutine[Any, Any, AgentClient]]) -> SyncAgentClient:
         loop, thread = cls._start_loop()
         try:
             client = asyncio.run_coroutine_threadsafe(factory(), loop).result()
@@ -934,41 +943,41 @@ class SyncAgentClient:
 
         return asyncio.run_coroutine_threadsafe(wrap(), self._loop).result()
 
-    def hello(self, version: int = PROTOCOL_VERSION) -> ReadyInfo:
+    def hello(self, version: int = PROTOCOL_VERSION, timeout: float | None = 30.0) -> ReadyInfo:
         """See :meth:`AgentClient.hello`.
 
         Example::
 
-            c.hello()
+            c.hello(timeout=10)
         """
-        return self.run(self.client.hello(version))
+        return self.run(self.client.hello(version, timeout))
 
-    def bootstrap(self, config: Mapping[str, Any]) -> dict[str, Any]:
+    def bootstrap(self, config: Mapping[str, Any], timeout: float | None = 60.0) -> dict[str, Any]:
         """See :meth:`AgentClient.bootstrap`.
 
         Example::
 
             c.bootstrap({"hostname": "box"})
         """
-        return self.run(self.client.bootstrap(config))
+        return self.run(self.client.bootstrap(config, timeout))
 
-    def ping(self) -> float:
+    def ping(self, timeout: float | None = 10.0) -> float:
         """See :meth:`AgentClient.ping`.
 
         Example::
 
             c.ping()
         """
-        return self.run(self.client.ping())
+        return self.run(self.client.ping(timeout))
 
-    def metrics(self) -> dict[str, Any]:
+    def metrics(self, timeout: float | None = 10.0) -> dict[str, Any]:
         """See :meth:`AgentClient.metrics`.
 
         Example::
 
             c.metrics()["memory"]
         """
-        return self.run(self.client.metrics())
+        return self.run(self.client.metrics(timeout))
 
     def exec(self, cmd: str, args: Iterable[str] = (), **kw: Any) -> ExecResult:
         """See :meth:`AgentClient.exec` (same keyword arguments).
@@ -1064,14 +1073,14 @@ class SyncAgentClient:
         """
         self.run(self.client.copy(src, dst, recursive))
 
-    def shutdown(self, exit_code: int = 0) -> int:
+    def shutdown(self, exit_code: int = 0, timeout: float | None = 10.0) -> int:
         """See :meth:`AgentClient.shutdown`.
 
         Example::
 
             c.shutdown(0)
         """
-        return self.run(self.client.shutdown(exit_code))
+        return self.run(self.client.shutdown(exit_code, timeout))
 
     def close(self) -> None:
         """Close the client and stop its loop thread.
