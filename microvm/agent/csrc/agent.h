@@ -120,6 +120,7 @@ int frame_finish(struct buf *b, uint32_t id, uint8_t flags);
 /* ---- agent state (main.c) ---- */
 struct session {
     bool used, exited, timed_out, tty, stdin_eof;
+    bool detached; /* its host connection is gone: runs on, output is dropped */
     uint32_t id;
     pid_t pid;
     int in_fd, out_fd, err_fd; /* tty: out_fd is the pty master, in_fd a dup */
@@ -189,6 +190,7 @@ void exec_on_writable(struct agent *a, struct session *s);
 void exec_reap(struct agent *a);
 void exec_check_timeouts(struct agent *a);
 void exec_kill_all(struct agent *a);
+void exec_detach_all(struct agent *a);
 int64_t exec_next_deadline(const struct agent *a);
 const char *errno_name(int err);
 

@@ -394,7 +394,7 @@ static void run_child(const struct exec_req *r, const struct ident *id, const ch
 
 static struct session *find_session(struct agent *a, uint32_t id) {
     for (int i = 0; i < MAX_SESSIONS; i++)
-        if (a->sessions[i].used && a->sessions[i].id == id) return &a->sessions[i];
+        if (a->sessions[i].used && !a->sessions[i].detached && a->sessions[i].id == id) return &a->sessions[i];
     return NULL;
 }
 
@@ -536,6 +536,7 @@ fail:
 }
 
 static void send_output(struct agent *a, struct session *s, bool is_err, const uint8_t *data, size_t n) {
+    if (s->detached) return;
     frame_begin(&a->out, is_err ? "core.exec.stderr" : "core.exec.stdout");
     cbor_put_map(&a->out, 1);
     cbor_put_text(&a->out, "data");
@@ -655,7 +656,7 @@ static void finish(struct agent *a, struct session *s) {
     else cbor_put_null(&a->out);
     cbor_put_text(&a->out, "timed_out");
     cbor_put_bool(&a->out, s->timed_out);
-    agent_send(a, s->id, FLAG_TERMINAL);
+    if (!s->detached) agent_send(a, s->id, FLAG_TERMINAL);
     closefd(&s->in_fd);
     closefd(&s->out_fd);
     closefd(&s->err_fd);
@@ -704,5 +705,17 @@ void exec_kill_all(struct agent *a) {
     for (int i = 0; i < MAX_SESSIONS; i++) {
         struct session *s = &a->sessions[i];
         if (s->used && kill(-s->pid, SIGKILL) < 0) kill(s->pid, SIGKILL);
+    }
+}
+
+void exec_detach_all(struct agent *a) {
+    for (int i = 0; i < MAX_SESSIONS; i++) {
+        struct session *s = &a->sessions[i];
+        if (!s->used) continue;
+        s->detached = true;
+        /* Nobody can feed its stdin any more. */
+        buf_free(&s->inbuf);
+        s->inoff = 0;
+        if (s->in_fd >= 0) { close(s->in_fd); s->in_fd = -1; }
     }
 }

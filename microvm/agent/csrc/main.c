@@ -108,6 +108,7 @@ static void disconnect(struct agent *a) {
         exit(0);
     }
     if (a->kill_on_disconnect) exec_kill_all(a);
+    exec_detach_all(a);
     if (a->host_mode) {
         close(a->chan_fd);
         a->chan_fd = -1;

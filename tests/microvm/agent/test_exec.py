@@ -207,7 +207,7 @@ def test_rlimits(sync_client: SyncAgentClient) -> None:
 def test_user_switching(sync_client: SyncAgentClient, tmp_path: Path) -> None:
     require_root()
     r = sync_client.exec("sh", ["-c", "id -u; id -g; echo $HOME $USER"], user="nobody")
-    uid, gid, rest = r.stdout.decode().split("\n", 2)
+    uid, _gid, rest = r.stdout.decode().split("\n", 2)
     assert uid == "65534"
     assert "nobody" in rest
     r = sync_client.exec("id", ["-u", "-g"], user="1234:2345")
