@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -262,10 +263,13 @@ def apply_layer(
     st = state if state is not None else UnpackState()
     root = os.fspath(dest)
     os.makedirs(root, exist_ok=True)
-    with decompressed(fileobj) as raw:
-        reader = _HashingReader(raw)
-        _apply_tar(reader, root, st)
-        reader.drain()
+    try:
+        with decompressed(fileobj) as raw:
+            reader = _HashingReader(raw)
+            _apply_tar(reader, root, st)
+            reader.drain()
+    except (gzip.BadGzipFile, zlib.error, EOFError) as exc:
+        raise ImageFormatError(f"corrupt compressed layer: {exc}") from None
     diff_id = "sha256:" + reader.sha.hexdigest()
     if expected_diff_id is not None and diff_id != expected_diff_id:
         raise DigestError(f"layer diff_id mismatch: expected {expected_diff_id}, got {diff_id}")
