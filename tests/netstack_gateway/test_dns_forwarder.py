@@ -1,0 +1,382 @@
+"""DnsForwarder against a real authoritative server on 127.0.0.1, with dig and dnspython."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+
+import dns.flags
+import dns.message
+import dns.query
+import dns.rcode
+import dns.rdatatype
+import pytest
+
+from netstack import DnsForwarder, NetworkPolicy, Rule
+from netstack.errors import DnsForwarderError
+from netstack.gateway.dns_forwarder import Upstream, is_rebind_address, resolv_conf_upstreams
+from tests.netstack_gateway.dns_server import AuthServer
+from tests.support import require_binaries
+
+pytestmark = pytest.mark.timeout(60)
+
+ALLOW_ALL = NetworkPolicy.allow_all()
+
+
+@pytest.fixture
+def auth() -> Iterator[AuthServer]:
+    server = AuthServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def blackhole() -> Iterator[str]:
+    """A UDP+TCP endpoint that accepts and never answers (a slow/dead resolver)."""
+    server = AuthServer(blackhole=True)
+    try:
+        yield server.upstream
+    finally:
+        server.close()
+
+
+def ask(fwd: DnsForwarder, name: str, rdtype: str = "A", protocol: str = "udp",
+        **kw: object) -> dns.message.Message:
+    q = dns.message.make_query(name, rdtype, **kw)  # type: ignore[arg-type]
+    wire = asyncio.run(fwd.handle(q.to_wire(), protocol))
+    assert wire is not None
+    r = dns.message.from_wire(wire)
+    assert r.id == q.id
+    return r
+
+
+def addresses(r: dns.message.Message) -> list[str]:
+    return sorted(str(rd.address) for rrset in r.answer
+                  if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA) for rd in rrset)
+
+
+# -- policy -------------------------------------------------------------------------
+def test_allowed_name_is_forwarded_and_reported(auth: AuthServer) -> None:
+    seen: list[tuple[str, list[tuple[str, int]]]] = []
+    fwd = DnsForwarder(ALLOW_ALL.evaluate_dns, [auth.upstream],
+                       on_answer=lambda n, ips: seen.append((n, ips)))
+    r = ask(fwd, "a.example.test")
+    assert r.rcode() == dns.rcode.NOERROR and addresses(r) == ["93.184.216.34"]
+    assert r.flags & dns.flags.RA and r.flags & dns.flags.QR
+    assert seen == [("a.example.test", [("93.184.216.34", 300)])]
+    assert auth.queries == [("a.example.test", "A", "udp")]
+
+
+def test_denied_name_is_nxdomain_logged_and_never_forwarded(
+        auth: AuthServer, caplog: pytest.LogCaptureFixture) -> None:
+    policy = NetworkPolicy.custom(rules=[Rule.allow("a.example.test")])
+    fwd = DnsForwarder(policy.evaluate_dns, [auth.upstream])
+    with caplog.at_level(logging.INFO, logger="netstack.dns"):
+        assert ask(fwd, "a.example.test").rcode() == dns.rcode.NOERROR
+        denied = ask(fwd, "leak-secret.a.example.test")
+    assert denied.rcode() == dns.rcode.NXDOMAIN  # never REFUSED
+    assert [q[0] for q in auth.queries] == ["a.example.test"]
+    msg = [r.getMessage() for r in caplog.records if "denied" in r.getMessage()]
+    assert msg and "leak-secret.a.example.test" in msg[0] and "default egress is deny" in msg[0]
+    assert fwd.stats["denied"] == 1
+
+
+def test_none_policy_blocks_all_dns(auth: AuthServer) -> None:
+    fwd = DnsForwarder(NetworkPolicy.none().evaluate_dns, [auth.upstream])
+    assert ask(fwd, "a.example.test").rcode() == dns.rcode.NXDOMAIN
+    assert auth.queries == []
+
+
+def test_deny_domain_suffix_wins(auth: AuthServer) -> None:
+    policy = NetworkPolicy.allow_all().with_denied_domains(deny_domain_suffixes=[".example.test"])
+    fwd = DnsForwarder(policy.evaluate_dns, [auth.upstream])
+    assert ask(fwd, "a.example.test").rcode() == dns.rcode.NXDOMAIN
+
+
+def test_policy_sees_transport(auth: AuthServer) -> None:
+    calls: list[tuple[str, str, int]] = []
+
+    def decider(qname: str, protocol: str = "udp", port: int = 53):
+        calls.append((qname, protocol, port))
+        return ALLOW_ALL.evaluate_dns(qname, protocol, port)
+
+    fwd = DnsForwarder(decider, [auth.upstream])
+    ask(fwd, "A.Example.Test.", protocol="tcp")
+    assert calls == [("a.example.test", "tcp", 53)]
+    assert auth.queries[-1][2] == "tcp"
+
+
+def test_broken_decider_denies(auth: AuthServer) -> None:
+    def decider(qname: str, protocol: str = "udp", port: int = 53):
+        raise RuntimeError("boom")
+
+    fwd = DnsForwarder(decider, [auth.upstream])
+    assert ask(fwd, "a.example.test").rcode() == dns.rcode.NXDOMAIN
+
+
+# -- CNAME chains and the pin-cache feed -----------------------------------------------
+def test_cname_chain_reported_with_min_ttl(auth: AuthServer) -> None:
+    seen: list[tuple[str, list[tuple[str, int]]]] = []
+    fwd = DnsForwarder(ALLOW_ALL.evaluate_dns, [auth.upstream],
+                       on_answer=lambda n, ips: seen.append((n, ips)))
+    r = ask(fwd, "c1.example.test")
+    assert [rr.rdtype for rr in r.answer].count(dns.rdatatype.CNAME) == 2
+    assert seen == [("c1.example.test", [("93.184.216.34", 50)])]
+
+
+def test_unrelated_records_are_not_reported() -> None:
+    server = AuthServer(extra_answer="evil.example.test. 300 IN A 93.184.216.99")
+    try:
+        seen: list[tuple[str, list[tuple[str, int]]]] = []
+        fwd = DnsForwarder(ALLOW_ALL.evaluate_dns, [server.upstream],
+                           on_answer=lambda n, ips: seen.append((n, ips)))
+        r = ask(fwd, "a.example.test")
+        assert "93.184.216.99" in addresses(r)  # passed through to the guest ...
+        assert seen == [("a.example.test", [("93.184.216.34", 300)])]  # ... but never pinned
+    finally:
+        server.close()
+
+
+def test_aaaa_ttl_floor_and_ceiling(auth: AuthServer) -> None:
+    seen: list[tuple[str, list[tuple[str, int]]]] = []
+    fwd = DnsForwarder(ALLOW_ALL.evaluate_dns, [auth.upstream], ttl_ceiling=60,
+                       on_answer=lambda n, ips: seen.append((n, ips)))
+    assert addresses(ask(fwd, "v6.example.test", "AAAA")) == ["2606:4700::6810:84e5"]
+    assert seen == [("v6.example.test", [("2606:4700::6810:84e5", 60)])]
+
+
+def test_failing_callback_does_not_break_dns(auth: AuthServer) -> None:
+    def cb(name: str, ips: list[tuple[str, int]]) -> None:
+        raise ValueError("cache full")
+
+    fwd = DnsForwarder(ALLOW_ALL.evaluate_dns, [auth.upstream], on_answer=cb)
+    assert addresses(ask(fwd, "a.example.test")) == ["93.184.216.34"]
+
+
+# -- rebind protection ----------------------------------------------------------------
+@pytest.mark.parametrize("name", ["rebind.example.test", "loop.example.test",
+                                  "mixed.example.test"])
+def test_rebinding_answer_is_nxdomain(auth: AuthServer, name: str) -> None:
+    seen: list[object] = []
+    fwd = DnsForwarder(ALLOW_ALL.evaluate_dns, [auth.upstream],
+                       on_answer=lambda n, ips: seen.append(n))
+    assert ask(fwd, name).rcode() == dns.rcode.NXDOMAIN
+    assert seen == [] and fwd.stats["rebind_blocked"] == 1
+
+
+def test_address_only_allow_rule_exempts_private_answers(auth: AuthServer) -> None:
+    private = NetworkPolicy.from_profiles("public", "private")
+    fwd = DnsForwarder(private.evaluate_dns, [auth.upstream])
+    assert addresses(ask(fwd, "rebind.example.test")) == ["10.0.0.5"]
+    # the private profile never exempts loopback
+    assert ask(fwd, "loop.example.test").rcode() == dns.rcode.NXDOMAIN
+    # port-scoped rules do not exempt
+    scoped = NetworkPolicy.custom(rules=[Rule.allow("10.0.0.0/8", protocol="tcp", port=80),
+                                         Rule.allow("a.example.test"), Rule.allow("*")])
+    fwd2 = DnsForwarder(scoped.evaluate_dns, [auth.upstream])
+    assert ask(fwd2, "rebind.example.test").rcode() == dns.rcode.NXDOMAIN
+
+
+def test_rebind_protection_can_be_disabled(auth: AuthServer) -> None:
+    fwd = DnsForwarder(ALLOW_ALL.evaluate_dns, [auth.upstream], rebind_protection=False)
+    assert addresses(ask(fwd, "loop.example.test")) == ["127.0.0.1"]
+
+
+def test_rebind_set() -> None:
+    for ip in ("0.1.2.3", "100.64.0.1", "169.254.169.254", "192.0.2.1", "198.18.0.1",
+               "224.0.0.1", "255.255.255.255", "::", "fe80::1", "fd00::1", "2001:db8::1",
+               "64:ff9b:1::1", "3fff::1", "::ffff:10.0.0.1"):
+        assert is_rebind_address(ip), ip
+    for ip in ("1.1.1.1", "93.184.216.34", "2606:4700::1", "::ffff:8.8.8.8", "64:ff9b::1"):
+        assert not is_rebind_address(ip), ip
+
+
+# -- host alias -----------------------------------------------------------------------
+def test_host_alias_answered_locally(auth: AuthServer) -> None:
+    fwd = DnsForwarder(ALLOW_ALL.evaluate_dns, [auth.upstream],
+                       host_alias="host.microvm.internal",
+                       gateway=["172.16.0.1", "fd42:6d73:62::1"])
+    r = ask(fwd, "HOST.microvm.internal")
+    assert addresses(r) == ["172.16.0.1"] and r.answer[0].ttl == 60
+    assert addresses(ask(fwd, "host.microvm.internal", "AAAA")) == ["fd42:6d73:62::1"]
+    mx = ask(fwd, "host.microvm.internal", "MX")
+    assert mx.rcode() == dns.rcode.NOERROR and mx.answer == []
+    assert auth.queries == []  # nothing forwarded, and not subject to rebind protection
+
+
+def test_host_alias_still_obeys_policy(auth: AuthServer) -> None:
+    fwd = DnsForwarder(NetworkPolicy.none().evaluate_dns, [auth.upstream],
+                       host_alias="host.microvm.internal", gateway=["172.16.0.1"])
+    assert ask(fwd, "host.microvm.internal").rcode() == dns.rcode.NXDOMAIN
+
+
+# -- malformed queries ----------------------------------------------------------------
+def test_formerr_and_drops(auth: AuthServer) -> None:
+    fwd = DnsForwarder(ALLOW_ALL.evaluate_dns, [auth.upstream])
+    q = dns.message.make_query("a.example.test", "A")
+    q2 = dns.message.make_query("a.example.test", "A")
+    q.question.append(q2.question[0].__class__(q2.question[0].name, q2.question[0].rdclass,
+                                               dns.rdatatype.AAAA))
+    two = dns.message.from_wire(asyncio.run(fwd.handle(q.to_wire())) or b"")
+    assert two.rcode() == dns.rcode.FORMERR and two.id == q.id
+    zero = asyncio.run(fwd.handle(b"\xbe\xef\x01\x00" + bytes(8)))
+    assert zero is not None and zero[:2] == b"\xbe\xef" and zero[3] & 0xF == dns.rcode.FORMERR
+    garbage = asyncio.run(fwd.handle(b"\x12\x34\x01\x00\x00\x01" + b"\xff" * 30))
+    assert garbage is not None and garbage[:2] == b"\x12\x34" and garbage[3] & 0xF == 1
+    assert asyncio.run(fwd.handle(b"\x00\x01")) is None  # too short for a header
+    resp = dns.message.make_response(dns.message.make_query("x.test", "A")).to_wire()
+    assert asyncio.run(fwd.handle(resp)) is None  # responses are not answered
+    assert auth.queries == []
+    with pytest.raises(DnsForwarderError, match="protocol"):
+        asyncio.run(fwd.handle(q.to_wire(), "sctp"))
+
+
+# -- upstreams, failover ----------------------------------------------------------------
+def test_failover_after_timeout(auth: AuthServer, blackhole: str) -> None:
+    fwd = DnsForwarder(ALLOW_ALL.evaluate_dns, [blackhole, auth.upstream], timeout=0.5)
+    assert addresses(ask(fwd, "a.example.test")) == ["93.184.216.34"]
+    assert addresses(ask(fwd, "a.example.test", protocol="tcp")) == ["93.184.216.34"]
+    assert fwd.stats["failovers"] == 2
+
+
+def test_failover_after_connection_refused(auth: AuthServer) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    fwd = DnsForwarder(ALLOW_ALL.evaluate_dns, [dead, auth.upstream], timeout=1)
+    assert addresses(ask(fwd, "a.example.test")) == ["93.184.216.34"]
+
+
+def test_all_upstreams_unusable_is_servfail(blackhole: str) -> None:
+    fwd = DnsForwarder(ALLOW_ALL.evaluate_dns, [blackhole], timeout=0.3)
+    assert ask(fwd, "a.example.test").rcode() == dns.rcode.SERVFAIL
+
+
+@pytest.mark.parametrize("rcode", ["SERVFAIL", "REFUSED"])
+def test_error_answers_are_returned_not_failed_over(auth: AuthServer, rcode: str) -> None:
+    bad = AuthServer(rcode=rcode)
+    try:
+        fwd = DnsForwarder(ALLOW_ALL.evaluate_dns, [bad.upstream, auth.upstream])
+        assert dns.rcode.to_text(ask(fwd, "a.example.test").rcode()) == rcode
+        assert auth.queries == []
+    finally:
+        bad.close()
+
+
+def test_upstream_nxdomain_passes_through(auth: AuthServer) -> None:
+    fwd = DnsForwarder(ALLOW_ALL.evaluate_dns, [auth.upstream])
+    assert ask(fwd, "nope.example.test").rcode() == dns.rcode.NXDOMAIN
+
+
+def test_truncated_upstream_udp_is_retried_over_tcp() -> None:
+    server = AuthServer(truncate_udp=True)
+    try:
+        fwd = DnsForwarder(ALLOW_ALL.evaluate_dns, [server.upstream])
+        assert addresses(ask(fwd, "a.example.test")) == ["93.184.216.34"]
+        assert [q[2] for q in server.queries] == ["udp", "tcp"]
+    finally:
+        server.close()
+
+
+def test_upstream_configuration(tmp_path) -> None:
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("# c\nsearch x\nnameserver 10.0.0.53\nnameserver fe80::1%eth0\n"
+                    "nameserver bogus\n")
+    assert resolv_conf_upstreams(conf) == [Upstream("10.0.0.53"), Upstream("fe80::1")]
+    fwd = DnsForwarder(ALLOW_ALL.evaluate_dns, resolv_conf=conf)
+    assert fwd.upstreams[0] == Upstream("10.0.0.53", 53)
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    with pytest.raises(DnsForwarderError, match="no upstream"):
+        DnsForwarder(ALLOW_ALL.evaluate_dns, resolv_conf=empty)
+    for bad in ("dns.example", "1.2.3.4:0", "1.2.3.4:99999", "[::1]:x", ""):
+        with pytest.raises(DnsForwarderError):
+            DnsForwarder(ALLOW_ALL.evaluate_dns, [bad])
+    with pytest.raises(DnsForwarderError, match="timeout"):
+        DnsForwarder(ALLOW_ALL.evaluate_dns, ["127.0.0.1"], timeout=0)
+    with pytest.raises(DnsForwarderError, match="gateway"):
+        DnsForwarder(ALLOW_ALL.evaluate_dns, ["127.0.0.1"], host_alias="h.internal")
+    assert Upstream.parse(("::1", 5353)) == Upstream("::1", 5353)
+
+
+# -- truncation -------------------------------------------------------------------------
+def test_large_udp_answer_becomes_header_only_tc(auth: AuthServer) -> None:
+    fwd = DnsForwarder(ALLOW_ALL.evaluate_dns, [auth.upstream])
+    q = dns.message.make_query("big.example.test", "A")  # no EDNS: 512 bytes
+    wire = asyncio.run(fwd.handle(q.to_wire(), "udp"))
+    assert wire is not None and len(wire) == 12
+    r = dns.message.from_wire(wire)
+    assert r.flags & dns.flags.TC and r.id == q.id and r.answer == []
+    # a client with a big enough EDNS buffer gets everything over UDP
+    big = ask(fwd, "big.example.test", use_edns=0, payload=4096)
+    assert len(addresses(big)) == 60 and not big.flags & dns.flags.TC
+    # and over TCP there is no limit
+    assert len(addresses(ask(fwd, "big.example.test", protocol="tcp"))) == 60
+    assert fwd.stats["truncated"] == 1
+
+
+# -- listener mode with real clients ---------------------------------------------------------
+class Listener:
+    def __init__(self, fwd: DnsForwarder) -> None:
+        self.fwd = fwd
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.host, self.port = asyncio.run_coroutine_threadsafe(
+            fwd.start("127.0.0.1", 0), self.loop).result(10)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.fwd.stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def listener(auth: AuthServer) -> Iterator[Listener]:
+    policy = NetworkPolicy.custom(rules=[Rule.allow(".example.test"),
+                                         Rule.allow("host.microvm.internal")])
+    fwd = DnsForwarder(policy.evaluate_dns, [auth.upstream], host_alias="host.microvm.internal",
+                       gateway=["172.16.0.1"])
+    lst = Listener(fwd)
+    try:
+        yield lst
+    finally:
+        lst.close()
+
+
+def dig(listener: Listener, *args: str) -> str:
+    require_binaries("dig")
+    out = subprocess.run(["dig", f"@{listener.host}", "-p", str(listener.port), "+time=5",
+                          "+tries=1", *args], capture_output=True, text=True, timeout=30)
+    return out.stdout
+
+
+def test_dig_udp_tcp_and_truncation_fallback(listener: Listener) -> None:
+    out = dig(listener, "a.example.test", "A")
+    assert "status: NOERROR" in out and "93.184.216.34" in out
+    out = dig(listener, "+tcp", "c1.example.test", "A")
+    assert "c2.example.test" in out and "93.184.216.34" in out
+    out = dig(listener, "+noedns", "+ignore", "big.example.test", "A")
+    assert " tc " in out.split("flags:")[1].split(";")[0] + " "
+    out = dig(listener, "+noedns", "big.example.test", "A")  # dig retries over TCP
+    assert "Truncated, retrying in TCP mode" in out and out.count("IN\tA\t93.184.") == 60
+    out = dig(listener, "host.microvm.internal", "A")
+    assert "172.16.0.1" in out and "60\tIN\tA" in out
+    out = dig(listener, "rebind.example.test", "A")
+    assert "status: NXDOMAIN" in out
+
+
+def test_dnspython_client_over_listener(listener: Listener) -> None:
+    q = dns.message.make_query("v6.example.test", "AAAA")
+    r = dns.query.udp(q, listener.host, port=listener.port, timeout=5)
+    assert addresses(r) == ["2606:4700::6810:84e5"] and r.id == q.id
+    r = dns.query.tcp(dns.message.make_query("a.example.test", "A"), listener.host,
+                      port=listener.port, timeout=5)
+    assert addresses(r) == ["93.184.216.34"]
