@@ -210,6 +210,8 @@ class TlsProxy:
             await self._serve_tls(tcp, bytes(br.buf), host, port, expected_sni=host)
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
             pass
+        except Exception as e:  # never let one connection take the proxy down
+            _internal_error(e)
         finally:
             with contextlib.suppress(Exception):
                 await tcp.drain()
@@ -240,6 +242,8 @@ class TlsProxy:
             await self._serve_tls(tcp, b"", dst[0], dst[1], expected_sni=None)
         except (ConnectionError, OSError):
             pass
+        except Exception as e:  # never let one connection take the proxy down
+            _internal_error(e)
         finally:
             tcp.close()
 
@@ -362,6 +366,15 @@ class TlsProxy:
         with contextlib.suppress(Exception):
             await tls.drain()
         tls.close()
+
+
+def _internal_error(e: Exception) -> None:
+    # the type and origin only: a message could quote request bytes
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}" if tb else "?"
+    log.error("internal error while serving a connection: %s at %s", e.__class__.__name__, where)
 
 
 async def _pump(src: Duplex, dst: Duplex) -> None:

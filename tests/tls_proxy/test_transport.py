@@ -177,3 +177,24 @@ def test_leaf_presented_by_proxy(proxy, upstream, ca_cert):
     cert = s.getpeercert()
     s.close()
     assert ("DNS", "api.example.test") in cert["subjectAltName"]
+
+
+@pytest.mark.parametrize("host", ["api.example.test", "q.example.test"])
+def test_expect_100_continue_upload_with_curl(proxy, upstream, ca_cert, tmp_path, host):
+    require_binaries("curl")
+    import time
+
+    f = tmp_path / "body"
+    prefix = b"k=$MSB_QTOKEN&" if host == "q.example.test" else b"k=v&"
+    f.write_bytes(prefix + b"z" * (2 << 20))
+    t0 = time.monotonic()
+    code, echo = curl(proxy.port, f"https://{host}:{upstream.port}/up", ca_cert,
+                      "--data-binary", f"@{f}", "-H", "Expect: 100-continue",
+                      "--expect100-timeout", "15")
+    assert code == 200, echo
+    assert time.monotonic() - t0 < 10  # the 100 came through; curl did not wait 15 s
+    if host == "q.example.test":  # body scope: buffered, substituted, 100 sent by the proxy
+        assert echo["body"].startswith("k=real-q-token&")
+        assert echo["body_len"] == (2 << 20) + len("k=real-q-token&")
+    else:
+        assert echo["body_len"] == (2 << 20) + len("k=v&")
