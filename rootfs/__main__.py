@@ -1,0 +1,5 @@
+"""``python -m rootfs``: see :mod:`rootfs.cli`."""
+
+from rootfs.cli import run
+
+run()

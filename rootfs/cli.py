@@ -1,0 +1,184 @@
+"""``python -m rootfs``: pull, load, build, list, remove, prune, unpack and prepare images.
+
+Example::
+
+    python -m rootfs build /tmp/bb-root local/busybox:latest --cmd /bin/sh
+    python -m rootfs pull 127.0.0.1:5000/busybox:latest --insecure
+    python -m rootfs prepare local/busybox:latest --upper-size-mib 512
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import click
+
+from rootfs.build import build_image
+from rootfs.errors import RootfsError
+from rootfs.registry import RegistryAuth
+from rootfs.store import ImageStore
+
+
+class RichProgress:
+    """A ``progress`` callback for :meth:`ImageStore.pull` drawing one rich bar per layer.
+
+    Example::
+
+        with RichProgress() as bars:
+            store.pull("alpine", progress=bars)
+    """
+
+    def __init__(self) -> None:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TransferSpeedColumn,
+        )
+
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                  DownloadColumn(), TransferSpeedColumn(),
+                                  console=None, transient=False)
+        self._tasks: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> RichProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def __call__(self, digest: str, done: int, total: int) -> None:
+        with self._lock:
+            task = self._tasks.get(digest)
+            if task is None:
+                task = self._progress.add_task(digest[7:19], total=total or None)
+                self._tasks[digest] = task
+        self._progress.update(task, completed=done, total=total or None)
+
+
+def _store(ctx: click.Context) -> ImageStore:
+    return ImageStore(ctx.obj["home"])
+
+
+@click.group()
+@click.option("--home", type=click.Path(path_type=Path), default=None,
+              help="store directory (default $MICROVM_HOME/images)")
+@click.pass_context
+def main(ctx: click.Context, home: Path | None) -> None:
+    """OCI images to guest root disks."""
+    ctx.obj = {"home": home}
+
+
+@main.command()
+@click.argument("ref")
+@click.option("--insecure", is_flag=True, help="plain HTTP registry")
+@click.option("--ca-certs", type=click.Path(exists=True), default=None, help="extra CA PEM")
+@click.option("--username", default=None)
+@click.option("--password-stdin", is_flag=True, help="read the password from stdin")
+@click.option("--policy", type=click.Choice(["if-missing", "always", "never"]),
+              default="if-missing")
+@click.option("--platform", default=None, help="os/arch (default: this host)")
+@click.pass_context
+def pull(ctx: click.Context, ref: str, insecure: bool, ca_certs: str | None,
+         username: str | None, password_stdin: bool, policy: str, platform: str | None) -> None:
+    """Pull REF from its registry."""
+    auth = None
+    if username is not None:
+        pw = sys.stdin.readline().rstrip("\n") if password_stdin else click.prompt(
+            "password", hide_input=True)
+        auth = RegistryAuth(username, pw)
+    with RichProgress() as bars:
+        img = _store(ctx).pull(ref, insecure=insecure, ca_certs=ca_certs, auth=auth,
+                               policy=policy, progress=bars, platform=platform)  # type: ignore[arg-type]
+    click.echo(f"{img.ref} {img.digest}")
+
+
+@main.command(name="list")
+@click.pass_context
+def list_(ctx: click.Context) -> None:
+    """List stored images."""
+    for img in _store(ctx).list():
+        size = sum(ly.size for ly in img.layers)
+        click.echo(f"{img.ref}\t{img.digest[:19]}\t{img.platform}\t{size / 1e6:.1f} MB")
+
+
+@main.command()
+@click.argument("ref")
+@click.pass_context
+def rm(ctx: click.Context, ref: str) -> None:
+    """Untag REF (run prune to free space)."""
+    _store(ctx).remove(ref)
+
+
+@main.command()
+@click.pass_context
+def prune(ctx: click.Context) -> None:
+    """Delete content no tag or prepared root uses."""
+    r = _store(ctx).prune()
+    click.echo(f"removed {r.blobs} blobs, {r.trees} trees, {r.disks} disks; "
+               f"freed {r.bytes_freed / 1e6:.1f} MB")
+
+
+@main.command()
+@click.argument("ref")
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.pass_context
+def unpack(ctx: click.Context, ref: str, dest: Path) -> None:
+    """Flatten REF into the empty directory DEST."""
+    _store(ctx).unpack(ref, dest)
+
+
+@main.command()
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("ref")
+@click.option("--cmd", multiple=True, help="Cmd entry (repeat for arguments)")
+@click.option("--env", multiple=True, help="KEY=VALUE")
+@click.pass_context
+def build(ctx: click.Context, src: Path, ref: str, cmd: tuple[str, ...],
+          env: tuple[str, ...]) -> None:
+    """Build a one-layer image of SRC tagged REF."""
+    config: dict[str, Any] = {}
+    if cmd:
+        config["Cmd"] = list(cmd)
+    if env:
+        config["Env"] = list(env)
+    img = build_image(src, ref, _store(ctx), config=config)
+    click.echo(f"{img.ref} {img.digest}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.option("--ref", default=None, help="tag for the (single) image")
+@click.pass_context
+def load(ctx: click.Context, path: Path, ref: str | None) -> None:
+    """Import an OCI layout (dir/tar) or a docker save archive."""
+    for img in _store(ctx).load(path, ref):
+        click.echo(f"{img.ref} {img.digest}")
+
+
+@main.command()
+@click.argument("ref")
+@click.option("--upper-size-mib", default=4096, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["erofs", "ext4"]), default="erofs")
+@click.pass_context
+def prepare(ctx: click.Context, ref: str, upper_size_mib: int, fmt: str) -> None:
+    """Build the disks for REF and print the guest mount plan (JSON)."""
+    root = _store(ctx).prepare(ref, upper_size_mib=upper_size_mib,
+                               image_format=fmt)  # type: ignore[arg-type]
+    click.echo(json.dumps(root.mount_plan()))
+
+
+def run() -> None:
+    """Entry point: typed errors become a one-line message and exit status 1."""
+    try:
+        main(standalone_mode=True)
+    except RootfsError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
