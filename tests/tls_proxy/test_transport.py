@@ -198,3 +198,43 @@ def test_expect_100_continue_upload_with_curl(proxy, upstream, ca_cert, tmp_path
         assert echo["body_len"] == (2 << 20) + len("k=real-q-token&")
     else:
         assert echo["body_len"] == (2 << 20) + len("k=v&")
+
+
+def test_per_host_upstream_overrides(proxy_ca_dir, upstream_ca_pem, rogue_upstream, ca_cert,
+                                     tmp_path):
+    from tests.tls_proxy.conftest import ProxyThread, make_config
+
+    url = f"https://untrusted.example.test:{rogue_upstream.port}/e"
+    pt = ProxyThread(make_config(proxy_ca_dir, upstream_ca_pem,
+                                 no_verify=["*.example.test"]))
+    try:
+        assert _session(pt, ca_cert).get(url).status_code == 200
+    finally:
+        pt.stop()
+    # a scoped CA for another pattern does not help this host
+    pt = ProxyThread(make_config(proxy_ca_dir, upstream_ca_pem,
+                                 scoped_upstream_ca={"api.example.test": upstream_ca_pem}))
+    try:
+        assert _session(pt, ca_cert).get(url).status_code == 502
+    finally:
+        pt.stop()
+
+
+def test_scoped_upstream_ca_trusts_only_its_hosts(proxy_ca_dir, upstream_ca_pem, upstream,
+                                                  ca_cert, tmp_path):
+    from tests.tls_proxy.conftest import ProxyThread, make_config
+
+    # the upstream CA is trusted only for *.example.test; not globally
+    pt = ProxyThread(make_config(proxy_ca_dir, upstream_ca_pem, upstream_ca_files=[],
+                                 scoped_upstream_ca={"*.example.test": upstream_ca_pem}))
+    try:
+        r = _session(pt, ca_cert).get(f"https://api.example.test:{upstream.port}/e")
+        assert r.status_code == 200
+    finally:
+        pt.stop()
+    pt = ProxyThread(make_config(proxy_ca_dir, upstream_ca_pem, upstream_ca_files=[]))
+    try:
+        r = _session(pt, ca_cert).get(f"https://api.example.test:{upstream.port}/e")
+        assert r.status_code == 502 and "certificate rejected" in r.json()["reason"]
+    finally:
+        pt.stop()
