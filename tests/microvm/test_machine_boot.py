@@ -57,7 +57,7 @@ def test_no_agent_times_out_as_boot_error(kernel: Kernel, init_disk: Path) -> No
     """PID 1 that never speaks the protocol: BootError after boot_timeout, VMM killed."""
     require_binaries("qemu-system-x86_64")
     _need_agent_client()
-    m = Machine("qemu", kernel=kernel, disks=[init_disk], memory=256, boot_timeout=8,
+    m = Machine("qemu", kernel=kernel, disks=[init_disk], memory=256, boot_timeout=5,
                 cmdline_extra="hang")  # fmt: skip
     with pytest.raises(BootError) as ei:
         m.start()
