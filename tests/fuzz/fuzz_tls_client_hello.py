@@ -6,11 +6,15 @@ Only ``ClientHelloError`` or a result/None are allowed; anything else is a findi
 
 from __future__ import annotations
 
+import asyncio  # noqa: F401  (heavy deps imported first so only tls_proxy is instrumented)
+import ssl  # noqa: F401
 import sys
 
 import atheris
+import cryptography.x509  # noqa: F401
+import filelock  # noqa: F401
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["tls_proxy"]):
     from tls_proxy.errors import ClientHelloError
     from tls_proxy.sni import parse_client_hello
 

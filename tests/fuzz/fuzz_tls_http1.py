@@ -7,11 +7,15 @@ that the scanner misses.
 
 from __future__ import annotations
 
+import asyncio  # noqa: F401  (heavy deps imported first so only tls_proxy is instrumented)
+import ssl  # noqa: F401
 import sys
 
 import atheris
+import cryptography.x509  # noqa: F401
+import filelock  # noqa: F401
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["tls_proxy"]):
     from tls_proxy.errors import HttpError
     from tls_proxy.http1 import parse_head, request_framing
     from tls_proxy.secrets import Scanner, Secret, Substituter
