@@ -399,8 +399,13 @@ class RegistryClient:
                 if progress is not None:
                     progress(digest, done, total)
         except (OSError, http.client.HTTPException) as exc:
-            self._drop(self.scheme, self.host)
+            resp.conn.close()  # http.client reopens it on the next request
             raise RegistryError(f"download of blob {digest} failed: {exc}") from None
+        expected = size if size is not None else int(resp.headers.get("content-length") or -1)
+        if 0 <= done < expected:
+            resp.conn.close()
+            raise RegistryError(
+                f"download of blob {digest} stopped after {done} of {expected} bytes")
         got = f"{algo}:{sha.hexdigest()}"
         if got != digest:
             raise DigestError(f"blob digest mismatch: expected {digest}, got {got}")

@@ -40,10 +40,12 @@ from typing import Any, Literal
 from rootfs._fs import atomic_write, lock, microvm_home
 from rootfs.disks import PreparedRoot, build_erofs, build_ext4, ext4_size_for
 from rootfs.errors import (
+    AuthError,
     DigestError,
     DiskError,
     ImageFormatError,
     ImageNotFoundError,
+    RegistryError,
     RootfsError,
 )
 from rootfs.image import (
@@ -309,8 +311,22 @@ class ImageStore:
             fd, tmp = tempfile.mkstemp(dir=self.home / "tmp", prefix="blob-")
             try:
                 with os.fdopen(fd, "wb") as f:
-                    client.fetch_blob(r.repository, desc.digest, f, size=desc.size,
-                                      progress=progress)
+                    attempt = 0
+                    while True:
+                        try:
+                            client.fetch_blob(r.repository, desc.digest, f, size=desc.size,
+                                              progress=progress)
+                            break
+                        except (AuthError, DigestError, ImageNotFoundError):
+                            raise
+                        except RegistryError:
+                            # A connection dropped mid-stream: start the blob again.
+                            if attempt >= client.retries:
+                                raise
+                            time.sleep(client.backoff * (2 ** attempt))
+                            attempt += 1
+                            f.seek(0)
+                            f.truncate()
                 os.chmod(tmp, 0o444)
                 os.replace(tmp, self.blob_path(desc.digest))
             finally:

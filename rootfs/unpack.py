@@ -159,6 +159,10 @@ def _split(name: str, what: str, entry: str | None = None) -> list[str]:
     return parts
 
 
+class _MissingParent(UnsafeLayerError):
+    """A parent is absent or not a directory (only raised when not creating)."""
+
+
 def _resolve_parent(root: str, parts: list[str], entry: str, create: bool) -> str:
     """Host path of the directory ``parts`` under ``root``, following only safe symlinks.
 
@@ -184,7 +188,7 @@ def _resolve_parent(root: str, parts: list[str], entry: str, create: bool) -> st
             st = os.lstat(path)
         except FileNotFoundError:
             if not create:
-                raise UnsafeLayerError(entry, f"parent {where!r} is missing")
+                raise _MissingParent(entry, f"parent {where!r} is missing")
             os.mkdir(path, 0o755)
             resolved.append(comp)
             continue
@@ -202,7 +206,7 @@ def _resolve_parent(root: str, parts: list[str], entry: str, create: bool) -> st
             queue = target.split("/") + queue
         else:
             if not create:
-                raise UnsafeLayerError(entry, f"parent {where!r} is not a directory")
+                raise _MissingParent(entry, f"parent {where!r} is not a directory")
             # A layer replacing a file with a directory: the file goes.
             os.unlink(path)
             os.mkdir(path, 0o755)
@@ -324,8 +328,11 @@ def _apply_member(
         raise UnsafeLayerError(name, "a non-directory entry for the root itself")
     base = parts[-1]
     rel = "/".join(parts)
-    parent = _resolve_parent(root, parts[:-1], name, create=True)
     if base.startswith(WHITEOUT_PREFIX):
+        try:
+            parent = _resolve_parent(root, parts[:-1], name, create=False)
+        except _MissingParent:
+            return  # nothing below a missing directory to white out
         parent_rel = "/".join(parts[:-1])
         if base == OPAQUE_MARKER:
             for child in os.listdir(parent):
@@ -340,6 +347,7 @@ def _apply_member(
         if target_rel not in created:
             _remove_node(os.path.join(parent, target))
         return
+    parent = _resolve_parent(root, parts[:-1], name, create=True)
     path = os.path.join(parent, base)
     created.add(rel)
     if member.isdir():

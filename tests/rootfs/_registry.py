@@ -256,11 +256,14 @@ class Registry:
 class FlakyProxy:
     """TCP proxy to a registry whose first ``failures`` connections get HTTP 503."""
 
-    def __init__(self, target_port: int, failures: int) -> None:
+    def __init__(self, target_port: int, failures: int, cut_after: int | None = None) -> None:
         import threading
 
         self.target_port = target_port
         self.failures = failures
+        self.cut_after = cut_after  # drop one connection once this many bytes went down
+        self.downstream = 0
+        self.cuts = 0
         self.seen = 0
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
@@ -293,14 +296,19 @@ class FlakyProxy:
                     conn.close()
                 continue
             up = socket.create_connection(("127.0.0.1", self.target_port))
-            for a, b in ((conn, up), (up, conn)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, down in ((conn, up, False), (up, conn, True)):
+                threading.Thread(target=self._pipe, args=(a, b, down), daemon=True).start()
 
-    @staticmethod
-    def _pipe(a: socket.socket, b: socket.socket) -> None:
+    def _pipe(self, a: socket.socket, b: socket.socket, down: bool) -> None:
         try:
             while data := a.recv(65536):
                 b.sendall(data)
+                if down:
+                    self.downstream += len(data)
+                    if self.cut_after is not None and self.cuts == 0 \
+                            and self.downstream > self.cut_after:
+                        self.cuts += 1
+                        break
         except OSError:
             pass
         finally:

@@ -205,6 +205,20 @@ def test_transient_errors_are_retried(registry: Registry, layout: Path, tmp_path
         proxy.stop()
 
 
+def test_connection_dropped_mid_blob_is_retried(registry: Registry, tmp_path: Path) -> None:
+    src = rootfs.ImageStore(tmp_path / "src")
+    big = rootfs.image_from_layers(src, "local/big:1", [
+        layer(E("blob", data=os.urandom(3 << 20))), layer(E("small", data=b"s"))])
+    rootfs.write_oci_layout(src, tmp_path / "big-layout", {"big": big})
+    registry.push(tmp_path / "big-layout", "big", "cut/big")
+    proxy = FlakyProxy(registry.port, failures=0, cut_after=1 << 20)
+    try:
+        img = _store(tmp_path).pull(f"{proxy.host}/cut/big:big", insecure=True)
+        assert img.digest == big.digest and proxy.cuts == 1
+    finally:
+        proxy.stop()
+
+
 def test_concurrent_pulls_share_the_work(registry: Registry, layout: Path, tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     ref = registry.push(layout, "layered", "conc/layered")

@@ -191,6 +191,12 @@ def test_symlink_escaping_is_harmless_as_a_leaf(tmp_path: Path) -> None:
     assert os.readlink(tmp_path / "r/etc/link") == "/etc/shadow"
 
 
+def test_whiteout_under_missing_dir_creates_nothing(tmp_path: Path) -> None:
+    _apply([layer(E("a", data=b"1")), layer(E("nope/deeper/.wh.x"), E("a/.wh.y"))],
+           tmp_path / "r")
+    assert sorted(os.listdir(tmp_path / "r")) == ["a"]
+
+
 def test_same_layer_order_whiteout_does_not_remove_new_entry(tmp_path: Path) -> None:
     _apply([layer(E("d", "dir"), E("d/keep", data=b"1")),
             layer(E("d/new", data=b"2"), E("d/.wh..wh..opq"))], tmp_path / "r")
