@@ -120,7 +120,7 @@ async def measure(quick: bool) -> dict[str, Any]:
     }
 
 
-def test_agent_exec_roundtrip(benchmark) -> None:  # type: ignore[no-untyped-def]
+def test_agent_exec_roundtrip(benchmark) -> None:
     loop = asyncio.new_event_loop()
     client, proc = loop.run_until_complete(_start())
     try:
@@ -130,7 +130,7 @@ def test_agent_exec_roundtrip(benchmark) -> None:  # type: ignore[no-untyped-def
         loop.close()
 
 
-def test_agent_fs_read_8mib(benchmark, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_agent_fs_read_8mib(benchmark, tmp_path) -> None:
     path = tmp_path / "blob"
     path.write_bytes(os.urandom(8 * 2**20))
     loop = asyncio.new_event_loop()

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from microvm.agent.protocol import ExecResult
+
 
 class MicrovmError(Exception):
     """Base class of every error raised by microvm."""
@@ -66,6 +71,6 @@ class ExecTimeout(AgentError):
             print(e.result.stdout)
     """
 
-    def __init__(self, message: str, result: object = None) -> None:
+    def __init__(self, message: str, result: ExecResult | None = None) -> None:
         super().__init__(message, kind="timeout")
         self.result = result

@@ -41,7 +41,9 @@ def reap(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> int:
 
 
 @contextlib.asynccontextmanager
-async def host_agent(agent_bin: Path, *extra: str) -> AsyncIterator[tuple[AgentClient, subprocess.Popen[bytes]]]:
+async def host_agent(
+    agent_bin: Path, *extra: str
+) -> AsyncIterator[tuple[AgentClient, subprocess.Popen[bytes]]]:
     """An asyncio AgentClient (hello done) talking to a fresh host-mode agent."""
     proc, sock = spawn(agent_bin, *extra)
     client = await AgentClient.from_socket(sock)

@@ -52,7 +52,9 @@ def test_killed_by_signal_reports_minus_one(sync_client: SyncAgentClient) -> Non
 
 
 def test_env_cwd_and_defaults(sync_client: SyncAgentClient, tmp_path: Path) -> None:
-    r = sync_client.exec("sh", ["-c", 'echo "$FOO|$PATH|$(pwd)"'], env={"FOO": "bar baz"}, cwd=str(tmp_path))
+    r = sync_client.exec(
+        "sh", ["-c", 'echo "$FOO|$PATH|$(pwd)"'], env={"FOO": "bar baz"}, cwd=str(tmp_path)
+    )
     foo, path, cwd = r.stdout.decode().strip().split("|")
     assert foo == "bar baz"
     assert "/usr/bin" in path
@@ -103,7 +105,9 @@ def test_stdin_collected_and_large_output(sync_client: SyncAgentClient) -> None:
 def test_stdin_streaming_interactive(agent_bin: Path) -> None:
     async def main() -> None:
         async with host_agent(agent_bin) as (client, _):
-            proc = await client.exec_stream("sh", ["-c", 'while read line; do echo "got:$line"; done; echo bye'])
+            proc = await client.exec_stream(
+                "sh", ["-c", 'while read line; do echo "got:$line"; done; echo bye']
+            )
             for word in ("one", "two", "three"):
                 await proc.write_stdin(word.encode() + b"\n")
                 ev = await proc.next_event(timeout=10)
@@ -166,8 +170,10 @@ def test_tty_eof_ends_cat(sync_client: SyncAgentClient) -> None:
 def test_signal_kills_process_group(agent_bin: Path) -> None:
     async def main() -> None:
         async with host_agent(agent_bin) as (client, _):
-            proc = await client.exec_stream("sh", ["-c", "sleep 300 & echo $!; sleep 300 & echo $!; wait"])
-            pids = []
+            proc = await client.exec_stream(
+                "sh", ["-c", "sleep 300 & echo $!; sleep 300 & echo $!; wait"]
+            )
+            pids: list[int] = []
             out = b""
             while len(pids) < 2:
                 ev = await proc.next_event(timeout=10)
@@ -186,16 +192,21 @@ def test_timeout_kills_process_group(sync_client: SyncAgentClient, tmp_path: Pat
     pidfile = tmp_path / "pids"
     t0 = time.monotonic()
     with pytest.raises(ExecTimeout) as e:
-        sync_client.exec("sh", ["-c", f"sleep 300 & echo $! > {pidfile}; echo started; wait"], timeout=1.0)
+        sync_client.exec(
+            "sh", ["-c", f"sleep 300 & echo $! > {pidfile}; echo started; wait"], timeout=1.0
+        )
     assert time.monotonic() - t0 < 8
     result = e.value.result
+    assert result is not None
     assert result.stdout == b"started\n"
     assert result.timed_out and result.signal == signal.SIGKILL
     assert _wait_dead([int(pidfile.read_text())]) == []
 
 
 def test_rlimits(sync_client: SyncAgentClient) -> None:
-    r = sync_client.exec("sh", ["-c", "ulimit -n; ulimit -Hn; ulimit -c"], rlimits={"nofile": (64, 128), "core": 0})
+    r = sync_client.exec(
+        "sh", ["-c", "ulimit -n; ulimit -Hn; ulimit -c"], rlimits={"nofile": (64, 128), "core": 0}
+    )
     assert r.stdout.split() == [b"64", b"128", b"0"]
     r = sync_client.exec("sh", ["-c", "ulimit -s"], rlimits={"stack": None})
     assert r.stdout.strip() == b"unlimited"
@@ -230,7 +241,10 @@ def test_fifty_concurrent_execs(agent_bin: Path) -> None:
     async def main() -> None:
         async with host_agent(agent_bin) as (client, _):
             results = await asyncio.gather(
-                *[client.exec("sh", ["-c", f"sleep 0.2; echo {i}; echo e{i} >&2; exit {i % 7}"]) for i in range(50)]
+                *[
+                    client.exec("sh", ["-c", f"sleep 0.2; echo {i}; echo e{i} >&2; exit {i % 7}"])
+                    for i in range(50)
+                ]
             )
             for i, r in enumerate(results):
                 assert r.stdout == f"{i}\n".encode()

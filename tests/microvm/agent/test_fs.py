@@ -29,7 +29,7 @@ def test_streamed_write_and_ranged_read(agent_bin: Path, tmp_path: Path) -> None
             path = str(tmp_path / "sub" / "dir" / "stream.bin")
             chunks = [bytes([i]) * 300_000 for i in range(10)]
 
-            async def gen():  # type: ignore[no-untyped-def]
+            async def gen():
                 for c in chunks:
                     yield c
 

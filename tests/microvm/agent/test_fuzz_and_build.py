@@ -35,8 +35,13 @@ def test_binary_is_static_and_small(agent_bin: Path) -> None:
 @pytest.fixture(scope="module")
 def fuzzlib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(compile_fuzz_library(tmp_path_factory.mktemp("fz") / "libagentfuzz.so")))
-    lib.agent_cbor_roundtrip.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_size_t,
-                                         ctypes.POINTER(ctypes.c_size_t)]
+    lib.agent_cbor_roundtrip.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_size_t,
+        ctypes.c_char_p,
+        ctypes.c_size_t,
+        ctypes.POINTER(ctypes.c_size_t),
+    ]
     lib.agent_cbor_roundtrip.restype = ctypes.c_int
     lib.agent_fuzz_stream.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
     return lib
@@ -51,7 +56,9 @@ def _roundtrip(lib: ctypes.CDLL, data: bytes) -> bytes | None:
 
 values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text() | st.binary(),
-    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=10), inner, max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=10), inner, max_size=6)
+    ),
     max_leaves=30,
 )
 
@@ -66,9 +73,22 @@ def test_c_cbor_decoder_agrees_with_cbor2(fuzzlib: ctypes.CDLL, value: object) -
 
 
 def test_c_cbor_decoder_rejects_outside_the_subset(fuzzlib: ctypes.CDLL) -> None:
-    for bad in (b"", b"\x18", b"\x1c", b"\x5f\x41a\xff", b"\x9f\xff", b"\xc0\x00", b"\xfb" + bytes(8),
-                b"\x1b\xff\xff\xff\xff\xff\xff\xff\xff", b"\x3b\x80" + bytes(7), b"\x01\x02",
-                b"\x9a\xff\xff\xff\xff", b"\x7a\xff\xff\xff\xff", b"\xa1\x80\x00", b"\xf7"):
+    for bad in (
+        b"",
+        b"\x18",
+        b"\x1c",
+        b"\x5f\x41a\xff",
+        b"\x9f\xff",
+        b"\xc0\x00",
+        b"\xfb" + bytes(8),
+        b"\x1b\xff\xff\xff\xff\xff\xff\xff\xff",
+        b"\x3b\x80" + bytes(7),
+        b"\x01\x02",
+        b"\x9a\xff\xff\xff\xff",
+        b"\x7a\xff\xff\xff\xff",
+        b"\xa1\x80\x00",
+        b"\xf7",
+    ):
         assert _roundtrip(fuzzlib, bad) is None, bad
     assert _roundtrip(fuzzlib, b"\x81" * 33 + b"\x00") is None  # depth limit
     assert _roundtrip(fuzzlib, b"\x81" * 32 + b"\x00") is not None
@@ -77,7 +97,7 @@ def test_c_cbor_decoder_rejects_outside_the_subset(fuzzlib: ctypes.CDLL) -> None
 def test_fuzz_stream_entry_handles_seeds(fuzzlib: ctypes.CDLL) -> None:
     sys.path.insert(0, str(ROOT / "tests" / "fuzz"))
     try:
-        import fuzz_agent_frame
+        import fuzz_agent_frame  # type: ignore[import-not-found]
     finally:
         sys.path.pop(0)
     for s in fuzz_agent_frame.seeds():
@@ -90,7 +110,11 @@ def test_short_fuzz_run() -> None:
     env = dict(os.environ)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "fuzz" / "fuzz_agent_frame.py"), "--seconds", "5"],
-        capture_output=True, text=True, timeout=240, check=False, env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -66,19 +66,43 @@ def guest(kernel: Kernel, busybox_root: Path, tmp_path_factory: pytest.TempPathF
     sink = _net_sink(d / "net.sock")
     config = {
         "hostname": "agent-e2e",
-        "root": {"kind": "overlay", "lower": [{"device": "/dev/vdb", "fstype": "erofs"}],
-                 "upper": {"device": "/dev/vdc", "fstype": "ext4", "upperdir": "/upper", "workdir": "/work"}},
-        "network": {"interface": "eth0", "mac": "02:00:00:00:00:02", "mtu": 1400,
-                    "ipv4": {"address": "172.16.0.2", "prefix_len": 30, "gateway": "172.16.0.1",
-                             "dns": ["172.16.0.1"]},
-                    "ipv6": {"address": "fd00::2", "prefix_len": 64, "gateway": "fd00::1"},
-                    "hosts": {"host.microvm.internal": "172.16.0.1"}},
+        "root": {
+            "kind": "overlay",
+            "lower": [{"device": "/dev/vdb", "fstype": "erofs"}],
+            "upper": {
+                "device": "/dev/vdc",
+                "fstype": "ext4",
+                "upperdir": "/upper",
+                "workdir": "/work",
+            },
+        },
+        "network": {
+            "interface": "eth0",
+            "mac": "02:00:00:00:00:02",
+            "mtu": 1400,
+            "ipv4": {
+                "address": "172.16.0.2",
+                "prefix_len": 30,
+                "gateway": "172.16.0.1",
+                "dns": ["172.16.0.1"],
+            },
+            "ipv6": {"address": "fd00::2", "prefix_len": 64, "gateway": "fd00::1"},
+            "hosts": {"host.microvm.internal": "172.16.0.1"},
+        },
         "ca_certs": [PEM],
         "env": {"E2E": "on"},
     }
     shares = [Share("data", share, readonly=True, guest_path="/mnt/data")] if _virtiofsd() else []
-    m = Machine("qemu", kernel=kernel, disks=[boot, Disk(lower, readonly=True), upper], memory=256,
-                boot_timeout=90, net_socket=d / "net.sock", shares=shares, bootstrap=config)
+    m = Machine(
+        "qemu",
+        kernel=kernel,
+        disks=[boot, Disk(lower, readonly=True), upper],
+        memory=256,
+        boot_timeout=90,
+        net_socket=d / "net.sock",
+        shares=shares,
+        bootstrap=config,
+    )
     try:
         m.start()
         yield m.agent, upper, share
@@ -89,8 +113,9 @@ def guest(kernel: Kernel, busybox_root: Path, tmp_path_factory: pytest.TempPathF
 
 
 def _virtiofsd() -> bool:
-    return any(os.path.exists(p) for p in ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd")) or bool(
-        shutil.which("virtiofsd"))
+    return any(
+        os.path.exists(p) for p in ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd")
+    ) or bool(shutil.which("virtiofsd"))
 
 
 def test_pid1_and_mounts(guest: tuple[SyncAgentClient, Path, Path]) -> None:
@@ -99,16 +124,27 @@ def test_pid1_and_mounts(guest: tuple[SyncAgentClient, Path, Path]) -> None:
     lines = r.stdout.decode()
     assert lines.startswith("/.microvm/agent")
     assert "overlay on / type overlay" in lines and "lowerdir=/.microvm/lower/0" in lines
-    for fs in ("proc on /proc", "sysfs on /sys", "devtmpfs on /dev", "devpts on /dev/pts",
-               "cgroup2 on /sys/fs/cgroup", "tmpfs on /tmp"):
+    for fs in (
+        "proc on /proc",
+        "sysfs on /sys",
+        "devtmpfs on /dev",
+        "devpts on /dev/pts",
+        "cgroup2 on /sys/fs/cgroup",
+        "tmpfs on /tmp",
+    ):
         assert fs in lines, fs
     assert c.exec("sh", ["-c", "echo $E2E"]).stdout == b"on\n"
 
 
 def test_network_hostname_and_files(guest: tuple[SyncAgentClient, Path, Path]) -> None:
     c, _, _ = guest
-    out = c.exec("sh", ["-c", "hostname; ip addr show eth0; ip route; ip -6 route; cat /etc/resolv.conf /etc/hosts"]
-                 ).stdout.decode()
+    out = c.exec(
+        "sh",
+        [
+            "-c",
+            "hostname; ip addr show eth0; ip route; ip -6 route; cat /etc/resolv.conf /etc/hosts",
+        ],
+    ).stdout.decode()
     assert out.startswith("agent-e2e\n")
     assert "inet 172.16.0.2/30" in out and "mtu 1400" in out and "02:00:00:00:00:02" in out
     assert "inet6 fd00::2/64" in out
@@ -167,5 +203,7 @@ def test_writes_land_in_the_upper_disk(guest: tuple[SyncAgentClient, Path, Path]
     c.write_file("/etc/marker", b"persisted\n")
     c.exec("sync")
     upper = guest[1]
-    out = subprocess.run(["debugfs", "-R", "cat /upper/etc/marker", str(upper)], capture_output=True, check=False)
+    out = subprocess.run(
+        ["debugfs", "-R", "cat /upper/etc/marker", str(upper)], capture_output=True, check=False
+    )
     assert out.stdout == b"persisted\n", out.stderr

@@ -26,12 +26,16 @@ from tests.microvm.agent.conftest import host_agent
     type_=st.text(max_size=40),
     payload=st.recursive(
         st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text() | st.binary(),
-        lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
+        lambda inner: (
+            st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5)
+        ),
         max_leaves=20,
     ),
     split=st.integers(1, 50),
 )
-def test_python_codec_round_trip(id_: int, flags: int, type_: str, payload: object, split: int) -> None:
+def test_python_codec_round_trip(
+    id_: int, flags: int, type_: str, payload: object, split: int
+) -> None:
     frame = Frame(id_, flags, type_, payload)
     wire = encode_frame(frame) * 2
     dec = FrameDecoder()
@@ -75,12 +79,17 @@ def test_agent_answers_bad_frames_with_errors(agent_bin: Path) -> None:
             f = await _expect(c, encode_raw(9001, 0, b"\xff\x00garbage"), 9001)
             assert (f.type, f.payload["kind"]) == ("core.error", "malformed")
             # CBOR but not a map / missing fields / wrong types.
-            for body in (cbor2.dumps([1]), cbor2.dumps({"v": 1}), cbor2.dumps({"v": "x", "t": "core.ping"}),
-                         cbor2.dumps({"v": 1, "t": 5}), b"\xa1\x61v",  # truncated map
-                         b"\x9f\xff",  # indefinite array
-                         b"\xc1\x00",  # tag
-                         cbor2.dumps({"v": 1, "t": "core.ping", "p": 1.5}),  # float
-                         cbor2.dumps({"v": 1, "t": "core.ping"}) + b"\x00"):  # trailing byte
+            for body in (
+                cbor2.dumps([1]),
+                cbor2.dumps({"v": 1}),
+                cbor2.dumps({"v": "x", "t": "core.ping"}),
+                cbor2.dumps({"v": 1, "t": 5}),
+                b"\xa1\x61v",  # truncated map
+                b"\x9f\xff",  # indefinite array
+                b"\xc1\x00",  # tag
+                cbor2.dumps({"v": 1, "t": "core.ping", "p": 1.5}),  # float
+                cbor2.dumps({"v": 1, "t": "core.ping"}) + b"\x00",
+            ):  # trailing byte
                 f = await _expect(c, encode_raw(9002, 0, body), 9002)
                 assert f.type == "core.error" and f.payload["kind"] == "malformed", (body, f)
             # Nesting bomb.
@@ -100,10 +109,15 @@ def test_agent_answers_bad_frames_with_errors(agent_bin: Path) -> None:
             f = await _expect(c, head + bytes(big - 5), 9006)
             assert f.payload["kind"] == "oversized" and str(big) in f.payload["message"]
             # Bad payloads for known types.
-            f = await _expect(c, encode_raw(9007, 0, encode_body("core.fs.request", {"op": "explode", "path": "/"})),
-                              9007)
+            f = await _expect(
+                c,
+                encode_raw(9007, 0, encode_body("core.fs.request", {"op": "explode", "path": "/"})),
+                9007,
+            )
             assert f.payload["kind"] == "bad_request" and "explode" in f.payload["message"]
-            f = await _expect(c, encode_raw(9008, 0, encode_body("core.shutdown", {"exit_code": 999})), 9008)
+            f = await _expect(
+                c, encode_raw(9008, 0, encode_body("core.shutdown", {"exit_code": 999})), 9008
+            )
             assert f.payload["kind"] == "bad_request"
             # Still healthy.
             assert await c.ping() >= 0
@@ -128,7 +142,9 @@ def test_raw_frame_tier(agent_bin: Path) -> None:
 @given(garbage=st.binary(min_size=1, max_size=2000))
 def test_random_bytes_never_crash_the_agent(agent_bin: Path, garbage: bytes) -> None:
     host, guest = socket.socketpair()
-    proc = subprocess.Popen([str(agent_bin), "--channel-fd", str(guest.fileno())], pass_fds=[guest.fileno()])
+    proc = subprocess.Popen(
+        [str(agent_bin), "--channel-fd", str(guest.fileno())], pass_fds=[guest.fileno()]
+    )
     guest.close()
     try:
         host.sendall(garbage)
