@@ -30,7 +30,7 @@ from tls_proxy.errors import (
 from tls_proxy.hosts import HostList, HostPattern
 from tls_proxy.proxy import ProxyConfig, TlsProxy, original_dst
 from tls_proxy.secrets import Secret, SecretPolicy, parse_secret_spec
-from tls_proxy.sni import ClientHello, HelloParser, parse_client_hello
+from tls_proxy.sni import ClientHello, HelloLike, HelloParser, parse_client_hello
 
 __all__ = [
     "CertificateAuthority",
@@ -38,6 +38,7 @@ __all__ = [
     "ClientHello",
     "ClientHelloError",
     "ConfigError",
+    "HelloLike",
     "HelloParser",
     "HostList",
     "HostPattern",

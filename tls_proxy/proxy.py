@@ -32,7 +32,7 @@ from tls_proxy.hosts import HostList, canonical_host
 from tls_proxy.http1 import parse_head
 from tls_proxy.secrets import Secret, SecretPolicy
 from tls_proxy.session import Http1Session, SessionLimits, SessionStats, error_response
-from tls_proxy.sni import MAX_HELLO, ClientHello, HelloParser, parse_client_hello
+from tls_proxy.sni import MAX_HELLO, HelloLike, HelloParser, parse_client_hello
 from tls_proxy.streams import BufferedReader, Duplex, TcpStream, TlsServerStream
 from tls_proxy.upstream import UpstreamTls
 
@@ -249,14 +249,14 @@ class TlsProxy:
 
     # ----- TLS ---------------------------------------------------------------
 
-    async def _read_hello(self, tcp: TcpStream, first: bytes) -> tuple[ClientHello, bytes] | None:
+    async def _read_hello(self, tcp: TcpStream, first: bytes) -> tuple[HelloLike, bytes] | None:
         buf = bytearray(first)
 
-        async def run() -> ClientHello | None:
+        async def run() -> HelloLike | None:
             while True:
                 if buf:
                     hello = self.config.hello_parser(bytes(buf))
-                    if hello is not None:
+                    if hello is not None and getattr(hello, "complete", True):
                         return hello
                 if len(buf) > 2 * MAX_HELLO:
                     raise ClientHelloError(f"no ClientHello within {len(buf)} bytes")

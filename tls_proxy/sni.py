@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from tls_proxy.errors import ClientHelloError
 
@@ -39,8 +40,27 @@ class ClientHello:
     alpn: tuple[str, ...] = ()
 
 
-HelloParser = Callable[[bytes], "ClientHello | None"]
-"""``parse(first_bytes) -> ClientHello | None`` (None = need more bytes); raises on garbage."""
+class HelloLike(Protocol):
+    """What the proxy reads from a parser's result: ``sni`` and ``alpn``.
+
+    A result with ``complete == False`` (as ``netstack.parse_client_hello`` returns)
+    means "need more bytes", like ``None``.
+    """
+
+    @property
+    def sni(self) -> str | None:
+        """Server name (lower-case) or None."""
+        ...
+
+    @property
+    def alpn(self) -> tuple[str, ...]:
+        """Offered ALPN protocols."""
+        ...
+
+
+HelloParser = Callable[[bytes], "HelloLike | None"]
+"""``parse(first_bytes) -> result | None`` (None or ``complete=False`` = need more bytes);
+raises on garbage. ``netstack.parse_client_hello`` fits as is."""
 
 
 def _handshake_bytes(data: bytes) -> bytes | None:

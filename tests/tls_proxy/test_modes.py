@@ -190,3 +190,43 @@ def test_transparent_so_original_dst_with_nftables(tmp_path):
             _stop(p)
         subprocess.run(["ip", "netns", "del", ns], check=False)
         shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _one_request_via(parser, proxy_ca_dir, upstream_ca_pem, upstream, ca_cert):
+    from tests.tls_proxy.conftest import ProxyThread, make_config
+
+    pt = ProxyThread(make_config(proxy_ca_dir, upstream_ca_pem, hello_parser=parser))
+    try:
+        from tests.tls_proxy.helpers import tls_tunnel
+
+        s = tls_tunnel(pt.port, "api.example.test", upstream.port, ca_cert)
+        s.sendall(b"GET /n HTTP/1.1\r\nHost: api.example.test\r\nX: $MSB_API_KEY\r\n\r\n")
+        st, _, body = read_response(s, bytearray())
+        s.close()
+        return st, json.loads(body)
+    finally:
+        pt.stop()
+
+
+def test_injected_netstack_hello_parser(proxy_ca_dir, upstream_ca_pem, upstream, ca_cert):
+    try:
+        from netstack import parse_client_hello as ns_parse
+    except ImportError as e:  # the C extension is built by setup.sh
+        pytest.skip(f"netstack.parse_client_hello not importable: {e}")
+    calls: list[int] = []
+
+    def parser(data: bytes):
+        calls.append(len(data))
+        return ns_parse(data)
+
+    st, echo = _one_request_via(parser, proxy_ca_dir, upstream_ca_pem, upstream, ca_cert)
+    assert st == 200 and header(echo, "X") == ["real-api-key-123"] and calls
+
+
+def test_injected_parser_that_raises_closes_cleanly(proxy_ca_dir, upstream_ca_pem, upstream,
+                                                    ca_cert):
+    def broken(data: bytes):
+        raise RuntimeError("parser bug")
+
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        _one_request_via(broken, proxy_ca_dir, upstream_ca_pem, upstream, ca_cert)
