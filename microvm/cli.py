@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -153,17 +154,29 @@ def run_command(
                 boot_timeout=boot_timeout,
                 rundir=Path(tmp) / "run",
             ) as m:
-                result = m.agent.exec(cmd[0], cmd[1:], env=env or {}, cwd=workdir, timeout=timeout)
-                sys.stdout.buffer.write(result.stdout)
-                sys.stdout.flush()
-                sys.stderr.buffer.write(result.stderr)
-                sys.stderr.flush()
-                if result.signal:
-                    return 128 + int(result.signal)
-                return int(result.exit_code)
+                return _stream(m, cmd, env or {}, workdir, timeout)
         except MicrovmError as e:
             click.echo(f"microvm: {type(e).__name__}: {e}", err=True)
             return 125
+
+
+def _stream(m: Any, cmd: list[str], env: dict[str, str], workdir: str, timeout: float | None) -> int:
+    """Run ``cmd`` in the machine, copying its output to ours as it arrives."""
+    proc = m.agent.exec_stream(cmd[0], cmd[1:], env=env, cwd=workdir, timeout=timeout, stdin=False)
+    for ev in proc.events():
+        if ev.kind == "stdout":
+            sys.stdout.buffer.write(ev.data)
+            sys.stdout.buffer.flush()
+        elif ev.kind == "stderr":
+            sys.stderr.buffer.write(ev.data)
+            sys.stderr.buffer.flush()
+        elif ev.kind == "exited":
+            if ev.timed_out:
+                click.echo(f"microvm: {cmd[0]!r} timed out after {timeout}s; killed", err=True)
+            if ev.signal:
+                return 128 + int(ev.signal)
+            return int(ev.exit_code or 0)
+    raise MicrovmError(f"agent connection ended before {cmd[0]!r} exited")
 
 
 if __name__ == "__main__":
