@@ -182,6 +182,10 @@ static void on_bootstrap(struct agent *a, uint32_t id, int64_t p) {
         send_error(a, id, "bad_request", "core.bootstrap payload must be a map");
         return;
     }
+    if (a->bootstrapped) {
+        send_error(a, id, "bad_request", "core.bootstrap was already applied (it is one-shot)");
+        return;
+    }
     if (cbor_get_str(d, p, "hostname", &hostname) < 0) {
         send_error(a, id, "bad_request", "\"hostname\" must be text");
         return;
@@ -199,6 +203,7 @@ static void on_bootstrap(struct agent *a, uint32_t id, int64_t p) {
         send_error(a, id, "bootstrap_failed", err);
         return;
     }
+    a->bootstrapped = true;
     frame_begin(&a->out, "core.bootstrap.ack");
     cbor_put_map(&a->out, 1);
     cbor_put_text(&a->out, "skipped");
@@ -228,8 +233,10 @@ static void do_shutdown(struct agent *a, uint32_t id, int64_t p) {
     if (a->host_mode) exit(a->exit_code);
     dprintf(2, "microvm-agent: shutdown exit_code=%d\n", a->exit_code);
     kill(-1, SIGTERM);
-    for (int i = 0; i < 20; i++) {
-        while (waitpid(-1, NULL, WNOHANG) > 0) {}
+    for (int i = 0; i < 80; i++) { /* up to 2 s for everything to exit on SIGTERM */
+        pid_t r;
+        while ((r = waitpid(-1, NULL, WNOHANG)) > 0) {}
+        if (r < 0 && errno == ECHILD) break;
         struct timespec ts = {0, 25 * 1000 * 1000};
         nanosleep(&ts, NULL);
     }

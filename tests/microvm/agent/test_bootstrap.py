@@ -44,6 +44,8 @@ def test_bootstrap_writes_guest_files_under_sysroot(agent_bin: Path, tmp_path: P
         async with host_agent(agent_bin, "--sysroot", str(sysroot)) as (c, _):
             ack = await c.bootstrap(CONFIG)
             assert set(ack["skipped"]) == {"root", "hostname", "network", "mounts"}
+            with pytest.raises(AgentError, match="one-shot"):
+                await c.bootstrap({})
             r = await c.exec("sh", ["-c", 'echo "$MICROVM_TEST $PATH $SSL_CERT_FILE"'])
             assert r.stdout == b"yes /usr/bin:/bin /etc/ssl/certs/ca-certificates.crt\n"
 
