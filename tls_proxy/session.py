@@ -20,6 +20,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 
+from tls_proxy.decode import BodyDecoder
 from tls_proxy.errors import HttpError
 from tls_proxy.hosts import canonical_host
 from tls_proxy.http1 import (
@@ -45,8 +46,13 @@ _MESSAGES = {
     "upstream_error": "The upstream could not be reached securely.",
 }
 _REASONS = {400: "Bad Request", 403: "Forbidden", 408: "Request Timeout", 413: "Content Too Large",
+            415: "Unsupported Media Type",
             431: "Request Header Fields Too Large", 501: "Not Implemented", 502: "Bad Gateway",
             505: "HTTP Version Not Supported"}
+
+
+def _encoded(head: Head) -> bool:
+    return any(c not in (b"identity", b"") for c in head.tokens(b"content-encoding"))
 
 
 def blocked_body(code: str, reason: str) -> bytes:
@@ -236,7 +242,7 @@ class Http1Session:
                 wants_upgrade = b"upgrade" in head.tokens(b"connection") and head.get_all(b"upgrade")
                 if wants_upgrade:
                     pending.upgrade = asyncio.get_running_loop().create_future()
-                if framing[0] != "none" and self.sub.body:
+                if framing[0] != "none" and self.sub.body and not _encoded(head):
                     blocked = await self._send_buffered(head, framing, pending)
                 else:
                     blocked = await self._send_streamed(head, framing, pending)
@@ -296,6 +302,12 @@ class Http1Session:
         return False
 
     async def _send_streamed(self, head: Head, framing: tuple[str, int], p: _Pending) -> bool:
+        decoder = None
+        if framing[0] != "none" and self.scan and _encoded(head):
+            codings = head.tokens(b"content-encoding")
+            if len(codings) != 1:
+                raise HttpError(415, "cannot inspect stacked Content-Encodings for placeholders")
+            decoder = BodyDecoder.for_coding(codings[0])
         self._expect_continue(head)
         self.outstanding += 1
         self.queue.put_nowait(p)
@@ -303,11 +315,28 @@ class Http1Session:
         if framing[0] == "none":
             await self.upstream.drain()
             return False
+        try:
+            return await self._stream_body(head, framing, p, decoder)
+        except HttpError as e:
+            # the head is already upstream: answer in its place and drop the upstream
+            p.replaced_by = error_response(e.status, "bad_request", e.reason)
+            self.upstream.close()
+            return True
+
+    async def _stream_body(
+        self, head: Head, framing: tuple[str, int], p: _Pending, decoder: BodyDecoder | None
+    ) -> bool:
         ss = StreamScanner(self.scan, "body")
+        inflated = StreamScanner(self.scan, "decompressed body")
         chunked = framing[0] == "chunked"
         it = iter_chunked(self.creader) if chunked else iter_length(self.creader, framing[1])
         async for piece in it:
             v = ss.feed(piece)
+            if decoder is not None and v is None:
+                for part in decoder.feed(piece):
+                    v = inflated.feed(part)
+                    if v:
+                        break
             if v:
                 p.replaced_by = self._block(v, head)
                 self.upstream.close()

@@ -183,3 +183,31 @@ def test_pipelined_requests_then_block_in_order(proxy, upstream, ca_cert):
         assert hdrs["connection"] == "close"
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+def test_placeholder_inside_compressed_body_blocked(proxy, upstream, ca_cert, coding):
+    import gzip
+    import zlib
+
+    data = b'{"k": "$MSB_API_KEY"}' + b" " * 100000
+    comp = gzip.compress(data) if coding == "gzip" else zlib.compress(data)
+    s = _session(proxy, ca_cert)
+    r = s.post(f"https://other.example.test:{upstream.port}/e", data=comp,
+               headers={"Content-Encoding": coding})
+    assert r.status_code == 403 and "decompressed body" in r.json()["reason"]
+    # a clean compressed body passes unchanged
+    clean = gzip.compress(b"nothing to see")
+    r = s.post(f"https://other.example.test:{upstream.port}/e", data=clean,
+               headers={"Content-Encoding": "gzip"})
+    assert r.status_code == 200 and r.json()["body_len"] == len(clean)
+
+
+def test_uninspectable_encoding_refused_when_secrets_could_leak(proxy, upstream, ca_cert):
+    s = _session(proxy, ca_cert)
+    r = s.post(f"https://other.example.test:{upstream.port}/e", data=b"\x00\x01",
+               headers={"Content-Encoding": "br"})
+    assert r.status_code == 415
+    r = s.post(f"https://other.example.test:{upstream.port}/e", data=b"not gzip at all",
+               headers={"Content-Encoding": "gzip"})
+    assert r.status_code == 400
