@@ -116,11 +116,16 @@ def test_busybox_image_mounts_and_runs(store: rootfs.ImageStore, busybox_image: 
     assert out.startswith("hi\n") and "busybox" in out
 
 
+@pytest.mark.parametrize("staging", ["auto", None])
 def test_upper_disk_holds_upper_and_work(store: rootfs.ImageStore, layered: rootfs.Image,
-                                         tmp_path: Path) -> None:
+                                         staging: str | None) -> None:
     require_root()
     require_binaries("mkfs.erofs", "mkfs.ext4", "debugfs")
+    store = rootfs.ImageStore(store.home, staging_dir=staging)
     root = store.prepare(layered, patches=[Patch.remove("/etc/motd")], upper_size_mib=32)
+    assert root.sandbox_dir is not None
+    assert [p.name for p in root.sandbox_dir.iterdir()] in (["upper.ext4", "meta.json"],
+                                                            ["meta.json", "upper.ext4"])
     listing = subprocess.run(["debugfs", "-R", "ls -l /", str(root.upper_disk)],
                              capture_output=True, text=True, check=True).stdout
     assert " upper" in listing and " work" in listing
