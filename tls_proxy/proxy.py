@@ -78,13 +78,20 @@ class ProxyConfig:
 
 
 def original_dst(sock: socket.socket) -> Address:
-    """The pre-NAT destination of a redirected IPv4 TCP socket (``SO_ORIGINAL_DST``).
+    """The pre-NAT destination of a redirected TCP socket (``SO_ORIGINAL_DST``, IPv4 or IPv6).
 
     Example::
 
         >>> original_dst(conn)   # doctest: +SKIP
         ('203.0.113.7', 443)
     """
+    if sock.family == socket.AF_INET6:
+        raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+        port, packed = struct.unpack_from("!2xH4x16s", raw)
+        ip6 = socket.inet_ntop(socket.AF_INET6, packed)
+        if ip6.startswith("::ffff:") and "." in ip6:
+            ip6 = ip6[7:]
+        return ip6, int(port)
     raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     port, packed = struct.unpack_from("!2xH4s", raw)
     return socket.inet_ntoa(packed), int(port)

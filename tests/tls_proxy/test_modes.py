@@ -144,10 +144,13 @@ def test_transparent_mode_with_lookup_callback(proxy_ca_dir, upstream_ca_pem, up
         t.join(5)
 
 
-def test_transparent_so_original_dst_with_nftables(tmp_path):
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_transparent_so_original_dst_with_nftables(tmp_path, family):
     require_root()
     require_binaries("ip", "nft", "curl")
-    ns = f"tlsp{os.getpid()}"
+    v6 = family == "ipv6"
+    ns = f"tlsp{os.getpid()}{family[-1]}"
+    vip, real = ("2001:db8::10", "2001:db8::11") if v6 else ("203.0.113.10", "203.0.113.11")
     ca = trustme.CA()
     cert = ca.issue_cert("api.example.test")
     cert.cert_chain_pems[0].write_to_path(str(tmp_path / "up.crt"))
@@ -157,33 +160,38 @@ def test_transparent_so_original_dst_with_nftables(tmp_path):
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
         nsx = ["ip", "netns", "exec", ns]
+        plen = "128" if v6 else "32"
         for cmd in (["ip", "link", "set", "lo", "up"],
-                    ["ip", "addr", "add", "203.0.113.10/32", "dev", "lo"],
-                    ["ip", "addr", "add", "203.0.113.11/32", "dev", "lo"]):
+                    ["ip", "addr", "add", f"{vip}/{plen}", "dev", "lo"],
+                    ["ip", "addr", "add", f"{real}/{plen}", "dev", "lo"]):
             subprocess.run([*nsx, *cmd], check=True)
-        rules = ("table ip tlsp {\n chain out {\n  type nat hook output priority -100;\n"
-                 "  ip daddr 203.0.113.10 tcp dport 443 redirect to :8443\n }\n}\n")
+        fam = "ip6" if v6 else "ip"
+        rules = (f"table {fam} tlsp {{\n chain out {{\n  type nat hook output priority -100;\n"
+                 f"  {fam} daddr {vip} tcp dport 443 redirect to :8443\n }}\n}}\n")
         subprocess.run([*nsx, "nft", "-f", "-"], input=rules, text=True, check=True)
+        time.sleep(1.5 if v6 else 0)  # IPv6 DAD on lo-bound addresses
         up = subprocess.Popen(
             [*nsx, sys.executable, "-m", "benchmarks._tls_proxy_upstream", "--cert",
              str(tmp_path / "up.crt"), "--key", str(tmp_path / "up.key"), "--host",
-             "203.0.113.11", "--port", "443"],
+             real, "--port", "443"],
             stdout=subprocess.PIPE, text=True, cwd=ROOT)
         procs.append(up)
         assert up.stdout is not None and up.stdout.readline().strip() == "443"
+        listen = "[::1]:8443" if v6 else "127.0.0.1:8443"
         proc, lines = _start_cli(
-            ["--transparent", "127.0.0.1:8443", "--ca-dir", str(tmp_path / "ca"),
+            ["--transparent", listen, "--ca-dir", str(tmp_path / "ca"),
              "--secret", "API_KEY=ns-real@api.example.test", "--upstream-ca",
-             str(tmp_path / "upca.pem"), "--resolve", "api.example.test=203.0.113.11"],
+             str(tmp_path / "upca.pem"), "--resolve", f"api.example.test={real}"],
             prefix=nsx)
         procs.append(proc)
         assert any("transparent on" in ln for ln in lines), lines
+        resolve = f"api.example.test:443:[{vip}]" if v6 else f"api.example.test:443:{vip}"
         out = subprocess.run(
             [*nsx, "curl", "-sS", "--max-time", "20", "--cacert", str(tmp_path / "ca/ca.crt"),
-             "--resolve", "api.example.test:443:203.0.113.10", "-H", "X: $MSB_API_KEY",
-             "https://api.example.test/e"],
+             "--resolve", resolve, "-H", "X: $MSB_API_KEY", "https://api.example.test/e"],
             capture_output=True, text=True, timeout=30)
-        echo = json.loads(out.stdout)
+        echo = json.loads(out.stdout) if out.stdout.startswith("{") else None
+        assert echo is not None, (out, lines)
         assert header(echo, "X") == ["ns-real"], out
     finally:
         for p in procs:
