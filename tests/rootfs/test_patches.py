@@ -357,3 +357,53 @@ def test_disk_root_rejects_patches_and_detects_format(tmp_path: Path) -> None:
 def test_non_patch_objects_are_refused(upper: Path, lower: Path) -> None:
     with pytest.raises(PatchError, match="not a Patch"):
         _target(upper, lower).apply([{"kind": "mkdir", "path": "/x"}])  # type: ignore[list-item]
+
+
+# -- the full matrix: kind x (new / lower / upper path) x replace ----------------------------
+
+_KINDS = ["text", "file", "copy_file", "copy_dir", "symlink"]
+
+
+def _make(kind: str, path: str, replace: bool, tmp: Path) -> Patch:
+    if kind == "text":
+        return Patch.text(path, "T", replace=replace)
+    if kind == "file":
+        return Patch.file(path, b"F", replace=replace)
+    if kind == "copy_file":
+        (tmp / "cf").write_text("C")
+        return Patch.copy_file(tmp / "cf", path, replace=replace)
+    if kind == "copy_dir":
+        (tmp / "cd").mkdir(exist_ok=True)
+        (tmp / "cd" / "inner").write_text("D")
+        return Patch.copy_dir(tmp / "cd", path, replace=replace)
+    return Patch.symlink("/target", path, replace=replace)
+
+
+def _check(kind: str, host: Path) -> None:
+    if kind == "symlink":
+        assert os.readlink(host) == "/target"
+    elif kind == "copy_dir":
+        assert (host / "inner").read_text() == "D"
+    else:
+        assert host.read_bytes() == {"text": b"T", "file": b"F", "copy_file": b"C"}[kind]
+
+
+@pytest.mark.parametrize("kind", _KINDS)
+@pytest.mark.parametrize("where", ["new", "lower", "upper"])
+@pytest.mark.parametrize("replace", [False, True])
+def test_patch_matrix(kind: str, where: str, replace: bool, upper: Path, lower: Path,
+                      tmp_path: Path) -> None:
+    t = _target(upper, lower)
+    path = {"new": "/srv/thing", "lower": "/etc/motd", "upper": "/srv/earlier"}[where]
+    if where == "upper":
+        t.apply([Patch.text(path, "earlier")])
+    patch = _make(kind, path, replace, tmp_path)
+    if where != "new" and not replace:
+        msg = "path exists in image layer" if where == "lower" else "path already exists in rootfs"
+        with pytest.raises(PatchError, match=f"{kind} patch: {msg}: '{path}'"):
+            t.apply([patch])
+        return
+    if kind == "copy_dir" and where == "lower" and os.geteuid() != 0:
+        pytest.skip("opaque xattr needs root")
+    t.apply([patch])
+    _check(kind, upper / path.lstrip("/"))
