@@ -1,0 +1,261 @@
+"""Test topology for end-to-end gateway tests (needs root; no traffic leaves the host).
+
+::
+
+    netns mvg-T ("guest": its kernel stands in for the VM)
+      eth0 (TAP, guest MAC, 172.16.x.2/30, default via 172.16.x.1)
+        ^ fd
+    FakeVmm: TAP fd <-> unix stream socket, u32 big-endian length + Ethernet frame
+        ^ socket (QEMU -netdev stream / libkrun unixstream framing)
+    [the gateway under test: Topology.vmm_socket is its end]
+        v
+    TapUplink (netns microvm-..., NAT) -> host -> veth mvuT -> netns mvu-T ("upstream")
+                                                   lo: 198.51.100.10 (HTTP :80, HTTPS :443)
+                                                       198.51.100.53 (DNS :53, UDP+TCP)
+
+The host routes 198.51.100.0/24 and 203.0.113.0/24 to the upstream namespace only
+(its veth); nothing else is routed anywhere new. HTTPS uses a trustme test CA
+(``Topology.ca_file``). :class:`StreamTapPump` is the frame mover of the fake VMM, and
+also serves as a trivial allow-all "gateway" between ``vmm_socket`` and an uplink TAP.
+
+Everything is removed by :meth:`Topology.close` (also on errors during setup).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import ipaddress
+import os
+import select
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import trustme
+from pyroute2 import IPRoute, NetNS, netns
+
+from netstack import AddressPlan
+
+_TUNSETIFF = 0x400454CA
+_IFF_TAP = 0x0002
+_IFF_NO_PI = 0x1000
+UPSTREAM_IP = "198.51.100.10"
+UPSTREAM_DNS_IP = "198.51.100.53"
+UPSTREAM_NETS = ("198.51.100.0/24", "203.0.113.0/24")
+UPSTREAM_NAME = "web.upstream.test"
+_REPO = Path(__file__).resolve().parents[2]
+
+
+def open_tap(name: str) -> int:
+    """Create a non-persistent TAP ``name`` (IFF_TAP|IFF_NO_PI) in this namespace."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", name.encode(), _IFF_TAP | _IFF_NO_PI))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+class StreamTapPump:
+    """Moves frames both ways between a TAP fd and a u32-BE-length stream socket."""
+
+    def __init__(self, sock: socket.socket, tap_fd: int, name: str = "pump") -> None:
+        self.sock = sock
+        self.tap_fd = tap_fd
+        self.stop_event = threading.Event()
+        self.frames = {"to_stream": 0, "to_tap": 0}
+        self.errors: list[BaseException] = []
+        self.threads = [threading.Thread(target=self._guard, args=(f,), daemon=True,
+                                         name=f"{name}-{f.__name__}")
+                        for f in (self._tap_to_stream, self._stream_to_tap)]
+        for t in self.threads:
+            t.start()
+
+    def _guard(self, fn: object) -> None:
+        try:
+            fn()  # type: ignore[operator]
+        except OSError as e:
+            if not self.stop_event.is_set():
+                self.errors.append(e)
+
+    def _tap_to_stream(self) -> None:
+        while not self.stop_event.is_set():
+            r, _, _ = select.select([self.tap_fd], [], [], 0.1)
+            if not r:
+                continue
+            frame = os.read(self.tap_fd, 65600)
+            self.sock.sendall(struct.pack("!I", len(frame)) + frame)
+            self.frames["to_stream"] += 1
+
+    def _stream_to_tap(self) -> None:
+        while not self.stop_event.is_set():
+            r, _, _ = select.select([self.sock], [], [], 0.1)
+            if not r:
+                continue
+            header = _recv_exact(self.sock, 4)
+            if header is None:
+                return
+            (length,) = struct.unpack("!I", header)
+            if length > 65549 + 1024:
+                raise OSError(f"oversized frame length {length}")
+            frame = _recv_exact(self.sock, length)
+            if frame is None:
+                return
+            os.write(self.tap_fd, frame)
+            self.frames["to_tap"] += 1
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        for t in self.threads:
+            t.join(5)
+
+
+class FakeVmm(StreamTapPump):
+    """The guest namespace's TAP <-> the VMM frame socket (u32 BE length framing)."""
+
+
+class Topology:
+    """Guest and upstream namespaces, the fake VMM, and the upstream servers."""
+
+    def __init__(self, plan: AddressPlan, workdir: Path, token: str | None = None, *,
+                 upstream: bool = True) -> None:
+        self.plan = plan
+        self.token = token or f"{os.getpid() % 0xFFFFF:05x}"
+        self.guest_ns = f"mvg-{self.token}"
+        self.upstream_ns = f"mvu-{self.token}"
+        self.upstream_veth = f"mvu{self.token}"
+        idx = (os.getpid() % 16000) * 4
+        base = ipaddress.IPv4Address("10.213.0.0") + idx
+        self.upstream_host_end, self.upstream_ns_end = base + 1, base + 2
+        self.workdir = workdir
+        self.with_upstream = upstream
+        self.servers: subprocess.Popen[str] | None = None
+        self.vmm: FakeVmm | None = None
+        self._guest_tap_fd: int | None = None
+        self.vmm_socket: socket.socket | None = None
+        self._vmm_end: socket.socket | None = None
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- setup ---------------------------------------------------------------------
+    def _setup(self) -> None:
+        ca = trustme.CA()
+        cert = ca.issue_cert(UPSTREAM_NAME, UPSTREAM_IP)
+        self.ca_file = self.workdir / "ca.pem"
+        ca.cert_pem.write_to_path(str(self.ca_file))
+        cert_file, key_file = self.workdir / "cert.pem", self.workdir / "key.pem"
+        cert.cert_chain_pems[0].write_to_path(str(cert_file))
+        cert.private_key_pem.write_to_path(str(key_file))
+
+        # guest namespace with its TAP "eth0"
+        netns.create(self.guest_ns)
+        tmp_name = f"mvg{self.token}"
+        self._guest_tap_fd = open_tap(tmp_name)
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=tmp_name)[0]
+            ipr.link("set", index=idx, net_ns_fd=self.guest_ns)
+        with NetNS(self.guest_ns, flags=0) as ns:
+            ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+            idx = ns.link_lookup(ifname=tmp_name)[0]
+            ns.link("set", index=idx, ifname="eth0", address=self.plan.guest_mac,
+                    mtu=self.plan.mtu)
+            self.run_in_guest(["sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=1"])
+            ns.addr("add", index=idx, address=f"{self.plan.guest_ipv4}/30")
+            ns.link("set", index=idx, state="up")
+            ns.route("add", dst="default", gateway=str(self.plan.gateway_ipv4), oif=idx,
+                     flags=4)
+
+        if self.with_upstream:
+            self._setup_upstream(cert_file, key_file)
+
+        # the fake VMM and the socket the gateway gets
+        self.vmm_socket, self._vmm_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.vmm = FakeVmm(self._vmm_end, self._guest_tap_fd, name="fakevmm")
+
+    def _setup_upstream(self, cert_file: Path, key_file: Path) -> None:
+        # upstream namespace with TEST-NET addresses on lo, reached over a veth
+        netns.create(self.upstream_ns)
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=self.upstream_veth, kind="veth",
+                     peer={"ifname": "up0", "net_ns_fd": self.upstream_ns})
+            hv = ipr.link_lookup(ifname=self.upstream_veth)[0]
+            ipr.addr("add", index=hv, address=f"{self.upstream_host_end}/30")
+            ipr.link("set", index=hv, state="up")
+            for net in UPSTREAM_NETS:
+                ipr.route("add", dst=net, gateway=str(self.upstream_ns_end), oif=hv, flags=4)
+        with NetNS(self.upstream_ns, flags=0) as ns:
+            lo = ns.link_lookup(ifname="lo")[0]
+            ns.link("set", index=lo, state="up")
+            for ip in (UPSTREAM_IP, UPSTREAM_DNS_IP):
+                ns.addr("add", index=lo, address=f"{ip}/32")
+            up0 = ns.link_lookup(ifname="up0")[0]
+            ns.addr("add", index=up0, address=f"{self.upstream_ns_end}/30")
+            ns.link("set", index=up0, state="up")
+            # no default route: the upstream namespace can only answer (replies go to the
+            # host's veth address, which is on-link), never send anywhere else
+        self.servers = subprocess.Popen(
+            ["ip", "netns", "exec", self.upstream_ns, sys.executable, "-m",
+             "tests.netstack_gateway.upstream_servers", "--ip", UPSTREAM_IP,
+             "--dns-ip", UPSTREAM_DNS_IP, "--cert", str(cert_file), "--key", str(key_file)],
+            cwd=_REPO, stdout=subprocess.PIPE, text=True)
+        assert self.servers.stdout is not None
+        line = self.servers.stdout.readline().strip()
+        if line != "ready":
+            raise RuntimeError(f"upstream servers did not start (got {line!r})")
+
+    # -- helpers -------------------------------------------------------------------
+    def run_in_guest(self, argv: list[str], timeout: float = 30
+                     ) -> subprocess.CompletedProcess[str]:
+        """Run a command in the guest namespace (stdout/stderr captured)."""
+        return subprocess.run(["ip", "netns", "exec", self.guest_ns, *argv],
+                              capture_output=True, text=True, timeout=timeout, check=False)
+
+    def close(self) -> None:
+        """Stop everything and delete the namespaces and links (idempotent)."""
+        if self.vmm is not None:
+            self.vmm.stop()
+            self.vmm = None
+        for s in (self.vmm_socket, self._vmm_end):
+            if s is not None:
+                s.close()
+        self.vmm_socket = self._vmm_end = None
+        if self._guest_tap_fd is not None:
+            os.close(self._guest_tap_fd)
+            self._guest_tap_fd = None
+        if self.servers is not None:
+            self.servers.kill()
+            self.servers.wait(10)
+            if self.servers.stdout:
+                self.servers.stdout.close()
+            self.servers = None
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname=self.upstream_veth)
+            if idx:
+                ipr.link("del", index=idx[0])
+        existing = netns.listnetns()
+        for name in (self.guest_ns, self.upstream_ns):
+            if name in existing:
+                netns.remove(name)
+
+    def __enter__(self) -> Topology:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
