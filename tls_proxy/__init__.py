@@ -17,7 +17,7 @@ Example::
     >>> asyncio.run(serve())
 """
 
-from tls_proxy.ca import CertificateAuthority, Leaf
+from tls_proxy.ca import CertificateAuthority, Leaf, default_ca_dir
 from tls_proxy.errors import (
     CertificateError,
     ClientHelloError,
@@ -51,6 +51,7 @@ __all__ = [
     "TlsProxy",
     "TlsProxyError",
     "UpstreamError",
+    "default_ca_dir",
     "original_dst",
     "parse_client_hello",
     "parse_secret_spec",

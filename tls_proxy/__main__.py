@@ -20,7 +20,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from tls_proxy.ca import CertificateAuthority
+from tls_proxy.ca import CertificateAuthority, default_ca_dir
 from tls_proxy.errors import TlsProxyError
 from tls_proxy.proxy import ProxyConfig, TlsProxy
 from tls_proxy.secrets import parse_secret_spec
@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", type=_listen, help="explicit CONNECT proxy on HOST:PORT (0 = any)")
     p.add_argument("--transparent", type=_listen, metavar="HOST:PORT",
                    help="also accept redirected TLS flows here (destination from SO_ORIGINAL_DST)")
-    p.add_argument("--ca-dir", required=True, help="directory holding ca.crt/ca.key (created)")
+    p.add_argument("--ca-dir", default=None,
+                   help="directory holding ca.crt/ca.key, created if missing "
+                        "(default: $MICROVM_HOME/tls or ~/.microvm/tls)")
     p.add_argument("--secret", action="append", default=[], metavar="ENV=VALUE@HOST[,HOST...]")
     p.add_argument("--upstream-ca", action="append", default=[], metavar="PEM")
     p.add_argument("--resolve", action="append", default=[], type=_resolve, metavar="HOST=IP")
@@ -59,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def _run(args: argparse.Namespace) -> None:
-    ca = CertificateAuthority.load_or_create(args.ca_dir, validity_hours=args.validity_hours)
+    ca = CertificateAuthority.load_or_create(args.ca_dir or default_ca_dir(),
+                                             validity_hours=args.validity_hours)
     secrets = [parse_secret_spec(s) for s in args.secret]
     cfg = ProxyConfig(
         ca=ca, secrets=secrets, bypass=args.bypass, upstream_ca_files=args.upstream_ca,

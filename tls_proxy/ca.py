@@ -38,6 +38,18 @@ BACKDATE = _dt.timedelta(seconds=120)
 RENEW_BEFORE = _dt.timedelta(minutes=5)
 
 
+def default_ca_dir() -> Path:
+    """``$MICROVM_HOME/tls`` (default ``~/.microvm/tls``): where the shared CA lives.
+
+    Example::
+
+        >>> default_ca_dir().name
+        'tls'
+    """
+    home = os.environ.get("MICROVM_HOME") or os.path.join("~", ".microvm")
+    return Path(home).expanduser() / "tls"
+
+
 def _now() -> _dt.datetime:
     return _dt.datetime.now(_dt.UTC)
 
@@ -214,7 +226,7 @@ class CertificateAuthority:
             >>> ca.cert_path                                            # doctest: +SKIP
             PosixPath('/tmp/my-ca/ca.crt')
         """
-        d = Path(directory)
+        d = Path(directory).expanduser()
         try:
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
             with FileLock(str(d / ".ca.lock"), timeout=30):

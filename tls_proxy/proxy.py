@@ -132,6 +132,16 @@ class TlsProxy:
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
+    def update_secrets(self, secrets: Sequence[Secret]) -> None:
+        """Swap the secret set (rotation, new hosts); applies to connections opened later.
+
+        Example::
+
+            >>> proxy.update_secrets([Secret("KEY", "rotated", ["api.example.com"])])  # doctest: +SKIP
+        """
+        self.policy = SecretPolicy(secrets)
+        self.config.secrets = tuple(secrets)
+
     async def __aenter__(self) -> TlsProxy:
         return self
 

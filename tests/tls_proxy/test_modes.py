@@ -238,3 +238,32 @@ def test_injected_parser_that_raises_closes_cleanly(proxy_ca_dir, upstream_ca_pe
 
     with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
         _one_request_via(broken, proxy_ca_dir, upstream_ca_pem, upstream, ca_cert)
+
+
+def test_update_secrets_applies_to_new_connections(proxy_ca_dir, upstream_ca_pem, upstream,
+                                                   ca_cert):
+    from tests.tls_proxy.conftest import ProxyThread, make_config
+    from tests.tls_proxy.helpers import tls_tunnel
+    from tls_proxy import Secret
+
+    pt = ProxyThread(make_config(proxy_ca_dir, upstream_ca_pem))
+    try:
+        def one() -> list[str]:
+            s = tls_tunnel(pt.port, "api.example.test", upstream.port, ca_cert)
+            s.sendall(b"GET /r HTTP/1.1\r\nHost: api.example.test\r\nX: $MSB_API_KEY\r\n\r\n")
+            _, _, body = read_response(s, bytearray())
+            s.close()
+            return header(json.loads(body), "X")
+
+        assert one() == ["real-api-key-123"]
+        pt.proxy.update_secrets([Secret("API_KEY", "rotated-value", ["api.example.test"])])
+        assert one() == ["rotated-value"]
+    finally:
+        pt.stop()
+
+
+def test_default_ca_dir_honours_microvm_home(tmp_path, monkeypatch):
+    from tls_proxy import default_ca_dir
+
+    monkeypatch.setenv("MICROVM_HOME", str(tmp_path))
+    assert default_ca_dir() == tmp_path / "tls"
