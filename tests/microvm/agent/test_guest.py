@@ -207,3 +207,35 @@ def test_writes_land_in_the_upper_disk(guest: tuple[SyncAgentClient, Path, Path]
         ["debugfs", "-R", "cat /upper/etc/marker", str(upper)], capture_output=True, check=False
     )
     assert out.stdout == b"persisted\n", out.stderr
+
+
+def test_host_reconnect_keeps_guest_processes(kernel: Kernel, busybox_root: Path, tmp_path: Path) -> None:
+    """Closing the host side of the virtio-serial port and reconnecting: the agent notices,
+    resets its framing, keeps the running process, and serves the new client; its
+    shutdown ends the VMM with the requested exit code acked."""
+    require_binaries("qemu-system-x86_64", "mkfs.ext4", "debugfs")
+    from microvm.guestdisk import build_ext4
+    from microvm.machine import Machine
+
+    img = build_ext4(busybox_root, tmp_path / "root.img", agent=agent_binary(), free_mib=16)
+    m = Machine("qemu", kernel=kernel, disks=[img], memory=256, boot_timeout=90)
+    try:
+        m.start()
+        first = m.agent
+        proc = first.exec_stream("sh", ["-c", "sleep 2; echo done > /tmp/marker"])
+        first.close()
+        c = SyncAgentClient.connect_unix(m.agent_socket, timeout=10)
+        try:
+            assert c.hello().pid == 1
+            assert c.exec("sh", ["-c", f"test -d /proc/{proc.pid} && echo alive"]).stdout == b"alive\n"
+            deadline = time.monotonic() + 20
+            while c.exec("test", ["-f", "/tmp/marker"]).exit_code != 0:
+                assert time.monotonic() < deadline, "detached process did not finish"
+                time.sleep(0.2)
+            assert c.read_file("/tmp/marker") == b"done\n"
+            assert c.shutdown(exit_code=9) == 9
+        finally:
+            c.close()
+        assert m.wait(30) is not None
+    finally:
+        m.kill()
