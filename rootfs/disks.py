@@ -92,7 +92,12 @@ def _run(argv: list[str], what: str) -> None:
 
 
 def tree_size(root: Path) -> tuple[int, int]:
-    """(bytes, inodes) of a directory tree (apparent sizes, hardlinks counted once)."""
+    """(bytes, inodes) of a directory tree (apparent sizes, hardlinks counted once).
+
+    Example::
+
+        nbytes, inodes = tree_size(Path("rootfs"))
+    """
     total, count = 0, 0
     seen: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(root):
@@ -142,7 +147,12 @@ def build_ext4(src: Path | None, out: Path, size_mib: int, *, label: str = "") -
 
 
 def ext4_size_for(src: Path) -> int:
-    """A comfortable ext4 size in MiB for the tree at ``src``."""
+    """A comfortable ext4 size in MiB for the tree at ``src``.
+
+    Example::
+
+        build_ext4(src, out, ext4_size_for(src))
+    """
     nbytes, inodes = tree_size(src)
     return max(16, int((nbytes * 1.25 + inodes * 4096) / (1 << 20)) + 16)
 

@@ -54,7 +54,12 @@ class Descriptor:
 
     @classmethod
     def from_json(cls, obj: Any, what: str) -> Descriptor:
-        """Parse and validate a descriptor object (``what`` names it in errors)."""
+        """Parse and validate a descriptor object (``what`` names it in errors).
+
+        Example::
+
+            Descriptor.from_json(manifest["config"], "config")
+        """
         if not isinstance(obj, dict):
             raise ImageFormatError(f"{what}: descriptor must be an object, got {obj!r:.80}")
         mt, dg, sz = obj.get("mediaType", ""), obj.get("digest"), obj.get("size")
@@ -66,7 +71,12 @@ class Descriptor:
         return cls(mt, dg, sz, platform)
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON object form."""
+        """The JSON object form.
+
+        Example::
+
+            json.dumps(desc.to_json())
+        """
         out: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
         if self.platform:
             out["platform"] = dict(self.platform)
@@ -74,7 +84,13 @@ class Descriptor:
 
 
 def parse_json(data: bytes, what: str) -> dict[str, Any]:
-    """Decode a JSON object or raise :class:`ImageFormatError` naming ``what``."""
+    """Decode a JSON object or raise :class:`ImageFormatError` naming ``what``.
+
+    Example::
+
+        >>> parse_json(b'{"a": 1}', "test")
+        {'a': 1}
+    """
     try:
         obj = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -130,7 +146,7 @@ class Image:
 
     @property
     def id(self) -> str:
-        """The config digest (content identity of the filesystem + config)."""
+        """The config digest (content identity of the filesystem + config); ``img.id``."""
         return self.config_digest
 
     @property

@@ -182,7 +182,13 @@ class Patch:
         return Patch("remove", path)
 
     def to_dict(self) -> dict[str, Any]:
-        """The seed's Hash form (``{"kind": "text", "path": ..., ...}``)."""
+        """The seed's Hash form (``{"kind": "text", "path": ..., ...}``).
+
+        Example::
+
+            >>> Patch.remove("/etc/motd").to_dict()
+            {'kind': 'remove', 'path': '/etc/motd'}
+        """
         d: dict[str, Any] = {"kind": self.kind}
         if self.kind in ("copy_file", "copy_dir"):
             d.update(src=self.src, dst=self.path)
@@ -428,7 +434,12 @@ class PatchTarget:
 
     # -- apply --------------------------------------------------------------
     def apply(self, patches: Iterable[Patch]) -> None:
-        """Apply ``patches`` in order; raise :class:`PatchError` naming the first bad one."""
+        """Apply ``patches`` in order; raise :class:`PatchError` naming the first bad one.
+
+        Example::
+
+            PatchTarget(Path("upper"), Path("lower")).apply([Patch.mkdir("/data")])
+        """
         for patch in patches:
             if not isinstance(patch, Patch):
                 raise PatchError(f"not a Patch: {patch!r:.80} (build with rootfs.Patch.*)")

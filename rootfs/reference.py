@@ -65,21 +65,45 @@ class Reference:
 
     @property
     def name(self) -> str:
-        """``registry/repository`` (the fully qualified name, no tag or digest)."""
+        """``registry/repository`` (the fully qualified name, no tag or digest).
+
+        Example::
+
+            >>> parse_reference("alpine:3").name
+            'docker.io/library/alpine'
+        """
         return f"{self.registry}/{self.repository}"
 
     @property
     def api_host(self) -> str:
-        """Host[:port] to talk the registry API to (Docker Hub maps to registry-1)."""
+        """Host[:port] to talk the registry API to (Docker Hub maps to registry-1).
+
+        Example::
+
+            >>> parse_reference("alpine").api_host
+            'registry-1.docker.io'
+        """
         return DOCKER_HUB_API if self.registry == DEFAULT_REGISTRY else self.registry
 
     @property
     def selector(self) -> str:
-        """What to ask the registry for: the digest if pinned, else the tag."""
+        """What to ask the registry for: the digest if pinned, else the tag.
+
+        Example::
+
+            >>> parse_reference("alpine:3.19").selector
+            '3.19'
+        """
         return self.digest or self.tag or "latest"
 
     def with_digest(self, digest: str) -> Reference:
-        """A copy pinned to ``digest`` (tag kept for display)."""
+        """A copy pinned to ``digest`` (tag kept for display).
+
+        Example::
+
+            >>> parse_reference("a:1").with_digest("sha256:" + "0" * 64).tag
+            '1'
+        """
         return Reference(self.registry, self.repository, self.tag, validate_digest(digest))
 
     def __str__(self) -> str:

@@ -195,7 +195,12 @@ class RegistryClient:
             conn.close()
 
     def close(self) -> None:
-        """Close this thread's connections."""
+        """Close this thread's connections.
+
+        Example::
+
+            client.close()
+        """
         for conn in getattr(self._local, "pool", {}).values():
             conn.close()
         self._local.pool = {}

@@ -66,7 +66,12 @@ _POLICIES = ("always", "if-missing", "never")
 
 
 def host_platform() -> str:
-    """``linux/amd64`` or ``linux/arm64`` for this machine (amd64 if unknown)."""
+    """``linux/amd64`` or ``linux/arm64`` for this machine (amd64 if unknown).
+
+    Example::
+
+        store.pull("alpine", platform=host_platform())
+    """
     m = _platform.machine().lower()
     return "linux/arm64" if m in ("aarch64", "arm64") else "linux/amd64"
 
@@ -115,16 +120,31 @@ class ImageStore:
 
     # -- blobs ---------------------------------------------------------------
     def blob_path(self, digest: str) -> Path:
-        """Where blob ``digest`` lives (it may not exist)."""
+        """Where blob ``digest`` lives (it may not exist).
+
+        Example::
+
+            store.blob_path(img.layers[0].digest)
+        """
         algo, _, hexpart = validate_digest(digest).partition(":")
         return self.home / "blobs" / algo / hexpart
 
     def has_blob(self, digest: str) -> bool:
-        """Whether blob ``digest`` is stored."""
+        """Whether blob ``digest`` is stored.
+
+        Example::
+
+            store.has_blob(img.config_digest)
+        """
         return self.blob_path(digest).is_file()
 
     def read_blob(self, digest: str) -> bytes:
-        """The bytes of a stored blob (raises ImageNotFoundError)."""
+        """The bytes of a stored blob (raises ImageNotFoundError).
+
+        Example::
+
+            json.loads(store.read_blob(img.digest))
+        """
         try:
             return self.blob_path(digest).read_bytes()
         except FileNotFoundError:
@@ -146,7 +166,12 @@ class ImageStore:
         return got
 
     def put_blob_file(self, src: Path, digest: str | None = None) -> str:
-        """Move/copy a file into the blob store after hashing it; return its digest."""
+        """Copy a file into the blob store after hashing it; return its digest.
+
+        Example::
+
+            store.put_blob_file(Path("layer.tar.gz"))
+        """
         sha = hashlib.sha256()
         with open(src, "rb") as f:
             while chunk := f.read(1 << 20):

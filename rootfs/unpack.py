@@ -58,7 +58,12 @@ class UnpackLimits:
     same_owner: bool | None = None  # None: keep ownership only when running as root
 
     def keep_owner(self) -> bool:
-        """Whether ownership from the layer is applied (default: only as root)."""
+        """Whether ownership from the layer is applied (default: only as root).
+
+        Example::
+
+            UnpackLimits(same_owner=False).keep_owner()  # False
+        """
         return os.geteuid() == 0 if self.same_owner is None else self.same_owner
 
 
