@@ -75,6 +75,7 @@ class ProxyConfig:
     max_body_buffer: int = 16 * 1024 * 1024
     enforce_authority: bool = True
     max_connect_head: int = 8192
+    max_connections: int = 4096
 
 
 def original_dst(sock: socket.socket) -> Address:
@@ -191,9 +192,18 @@ class TlsProxy:
 
     # ----- entry points ------------------------------------------------------
 
-    async def _explicit(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    def _admit(self, w: asyncio.StreamWriter) -> bool:
+        if len(self._tasks) >= self.config.max_connections:
+            log.warning("connection limit %d reached; refusing", self.config.max_connections)
+            w.close()
+            return False
         self._track()
         self.connections += 1
+        return True
+
+    async def _explicit(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        if not self._admit(w):
+            return
         tcp = TcpStream(r, w)
         try:
             br = BufferedReader(tcp)
@@ -237,8 +247,8 @@ class TlsProxy:
     async def _transparent(
         self, r: asyncio.StreamReader, w: asyncio.StreamWriter, lookup: OriginalDst | None
     ) -> None:
-        self._track()
-        self.connections += 1
+        if not self._admit(w):
+            return
         tcp = TcpStream(r, w)
         try:
             peer = w.get_extra_info("peername")

@@ -133,8 +133,8 @@ class Http1Session:
         elig, inel = policy.split(self.sni)
         self.sub = Substituter(elig)
         self.scan = Scanner(inel)
-        self.creader = BufferedReader(client)
-        self.ureader = BufferedReader(upstream)
+        self.creader = BufferedReader(client, idle_timeout=limits.idle_timeout)
+        self.ureader = BufferedReader(upstream, idle_timeout=limits.idle_timeout)
         self.queue: asyncio.Queue[_Pending | bytes | None] = asyncio.Queue()
         self.outstanding = 0
 

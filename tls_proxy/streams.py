@@ -200,15 +200,22 @@ class Duplex(Source, Protocol):
 class BufferedReader:
     """Buffering on top of a :class:`Source` with bounded reads for message parsing."""
 
-    def __init__(self, src: Source, initial: bytes = b"") -> None:
+    def __init__(self, src: Source, initial: bytes = b"", idle_timeout: float | None = None) -> None:
         self.src = src
         self.buf = bytearray(initial)
         self.eof = False
+        self.idle_timeout = idle_timeout
 
     async def _fill(self) -> bool:
         if self.eof:
             return False
-        data = await self.src.recv()
+        if self.idle_timeout is None:
+            data = await self.src.recv()
+        else:
+            try:
+                data = await asyncio.wait_for(self.src.recv(), self.idle_timeout)
+            except TimeoutError:
+                raise HttpError(408, f"no data for {self.idle_timeout:g} s") from None
         if not data:
             self.eof = True
             return False

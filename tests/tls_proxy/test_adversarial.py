@@ -144,3 +144,36 @@ def test_proxy_still_serves_after_abuse(proxy, upstream, ca_cert):
     st, _, _ = read_response(s, bytearray())
     assert st == 200
     s.close()
+
+
+def test_slow_body_times_out_with_408(proxy_ca_dir, upstream_ca_pem, upstream, ca_cert):
+    from tests.tls_proxy.conftest import ProxyThread, make_config
+
+    pt = ProxyThread(make_config(proxy_ca_dir, upstream_ca_pem, idle_timeout=1.0))
+    try:
+        s = tls_tunnel(pt.port, "api.example.test", upstream.port, ca_cert)
+        s.sendall(b"POST /e HTTP/1.1\r\nHost: api.example.test\r\nContent-Length: 100\r\n\r\n"
+                  b"0123456789")
+        t0 = time.monotonic()
+        data = _closed_within(s, 8)
+        assert data.startswith(b"HTTP/1.1 408"), data[:80]
+        assert time.monotonic() - t0 < 6
+        s.close()
+    finally:
+        pt.stop()
+
+
+def test_connection_limit(proxy_ca_dir, upstream_ca_pem, upstream):
+    from tests.tls_proxy.conftest import ProxyThread, make_config
+
+    pt = ProxyThread(make_config(proxy_ca_dir, upstream_ca_pem, max_connections=2))
+    try:
+        held = [connect_tunnel(pt.port, "api.example.test", upstream.port) for _ in range(2)]
+        extra = socket.create_connection(("127.0.0.1", pt.port))
+        extra.sendall(b"CONNECT api.example.test:1 HTTP/1.1\r\n\r\n")
+        assert _closed_within(extra, 5) == b""
+        for h in held:
+            h.close()
+        extra.close()
+    finally:
+        pt.stop()
