@@ -22,12 +22,21 @@ __all__ = ["main"]
 
 @click.group()
 def main() -> None:
-    """Boot microVMs and run commands in them."""
+    """Boot microVMs and run commands in them.
+
+    \b
+    Example:
+        microvm kernel fetch
+        microvm vm run --rootfs-dir ./rootfs -- /bin/sh -c 'echo hi'
+    """
 
 
 @main.group()
 def kernel() -> None:
-    """The guest kernel (libkrunfw)."""
+    """The guest kernel (libkrunfw).
+
+    Example: microvm kernel fetch --dest vendor
+    """
 
 
 @kernel.command("fetch")
@@ -40,7 +49,10 @@ def kernel() -> None:
 @click.option("--source", type=click.Choice(["auto", "system", "debian", "wheel"]), default="auto")
 @click.option("--force", is_flag=True, help="fetch again even if present")
 def kernel_fetch(dest: Path | None, source: str, force: bool) -> None:
-    """Fetch libkrunfw (pinned sha256) and write the PVH ELF QEMU boots."""
+    """Fetch libkrunfw (pinned sha256) and write the PVH ELF QEMU boots.
+
+    Example: microvm kernel fetch --source debian --dest vendor
+    """
     from microvm.kernel import fetch_kernel
 
     try:
@@ -52,7 +64,10 @@ def kernel_fetch(dest: Path | None, source: str, force: bool) -> None:
 
 @kernel.command("path")
 def kernel_path() -> None:
-    """Print the path of the kernel ELF (exit 1 if not fetched)."""
+    """Print the path of the kernel ELF (exit 1 if not fetched).
+
+    Example: qemu-system-x86_64 -kernel "$(microvm kernel path)" ...
+    """
     from microvm.kernel import find_kernel
 
     k = find_kernel()
@@ -63,7 +78,10 @@ def kernel_path() -> None:
 
 @main.group()
 def vm() -> None:
-    """Low-level machines (see microvm.Machine)."""
+    """Low-level machines (see microvm.Machine).
+
+    Example: microvm vm run --rootfs-dir ./rootfs -- /bin/true
+    """
 
 
 @vm.command("run", context_settings={"ignore_unknown_options": True})
@@ -100,7 +118,10 @@ def vm_run(
     boot_timeout: float,
     cmd: tuple[str, ...],
 ) -> None:
-    """Build a disk from ROOTFS_DIR (+ the agent), boot it, run CMD, stream its output, exit with its code."""
+    """Build a disk from --rootfs-dir (+ the agent), boot it, run CMD, stream its output, exit with its code.
+
+    Example: microvm vm run --rootfs-dir ./rootfs --cpus 2 -- /bin/sh -c 'exit 3'
+    """
     envd: dict[str, str] = {}
     for item in env:
         k, sep, v = item.partition("=")
@@ -160,7 +181,9 @@ def run_command(
             return 125
 
 
-def _stream(m: Any, cmd: list[str], env: dict[str, str], workdir: str, timeout: float | None) -> int:
+def _stream(
+    m: Any, cmd: list[str], env: dict[str, str], workdir: str, timeout: float | None
+) -> int:
     """Run ``cmd`` in the machine, copying its output to ours as it arrives."""
     proc = m.agent.exec_stream(cmd[0], cmd[1:], env=env, cwd=workdir, timeout=timeout, stdin=False)
     for ev in proc.events():

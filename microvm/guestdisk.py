@@ -27,7 +27,15 @@ MOUNT_POINTS = ("proc", "sys", "dev", "tmp", "run", ".microvm")
 
 
 class DiskError(MicrovmError):
-    """A guest disk image could not be built (bad source dir, size, or mkfs failure)."""
+    """A guest disk image could not be built (bad source dir, size, or mkfs failure).
+
+    Example::
+
+        try:
+            build_ext4(Path("missing"), Path("x.img"))
+        except DiskError as e:
+            print(e)  # rootfs source 'missing' is not a directory
+    """
 
 
 def dir_size(path: Path) -> int:

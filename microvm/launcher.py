@@ -107,7 +107,12 @@ def build_context(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: ``python -m microvm.launcher SPEC.json``."""
+    """Entry point: ``python -m microvm.launcher SPEC.json``.
+
+    Example::
+
+        sys.exit(main(["/run/vm1/launcher.json"]))
+    """
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m microvm.launcher SPEC.json", file=sys.stderr)

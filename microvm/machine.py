@@ -88,6 +88,8 @@ class Machine:
         self.bootstrap_extra = dict(bootstrap or {})
         self.boot_timeout = boot_timeout
         self.boot_seconds: float | None = None
+        #: The exit code the agent acknowledged on shutdown (None before a clean shutdown).
+        self.exit_code: int | None = None
         kernel_elf, kernel_lib = self._kernel_paths(kernel)
         # Validate everything (cpus, memory, mac, tags) before anything starts.
         self.spec = VmSpec(
@@ -117,26 +119,46 @@ class Machine:
 
     @property
     def handle(self) -> VmHandle:
-        """The backend's handle on the running VMM (raises if not started)."""
+        """The backend's handle on the running VMM (raises if not started).
+
+        Example::
+
+            m.handle.pid
+        """
         if self._handle is None:
             raise MicrovmError("machine not started: call start() first")
         return self._handle
 
     @property
     def agent(self) -> SyncAgentClient:
-        """The connected guest agent client (``exec``, ``exec_stream``, fs ops, ``shutdown``)."""
+        """The connected guest agent client (``exec``, ``exec_stream``, fs ops, ``shutdown``).
+
+        Example::
+
+            m.agent.exec("/bin/echo", ["hi"]).stdout
+        """
         if self._agent is None:
             raise MicrovmError("machine not started: call start() first")
         return self._agent
 
     @property
     def agent_socket(self) -> Path:
-        """The unix socket of the guest's ``agent`` port (for an asyncio ``AgentClient``)."""
+        """The unix socket of the guest's ``agent`` port (for an asyncio ``AgentClient``).
+
+        Example::
+
+            client = await AgentClient.connect_unix(m.agent_socket)
+        """
         return self.spec.agent_socket
 
     @property
     def console_log(self) -> Path:
-        """The file receiving the guest console (hvc0)."""
+        """The file receiving the guest console (hvc0).
+
+        Example::
+
+            print(m.console_log.read_text())
+        """
         return self.spec.console_log
 
     def boot_config(self) -> dict[str, Any]:
@@ -224,17 +246,32 @@ class Machine:
         return " ".join(parts)
 
     def console(self) -> str:
-        """The guest console output so far (last 200 lines)."""
+        """The guest console output so far (last 200 lines).
+
+        Example::
+
+            print(m.console())
+        """
         return console_tail(self.spec.console_log, 200)
 
     def wait(self, timeout: float | None = None) -> int | None:
-        """Wait for the VMM to exit; its exit status, or None on timeout."""
+        """Wait for the VMM to exit; its exit status, or None on timeout.
+
+        Example::
+
+            m.wait(timeout=5)
+        """
         return self.handle.wait(timeout)
 
     def shutdown(self, exit_code: int = 0, timeout: float = 20.0) -> int | None:
         """Ask the agent to sync and power off; kill the VMM if it is not gone within ``timeout``.
 
-        Returns the VMM exit status (None if it had to be killed).
+        Returns the VMM exit status (None if it had to be killed); the exit code the
+        agent acknowledged is kept in :attr:`exit_code`.
+
+        Example::
+
+            m.shutdown(exit_code=3); assert m.exit_code == 3
         """
         if self._handle is None:
             return None
@@ -242,14 +279,19 @@ class Machine:
         try:
             if self._agent is not None and self._handle.poll() is None:
                 with contextlib.suppress(Exception):
-                    self._agent.shutdown(exit_code=exit_code)
+                    self.exit_code = self._agent.shutdown(exit_code=exit_code)
                 code = self._handle.wait(timeout)
         finally:
             self.kill()
         return code
 
     def kill(self) -> None:
-        """Kill the VMM and helpers, close the client, remove the rundir we created (idempotent)."""
+        """Kill the VMM and helpers, close the client, remove the rundir we created (idempotent).
+
+        Example::
+
+            m.kill()
+        """
         if self._agent is not None:
             with contextlib.suppress(Exception):
                 self._agent.close()

@@ -72,7 +72,12 @@ class Share:
 
     @property
     def mount_point(self) -> str:
-        """Where the guest agent mounts the share (``guest_path`` or ``/mnt/<tag>``)."""
+        """Where the guest agent mounts the share (``guest_path`` or ``/mnt/<tag>``).
+
+        Example::
+
+            Share("data", Path("/srv")).mount_point  # "/mnt/data"
+        """
         return self.guest_path or f"/mnt/{self.tag}"
 
     def __post_init__(self) -> None:
@@ -130,12 +135,22 @@ class VmSpec:
 
     @property
     def console_log(self) -> Path:
-        """Path of the file receiving the guest console (hvc0)."""
+        """Path of the file receiving the guest console (hvc0).
+
+        Example::
+
+            print(spec.console_log.read_text())
+        """
         return self.rundir / "console.log"
 
     @property
     def agent_socket(self) -> Path:
-        """Path of the unix socket bridged to the guest's ``agent`` port."""
+        """Path of the unix socket bridged to the guest's ``agent`` port.
+
+        Example::
+
+            SyncAgentClient.connect_unix(spec.agent_socket)
+        """
         return self.rundir / "agent.sock"
 
     def kernel_cmdline(self) -> str:
@@ -173,24 +188,49 @@ class VmHandle(Protocol):
 
     @property
     def pid(self) -> int:
-        """PID of the VMM process."""
+        """PID of the VMM process.
+
+        Example::
+
+            os.kill(handle.pid, 0)
+        """
         ...
 
     @property
     def spec(self) -> VmSpec:
-        """The spec the guest was started with."""
+        """The spec the guest was started with.
+
+        Example::
+
+            handle.spec.console_log
+        """
         ...
 
     def poll(self) -> int | None:
-        """Exit status of the VMM, or None while it runs."""
+        """Exit status of the VMM, or None while it runs.
+
+        Example::
+
+            handle.poll() is None  # still running
+        """
         ...
 
     def wait(self, timeout: float | None = None) -> int | None:
-        """Wait up to ``timeout`` seconds for the VMM to exit; its exit status or None."""
+        """Wait up to ``timeout`` seconds for the VMM to exit; its exit status or None.
+
+        Example::
+
+            handle.wait(timeout=30)
+        """
         ...
 
     def kill(self) -> None:
-        """Kill the VMM and every helper it needed (idempotent)."""
+        """Kill the VMM and every helper it needed (idempotent).
+
+        Example::
+
+            handle.kill()
+        """
         ...
 
 
@@ -207,11 +247,21 @@ class Backend(Protocol):
     name: str
 
     def check(self) -> None:
-        """Raise :class:`microvm.BackendUnavailable` unless this backend can run here."""
+        """Raise :class:`microvm.BackendUnavailable` unless this backend can run here.
+
+        Example::
+
+            QemuBackend().check()
+        """
         ...
 
     def launch(self, spec: VmSpec) -> VmHandle:
-        """Start the guest described by ``spec``; returns at once (the guest boots meanwhile)."""
+        """Start the guest described by ``spec``; returns at once (the guest boots meanwhile).
+
+        Example::
+
+            handle = QemuBackend().launch(spec)
+        """
         ...
 
 
@@ -308,7 +358,12 @@ class ProcessGroup:
     def spawn(
         self, argv: Sequence[str], log: Path | None = None, env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
-        """Start ``argv`` in a new session, stdin from /dev/null, output appended to ``log``."""
+        """Start ``argv`` in a new session, stdin from /dev/null, output appended to ``log``.
+
+        Example::
+
+            g.spawn(["sleep", "60"], log=Path("/tmp/sleep.log"))
+        """
         out = log.open("ab") if log is not None else subprocess.DEVNULL
         try:
             p = subprocess.Popen(
@@ -328,7 +383,12 @@ class ProcessGroup:
         return p
 
     def kill(self) -> None:
-        """SIGKILL every process group and reap them (idempotent)."""
+        """SIGKILL every process group and reap them (idempotent).
+
+        Example::
+
+            g.kill()
+        """
         with self._lock:
             _kill_procs(self.procs)
 
@@ -378,25 +438,50 @@ class SpawnedVm:
 
     @property
     def pid(self) -> int:
-        """PID of the VMM process (setpriv execs into it, so this is the VMM itself)."""
+        """PID of the VMM process (setpriv execs into it, so this is the VMM itself).
+
+        Example::
+
+            vm.pid
+        """
         return self._proc.pid
 
     @property
     def spec(self) -> VmSpec:
-        """The spec this guest runs."""
+        """The spec this guest runs.
+
+        Example::
+
+            vm.spec.rundir
+        """
         return self._spec
 
     @property
     def helper_pids(self) -> list[int]:
-        """PIDs of every process started for this guest (VMM and helpers such as virtiofsd)."""
+        """PIDs of every process started for this guest (VMM and helpers such as virtiofsd).
+
+        Example::
+
+            vm.helper_pids  # [qemu_pid, virtiofsd_pid]
+        """
         return [p.pid for p in self._group.procs]
 
     def poll(self) -> int | None:
-        """The VMM's exit status, or None while it runs."""
+        """The VMM's exit status, or None while it runs.
+
+        Example::
+
+            vm.poll() is None
+        """
         return self._proc.poll()
 
     def wait(self, timeout: float | None = None) -> int | None:
-        """Wait for the VMM to exit (then stop the helpers); None on timeout."""
+        """Wait for the VMM to exit (then stop the helpers); None on timeout.
+
+        Example::
+
+            vm.wait(timeout=30)
+        """
         try:
             code = self._proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -405,5 +490,10 @@ class SpawnedVm:
         return code
 
     def kill(self) -> None:
-        """SIGKILL the VMM and helpers (whole process groups) and reap them (idempotent)."""
+        """SIGKILL the VMM and helpers (whole process groups) and reap them (idempotent).
+
+        Example::
+
+            vm.kill()
+        """
         self._group.kill()

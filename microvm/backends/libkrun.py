@@ -117,7 +117,12 @@ class Libkrun:
 
     @classmethod
     def open(cls, path: str | None = None) -> Libkrun:
-        """dlopen ``path`` (else ``$MICROVM_LIBKRUN``, else the usual names); BackendUnavailable if absent."""
+        """dlopen ``path`` (else ``$MICROVM_LIBKRUN``, else the usual names); BackendUnavailable if absent.
+
+        Example::
+
+            Libkrun.open("/usr/lib64/libkrun.so.1")
+        """
         import cffi
 
         ffi = cffi.FFI()
@@ -139,7 +144,12 @@ class Libkrun:
         )
 
     def has_symbol(self, name: str) -> bool:
-        """True when the library exports ``name`` (builds without BLK/NET lack some)."""
+        """True when the library exports ``name`` (builds without BLK/NET lack some).
+
+        Example::
+
+            krun.has_symbol("krun_add_virtiofs")
+        """
         try:
             getattr(self.lib, name)
         except AttributeError:
@@ -169,6 +179,10 @@ class Libkrun:
 
         Raises :class:`KrunError` on a negative result and :class:`BackendUnavailable`
         if the symbol is missing.
+
+        Example::
+
+            krun.call("krun_set_exec", ctx, "/bin/sh", ["-c", "true"], ["A=1"])
         """
         try:
             fn = getattr(self.lib, name)
@@ -203,7 +217,12 @@ class Libkrun:
         return a
 
     def create_ctx(self) -> int:
-        """``krun_create_ctx()``: a new context id."""
+        """``krun_create_ctx()``: a new context id.
+
+        Example::
+
+            ctx = krun.create_ctx()
+        """
         return self.call("krun_create_ctx")
 
 
@@ -247,7 +266,12 @@ class LibkrunBackend:
         self.require_kvm = require_kvm
 
     def check(self) -> None:
-        """Raise :class:`BackendUnavailable` without libkrun, without block support, or without real KVM."""
+        """Raise :class:`BackendUnavailable` without libkrun, without block support, or without real KVM.
+
+        Example::
+
+            LibkrunBackend().check()
+        """
         krun = Libkrun.open(self.library)
         if not krun.has_symbol("krun_add_disk") or not krun.has_symbol(
             "krun_add_console_port_inout"
@@ -262,7 +286,12 @@ class LibkrunBackend:
             )
 
     def launch(self, spec: VmSpec) -> SpawnedVm:
-        """Write ``launcher.json`` into the rundir and start ``python -m microvm.launcher`` on it."""
+        """Write ``launcher.json`` into the rundir and start ``python -m microvm.launcher`` on it.
+
+        Example::
+
+            vm = LibkrunBackend().launch(spec); vm.wait()
+        """
         self.check()
         for d in spec.disks:
             if not d.path.is_file():

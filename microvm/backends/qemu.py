@@ -80,20 +80,35 @@ class QemuBackend:
         self._qemu = qemu
 
     def resolved_accel(self) -> str:
-        """``kvm`` or ``tcg`` as this backend will use it."""
+        """``kvm`` or ``tcg`` as this backend will use it.
+
+        Example::
+
+            QemuBackend().resolved_accel()  # "tcg" without real KVM
+        """
         if self.accel == "auto":
             return "kvm" if kvm_usable() else "tcg"
         return self.accel
 
     def qemu_binary(self) -> str:
-        """Path of qemu-system-x86_64, or raise :class:`BackendUnavailable`."""
+        """Path of qemu-system-x86_64, or raise :class:`BackendUnavailable`.
+
+        Example::
+
+            QemuBackend().qemu_binary()
+        """
         q = self._qemu or _find_qemu()
         if not q:
             raise BackendUnavailable(f"qemu-system-x86_64 not found; {QEMU_INSTALL_HINTS}")
         return q
 
     def check(self) -> None:
-        """Raise :class:`BackendUnavailable` when QEMU is missing or KVM was forced but is not real."""
+        """Raise :class:`BackendUnavailable` when QEMU is missing or KVM was forced but is not real.
+
+        Example::
+
+            QemuBackend(accel="kvm").check()
+        """
         self.qemu_binary()
         if self.accel == "kvm" and not kvm_usable():
             raise BackendUnavailable(

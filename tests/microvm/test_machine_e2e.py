@@ -35,8 +35,9 @@ def machine(
                 bootstrap={"hostname": "e2e-box", "env": {"E2E_GLOBAL": "yes"}})  # fmt: skip
     m.start()
     yield m
-    code = m.shutdown(exit_code=0)
+    code = m.shutdown(exit_code=7)
     assert code == 0, m.console()
+    assert m.exit_code == 7
 
 
 def test_echo_and_hostname(machine: Machine) -> None:
