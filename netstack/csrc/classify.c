@@ -75,6 +75,10 @@ ns_ctx *ns_ctx_new(uint32_t max_flows, ns_pincache *pins) {
         free(c);
         return NULL;
     }
+    /* touch every page now: the packet loop then never takes page faults on
+     * the table (predictable latency; the memory is committed up front) */
+    for (size_t off = 0; off < (size_t)cap * sizeof(flow); off += 4096)
+        ((volatile uint8_t *)c->tab)[off] = 0;
     c->mask = cap - 1;
     c->max_flows = max_flows;
     c->pins = pins;

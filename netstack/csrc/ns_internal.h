@@ -165,16 +165,21 @@ typedef struct ns_rule_counter {
 #define NS_MAX_INTERCEPT_PORTS 16
 #define NS_MAX_NAMES 64
 
-typedef struct trie_node {
-    int32_t child[2];
-    uint32_t off, n;      /* slice of the trie's rule list */
-} trie_node;
+/* CIDR index: one hash table keyed by (prefix length, masked address), plus
+ * the distinct prefix lengths per family (longest first). */
+typedef struct cidr_slot {
+    uint64_t hi, lo;      /* masked address (IPv4: lo holds the 32 bits) */
+    uint32_t off, n;      /* slice of the rule list, ascending rule indices */
+    uint8_t len, family, used, pad;
+} cidr_slot;
 
-typedef struct trie {
-    trie_node *nodes;
-    uint32_t nnodes, cap;
-    uint32_t *list;       /* rule indices, grouped per node, ascending */
-} trie;
+typedef struct cidr_index {
+    cidr_slot *slots;
+    uint32_t mask;
+    uint32_t *list;
+    uint8_t lens4[33], nlens4;
+    uint8_t lens6[129], nlens6;
+} cidr_index;
 
 typedef struct idx_list {
     uint32_t *v;
@@ -188,7 +193,7 @@ struct ns_policy {
     uint8_t *blob;
     int def_deny[3];            /* indexed by direction 1/2 */
     idx_list any, domain, group[8];
-    trie t4, t6;
+    cidr_index cidr;
     int has_domain;
     ns_rule_counter *counters;  /* nrules + 2 */
     /* classifier configuration carried with the tables (swapped atomically) */

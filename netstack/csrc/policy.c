@@ -5,10 +5,11 @@
  * the lowest-indexed rule whose direction, protocol, port and destination all
  * match, else the direction's default.  To avoid a linear scan over thousands
  * of rules the rules are split by destination kind:
- *   - cidr rules hang off the nodes of a binary trie per family (one list per
- *     prefix, in rule order); a lookup walks the remote address's path
- *     (<= 33 / 129 nodes), so its cost depends on prefix lengths, not on the
- *     number of rules;
+ *   - cidr rules are indexed in one hash table keyed by (family, prefix
+ *     length, network address), each key holding its rules in order; a lookup
+ *     probes once per distinct prefix length present in the policy (<= 33 for
+ *     IPv4, <= 129 for IPv6), so its cost depends on how many different
+ *     prefix lengths the policy uses, not on the number of rules;
  *   - group rules are bucketed by group (the remote belongs to one group);
  *   - any rules and domain/suffix rules are kept in ordered lists.
  * Each candidate list is scanned only while its rule index is below the best
@@ -18,60 +19,106 @@
 
 #include "ns_internal.h"
 
-static int32_t trie_new_node(trie *t) {
-    if (t->nnodes == t->cap) {
-        uint32_t nc = t->cap ? t->cap * 2 : 64;
-        trie_node *nn = (trie_node *)realloc(t->nodes, sizeof(trie_node) * nc);
-        if (!nn) return -1;
-        t->nodes = nn;
-        t->cap = nc;
+static void addr_words(const uint8_t *a16, int family, uint64_t *hi, uint64_t *lo) {
+    if (family == 4) {
+        *hi = 0;
+        *lo = ((uint64_t)a16[12] << 24) | ((uint64_t)a16[13] << 16) | ((uint64_t)a16[14] << 8) | a16[15];
+        return;
     }
-    trie_node *n = &t->nodes[t->nnodes];
-    n->child[0] = n->child[1] = -1;
-    n->off = n->n = 0;
-    return (int32_t)t->nnodes++;
+    uint64_t h = 0, l = 0;
+    for (int i = 0; i < 8; i++) h = (h << 8) | a16[i];
+    for (int i = 8; i < 16; i++) l = (l << 8) | a16[i];
+    *hi = h;
+    *lo = l;
 }
 
-static int bit_at(const uint8_t *a, unsigned i) { return (a[i >> 3] >> (7 - (i & 7))) & 1; }
+static void mask_words(int family, unsigned len, uint64_t *hi, uint64_t *lo) {
+    if (family == 4) {
+        *lo &= len == 0 ? 0 : (0xffffffffull << (32 - len)) & 0xffffffffull;
+        return;
+    }
+    if (len <= 64) {
+        *hi &= len == 0 ? 0 : ~0ull << (64 - len);
+        *lo = 0;
+    } else {
+        *lo &= len == 128 ? ~0ull : ~0ull << (128 - len);
+    }
+}
 
-/* Insert every cidr rule of `family` into trie t. */
-static int trie_build(trie *t, const ns_rule_spec *rules, uint32_t nrules, int family) {
-    if (trie_new_node(t) < 0) return -1;
-    /* pass 1: create nodes and count rules per node */
-    int32_t *where = (int32_t *)malloc(sizeof(int32_t) * (nrules ? nrules : 1));
-    if (!where) return -1;
-    for (uint32_t r = 0; r < nrules; r++) {
-        where[r] = -1;
-        const ns_rule_spec *s = &rules[r];
-        if (s->kind != NS_D_CIDR || s->family != family) continue;
-        const uint8_t *a = family == 4 ? s->addr : s->addr;
-        int32_t cur = 0;
-        for (unsigned i = 0; i < s->prefix; i++) {
-            int b = bit_at(a, i);
-            if (t->nodes[cur].child[b] < 0) {
-                int32_t nn = trie_new_node(t);
-                if (nn < 0) { free(where); return -1; }
-                t->nodes[cur].child[b] = nn;
-            }
-            cur = t->nodes[cur].child[b];
+static inline uint32_t cidr_hash(uint64_t hi, uint64_t lo, unsigned len, int family) {
+    uint64_t h = (hi ^ (lo * 0x9e3779b97f4a7c15ull)) + ((uint64_t)len << 1 | (family == 6));
+    h ^= h >> 31;
+    h *= 0xbf58476d1ce4e5b9ull;
+    h ^= h >> 29;
+    return (uint32_t)h;
+}
+
+static cidr_slot *cidr_find(const cidr_index *ix, uint64_t hi, uint64_t lo, unsigned len,
+                            int family, int create) {
+    for (uint32_t i = cidr_hash(hi, lo, len, family) & ix->mask;; i = (i + 1) & ix->mask) {
+        cidr_slot *s = &ix->slots[i];
+        if (!s->used) {
+            if (!create) return NULL;
+            s->used = 1;
+            s->hi = hi;
+            s->lo = lo;
+            s->len = (uint8_t)len;
+            s->family = (uint8_t)family;
+            return s;
         }
-        where[r] = cur;
-        t->nodes[cur].n++;
+        if (s->hi == hi && s->lo == lo && s->len == len && s->family == family) return s;
+    }
+}
+
+/* Index every cidr rule by (family, prefix length, network address). */
+static int cidr_build(cidr_index *ix, const ns_rule_spec *rules, uint32_t nrules) {
+    uint32_t ncidr = 0;
+    for (uint32_t r = 0; r < nrules; r++) ncidr += rules[r].kind == NS_D_CIDR;
+    uint32_t cap = 16;
+    while (cap < 2 * ncidr + 2) cap <<= 1;
+    ix->slots = (cidr_slot *)calloc(cap, sizeof(cidr_slot));
+    ix->list = (uint32_t *)malloc(sizeof(uint32_t) * (ncidr ? ncidr : 1));
+    if (!ix->slots || !ix->list) return -1;
+    ix->mask = cap - 1;
+    uint8_t seen4[33] = {0}, seen6[129] = {0};
+    /* pass 1: count per key */
+    for (uint32_t r = 0; r < nrules; r++) {
+        const ns_rule_spec *s = &rules[r];
+        if (s->kind != NS_D_CIDR) continue;
+        uint8_t a16[16] = {0};
+        if (s->family == 4) memcpy(a16 + 12, s->addr, 4);
+        else memcpy(a16, s->addr, 16);
+        uint64_t hi, lo;
+        addr_words(a16, s->family, &hi, &lo);
+        mask_words(s->family, s->prefix, &hi, &lo);
+        cidr_find(ix, hi, lo, s->prefix, s->family, 1)->n++;
+        if (s->family == 4) seen4[s->prefix] = 1;
+        else seen6[s->prefix] = 1;
     }
     uint32_t total = 0;
-    for (uint32_t i = 0; i < t->nnodes; i++) {
-        t->nodes[i].off = total;
-        total += t->nodes[i].n;
-        t->nodes[i].n = 0;
+    for (uint32_t i = 0; i <= ix->mask; i++) {
+        if (!ix->slots[i].used) continue;
+        ix->slots[i].off = total;
+        total += ix->slots[i].n;
+        ix->slots[i].n = 0;
     }
-    t->list = (uint32_t *)malloc(sizeof(uint32_t) * (total ? total : 1));
-    if (!t->list) { free(where); return -1; }
+    /* pass 2: fill in rule order, so each slice is ascending */
     for (uint32_t r = 0; r < nrules; r++) {
-        if (where[r] < 0) continue;
-        trie_node *n = &t->nodes[where[r]];
-        t->list[n->off + n->n++] = r;
+        const ns_rule_spec *s = &rules[r];
+        if (s->kind != NS_D_CIDR) continue;
+        uint8_t a16[16] = {0};
+        if (s->family == 4) memcpy(a16 + 12, s->addr, 4);
+        else memcpy(a16, s->addr, 16);
+        uint64_t hi, lo;
+        addr_words(a16, s->family, &hi, &lo);
+        mask_words(s->family, s->prefix, &hi, &lo);
+        cidr_slot *slot = cidr_find(ix, hi, lo, s->prefix, s->family, 0);
+        ix->list[slot->off + slot->n++] = r;
     }
-    free(where);
+    for (int l = 32; l >= 0; l--)
+        if (seen4[l]) ix->lens4[ix->nlens4++] = (uint8_t)l;
+    for (int l = 128; l >= 0; l--)
+        if (seen6[l]) ix->lens6[ix->nlens6++] = (uint8_t)l;
     return 0;
 }
 
@@ -92,10 +139,8 @@ void ns_policy_free(ns_policy *p) {
     free(p->any.v);
     free(p->domain.v);
     for (int g = 0; g < 8; g++) free(p->group[g].v);
-    free(p->t4.nodes);
-    free(p->t4.list);
-    free(p->t6.nodes);
-    free(p->t6.list);
+    free(p->cidr.slots);
+    free(p->cidr.list);
     free(p->counters);
     free(p->icpt_blob);
     free(p);
@@ -138,8 +183,7 @@ ns_policy *ns_policy_build(const ns_rule_spec *rules, uint32_t nrules,
         }
         if (s->protomask == 0) s->protomask = NS_P_ALL;
     }
-    if (trie_build(&p->t4, p->rules, nrules, 4) < 0) goto fail;
-    if (trie_build(&p->t6, p->rules, nrules, 6) < 0) goto fail;
+    if (cidr_build(&p->cidr, p->rules, nrules) < 0) goto fail;
     return p;
 fail:
     ns_policy_free(p);
@@ -223,19 +267,22 @@ static uint32_t best_address_match(const ns_policy *p, const ns_flowq *q) {
         for (uint32_t i = 0; i < l->n && l->v[i] < best; i++)
             if (transport_ok(p, &p->rules[l->v[i]], q)) { best = l->v[i]; break; }
     }
-    const trie *t = q->family == 4 ? &p->t4 : &p->t6;
-    const uint8_t *a = q->family == 4 ? q->remote + 12 : q->remote;
-    unsigned bits = q->family == 4 ? 32 : 128;
-    int32_t cur = 0;
-    for (unsigned depth = 0; cur >= 0; depth++) {
-        const trie_node *n = &t->nodes[cur];
-        for (uint32_t i = 0; i < n->n; i++) {
-            uint32_t r = t->list[n->off + i];
+    const cidr_index *ix = &p->cidr;
+    int fam = q->family == 4 ? 4 : 6;
+    const uint8_t *lens = fam == 4 ? ix->lens4 : ix->lens6;
+    unsigned nl = fam == 4 ? ix->nlens4 : ix->nlens6;
+    uint64_t ahi, alo;
+    addr_words(q->remote, fam, &ahi, &alo);
+    for (unsigned k = 0; k < nl; k++) {
+        uint64_t hi = ahi, lo = alo;
+        mask_words(fam, lens[k], &hi, &lo);
+        const cidr_slot *s = cidr_find(ix, hi, lo, lens[k], fam, 0);
+        if (!s) continue;
+        for (uint32_t i = 0; i < s->n; i++) {
+            uint32_t r = ix->list[s->off + i];
             if (r >= best) break;
             if (transport_ok(p, &p->rules[r], q)) { best = r; break; }
         }
-        if (depth >= bits) break;
-        cur = n->child[bit_at(a, depth)];
     }
     return best;
 }
