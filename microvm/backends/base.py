@@ -12,6 +12,7 @@ Example::
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import contextlib
 import dataclasses
 import os
@@ -21,7 +22,7 @@ import subprocess
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -338,6 +339,28 @@ def pdeathsig_prefix() -> list[str]:
     return []
 
 
+_keeper_lock = threading.Lock()
+_keeper_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _spawn_on_keeper_thread(
+    fn: Callable[[], subprocess.Popen[bytes]],
+) -> subprocess.Popen[bytes]:
+    """Run ``fn`` (a Popen) on one long-lived thread.
+
+    PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, so
+    children are always forked from this thread, which lives as long as the
+    process: a VM started from a short-lived worker thread survives it, and
+    still dies with the process.
+    """
+    global _keeper_pool
+    with _keeper_lock:
+        if _keeper_pool is None:
+            _keeper_pool = concurrent.futures.ThreadPoolExecutor(1, "microvm-spawner")
+        pool = _keeper_pool
+    return pool.submit(fn).result()
+
+
 class ProcessGroup:
     """Child processes, each in its own process group, killed together (also at exit and on GC).
 
@@ -366,14 +389,16 @@ class ProcessGroup:
         """
         out = log.open("ab") if log is not None else subprocess.DEVNULL
         try:
-            p = subprocess.Popen(
-                [*pdeathsig_prefix(), *argv],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-                env=env,
+            p = _spawn_on_keeper_thread(
+                lambda: subprocess.Popen(
+                    [*pdeathsig_prefix(), *argv],
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                    env=env,
+                )
             )
         finally:
             if log is not None and not isinstance(out, int):

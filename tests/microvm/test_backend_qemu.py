@@ -187,3 +187,23 @@ def test_kill_stops_hanging_guest(kernel: Kernel, init_disk: Path, tmp_path: Pat
     h.kill()
     assert h.poll() is not None and time.monotonic() - t < 6
     h.kill()  # idempotent
+
+
+def test_vm_started_from_short_lived_thread_survives_it(
+    kernel: Kernel, init_disk: Path, tmp_path: Path
+) -> None:
+    """PDEATHSIG is per thread: children are forked from a keeper thread, not the caller's."""
+    import threading
+
+    require_binaries("qemu-system-x86_64")
+    spec = _spec(kernel, init_disk, tmp_path / "run", cmdline_extra="hang")
+    box = {}
+    t = threading.Thread(target=lambda: box.setdefault("h", QemuBackend().launch(spec)))
+    t.start()
+    t.join()
+    h = box["h"]
+    try:
+        time.sleep(1.0)
+        assert h.poll() is None and _alive(h.pid)
+    finally:
+        h.kill()
