@@ -118,10 +118,12 @@ def rm(ctx: click.Context, ref: str) -> None:
 
 
 @main.command()
+@click.option("--grace", default=600.0, show_default=True,
+              help="keep content younger than this many seconds")
 @click.pass_context
-def prune(ctx: click.Context) -> None:
+def prune(ctx: click.Context, grace: float) -> None:
     """Delete content no tag or prepared root uses."""
-    r = _store(ctx).prune()
+    r = _store(ctx).prune(grace_seconds=grace)
     click.echo(f"removed {r.blobs} blobs, {r.trees} trees, {r.disks} disks; "
                f"freed {r.bytes_freed / 1e6:.1f} MB")
 

@@ -45,6 +45,7 @@ class PreparedRoot:
     fstype: str = "ext4"
     sandbox_dir: Path | None = None
     image_id: str | None = None
+    record_dir: Path | None = None
 
     def mount_plan(self) -> dict[str, Any]:
         """JSON/CBOR-serialisable instructions for the guest agent.
@@ -78,8 +79,9 @@ class PreparedRoot:
 
             root.remove()
         """
-        if self.sandbox_dir is not None:
-            shutil.rmtree(self.sandbox_dir, ignore_errors=True)
+        for d in (self.sandbox_dir, self.record_dir):
+            if d is not None:
+                shutil.rmtree(d, ignore_errors=True)
 
 
 def _run(argv: list[str], what: str) -> None:

@@ -28,6 +28,7 @@ import json
 import os
 import platform as _platform
 import shutil
+import stat
 import tempfile
 import time
 import uuid
@@ -325,6 +326,9 @@ class ImageStore:
                 parse_config(self.read_blob(config_desc.digest), len(layers),
                              f"config of {r}")
                 missing = [ly for ly in layers if not self.has_blob(ly.digest)]
+                for ly in layers:
+                    if ly not in missing:
+                        os.utime(self.blob_path(ly.digest))  # fresh again: prune keeps it
                 if missing:
                     workers = max(1, min(max_workers, len(missing)))
                     with ThreadPoolExecutor(workers) as pool:
@@ -491,43 +495,55 @@ class ImageStore:
         plist = list(patches)
         disk = self.image_disk(img, image_format)
         lower = self.rootfs_dir(img)
-        sandbox = Path(dest) if dest is not None else self.home / "prepared" / uuid.uuid4().hex
+        record = self.home / "prepared" / uuid.uuid4().hex
+        sandbox = Path(dest).absolute() if dest is not None else record
         sandbox.mkdir(parents=True, exist_ok=True)
+        record.mkdir(parents=True, exist_ok=True)
+        upper = sandbox / "upper.ext4"
         staging = Path(tempfile.mkdtemp(dir=self.staging_dir or sandbox, prefix=".staging-"))
         ok = False
         try:
-            os.chmod(staging, 0o755)
-            (staging / "upper").mkdir(0o755)
-            (staging / "work").mkdir(0o755)
-            PatchTarget(staging / "upper", lower).apply(plist)
+            # The overlay's merged root takes its attributes from upperdir: mirror the image.
+            root_st = os.stat(lower)
+            (staging / "upper").mkdir()
+            os.chmod(staging / "upper", stat.S_IMODE(root_st.st_mode))
+            (staging / "work").mkdir(0o700)
             if os.geteuid() == 0:
-                src = staging
+                os.chown(staging / "upper", root_st.st_uid, root_st.st_gid)
             elif plist:
-                raise DiskError("baking patches into the upper disk needs root (mkfs.ext4 -d "
-                                "must copy root-owned files, whiteouts and trusted xattrs)")
-            else:
-                src = staging
-            upper = sandbox / "upper.ext4"
-            build_ext4(src, upper, upper_size_mib, label="upper")
+                raise DiskError("baking patches into the upper disk needs root (the guest "
+                                "must see root-owned files, whiteouts and trusted xattrs)")
+            PatchTarget(staging / "upper", lower).apply(plist)
+            build_ext4(staging, upper, upper_size_mib, label="upper")
             meta = {"image": img.ref, "image_id": img.id, "digest": img.digest,
-                    "image_disk": str(disk), "created": time.time()}
-            atomic_write(sandbox / "meta.json", json.dumps(meta).encode())
+                    "image_disk": str(disk), "sandbox_dir": str(sandbox),
+                    "created": time.time()}
+            atomic_write(record / "meta.json", json.dumps(meta).encode())
             ok = True
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-            if not ok and dest is None:
-                shutil.rmtree(sandbox, ignore_errors=True)
+            if not ok:
+                shutil.rmtree(record, ignore_errors=True)
+                if dest is None:
+                    shutil.rmtree(sandbox, ignore_errors=True)
+                elif upper.exists():
+                    upper.unlink()
         return PreparedRoot(kind="overlay", image_disk=disk, image_format=image_format,
-                            upper_disk=upper, sandbox_dir=sandbox, image_id=img.id)
+                            upper_disk=upper, sandbox_dir=sandbox, image_id=img.id,
+                            record_dir=record)
 
     # -- prune ---------------------------------------------------------------
-    def prune(self) -> PruneResult:
+    def prune(self, *, grace_seconds: float = 600.0) -> PruneResult:
         """Delete blobs, trees and disks not reachable from a tag or a prepared root.
+
+        Content younger than ``grace_seconds`` is kept, so a pull or load running
+        in another process (blobs stored, tag not yet written) is never pruned.
 
         Example::
 
-            store.remove("busybox:old"); store.prune()
+            store.remove("busybox:old"); store.prune(grace_seconds=0)
         """
+        cutoff = time.time() - grace_seconds
         keep_blobs: set[str] = set()
         keep_ids: set[str] = set()
         for p in (self.home / "refs").glob("*.json"):
@@ -541,8 +557,10 @@ class ImageStore:
         for meta in (self.home / "prepared").glob("*/meta.json"):
             try:
                 rec = json.loads(meta.read_text())
-                digest = rec["digest"]
-                img = self._image_from_manifest(rec["image"], digest)
+                if not Path(rec.get("sandbox_dir") or meta.parent).is_dir():
+                    shutil.rmtree(meta.parent, ignore_errors=True)  # its sandbox is gone
+                    continue
+                img = self._image_from_manifest(rec["image"], rec["digest"])
             except (OSError, ValueError, KeyError, RootfsError):
                 continue
             keep_blobs.update({img.digest, img.config_digest, *(ly.digest for ly in img.layers)})
@@ -550,16 +568,18 @@ class ImageStore:
         blobs = trees = disks = freed = 0
         with lock(self.home / "locks", "prune"):
             for p in (self.home / "blobs" / "sha256").iterdir():
-                if f"sha256:{p.name}" not in keep_blobs and not p.name.startswith("."):
-                    freed += p.stat().st_size
+                st = p.stat()
+                if f"sha256:{p.name}" not in keep_blobs and not p.name.startswith(".") \
+                        and st.st_mtime < cutoff:
+                    freed += st.st_size
                     p.unlink()
                     blobs += 1
             for p in (self.home / "rootfs").iterdir():
-                if p.name not in keep_ids:
+                if p.name not in keep_ids and p.stat().st_mtime < cutoff:
                     shutil.rmtree(p, ignore_errors=True)
                     trees += 1
             for p in (self.home / "disks").iterdir():
-                if p.name.partition(".")[0] not in keep_ids:
+                if p.name.partition(".")[0] not in keep_ids and p.stat().st_mtime < cutoff:
                     freed += p.stat().st_blocks * 512
                     p.unlink()
                     disks += 1

@@ -29,7 +29,7 @@ def test_cli_round_trip(busybox_tree: Path, tmp_path: Path) -> None:
     _cli(home, "unpack", "local/bb:1", str(tmp_path / "root"))
     assert (tmp_path / "root/bin/busybox").is_file()
     _cli(home, "rm", "local/bb:1")
-    assert "removed" in _cli(home, "prune").stdout
+    assert "removed" in _cli(home, "prune", "--grace", "0").stdout
     bad = _cli(home, "unpack", "Bad:ref", str(tmp_path / "x"), ok=False)
     assert bad.returncode == 1 and "bad repository component 'Bad'" in bad.stderr
     assert "Traceback" not in bad.stderr

@@ -157,10 +157,40 @@ def test_list_remove_prune(store: rootfs.ImageStore, layered: rootfs.Image,
         store.remove("local/layered:1")
     with pytest.raises(rootfs.ImageNotFoundError, match="not in the store"):
         store.get("local/layered:1")
-    res = store.prune()
+    res = store.prune(grace_seconds=0)
     assert res.blobs == 2 + len(layered.layers) and res.disks == 1 and res.trees == 1
     assert kept.image_disk is not None and kept.image_disk.exists()  # a sandbox still uses it
     kept.remove()
-    res2 = store.prune()
+    res2 = store.prune(grace_seconds=0)
     assert res2.disks == 1 and res2.blobs == 3
     assert store.list() == []
+
+
+def test_prune_grace_and_prepared_roots_outside_the_store(
+        store: rootfs.ImageStore, layered: rootfs.Image, tmp_path: Path) -> None:
+    require_binaries("mkfs.erofs", "mkfs.ext4")
+    dest = tmp_path / "sandbox-1"
+    root = store.prepare(layered, upper_size_mib=16, dest=dest)
+    assert root.upper_disk == dest.absolute() / "upper.ext4" and root.upper_disk.exists()
+    store.remove(layered)
+    assert store.prune() == rootfs.PruneResult(0, 0, 0, 0)  # everything is younger than 10 min
+    store.prune(grace_seconds=0)
+    assert root.image_disk is not None and root.image_disk.exists()  # dest still uses it
+    import shutil
+
+    shutil.rmtree(dest)  # the sandbox went away without remove()
+    res = store.prune(grace_seconds=0)
+    assert res.disks == 1 and not root.image_disk.exists()
+    assert list((store.home / "prepared").iterdir()) == []
+
+
+def test_merged_root_mirrors_image_root(store: rootfs.ImageStore, layered: rootfs.Image,
+                                        tmp_path: Path) -> None:
+    require_root()
+    require_binaries("mkfs.erofs", "mkfs.ext4", "losetup", "mount")
+    root = store.prepare(layered, upper_size_mib=16, patches=[Patch.mkdir("/x")])
+    lower_st = os.stat(store.rootfs_dir(layered))
+    with mount_plan(root.mount_plan(), tmp_path / "mnt") as merged:
+        st = os.stat(merged)
+        assert (stat.S_IMODE(st.st_mode), st.st_uid) == (stat.S_IMODE(lower_st.st_mode),
+                                                        lower_st.st_uid)
