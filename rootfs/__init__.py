@@ -31,6 +31,7 @@ from rootfs.errors import (
 from rootfs.image import Descriptor, Image
 from rootfs.layout import load_archive, write_oci_layout
 from rootfs.patches import Patch, apply_patches
+from rootfs.protocols import RootProvider
 from rootfs.reference import Reference, parse_reference
 from rootfs.registry import RegistryAuth, RegistryClient
 from rootfs.store import ImageStore, PruneResult
@@ -54,6 +55,7 @@ __all__ = [
     "RegistryAuth",
     "RegistryClient",
     "RegistryError",
+    "RootProvider",
     "RootfsError",
     "UnpackLimits",
     "UnpackState",

@@ -50,6 +50,7 @@ class TokenServer:
         self.issuer, self.service = "test-issuer", "test-registry"
         signer = ca.issue_cert("token-signer")  # type: ignore[attr-defined]
         key = serialization.load_pem_private_key(signer.private_key_pem.bytes(), None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
         cert = x509.load_pem_x509_certificate(signer.cert_chain_pems[0].bytes())
         x5c = base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()
         self.bundle = root / "token-ca.pem"
@@ -76,7 +77,7 @@ class TokenServer:
             claims = {"iss": outer.issuer, "sub": user, "aud": outer.service, "exp": now + 600,
                       "nbf": now - 60, "iat": now, "jti": os.urandom(8).hex(), "access": access}
             signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
-            der = key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))  # type: ignore[union-attr,call-arg]
+            der = key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256()))
             r, s_ = decode_dss_signature(der)
             sig = r.to_bytes(32, "big") + s_.to_bytes(32, "big")
             return f"{signing_input}.{b64(sig)}"

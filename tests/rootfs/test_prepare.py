@@ -194,3 +194,9 @@ def test_merged_root_mirrors_image_root(store: rootfs.ImageStore, layered: rootf
         st = os.stat(merged)
         assert (stat.S_IMODE(st.st_mode), st.st_uid) == (stat.S_IMODE(lower_st.st_mode),
                                                         lower_st.st_uid)
+
+
+def test_image_store_is_a_root_provider(store: rootfs.ImageStore) -> None:
+    assert isinstance(store, rootfs.RootProvider)
+    provider: rootfs.RootProvider = store  # also checked statically by mypy
+    assert provider is store
