@@ -13,6 +13,7 @@ from tests.support import require_binaries
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.mark.fuzz
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("target", ["fuzz_frame", "fuzz_dns", "fuzz_client_hello"])
 def test_fuzz_target_short_run(target: str, tmp_path: object) -> None:
