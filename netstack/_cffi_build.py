@@ -196,5 +196,8 @@ if __name__ == "__main__":
     os.makedirs(target_dir, exist_ok=True)
     dest = os.path.join(target_dir, os.path.basename(lib))
     if os.path.abspath(lib) != os.path.abspath(dest):
-        shutil.copy2(lib, dest)
+        # copy then rename: a process that has the old module mapped keeps it
+        # (overwriting in place would SIGBUS it)
+        shutil.copy2(lib, dest + ".tmp")
+        os.replace(dest + ".tmp", dest)
     print(dest, file=sys.stderr)
