@@ -186,6 +186,14 @@ def resolv_conf_upstreams(path: str | Path = "/etc/resolv.conf") -> list[Upstrea
     return result
 
 
+def _addresses(rrset: dns.rrset.RRset) -> list[str]:
+    """The addresses of an IN A/AAAA rrset (other classes parse as opaque rdata)."""
+    if rrset.rdclass != dns.rdataclass.IN or rrset.rdtype not in (dns.rdatatype.A,
+                                                                  dns.rdatatype.AAAA):
+        return []
+    return [str(rd.address) for rd in rrset if isinstance(getattr(rd, "address", None), str)]
+
+
 def _header_only(query_id: int, flags: int, rcode: int, *, tc: bool = False) -> bytes:
     """A reply with no sections: QR set, opcode and RD copied from ``flags``, RA set."""
     out = dns.flags.QR | dns.flags.RA | (flags & (0x7800 | dns.flags.RD))
@@ -413,10 +421,7 @@ class DnsForwarder:
         if not self.rebind_protection:
             return None
         for rrset in upstream.answer:
-            if rrset.rdtype not in (dns.rdatatype.A, dns.rdatatype.AAAA):
-                continue
-            for rd in rrset:
-                ip = str(rd.address)
+            for ip in _addresses(rrset):
                 if is_rebind_address(ip) and not (self.rebind_exempt is not None
                                                   and self.rebind_exempt(ip)):
                     return ip
@@ -430,19 +435,22 @@ class DnsForwarder:
         while changed:
             changed = False
             for rrset in upstream.answer:
-                if rrset.rdtype == dns.rdatatype.CNAME and rrset.name in reach:
+                if rrset.rdtype == dns.rdatatype.CNAME and rrset.rdclass == dns.rdataclass.IN \
+                        and rrset.name in reach:
                     ttl = min(reach[rrset.name], rrset.ttl)
                     for rd in rrset:
-                        if rd.target not in reach:
+                        if isinstance(getattr(rd, "target", None), dns.name.Name) \
+                                and rd.target not in reach:
                             reach[rd.target] = ttl
                             changed = True
         found: list[tuple[str, int]] = []
         for rrset in upstream.answer:
-            if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA) and rrset.name in reach:
+            ips = _addresses(rrset)
+            if ips and rrset.name in reach:
                 ttl = max(self.ttl_floor, min(reach[rrset.name], rrset.ttl))
                 if self.ttl_ceiling is not None:
                     ttl = min(ttl, self.ttl_ceiling)
-                found.extend((str(rd.address), ttl) for rd in rrset)
+                found.extend((ip, ttl) for ip in ips)
         if not found:
             return
         try:

@@ -380,3 +380,18 @@ def test_dnspython_client_over_listener(listener: Listener) -> None:
     r = dns.query.tcp(dns.message.make_query("a.example.test", "A"), listener.host,
                       port=listener.port, timeout=5)
     assert addresses(r) == ["93.184.216.34"]
+
+
+def test_non_in_class_address_records_are_ignored() -> None:
+    """Regression (found by fuzz_dns_forwarder): an A record of class 2 parses as opaque
+    rdata without an address; the rebind check and the pin feed must skip it."""
+    seen: list[object] = []
+    fwd = DnsForwarder(ALLOW_ALL.evaluate_dns, ["192.0.2.1"],
+                       on_answer=lambda n, ips: seen.append((n, ips)))
+    wire = bytes.fromhex("0b0180000001000100000000"  # id, QR, 1 question, 1 answer
+                         "017800" "0001" "0002"       # x. A class 2 (CSNET)
+                         "c00c" "0001" "0002" "0000003c" "0004" "7f000001")
+    msg = dns.message.from_wire(wire)
+    assert fwd._rebind_violation(msg) is None
+    fwd._report("x", msg.question[0].name, msg)
+    assert seen == []

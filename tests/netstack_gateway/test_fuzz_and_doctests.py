@@ -1,0 +1,36 @@
+"""The gateway modules' docstring examples, and a short atheris run of the DNS forwarder."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MODULES = ["netstack.gateway", "netstack.gateway.addressing", "netstack.gateway.state",
+           "netstack.gateway.uplink_tap", "netstack.gateway.dns_forwarder",
+           "netstack.gateway.pcap"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_doctests(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MICROVM_HOME", str(tmp_path))
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
+
+
+@pytest.mark.fuzz
+@pytest.mark.timeout(60)
+def test_short_fuzz_run(tmp_path: Path) -> None:
+    pytest.importorskip("atheris")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "fuzz" / "fuzz_dns_forwarder.py"),
+         "-max_total_time=5", "-rss_limit_mb=1024", f"-artifact_prefix={tmp_path}/"],
+        capture_output=True, text=True, timeout=50, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Done" in out.stderr
