@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 from microvm.backends.base import (
@@ -33,6 +34,10 @@ QEMU_INSTALL_HINTS = (
     "or `virtiofsd`); Fedora `dnf install qemu-system-x86-core virtiofsd`; "
     "macOS `brew install qemu` (no microvm/virtio-fs on macOS: use the libkrun backend)"
 )
+
+
+SECCOMP_POLICY = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+_SECCOMP_CACHE: dict[str, bool] = {}
 
 
 def _find_qemu() -> str | None:
@@ -73,11 +78,30 @@ class QemuBackend:
 
     name = "qemu"
 
-    def __init__(self, accel: str = "auto", qemu: str | None = None) -> None:
+    def __init__(self, accel: str = "auto", qemu: str | None = None, seccomp: bool = True) -> None:
         if accel not in ("auto", "kvm", "tcg"):
             raise BackendUnavailable(f"bad accel {accel!r}: use auto, kvm or tcg")
         self.accel = accel
         self._qemu = qemu
+        self.seccomp = seccomp
+
+    def supports_seccomp(self) -> bool:
+        """True when this QEMU was built with ``-sandbox`` (seccomp) support.
+
+        Example::
+
+            QemuBackend().supports_seccomp()
+        """
+        q = self.qemu_binary()
+        if q not in _SECCOMP_CACHE:
+            try:
+                out = subprocess.run(
+                    [q, "-help"], capture_output=True, text=True, timeout=20
+                ).stdout
+            except (OSError, subprocess.SubprocessError):
+                out = ""
+            _SECCOMP_CACHE[q] = "-sandbox" in out
+        return _SECCOMP_CACHE[q]
 
     def resolved_accel(self) -> str:
         """``kvm`` or ``tcg`` as this backend will use it.
@@ -140,6 +164,9 @@ class QemuBackend:
             "-append", spec.kernel_cmdline(),
             "-global", "virtio-mmio.force-legacy=off",
         ]  # fmt: skip
+        if self.seccomp and self.supports_seccomp():
+            # QEMU may not spawn, setuid, change resource controls or use obsolete syscalls.
+            args += ["-sandbox", SECCOMP_POLICY]
         for i, d in enumerate(spec.disks):
             args += _disk_args(i, d)
         args += [

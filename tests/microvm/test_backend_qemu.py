@@ -62,6 +62,10 @@ def test_argv_has_devices_in_order(tmp_path: Path) -> None:
     assert "-M microvm,acpi=off,memory-backend=mem" in s and "-accel tcg" in s
     assert "memory-backend-memfd,id=mem,size=384M,share=on" in s
     assert "-smp 2" in s and "-no-reboot" in s and "virtio-mmio.force-legacy=off" in s
+    assert (
+        "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny" in s
+    )  # Debian QEMU has seccomp
+    assert "-sandbox" not in QemuBackend(accel="tcg", seccomp=False).argv(spec)
     assert "file=" + str(tmp_path / "root,,1.img") in s  # commas escaped for QEMU
     assert s.index("drive=d0") < s.index("drive=d1") < s.index("virtio-serial-device")
     assert "readonly=on" in a[a.index("-drive", a.index("-drive") + 1) + 1]
