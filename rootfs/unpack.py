@@ -235,7 +235,10 @@ def _apply_meta(path: str, member: tarfile.TarInfo, state: UnpackState) -> None:
     if state.limits.keep_owner():
         os.lchown(path, member.uid, member.gid)
     if not is_link:
-        os.chmod(path, member.mode & 0o7777)
+        mode = member.mode & 0o7777
+        if member.isdir() and os.geteuid() != 0:
+            mode |= 0o700  # without root we must still be able to fill the directory
+        os.chmod(path, mode)
     for key, value in member.pax_headers.items():
         if key.startswith("SCHILY.xattr."):
             name = key[len("SCHILY.xattr.") :]
@@ -295,7 +298,12 @@ def _apply_tar(reader: _HashingReader, root: str, st: UnpackState) -> None:
         raise ImageFormatError(f"layer is not a tar archive: {exc}") from None
     try:
         for member in tar:
-            _apply_member(tar, member, root, st, limits, created, dirs)
+            try:
+                _apply_member(tar, member, root, st, limits, created, dirs)
+            except OSError as exc:
+                raise UnsafeLayerError(
+                    member.name, f"cannot be written: {exc.strerror or exc}"
+                ) from None
     except tarfile.TarError as exc:
         raise ImageFormatError(f"corrupt layer tar: {exc}") from None
     finally:

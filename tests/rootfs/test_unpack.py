@@ -232,6 +232,13 @@ def test_hypothesis_names_never_escape(tmp_path_factory: pytest.TempPathFactory)
     run()
 
 
+def test_os_errors_become_typed_errors_naming_the_entry(tmp_path: Path) -> None:
+    name = "d/" + "x" * 300  # one component longer than NAME_MAX
+    with pytest.raises(rootfs.UnsafeLayerError, match="cannot be written") as info:
+        _apply([layer(E(name, data=b"x"))], tmp_path / "r")
+    assert info.value.entry == name
+
+
 def test_tarfile_long_names_and_pax(tmp_path: Path) -> None:
     long = "d/" + "x" * 200 + "/" + "y" * 150
     _apply([layer(E(long, data=b"long"))], tmp_path / "r")
