@@ -68,7 +68,7 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
             if lower.get("expect", "").lower() == "100-continue":
                 writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             total, digest, keep = await _read_body(reader, lower)
-            close = lower.get("connection", "").lower() == "close"
+            close = lower.get("connection", "").lower() == "close" or target == "/close"
             extra = b"Connection: close\r\n" if close else b""
             if target.startswith("/bytes/"):
                 n = int(target.split("/")[2])

@@ -139,21 +139,30 @@ class Http1Session:
         self.outstanding = 0
 
     async def run(self) -> None:
-        """Serve until either side closes, then close both."""
+        """Serve until either side closes, then close both.
+
+        If the response side ends first (upstream closed, or a proxy reply was sent),
+        the request side is cancelled at once instead of idling until its timeout.
+        """
+        req = asyncio.ensure_future(self._requests())
         resp = asyncio.ensure_future(self._responses())
         try:
-            await self._requests()
-        except (ConnectionError, OSError):
-            pass
+            done, _ = await asyncio.wait({req, resp}, return_when=asyncio.FIRST_COMPLETED)
+            client_failed = req in done and not req.cancelled() and req.exception() is not None
+            if resp not in done and not client_failed:
+                await asyncio.wait({resp}, timeout=self.limits.idle_timeout)
         finally:
-            try:
-                await asyncio.wait_for(resp, self.limits.idle_timeout)
-            except (TimeoutError, ConnectionError, OSError, HttpError):
-                pass
-            finally:
-                resp.cancel()
-                self.client.close()
-                self.upstream.close()
+            for t in (req, resp):
+                t.cancel()
+            await asyncio.wait({req, resp}, timeout=1)
+            for t in (req, resp):
+                if t.done() and not t.cancelled():
+                    e = t.exception()
+                    if e is not None and not isinstance(e, ConnectionError | OSError | HttpError):
+                        log.error("internal error in session for %s: %s", self.sni,
+                                  e.__class__.__name__)
+            self.client.close()
+            self.upstream.close()
 
     # ----- request direction -------------------------------------------------
 

@@ -238,3 +238,24 @@ def test_scoped_upstream_ca_trusts_only_its_hosts(proxy_ca_dir, upstream_ca_pem,
         assert r.status_code == 502 and "certificate rejected" in r.json()["reason"]
     finally:
         pt.stop()
+
+
+def test_upstream_close_closes_client_promptly(proxy_ca_dir, upstream_ca_pem, upstream,
+                                               ca_cert):
+    import time
+
+    from tests.tls_proxy.conftest import ProxyThread, make_config
+
+    pt = ProxyThread(make_config(proxy_ca_dir, upstream_ca_pem, header_timeout=30.0))
+    try:
+        s = tls_tunnel(pt.port, "api.example.test", upstream.port, ca_cert)
+        s.sendall(b"GET /close HTTP/1.1\r\nHost: api.example.test\r\n\r\n")
+        st, hdrs, _ = read_response(s, bytearray())
+        assert st == 200 and hdrs["connection"] == "close"
+        t0 = time.monotonic()
+        s.settimeout(10)
+        assert s.recv(10) == b""
+        assert time.monotonic() - t0 < 3
+        s.close()
+    finally:
+        pt.stop()
