@@ -180,3 +180,29 @@ def test_real_libkrun_boot(kernel, init_disk: Path, tmp_path: Path) -> None:
     finally:
         vm.kill()
     assert "GUEST-INIT-UP" in console_tail(spec.console_log)
+
+
+def test_start_enter_failure_is_reported(
+    krun_double: Path, calls_log: Path, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("KRUN_DOUBLE_FAIL", "krun_start_enter=2")
+    spec = _spec(tmp_path)
+    vm = LibkrunBackend(library=str(krun_double), require_kvm=False).launch(spec)
+    assert vm.wait(timeout=20) == 125
+    err = json.loads((spec.rundir / "launcher.log").read_text().strip().splitlines()[-1])
+    assert "krun_start_enter failed: -2 (ENOENT" in err["error"]
+
+
+def test_machine_on_libkrun_double_fails_boot_cleanly(
+    krun_double: Path, calls_log: Path, tmp_path: Path
+) -> None:
+    """Machine is backend-agnostic: a 'guest' that only echoes never says core.ready -> BootError."""
+    from microvm import BootError, Machine
+
+    (tmp_path / "root.img").write_bytes(b"\0" * 4096)
+    m = Machine(LibkrunBackend(library=str(krun_double), require_kvm=False), kernel=tmp_path / "k.elf",
+                disks=[tmp_path / "root.img"], boot_timeout=5)  # fmt: skip
+    with pytest.raises(BootError) as ei:
+        m.start()
+    assert "krun-double: guest up" in ei.value.console_tail
+    assert m.handle.poll() is not None
