@@ -52,6 +52,7 @@ static int parse_sni(const uint8_t *p, size_t n, ns_hello *out) {
                 out->sni[k] = (c >= 'A' && c <= 'Z') ? (uint8_t)(c + 32) : c;
             }
             out->sni[len] = 0;
+            if (!ns_valid_hostname(out->sni, len)) return NS_HELLO_MALFORMED;
             out->sni_len = (uint16_t)len;
             out->has_sni = 1;
         }

@@ -181,6 +181,20 @@ typedef struct cidr_index {
     uint8_t lens6[129], nlens6;
 } cidr_index;
 
+/* Domain index: (kind, name) -> the rules naming it, ascending. */
+typedef struct dom_slot {
+    uint32_t hash, name_off;  /* name_off: into the policy's string blob */
+    uint32_t off, n;          /* slice of the list */
+    uint16_t len;
+    uint8_t kind, used;
+} dom_slot;
+
+typedef struct dom_index {
+    dom_slot *slots;
+    uint32_t mask;
+    uint32_t *list;
+} dom_index;
+
 typedef struct idx_list {
     uint32_t *v;
     uint32_t n;
@@ -192,7 +206,8 @@ struct ns_policy {
     uint16_t *ranges;
     uint8_t *blob;
     int def_deny[3];            /* indexed by direction 1/2 */
-    idx_list any, domain, group[8];
+    idx_list any, domain, domain_deny, group[8];
+    dom_index dom;
     cidr_index cidr;
     int has_domain;
     ns_rule_counter *counters;  /* nrules + 2 */
@@ -225,6 +240,7 @@ ns_rule_counter *ns_policy_counters(ns_policy *p);
 uint32_t ns_ctx_rule_counters(ns_ctx *c, ns_rule_counter *out, uint32_t max); /* nrules + 2 (egress/ingress default) */
 int ns_classify_group(const uint8_t *ip16, const uint8_t *gateway, uint32_t ngw);
 int ns_name_matches(const uint8_t *name, size_t nlen, const uint8_t *dom, size_t dlen, int suffix);
+int ns_valid_hostname(const uint8_t *name, size_t len);
 int ns_policy_set_gateway(ns_policy *p, const uint8_t *ips, uint32_t n);
 int ns_policy_set_intercept(ns_policy *p, const uint8_t *blob, const uint16_t *lens, uint32_t n,
                             const uint16_t *ports, uint32_t nports);

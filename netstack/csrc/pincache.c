@@ -208,7 +208,7 @@ static int make_room(ns_pincache *pc, uint32_t keep, double now) {
 
 static int pin_set(ns_pincache *pc, const uint8_t *name, size_t name_len, int family,
                    const uint8_t *ips, size_t n, double ttl, double now) {
-    if (name_len == 0 || name_len > 253 || (family != 4 && family != 6)) return -1;
+    if (!ns_valid_hostname(name, name_len) || (family != 4 && family != 6)) return -1;
     uint32_t idx = find_name(pc, name, name_len, family);
     if (idx != NIL) unbind_name(pc, idx);
     if (n == 0) {
@@ -291,7 +291,7 @@ int ns_pin_learn_dns(ns_pincache *pc, const uint8_t *buf, size_t len, double now
     if (ns_parse_dns(buf, len, &r) != NS_DNS_OK) return -1;
     if (!r.is_response || r.truncated) return -2;
     int family = r.qtype == 1 ? 4 : r.qtype == 28 ? 6 : 0;
-    if (family == 0 || r.qname_len == 0) return -2;
+    if (family == 0 || !ns_valid_hostname(r.qname, r.qname_len)) return -2;
     if (r.rcode != 0 || r.naddrs == 0)
         return ns_pin_set(pc, r.qname, r.qname_len, family, NULL, 0, 0, now);
     uint8_t ips[NS_DNS_MAX_ADDRS * 16];

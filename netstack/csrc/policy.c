@@ -11,7 +11,12 @@
  *     IPv4, <= 129 for IPv6), so its cost depends on how many different
  *     prefix lengths the policy uses, not on the number of rules;
  *   - group rules are bucketed by group (the remote belongs to one group);
- *   - any rules and domain/suffix rules are kept in ordered lists.
+ *   - domain and suffix rules are indexed by (kind, name) in a hash table: a
+ *     flow probes its SNI (or each pinned name) exactly, and every
+ *     label-aligned suffix of it for suffix rules (a.b.example.com ->
+ *     b.example.com -> example.com -> com), so the cost depends on the number
+ *     of labels and names, not on the number of domain rules;
+ *   - any rules are kept in an ordered list.
  * Each candidate list is scanned only while its rule index is below the best
  * match found so far; the answer is the minimum over all candidates.
  */
@@ -122,6 +127,70 @@ static int cidr_build(cidr_index *ix, const ns_rule_spec *rules, uint32_t nrules
     return 0;
 }
 
+static uint32_t dom_hash(const uint8_t *name, size_t len, int kind) {
+    uint32_t h = 2166136261u ^ (uint32_t)kind;
+    for (size_t i = 0; i < len; i++) {
+        h ^= name[i];
+        h *= 16777619u;
+    }
+    return h ^ (h >> 16);
+}
+
+static const dom_slot *dom_find(const ns_policy *p, const uint8_t *name, size_t len, int kind) {
+    const dom_index *ix = &p->dom;
+    uint32_t h = dom_hash(name, len, kind);
+    for (uint32_t i = h & ix->mask;; i = (i + 1) & ix->mask) {
+        const dom_slot *s = &ix->slots[i];
+        if (!s->used) return NULL;
+        if (s->hash == h && s->kind == kind && s->len == len &&
+            memcmp(p->blob + s->name_off, name, len) == 0)
+            return s;
+    }
+}
+
+static dom_slot *dom_slot_for(ns_policy *p, const ns_rule_spec *r) {
+    dom_index *ix = &p->dom;
+    const uint8_t *name = p->blob + r->name_off;
+    uint32_t h = dom_hash(name, r->name_len, r->kind);
+    for (uint32_t i = h & ix->mask;; i = (i + 1) & ix->mask) {
+        dom_slot *s = &ix->slots[i];
+        if (!s->used) {
+            s->used = 1;
+            s->hash = h;
+            s->kind = r->kind;
+            s->len = (uint16_t)r->name_len;
+            s->name_off = r->name_off;
+            return s;
+        }
+        if (s->hash == h && s->kind == r->kind && s->len == r->name_len &&
+            memcmp(p->blob + s->name_off, name, r->name_len) == 0)
+            return s;
+    }
+}
+
+static int dom_build(ns_policy *p) {
+    dom_index *ix = &p->dom;
+    uint32_t nd = p->domain.n, cap = 16;
+    while (cap < 2 * nd + 2) cap <<= 1;
+    ix->slots = (dom_slot *)calloc(cap, sizeof(dom_slot));
+    ix->list = (uint32_t *)malloc(sizeof(uint32_t) * (nd ? nd : 1));
+    if (!ix->slots || !ix->list) return -1;
+    ix->mask = cap - 1;
+    for (uint32_t i = 0; i < nd; i++) dom_slot_for(p, &p->rules[p->domain.v[i]])->n++;
+    uint32_t total = 0;
+    for (uint32_t i = 0; i < cap; i++) {
+        if (!ix->slots[i].used) continue;
+        ix->slots[i].off = total;
+        total += ix->slots[i].n;
+        ix->slots[i].n = 0;
+    }
+    for (uint32_t i = 0; i < nd; i++) {
+        dom_slot *s = dom_slot_for(p, &p->rules[p->domain.v[i]]);
+        ix->list[s->off + s->n++] = p->domain.v[i];
+    }
+    return 0;
+}
+
 static int list_push(idx_list *l, uint32_t v, uint32_t cap) {
     if (!l->v) {
         l->v = (uint32_t *)malloc(sizeof(uint32_t) * (cap ? cap : 1));
@@ -138,6 +207,9 @@ void ns_policy_free(ns_policy *p) {
     free(p->blob);
     free(p->any.v);
     free(p->domain.v);
+    free(p->domain_deny.v);
+    free(p->dom.slots);
+    free(p->dom.list);
     for (int g = 0; g < 8; g++) free(p->group[g].v);
     free(p->cidr.slots);
     free(p->cidr.list);
@@ -170,6 +242,7 @@ ns_policy *ns_policy_build(const ns_rule_spec *rules, uint32_t nrules,
         if (s->kind == NS_D_DOMAIN || s->kind == NS_D_SUFFIX) {
             if ((uint64_t)s->name_off + s->name_len > bloblen || s->name_len == 0) goto fail;
             if (list_push(&p->domain, r, nrules) < 0) goto fail;
+            if (s->action == NS_ACT_DENY && list_push(&p->domain_deny, r, nrules) < 0) goto fail;
             p->has_domain = 1;
         } else if (s->kind == NS_D_ANY) {
             if (list_push(&p->any, r, nrules) < 0) goto fail;
@@ -184,10 +257,30 @@ ns_policy *ns_policy_build(const ns_rule_spec *rules, uint32_t nrules,
         if (s->protomask == 0) s->protomask = NS_P_ALL;
     }
     if (cidr_build(&p->cidr, p->rules, nrules) < 0) goto fail;
+    if (dom_build(p) < 0) goto fail;
     return p;
 fail:
     ns_policy_free(p);
     return NULL;
+}
+
+/* A canonical host name as netstack.names.normalize_domain accepts it:
+ * 1..253 chars, labels of 1..63 chars from [a-z0-9_-], not starting or
+ * ending with '-'.  Names failing this never take part in domain matching. */
+int ns_valid_hostname(const uint8_t *name, size_t len) {
+    if (len == 0 || len > 253) return 0;
+    size_t label = 0;
+    for (size_t i = 0; i <= len; i++) {
+        uint8_t c = i < len ? name[i] : '.';
+        if (c == '.') {
+            if (label == 0 || label > 63 || name[i - 1] == '-' || name[i - label] == '-') return 0;
+            label = 0;
+            continue;
+        }
+        if (!((c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-' || c == '_')) return 0;
+        label++;
+    }
+    return 1;
 }
 
 int ns_name_matches(const uint8_t *name, size_t nlen, const uint8_t *dom, size_t dlen, int suffix) {
@@ -244,18 +337,6 @@ static int names_match(const ns_policy *p, const ns_rule_spec *s, const ns_flowq
     return 0;
 }
 
-/* Domain/suffix destination match (reference semantics, see policy.py). */
-static int domain_hit(const ns_policy *p, const ns_rule_spec *s, const ns_flowq *q) {
-    if (q->sni) {
-        if (!ns_name_matches(q->sni, q->sni_len, p->blob + s->name_off, s->name_len,
-                             s->kind == NS_D_SUFFIX))
-            return 0;
-        if (s->action == NS_ACT_DENY) return 1;
-        return names_match(p, s, q);
-    }
-    return names_match(p, s, q);
-}
-
 /* Best (lowest) matching non-domain rule index, or UINT32_MAX. */
 static uint32_t best_address_match(const ns_policy *p, const ns_flowq *q) {
     uint32_t best = UINT32_MAX;
@@ -287,12 +368,46 @@ static uint32_t best_address_match(const ns_policy *p, const ns_flowq *q) {
     return best;
 }
 
+enum { SCAN_SNI = 0, SCAN_NAME = 1, SCAN_ALLOW_NAME = 2 };
+
+/* Lowest rule index below `best` among the domain/suffix rules keyed by `name`
+ * or one of its label-aligned suffixes that passes the transport filter and:
+ * SCAN_SNI: name is the SNI (allow rules also need a pinned name match);
+ * SCAN_NAME: name is a pinned name; SCAN_ALLOW_NAME: likewise, allow rules only. */
+static uint32_t scan_name(const ns_policy *p, const ns_flowq *q, const uint8_t *name, size_t len,
+                          uint32_t best, int mode) {
+    for (size_t start = 0; start < len;) {
+        for (int kind = (start == 0 ? NS_D_DOMAIN : NS_D_SUFFIX); kind <= NS_D_SUFFIX; kind++) {
+            const dom_slot *sl = dom_find(p, name + start, len - start, kind);
+            if (!sl) continue;
+            for (uint32_t i = 0; i < sl->n; i++) {
+                uint32_t r = p->dom.list[sl->off + i];
+                if (r >= best) break;
+                const ns_rule_spec *s = &p->rules[r];
+                if (!transport_ok(p, s, q)) continue;
+                if (mode == SCAN_ALLOW_NAME && s->action != NS_ACT_ALLOW) continue;
+                if (mode == SCAN_SNI && s->action == NS_ACT_ALLOW && !names_match(p, s, q)) continue;
+                best = r;
+                break;
+            }
+        }
+        const uint8_t *dot = memchr(name + start, '.', len - start);
+        if (!dot) break;
+        start = (size_t)(dot - name) + 1;
+    }
+    return best;
+}
+
+static uint32_t best_domain_match(const ns_policy *p, const ns_flowq *q, uint32_t best) {
+    if (q->sni) return scan_name(p, q, q->sni, q->sni_len, best, SCAN_SNI);
+    for (uint32_t i = 0; i < q->nnames; i++)
+        best = scan_name(p, q, q->names[i], q->name_lens[i], best, SCAN_NAME);
+    return best;
+}
+
 int ns_policy_eval(const ns_policy *p, const ns_flowq *q, int32_t *rule_index) {
     uint32_t best = best_address_match(p, q);
-    for (uint32_t i = 0; i < p->domain.n && p->domain.v[i] < best; i++) {
-        const ns_rule_spec *s = &p->rules[p->domain.v[i]];
-        if (transport_ok(p, s, q) && domain_hit(p, s, q)) { best = p->domain.v[i]; break; }
-    }
+    if (p->has_domain) best = best_domain_match(p, q, best);
     if (best == UINT32_MAX) {
         *rule_index = -1;
         return p->def_deny[q->direction == NS_DIR_INGRESS ? NS_DIR_INGRESS : NS_DIR_EGRESS]
@@ -305,12 +420,12 @@ int ns_policy_eval(const ns_policy *p, const ns_flowq *q, int32_t *rule_index) {
 int ns_policy_sni_dependent(const ns_policy *p, const ns_flowq *q) {
     if (!p->has_domain) return 0;
     uint32_t best = best_address_match(p, q);
-    for (uint32_t i = 0; i < p->domain.n && p->domain.v[i] < best; i++) {
-        const ns_rule_spec *s = &p->rules[p->domain.v[i]];
-        if (!transport_ok(p, s, q)) continue;
-        if (s->action == NS_ACT_DENY) return 1;  /* an SNI could match it */
-        if (names_match(p, s, q)) return 1;      /* an SNI could fail to match it */
-    }
+    /* a deny domain rule before the decision point: an SNI could match it */
+    for (uint32_t i = 0; i < p->domain_deny.n && p->domain_deny.v[i] < best; i++)
+        if (transport_ok(p, &p->rules[p->domain_deny.v[i]], q)) return 1;
+    /* an allow domain rule matching a pinned name: an SNI could fail to match it */
+    for (uint32_t i = 0; i < q->nnames; i++)
+        if (scan_name(p, q, q->names[i], q->name_lens[i], best, SCAN_ALLOW_NAME) < best) return 1;
     return 0;
 }
 

@@ -76,3 +76,37 @@ def test_thousands_of_cidr_rules_keep_first_match_order() -> None:
         ip = f"10.{rng.randrange(9)}.{rng.randrange(256)}.{rng.randrange(256)}"
         flow = Flow("egress", rng.choice(("tcp", "udp")), ip, rng.choice((443, 1500, 80)))
         assert ev.evaluate(flow) == _reference(policy, flow)
+
+
+def test_thousands_of_domain_rules_keep_first_match_order() -> None:
+    rng = random.Random(4)
+    words = ["ads", "cdn", "api", "x", "track", "static", "m", "eu"]
+    zones = [f"z{i}.example" for i in range(300)]
+    rules = []
+    for _ in range(3000):
+        name = f"{rng.choice(words)}.{rng.choice(zones)}" if rng.random() < 0.7 else rng.choice(zones)
+        rules.append(Rule.build(rng.choice(("allow", "deny")),
+                                destination=rng.choice((f".{name}", name)),
+                                protocols=rng.choice((None, "tcp", "udp")),
+                                ports=rng.choice((None, 443))))
+    policy = NetworkPolicy(default_egress="deny", default_ingress="allow", rules=tuple(rules))
+    ev = CompiledEvaluator(policy)
+
+    def host() -> str:
+        return ".".join([rng.choice(words) for _ in range(rng.randrange(3))] + [rng.choice(zones)])
+
+    for _ in range(1500):
+        flow = Flow("egress", rng.choice(("tcp", "udp")), "203.0.113.7", rng.choice((443, 80)),
+                    sni=host() if rng.random() < 0.5 else None,
+                    names=[host() for _ in range(rng.randrange(3))])
+        assert ev.evaluate(flow) == _reference(policy, flow), flow
+
+
+def test_invalid_names_never_match() -> None:
+    from netstack import PinCache
+    from netstack.dnsparse import build_response
+
+    pins = PinCache()
+    assert pins.learn(build_response("-bad.example.com", [("a", "192.0.2.1", 60)])) == 0
+    assert pins.learn(build_response("x*y.example.com", [("a", "192.0.2.1", 60)])) == 0
+    assert pins.names("192.0.2.1") == frozenset()
