@@ -166,6 +166,15 @@ def load(ctx: click.Context, path: Path, ref: str | None) -> None:
 
 
 @main.command()
+@click.argument("refs", nargs=-1, required=True)
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.pass_context
+def save(ctx: click.Context, refs: tuple[str, ...], dest: Path) -> None:
+    """Export REFS as an OCI layout at DEST (a tarball if DEST ends in .tar)."""
+    click.echo(str(_store(ctx).save(list(refs), dest)))
+
+
+@main.command()
 @click.argument("ref")
 @click.option("--upper-size-mib", default=4096, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["erofs", "ext4"]), default="erofs")

@@ -386,6 +386,40 @@ class ImageStore:
 
         return load_archive(self, Path(path), ref)
 
+    def save(self, refs: str | Image | Iterable[str | Image],
+             dest: str | os.PathLike[str]) -> Path:
+        """Export images as an OCI layout: a directory, or a tarball if ``dest`` ends in .tar.
+
+        Each image is annotated with its full reference, so :meth:`load` restores the tags.
+
+        Example::
+
+            store.save("local/busybox:latest", "/tmp/busybox.tar")
+        """
+        from rootfs.layout import write_oci_layout
+
+        items = [refs] if isinstance(refs, (str, Image)) else list(refs)
+        images = [self.get(r) for r in items]
+        out = Path(dest)
+        as_tar = out.suffix == ".tar"
+        if out.exists():
+            raise RootfsError(f"save destination {str(out)!r} already exists")
+        work = Path(tempfile.mkdtemp(dir=self.home / "tmp", prefix="save-")) if as_tar else out
+        try:
+            write_oci_layout(self, work, {img.ref: img for img in images})
+            if as_tar:
+                import tarfile
+
+                tmp = out.with_name(f".{out.name}.tmp")
+                with tarfile.open(tmp, "w") as tar:
+                    for name in sorted(os.listdir(work)):
+                        tar.add(work / name, arcname=name)
+                os.replace(tmp, out)
+        finally:
+            if as_tar:
+                shutil.rmtree(work, ignore_errors=True)
+        return out
+
     # -- unpack --------------------------------------------------------------
     def unpack(self, image: Image | str, dest: str | os.PathLike[str],
                *, limits: UnpackLimits | None = None) -> UnpackState:

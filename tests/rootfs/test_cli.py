@@ -28,6 +28,8 @@ def test_cli_round_trip(busybox_tree: Path, tmp_path: Path) -> None:
     assert plan["kind"] == "overlay" and plan["lower"][0]["fstype"] == "erofs"
     _cli(home, "unpack", "local/bb:1", str(tmp_path / "root"))
     assert (tmp_path / "root/bin/busybox").is_file()
+    _cli(home, "save", "local/bb:1", str(tmp_path / "bb.tar"))
+    assert "docker.io/local/bb:1" in _cli(tmp_path / "home2", "load", str(tmp_path / "bb.tar")).stdout
     _cli(home, "rm", "local/bb:1")
     assert "removed" in _cli(home, "prune", "--grace", "0").stdout
     bad = _cli(home, "unpack", "Bad:ref", str(tmp_path / "x"), ok=False)

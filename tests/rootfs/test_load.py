@@ -110,3 +110,18 @@ def test_build_image_config_and_platform_validation(tmp_path: Path) -> None:
         rootfs.image_from_layers(store, "a:1", [layer(E("x"))], platform="amd64")
     with pytest.raises(rootfs.RootfsError, match="is not a directory"):
         rootfs.build_image(tmp_path / "missing", "a:1", store)
+
+
+def test_save_and_load_round_trip(src: tuple[rootfs.ImageStore, rootfs.Image, Path],
+                                  tmp_path: Path, busybox_tree: Path) -> None:
+    s, img, _ = src
+    bb = rootfs.build_image(busybox_tree, "registry.test:5000/tools/bb:1", s)
+    tarball = s.save([img, "registry.test:5000/tools/bb:1"], tmp_path / "both.tar")
+    layout_dir = s.save(img, tmp_path / "one")
+    dst = rootfs.ImageStore(tmp_path / "dst")
+    loaded = {i.ref: i.digest for i in dst.load(tarball)}
+    assert loaded == {img.ref: img.digest, bb.ref: bb.digest}
+    [again] = rootfs.ImageStore(tmp_path / "dst2").load(layout_dir)
+    assert again.ref == img.ref
+    with pytest.raises(rootfs.RootfsError, match="already exists"):
+        s.save(img, tarball)
