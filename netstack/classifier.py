@@ -1,9 +1,12 @@
 """The compiled policy + flow table of the C fast path: ``Classifier``.
 
 ``Classifier(policy, gateway=...)`` compiles a :class:`~netstack.NetworkPolicy`
-into C tables (cidr rules in a per-family binary trie, group rules bucketed by
-group, domain/suffix and any rules in ordered lists; first-match order is
-preserved, see ``netstack/csrc/policy.c``) and owns a flow table:
+into C tables and owns a flow table.  First-match order is preserved exactly
+(see ``netstack/csrc/policy.c``): cidr rules are hashed by (prefix length,
+network) - one probe per distinct prefix length; domain and suffix rules are
+hashed by name - one probe per label of the SNI or pinned name; group rules
+are bucketed by group; each candidate list is scanned only below the best
+index found so far.  Lookup cost therefore does not grow with the rule count.
 
 * A flow is keyed by direction, IP protocol, addresses and ports.  It is
   evaluated once (its first frame); later frames cost a hash lookup.
