@@ -13,7 +13,7 @@
 """
 
 from netstack.gateway.addressing import AddressPlan, SlotLease, allocate_slot, microvm_home
-from netstack.gateway.dns_forwarder import DnsForwarder
+from netstack.gateway.dns_forwarder import DnsForwarder, ForwarderThread, is_rebind_address
 from netstack.gateway.pcap import PcapWriter
 from netstack.gateway.state import cleanup_stale
 from netstack.gateway.uplink_tap import TapUplink, uplink_names
@@ -21,11 +21,13 @@ from netstack.gateway.uplink_tap import TapUplink, uplink_names
 __all__ = [
     "AddressPlan",
     "DnsForwarder",
+    "ForwarderThread",
     "PcapWriter",
     "SlotLease",
     "TapUplink",
     "allocate_slot",
     "cleanup_stale",
+    "is_rebind_address",
     "microvm_home",
     "uplink_names",
 ]

@@ -44,11 +44,13 @@ run real listeners with :meth:`DnsForwarder.start` (UDP and TCP on one address).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import ipaddress
 import logging
 import re
 import struct
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +68,7 @@ import dns.rdatatype
 import dns.rrset
 
 from netstack.errors import DnsForwarderError
-from netstack.flow import Decision
+from netstack.flow import Decision, Flow
 
 log = logging.getLogger("netstack.dns")
 
@@ -111,6 +113,8 @@ class PolicyDecider(Protocol):
 
 AnswerCallback = Callable[[str, list[tuple[str, int]]], None]
 RebindExempt = Callable[[str], bool]
+#: ``(resolver ip, protocol, port) -> Decision`` for queries sent to a guest-chosen resolver.
+EgressDecider = Callable[[str, str, int], Decision]
 
 
 @dataclass(frozen=True)
@@ -208,7 +212,9 @@ class DnsForwarder:
     ``gateway``: the gateway addresses (answers for ``host_alias``; passed to the
     policy's rebind exemption). ``rebind_exempt``: ``ip -> bool``; by default taken from
     the policy behind ``policy_decider`` (``NetworkPolicy.rebind_exempt``), else nothing
-    is exempt.
+    is exempt. ``egress_decider``: ``(ip, protocol, port) -> Decision`` for queries the
+    guest sent to another resolver; by default the policy's ``evaluate`` of that egress
+    flow, else such queries are denied.
 
     >>> from netstack import NetworkPolicy
     >>> fwd = DnsForwarder(NetworkPolicy.public_only().evaluate_dns, upstreams=["127.0.0.1:5353"],
@@ -223,7 +229,8 @@ class DnsForwarder:
                  on_answer: AnswerCallback | None = None, host_alias: str | None = None,
                  gateway: Iterable[str] = (), rebind_exempt: RebindExempt | None = None,
                  resolv_conf: str | Path = "/etc/resolv.conf", ttl_floor: int = 1,
-                 ttl_ceiling: int | None = None) -> None:
+                 ttl_ceiling: int | None = None,
+                 egress_decider: EgressDecider | None = None) -> None:
         if not callable(policy_decider):
             raise DnsForwarderError(f"policy_decider must be callable like "
                                     f"NetworkPolicy.evaluate_dns, got {policy_decider!r}")
@@ -270,6 +277,12 @@ class DnsForwarder:
                 def rebind_exempt(ip: str) -> bool:
                     return bool(method(ip, gw))
         self.rebind_exempt = rebind_exempt
+        if egress_decider is None:
+            evaluate = getattr(getattr(policy_decider, "__self__", None), "evaluate", None)
+            if callable(evaluate):
+                def egress_decider(ip: str, protocol: str, port: int) -> Decision:
+                    return cast(Decision, evaluate(Flow("egress", protocol, ip, port)))
+        self.egress_decider = egress_decider
         self.ttl_floor = ttl_floor
         self.ttl_ceiling = ttl_ceiling
         self.stats: dict[str, int] = dict.fromkeys(
@@ -293,11 +306,17 @@ class DnsForwarder:
         return cls(policy.evaluate_dns, **kwargs)
 
     # -- the bytes-in / bytes-out entry point ----------------------------------------
-    async def handle(self, wire: bytes, protocol: str = "udp") -> bytes | None:
+    async def handle(self, wire: bytes, protocol: str = "udp",
+                     dst: str | tuple[str, int] | None = None) -> bytes | None:
         """Answer one DNS message from the guest; None means "send nothing".
 
         ``protocol`` is ``"udp"`` or ``"tcp"`` (without the TCP length prefix); it
-        selects the policy transport and the truncation rule.
+        selects the policy transport and the truncation rule. ``dst`` is the address
+        (or ``(address, port)``) the guest sent the query to: None or a gateway address
+        means "our resolver" (the configured upstreams, with failover); any other
+        address is a resolver the guest chose (``dig @1.1.1.1``): after the per-name
+        decision, the egress policy for ``dst:port/protocol`` decides (deny ->
+        NXDOMAIN) and an allowed query goes to that resolver only, without failover.
 
         >>> import asyncio
         >>> from netstack import NetworkPolicy
@@ -329,11 +348,15 @@ class DnsForwarder:
             log.info("DNS FORMERR: query id %d has %d questions (need exactly 1)", qid,
                      len(query.question))
             return _header_only(qid, flags, dns.rcode.FORMERR)
-        response = await self._answer(query, protocol)
+        target = None if dst is None else Upstream.parse(dst)
+        if target is not None and target.host in self.gateway:
+            target = None
+        response = await self._answer(query, protocol, target)
         return self._render(query, response, protocol)
 
     # -- internals -------------------------------------------------------------------
-    async def _answer(self, query: dns.message.Message, protocol: str) -> dns.message.Message:
+    async def _answer(self, query: dns.message.Message, protocol: str,
+                      target: Upstream | None) -> dns.message.Message:
         q = query.question[0]
         qname = q.name.to_text(omit_final_dot=True).lower() or "."
         qtype = dns.rdatatype.to_text(q.rdtype)
@@ -351,7 +374,16 @@ class DnsForwarder:
         if self.host_alias is not None and q.name == self.host_alias:
             self.stats["alias"] += 1
             return self._alias(query)
-        upstream = await self._forward(query, protocol)
+        servers = self.upstreams
+        if target is not None:
+            verdict = self._egress_decision(target, protocol)
+            if not verdict.allowed:
+                self.stats["denied"] += 1
+                log.info("DNS query %s %s to resolver %s:%d (%s) denied -> NXDOMAIN: %s",
+                         qname, qtype, target.host, target.port, protocol, verdict.reason)
+                return self._local(query, dns.rcode.NXDOMAIN)
+            servers = [target]
+        upstream = await self._forward(query, protocol, servers)
         if upstream is None:
             self.stats["servfail"] += 1
             log.warning("DNS query %s %s: no upstream answered -> SERVFAIL", qname, qtype)
@@ -391,14 +423,25 @@ class DnsForwarder:
                 q.name, _HOST_ALIAS_TTL, dns.rdataclass.IN, q.rdtype, addrs))
         return response
 
-    async def _forward(self, query: dns.message.Message, protocol: str
-                       ) -> dns.message.Message | None:
+    def _egress_decision(self, target: Upstream, protocol: str) -> Decision:
+        decide = self.egress_decider
+        if decide is None:
+            return Decision("deny", None, "no egress policy to judge a guest-chosen resolver "
+                                          "(pass egress_decider=)")
+        try:
+            return decide(target.host, protocol, target.port)
+        except Exception as e:
+            log.error("DNS egress decider failed for %s: %s; denying", target.host, e)
+            return Decision("deny", None, f"egress decider failed: {e}")
+
+    async def _forward(self, query: dns.message.Message, protocol: str,
+                       servers: Sequence[Upstream]) -> dns.message.Message | None:
         q = query.question[0]
         up = dns.message.make_query(q.name, q.rdtype, q.rdclass, use_edns=0,
                                     payload=_UPSTREAM_PAYLOAD,
                                     want_dnssec=bool(query.ednsflags & dns.flags.DO))
         up.flags = query.flags & (dns.flags.RD | dns.flags.CD)
-        for i, server in enumerate(self.upstreams):
+        for i, server in enumerate(servers):
             if i:
                 self.stats["failovers"] += 1
             try:
@@ -519,6 +562,69 @@ class DnsForwarder:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+
+class ForwarderThread:
+    """A :class:`DnsForwarder` served by its own event loop in a daemon thread.
+
+    For callers that are not asyncio (the C frame loop's slow path): :meth:`submit`
+    from any thread returns a ``concurrent.futures.Future`` of the reply bytes.
+
+    >>> from netstack import NetworkPolicy
+    >>> fwd = DnsForwarder(NetworkPolicy.none().evaluate_dns, ["192.0.2.1"])
+    >>> with ForwarderThread(fwd) as t:
+    ...     reply = t.submit(bytes.fromhex("abcd01000001000000000000017800000f0001")).result(5)
+    >>> reply[:2].hex(), reply[3] & 0xF   # NXDOMAIN (3), id preserved
+    ('abcd', 3)
+    """
+
+    def __init__(self, forwarder: DnsForwarder) -> None:
+        self.forwarder = forwarder
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True,
+                                        name="netstack-dns")
+        self._thread.start()
+
+    def submit(self, wire: bytes, protocol: str = "udp",
+               dst: str | tuple[str, int] | None = None
+               ) -> concurrent.futures.Future[bytes | None]:
+        """Schedule :meth:`DnsForwarder.handle` on the forwarder's loop.
+
+        >>> ForwarderThread.submit.__doc__.split()[0]
+        'Schedule'
+        """
+        if self.loop.is_closed():
+            raise DnsForwarderError("the forwarder thread is closed")
+        return asyncio.run_coroutine_threadsafe(self.forwarder.handle(wire, protocol, dst),
+                                                self.loop)
+
+    def start_listener(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        """Start the UDP+TCP listeners (:meth:`DnsForwarder.start`) on the thread's loop.
+
+        >>> ForwarderThread.start_listener.__doc__.split()[0]
+        'Start'
+        """
+        return asyncio.run_coroutine_threadsafe(self.forwarder.start(host, port),
+                                                self.loop).result(10)
+
+    def close(self) -> None:
+        """Stop listeners and the loop, join the thread (idempotent).
+
+        >>> ForwarderThread.close.__doc__.split()[0]
+        'Stop'
+        """
+        if self.loop.is_closed():
+            return
+        asyncio.run_coroutine_threadsafe(self.forwarder.stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+    def __enter__(self) -> ForwarderThread:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import socket
 import subprocess
-import threading
 from collections.abc import Iterator
 
 import dns.flags
@@ -16,9 +15,14 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from netstack import DnsForwarder, NetworkPolicy, Rule
+from netstack import Decision, DnsForwarder, NetworkPolicy, Rule
 from netstack.errors import DnsForwarderError
-from netstack.gateway.dns_forwarder import Upstream, is_rebind_address, resolv_conf_upstreams
+from netstack.gateway.dns_forwarder import (
+    ForwarderThread,
+    Upstream,
+    is_rebind_address,
+    resolv_conf_upstreams,
+)
 from tests.netstack_gateway.dns_server import AuthServer
 from tests.support import require_binaries
 
@@ -324,18 +328,11 @@ def test_large_udp_answer_becomes_header_only_tc(auth: AuthServer) -> None:
 # -- listener mode with real clients ---------------------------------------------------------
 class Listener:
     def __init__(self, fwd: DnsForwarder) -> None:
-        self.fwd = fwd
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.host, self.port = asyncio.run_coroutine_threadsafe(
-            fwd.start("127.0.0.1", 0), self.loop).result(10)
+        self.thread = ForwarderThread(fwd)
+        self.host, self.port = self.thread.start_listener("127.0.0.1", 0)
 
     def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.fwd.stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
+        self.thread.close()
 
 
 @pytest.fixture
@@ -395,3 +392,72 @@ def test_non_in_class_address_records_are_ignored() -> None:
     assert fwd._rebind_violation(msg) is None
     fwd._report("x", msg.question[0].name, msg)
     assert seen == []
+
+
+# -- guest-chosen resolvers (dst) ---------------------------------------------------------
+def ask_dst(fwd: DnsForwarder, name: str, dst: object, protocol: str = "udp"
+            ) -> dns.message.Message:
+    q = dns.message.make_query(name, "A")
+    wire = asyncio.run(fwd.handle(q.to_wire(), protocol, dst))  # type: ignore[arg-type]
+    assert wire is not None
+    return dns.message.from_wire(wire)
+
+
+def test_query_to_gateway_uses_configured_upstreams(auth: AuthServer) -> None:
+    fwd = DnsForwarder(ALLOW_ALL.evaluate_dns, [auth.upstream], gateway=["172.16.0.1"])
+    assert addresses(ask_dst(fwd, "a.example.test", "172.16.0.1")) == ["93.184.216.34"]
+    assert addresses(ask_dst(fwd, "a.example.test", ("172.16.0.1", 53))) == ["93.184.216.34"]
+
+
+def test_guest_chosen_resolver_allowed_goes_there_without_failover(
+        auth: AuthServer, blackhole: str) -> None:
+    fwd = DnsForwarder(ALLOW_ALL.evaluate_dns, [blackhole], timeout=0.3)
+    r = ask_dst(fwd, "a.example.test", ("127.0.0.1", auth.port), "tcp")
+    assert addresses(r) == ["93.184.216.34"] and auth.queries[-1][2] == "tcp"
+    host, port = blackhole.rsplit(":", 1)
+    fwd2 = DnsForwarder(ALLOW_ALL.evaluate_dns, [auth.upstream], timeout=0.3)
+    assert ask_dst(fwd2, "a.example.test", (host, int(port))).rcode() == dns.rcode.SERVFAIL
+    assert len(auth.queries) == 1  # no failover to the configured upstream
+
+
+def test_guest_chosen_resolver_denied_by_egress_policy(
+        auth: AuthServer, caplog: pytest.LogCaptureFixture) -> None:
+    policy = NetworkPolicy.custom(rules=[Rule.allow("a.example.test")])  # no egress to 127/8
+    fwd = DnsForwarder(policy.evaluate_dns, [auth.upstream])
+    with caplog.at_level(logging.INFO, logger="netstack.dns"):
+        r = ask_dst(fwd, "a.example.test", ("127.0.0.1", auth.port))
+    assert r.rcode() == dns.rcode.NXDOMAIN and auth.queries == []
+    assert any("to resolver 127.0.0.1" in rec.getMessage() for rec in caplog.records)
+    # a bare callable has no egress policy: guest-chosen resolvers are denied
+    bare = DnsForwarder(lambda q, p="udp", port=53: ALLOW_ALL.evaluate_dns(q, p, port),
+                        [auth.upstream])
+    assert ask_dst(bare, "a.example.test", ("127.0.0.1", auth.port)).rcode() == \
+        dns.rcode.NXDOMAIN
+    # an explicit egress decider
+    calls: list[tuple[str, str, int]] = []
+
+    def egress(ip: str, proto: str, port: int) -> Decision:
+        calls.append((ip, proto, port))
+        return Decision("allow", None, "test")
+
+    custom = DnsForwarder(lambda q, p="udp", port=53: ALLOW_ALL.evaluate_dns(q, p, port),
+                          [auth.upstream], egress_decider=egress)
+    assert addresses(ask_dst(custom, "a.example.test", ("127.0.0.1", auth.port))) == \
+        ["93.184.216.34"]
+    assert calls == [("127.0.0.1", "udp", auth.port)]
+
+
+def test_forwarder_thread_submit_from_threads(auth: AuthServer) -> None:
+    import concurrent.futures
+
+    fwd = DnsForwarder(ALLOW_ALL.evaluate_dns, [auth.upstream])
+    with ForwarderThread(fwd) as t:
+        queries = [dns.message.make_query("a.example.test", "A") for _ in range(20)]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(lambda q: t.submit(q.to_wire()).result(10), queries))
+    for q, wire in zip(queries, replies, strict=True):
+        assert wire is not None
+        r = dns.message.from_wire(wire)
+        assert r.id == q.id and addresses(r) == ["93.184.216.34"]
+    with pytest.raises(DnsForwarderError, match="closed"):
+        t.submit(queries[0].to_wire())
