@@ -390,7 +390,8 @@ class Classifier:
         """
         d = _direction(direction)
         data = ffi.from_buffer("uint8_t[]", buf)
-        cap = len(data) // 4 + 1 if max_frames is None else max(0, int(max_frames))
+        # a frame occupies at least 5 bytes (prefix + 1); shorter frames are malformed
+        cap = len(data) // 5 + 1 if max_frames is None else max(0, int(max_frames))
         verdicts = ffi.new("uint8_t[]", max(cap, 1))
         rules = ffi.new("int32_t[]", max(cap, 1))
         consumed = ffi.new("size_t *")
