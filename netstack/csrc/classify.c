@@ -465,10 +465,12 @@ static uint8_t classify_one(ns_ctx *c, ns_policy *p, const uint8_t *buf, size_t 
         fill_query(c, p, &q, &fr, dir, now, &nb);
         if (f->state == ST_PENDING) {
             f->gen = p->gen;
-            f->last_seen = now;
-            f->packets++;
-            f->bytes += len;
-            if (!feed_pending(c, p, f, &fr, buf, &q, now)) return NS_NEED_MORE;
+            if (!feed_pending(c, p, f, &fr, buf, &q, now)) {
+                f->last_seen = now;
+                f->packets++;
+                f->bytes += len;
+                return NS_NEED_MORE;
+            }
         } else if (f->gen != 0 && f->gen != p->gen) {
             /* policy swapped: re-evaluate with the SNI the flow had */
             if (f->has_sni) {
@@ -479,10 +481,12 @@ static uint8_t classify_one(ns_ctx *c, ns_policy *p, const uint8_t *buf, size_t 
         } else if (needs_sni(p, &q, dir)) {
             f->state = ST_PENDING;
             f->gen = p->gen;
-            f->last_seen = now;
-            f->packets++;
-            f->bytes += len;
-            if (!feed_pending(c, p, f, &fr, buf, &q, now)) return NS_NEED_MORE;
+            if (!feed_pending(c, p, f, &fr, buf, &q, now)) {
+                f->last_seen = now;
+                f->packets++;
+                f->bytes += len;
+                return NS_NEED_MORE;
+            }
         } else {
             decide(c, p, f, &q, dir);
         }

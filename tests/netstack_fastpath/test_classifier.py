@@ -312,3 +312,17 @@ def test_bad_configuration_raises_typed_errors() -> None:
     c.close()
     with pytest.raises(FastPathError, match="closed"):
         c.classify([b"x"])
+
+
+def test_counters_across_the_sni_wait() -> None:
+    policy = NetworkPolicy(default_egress="allow", default_ingress="allow",
+                           rules=(Rule.deny(destination="other.example"),))
+    c = Classifier(policy)
+    frames = [syn("203.0.113.7", 443), data("203.0.113.7", 443, EXAMPLE_HELLO[:50], 1001),
+              data("203.0.113.7", 443, EXAMPLE_HELLO[50:], 1051),
+              data("203.0.113.7", 443, b"x" * 10, 1001 + len(EXAMPLE_HELLO))]
+    assert V(c, frames, now=0.0) == ["need-more", "need-more", "allow", "allow"]
+    info = c.flow_info(frames[0])
+    assert info is not None and info.packets == 4 and info.bytes == sum(map(len, frames))
+    default = c.rule_counters()[-2]
+    assert (default.hits, default.packets) == (1, 2)  # counted from the decision on
