@@ -28,6 +28,11 @@ index found so far.  Lookup cost therefore does not grow with the rule count.
   none was found).  Hello buffers are bounded in total by ``hello_budget``
   bytes; a flow that would exceed it is denied (fail closed).
 * **Names** of a flow come from the :class:`~netstack.PinCache` (``pins``).
+* ``direction="egress"`` classifies guest-initiated traffic (frames from the
+  guest); ``direction="ingress"`` peer-initiated traffic towards the guest
+  (published ports: remote = the peer, port = the guest's port).  Replies
+  within a guest-initiated flow are not classified: the gateway terminates TCP
+  and relays UDP, so it synthesises them.
 * DNS queries (UDP/TCP to port 53, any address, egress) get ``TO_DNS``; the
   forwarder applies ``policy.evaluate_dns`` per query.  Allowed TLS flows whose
   SNI matches an ``intercept`` suffix on an ``intercept_ports`` port get
