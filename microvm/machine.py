@@ -194,7 +194,12 @@ class Machine:
         from microvm.agent import SyncAgentClient
 
         t0 = time.monotonic()
-        self._handle = self.backend.launch(self.spec)
+        try:
+            self._handle = self.backend.launch(self.spec)
+        except BaseException:
+            if self._own_rundir:
+                shutil.rmtree(self.rundir, ignore_errors=True)
+            raise
         deadline = t0 + self.boot_timeout
         try:
             self._agent = self._connect(SyncAgentClient, deadline)

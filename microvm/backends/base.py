@@ -130,6 +130,12 @@ class VmSpec:
             )
         if not self.init.startswith("/") or any(c.isspace() for c in self.init):
             raise MicrovmError(f"bad init {self.init!r}: an absolute guest path without spaces")
+        sock = str(self.rundir / "agent.sock")
+        if len(sock.encode()) > 107:
+            raise MicrovmError(
+                f"rundir {str(self.rundir)!r} is too long: unix socket paths under it exceed "
+                "107 bytes; use a shorter directory"
+            )
         tags = [s.tag for s in self.shares]
         if len(set(tags)) != len(tags):
             raise MicrovmError(f"duplicate virtio-fs tags in {tags}")

@@ -122,8 +122,10 @@ class QemuBackend:
             QemuBackend().qemu_binary()
         """
         q = self._qemu or _find_qemu()
-        if not q:
-            raise BackendUnavailable(f"qemu-system-x86_64 not found; {QEMU_INSTALL_HINTS}")
+        if not q or not os.access(q, os.X_OK):
+            raise BackendUnavailable(
+                f"qemu-system-x86_64 not found ({q or 'not on PATH'}); {QEMU_INSTALL_HINTS}"
+            )
         return q
 
     def check(self) -> None:

@@ -40,6 +40,8 @@ def test_spec_validation_names_bad_values(tmp_path: Path) -> None:
         Share("bad tag", tmp_path)
     with pytest.raises(MicrovmError, match="duplicate"):
         VmSpec(kernel=tmp_path, disks=d, rundir=tmp_path, shares=[Share("a", tmp_path)] * 2)
+    with pytest.raises(MicrovmError, match="too long"):
+        VmSpec(kernel=tmp_path, disks=d, rundir=tmp_path / ("x" * 120))
     with pytest.raises(BackendUnavailable, match="bad accel 'xen'"):
         QemuBackend(accel="xen")
     with pytest.raises(BackendUnavailable, match="unknown backend 'vbox'"):

@@ -35,6 +35,14 @@ def test_validation_before_anything_starts(kernel: Kernel, tmp_path: Path) -> No
     with pytest.raises(MicrovmError, match="not started"):
         _ = m.agent
     m.kill()
+    # a backend that cannot run: typed error, and the rundir we made is gone
+    from microvm.backends import QemuBackend
+    from microvm.errors import BackendUnavailable
+
+    m = Machine(QemuBackend(qemu=str(tmp_path / "no-qemu")), kernel=kernel, disks=[img])
+    with pytest.raises(BackendUnavailable):
+        m.start()
+    assert not m.rundir.exists()
 
 
 def test_guest_panic_is_boot_error_with_console_tail(kernel: Kernel, tmp_path: Path) -> None:
