@@ -399,6 +399,26 @@ static inline int needs_sni(const ns_policy *p, const ns_flowq *q, int dir) {
     return 0;
 }
 
+/* Remember a first fragment's verdict for the later fragments of its datagram. */
+static void record_fragment(ns_ctx *c, const ns_policy *p, const flow_key *k, const ns_frame *fr,
+                            uint8_t verdict, int32_t rule, double now) {
+    flow_key fk = *k;
+    fk.kind = 1;
+    fk.sport = (uint16_t)(fr->frag_id >> 16);
+    fk.dport = (uint16_t)fr->frag_id;
+    uint32_t fh = key_hash(&fk);
+    flow *ff = tab_find(c, &fk, fh);
+    if (!ff) {
+        ff = tab_insert(c, &fk, fh, now);
+        ff->created = now;
+    }
+    ff->last_seen = now;
+    ff->pbit = fr->pbit;
+    ff->verdict = verdict;
+    ff->rule = rule;
+    ff->gen = p->gen;
+}
+
 static uint8_t classify_one(ns_ctx *c, ns_policy *p, const uint8_t *buf, size_t len, int dir,
                             double now, int32_t *rule_out) {
     ns_frame fr;
@@ -410,16 +430,17 @@ static uint8_t classify_one(ns_ctx *c, ns_policy *p, const uint8_t *buf, size_t 
     if (fr.l3 == NS_L3_ARP) return NS_ALLOW;
     if (fr.l3 != NS_L3_IPV4 && fr.l3 != NS_L3_IPV6) return NS_DENY;
     if (fr.pbit == 0) return NS_DENY;
-    if (dir == NS_DIR_EGRESS && fr.has_ports && (fr.pbit & (NS_P_TCP | NS_P_UDP)) && fr.dport == 53 &&
-        fr.frag != 2)
-        return NS_TO_DNS;
-
     flow_key k;
     memcpy(k.src, fr.src, 16);
     memcpy(k.dst, fr.dst, 16);
     k.proto = fr.ipproto;
     k.dir = (uint8_t)dir;
     k.pad = 0;
+    if (dir == NS_DIR_EGRESS && fr.has_ports && (fr.pbit & (NS_P_TCP | NS_P_UDP)) && fr.dport == 53 &&
+        fr.frag != 2) {
+        if (fr.frag == 1) record_fragment(c, p, &k, &fr, NS_TO_DNS, -1, now);
+        return NS_TO_DNS;
+    }
     if (fr.frag == 2) {
         /* non-first fragment: follows the verdict of its first fragment */
         k.kind = 1;
@@ -491,23 +512,10 @@ static uint8_t classify_one(ns_ctx *c, ns_policy *p, const uint8_t *buf, size_t 
             decide(c, p, f, &q, dir);
         }
         if (fr.frag == 1) {
-            /* remember the verdict for the later fragments of this datagram */
-            flow_key fk = k;
-            fk.kind = 1;
-            fk.sport = (uint16_t)(fr.frag_id >> 16);
-            fk.dport = (uint16_t)fr.frag_id;
-            uint32_t fh = key_hash(&fk);
             uint8_t v = f->verdict;
             int32_t r = f->rule;
-            flow *ff = tab_find(c, &fk, fh);
-            if (!ff) ff = tab_insert(c, &fk, fh, now);
-            /* tab_insert may have evicted and shifted entries: f is stale now */
-            ff->created = now;
-            ff->last_seen = now;
-            ff->pbit = fr.pbit;
-            ff->verdict = v;
-            ff->rule = r;
-            ff->gen = p->gen;
+            record_fragment(c, p, &k, &fr, v, r, now);
+            /* the insert may have evicted and shifted entries: f is stale now */
             f = tab_find(c, &k, h);
             if (!f) {
                 *rule_out = r;

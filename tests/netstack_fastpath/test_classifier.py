@@ -326,3 +326,13 @@ def test_counters_across_the_sni_wait() -> None:
     assert info is not None and info.packets == 4 and info.bytes == sum(map(len, frames))
     default = c.rule_counters()[-2]
     assert (default.hits, default.packets) == (1, 2)  # counted from the decision on
+
+
+def test_fragmented_dns_query_stays_to_dns() -> None:
+    c = Classifier(NetworkPolicy.none())
+    first = bytearray(build_frame(GUEST, "192.0.2.53", "udp", 5000, 53, b"q" * 64))
+    first[14 + 4:14 + 6] = (5).to_bytes(2, "big")
+    first[14 + 6:14 + 8] = (0x2000).to_bytes(2, "big")
+    later = bytearray(first)
+    later[14 + 6:14 + 8] = (9).to_bytes(2, "big")
+    assert V(c, [bytes(first), bytes(later)]) == ["to-dns", "to-dns"]
