@@ -434,16 +434,30 @@ class ImageStore:
         """
         img = self.get(image) if isinstance(image, str) else image
         d = Path(dest)
-        if d.exists() and (not d.is_dir() or any(d.iterdir())):
+        existed = d.exists()
+        if existed and (not d.is_dir() or any(d.iterdir())):
             raise RootfsError(f"unpack destination {str(d)!r} exists and is not an empty dir")
         d.mkdir(parents=True, exist_ok=True)
         state = UnpackState(limits or self.limits)
-        for layer, diff_id in zip(img.layers, img.diff_ids, strict=True):
-            path = self.blob_path(layer.digest)
-            if not path.exists():
-                raise ImageNotFoundError(f"layer {layer.digest} of {img.ref} is not in the store")
-            with open(path, "rb") as f:
-                apply_layer(f, d, state=state, expected_diff_id=diff_id)
+        try:
+            for layer, diff_id in zip(img.layers, img.diff_ids, strict=True):
+                path = self.blob_path(layer.digest)
+                if not path.exists():
+                    raise ImageNotFoundError(
+                        f"layer {layer.digest} of {img.ref} is not in the store")
+                with open(path, "rb") as f:
+                    apply_layer(f, d, state=state, expected_diff_id=diff_id)
+        except BaseException:
+            # Never leave a half-applied tree behind (dest was empty or absent).
+            if existed:
+                for child in d.iterdir():
+                    if child.is_dir() and not child.is_symlink():
+                        shutil.rmtree(child, ignore_errors=True)
+                    else:
+                        child.unlink()
+            else:
+                shutil.rmtree(d, ignore_errors=True)
+            raise
         return state
 
     def rootfs_dir(self, image: Image | str) -> Path:

@@ -279,3 +279,29 @@ def test_unpack_matches_umoci(registry: Registry, layout: Path, tmp_path: Path) 
 
     assert tree(ours) == tree(theirs)
     shutil.rmtree(tmp_path / "bundle")
+
+
+def test_hostile_image_from_registry_is_refused_and_leaves_nothing(
+        registry: Registry, tmp_path: Path) -> None:
+    src = rootfs.ImageStore(tmp_path / "src")
+    evil = rootfs.image_from_layers(src, "local/evil:1", [
+        layer(E("etc", "dir"), E("etc/ok", data=b"fine")),
+        layer(E("escape", "symlink", link="/"), E("escape/root/.ssh/authorized_keys",
+                                                   data=b"ssh-ed25519 AAAA attacker")),
+    ])
+    rootfs.write_oci_layout(src, tmp_path / "evil-layout", {"evil": evil})
+    ref = registry.push(tmp_path / "evil-layout", "evil", "evil/img")
+    store = _store(tmp_path)
+    img = store.pull(ref, insecure=True)
+    dest = tmp_path / "dest"
+    with pytest.raises(rootfs.UnsafeLayerError, match=r"escape/root/\.ssh/authorized_keys"):
+        store.unpack(img, dest)
+    assert not dest.exists()
+    with pytest.raises(rootfs.UnsafeLayerError):
+        store.prepare(img, upper_size_mib=16)
+    assert list((store.home / "rootfs").iterdir()) == []
+    assert list((store.home / "disks").iterdir()) == []
+    assert list((store.home / "prepared").iterdir()) == []
+    assert list((store.home / "tmp").iterdir()) == []
+    assert not Path("/root/.ssh/authorized_keys").exists() or \
+        b"attacker" not in Path("/root/.ssh/authorized_keys").read_bytes()
