@@ -51,9 +51,84 @@ async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> t
     return total, h.hexdigest(), bytes(keep)
 
 
+async def _handle_h2(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     sni: str | None) -> None:
+    """HTTP/2 echo: each stream gets JSON of its headers and body (``/bytes/N``: N bytes)."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False,
+                                                                header_encoding="latin-1"))
+    conn.initiate_connection()
+    writer.write(conn.data_to_send())
+    reqs: dict[int, dict[str, Any]] = {}
+    pending: dict[int, bytes] = {}
+
+    def flush_pending() -> None:
+        for sid in list(pending):
+            data = pending[sid]
+            while data:
+                room = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+                if room <= 0:
+                    break
+                conn.send_data(sid, data[:room])
+                data = data[room:]
+            if data:
+                pending[sid] = data
+            else:
+                del pending[sid]
+                conn.end_stream(sid)
+
+    try:
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                return
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.RequestReceived):
+                    reqs[ev.stream_id] = {"headers": [list(h) for h in ev.headers],
+                                          "body": bytearray()}
+                elif isinstance(ev, h2.events.DataReceived):
+                    reqs[ev.stream_id]["body"] += ev.data
+                    conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                elif isinstance(ev, h2.events.StreamEnded):
+                    r = reqs.pop(ev.stream_id)
+                    path = dict(r["headers"]).get(":path", "")
+                    if path.startswith("/bytes/"):
+                        body = b"x" * int(path.split("/")[2])
+                        ctype = "application/octet-stream"
+                    else:
+                        body = json.dumps({
+                            "headers": r["headers"], "body": r["body"].decode("latin-1"),
+                            "body_len": len(r["body"]), "sni": sni, "alpn": "h2",
+                            "sha256": hashlib.sha256(r["body"]).hexdigest(),
+                        }).encode()
+                        ctype = "application/json"
+                    conn.send_headers(ev.stream_id, [(":status", "200"),
+                                                     ("content-type", ctype),
+                                                     ("content-length", str(len(body)))])
+                    pending[ev.stream_id] = body
+                elif isinstance(ev, h2.events.StreamReset):
+                    reqs.pop(ev.stream_id, None)
+                    pending.pop(ev.stream_id, None)
+                elif isinstance(ev, h2.events.ConnectionTerminated):
+                    return
+            flush_pending()
+            writer.write(conn.data_to_send())
+            await writer.drain()
+    except (ConnectionError, OSError, KeyError):
+        return
+    finally:
+        writer.close()
+
+
 async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     sslobj = writer.get_extra_info("ssl_object")
     sni = getattr(sslobj, "sni_name", None) if sslobj else None
+    if sslobj is not None and sslobj.selected_alpn_protocol() == "h2":
+        await _handle_h2(reader, writer, sni)
+        return
     try:
         while True:
             try:
@@ -134,8 +209,11 @@ def server_context(cert_pem: str, key_pem: str) -> ssl.SSLContext:
 class UpstreamThread:
     """Runs the upstream on 127.0.0.1 in a daemon thread; ``port`` is set after ``start``."""
 
-    def __init__(self, ctx: ssl.SSLContext | None, host: str = "127.0.0.1") -> None:
+    def __init__(self, ctx: ssl.SSLContext | None, host: str = "127.0.0.1",
+                 h2: bool = False) -> None:
         self.ctx = record_sni(ctx) if ctx else None
+        if self.ctx is not None:
+            self.ctx.set_alpn_protocols(["h2", "http/1.1"] if h2 else ["http/1.1"])
         self.host = host
         self.port = 0
         self.loop = asyncio.new_event_loop()

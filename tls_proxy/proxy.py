@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from tls_proxy.ca import CertificateAuthority
 from tls_proxy.errors import ClientHelloError, ConfigError, HttpError
+from tls_proxy.h2session import H2Session
 from tls_proxy.hosts import HostList, canonical_host
 from tls_proxy.http1 import parse_head
 from tls_proxy.secrets import Secret, SecretPolicy
@@ -76,6 +77,7 @@ class ProxyConfig:
     enforce_authority: bool = True
     max_connect_head: int = 8192
     max_connections: int = 4096
+    http2: bool = True
 
 
 def original_dst(sock: socket.socket) -> Address:
@@ -328,7 +330,8 @@ class TlsProxy:
             await self._splice(tcp, raw, target_ip, port)
             return
         self.intercepted += 1
-        await self._intercept(tcp, raw, sni, target_ip, port)
+        want_h2 = self.config.http2 and "h2" in tuple(hello.alpn or ())
+        await self._intercept(tcp, raw, sni, target_ip, port, want_h2)
 
     async def _splice(self, tcp: TcpStream, raw: bytes, ip: str, port: int) -> None:
         try:
@@ -345,17 +348,22 @@ class TlsProxy:
         finally:
             up.close()
 
-    async def _intercept(self, tcp: TcpStream, raw: bytes, sni: str, ip: str, port: int) -> None:
+    async def _intercept(
+        self, tcp: TcpStream, raw: bytes, sni: str, ip: str, port: int, want_h2: bool
+    ) -> None:
         problem: str | None = None
         up: TcpStream | None = None
+        up_alpn: str | None = None
         try:
-            ctx = self.upstream_tls.context_for(sni)
+            ctx = self.upstream_tls.context_for(sni, h2=want_h2)
             ur, uw = await asyncio.wait_for(
                 asyncio.open_connection(ip, port, ssl=ctx, server_hostname=sni,
                                         ssl_handshake_timeout=self.config.handshake_timeout),
                 self.config.connect_timeout + self.config.handshake_timeout,
             )
             up = TcpStream(ur, uw)
+            sslobj = uw.get_extra_info("ssl_object")
+            up_alpn = sslobj.selected_alpn_protocol() if sslobj is not None else None
         except ssl.SSLCertVerificationError as e:
             problem = f"upstream {sni}:{port} certificate rejected: {e.verify_message}"
         except ssl.SSLError as e:
@@ -367,7 +375,8 @@ class TlsProxy:
         if problem:
             log.warning("%s", problem)
         try:
-            client_ctx = self.config.ca.server_context(sni)
+            alpn = ("h2", "http/1.1") if up_alpn == "h2" else ("http/1.1",)
+            client_ctx = self.config.ca.server_context(sni, alpn)
             tls = TlsServerStream(tcp, client_ctx, raw)
             await tls.handshake(self.config.handshake_timeout)
         except (ssl.SSLError, TimeoutError, ConnectionError, OSError) as e:
@@ -383,7 +392,14 @@ class TlsProxy:
         if up is None:
             await self._answer_upstream_error(tls, problem or "upstream unavailable")
             return
-        await Http1Session(tls, up, sni, self.policy, self.limits, self.stats).run()
+        if up_alpn == "h2" and tls.alpn == "h2":
+            await H2Session(tls, up, sni, self.policy, self.limits, self.stats).run()
+        elif up_alpn == "h2":  # cannot happen with a conforming client: it offered h2
+            log.info("client %s did not pick h2 although the upstream did; closing", sni)
+            up.close()
+            tls.close()
+        else:
+            await Http1Session(tls, up, sni, self.policy, self.limits, self.stats).run()
 
     async def _answer_upstream_error(self, tls: TlsServerStream, problem: str) -> None:
         br = BufferedReader(tls)

@@ -42,12 +42,12 @@ class UpstreamTls:
         self.no_verify = HostList(no_verify)
         self.verify = verify
         self.alpn = list(alpn)
-        self._cache: dict[tuple[str | None, bool], ssl.SSLContext] = {}
+        self._cache: dict[tuple[str | None, bool, bool], ssl.SSLContext] = {}
         if self.extra:  # fail early on a bad PEM
             self._build(None, True)
 
-    def _build(self, scoped: str | None, verify: bool) -> ssl.SSLContext:
-        key = (scoped, verify)
+    def _build(self, scoped: str | None, verify: bool, h2: bool = False) -> ssl.SSLContext:
+        key = (scoped, verify, h2)
         ctx = self._cache.get(key)
         if ctx is not None:
             return ctx
@@ -63,16 +63,18 @@ class UpstreamTls:
         if not verify:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
-        if self.alpn:
+        if h2:
+            ctx.set_alpn_protocols(["h2", *[p for p in self.alpn if p != "h2"]])
+        elif self.alpn:
             ctx.set_alpn_protocols(self.alpn)
         self._cache[key] = ctx
         return ctx
 
-    def context_for(self, host: str) -> ssl.SSLContext:
-        """The context to use for upstream ``host``."""
+    def context_for(self, host: str, h2: bool = False) -> ssl.SSLContext:
+        """The context to use for upstream ``host`` (offering ALPN ``h2`` first if ``h2``)."""
         verify = self.verify and not self.no_verify.matches(host)
         best = None
         for pat, path in self.scoped.items():
             if pat.matches(host) and (best is None or pat.specificity() > best[0].specificity()):
                 best = (pat, path)
-        return self._build(best[1] if best else None, verify)
+        return self._build(best[1] if best else None, verify, h2)
