@@ -39,6 +39,8 @@ from h2.events import (
 from h2.exceptions import H2Error
 from h2.settings import SettingCodes
 
+from tls_proxy.decode import BodyDecoder
+from tls_proxy.errors import HttpError
 from tls_proxy.hosts import canonical_host
 from tls_proxy.secrets import Scanner, SecretPolicy, StreamScanner, Substituter, Violation
 from tls_proxy.session import SessionLimits, SessionStats, blocked_body
@@ -62,6 +64,11 @@ class _Out:
     done: bool = False
 
 
+def error_body(e: HttpError) -> bytes:
+    """JSON body for a proxy-generated error on one stream."""
+    return blocked_body("bad_request", e.reason)
+
+
 class H2Session:
     """Bridges one HTTP/2 client connection to one HTTP/2 upstream connection."""
 
@@ -80,6 +87,8 @@ class H2Session:
         self.to_u: dict[int, _Out] = {}  # keyed by upstream stream id
         self.to_c: dict[int, _Out] = {}  # keyed by client stream id
         self.scanners: dict[int, StreamScanner] = {}
+        self.decoders: dict[int, BodyDecoder] = {}
+        self.inflated: dict[int, StreamScanner] = {}
         self.blocked: set[int] = set()  # client stream ids answered by the proxy
         self.started: set[int] = set()  # client stream ids whose response began
 
@@ -240,6 +249,17 @@ class H2Session:
             if found:
                 self._violation(csid, found, method, path)
                 return
+        if self.scan and ev.stream_ended is None:
+            codings = [c.strip().lower() for k, v in new if k == b"content-encoding"
+                       for c in v.split(b",") if c.strip().lower() not in (b"", b"identity")]
+            if codings:
+                try:
+                    if len(codings) != 1:
+                        raise HttpError(415, "cannot inspect stacked Content-Encodings")
+                    self.decoders[csid] = BodyDecoder.for_coding(codings[0])
+                except HttpError as e:
+                    self._answer(csid, e.status, error_body(e))
+                    return
         usid = self.u.get_next_available_stream_id()
         self.c2u[csid], self.u2c[usid] = usid, csid
         self.to_u[usid] = _Out()
@@ -258,6 +278,20 @@ class H2Session:
             return
         data = bytes(ev.data or b"")
         v = self.scanners[csid].feed(data)
+        dec = self.decoders.get(csid)
+        if v is None and dec is not None:
+            inflated = self.inflated.setdefault(
+                csid, StreamScanner(self.scan, "decompressed h2 body"))
+            try:
+                for part in dec.feed(data):
+                    v = inflated.feed(part)
+                    if v:
+                        break
+            except HttpError as e:
+                self._answer(csid, e.status, error_body(e))
+                with contextlib.suppress(H2Error):
+                    self.c.acknowledge_received_data(n, csid)
+                return
         if v:
             self._violation(csid, v, b"DATA", b"")
             with contextlib.suppress(H2Error):

@@ -110,3 +110,17 @@ def test_h2_refused_when_disabled(proxy_ca_dir, upstream_ca_pem, h2_upstream, ca
         assert _hdr(json.loads(body), "A") == ["real-api-key-123"]
     finally:
         pt.stop()
+
+
+def test_h2_compressed_body_leak_blocked(proxy, h2_upstream, ca_cert, tmp_path):
+    require_binaries("curl")
+    import gzip
+
+    (tmp_path / "gz").write_bytes(gzip.compress(b"token=$MSB_API_KEY" + b" " * 50000))
+    _, code, body, _ = _curl_h2(proxy, f"https://other.example.test:{h2_upstream.port}/e",
+                                ca_cert, "-H", "Content-Encoding: gzip",
+                                "--data-binary", f"@{tmp_path / 'gz'}")
+    assert code == 403 and "decompressed" in json.loads(body)["reason"]
+    _, code, body, _ = _curl_h2(proxy, f"https://other.example.test:{h2_upstream.port}/e",
+                                ca_cert, "-H", "Content-Encoding: br", "--data-binary", "x")
+    assert code == 415
