@@ -16,10 +16,12 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 import tempfile
 import time
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
@@ -30,7 +32,7 @@ from microvm.errors import BootError, MicrovmError
 from microvm.kernel import Kernel, ensure_kernel
 
 if TYPE_CHECKING:
-    from microvm.agent import SyncAgentClient
+    from microvm.agent import AgentClient, SyncAgentClient
 
 __all__ = ["Machine"]
 
@@ -107,6 +109,10 @@ class Machine:
         )
         self._handle: VmHandle | None = None
         self._agent: SyncAgentClient | None = None
+        self._aagent: AgentClient | None = None
+        if self._own_rundir:
+            # dropped without kill(): the rundir still goes (the VMM dies with its ProcessGroup)
+            weakref.finalize(self, shutil.rmtree, str(self.rundir), True)
 
     @staticmethod
     def _kernel_paths(kernel: Kernel | Path | None) -> tuple[Path, Path | None]:
@@ -249,6 +255,103 @@ class Machine:
             if text.strip():
                 parts.append(f"[{name}] " + " | ".join(text.splitlines()))
         return " ".join(parts)
+
+    @property
+    def aagent(self) -> AgentClient:
+        """The asyncio ``AgentClient`` after :meth:`astart`.
+
+        Example::
+
+            r = await m.aagent.exec("/bin/echo", ["hi"])
+        """
+        if self._aagent is None:
+            raise MicrovmError("machine not started with astart()")
+        return self._aagent
+
+    async def astart(self) -> AgentClient:
+        """asyncio variant of :meth:`start`: boot, hello, bootstrap; returns the ``AgentClient``.
+
+        Raises :class:`BootError` (with the console tail) on any failure.
+
+        Example::
+
+            async with Machine(disks=[img]) as m:     # or: client = await m.astart()
+                print((await m.aagent.exec("/bin/uname")).stdout)
+        """
+        if self._handle is not None:
+            raise MicrovmError("machine already started")
+        from microvm.agent import AgentClient
+
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        try:
+            self._handle = await asyncio.to_thread(self.backend.launch, self.spec)
+        except BaseException:
+            if self._own_rundir:
+                shutil.rmtree(self.rundir, ignore_errors=True)
+            raise
+        deadline = t0 + self.boot_timeout
+        client: AgentClient | None = None
+        try:
+            while client is None:
+                code = self._handle.poll()
+                if code is not None:
+                    raise BootError(f"VMM exited with status {code} before the agent port opened")
+                if self.spec.agent_socket.exists():
+                    client = await AgentClient.connect_unix(
+                        self.spec.agent_socket, timeout=max(0.1, deadline - loop.time())
+                    )
+                    break
+                if loop.time() > deadline:
+                    raise BootError(f"agent socket did not appear within {self.boot_timeout}s")
+                await asyncio.sleep(0.005)
+            await client.hello(timeout=max(0.1, deadline - loop.time()))
+            await client.bootstrap(self.boot_config())
+        except BaseException as e:
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.close()
+            await asyncio.to_thread(self._fail_boot, e)
+            raise  # unreachable: _fail_boot raises
+        self._aagent = client
+        self.boot_seconds = loop.time() - t0
+        return client
+
+    async def ashutdown(self, exit_code: int = 0, timeout: float = 20.0) -> int | None:
+        """asyncio variant of :meth:`shutdown`.
+
+        Example::
+
+            await m.ashutdown(exit_code=0)
+        """
+        if self._handle is None:
+            return None
+        code: int | None = None
+        try:
+            if self._aagent is not None and self._handle.poll() is None:
+                with contextlib.suppress(Exception):
+                    self.exit_code = await self._aagent.shutdown(exit_code=exit_code)
+                code = await asyncio.to_thread(self._handle.wait, timeout)
+        finally:
+            if self._aagent is not None:
+                with contextlib.suppress(Exception):
+                    await self._aagent.close()
+                self._aagent = None
+            self.kill()
+        return code
+
+    async def __aenter__(self) -> Machine:
+        if self._handle is None:
+            await self.astart()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.ashutdown()
 
     def console(self) -> str:
         """The guest console output so far (last 200 lines).

@@ -74,3 +74,25 @@ def test_no_agent_times_out_as_boot_error(kernel: Kernel, init_disk: Path) -> No
     assert m.handle.poll() is not None
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_async_machine(kernel: Kernel, busybox_root: Path, tmp_path: Path) -> None:
+    """astart/aagent/ashutdown: the asyncio path boots, runs, and reports the acked exit code."""
+    import asyncio
+
+    from microvm.agent import agent_binary
+    from microvm.guestdisk import build_ext4
+
+    require_binaries("qemu-system-x86_64")
+    img = build_ext4(busybox_root, tmp_path / "root.img", agent=agent_binary())
+
+    async def go() -> tuple[bytes, int | None, int | None, Path]:
+        m = Machine("qemu", kernel=kernel, disks=[img], memory=256)
+        async with m:
+            r = await m.aagent.exec("/bin/sh", ["-c", "echo async-ok"])
+            code = await m.ashutdown(exit_code=4)
+        return r.stdout, code, m.exit_code, m.rundir
+
+    out, code, acked, rundir = asyncio.run(go())
+    assert out == b"async-ok\n" and code == 0 and acked == 4
+    assert not rundir.exists()
