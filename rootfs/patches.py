@@ -492,7 +492,10 @@ class PatchTarget:
         elif kind == "copy_file":
             self._copy_file(patch, host)
         elif kind == "copy_dir":
-            self._copy_dir(patch, host, node)
+            shadows = node is not None or (
+                self.lower is not None and _lstat(os.path.join(self.lower, *canon)) is not None
+            )
+            self._copy_dir(patch, host, shadows)
         elif kind == "symlink":
             assert patch.target is not None
             os.symlink(patch.target, host)
@@ -521,7 +524,7 @@ class PatchTarget:
             shutil.copyfileobj(src, dst, 1 << 20)
         os.chmod(host, stat.S_IMODE(sst.st_mode) if patch.mode is None else patch.mode)
 
-    def _copy_dir(self, patch: Patch, host: str, node: _Node | None) -> None:
+    def _copy_dir(self, patch: Patch, host: str, shadows: bool) -> None:
         assert patch.src is not None
         if not os.path.isdir(patch.src):
             raise PatchError(
@@ -538,8 +541,10 @@ class PatchTarget:
                         "directories and symlinks are copied)"
                     )
         shutil.copytree(patch.src, host, symlinks=True)
-        if self.lower is not None and node is not None:
-            self._set_opaque(host)  # replace=True: the copied tree is exactly the source
+        if self.lower is not None and shadows:
+            # Replacing (or re-creating after a remove) something in the image: the copied
+            # tree must be exactly the source, so lower entries below it stay hidden.
+            self._set_opaque(host)
 
     def _append(self, patch: Patch, node: _Node | None, parent: list[str], host: str) -> None:
         assert patch.content is not None

@@ -407,3 +407,16 @@ def test_patch_matrix(kind: str, where: str, replace: bool, upper: Path, lower: 
         pytest.skip("opaque xattr needs root")
     t.apply([patch])
     _check(kind, upper / path.lstrip("/"))
+
+
+def test_copy_dir_after_remove_hides_the_image_dir(upper: Path, lower: Path,
+                                                   tmp_path: Path) -> None:
+    # Found by the overlay-vs-in-place property test: the whiteout left by remove was
+    # replaced by a plain (merging) directory, so the image's files showed through.
+    require_root()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "only").write_text("o")
+    t = _target(upper, lower)
+    t.apply([Patch.remove("/etc/conf.d"), Patch.copy_dir(src, "/etc/conf.d")])
+    assert os.getxattr(upper / "etc/conf.d", OPAQUE_XATTR) == b"y"
