@@ -156,3 +156,14 @@ def test_killing_host_process_leaves_nothing(
     finally:
         p.kill()
         p.wait()
+
+
+def test_vm_run_cli_libkrun_unavailable(busybox_root: Path, monkeypatch) -> None:
+    env = {**os.environ, "MICROVM_LIBKRUN": "/nonexistent/libkrun.so.1"}
+    r = subprocess.run(
+        [sys.executable, "-m", "microvm.cli", "vm", "run", "--rootfs-dir", str(busybox_root),
+         "--backend", "libkrun", "--", "/bin/true"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 125
+    assert "BackendUnavailable" in r.stderr and "Fedora" in r.stderr and "macOS" in r.stderr
