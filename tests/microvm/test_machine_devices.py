@@ -158,7 +158,7 @@ def test_killing_host_process_leaves_nothing(
         p.wait()
 
 
-def test_vm_run_cli_libkrun_unavailable(busybox_root: Path, monkeypatch) -> None:
+def test_vm_run_cli_libkrun_unavailable(busybox_root: Path) -> None:
     env = {**os.environ, "MICROVM_LIBKRUN": "/nonexistent/libkrun.so.1"}
     r = subprocess.run(
         [sys.executable, "-m", "microvm.cli", "vm", "run", "--rootfs-dir", str(busybox_root),
