@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 
+from microvm.backends.base import Share
 from microvm.errors import MicrovmError
 
 __all__ = ["main"]
@@ -106,6 +108,13 @@ def vm() -> None:
 @click.option("--workdir", default="/", show_default=True, help="working directory of CMD")
 @click.option("--timeout", type=float, default=None, help="kill CMD after this many seconds")
 @click.option("--boot-timeout", type=float, default=60.0, show_default=True)
+@click.option(
+    "--volume",
+    "volumes",
+    multiple=True,
+    metavar="HOST_DIR:GUEST_PATH[:ro]",
+    help="share a host directory over virtio-fs",
+)
 @click.argument("cmd", nargs=-1, required=True, type=click.UNPROCESSED)
 def vm_run(
     rootfs_dir: Path,
@@ -116,6 +125,7 @@ def vm_run(
     workdir: str,
     timeout: float | None,
     boot_timeout: float,
+    volumes: tuple[str, ...],
     cmd: tuple[str, ...],
 ) -> None:
     """Build a disk from --rootfs-dir (+ the agent), boot it, run CMD, stream its output, exit with its code.
@@ -128,6 +138,7 @@ def vm_run(
         if not sep or not k:
             raise click.BadParameter(f"{item!r} is not K=V", param_hint="--env")
         envd[k] = v
+    shares = [_parse_volume(i, v) for i, v in enumerate(volumes)]
     code = run_command(
         rootfs_dir,
         list(cmd),
@@ -138,8 +149,24 @@ def vm_run(
         workdir=workdir,
         timeout=timeout,
         boot_timeout=boot_timeout,
+        shares=shares,
     )
     sys.exit(code)
+
+
+def _parse_volume(i: int, spec: str) -> Share:
+    parts = spec.split(":")
+    ro = len(parts) == 3 and parts[2] == "ro"
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+        raise click.BadParameter(
+            f"{spec!r} is not HOST_DIR:GUEST_PATH[:ro|rw]", param_hint="--volume"
+        )
+    host, guest = Path(parts[0]), parts[1]
+    if not host.is_dir():
+        raise click.BadParameter(f"{parts[0]!r} is not a directory", param_hint="--volume")
+    if not guest.startswith("/"):
+        raise click.BadParameter(f"guest path {guest!r} must be absolute", param_hint="--volume")
+    return Share(f"vol{i}", host, readonly=ro, guest_path=guest)
 
 
 def run_command(
@@ -153,6 +180,7 @@ def run_command(
     workdir: str = "/",
     timeout: float | None = None,
     boot_timeout: float = 60.0,
+    shares: Sequence[Share] = (),
 ) -> int:
     """What ``microvm vm run`` does; returns CMD's exit code (128+signal if killed by a signal).
 
@@ -174,6 +202,7 @@ def run_command(
                 memory=memory,
                 boot_timeout=boot_timeout,
                 rundir=Path(tmp) / "run",
+                shares=shares,
             ) as m:
                 return _stream(m, cmd, env or {}, workdir, timeout)
         except MicrovmError as e:

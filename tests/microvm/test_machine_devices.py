@@ -85,15 +85,19 @@ def test_shares_mounted_rw_and_ro(world: dict) -> None:
     assert not (world["ro"] / "new").exists()
 
 
-def test_vm_run_cli(kernel: Kernel, busybox_root: Path) -> None:
+def test_vm_run_cli(kernel: Kernel, busybox_root: Path, tmp_path: Path) -> None:
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    (vol / "in.txt").write_text("from host\n")
     r = subprocess.run(
         [sys.executable, "-m", "microvm.cli", "vm", "run", "--rootfs-dir", str(busybox_root),
-         "--memory", "256", "--env", "WHO=cli", "--",
-         "/bin/sh", "-c", "echo hi $WHO; echo oops >&2; exit 3"],
+         "--memory", "256", "--env", "WHO=cli", "--volume", f"{vol}:/data", "--",
+         "/bin/sh", "-c", "echo hi $WHO; cat /data/in.txt; echo out > /data/out.txt; echo oops >&2; exit 3"],
         capture_output=True, timeout=90,
     )  # fmt: skip
     assert r.returncode == 3, r.stderr
-    assert r.stdout == b"hi cli\n" and b"oops" in r.stderr
+    assert r.stdout == b"hi cli\nfrom host\n" and b"oops" in r.stderr
+    assert (vol / "out.txt").read_text() == "out\n"
 
 
 def test_vm_run_cli_bad_args() -> None:
@@ -107,6 +111,11 @@ def test_vm_run_cli_bad_args() -> None:
         capture_output=True, text=True,
     )  # fmt: skip
     assert r.returncode == 2 and "--cpus" in r.stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "microvm.cli", "vm", "run", "--rootfs-dir", "/", "--volume", "/tmp", "--", "true"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 2 and "HOST_DIR:GUEST_PATH" in r.stderr
 
 
 def _alive(pid: int) -> bool:
