@@ -13,8 +13,10 @@ Example::
     >>> async def serve():
     ...     ca = CertificateAuthority.load_or_create(tempfile.mkdtemp())
     ...     async with TlsProxy(ProxyConfig(ca=ca, secrets=[secret])) as proxy:
-    ...         print(await proxy.listen_explicit("127.0.0.1", 0))   # doctest: +SKIP
+    ...         host, port = await proxy.listen_explicit("127.0.0.1", 0)
+    ...         return host   # clients: https_proxy=http://127.0.0.1:<port>
     >>> asyncio.run(serve())
+    '127.0.0.1'
 """
 
 from tls_proxy.ca import CertificateAuthority, Leaf, default_ca_dir
@@ -25,7 +27,6 @@ from tls_proxy.errors import (
     HttpError,
     SecretError,
     TlsProxyError,
-    UpstreamError,
 )
 from tls_proxy.hosts import HostList, HostPattern
 from tls_proxy.proxy import ProxyConfig, TlsProxy, original_dst
@@ -50,7 +51,6 @@ __all__ = [
     "SecretPolicy",
     "TlsProxy",
     "TlsProxyError",
-    "UpstreamError",
     "default_ca_dir",
     "original_dst",
     "parse_client_hello",

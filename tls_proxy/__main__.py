@@ -41,7 +41,13 @@ def _resolve(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command-line parser (see the module docstring)."""
+    """The command-line parser (see the module docstring).
+
+    Example::
+
+        >>> build_parser().parse_args(["--listen", "127.0.0.1:0"]).listen
+        ('127.0.0.1', 0)
+    """
     p = argparse.ArgumentParser(prog="python -m tls_proxy", description=__doc__.splitlines()[0])
     p.add_argument("--listen", type=_listen, help="explicit CONNECT proxy on HOST:PORT (0 = any)")
     p.add_argument("--transparent", type=_listen, metavar="HOST:PORT",
@@ -87,7 +93,12 @@ async def _run(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (2 for bad arguments or configuration)."""
+    """Entry point; returns the exit status (2 for bad arguments or configuration).
+
+    Example::
+
+        >>> main(["--listen", "127.0.0.1:0", "--secret", "K=v@a.example"])  # doctest: +SKIP
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.listen and not args.transparent:

@@ -24,7 +24,14 @@ MAX_INFLATED = 256 << 20
 
 
 class BodyDecoder:
-    """Streaming inflater for one ``Content-Encoding`` (gzip or deflate)."""
+    """Streaming inflater for one ``Content-Encoding`` (gzip or deflate).
+
+    Example::
+
+        >>> import zlib
+        >>> b"".join(BodyDecoder.for_coding(b"deflate").feed(zlib.compress(b"abc")))
+        b'abc'
+    """
 
     def __init__(self, wbits: int) -> None:
         self.wbits = wbits

@@ -1,13 +1,28 @@
 """Exceptions raised by :mod:`tls_proxy`; all derive from :class:`TlsProxyError`.
 
 Messages name the bad value and what is allowed, but never contain a secret value.
+
+Example::
+
+    >>> from tls_proxy import Secret, TlsProxyError
+    >>> try:
+    ...     Secret("K", "hunter2", [])
+    ... except TlsProxyError as e:
+    ...     print(e)
+    secret K: at least one allowed host is required
 """
 
 from __future__ import annotations
 
 
 class TlsProxyError(Exception):
-    """Base class of every error raised by tls_proxy."""
+    """Base class of every error raised by tls_proxy.
+
+    Example::
+
+        >>> issubclass(ConfigError, TlsProxyError)
+        True
+    """
 
 
 class ConfigError(TlsProxyError, ValueError):
@@ -24,15 +39,42 @@ class ConfigError(TlsProxyError, ValueError):
 
 
 class SecretError(ConfigError):
-    """A :class:`tls_proxy.Secret` was built from invalid fields (the value is never shown)."""
+    """A :class:`tls_proxy.Secret` was built from invalid fields (the value is never shown).
+
+    Example::
+
+        >>> from tls_proxy import Secret
+        >>> Secret("1X", "v", ["a.example"])
+        Traceback (most recent call last):
+        ...
+        tls_proxy.errors.SecretError: invalid secret env name '1X': must match [A-Za-z_][A-Za-z0-9_]*
+    """
 
 
 class CertificateError(TlsProxyError):
-    """The CA could not be loaded/created or a leaf certificate could not be minted."""
+    """The CA could not be loaded/created or a leaf certificate could not be minted.
+
+    Example::
+
+        >>> from tls_proxy import CertificateAuthority
+        >>> CertificateAuthority.generate().mint_leaf("")
+        Traceback (most recent call last):
+        ...
+        tls_proxy.errors.CertificateError: cannot mint a certificate for '': bad length
+    """
 
 
 class ClientHelloError(TlsProxyError):
-    """The first bytes of a connection are not a parseable TLS ClientHello."""
+    """The first bytes of a connection are not a parseable TLS ClientHello.
+
+    Example::
+
+        >>> from tls_proxy import parse_client_hello
+        >>> parse_client_hello(b"SSH-2.0-x\\r\\n")
+        Traceback (most recent call last):
+        ...
+        tls_proxy.errors.ClientHelloError: not a TLS handshake: first byte 0x53 (expected 0x16)
+    """
 
 
 class HttpError(TlsProxyError):
@@ -49,6 +91,3 @@ class HttpError(TlsProxyError):
         self.status = status
         self.reason = reason
 
-
-class UpstreamError(TlsProxyError):
-    """The upstream could not be reached or its certificate failed verification."""

@@ -11,8 +11,8 @@ end to end: received data is acknowledged only once the other side accepted it.
 Example::
 
     >>> from tls_proxy.h2session import H2Session
-    >>> H2Session.__doc__.split(".")[0]
-    'Bridges one HTTP/2 client connection to one HTTP/2 upstream connection'
+    >>> H2Session.__doc__.splitlines()[0]
+    'Bridges one HTTP/2 client connection to one HTTP/2 upstream connection.'
 """
 
 from __future__ import annotations
@@ -65,12 +65,23 @@ class _Out:
 
 
 def error_body(e: HttpError) -> bytes:
-    """JSON body for a proxy-generated error on one stream."""
+    """JSON body for a proxy-generated error on one stream.
+
+    Example::
+
+        >>> error_body(HttpError(415, "x"))[:22]
+        b'{"error": "bad_request'
+    """
     return blocked_body("bad_request", e.reason)
 
 
 class H2Session:
-    """Bridges one HTTP/2 client connection to one HTTP/2 upstream connection."""
+    """Bridges one HTTP/2 client connection to one HTTP/2 upstream connection.
+
+    Example::
+
+        >>> await H2Session(tls, up, "api.example.com", policy, limits, stats).run()  # doctest: +SKIP
+    """
 
     def __init__(self, client: Duplex, upstream: Duplex, sni: str, policy: SecretPolicy,
                  limits: SessionLimits, stats: SessionStats) -> None:

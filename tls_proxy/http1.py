@@ -90,7 +90,13 @@ class Head:
 
 
 def parse_head(block: bytes, *, request: bool) -> Head:
-    """Parse one head (ending in CRLF CRLF). Raises :class:`HttpError` 400 when malformed."""
+    """Parse one head (ending in CRLF CRLF). Raises :class:`HttpError` 400 when malformed.
+
+    Example::
+
+        >>> parse_head(b"HTTP/1.1 204 No Content\\r\\n\\r\\n", request=False).status
+        204
+    """
     lines = block[:-4].split(b"\r\n") if block.endswith(b"\r\n\r\n") else None
     if not lines:
         raise HttpError(400, "message head is not terminated by CRLF CRLF")
@@ -125,7 +131,12 @@ def parse_head(block: bytes, *, request: bool) -> Head:
 
 
 async def read_head(r: BufferedReader, *, request: bool, limit: int = MAX_HEAD) -> Head | None:
-    """Read and parse the next head; None at a clean EOF between messages."""
+    """Read and parse the next head; None at a clean EOF between messages.
+
+    Example::
+
+        >>> head = await read_head(BufferedReader(stream), request=True)  # doctest: +SKIP
+    """
     # tolerate (RFC 9112 2.2) a few empty lines before a request
     while request and r.buf[:2] == b"\r\n":
         del r.buf[:2]
@@ -149,7 +160,13 @@ def _content_length(head: Head) -> int | None:
 
 
 def request_framing(head: Head) -> tuple[str, int]:
-    """``("none"|"length"|"chunked", n)`` for a request body (RFC 9112 section 6)."""
+    """``("none"|"length"|"chunked", n)`` for a request body (RFC 9112 section 6).
+
+    Example::
+
+        >>> request_framing(parse_head(b"GET / HTTP/1.1\\r\\nHost: a\\r\\n\\r\\n", request=True))
+        ('none', 0)
+    """
     te = head.tokens(b"transfer-encoding")
     cl = _content_length(head)
     if te:
@@ -164,7 +181,13 @@ def request_framing(head: Head) -> tuple[str, int]:
 
 
 def response_framing(head: Head, method: bytes) -> tuple[str, int]:
-    """Framing of a response to ``method``: adds ``"close"`` (read until EOF)."""
+    """Framing of a response to ``method``: adds ``"close"`` (read until EOF).
+
+    Example::
+
+        >>> response_framing(parse_head(b"HTTP/1.1 200 OK\\r\\n\\r\\n", request=False), b"GET")
+        ('close', 0)
+    """
     st = head.status
     if method == b"HEAD" or 100 <= st < 200 or st in (204, 304):
         return ("none", 0)
@@ -192,7 +215,12 @@ async def _chunk_size(r: BufferedReader) -> tuple[int, bytes]:
 
 
 async def iter_chunked(r: BufferedReader) -> AsyncIterator[bytes]:
-    """Decoded chunk payloads of a chunked body; trailers are read and dropped."""
+    """Decoded chunk payloads of a chunked body; trailers are read and dropped.
+
+    Example::
+
+        >>> body = b"".join([p async for p in iter_chunked(reader)])  # doctest: +SKIP
+    """
     while True:
         size, _ = await _chunk_size(r)
         if size == 0:
@@ -212,7 +240,12 @@ async def iter_chunked(r: BufferedReader) -> AsyncIterator[bytes]:
 
 
 async def iter_raw_chunked(r: BufferedReader) -> AsyncIterator[bytes]:
-    """Wire bytes of a chunked body, unchanged, ending after the last trailer line."""
+    """Wire bytes of a chunked body, unchanged, ending after the last trailer line.
+
+    Example::
+
+        >>> async for raw in iter_raw_chunked(reader): client.send(raw)  # doctest: +SKIP
+    """
     while True:
         size, line = await _chunk_size(r)
         yield line
@@ -234,7 +267,12 @@ async def iter_raw_chunked(r: BufferedReader) -> AsyncIterator[bytes]:
 
 
 async def iter_length(r: BufferedReader, n: int) -> AsyncIterator[bytes]:
-    """Exactly ``n`` body bytes in pieces; :class:`HttpError` 400 at early EOF."""
+    """Exactly ``n`` body bytes in pieces; :class:`HttpError` 400 at early EOF.
+
+    Example::
+
+        >>> async for piece in iter_length(reader, 10): upstream.send(piece)  # doctest: +SKIP
+    """
     while n:
         data = await r.read_some(min(n, 65536))
         if not data:
@@ -244,7 +282,13 @@ async def iter_length(r: BufferedReader, n: int) -> AsyncIterator[bytes]:
 
 
 def chunk(data: bytes) -> bytes:
-    """Encode one chunk of a chunked body (``b""`` gives the terminating chunk)."""
+    """Encode one chunk of a chunked body (``b""`` gives the terminating chunk).
+
+    Example::
+
+        >>> chunk(b"hello"), chunk(b"")
+        (b'5\\r\\nhello\\r\\n', b'0\\r\\n\\r\\n')
+    """
     if not data:
         return b"0\r\n\r\n"
     return b"%x\r\n%s\r\n" % (len(data), data)

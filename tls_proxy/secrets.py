@@ -183,7 +183,13 @@ def decoded_forms(data: bytes) -> list[tuple[str, bytes]]:
 
 
 def decode_basic(value: bytes) -> bytes | None:
-    """The decoded ``user:pass`` of an ``Authorization: Basic ...`` value, else None."""
+    """The decoded ``user:pass`` of an ``Authorization: Basic ...`` value, else None.
+
+    Example::
+
+        >>> decode_basic(b"Basic dTpw"), decode_basic(b"Bearer x")
+        (b'u:p', None)
+    """
     parts = value.strip().split(None, 1)
     if len(parts) != 2 or parts[0].lower() != b"basic":
         return None

@@ -56,7 +56,13 @@ def _encoded(head: Head) -> bool:
 
 
 def blocked_body(code: str, reason: str) -> bytes:
-    """The JSON body of a proxy-generated error (never contains a secret value)."""
+    """The JSON body of a proxy-generated error (never contains a secret value).
+
+    Example::
+
+        >>> blocked_body("authority_mismatch", "r")[:32]
+        b'{"error": "authority_mismatch", '
+    """
     msg = _MESSAGES.get(code, "Request blocked.")
     return json.dumps({"error": code, "message": msg, "reason": reason}).encode()
 
@@ -114,7 +120,12 @@ class SessionStats:
 
 
 class Http1Session:
-    """Relays one client <-> upstream HTTP/1.1 connection for server name ``sni``."""
+    """Relays one client <-> upstream HTTP/1.1 connection for server name ``sni``.
+
+    Example::
+
+        >>> await Http1Session(tls, up, "api.example.com", policy, limits, stats).run()  # doctest: +SKIP
+    """
 
     def __init__(
         self,

@@ -45,6 +45,12 @@ class HelloLike(Protocol):
 
     A result with ``complete == False`` (as ``netstack.parse_client_hello`` returns)
     means "need more bytes", like ``None``.
+
+    Example::
+
+        >>> h: HelloLike = ClientHello("a.example", ("h2",))
+        >>> h.sni
+        'a.example'
     """
 
     @property
@@ -132,6 +138,10 @@ def parse_client_hello(data: bytes) -> ClientHello | None:
 
     Raises :class:`~tls_proxy.errors.ClientHelloError` for anything that is not a
     well-formed ClientHello (the proxy then closes the connection).
+
+    Example::
+
+        >>> parse_client_hello(b"\\x16\\x03\\x01\\x00")  # too short: need more bytes
     """
     if len(data) > MAX_HELLO * 2:
         data = data[: MAX_HELLO * 2]

@@ -27,7 +27,12 @@ READ_SIZE = 65536
 
 
 class Source(Protocol):
-    """Anything with ``async recv() -> bytes`` returning ``b""`` at end of stream."""
+    """Anything with ``async recv() -> bytes`` returning ``b""`` at end of stream.
+
+    Example::
+
+        >>> src: Source = TcpStream(reader, writer)  # doctest: +SKIP
+    """
 
     async def recv(self) -> bytes:
         """Next bytes, or ``b""`` at EOF."""
@@ -178,7 +183,12 @@ class TlsServerStream:
 
 
 class Duplex(Source, Protocol):
-    """A :class:`Source` that can also be written to and closed."""
+    """A :class:`Source` that can also be written to and closed.
+
+    Example::
+
+        >>> conn: Duplex = TlsServerStream(tcp, ctx)  # doctest: +SKIP
+    """
 
     def send(self, data: bytes) -> None:
         """Queue bytes."""
@@ -198,7 +208,14 @@ class Duplex(Source, Protocol):
 
 
 class BufferedReader:
-    """Buffering on top of a :class:`Source` with bounded reads for message parsing."""
+    """Buffering on top of a :class:`Source` with bounded reads for message parsing.
+
+    ``idle_timeout`` bounds every wait for more bytes (:class:`HttpError` 408).
+
+    Example::
+
+        >>> line = await BufferedReader(src).read_until(b"\\r\\n", 8192)  # doctest: +SKIP
+    """
 
     def __init__(self, src: Source, initial: bytes = b"", idle_timeout: float | None = None) -> None:
         self.src = src

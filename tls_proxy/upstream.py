@@ -24,6 +24,11 @@ class UpstreamTls:
     ``extra_ca_files`` are trusted for every host in addition to the system roots;
     ``scoped_ca`` maps a host pattern to a PEM trusted only for matching hosts (the most
     specific pattern wins); ``no_verify`` patterns (or ``verify=False``) skip verification.
+
+    Example::
+
+        >>> UpstreamTls().context_for("api.example.com").check_hostname
+        True
     """
 
     def __init__(
