@@ -210,6 +210,11 @@ class Topology:
             ns.link("set", index=up0, state="up")
             # no default route: the upstream namespace can only answer (replies go to the
             # host's veth address, which is on-link), never send anywhere else
+        # servers bound to the wildcard (iperf3 UDP) reply from the route's source
+        # address: make that the "public" one, as a real server's would be
+        subprocess.run(["ip", "-n", self.upstream_ns, "route", "replace",
+                        f"{self.upstream_host_end - 1}/30", "dev", "up0", "src", UPSTREAM_IP],
+                       check=True, capture_output=True, timeout=30)
         self.servers = subprocess.Popen(
             ["ip", "netns", "exec", self.upstream_ns, sys.executable, "-m",
              "tests.netstack_gateway.upstream_servers", "--ip", UPSTREAM_IP,

@@ -1,0 +1,204 @@
+"""Gateway path vs the kernel's direct path, in the same namespaces, in the same run.
+
+Topology (tests/netstack_gateway/topology.py): guest netns -> fake VMM (u32-BE stream)
+-> *gateway* -> TapUplink (netns + NAT) -> host -> upstream netns (198.51.100.10).
+The *direct* path is a veth pair between the same two namespaces (10.214.0.1 ->
+10.214.0.2): the kernel's own forwarding, our physical limit.
+
+The gateway measured today is the trivial allow-all **Python** relay
+(``StreamTapPump``); the C gateway loop (issue 4) will replace it here, with the same
+harness and keys. Figures: iperf3 TCP throughput (Mbit/s), iperf3 UDP small-packet
+(64-byte payload) receive rate, and TCP new-connection rate; ``*_ratio`` = gateway /
+direct (> 1 would mean the gateway path is faster than the kernel's).
+
+    python -m benchmarks.gateway [--quick]      # needs root, iperf3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pyroute2 import IPRoute, NetNS
+
+from netstack import AddressPlan, TapUplink, cleanup_stale
+from tests.netstack_gateway.topology import UPSTREAM_IP, StreamTapPump, Topology
+
+DIRECT_GUEST, DIRECT_UPSTREAM = "10.214.0.1", "10.214.0.2"
+#: offered UDP load (64-byte payloads): ~98k datagrams/s; unlimited (-b 0) floods the
+#: Python relay so badly that iperf3's own control connection times out
+UDP_RATE = "50M"
+
+_CONNECT_RATE = r"""
+import socket, sys, time
+host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+n, t0 = 0, time.perf_counter()
+while time.perf_counter() - t0 < seconds:
+    s = socket.create_connection((host, port), timeout=5)
+    s.close()
+    n += 1
+print(n / (time.perf_counter() - t0))
+"""
+
+
+_ACCEPTOR = r"""
+import socket
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", 8080))
+srv.listen(1024)
+print("ready", flush=True)
+while True:
+    conn, _ = srv.accept()
+    conn.close()
+"""
+
+
+class Bench:
+    """The topology, an uplink, the relay, a direct veth and an iperf3 server."""
+
+    def __init__(self, topo: Topology, uplink: TapUplink, relay: StreamTapPump,
+                 servers: list[subprocess.Popen[bytes]]) -> None:
+        self.topo, self.uplink, self.relay, self.servers = topo, uplink, relay, servers
+
+    def in_guest(self, argv: list[str], timeout: float = 120) -> str:
+        r = self.topo.run_in_guest(argv, timeout=timeout)
+        if r.returncode != 0:
+            raise RuntimeError(f"{argv[0]} failed in the guest namespace: {r.stderr[-500:]}")
+        return r.stdout
+
+    def tcp_mbps(self, host: str, seconds: int) -> float:
+        out = json.loads(self.in_guest(["iperf3", "-c", host, "-t", str(seconds), "-J"]))
+        return float(out["end"]["sum_received"]["bits_per_second"]) / 1e6
+
+    def udp_small_pps(self, host: str, seconds: int) -> float:
+        out = json.loads(self.in_guest(["iperf3", "-c", host, "-u", "-b", UDP_RATE, "-l", "64",
+                                        "-t", str(seconds), "-J"]))
+        if "error" in out:
+            raise RuntimeError(f"iperf3 UDP to {host}: {out['error']}")
+        s = out["end"]["sum_received"]
+        return int(s["bytes"]) / 64 / float(s["seconds"])  # datagrams that arrived, per s
+
+    def connect_rate(self, host: str, seconds: float) -> float:
+        return float(self.in_guest([sys.executable, "-c", _CONNECT_RATE, host, "8080",
+                                    str(seconds)]))
+
+
+@contextmanager
+def bench_rig() -> Iterator[Bench]:
+    """Build everything (root), tear everything down afterwards."""
+    if os.geteuid() != 0:
+        raise RuntimeError("the gateway benchmark needs root (namespaces, TAP, nftables)")
+    tmp = Path(tempfile.mkdtemp(prefix="gwbench-"))
+    home = tmp / "home"
+    plan = AddressPlan(3201)
+    uplink = topo = relay = None
+    servers: list[subprocess.Popen[bytes]] = []
+    try:
+        uplink = TapUplink("gw-bench", plan, home=home)
+        topo = Topology(plan, tmp, token=f"b{os.getpid() % 0xFFFF:04x}")
+        assert topo.vmm_socket is not None
+        relay = StreamTapPump(topo.vmm_socket, uplink.tap_fd, name="relay")
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=f"mvd{topo.token}", kind="veth",
+                     peer={"ifname": "dir1", "net_ns_fd": topo.upstream_ns})
+            idx = ipr.link_lookup(ifname=f"mvd{topo.token}")[0]
+            ipr.link("set", index=idx, net_ns_fd=topo.guest_ns)
+        for ns_name, ifname, ip in ((topo.guest_ns, f"mvd{topo.token}", DIRECT_GUEST),
+                                    (topo.upstream_ns, "dir1", DIRECT_UPSTREAM)):
+            with NetNS(ns_name, flags=0) as ns:
+                idx = ns.link_lookup(ifname=ifname)[0]
+                ns.addr("add", index=idx, address=f"{ip}/30")
+                ns.link("set", index=idx, state="up")
+        servers.append(subprocess.Popen(["ip", "netns", "exec", topo.upstream_ns, "iperf3",
+                                         "-s"], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL))
+        acceptor = subprocess.Popen(["ip", "netns", "exec", topo.upstream_ns, sys.executable,
+                                     "-c", _ACCEPTOR], stdout=subprocess.PIPE)
+        servers.append(acceptor)
+        assert acceptor.stdout is not None and acceptor.stdout.readline() == b"ready\n"
+        for _ in range(50):  # wait for the iperf3 server
+            if subprocess.run(["ip", "netns", "exec", topo.upstream_ns, "ss", "-ltn",
+                               "sport = :5201"], capture_output=True, text=True
+                              ).stdout.count("LISTEN"):
+                break
+            subprocess.run(["sleep", "0.1"], check=True)
+        yield Bench(topo, uplink, relay, servers)
+    finally:
+        for proc in servers:
+            proc.kill()
+            proc.wait(10)
+            if proc.stdout is not None:
+                proc.stdout.close()
+        if relay is not None:
+            relay.stop()
+        if topo is not None:
+            topo.close()  # deleting the namespaces deletes the direct veth too
+        if uplink is not None:
+            uplink.close()
+        cleanup_stale(home)
+
+
+def measure(quick: bool) -> dict[str, Any]:
+    """Run every figure through the gateway path and the direct path."""
+    seconds = 3 if quick else 10
+    with bench_rig() as b:
+        gw_tcp = b.tcp_mbps(UPSTREAM_IP, seconds)
+        direct_tcp = b.tcp_mbps(DIRECT_UPSTREAM, seconds)
+        gw_pps = b.udp_small_pps(UPSTREAM_IP, seconds)
+        direct_pps = b.udp_small_pps(DIRECT_UPSTREAM, seconds)
+        gw_conn = b.connect_rate(UPSTREAM_IP, seconds / 2)
+        direct_conn = b.connect_rate(DIRECT_UPSTREAM, seconds / 2)
+        relay_frames = dict(b.relay.frames)
+    return {
+        "gateway": "python-relay",
+        "seconds_per_run": seconds,
+        "gateway_tcp_mbps": round(gw_tcp, 1),
+        "direct_tcp_mbps": round(direct_tcp, 1),
+        "tcp_throughput_ratio": round(gw_tcp / direct_tcp, 4),
+        "gateway_udp64_pps": round(gw_pps),
+        "direct_udp64_pps": round(direct_pps),
+        "udp_small_packet_ratio": round(gw_pps / direct_pps, 4),
+        "gateway_connects_per_s": round(gw_conn, 1),
+        "direct_connects_per_s": round(direct_conn, 1),
+        "connect_rate_ratio": round(gw_conn / direct_conn, 4),
+        "relay_frames": relay_frames,
+    }
+
+
+@pytest.fixture(scope="module")
+def rig() -> Iterator[Bench]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (namespaces, TAP, nftables)")
+    with bench_rig() as b:
+        yield b
+
+
+def test_gateway_tcp_throughput(benchmark: Any, rig: Bench) -> None:
+    mbps = benchmark.pedantic(rig.tcp_mbps, args=(UPSTREAM_IP, 2), rounds=1, iterations=1)
+    benchmark.extra_info["mbps"] = mbps
+
+
+def test_direct_tcp_throughput(benchmark: Any, rig: Bench) -> None:
+    mbps = benchmark.pedantic(rig.tcp_mbps, args=(DIRECT_UPSTREAM, 2), rounds=1, iterations=1)
+    benchmark.extra_info["mbps"] = mbps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.gateway")
+    ap.add_argument("--quick", action="store_true", help="3 s per run (under a minute)")
+    args = ap.parse_args()
+    print(json.dumps(measure(args.quick)))
+
+
+if __name__ == "__main__":
+    main()
