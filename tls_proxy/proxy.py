@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from tls_proxy.ca import CertificateAuthority
 from tls_proxy.errors import ClientHelloError, ConfigError, HttpError
 from tls_proxy.h2session import H2Session
-from tls_proxy.hosts import HostList, canonical_host
+from tls_proxy.hosts import HostList, canonical_host, validate_hostname
 from tls_proxy.http1 import parse_head
 from tls_proxy.secrets import Secret, SecretPolicy
 from tls_proxy.session import Http1Session, SessionLimits, SessionStats, error_response
@@ -319,7 +319,11 @@ class TlsProxy:
         if hello.sni is None:
             log.info("closing connection to %s:%d: ClientHello has no SNI", host, port)
             return
-        sni = canonical_host(hello.sni)
+        try:
+            sni = validate_hostname(str(hello.sni))
+        except ConfigError:
+            log.info("closing connection: invalid SNI %r", str(hello.sni)[:80])
+            return
         if expected_sni is not None and sni != canonical_host(expected_sni):
             log.warning("closing tunnel: SNI %r differs from CONNECT host %r", sni, expected_sni)
             self.stats.blocked += 1

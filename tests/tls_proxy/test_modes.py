@@ -267,3 +267,14 @@ def test_default_ca_dir_honours_microvm_home(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MICROVM_HOME", str(tmp_path))
     assert default_ca_dir() == tmp_path / "tls"
+
+
+def test_injected_parser_returning_bad_sni_is_closed(proxy_ca_dir, upstream_ca_pem, upstream,
+                                                     ca_cert):
+    from tls_proxy import ClientHello
+
+    def liar(data: bytes):
+        return ClientHello("api.example.test:443/../x", ())
+
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        _one_request_via(liar, proxy_ca_dir, upstream_ca_pem, upstream, ca_cert)
