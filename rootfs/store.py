@@ -545,8 +545,8 @@ class ImageStore:
         lower = self.rootfs_dir(img)
         record = self.home / "prepared" / uuid.uuid4().hex
         sandbox = Path(dest).absolute() if dest is not None else record
-        sandbox.mkdir(parents=True, exist_ok=True)
-        record.mkdir(parents=True, exist_ok=True)
+        sandbox.mkdir(mode=0o700, parents=True, exist_ok=True)
+        record.mkdir(mode=0o700, parents=True, exist_ok=True)
         upper = sandbox / "upper.ext4"
         staging = Path(tempfile.mkdtemp(dir=self.staging_dir or sandbox, prefix=".staging-"))
         ok = False
@@ -563,6 +563,7 @@ class ImageStore:
                                 "must see root-owned files, whiteouts and trusted xattrs)")
             PatchTarget(staging / "upper", lower).apply(plist)
             build_ext4(staging, upper, upper_size_mib, label="upper")
+            os.chmod(upper, 0o600)  # patches may carry secrets
             meta = {"image": img.ref, "image_id": img.id, "digest": img.digest,
                     "image_disk": str(disk), "sandbox_dir": str(sandbox),
                     "created": time.time()}

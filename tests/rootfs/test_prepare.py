@@ -54,6 +54,9 @@ def test_mount_plan_shape_and_json(store: rootfs.ImageStore, layered: rootfs.Ima
     assert root.bind_dir is None
     assert root.upper_disk is not None and root.upper_disk.stat().st_size == 64 << 20
     assert root.upper_disk.stat().st_blocks * 512 < 16 << 20  # sparse
+    assert stat.S_IMODE(root.upper_disk.stat().st_mode) == 0o600  # patches may hold secrets
+    assert root.sandbox_dir is not None
+    assert stat.S_IMODE(root.sandbox_dir.stat().st_mode) == 0o700
 
 
 def test_image_disk_is_cached_and_shared(store: rootfs.ImageStore, layered: rootfs.Image) -> None:
