@@ -241,7 +241,12 @@ class TapUplink:
                                   f"pid {old.pid} ({self._state_path})")
             remove_objects(old)
         self._fds: list[int] = []
-        write_record(self._record, self.home)
+        self._check_slot_free()
+        try:
+            write_record(self._record, self.home)
+        except OSError as e:
+            raise UplinkError(f"cannot write the uplink record under {str(self.home)!r}: {e}"
+                              ) from e
         self._finalizer = weakref.finalize(self, _teardown, self._record, self._fds,
                                            self._state_path)
         try:
@@ -294,6 +299,19 @@ class TapUplink:
                 f"netns={self.names['netns']!r}, closed={self.closed})")
 
     # -- creation ------------------------------------------------------------------
+    def _check_slot_free(self) -> None:
+        from pyroute2 import IPRoute
+
+        host_end, _ = transit_addresses(self.plan.slot)
+        with IPRoute() as ipr:
+            used = [a for a in ipr.get_addr(family=2)
+                    if a.get_attr("IFA_ADDRESS") == str(host_end)]
+            if used:
+                link = ipr.get_links(used[0]["index"])[0].get_attr("IFLA_IFNAME")
+                raise UplinkError(f"slot {self.plan.slot} already has an uplink (transit "
+                                  f"address {host_end} is on {link}); lease slots with "
+                                  f"allocate_slot()")
+
     def _create(self, nonblocking: bool) -> None:
         from pyroute2 import IPRoute, NetNS, netns
 

@@ -216,3 +216,19 @@ def test_unreadable_record_is_skipped(home: Path, baseline: Snapshot) -> None:
     (d / "junk.json").write_text("{not json")
     assert cleanup_stale(home) == []
     assert (d / "junk.json").exists()
+
+
+def test_same_slot_twice_is_refused(baseline: Snapshot) -> None:
+    with TapUplink("gw-test-f", AddressPlan(4011)):
+        with pytest.raises(UplinkError, match="slot 4011 already has an uplink"):
+            TapUplink("gw-test-g", AddressPlan(4011))
+        assert uplink_names("gw-test-g")["netns"] not in snapshot().netns
+    assert_same(baseline)
+
+
+def test_unwritable_home(baseline: Snapshot, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(UplinkError, match="cannot write the uplink record"):
+        TapUplink("gw-test-h", AddressPlan(4012), home=blocker)
+    assert_same(baseline)
