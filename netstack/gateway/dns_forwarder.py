@@ -10,7 +10,8 @@ Behaviour (reference: microsandbox DNS interception, §4):
   REFUSED: glibc retries REFUSED forever). Every decision is logged on the
   ``netstack.dns`` logger with its reason (denies at INFO, allows at DEBUG).
 * The host alias (e.g. ``host.microvm.internal``) is answered locally with the
-  gateway addresses (TTL 60); other types for it get an empty NOERROR.
+  gateway addresses (TTL 60); other types for it get an empty NOERROR. A/AAAA queries
+  for an address family the sandbox lacks (``inactive_families``) get an empty NOERROR.
 * Everything else goes to the upstreams (configuration, else the host's
   ``/etc/resolv.conf``) in order, each with ``timeout`` seconds; a timeout or transport
   error fails over to the next, an answer (including SERVFAIL/REFUSED) is returned as
@@ -214,7 +215,9 @@ class DnsForwarder:
     the policy behind ``policy_decider`` (``NetworkPolicy.rebind_exempt``), else nothing
     is exempt. ``egress_decider``: ``(ip, protocol, port) -> Decision`` for queries the
     guest sent to another resolver; by default the policy's ``evaluate`` of that egress
-    flow, else such queries are denied.
+    flow, else such queries are denied. ``inactive_families`` (``"ipv4"``/``"ipv6"``):
+    A/AAAA queries of a family the sandbox does not have get an empty NOERROR without
+    being forwarded (:meth:`for_plan` marks IPv6 inactive unless the plan has it).
 
     >>> from netstack import NetworkPolicy
     >>> fwd = DnsForwarder(NetworkPolicy.public_only().evaluate_dns, upstreams=["127.0.0.1:5353"],
@@ -230,7 +233,8 @@ class DnsForwarder:
                  gateway: Iterable[str] = (), rebind_exempt: RebindExempt | None = None,
                  resolv_conf: str | Path = "/etc/resolv.conf", ttl_floor: int = 1,
                  ttl_ceiling: int | None = None,
-                 egress_decider: EgressDecider | None = None) -> None:
+                 egress_decider: EgressDecider | None = None,
+                 inactive_families: Iterable[str] = ()) -> None:
         if not callable(policy_decider):
             raise DnsForwarderError(f"policy_decider must be callable like "
                                     f"NetworkPolicy.evaluate_dns, got {policy_decider!r}")
@@ -283,6 +287,13 @@ class DnsForwarder:
                 def egress_decider(ip: str, protocol: str, port: int) -> Decision:
                     return cast(Decision, evaluate(Flow("egress", protocol, ip, port)))
         self.egress_decider = egress_decider
+        families = set(inactive_families) if not isinstance(inactive_families, str) \
+            else {inactive_families}
+        if not families <= {"ipv4", "ipv6"}:
+            raise DnsForwarderError(f"inactive_families must name 'ipv4' and/or 'ipv6', "
+                                    f"got {sorted(families)!r}")
+        self.inactive_types = {dns.rdatatype.A if f == "ipv4" else dns.rdatatype.AAAA
+                               for f in families}
         self.ttl_floor = ttl_floor
         self.ttl_ceiling = ttl_ceiling
         self.stats: dict[str, int] = dict.fromkeys(
@@ -298,11 +309,12 @@ class DnsForwarder:
         >>> from netstack.gateway import AddressPlan
         >>> f = DnsForwarder.for_plan(NetworkPolicy.public_only(), AddressPlan(0),
         ...                           upstreams=["127.0.0.1"])
-        >>> f.gateway, str(f.host_alias)
-        (('172.16.0.1',), 'host.microvm.internal.')
+        >>> f.gateway, str(f.host_alias), f.inactive_types == {dns.rdatatype.AAAA}
+        (('172.16.0.1',), 'host.microvm.internal.', True)
         """
         kwargs.setdefault("host_alias", plan.host_alias)
         kwargs.setdefault("gateway", plan.gateway_addresses)
+        kwargs.setdefault("inactive_families", () if plan.ipv6 else ("ipv6",))
         return cls(policy.evaluate_dns, **kwargs)
 
     # -- the bytes-in / bytes-out entry point ----------------------------------------
@@ -374,6 +386,10 @@ class DnsForwarder:
         if self.host_alias is not None and q.name == self.host_alias:
             self.stats["alias"] += 1
             return self._alias(query)
+        if q.rdtype in self.inactive_types:
+            # the sandbox has no such family: an empty answer makes resolvers use the other
+            log.debug("DNS query %s %s: family inactive -> empty NOERROR", qname, qtype)
+            return self._local(query, dns.rcode.NOERROR)
         servers = self.upstreams
         if target is not None:
             verdict = self._egress_decision(target, protocol)

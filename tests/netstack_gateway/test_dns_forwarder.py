@@ -461,3 +461,17 @@ def test_forwarder_thread_submit_from_threads(auth: AuthServer) -> None:
         assert r.id == q.id and addresses(r) == ["93.184.216.34"]
     with pytest.raises(DnsForwarderError, match="closed"):
         t.submit(queries[0].to_wire())
+
+
+def test_inactive_family_gets_empty_noerror(auth: AuthServer) -> None:
+    from netstack import AddressPlan
+
+    fwd = DnsForwarder.for_plan(ALLOW_ALL, AddressPlan(0), upstreams=[auth.upstream])
+    r = ask(fwd, "v6.example.test", "AAAA")
+    assert r.rcode() == dns.rcode.NOERROR and r.answer == [] and auth.queries == []
+    assert addresses(ask(fwd, "a.example.test")) == ["93.184.216.34"]
+    v6 = DnsForwarder.for_plan(ALLOW_ALL, AddressPlan(0, ipv6=True), upstreams=[auth.upstream])
+    assert addresses(ask(v6, "v6.example.test", "AAAA")) == ["2606:4700::6810:84e5"]
+    assert addresses(ask(v6, "host.microvm.internal", "AAAA")) == ["fd42:6d73:62::1"]
+    with pytest.raises(DnsForwarderError, match="inactive_families"):
+        DnsForwarder(ALLOW_ALL.evaluate_dns, [auth.upstream], inactive_families=["ipv5"])
