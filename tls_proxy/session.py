@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 
 from tls_proxy.decode import BodyDecoder
@@ -116,7 +117,8 @@ class SessionStats:
     requests: int = 0
     substituted: int = 0
     blocked: int = 0
-    events: list[str] = field(default_factory=list)
+    events: deque[str] = field(default_factory=lambda: deque(maxlen=1000))
+    """The most recent block events (bounded), same text as the log lines."""
 
 
 class Http1Session:
