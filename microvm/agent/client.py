@@ -50,6 +50,7 @@ from microvm.errors import AgentError, ExecTimeout
 
 T = TypeVar("T")
 CHUNK = 1024 * 1024  # data bytes per stdin / fs.data frame
+STDIN_WINDOW = 8 * 1024 * 1024  # unacknowledged stdin bytes in flight per process (agent buffers 16 MiB)
 _LOST = object()  # sentinel put on every route when the channel closes
 RLIMIT_NAMES = frozenset(
     ["cpu", "fsize", "data", "stack", "core", "rss", "nproc", "nofile", "memlock", "as", "locks", "sigpending", "msgqueue", "nice", "rtprio", "rttime"]
@@ -74,6 +75,7 @@ class AgentClient:
         self._reader = reader
         self._writer = writer
         self._routes: dict[int, asyncio.Queue[Any]] = {}
+        self._stdin_credit: dict[int, Callable[[int], None]] = {}  # id -> ack handler
         self._next_id = 1
         self._send_lock = asyncio.Lock()
         self._closed_reason: str | None = None
@@ -209,7 +211,15 @@ class AgentClient:
                 if not data:
                     break
                 for frame in dec.feed(data):
+                    if frame.type == "core.exec.stdin.ack":
+                        handler = self._stdin_credit.get(frame.id)
+                        acked = frame.payload.get("bytes") if isinstance(frame.payload, dict) else None
+                        if handler is not None and isinstance(acked, int):
+                            handler(acked)
+                        continue
                     q = self._routes.get(frame.id)
+                    if frame.terminal and frame.id in self._stdin_credit:
+                        self._stdin_credit[frame.id](-2)  # the process is gone: stop writing stdin
                     if q is not None:
                         q.put_nowait(frame)
                     else:
@@ -225,6 +235,8 @@ class AgentClient:
             self._closed_reason = reason
             for q in self._routes.values():
                 q.put_nowait(_LOST)
+            for handler in list(self._stdin_credit.values()):
+                handler(-1)
 
     async def _request(self, type_: str, payload: Any, context: str, timeout: float | None = None) -> Frame:
         rid = self.allocate_id()
@@ -656,6 +668,9 @@ class ExecProcess:
         self._started: asyncio.Future[None] | None = None
         self._done = False
         self._pending: list[ExecEvent] = []
+        self._inflight = 0  # stdin bytes sent but not yet acknowledged by the agent
+        self._ended = False  # the agent reported the end of the process (stdin is moot)
+        self._credit = asyncio.Event()
         self.pid = 0
         self.result: ExecResult | None = None
 
@@ -685,6 +700,7 @@ class ExecProcess:
     async def _do_start(self) -> None:
         c = self._client
         self._rid = c.allocate_id()
+        c._stdin_credit[self._rid] = self._on_ack
         try:
             await c._send(self._rid, "core.exec.request", self._payload, SESSION_START)
             while True:
@@ -702,10 +718,19 @@ class ExecProcess:
             self._finish()
             raise
 
+    def _on_ack(self, n: int) -> None:
+        # n == -1: the channel is gone; n == -2: the process ended. Wake writers either way.
+        if n == -2:
+            self._ended = True
+        self._inflight = 0 if n < 0 else max(0, self._inflight - n)
+        self._credit.set()
+
     def _finish(self) -> None:
         self._done = True
+        self._credit.set()
         if self._rid is not None:
             self._client.release_id(self._rid)
+            self._client._stdin_credit.pop(self._rid, None)
 
     def _event(self, f: Frame) -> ExecEvent | None:
         p = f.payload if isinstance(f.payload, dict) else {}
@@ -778,8 +803,19 @@ class ExecProcess:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"stdin data must be bytes, got {type(data).__name__}")
         data = bytes(data)
+        await self.start()
         for i in range(0, len(data), CHUNK):
-            await self._control("core.exec.stdin", {"data": data[i : i + CHUNK]})
+            piece = data[i : i + CHUNK]
+            # Flow control: at most STDIN_WINDOW bytes unacknowledged, so nothing is ever dropped.
+            while self._inflight and self._inflight + len(piece) > STDIN_WINDOW and not (self._done or self._ended):
+                self._credit.clear()
+                await self._credit.wait()
+                if self._client.closed:
+                    raise AgentError("agent connection lost while writing stdin", kind="connection_lost")
+            if self._done or self._ended:
+                return
+            self._inflight += len(piece)
+            await self._control("core.exec.stdin", {"data": piece})
 
     async def close_stdin(self) -> None:
         """Signal end of input (on a tty: the EOF character).

@@ -24,7 +24,10 @@ Messages (``t``: payload), host -> guest unless marked "guest":
   uid or "uid:gid"), tty?, rows?, cols?, stdin? (false: /dev/null), rlimits?:
   [{resource, soft, hard}] (-1/null = unlimited), timeout_ms?}`` with
   SESSION_START -> guest ``core.exec.started {pid}``, ``core.exec.stdout {data}``,
-  ``core.exec.stderr {data}``, ``core.exec.stdin.error {message}``, then
+  ``core.exec.stderr {data}``, ``core.exec.stdin.ack {bytes}`` (stdin bytes
+  consumed by the process, or dropped after it closed stdin: the host keeps
+  at most a window unacknowledged), ``core.exec.stdin.error {message}``
+  (backlog over 16 MiB: data dropped; our client never gets there), then
   TERMINAL ``core.exec.exited {code, signal, timed_out}`` (``code`` = exit
   status, or -1 when killed by ``signal``) or ``core.exec.failed {kind, errno,
   errno_name, stage, message}``. Host -> guest on the same id:

@@ -126,6 +126,7 @@ struct session {
     int in_fd, out_fd, err_fd; /* tty: out_fd is the pty master, in_fd a dup */
     struct buf inbuf;
     size_t inoff;
+    size_t unacked; /* stdin bytes consumed (or dropped) but not yet acknowledged */
     int status;
     int64_t deadline_ms; /* 0 = none */
 };

@@ -564,18 +564,40 @@ void exec_on_readable(struct agent *a, struct session *s, int fd) {
     else if (fd == s->err_fd) pump(a, s, &s->err_fd);
 }
 
+static void send_stdin_ack(struct agent *a, struct session *s) {
+    if (!s->unacked || s->detached) return;
+    frame_begin(&a->out, "core.exec.stdin.ack");
+    cbor_put_map(&a->out, 1);
+    cbor_put_text(&a->out, "bytes");
+    cbor_put_uint(&a->out, s->unacked);
+    s->unacked = 0;
+    agent_send(a, s->id, 0);
+}
+
 void exec_on_writable(struct agent *a, struct session *s) {
-    (void)a;
+    size_t before = s->inoff;
     while (s->in_fd >= 0 && s->inbuf.len > s->inoff) {
         ssize_t w = write(s->in_fd, s->inbuf.p + s->inoff, s->inbuf.len - s->inoff);
         if (w > 0) { s->inoff += (size_t)w; continue; }
         if (w < 0 && errno == EINTR) continue;
-        if (w < 0 && errno == EAGAIN) return;
-        closefd(&s->in_fd); /* EPIPE: the child closed its stdin */
+        if (w < 0 && errno == EAGAIN) break;
+        /* EPIPE: the child closed its stdin; what is left can never be delivered. */
+        closefd(&s->in_fd);
+        s->inoff = s->inbuf.len;
+        s->stdin_eof = false;
         break;
     }
-    s->inbuf.len = s->inoff = 0;
-    if (s->stdin_eof && s->in_fd >= 0) {
+    s->unacked += s->inoff - before;
+    if (s->inoff == s->inbuf.len) {
+        s->inbuf.len = s->inoff = 0;
+    } else if (s->inoff >= (1u << 20)) {
+        memmove(s->inbuf.p, s->inbuf.p + s->inoff, s->inbuf.len - s->inoff);
+        s->inbuf.len -= s->inoff;
+        s->inoff = 0;
+    }
+    /* Credit back consumed stdin so the host can keep at most a window in flight. */
+    if (s->unacked >= (256u << 10) || (s->unacked && s->inbuf.len == 0)) send_stdin_ack(a, s);
+    if (s->stdin_eof && s->in_fd >= 0 && s->inbuf.len == 0) {
         if (s->tty) {
             /* End of input on a terminal: the VEOF character at the start of a line. */
             static const uint8_t eof = 4;
@@ -590,7 +612,15 @@ void exec_on_writable(struct agent *a, struct session *s) {
 void exec_stdin(struct agent *a, uint32_t id, int64_t payload) {
     struct session *s = find_session(a, id);
     int64_t data = cbor_map_get(&a->doc, payload, "data");
-    if (!s || s->in_fd < 0) return; /* finished session or closed stdin: drop */
+    if (!s) return; /* finished session: drop */
+    if (s->in_fd < 0) {
+        /* Closed stdin: the bytes are dropped; credit them back so the host does not stall. */
+        if (data >= 0 && a->doc.items[data].type == CB_BYTES && a->doc.items[data].len) {
+            s->unacked += a->doc.items[data].len;
+            send_stdin_ack(a, s);
+        }
+        return;
+    }
     if (data < 0 || a->doc.items[data].type != CB_BYTES) {
         frame_begin(&a->out, "core.exec.stdin.error");
         cbor_put_map(&a->out, 1);
@@ -602,12 +632,14 @@ void exec_stdin(struct agent *a, uint32_t id, int64_t payload) {
     const struct cbor_item *it = &a->doc.items[data];
     if (it->len == 0) {
         s->stdin_eof = true;
-    } else if (s->inbuf.len + it->len > STDIN_BUF_MAX) {
+    } else if (s->inbuf.len - s->inoff + it->len > STDIN_BUF_MAX) {
         frame_begin(&a->out, "core.exec.stdin.error");
         cbor_put_map(&a->out, 1);
         cbor_put_text(&a->out, "message");
         cbor_put_text(&a->out, "stdin backlog over 16 MiB: the process is not reading; data dropped");
         agent_send(a, id, 0);
+        s->unacked += it->len; /* dropped, but credit it back so the host does not stall */
+        send_stdin_ack(a, s);
         return;
     } else {
         buf_put(&s->inbuf, it->s, it->len);

@@ -102,6 +102,19 @@ def test_stdin_collected_and_large_output(sync_client: SyncAgentClient) -> None:
     assert sync_client.exec("cat", timeout=10).stdout == b""
 
 
+def test_stdin_flow_control_loses_nothing(sync_client: SyncAgentClient) -> None:
+    # 40 MiB to a process that only starts reading after a pause: far beyond the
+    # agent's 16 MiB buffer, so the client must wait for stdin acks.
+    data = os.urandom(40 * 1024 * 1024)
+    r = sync_client.exec("sh", ["-c", "sleep 0.5; sha256sum"], stdin=data, timeout=60)
+    import hashlib
+
+    assert r.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+    # A process that closes stdin early: the rest is credited back, no stall.
+    r = sync_client.exec("head", ["-c", "10"], stdin=data, timeout=60)
+    assert r.stdout == data[:10]
+
+
 def test_stdin_streaming_interactive(agent_bin: Path) -> None:
     async def main() -> None:
         async with host_agent(agent_bin) as (client, _):
