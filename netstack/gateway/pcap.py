@@ -95,6 +95,7 @@ class PcapWriter:
         self._lock = threading.Lock()
         self._size = 0
         self._file: BinaryIO | None = None
+        self._header_len = len(self._header())
         self._open()
 
     # -- file handling -------------------------------------------------------------
@@ -182,7 +183,7 @@ class PcapWriter:
                 raise PcapError(f"capture {str(self.path)!r} is closed")
             if self.max_bytes is not None and self.frames_written \
                     and self._size + len(record) > self.max_bytes \
-                    and self._size > len(self._header()):
+                    and self._size > self._header_len:
                 self._rotate()
             assert self._file is not None
             self._file.write(record)

@@ -13,6 +13,7 @@ whose owner is dead, then the record.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -173,8 +174,11 @@ def remove_objects(record: UplinkRecord) -> list[str]:
                 except Exception as e:  # already gone with its peer
                     log.debug("link %s vanished during removal: %s", link, e)
     if record.netns in netns.listnetns():
-        netns.remove(record.netns)
-        removed.append(f"netns {record.netns}")
+        try:
+            netns.remove(record.netns)
+            removed.append(f"netns {record.netns}")
+        except OSError as e:  # removed concurrently
+            log.debug("netns %s vanished during removal: %s", record.netns, e)
     return removed
 
 
@@ -192,19 +196,29 @@ def cleanup_stale(home: str | os.PathLike[str] | None = None) -> list[str]:
     if not d.is_dir():
         return []
     removed: list[str] = []
-    for path in sorted(d.glob("*.json")):
-        try:
-            record = UplinkRecord.from_json(path.read_text(encoding="utf-8"))
-        except (OSError, UplinkError) as e:
-            log.warning("skipping unreadable uplink record %s: %s", path, e)
-            continue
-        if owner_alive(record.pid, record.pid_start):
-            continue
-        log.info("removing leftovers of sandbox %r (owner pid %d is dead)", record.sandbox,
-                 record.pid)
-        removed.extend(remove_objects(record))
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
+    # one cleaner at a time (two would race on the same records)
+    with open(d / ".cleanup.lock", "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        for path in sorted(d.glob("*.json")):
+            removed.extend(_cleanup_record(path))
+    return removed
+
+
+def _cleanup_record(path: Path) -> list[str]:
+    try:
+        record = UplinkRecord.from_json(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    except (OSError, UplinkError) as e:
+        log.warning("skipping unreadable uplink record %s: %s", path, e)
+        return []
+    if owner_alive(record.pid, record.pid_start):
+        return []
+    log.info("removing leftovers of sandbox %r (owner pid %d is dead)", record.sandbox,
+             record.pid)
+    removed = remove_objects(record)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
     return removed
