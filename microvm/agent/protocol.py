@@ -9,7 +9,10 @@ map ``{"v": generation, "t": type, "p": payload}``. Flags: :data:`TERMINAL`
 Messages (``t``: payload), host -> guest unless marked "guest":
 
 * ``core.hello {version}`` -> guest ``core.ready {version, generation, pid,
-  boot_ms, agent, host_mode}``; ``generation = min(host, guest)``.
+  boot_ms, agent, host_mode}``; ``generation = min(host, guest)``. A hello
+  starts a host session: exec sessions of an earlier host (after a reconnect)
+  are detached (they keep running unless ``kill_on_disconnect``; their output
+  is dropped and their ids are free again).
 * ``core.bootstrap {hostname?, root?, network?, ca_certs?, env?, mounts?,
   kill_on_disconnect?}`` -> guest ``core.bootstrap.ack {skipped: [str]}`` or
   ``core.error``. ``root`` is null (keep /dev/vda), ``{"kind": "disk", "device",

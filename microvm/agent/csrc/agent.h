@@ -138,7 +138,7 @@ struct fs_write {
     char *path;
 };
 struct agent {
-    bool host_mode, connected, bootstrapped;
+    bool host_mode, connected, bootstrapped, hello_seen;
     int chan_fd;   /* -1 when disconnected (host path mode) */
     int listen_fd; /* host mode --channel-path */
     int sig_fd;

@@ -100,6 +100,7 @@ int env_set(char ***env, size_t *n, const char *kv) {
 static void disconnect(struct agent *a) {
     if (!a->connected) return;
     a->connected = false;
+    a->hello_seen = false;
     frame_reader_reset(&a->rd);
     fs_abort_all(a);
     if (a->host_mode && a->listen_fd < 0) {
@@ -125,6 +126,14 @@ static void on_hello(struct agent *a, uint32_t id, int64_t p) {
         return;
     }
     a->generation = ver < AGENT_PROTO_VERSION ? (int)ver : AGENT_PROTO_VERSION;
+    if (a->hello_seen) {
+        /* A hello on a live channel starts a new host session: the host may have
+         * reconnected faster than the port's hang-up could be observed. */
+        if (a->kill_on_disconnect) exec_kill_all(a);
+        exec_detach_all(a);
+        fs_abort_all(a);
+    }
+    a->hello_seen = true;
     int64_t boot_ms = a->host_mode ? now_ms() - a->start_ms : 0;
     if (!a->host_mode) {
         struct timespec ts;

@@ -219,3 +219,17 @@ def test_hello_rejects_bad_version(agent_bin: Path) -> None:
             assert e.value.kind == "version"
 
     asyncio.run(main())
+
+
+def test_second_hello_starts_a_new_host_session(agent_bin: Path) -> None:
+    async def main() -> None:
+        async with host_agent(agent_bin) as (c, _):
+            old = await c.exec_stream("sleep", ["30"])
+            await c.hello()  # e.g. a reconnect the guest could not observe
+            await old.signal(9)  # the old session is detached: its id no longer reaches it
+            await asyncio.sleep(0.2)
+            assert os.path.exists(f"/proc/{old.pid}")
+            os.kill(old.pid, 9)
+            assert (await c.exec("echo", ["fresh"])).stdout == b"fresh\n"
+
+    asyncio.run(main())
