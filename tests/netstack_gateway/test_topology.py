@@ -9,7 +9,9 @@ authoritative server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -171,3 +173,63 @@ def test_forwarder_against_namespace_dns(rig: Rig) -> None:
     r = dns.message.from_wire(asyncio.run(fwd.handle(q.to_wire(), "tcp")) or b"")
     assert r.rcode() == dns.rcode.NOERROR
     assert pins == [(UPSTREAM_NAME, [(UPSTREAM_IP, 60)])]
+
+
+# -- the other VMM transports (no upstream namespace: the host loopback path is the target) --
+@contextlib.contextmanager
+def transport_rig(tmp: Path, name: str, slot: int, mode: str, vfkit: bool = False,
+                  listen: bool = False) -> Iterator[Rig]:
+    require_root()
+    require_binaries("ip", "nft", "curl")
+    before = snapshot()
+    home = tmp / "home"
+    plan = AddressPlan(slot)
+    uplink = topo = relay = None
+    server: socket.socket | None = None
+    try:
+        uplink = TapUplink(name, plan, host_loopback=True, home=home)
+        kind = socket.SOCK_STREAM if mode == "stream" else socket.SOCK_DGRAM
+        path = tmp / "gateway.sock"
+        if listen:  # the gateway listens, the VMM connects (QEMU server=off, libkrun)
+            server = socket.socket(socket.AF_UNIX, kind)
+            server.bind(str(path))
+            if kind == socket.SOCK_STREAM:
+                server.listen(1)
+        topo = Topology(plan, tmp, token=f"{os.getpid() % 0xFFFF:04x}{slot % 16:x}",
+                        upstream=False, mode=mode, vfkit=vfkit,
+                        vmm_connect=path if listen else None)
+        if server is not None and kind == socket.SOCK_STREAM:
+            gw_sock, _ = server.accept()
+        elif server is not None:
+            gw_sock = server
+            gw_sock.connect(str(tmp / f"vmm-{topo.token}.sock"))
+        else:
+            assert topo.vmm_socket is not None
+            gw_sock = topo.vmm_socket
+        relay = StreamTapPump(gw_sock, uplink.tap_fd, name="relay", mode=mode)
+        yield Rig(topo, uplink, relay)
+    finally:
+        if relay is not None:
+            relay.stop()
+            if relay.sock is not server and relay.sock is not (topo and topo.vmm_socket):
+                relay.sock.close()
+        if topo is not None:
+            topo.close()
+        if server is not None:
+            server.close()
+        if uplink is not None:
+            uplink.close()
+        cleanup_stale(home)
+        assert snapshot().ours() == before.ours()
+
+
+@pytest.mark.parametrize(("mode", "vfkit", "listen"), [
+    ("dgram", False, False), ("dgram", True, False), ("stream", False, True),
+    ("dgram", True, True)])
+def test_vmm_transports(tmp_path: Path, host_service: int, mode: str, vfkit: bool,
+                        listen: bool) -> None:
+    with transport_rig(tmp_path, "gw-topo-tr", 3103, mode, vfkit, listen) as rig:
+        rc, out = curl(rig, f"http://{rig.topo.plan.gateway_ipv4}:{host_service}/")
+        assert rc == 0 and out == "hello from the host loopback\n", out
+        assert rig.relay.handshake == (b"VFKT" if vfkit else None)
+        assert not rig.relay.errors and rig.topo.vmm is not None and not rig.topo.vmm.errors

@@ -71,14 +71,29 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
 
 
 class StreamTapPump:
-    """Moves frames both ways between a TAP fd and a u32-BE-length stream socket."""
+    """Moves frames both ways between a TAP fd and a VMM frame socket.
 
-    def __init__(self, sock: socket.socket, tap_fd: int, name: str = "pump") -> None:
+    ``mode="stream"``: u32 big-endian length + frame (QEMU ``-netdev stream``, libkrun
+    unixstream, passt). ``mode="dgram"``: one bare frame per datagram (QEMU ``dgram``,
+    libkrun unixgram); with ``vfkit=True`` the pump sends the 4-byte ``VFKT`` handshake
+    first (as libkrun's NET_FLAG_VFKIT does). A dgram pump that *receives* a first
+    datagram ``VFKT`` consumes it (``self.handshake`` records it) instead of writing it
+    to the TAP, as gvproxy does.
+    """
+
+    def __init__(self, sock: socket.socket, tap_fd: int, name: str = "pump", *,
+                 mode: str = "stream", vfkit: bool = False) -> None:
+        if mode not in ("stream", "dgram"):
+            raise ValueError(f"mode must be 'stream' or 'dgram', got {mode!r}")
         self.sock = sock
         self.tap_fd = tap_fd
+        self.mode = mode
+        self.handshake: bytes | None = None
         self.stop_event = threading.Event()
         self.frames = {"to_stream": 0, "to_tap": 0}
         self.errors: list[BaseException] = []
+        if vfkit:
+            sock.send(b"VFKT")
         self.threads = [threading.Thread(target=self._guard, args=(f,), daemon=True,
                                          name=f"{name}-{f.__name__}")
                         for f in (self._tap_to_stream, self._stream_to_tap)]
@@ -98,25 +113,39 @@ class StreamTapPump:
             if not r:
                 continue
             frame = os.read(self.tap_fd, 65600)
-            self.sock.sendall(struct.pack("!I", len(frame)) + frame)
+            if self.mode == "stream":
+                self.sock.sendall(struct.pack("!I", len(frame)) + frame)
+            else:
+                self.sock.send(frame)
             self.frames["to_stream"] += 1
+
+    def _read_frame(self) -> bytes | None:
+        if self.mode == "dgram":
+            frame = self.sock.recv(65600)
+            if self.handshake is None and frame == b"VFKT" \
+                    and self.frames["to_tap"] == 0:
+                self.handshake = frame
+                return b""
+            return frame
+        header = _recv_exact(self.sock, 4)
+        if header is None:
+            return None
+        (length,) = struct.unpack("!I", header)
+        if length > 65549 + 1024:
+            raise OSError(f"oversized frame length {length}")
+        return _recv_exact(self.sock, length)
 
     def _stream_to_tap(self) -> None:
         while not self.stop_event.is_set():
             r, _, _ = select.select([self.sock], [], [], 0.1)
             if not r:
                 continue
-            header = _recv_exact(self.sock, 4)
-            if header is None:
-                return
-            (length,) = struct.unpack("!I", header)
-            if length > 65549 + 1024:
-                raise OSError(f"oversized frame length {length}")
-            frame = _recv_exact(self.sock, length)
+            frame = self._read_frame()
             if frame is None:
                 return
-            os.write(self.tap_fd, frame)
-            self.frames["to_tap"] += 1
+            if frame:
+                os.write(self.tap_fd, frame)
+                self.frames["to_tap"] += 1
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -125,14 +154,15 @@ class StreamTapPump:
 
 
 class FakeVmm(StreamTapPump):
-    """The guest namespace's TAP <-> the VMM frame socket (u32 BE length framing)."""
+    """The guest namespace's TAP <-> the VMM frame socket (stream or datagram framing)."""
 
 
 class Topology:
     """Guest and upstream namespaces, the fake VMM, and the upstream servers."""
 
     def __init__(self, plan: AddressPlan, workdir: Path, token: str | None = None, *,
-                 upstream: bool = True) -> None:
+                 upstream: bool = True, mode: str = "stream", vfkit: bool = False,
+                 vmm_connect: Path | None = None) -> None:
         self.plan = plan
         self.token = token or f"{os.getpid() % 0xFFFFF:05x}"
         self.guest_ns = f"mvg-{self.token}"
@@ -143,6 +173,7 @@ class Topology:
         self.upstream_host_end, self.upstream_ns_end = base + 1, base + 2
         self.workdir = workdir
         self.with_upstream = upstream
+        self.mode, self.vfkit, self.vmm_connect = mode, vfkit, vmm_connect
         self.servers: subprocess.Popen[str] | None = None
         self.vmm: FakeVmm | None = None
         self._guest_tap_fd: int | None = None
@@ -185,9 +216,18 @@ class Topology:
         if self.with_upstream:
             self._setup_upstream(cert_file, key_file)
 
-        # the fake VMM and the socket the gateway gets
-        self.vmm_socket, self._vmm_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.vmm = FakeVmm(self._vmm_end, self._guest_tap_fd, name="fakevmm")
+        # the fake VMM and the socket the gateway gets: a socketpair, or (like QEMU's
+        # server=off) a connection to the gateway's listening unix socket
+        kind = socket.SOCK_STREAM if self.mode == "stream" else socket.SOCK_DGRAM
+        if self.vmm_connect is None:
+            self.vmm_socket, self._vmm_end = socket.socketpair(socket.AF_UNIX, kind)
+        else:
+            self._vmm_end = socket.socket(socket.AF_UNIX, kind)
+            if kind == socket.SOCK_DGRAM:  # libkrun unixgram binds its own address
+                self._vmm_end.bind(str(self.workdir / f"vmm-{self.token}.sock"))
+            self._vmm_end.connect(str(self.vmm_connect))
+        self.vmm = FakeVmm(self._vmm_end, self._guest_tap_fd, name="fakevmm", mode=self.mode,
+                           vfkit=self.vfkit)
 
     def _setup_upstream(self, cert_file: Path, key_file: Path) -> None:
         # upstream namespace with TEST-NET addresses on lo, reached over a veth
