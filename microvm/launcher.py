@@ -25,6 +25,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from microvm.backends.console import ConsoleSink
 from microvm.backends.libkrun import COMPAT_NET_FEATURES, Libkrun
 from microvm.errors import MicrovmError
 
@@ -121,7 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = json.loads(Path(args[0]).read_text())
         krun = Libkrun.open(cfg.get("library"))
-        console_fd = os.open(cfg["console_log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        # The console goes through a capped sink (a guest cannot fill the host disk).
+        sink = ConsoleSink(
+            Path(cfg["rundir"]) / "console.sock",
+            Path(cfg["console_log"]),
+            int(cfg["console_limit"]),
+        )
+        console_end = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        console_end.connect(str(sink.sock_path))
+        console_fd = console_end.fileno()
         guest_end, host_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         sock_path = cfg["agent_socket"]
         with contextlib.suppress(FileNotFoundError):

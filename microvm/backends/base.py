@@ -114,6 +114,7 @@ class VmSpec:
     mac: str = "02:00:00:00:00:02"
     shares: Sequence[Share] = ()
     kernel_library: Path | None = None
+    console_limit: int = 4 << 20
 
     def __post_init__(self) -> None:
         if not isinstance(self.cpus, int) or not 1 <= self.cpus <= 32:
@@ -136,6 +137,8 @@ class VmSpec:
                 f"rundir {str(self.rundir)!r} is too long: unix socket paths under it exceed "
                 "107 bytes; use a shorter directory"
             )
+        if not isinstance(self.console_limit, int) or self.console_limit < 4096:
+            raise MicrovmError(f"bad console_limit {self.console_limit!r}: at least 4096 bytes")
         tags = [s.tag for s in self.shares]
         if len(set(tags)) != len(tags):
             raise MicrovmError(f"duplicate virtio-fs tags in {tags}")
@@ -149,6 +152,16 @@ class VmSpec:
             print(spec.console_log.read_text())
         """
         return self.rundir / "console.log"
+
+    @property
+    def console_socket(self) -> Path:
+        """Unix socket the VMM sends the console to (a :class:`ConsoleSink` caps the log).
+
+        Example::
+
+            spec.console_socket  # <rundir>/console.sock
+        """
+        return self.rundir / "console.sock"
 
     @property
     def agent_socket(self) -> Path:
@@ -462,10 +475,23 @@ class SpawnedVm:
         vm.wait(timeout=30) or vm.kill()
     """
 
-    def __init__(self, spec: VmSpec, group: ProcessGroup, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(
+        self,
+        spec: VmSpec,
+        group: ProcessGroup,
+        proc: subprocess.Popen[bytes],
+        closers: Sequence[Callable[[], None]] = (),
+    ) -> None:
         self._spec = spec
         self._group = group
         self._proc = proc
+        self._closers = list(closers)
+
+    def _close_helpers(self) -> None:
+        closers, self._closers = self._closers, []
+        for c in closers:
+            with contextlib.suppress(Exception):
+                c()
 
     @property
     def pid(self) -> int:
@@ -518,6 +544,7 @@ class SpawnedVm:
         except subprocess.TimeoutExpired:
             return None
         self._group.kill()
+        self._close_helpers()
         return code
 
     def kill(self) -> None:
@@ -528,3 +555,4 @@ class SpawnedVm:
             vm.kill()
         """
         self._group.kill()
+        self._close_helpers()

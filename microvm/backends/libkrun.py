@@ -242,6 +242,7 @@ def spec_to_launch_config(spec: VmSpec, log_level: int = 0) -> dict[str, Any]:
         "net_socket": str(spec.net_socket) if spec.net_socket else None,
         "mac": spec.mac,
         "console_log": str(spec.console_log),
+        "console_limit": spec.console_limit,
         "agent_socket": str(spec.agent_socket),
         "rundir": str(spec.rundir),
         "log_level": log_level,

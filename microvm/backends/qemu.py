@@ -23,6 +23,7 @@ from microvm.backends.base import (
     kvm_usable,
     wait_for_path,
 )
+from microvm.backends.console import ConsoleSink
 from microvm.errors import BackendUnavailable, BootError
 
 __all__ = ["QEMU_INSTALL_HINTS", "QemuBackend", "QemuHandle"]
@@ -173,7 +174,7 @@ class QemuBackend:
             args += _disk_args(i, d)
         args += [
             "-device", "virtio-serial-device,max_ports=4",
-            "-chardev", f"file,id=con,path={_opt(str(spec.console_log))}",
+            "-chardev", f"socket,id=con,path={_opt(str(spec.console_socket))},server=off",
             "-device", "virtconsole,chardev=con",
             "-chardev",
             f"socket,id=agentch,path={_opt(str(spec.agent_socket))},server=on,wait=off",
@@ -213,13 +214,15 @@ class QemuBackend:
                 stale.unlink()
         spec.console_log.touch()
         group = ProcessGroup()
+        sink = ConsoleSink(spec.console_socket, spec.console_log, spec.console_limit)
         try:
             socks = [self._start_virtiofsd(group, spec, i, s) for i, s in enumerate(spec.shares)]
             proc = group.spawn(self.argv(spec, socks), log=spec.rundir / "qemu.log")
         except BaseException:
             group.kill()
+            sink.close()
             raise
-        return QemuHandle(spec, group, proc)
+        return QemuHandle(spec, group, proc, [sink.close])
 
     def _start_virtiofsd(self, group: ProcessGroup, spec: VmSpec, i: int, share: Share) -> Path:
         vfsd = _find_virtiofsd()

@@ -1,6 +1,6 @@
 /* A tiny static PID 1 for backend tests (no agent needed): prints a marker, optionally mounts a
  * virtio-fs share given as "share=TAG" on the kernel cmdline at /mnt and prints /mnt/hello.txt,
- * optionally writes "panic" to /proc/sysrq-trigger when "crash" is on the cmdline, then reboots. */
+ * "flood" writes 2 MiB to the console, "hang" never returns, then it reboots. */
 #include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
@@ -31,11 +31,15 @@ int main(int argc, char **argv) {
             put("SHARE-MOUNT-FAILED\n");
         }
     }
-    if (strstr(cmd, "hang")) { put("HANGING\n"); for (;;) pause(); }
-    if (strstr(cmd, "crash")) {
-        int t = open("/proc/sysrq-trigger", O_WRONLY);
-        if (t >= 0 && write(t, "c", 1) < 0) {}
+    if (strstr(cmd, "flood")) {
+        static char line[1024];
+        memset(line, 'x', sizeof line - 1);
+        line[sizeof line - 1] = '\n';
+        for (int i = 0; i < 2048; i++) if (write(1, line, sizeof line) < 0) break;  /* 2 MiB */
+        put("FLOOD-END\n");
+        sleep(1);  /* let the host drain the port before the reboot ends QEMU */
     }
+    if (strstr(cmd, "hang")) { put("HANGING\n"); for (;;) pause(); }
     (void)argc; (void)argv;
     sync();
     reboot(RB_AUTOBOOT);

@@ -213,3 +213,41 @@ def test_vm_started_from_short_lived_thread_survives_it(
         assert h.poll() is None and _alive(h.pid)
     finally:
         h.kill()
+
+
+def test_console_log_is_capped(kernel: Kernel, init_disk: Path, tmp_path: Path) -> None:
+    """A guest flooding hvc0 (2 MiB) cannot grow console.log past console_limit; the tail survives."""
+    require_binaries("qemu-system-x86_64")
+    spec = _spec(
+        kernel, init_disk, tmp_path / "run", cmdline_extra="flood", console_limit=64 * 1024
+    )
+    h = QemuBackend().launch(spec)
+    try:
+        assert h.wait(timeout=60) == 0
+    finally:
+        h.kill()
+    data = spec.console_log.read_bytes()
+    assert len(data) <= 64 * 1024
+    assert data.startswith(b"[microvm: ") and b"bytes of console output dropped]" in data
+    assert data.rstrip().endswith(b"FLOOD-END")
+
+
+def test_console_sink_unit(tmp_path: Path) -> None:
+    import socket
+
+    from microvm.backends.console import ConsoleSink
+
+    sink = ConsoleSink(tmp_path / "c.sock", tmp_path / "c.log", limit=8192)
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.connect(str(tmp_path / "c.sock"))
+    for i in range(1000):
+        c.sendall(f"line {i:04d}\n".encode())
+    c.sendall(b"y" * 20000 + b"\nLAST\n")  # one chunk bigger than the limit
+    c.close()
+    sink._thread.join(5)
+    sink.close()
+    data = (tmp_path / "c.log").read_bytes()
+    assert len(data) <= 8192 and data.endswith(b"\nLAST\n") and sink.dropped > 0
+    assert data.startswith(f"[microvm: {sink.dropped} bytes".encode())
+    with pytest.raises(ValueError, match="too small"):
+        ConsoleSink(tmp_path / "d.sock", tmp_path / "d.log", limit=10)

@@ -94,7 +94,7 @@ def test_launcher_call_sequence_ports_and_exit_code(
         [ctx, str(tmp_path / "net.sock"), -1, "02:11:22:33:44:55", COMPAT_NET_FEATURES, 0]
     ]
     console, agent = by["krun_add_console_port_inout"]
-    assert console == [ctx, 7, "console", "chr", "file"]  # /dev/null in, console.log out
+    assert console == [ctx, 7, "console", "chr", "sock"]  # /dev/null in, capped console sink out
     assert agent == [ctx, 7, "agent", "sock", "sock"]  # socketpair bridged to agent.sock
     assert by["krun_set_kernel_console"] == [[ctx, "hvc0"]]
     # NULL-terminated arrays arrive intact: empty argv, one env entry
