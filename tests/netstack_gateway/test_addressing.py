@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from netstack import AddressPlan, allocate_slot
 from netstack.errors import AddressPlanError, NetstackError
@@ -124,3 +126,31 @@ def test_concurrent_processes_get_distinct_slots(home: Path) -> None:
             p.wait(10)
             if p.stdout:
                 p.stdout.close()
+
+
+# -- properties ------------------------------------------------------------------------
+slots = st.integers(min_value=0, max_value=65535)
+
+
+@given(slots)
+def test_plan_invariants(slot: int) -> None:
+    import ipaddress
+
+    p = AddressPlan(slot, ipv6=True)
+    assert p.network_ipv4.prefixlen == 30
+    assert p.network_ipv4.subnet_of(ipaddress.IPv4Network("172.16.0.0/12"))
+    assert int(p.guest_ipv4) - int(ipaddress.IPv4Address("172.16.0.0")) == 4 * slot + 2
+    assert p.gateway_ipv4 + 1 == p.guest_ipv4 and p.guest_ipv4 in p.network_ipv4
+    assert p.network_ipv6 is not None and p.guest_ipv6 in p.network_ipv6
+    assert p.network_ipv6.subnet_of(ipaddress.IPv6Network("fd42:6d73:62::/48"))
+    assert int(p.guest_mac.replace(":", "")[6:10], 16) == slot
+    assert p.guest_mac[:-2] == p.gateway_mac[:-2]
+    assert int(p.guest_mac.split(":")[0], 16) & 0b11 == 0b10  # locally administered unicast
+
+
+@given(slots, slots)
+def test_distinct_slots_never_collide(a: int, b: int) -> None:
+    pa, pb = AddressPlan(a, ipv6=True), AddressPlan(b, ipv6=True)
+    if a != b:
+        assert not pa.network_ipv4.overlaps(pb.network_ipv4)
+        assert pa.guest_mac != pb.guest_mac and pa.guest_ipv6 != pb.guest_ipv6
