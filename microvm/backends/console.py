@@ -1,6 +1,8 @@
 """A bounded sink for the guest console: the VMM connects to a unix socket and a thread appends
 what it receives to ``console.log``, never letting the file grow past a limit (a chatty or
-hostile guest cannot fill the host disk; the newest output is kept).
+hostile guest cannot fill the host disk; the newest output is kept). QEMU never stalls
+the guest on a slow console reader: if this thread falls behind by more than the socket
+buffer (hundreds of KiB), QEMU drops console bytes rather than blocking the guest kernel.
 
 Example::
 
