@@ -471,7 +471,11 @@ def fetch_kernel(dest: Path | None = None, *, source: str = "auto", force: bool 
     with _locked(dest):
         if not force:
             existing = _from_dir(dest)
-            if existing is not None and source in ("auto", existing.source):
+            if (
+                existing is not None
+                and source in ("auto", existing.source)
+                and _elf_matches_manifest(dest)
+            ):
                 return existing
         if source in ("auto", "system"):
             lib = system_library()
@@ -493,6 +497,14 @@ def fetch_kernel(dest: Path | None = None, *, source: str = "auto", force: bool 
                     continue
                 return _write_kernel(lib, dest, name)
         raise KernelError("could not obtain libkrunfw: " + "; ".join(errors))
+
+
+def _elf_matches_manifest(d: Path) -> bool:
+    try:
+        meta = json.loads((d / MANIFEST_NAME).read_text())
+        return bool(_sha256(d / ELF_NAME) == meta.get("elf_sha256"))
+    except (OSError, ValueError):
+        return False
 
 
 def _from_dir(d: Path) -> Kernel | None:

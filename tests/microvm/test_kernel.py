@@ -110,6 +110,12 @@ def test_fetch_into_fresh_dir_from_system_or_existing(
     assert k.elf.read_bytes() == kernel.elf.read_bytes()
     again = fetch_kernel(tmp_path / "k", source="system")  # cached: no rework
     assert again.elf == k.elf
+    # a corrupted cached ELF is noticed and rebuilt from the library
+    with k.elf.open("r+b") as f:
+        f.seek(5000)
+        f.write(b"\xff\xff")
+    fixed = fetch_kernel(tmp_path / "k", source="system")
+    assert fixed.elf.read_bytes() == kernel.elf.read_bytes()
 
 
 def test_module_cli_path(kernel: Kernel) -> None:
