@@ -59,6 +59,8 @@ int32_t krun_set_workdir(uint32_t ctx_id, const char *workdir_path);
 int32_t krun_set_rlimits(uint32_t ctx_id, const char *const rlimits[]);
 int32_t krun_add_net_unixstream(uint32_t ctx_id, const char *c_path, int fd, uint8_t *const c_mac,
                                 uint32_t features, uint32_t flags);
+int32_t krun_add_net_tap(uint32_t ctx_id, char *c_tap_name, uint8_t *const c_mac,
+                         uint32_t features, uint32_t flags);
 int32_t krun_disable_implicit_console(uint32_t ctx_id);
 int32_t krun_disable_implicit_vsock(uint32_t ctx_id);
 int32_t krun_add_virtio_console_multiport(uint32_t ctx_id);

@@ -119,6 +119,15 @@ int32_t krun_add_net_unixstream(uint32_t c, const char *path, int fd, uint8_t *c
     return 0;
 }
 
+int32_t krun_add_net_tap(uint32_t c, char *name, uint8_t *const mac, uint32_t features, uint32_t flags) {
+    BEGIN("krun_add_net_tap")
+    if (f) {
+        fprintf(f, "%u,", c); jstr(f, name);
+        fprintf(f, ",\"%02x:%02x:%02x:%02x:%02x:%02x\",%u,%u", mac[0], mac[1], mac[2], mac[3], mac[4], mac[5], features, flags);
+    }
+    END("krun_add_net_tap") return 0;
+}
+
 int32_t krun_disable_implicit_console(uint32_t c) { BEGIN("krun_disable_implicit_console") if (f) fprintf(f, "%u", c); END("krun_disable_implicit_console") return 0; }
 int32_t krun_disable_implicit_vsock(uint32_t c) { BEGIN("krun_disable_implicit_vsock") if (f) fprintf(f, "%u", c); END("krun_disable_implicit_vsock") return 0; }
 int32_t krun_add_virtio_console_multiport(uint32_t c) { BEGIN("krun_add_virtio_console_multiport") if (f) fprintf(f, "%u", c); END("krun_add_virtio_console_multiport") return 7; }

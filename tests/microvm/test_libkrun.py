@@ -121,6 +121,8 @@ def test_bindings_convert_and_raise(krun_double: Path, calls_log: Path) -> None:
     ctx = krun.create_ctx()
     assert krun.call("krun_set_rlimits", ctx, ["7=1024:2048", "6=10:10"]) == 0
     assert krun.call("krun_set_env", ctx, []) == 0
+    assert krun.call("krun_add_net_tap", ctx, "tap0", bytes.fromhex("020000000009"), 0, 0) == 0
+    assert krun.call("krun_free_ctx", ctx) == 0
     with pytest.raises(KrunError) as ei:
         krun.call("krun_set_vm_config", ctx, 0, 512)
     assert ei.value.errno == 22 and ei.value.function == "krun_set_vm_config"
@@ -129,6 +131,8 @@ def test_bindings_convert_and_raise(krun_double: Path, calls_log: Path) -> None:
     last = _calls(calls_log)
     assert last[1]["args"] == [ctx, ["7=1024:2048", "6=10:10"]]
     assert last[2]["args"] == [ctx, []]
+    assert last[3]["args"] == [ctx, "tap0", "02:00:00:00:00:09", 0, 0]
+    assert last[4] == {"fn": "krun_free_ctx", "args": [ctx], "rc": 0}
 
 
 def test_feature_probing(krun_double: Path, krun_double_noblk: Path, monkeypatch) -> None:
