@@ -13,7 +13,12 @@
 """
 
 from netstack.gateway.addressing import AddressPlan, SlotLease, allocate_slot, microvm_home
-from netstack.gateway.dns_forwarder import DnsForwarder, ForwarderThread, is_rebind_address
+from netstack.gateway.dns_forwarder import (
+    DnsForwarder,
+    ForwarderThread,
+    is_rebind_address,
+    pin_cache_callback,
+)
 from netstack.gateway.pcap import PcapWriter
 from netstack.gateway.state import cleanup_stale
 from netstack.gateway.uplink_tap import TapUplink, uplink_names
@@ -29,5 +34,6 @@ __all__ = [
     "cleanup_stale",
     "is_rebind_address",
     "microvm_home",
+    "pin_cache_callback",
     "uplink_names",
 ]

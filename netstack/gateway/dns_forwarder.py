@@ -118,6 +118,31 @@ RebindExempt = Callable[[str], bool]
 EgressDecider = Callable[[str, str, int], Decision]
 
 
+class PinSink(Protocol):
+    """Anything with ``PinCache.pin(name, addresses, ttl)``'s signature."""
+
+    def pin(self, name: str, addresses: Iterable[str], ttl: float) -> int: ...
+
+
+def pin_cache_callback(pins: PinSink) -> AnswerCallback:
+    """An ``on_answer`` callback that pins each answer into ``pins`` (e.g. the C PinCache).
+
+    The cache keeps one TTL per name and family, so the smallest TTL of the answer is used.
+
+    >>> class Pins:
+    ...     def pin(self, name, addresses, ttl):
+    ...         print(name, list(addresses), ttl); return 1
+    >>> pin_cache_callback(Pins())("a.test", [("192.0.2.1", 30), ("192.0.2.2", 20)])
+    a.test ['192.0.2.1', '192.0.2.2'] 20
+    """
+
+    def on_answer(qname: str, answers: list[tuple[str, int]]) -> None:
+        if answers:
+            pins.pin(qname, [ip for ip, _ in answers], min(ttl for _, ttl in answers))
+
+    return on_answer
+
+
 @dataclass(frozen=True)
 class Upstream:
     """One upstream resolver (IP and port).

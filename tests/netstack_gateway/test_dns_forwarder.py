@@ -475,3 +475,19 @@ def test_inactive_family_gets_empty_noerror(auth: AuthServer) -> None:
     assert addresses(ask(v6, "host.microvm.internal", "AAAA")) == ["fd42:6d73:62::1"]
     with pytest.raises(DnsForwarderError, match="inactive_families"):
         DnsForwarder(ALLOW_ALL.evaluate_dns, [auth.upstream], inactive_families=["ipv5"])
+
+
+def test_answers_feed_the_c_pin_cache(auth: AuthServer) -> None:
+    """on_answer wired to the fast path's PinCache: CNAME chains pin the queried name."""
+    from netstack import PinCache
+    from netstack.gateway import pin_cache_callback
+
+    pins = PinCache(1024)
+    fwd = DnsForwarder(ALLOW_ALL.evaluate_dns, [auth.upstream],
+                       on_answer=pin_cache_callback(pins))
+    ask(fwd, "c1.example.test")
+    ask(fwd, "v6.example.test", "AAAA")
+    assert pins.names("93.184.216.34") == frozenset({"c1.example.test"})
+    assert pins.names("2606:4700::6810:84e5") == frozenset({"v6.example.test"})
+    ask(fwd, "rebind.example.test")  # blocked answers are never pinned
+    assert pins.names("10.0.0.5") == frozenset()
