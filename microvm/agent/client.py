@@ -45,6 +45,10 @@ from microvm.agent.protocol import (
     ReadyInfo,
     encode_frame,
     error_from_payload,
+    field_bytes,
+    field_int,
+    field_str,
+    payload_map,
 )
 from microvm.errors import AgentError, ExecTimeout
 
@@ -258,16 +262,16 @@ class AgentClient:
             info = await client.hello()
         """
         f = await self._request("core.hello", {"version": version}, "hello", timeout)
-        p = f.payload if isinstance(f.payload, dict) else {}
         if f.type != "core.ready":
             raise AgentError(f"hello: expected core.ready, got {f.type!r}", kind="protocol")
+        p = payload_map(f)
         info = ReadyInfo(
-            version=int(p.get("version", 0)),
-            generation=int(p.get("generation", 0)),
-            pid=int(p.get("pid", 0)),
-            boot_ms=int(p.get("boot_ms", 0)),
-            agent=str(p.get("agent", "")),
-            host_mode=bool(p.get("host_mode", False)),
+            version=field_int(p, "version"),
+            generation=field_int(p, "generation"),
+            pid=field_int(p, "pid"),
+            boot_ms=field_int(p, "boot_ms"),
+            agent=field_str(p, "agent"),
+            host_mode=p.get("host_mode") is True,
         )
         self.ready = info
         self.generation = max(1, info.generation)
@@ -320,8 +324,7 @@ class AgentClient:
         if not isinstance(exit_code, int) or not 0 <= exit_code <= 255:
             raise ValueError(f"exit_code must be an int 0..255, got {exit_code!r}")
         f = await self._request("core.shutdown", {"exit_code": exit_code}, "shutdown", timeout)
-        p = f.payload if isinstance(f.payload, dict) else {}
-        return int(p.get("exit_code", exit_code))
+        return field_int(payload_map(f), "exit_code", exit_code)
 
     async def close(self) -> None:
         """Close the channel (running guest processes follow the kill_on_disconnect policy).
@@ -443,7 +446,7 @@ class AgentClient:
             while True:
                 f = await self.recv_frame(rid)
                 if f.type == "core.fs.data":
-                    yield bytes(f.payload.get("data", b""))
+                    yield field_bytes(payload_map(f), "data")
                     continue
                 _fs_result("read", path, f)
                 return
@@ -515,7 +518,10 @@ class AgentClient:
             names = [e.name for e in await client.list_dir("/")]
         """
         p = await self._fs("list", path)
-        entries = [FileStat.from_payload("", e) for e in p.get("entries", [])]
+        raw = p.get("entries", [])
+        if not isinstance(raw, list) or not all(isinstance(e, dict) for e in raw):
+            raise ProtocolError(f"list {path!r}: 'entries' must be a list of maps")
+        entries = [FileStat.from_payload("", e) for e in raw]
         return sorted(entries, key=lambda e: e.name)
 
     async def stat(self, path: str, follow: bool = True) -> FileStat:
@@ -575,13 +581,13 @@ def _check_path(path: str) -> None:
 def _fs_result(op: str, path: str, f: Frame) -> dict[str, Any]:
     if f.type == "core.error":
         raise error_from_payload(f"{op} {path!r}", f.payload)
-    p = f.payload if isinstance(f.payload, dict) else {}
     if f.type != "core.fs.response":
         raise AgentError(f"{op} {path!r}: unexpected {f.type!r}", kind="protocol")
-    if not p.get("ok"):
+    p = payload_map(f)
+    if p.get("ok") is not True:
         raise AgentError(
-            f"{op} {path!r}: {p.get('message', 'failed')}",
-            kind="fs", errno=int(p.get("errno", 0)), errno_name=str(p.get("errno_name", "")),
+            f"{op} {path!r}: {field_str(p, 'message', 'failed')}",
+            kind="fs", errno=field_int(p, "errno"), errno_name=field_str(p, "errno_name"),
         )
     return p
 
@@ -706,7 +712,7 @@ class ExecProcess:
             while True:
                 f = await c.recv_frame(self._rid)
                 if f.type == "core.exec.started":
-                    self.pid = int(f.payload.get("pid", 0))
+                    self.pid = field_int(payload_map(f), "pid")
                     return
                 if f.type in ("core.exec.failed", "core.error"):
                     self._finish()
@@ -733,19 +739,22 @@ class ExecProcess:
             self._client._stdin_credit.pop(self._rid, None)
 
     def _event(self, f: Frame) -> ExecEvent | None:
-        p = f.payload if isinstance(f.payload, dict) else {}
+        if f.type == "core.error":
+            raise error_from_payload(f"exec {self._payload['cmd']!r}", f.payload)
+        p = payload_map(f)
         if f.type == "core.exec.stdout":
-            return ExecEvent("stdout", data=bytes(p.get("data", b"")))
+            return ExecEvent("stdout", data=field_bytes(p, "data"))
         if f.type == "core.exec.stderr":
-            return ExecEvent("stderr", data=bytes(p.get("data", b"")))
+            return ExecEvent("stderr", data=field_bytes(p, "data"))
         if f.type == "core.exec.stdin.error":
-            return ExecEvent("stdin_error", message=str(p.get("message", "")))
+            return ExecEvent("stdin_error", message=field_str(p, "message"))
         if f.type == "core.exec.exited":
             sig = p.get("signal")
-            return ExecEvent("exited", exit_code=int(p.get("code", -1)), signal=sig if isinstance(sig, int) else None,
-                             timed_out=bool(p.get("timed_out", False)), pid=self.pid)
-        if f.type == "core.error":
-            raise error_from_payload(f"exec {self._payload['cmd']!r}", p)
+            return ExecEvent(
+                "exited", exit_code=field_int(p, "code", -1),
+                signal=sig if isinstance(sig, int) and not isinstance(sig, bool) else None,
+                timed_out=p.get("timed_out") is True, pid=self.pid,
+            )
         return None
 
     async def next_event(self, timeout: float | None = None) -> ExecEvent | None:

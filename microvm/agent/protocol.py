@@ -197,16 +197,20 @@ class FrameDecoder:
         """
         self._buf += data
         out: list[Frame] = []
-        while len(self._buf) >= 4:
-            (length,) = struct.unpack_from(">I", self._buf)
-            if length < 5 or length > self._max:
-                raise ProtocolError(f"frame length {length} is outside 5..{self._max}")
-            if len(self._buf) < 4 + length:
-                break
-            _, id_, flags = _HDR.unpack_from(self._buf)
-            body = bytes(self._buf[9 : 4 + length])
-            del self._buf[: 4 + length]
-            out.append(decode_body(id_, flags, body))
+        off, n = 0, len(self._buf)
+        try:
+            while n - off >= 4:
+                (length,) = struct.unpack_from(">I", self._buf, off)
+                if length < 5 or length > self._max:
+                    raise ProtocolError(f"frame length {length} is outside 5..{self._max}")
+                if n - off < 4 + length:
+                    break
+                _, id_, flags = _HDR.unpack_from(self._buf, off)
+                body = bytes(self._buf[off + 9 : off + 4 + length])
+                off += 4 + length
+                out.append(decode_body(id_, flags, body))
+        finally:
+            del self._buf[:off]
         return out
 
     @property
@@ -218,6 +222,65 @@ class FrameDecoder:
             assert FrameDecoder().pending == 0
         """
         return len(self._buf)
+
+
+def payload_map(frame: Frame) -> dict[str, Any]:
+    """The frame's payload as a dict ({} for null); :class:`ProtocolError` otherwise.
+
+    The guest is untrusted: every field the host reads is type-checked.
+
+    Example::
+
+        p = payload_map(Frame(1, 0, "core.pong", {}))
+    """
+    if frame.payload is None:
+        return {}
+    if not isinstance(frame.payload, dict):
+        raise ProtocolError(f"{frame.type} (id {frame.id}): payload is {type(frame.payload).__name__}, expected a map")
+    return frame.payload
+
+
+def field_int(p: dict[str, Any], key: str, default: int | None = 0) -> int:
+    """An integer field (bools rejected); ``default`` when absent/null (None: required).
+
+    Example::
+
+        field_int({"code": 3}, "code")
+    """
+    v = p.get(key)
+    if v is None and default is not None:
+        return default
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ProtocolError(f"field {key!r} must be an integer, got {type(v).__name__}")
+    return v
+
+
+def field_str(p: dict[str, Any], key: str, default: str = "") -> str:
+    """A text field (``default`` when absent/null).
+
+    Example::
+
+        field_str({"kind": "x"}, "kind")
+    """
+    v = p.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, str):
+        raise ProtocolError(f"field {key!r} must be text, got {type(v).__name__}")
+    return v
+
+
+def field_bytes(p: dict[str, Any], key: str) -> bytes:
+    """A byte-string field (required).
+
+    Example::
+
+        field_bytes({"data": b"x"}, "data")
+    """
+    v = p.get(key)
+    if not isinstance(v, bytes):
+        raise ProtocolError(f"field {key!r} must be bytes, got {type(v).__name__}")
+    return v
 
 
 @dataclass(frozen=True)
@@ -315,15 +378,16 @@ class FileStat:
             FileStat.from_payload("x", {"type": "file", "size": 1, "mode": 420,
                                         "uid": 0, "gid": 0, "mtime_ns": 0})
         """
+        target = p.get("target")
         return cls(
-            name=str(p.get("name", name)),
-            type=str(p.get("type", "other")),
-            size=int(p.get("size", 0)),
-            mode=int(p.get("mode", 0)),
-            uid=int(p.get("uid", 0)),
-            gid=int(p.get("gid", 0)),
-            mtime_ns=int(p.get("mtime_ns", 0)),
-            target=p.get("target"),
+            name=field_str(p, "name", name),
+            type=field_str(p, "type", "other"),
+            size=field_int(p, "size"),
+            mode=field_int(p, "mode"),
+            uid=field_int(p, "uid"),
+            gid=field_int(p, "gid"),
+            mtime_ns=field_int(p, "mtime_ns"),
+            target=target if isinstance(target, str) else None,
         )
 
 
@@ -335,12 +399,12 @@ def error_from_payload(context: str, payload: Any) -> AgentError:
         err = error_from_payload("exec 'x'", {"kind": "not_found", "message": "no such file"})
     """
     p = payload if isinstance(payload, dict) else {}
-    kind = str(p.get("kind", "other"))
-    msg = str(p.get("message", "no message"))
-    errno = p.get("errno", 0)
+    kind, msg, errno, errno_name = p.get("kind"), p.get("message"), p.get("errno"), p.get("errno_name")
+    kind = kind if isinstance(kind, str) else "other"
+    msg = msg[:4096] if isinstance(msg, str) else "no message"
     return AgentError(
         f"{context}: {msg} ({kind})",
         kind=kind,
-        errno=int(errno) if isinstance(errno, int) else 0,
-        errno_name=str(p.get("errno_name", "")),
+        errno=errno if isinstance(errno, int) and not isinstance(errno, bool) else 0,
+        errno_name=errno_name if isinstance(errno_name, str) else "",
     )
