@@ -97,6 +97,9 @@ def build_context(
         krun.call(
             "krun_add_net_unixstream", ctx, cfg["net_socket"], -1, mac, COMPAT_NET_FEATURES, 0
         )
+    # No implicit vsock: with it libkrun gives a net-less guest TSI, i.e. the host's own
+    # network, bypassing the policy-enforcing gateway.
+    krun.call("krun_disable_implicit_vsock", ctx)
     krun.call("krun_disable_implicit_console", ctx)
     cid = krun.call("krun_add_virtio_console_multiport", ctx)
     devnull = os.open(os.devnull, os.O_RDONLY)

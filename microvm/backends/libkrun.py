@@ -276,9 +276,8 @@ class LibkrunBackend:
             LibkrunBackend().check()
         """
         krun = Libkrun.open(self.library)
-        if not krun.has_symbol("krun_add_disk") or not krun.has_symbol(
-            "krun_add_console_port_inout"
-        ):
+        needed = ("krun_add_disk", "krun_add_console_port_inout", "krun_disable_implicit_vsock")
+        if not all(krun.has_symbol(n) for n in needed):
             raise BackendUnavailable(
                 f"{krun.path} lacks block devices or console ports (need libkrun >= 1.17 built "
                 f"with BLK=1); {LIBKRUN_INSTALL_HINTS}"

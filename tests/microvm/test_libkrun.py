@@ -75,7 +75,7 @@ def test_launcher_call_sequence_ports_and_exit_code(
     assert names == [
         "krun_set_log_level", "krun_create_ctx", "krun_set_vm_config", "krun_set_root",
         "krun_add_disk", "krun_add_disk", "krun_set_root_disk_remount", "krun_add_virtiofs",
-        "krun_add_net_unixstream", "krun_disable_implicit_console",
+        "krun_add_net_unixstream", "krun_disable_implicit_vsock", "krun_disable_implicit_console",
         "krun_add_virtio_console_multiport", "krun_add_console_port_inout",
         "krun_add_console_port_inout", "krun_set_kernel_console", "krun_set_exec", "krun_start_enter",
     ]  # fmt: skip
