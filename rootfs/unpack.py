@@ -309,7 +309,10 @@ def _apply_tar(reader: _HashingReader, root: str, st: UnpackState) -> None:
     finally:
         tar.close()
     for path, member in reversed(dirs):
-        os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
+        try:
+            os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
+        except OSError:
+            pass  # a later entry of this layer replaced the directory: no mtime to keep
 
 
 def _apply_member(

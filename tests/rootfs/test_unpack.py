@@ -191,6 +191,12 @@ def test_symlink_escaping_is_harmless_as_a_leaf(tmp_path: Path) -> None:
     assert os.readlink(tmp_path / "r/etc/link") == "/etc/shadow"
 
 
+def test_directory_replaced_later_in_the_same_layer(tmp_path: Path) -> None:
+    # Found by hypothesis: the end-of-layer mtime pass tripped over a replaced directory.
+    _apply([layer(E("a", "dir"), E("a/b", "dir"), E("a", data=b"now a file"))], tmp_path / "r")
+    assert (tmp_path / "r/a").read_bytes() == b"now a file"
+
+
 def test_whiteout_under_missing_dir_creates_nothing(tmp_path: Path) -> None:
     _apply([layer(E("a", data=b"1")), layer(E("nope/deeper/.wh.x"), E("a/.wh.y"))],
            tmp_path / "r")
@@ -212,7 +218,7 @@ def test_hypothesis_names_never_escape(tmp_path_factory: pytest.TempPathFactory)
     kinds = st.sampled_from(["file", "dir", "symlink", "hardlink"])
     entry = st.builds(lambda n, k, ln: E(n, k, data=b"x", link=ln), names, kinds, names)
 
-    @settings(max_examples=150, deadline=None)
+    @settings(max_examples=300, deadline=None)
     @given(st.lists(entry, min_size=1, max_size=6))
     def run(entries: list[E]) -> None:
         base = tmp_path_factory.mktemp("h")
