@@ -121,6 +121,9 @@ int frame_finish(struct buf *b, uint32_t id, uint8_t flags);
 struct session {
     bool used, exited, timed_out, tty, stdin_eof;
     bool detached; /* its host connection is gone: runs on, output is dropped */
+    bool starting; /* forked; waiting for exec to succeed (fail_fd EOF) or fail */
+    int fail_fd;   /* CLOEXEC pipe from the child: a struct child_err on failure */
+    char cmd[200], cwd[200]; /* for the failure message */
     uint32_t id;
     pid_t pid;
     int in_fd, out_fd, err_fd; /* tty: out_fd is the pty master, in_fd a dup */
@@ -188,6 +191,7 @@ void exec_resize(struct agent *a, uint32_t id, int64_t payload);
 void exec_signal(struct agent *a, uint32_t id, int64_t payload);
 void exec_on_readable(struct agent *a, struct session *s, int fd);
 void exec_on_writable(struct agent *a, struct session *s);
+void exec_on_start(struct agent *a, struct session *s);
 void exec_reap(struct agent *a);
 void exec_check_timeouts(struct agent *a);
 void exec_kill_all(struct agent *a);

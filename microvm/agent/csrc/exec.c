@@ -488,24 +488,16 @@ void exec_request(struct agent *a, uint32_t id, int64_t payload) {
     closefd(&pin[0]);
     closefd(&pout[1]);
     closefd(&perr[1]);
-    struct child_err ce;
-    ssize_t got;
-    do got = read(pfail[0], &ce, sizeof ce); while (got < 0 && errno == EINTR);
-    closefd(&pfail[0]);
-    if (got == (ssize_t)sizeof ce) {
-        waitpid(pid, NULL, 0);
-        snprintf(err, sizeof err, "%s \"%.200s\": %s", stage_name(ce.stage),
-                 ce.stage == ST_CWD ? (r.cwd ? r.cwd : "") : r.cmd, strerror(ce.err));
-        send_failed(a, id, fail_kind(ce.stage, ce.err), ce.err, stage_name(ce.stage), err);
-        closefd(&master); closefd(&pin[1]); closefd(&pout[0]); closefd(&perr[0]);
-        exec_req_free(&r);
-        return;
-    }
+    /* Do not block the loop while the child execs: fail_fd reports the outcome. */
     memset(s, 0, sizeof *s);
     s->used = true;
+    s->starting = true;
     s->id = id;
     s->pid = pid;
     s->tty = r.tty;
+    s->fail_fd = pfail[0];
+    snprintf(s->cmd, sizeof s->cmd, "%s", r.cmd);
+    snprintf(s->cwd, sizeof s->cwd, "%s", r.cwd ? r.cwd : "");
     if (r.tty) {
         s->out_fd = master;
         s->in_fd = fcntl(master, F_DUPFD_CLOEXEC, 0);
@@ -515,16 +507,12 @@ void exec_request(struct agent *a, uint32_t id, int64_t payload) {
         s->err_fd = perr[0];
         s->in_fd = pin[1];
     }
+    set_nonblock(s->fail_fd);
     if (s->out_fd >= 0) set_nonblock(s->out_fd);
     if (s->err_fd >= 0) set_nonblock(s->err_fd);
     if (s->in_fd >= 0) set_nonblock(s->in_fd);
     s->deadline_ms = r.timeout_ms ? now_ms() + r.timeout_ms : 0;
     exec_req_free(&r);
-    frame_begin(&a->out, "core.exec.started");
-    cbor_put_map(&a->out, 1);
-    cbor_put_text(&a->out, "pid");
-    cbor_put_int(&a->out, pid);
-    agent_send(a, id, 0);
     return;
 fail:
     snprintf(err, sizeof err, "%s setup for \"%.200s\": %s", stage, r.cmd, strerror(e));
@@ -542,6 +530,47 @@ static void send_output(struct agent *a, struct session *s, bool is_err, const u
     cbor_put_text(&a->out, "data");
     cbor_put_bytes(&a->out, data, n);
     agent_send(a, s->id, 0);
+}
+
+static void release(struct session *s) {
+    closefd(&s->in_fd);
+    closefd(&s->out_fd);
+    closefd(&s->err_fd);
+    closefd(&s->fail_fd);
+    buf_free(&s->inbuf);
+    s->used = false;
+}
+
+/* Settle a starting session: 1 started, 0 undecided, -1 failed (session released).
+ * With reaped set the child is gone, so the pipe has its final state. */
+static int resolve_start(struct agent *a, struct session *s, bool reaped) {
+    struct child_err ce;
+    ssize_t got;
+    do got = read(s->fail_fd, &ce, sizeof ce); while (got < 0 && errno == EINTR);
+    if (got < 0 && errno == EAGAIN && !reaped) return 0;
+    if (got == (ssize_t)sizeof ce) {
+        char err[512];
+        if (!reaped) waitpid(s->pid, NULL, 0); /* the child _exits right after reporting */
+        snprintf(err, sizeof err, "%s \"%s\": %s", stage_name(ce.stage), ce.stage == ST_CWD ? s->cwd : s->cmd,
+                 strerror(ce.err));
+        if (!s->detached) send_failed(a, s->id, fail_kind(ce.stage, ce.err), ce.err, stage_name(ce.stage), err);
+        release(s);
+        return -1;
+    }
+    s->starting = false;
+    closefd(&s->fail_fd);
+    if (!s->detached) {
+        frame_begin(&a->out, "core.exec.started");
+        cbor_put_map(&a->out, 1);
+        cbor_put_text(&a->out, "pid");
+        cbor_put_int(&a->out, s->pid);
+        agent_send(a, s->id, 0);
+    }
+    return 1;
+}
+
+void exec_on_start(struct agent *a, struct session *s) {
+    if (s->starting) resolve_start(a, s, false);
 }
 
 /* Read one chunk; returns bytes read, 0 at EOF (fd closed), -1 when it would block. */
@@ -689,11 +718,7 @@ static void finish(struct agent *a, struct session *s) {
     cbor_put_text(&a->out, "timed_out");
     cbor_put_bool(&a->out, s->timed_out);
     if (!s->detached) agent_send(a, s->id, FLAG_TERMINAL);
-    closefd(&s->in_fd);
-    closefd(&s->out_fd);
-    closefd(&s->err_fd);
-    buf_free(&s->inbuf);
-    s->used = false;
+    release(s);
 }
 
 void exec_reap(struct agent *a) {
@@ -705,7 +730,7 @@ void exec_reap(struct agent *a) {
             if (s->used && s->pid == pid) {
                 s->exited = true;
                 s->status = st;
-                finish(a, s);
+                if (!s->starting || resolve_start(a, s, true) > 0) finish(a, s);
                 break;
             }
         }

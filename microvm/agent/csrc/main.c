@@ -395,6 +395,10 @@ static void serve(struct agent *a) {
         for (int i = 0; i < MAX_SESSIONS; i++) {
             struct session *s = &a->sessions[i];
             if (!s->used) continue;
+            if (s->starting) { /* output waits until "started" went out */
+                pfds[n] = (struct pollfd){s->fail_fd, POLLIN, 0}; owner[n++] = s;
+                continue;
+            }
             if (s->out_fd >= 0) { pfds[n] = (struct pollfd){s->out_fd, POLLIN, 0}; owner[n++] = s; }
             if (s->err_fd >= 0) { pfds[n] = (struct pollfd){s->err_fd, POLLIN, 0}; owner[n++] = s; }
             if (s->in_fd >= 0 && (s->inbuf.len > s->inoff || s->stdin_eof)) {
@@ -428,6 +432,10 @@ static void serve(struct agent *a) {
                 continue;
             }
             if (!s->used) continue;
+            if (s->starting) {
+                if (fd == s->fail_fd) exec_on_start(a, s);
+                continue;
+            }
             if (fd == s->in_fd && (pfds[i].revents & (POLLOUT | POLLERR | POLLHUP))) exec_on_writable(a, s);
             else if (fd == s->out_fd || fd == s->err_fd) exec_on_readable(a, s, fd);
         }
