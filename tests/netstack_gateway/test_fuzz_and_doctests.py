@@ -27,9 +27,12 @@ def test_doctests(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 @pytest.mark.timeout(60)
 def test_short_fuzz_run(tmp_path: Path) -> None:
     pytest.importorskip("atheris")
+    work = tmp_path / "corpus"
+    work.mkdir()
     out = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "fuzz" / "fuzz_dns_forwarder.py"),
-         "-max_total_time=5", "-rss_limit_mb=1024", f"-artifact_prefix={tmp_path}/"],
+         "-max_total_time=5", "-rss_limit_mb=1024", f"-artifact_prefix={tmp_path}/", str(work),
+         str(ROOT / "tests" / "fuzz" / "corpus" / "dns_forwarder")],
         capture_output=True, text=True, timeout=50, cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr[-3000:]
