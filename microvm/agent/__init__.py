@@ -69,7 +69,8 @@ def agent_binary(rebuild: bool = False) -> Path:
     sources = [*_native_build.agent_sources(), _native_build.CSRC / "agent.h"]
     if not rebuild and out.is_file():
         newest = max((s.stat().st_mtime for s in sources if s.exists()), default=0.0)
-        if not sources or out.stat().st_mtime >= newest:
+        # Stale only matters in a writable dev checkout; an installed copy is used as shipped.
+        if not sources or out.stat().st_mtime >= newest or not os.access(out.parent, os.W_OK):
             return out
     if not sources:
         raise AgentError(f"agent binary {out} is missing and no sources to build it", kind="not_found")
