@@ -282,6 +282,8 @@ def apply_layer(
             reader.drain()
     except (gzip.BadGzipFile, zlib.error, EOFError) as exc:
         raise ImageFormatError(f"corrupt compressed layer: {exc}") from None
+    except OSError as exc:
+        raise ImageFormatError(f"layer could not be applied to {root!r}: {exc}") from None
     diff_id = "sha256:" + reader.sha.hexdigest()
     if expected_diff_id is not None and diff_id != expected_diff_id:
         raise DigestError(f"layer diff_id mismatch: expected {expected_diff_id}, got {diff_id}")
