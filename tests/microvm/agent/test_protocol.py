@@ -233,3 +233,49 @@ def test_second_hello_starts_a_new_host_session(agent_bin: Path) -> None:
             assert (await c.exec("echo", ["fresh"])).stdout == b"fresh\n"
 
     asyncio.run(main())
+
+
+def test_kill_on_disconnect_policy(agent_bin: Path, tmp_path: Path) -> None:
+    sock = tmp_path / "agent.sock"
+
+    async def main() -> None:
+        proc = subprocess.Popen([str(agent_bin), "--channel-path", str(sock)])
+        try:
+            c = await AgentClient.connect_unix(sock, timeout=10)
+            await c.hello()
+            await c.bootstrap({"kill_on_disconnect": True})
+            bg = await c.exec_stream("sleep", ["30"])
+            await c.close()
+            deadline = time.monotonic() + 5
+            while os.path.exists(f"/proc/{bg.pid}") and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert not os.path.exists(f"/proc/{bg.pid}"), "process survived the disconnect"
+        finally:
+            proc.kill()
+            proc.wait()
+
+    asyncio.run(main())
+
+
+def test_sync_client_streaming(agent_bin: Path) -> None:
+    from microvm.agent import SyncAgentClient
+
+    host, guest = socket.socketpair()
+    proc = subprocess.Popen([str(agent_bin), "--channel-fd", str(guest.fileno())], pass_fds=[guest.fileno()])
+    guest.close()
+    with SyncAgentClient.from_socket(host) as c:
+        c.hello()
+        p = c.exec_stream("sh", ["-c", "read x; echo got:$x; echo err >&2; exit 2"])
+        assert p.pid > 0
+        p.write_stdin(b"abc\n")
+        kinds, out = [], b""
+        for ev in p.events(timeout=10):
+            kinds.append(ev.kind)
+            out += ev.data if ev.kind == "stdout" else b""
+        assert kinds[-1] == "exited" and "stderr" in kinds and out == b"got:abc\n"
+        p2 = c.exec_stream("cat")
+        p2.write_stdin(b"zz")
+        p2.close_stdin()
+        assert p2.wait(10).stdout == b"zz"
+        assert c.ping() >= 0
+    assert proc.wait(5) == 0
