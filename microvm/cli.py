@@ -8,8 +8,11 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -213,21 +216,43 @@ def run_command(
 def _stream(
     m: Any, cmd: list[str], env: dict[str, str], workdir: str, timeout: float | None
 ) -> int:
-    """Run ``cmd`` in the machine, copying its output to ours as it arrives."""
+    """Run ``cmd`` in the machine, copying its output to ours as it arrives.
+
+    Ctrl-C sends SIGINT to the guest process group; a second Ctrl-C kills the machine (130).
+    """
     proc = m.agent.exec_stream(cmd[0], cmd[1:], env=env, cwd=workdir, timeout=timeout, stdin=False)
-    for ev in proc.events():
-        if ev.kind == "stdout":
-            sys.stdout.buffer.write(ev.data)
-            sys.stdout.buffer.flush()
-        elif ev.kind == "stderr":
-            sys.stderr.buffer.write(ev.data)
-            sys.stderr.buffer.flush()
-        elif ev.kind == "exited":
-            if ev.timed_out:
-                click.echo(f"microvm: {cmd[0]!r} timed out after {timeout}s; killed", err=True)
-            if ev.signal:
-                return 128 + int(ev.signal)
-            return int(ev.exit_code or 0)
+    hits = 0
+
+    def on_sigint(signum: int, frame: object) -> None:
+        nonlocal hits
+        hits += 1
+        if hits > 1:
+            raise KeyboardInterrupt
+        with contextlib.suppress(Exception):
+            proc.signal(signal.SIGINT)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if in_main else None
+    try:
+        for ev in proc.events():
+            if ev.kind == "stdout":
+                sys.stdout.buffer.write(ev.data)
+                sys.stdout.buffer.flush()
+            elif ev.kind == "stderr":
+                sys.stderr.buffer.write(ev.data)
+                sys.stderr.buffer.flush()
+            elif ev.kind == "exited":
+                if ev.timed_out:
+                    click.echo(f"microvm: {cmd[0]!r} timed out after {timeout}s; killed", err=True)
+                if ev.signal:
+                    return 128 + int(ev.signal)
+                return int(ev.exit_code or 0)
+    except KeyboardInterrupt:
+        m.kill()
+        return 130
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
     raise MicrovmError(f"agent connection ended before {cmd[0]!r} exited")
 
 

@@ -176,3 +176,28 @@ def test_vm_run_cli_libkrun_unavailable(busybox_root: Path) -> None:
     )  # fmt: skip
     assert r.returncode == 125
     assert "BackendUnavailable" in r.stderr and "Fedora" in r.stderr and "macOS" in r.stderr
+
+
+@pytest.mark.parametrize("trap", [False, True])
+def test_vm_run_ctrl_c(busybox_root: Path, trap: bool) -> None:
+    """Ctrl-C reaches the guest command (exit 130); if it ignores SIGINT, a second Ctrl-C kills the VM."""
+    script = ("trap '' INT; " if trap else "") + "echo ready; sleep 30; echo never"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "microvm.cli", "vm", "run", "--rootfs-dir", str(busybox_root),
+         "--memory", "256", "--", "/bin/sh", "-c", script],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert p.stdout is not None and p.stdout.readline() == b"ready\n"
+        t = time.monotonic()
+        p.send_signal(signal.SIGINT)
+        if trap:
+            time.sleep(1.0)
+            assert p.poll() is None  # the guest ignored it; still running
+            p.send_signal(signal.SIGINT)
+        out, _err = p.communicate(timeout=30)
+        assert p.returncode == 130 and b"never" not in out
+        assert time.monotonic() - t < 25
+    finally:
+        p.kill()
+        p.wait()
