@@ -60,6 +60,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -378,9 +379,11 @@ class FileStat:
             FileStat.from_payload("x", {"type": "file", "size": 1, "mode": 420,
                                         "uid": 0, "gid": 0, "mtime_ns": 0})
         """
-        target = p.get("target")
+        target, raw_name = p.get("target"), p.get("name", name)
+        if isinstance(target, bytes):  # not UTF-8 in the guest: keep the bytes via surrogateescape
+            target = os.fsdecode(target)
         return cls(
-            name=field_str(p, "name", name),
+            name=os.fsdecode(raw_name) if isinstance(raw_name, bytes) else field_str(p, "name", name),
             type=field_str(p, "type", "other"),
             size=field_int(p, "size"),
             mode=field_int(p, "mode"),

@@ -43,6 +43,11 @@ void cbor_put_bytes(struct buf *b, const void *data, size_t n);
 void cbor_put_textn(struct buf *b, const char *s, size_t n);
 void cbor_put_text(struct buf *b, const char *s);
 void cbor_put_bool(struct buf *b, bool v);
+bool utf8_valid(const uint8_t *s, size_t n);
+/* A file name or path from the guest: text when valid UTF-8, else a byte string. */
+void cbor_put_name(struct buf *b, const char *s, size_t n);
+/* Messages: text, with any non-UTF-8 byte replaced by '?' (e.g. a truncated path). */
+void cbor_put_text_lossy(struct buf *b, const char *s);
 void cbor_put_null(struct buf *b);
 void cbor_put_double(struct buf *b, double v);
 void cbor_put_array(struct buf *b, uint64_t n);

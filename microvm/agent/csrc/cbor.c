@@ -59,6 +59,45 @@ void cbor_put_int(struct buf *b, int64_t v) {
 void cbor_put_bytes(struct buf *b, const void *data, size_t n) { put_head(b, 2, n); buf_put(b, data, n); }
 void cbor_put_textn(struct buf *b, const char *s, size_t n) { put_head(b, 3, n); buf_put(b, s, n); }
 void cbor_put_text(struct buf *b, const char *s) { cbor_put_textn(b, s, strlen(s)); }
+bool utf8_valid(const uint8_t *s, size_t n) {
+    size_t i = 0;
+    while (i < n) {
+        uint8_t c = s[i];
+        size_t len;
+        uint32_t cp;
+        if (c < 0x80) { i++; continue; }
+        if ((c & 0xe0) == 0xc0) { len = 2; cp = c & 0x1f; }
+        else if ((c & 0xf0) == 0xe0) { len = 3; cp = c & 0x0f; }
+        else if ((c & 0xf8) == 0xf0) { len = 4; cp = c & 0x07; }
+        else return false;
+        if (n - i < len) return false;
+        for (size_t k = 1; k < len; k++) {
+            if ((s[i + k] & 0xc0) != 0x80) return false;
+            cp = (cp << 6) | (s[i + k] & 0x3f);
+        }
+        if ((len == 2 && cp < 0x80) || (len == 3 && cp < 0x800) || (len == 4 && (cp < 0x10000 || cp > 0x10ffff)) ||
+            (cp >= 0xd800 && cp <= 0xdfff))
+            return false;
+        i += len;
+    }
+    return true;
+}
+
+void cbor_put_name(struct buf *b, const char *s, size_t n) {
+    if (utf8_valid((const uint8_t *)s, n)) cbor_put_textn(b, s, n);
+    else cbor_put_bytes(b, s, n);
+}
+
+void cbor_put_text_lossy(struct buf *b, const char *s) {
+    size_t n = strlen(s);
+    if (utf8_valid((const uint8_t *)s, n)) { cbor_put_textn(b, s, n); return; }
+    put_head(b, 3, n);
+    for (size_t i = 0; i < n; i++) {
+        char c = (unsigned char)s[i] < 0x80 ? s[i] : '?';
+        buf_put(b, &c, 1);
+    }
+}
+
 void cbor_put_bool(struct buf *b, bool v) { uint8_t c = v ? 0xf5 : 0xf4; buf_put(b, &c, 1); }
 void cbor_put_null(struct buf *b) { uint8_t c = 0xf6; buf_put(b, &c, 1); }
 void cbor_put_double(struct buf *b, double v) {

@@ -276,7 +276,7 @@ static void send_failed(struct agent *a, uint32_t id, const char *kind, int err,
     cbor_put_text(&a->out, "stage");
     cbor_put_text(&a->out, stage);
     cbor_put_text(&a->out, "message");
-    cbor_put_text(&a->out, message);
+    cbor_put_text_lossy(&a->out, message);
     agent_send(a, id, FLAG_TERMINAL);
 }
 

@@ -27,7 +27,7 @@ static void fs_fail(struct agent *a, uint32_t id, const char *op, const char *pa
     cbor_put_text(&a->out, "errno_name");
     cbor_put_text(&a->out, errno_name(err));
     cbor_put_text(&a->out, "message");
-    cbor_put_text(&a->out, msg);
+    cbor_put_text_lossy(&a->out, msg);
     agent_send(a, id, FLAG_TERMINAL);
 }
 
@@ -245,7 +245,7 @@ static void op_list(struct agent *a, uint32_t id, const char *path) {
         if (fstatat(dirfd(dir), de->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0) continue;
         cbor_put_map(&a->out, 7);
         cbor_put_text(&a->out, "name");
-        cbor_put_text(&a->out, de->d_name);
+        cbor_put_name(&a->out, de->d_name, strlen(de->d_name));
         put_stat(&a->out, &st);
         n++;
     }
@@ -268,7 +268,7 @@ static void op_stat(struct agent *a, uint32_t id, const char *path, int64_t p) {
     put_stat(&a->out, &st);
     if (tl >= 0) {
         cbor_put_text(&a->out, "target");
-        cbor_put_textn(&a->out, target, (size_t)tl);
+        cbor_put_name(&a->out, target, (size_t)tl);
     }
     agent_send(a, id, FLAG_TERMINAL);
 }

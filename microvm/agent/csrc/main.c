@@ -72,7 +72,7 @@ void send_error(struct agent *a, uint32_t id, const char *kind, const char *mess
     cbor_put_text(&a->out, "kind");
     cbor_put_text(&a->out, kind);
     cbor_put_text(&a->out, "message");
-    cbor_put_text(&a->out, message);
+    cbor_put_text_lossy(&a->out, message);
     agent_send(a, id, FLAG_TERMINAL);
 }
 

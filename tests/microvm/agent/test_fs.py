@@ -93,3 +93,18 @@ def test_fs_errors_name_the_path(sync_client: SyncAgentClient, tmp_path: Path) -
         sync_client.read_file("")
     with pytest.raises(ValueError):
         sync_client.write_file("/tmp/x\0y", b"")
+
+
+def test_non_utf8_names_survive(sync_client: SyncAgentClient, tmp_path: Path) -> None:
+    raw = os.fsencode(str(tmp_path)) + b"/caf\xe9"
+    with open(raw, "wb") as f:
+        f.write(b"x")
+    os.symlink(b"\xff\xfe", os.fsencode(str(tmp_path)) + b"/link")
+    entries = {e.name: e for e in sync_client.list_dir(str(tmp_path))}
+    assert os.fsencode(next(n for n in entries if n.startswith("caf"))) == b"caf\xe9"
+    st = sync_client.stat(str(tmp_path / "link"), follow=False)
+    assert os.fsencode(st.target or "") == b"\xff\xfe"
+    # A path that is valid for the host but long enough to be cut mid-character in a message.
+    with pytest.raises(AgentError):
+        sync_client.exec("/" + "\u00e9" * 150)
+    assert sync_client.exec("echo", ["still ok"]).stdout == b"still ok\n"
