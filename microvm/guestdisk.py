@@ -20,7 +20,7 @@ from pathlib import Path
 
 from microvm.errors import MicrovmError
 
-__all__ = ["AGENT_GUEST_PATH", "DiskError", "build_ext4", "dir_size"]
+__all__ = ["AGENT_GUEST_PATH", "DiskError", "boot_disk", "build_ext4", "dir_size"]
 
 AGENT_GUEST_PATH = "/.microvm/agent"
 MOUNT_POINTS = ("proc", "sys", "dev", "tmp", "run", ".microvm")
@@ -139,3 +139,32 @@ def _run(cmd: list[str], what: str) -> None:
         raise DiskError(
             f"{what} failed (exit {r.returncode}): {(r.stderr or r.stdout).strip()[-500:]}"
         )
+
+
+def boot_disk(agent: Path | None = None, cache_dir: Path | None = None) -> Path:
+    """A minimal ext4 root holding only the agent (the ``/dev/vda`` that mounts the real root).
+
+    Cached per agent binary (by sha256) under ``$MICROVM_HOME/boot``; copy it before
+    booting (a writable disk is locked by its VMM). Example::
+
+        shutil.copy(boot_disk(), rundir / "boot.img")
+    """
+    import hashlib
+
+    from filelock import FileLock
+
+    if agent is None:
+        from microvm.agent import agent_binary
+
+        agent = agent_binary()
+    digest = hashlib.sha256(agent.read_bytes()).hexdigest()[:16]
+    if cache_dir is None:
+        home = os.environ.get("MICROVM_HOME") or os.path.join(os.path.expanduser("~"), ".microvm")
+        cache_dir = Path(home) / "boot"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    out = cache_dir / f"agent-{digest}.ext4"
+    with FileLock(str(out) + ".lock"):
+        if not out.is_file():
+            with tempfile.TemporaryDirectory(dir=cache_dir) as empty:
+                build_ext4(Path(empty), out, agent=agent, free_mib=8, label="microvm-boot")
+    return out

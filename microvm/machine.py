@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -34,7 +34,7 @@ from microvm.kernel import Kernel, ensure_kernel
 if TYPE_CHECKING:
     from microvm.agent import AgentClient, SyncAgentClient
 
-__all__ = ["Machine"]
+__all__ = ["Machine", "map_root_plan"]
 
 
 def _resolve_backend(backend: Backend | str) -> Backend:
@@ -43,6 +43,58 @@ def _resolve_backend(backend: Backend | str) -> Backend:
 
         return get_backend(backend)
     return backend
+
+
+def _device(index: int) -> str:
+    return f"/dev/vd{chr(ord('a') + index)}"
+
+
+def map_root_plan(plan: Mapping[str, Any], first_index: int) -> tuple[list[Disk], dict[str, Any]]:
+    """Turn a rootfs mount plan naming disk *paths* into disks plus the agent's plan naming devices.
+
+    ``first_index`` is the position of the first plan disk among the VM's disks
+    (1 when a boot disk is ``/dev/vda``). Lower disks are attached read-only.
+    Raises :class:`MicrovmError` for plans the agent cannot mount.
+
+    Example::
+
+        disks, agent_plan = map_root_plan(
+            {"kind": "overlay", "lower": [{"disk": "img.erofs", "fstype": "erofs"}],
+             "upper": {"disk": "upper.ext4", "fstype": "ext4", "upperdir": "/upper", "workdir": "/work"}},
+            first_index=1)
+        agent_plan["lower"][0]["device"]  # '/dev/vdb'
+    """
+    kind = plan.get("kind")
+    disks: list[Disk] = []
+
+    def attach(entry: Mapping[str, Any], readonly: bool, what: str) -> dict[str, Any]:
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("disk"), str):
+            raise MicrovmError(f"root plan {what} needs a 'disk' path, got {entry!r}")
+        out = {k: v for k, v in entry.items() if k != "disk"}
+        out["device"] = _device(first_index + len(disks))
+        disks.append(Disk(Path(entry["disk"]), readonly=readonly))
+        return out
+
+    if kind == "overlay":
+        lowers = plan.get("lower")
+        if not isinstance(lowers, list) or not lowers:
+            raise MicrovmError(f"overlay root plan needs a non-empty 'lower' list, got {lowers!r}")
+        mapped = {
+            "kind": "overlay",
+            "lower": [attach(low, True, "lower") for low in lowers],
+            "upper": attach(plan.get("upper"), False, "upper"),  # type: ignore[arg-type]
+        }
+    elif kind == "disk":
+        root = plan.get("root")
+        readonly = bool(isinstance(root, Mapping) and root.get("readonly", False))
+        mapped = {"kind": "disk", **attach(root, readonly, "root")}  # type: ignore[arg-type]
+    else:
+        raise MicrovmError(
+            f"root plan kind {kind!r} is not supported by the guest agent: use 'overlay' or 'disk'"
+        )
+    if first_index + len(disks) > 8:
+        raise MicrovmError(f"root plan needs {len(disks)} disks: more than 8 in total")
+    return disks, mapped
 
 
 class Machine:
@@ -79,6 +131,7 @@ class Machine:
         mac: str = "02:00:00:00:00:02",
         init: str = "/.microvm/agent",
         cmdline_extra: str = "",
+        root: Mapping[str, Any] | None = None,
     ) -> None:
         if boot_timeout <= 0:
             raise MicrovmError(f"bad boot_timeout {boot_timeout!r}: must be > 0 seconds")
@@ -87,7 +140,21 @@ class Machine:
         self._disks = [d if isinstance(d, Disk) else Disk(Path(d)) for d in disks]
         self._own_rundir = rundir is None
         self.rundir = rundir or Path(tempfile.mkdtemp(prefix="microvm-"))
+        if self._own_rundir:
+            # dropped (or failed in __init__) without kill(): the rundir still goes
+            weakref.finalize(self, shutil.rmtree, str(self.rundir), True)
         self.bootstrap_extra = dict(bootstrap or {})
+        if root is not None:
+            if not self._disks:
+                # a private copy of the cached agent-only boot disk becomes /dev/vda
+                from microvm.guestdisk import boot_disk
+
+                vda = self.rundir / "boot.ext4"
+                shutil.copyfile(boot_disk(), vda)
+                self._disks = [Disk(vda)]
+            extra, plan = map_root_plan(root, len(self._disks))
+            self._disks += extra
+            self.bootstrap_extra["root"] = plan
         self.boot_timeout = boot_timeout
         self.boot_seconds: float | None = None
         #: The exit code the agent acknowledged on shutdown (None before a clean shutdown).
@@ -110,9 +177,6 @@ class Machine:
         self._handle: VmHandle | None = None
         self._agent: SyncAgentClient | None = None
         self._aagent: AgentClient | None = None
-        if self._own_rundir:
-            # dropped without kill(): the rundir still goes (the VMM dies with its ProcessGroup)
-            weakref.finalize(self, shutil.rmtree, str(self.rundir), True)
 
     @staticmethod
     def _kernel_paths(kernel: Kernel | Path | None) -> tuple[Path, Path | None]:
