@@ -72,6 +72,7 @@ int agent_fuzz_stream(const uint8_t *data, size_t len) {
             if (st == FR_ERROR) { frames++; continue; }
             struct envelope env;
             const char *err;
+            (void)utf8_valid(f.body, f.body_len);
             if (frame_parse_envelope(&d, f.body, f.body_len, &env, &err) == 0) {
                 struct exec_req req;
                 char msg[256];

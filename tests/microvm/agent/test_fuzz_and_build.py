@@ -44,6 +44,8 @@ def fuzzlib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     ]
     lib.agent_cbor_roundtrip.restype = ctypes.c_int
     lib.agent_fuzz_stream.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+    lib.utf8_valid.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+    lib.utf8_valid.restype = ctypes.c_bool
     return lib
 
 
@@ -119,3 +121,14 @@ def test_short_fuzz_run() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["crashes"] == 0 and result["runs"] > 100
+
+
+@settings(max_examples=500, deadline=None)
+@given(data=st.binary(max_size=64) | st.text(max_size=32).map(lambda t: t.encode("utf-8", "surrogatepass")))
+def test_c_utf8_check_agrees_with_python(fuzzlib: ctypes.CDLL, data: bytes) -> None:
+    try:
+        data.decode("utf-8")
+        ok = True
+    except UnicodeDecodeError:
+        ok = False
+    assert fuzzlib.utf8_valid(data, len(data)) == ok
