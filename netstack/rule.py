@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, cast
 
 from netstack.destination import Destination
 from netstack.errors import PolicyError
@@ -21,18 +21,20 @@ PROTOCOLS: Final[tuple[str, ...]] = ("tcp", "udp", "icmpv4", "icmpv6")
 PortSpec = int | str | tuple[int, int]
 
 
+def _choice(value: object, allowed: tuple[str, ...], error: str) -> str:
+    key = value.strip().lower() if isinstance(value, str) else None
+    if key not in allowed:
+        raise PolicyError(error.format(value=value))
+    return key
+
+
 def parse_action(value: object) -> Action:
     """``"allow"`` or ``"deny"`` (case-insensitive).
 
     >>> parse_action("DENY")
     'deny'
     """
-    key = str(value).strip().lower() if isinstance(value, str) else None
-    if key == "allow":
-        return "allow"
-    if key == "deny":
-        return "deny"
-    raise PolicyError(f"action must be 'allow' or 'deny', got {value!r}")
+    return cast(Action, _choice(value, ACTIONS, "action must be 'allow' or 'deny', got {value!r}"))
 
 
 def parse_direction(value: object) -> Direction:
@@ -41,14 +43,8 @@ def parse_direction(value: object) -> Direction:
     >>> parse_direction("Ingress")
     'ingress'
     """
-    key = value.strip().lower() if isinstance(value, str) else None
-    if key == "egress":
-        return "egress"
-    if key == "ingress":
-        return "ingress"
-    if key == "any":
-        return "any"
-    raise PolicyError(f"direction must be one of egress, ingress, any; got {value!r}")
+    return cast(Direction, _choice(value, DIRECTIONS,
+                                   "direction must be one of egress, ingress, any; got {value!r}"))
 
 
 def parse_protocol(value: object) -> Protocol:
@@ -57,16 +53,8 @@ def parse_protocol(value: object) -> Protocol:
     >>> parse_protocol("TCP")
     'tcp'
     """
-    key = value.strip().lower() if isinstance(value, str) else None
-    if key == "tcp":
-        return "tcp"
-    if key == "udp":
-        return "udp"
-    if key == "icmpv4":
-        return "icmpv4"
-    if key == "icmpv6":
-        return "icmpv6"
-    raise PolicyError(f"unknown protocol {value!r} (expected one of tcp, udp, icmpv4, icmpv6)")
+    return cast(Protocol, _choice(
+        value, PROTOCOLS, "unknown protocol {value!r} (expected one of tcp, udp, icmpv4, icmpv6)"))
 
 
 def _port_number(value: object, spec: object) -> int:
