@@ -178,6 +178,9 @@ def host_ruleset(names: dict[str, str], plan: AddressPlan, host_loopback: bool) 
 
 
 def _teardown(record: UplinkRecord, fd_box: list[int], state_path: Path) -> None:
+    if os.getpid() != record.pid:
+        # a fork()ed child exiting normally must not tear down its parent's uplink
+        return
     for fd in fd_box:
         try:
             os.close(fd)

@@ -232,3 +232,18 @@ def test_unwritable_home(baseline: Snapshot, tmp_path: Path) -> None:
     with pytest.raises(UplinkError, match="cannot write the uplink record"):
         TapUplink("gw-test-h", AddressPlan(4012), home=blocker)
     assert_same(baseline)
+
+
+def test_forked_child_exit_leaves_parents_uplink(baseline: Snapshot) -> None:
+    with TapUplink("gw-test-fork", AddressPlan(4013)) as up:
+        pid = os.fork()
+        if pid == 0:  # child: a normal interpreter exit runs atexit finalizers
+            try:
+                up.close()
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        assert uplink_names("gw-test-fork")["netns"] in snapshot().netns
+        os.write(up.tap_fd, arp_request(up.plan))
+        read_frame(up.tap_fd, up.plan.gateway_ipv4.packed)
+    assert_same(baseline)
