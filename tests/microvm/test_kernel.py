@@ -172,3 +172,27 @@ def test_wheel_fetch_refuses_tampered_wheel(tmp_path: Path, monkeypatch) -> None
     monkeypatch.setenv("PIP_FIND_LINKS", str(links))
     with pytest.raises(KernelError, match=r"sha256 mismatch for microsandbox-0\.7\.11"):
         fetch_kernel(tmp_path / "dest", source="wheel")
+
+
+def test_cli_kernel_fetch_and_path(kernel: Kernel, tmp_path: Path) -> None:
+    import os
+
+    env = {**os.environ, "MICROVM_LIBKRUNFW": str(kernel.library)}
+    r = subprocess.run(
+        [sys.executable, "-m", "microvm.cli", "kernel", "fetch", "--dest", str(tmp_path / "k"),
+         "--source", "system"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "k" / "krunfw.elf").read_bytes() == kernel.elf.read_bytes()
+    env["MICROVM_KERNEL"] = str(tmp_path / "k" / "krunfw.elf")
+    r = subprocess.run([sys.executable, "-m", "microvm.cli", "kernel", "path"], capture_output=True,
+                       text=True, env=env)  # fmt: skip
+    assert r.returncode == 0 and r.stdout.strip() == env["MICROVM_KERNEL"]
+    env["MICROVM_LIBKRUNFW"] = str(tmp_path / "missing.so")
+    r = subprocess.run(
+        [sys.executable, "-m", "microvm.cli", "kernel", "fetch", "--dest", str(tmp_path / "k2"),
+         "--source", "system"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 1 and "no system libkrunfw" in r.stderr
