@@ -29,7 +29,7 @@ from microvm.backends.console import ConsoleSink
 from microvm.backends.libkrun import COMPAT_NET_FEATURES, Libkrun
 from microvm.errors import MicrovmError
 
-__all__ = ["SETUP_FAILED", "build_context", "main"]
+__all__ = ["SETUP_FAILED", "AgentBridge", "build_context", "main"]
 
 SETUP_FAILED = 125
 
@@ -44,31 +44,68 @@ def _mac_bytes(mac: str) -> bytes:
     return bytes(int(x, 16) for x in mac.split(":"))
 
 
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    try:
+class AgentBridge:
+    """Bridge the guest's ``agent`` port (one end of a socketpair) to host clients on a unix socket.
+
+    One client at a time; a single thread reads the guest side for the whole VM
+    lifetime and forwards to the current client (bytes the guest writes while no
+    client is connected are dropped, as on a disconnected QEMU chardev).
+
+    Example::
+
+        AgentBridge(listener, host_end).start()
+    """
+
+    def __init__(self, listener: socket.socket, guest: socket.socket) -> None:
+        self.listener = listener
+        self.guest = guest
+        self._conn: socket.socket | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Start the accept loop and the guest reader (daemon threads).
+
+        Example::
+
+            bridge.start()
+        """
+        threading.Thread(target=self._guest_to_host, daemon=True).start()
+        threading.Thread(target=self._accept_loop, daemon=True).start()
+
+    def _guest_to_host(self) -> None:
         while True:
-            data = src.recv(65536)
+            try:
+                data = self.guest.recv(65536)
+            except OSError:
+                return
             if not data:
-                break
-            dst.sendall(data)
-    except OSError:
-        pass
+                return
+            with self._lock:
+                conn = self._conn
+            if conn is not None:
+                with contextlib.suppress(OSError):
+                    conn.sendall(data)
 
-
-def _bridge(listener: socket.socket, guest_end: socket.socket) -> None:
-    """Serve host clients one at a time, shuttling bytes to/from the guest's agent port."""
-    while True:
-        try:
-            conn, _ = listener.accept()
-        except OSError:
-            return
-        t = threading.Thread(target=_pump, args=(guest_end, conn), daemon=True)
-        t.start()
-        _pump(conn, guest_end)
-        with contextlib.suppress(OSError):
-            conn.shutdown(socket.SHUT_RDWR)
-        conn.close()
-        t.join(timeout=1)
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._conn = conn
+            try:
+                while True:
+                    data = conn.recv(65536)
+                    if not data:
+                        break
+                    self.guest.sendall(data)
+            except OSError:
+                pass
+            with self._lock:
+                self._conn = None
+            with contextlib.suppress(OSError):
+                conn.close()
 
 
 def build_context(
@@ -141,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(sock_path)
         listener.listen(1)
-        threading.Thread(target=_bridge, args=(listener, host_end), daemon=True).start()
+        AgentBridge(listener, host_end).start()
         root_dir = tempfile.mkdtemp(prefix="krun-root-", dir=cfg.get("rundir"))
         ctx = build_context(krun, cfg, console_fd, guest_end.fileno(), root_dir)
         krun.call("krun_start_enter", ctx)

@@ -210,3 +210,26 @@ def test_machine_on_libkrun_double_fails_boot_cleanly(
         m.start()
     assert "krun-double: guest up" in ei.value.console_tail
     assert m.handle.poll() is not None
+
+
+def test_agent_bridge_reconnect_loses_nothing(
+    krun_double: Path, calls_log: Path, tmp_path: Path
+) -> None:
+    """A second host client after the first disconnects gets every reply (no stale reader steals it)."""
+    spec = _spec(tmp_path)
+    vm = LibkrunBackend(library=str(krun_double), require_kvm=False).launch(spec)
+    try:
+        for i in range(3):
+            s = _connect(spec.agent_socket)
+            s.sendall(f"hello {i}\n".encode())
+            got = b""
+            while not got.endswith(b"\n"):
+                got += s.recv(100)
+            assert got == f"hello {i}\n".encode()
+            s.close()
+            time.sleep(0.1)
+        s = _connect(spec.agent_socket)
+        s.sendall(b"exit 3\n")
+        assert vm.wait(timeout=20) == 3
+    finally:
+        vm.kill()
