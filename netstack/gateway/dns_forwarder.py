@@ -562,8 +562,15 @@ class DnsForwarder:
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         """Serve UDP and TCP on ``host``:``port`` (0 = pick one); returns the address.
 
-        >>> DnsForwarder.start.__doc__.split()[0]
-        'Serve'
+        >>> import asyncio
+        >>> from netstack import NetworkPolicy
+        >>> async def demo():
+        ...     fwd = DnsForwarder(NetworkPolicy.none().evaluate_dns, ["192.0.2.1"])
+        ...     host, port = await fwd.start("127.0.0.1", 0)
+        ...     await fwd.stop()
+        ...     return host, port > 0
+        >>> asyncio.run(demo())
+        ('127.0.0.1', True)
         """
         loop = asyncio.get_running_loop()
         server = await asyncio.start_server(self._serve_tcp, host, port)
@@ -577,8 +584,10 @@ class DnsForwarder:
     async def stop(self) -> None:
         """Close the listeners started by :meth:`start` (idempotent).
 
-        >>> DnsForwarder.stop.__doc__.split()[0]
-        'Close'
+        >>> import asyncio
+        >>> from netstack import NetworkPolicy
+        >>> fwd = DnsForwarder(NetworkPolicy.none().evaluate_dns, ["192.0.2.1"])
+        >>> asyncio.run(fwd.stop())  # nothing started: a no-op
         """
         servers, self._servers = self._servers, []
         for s in servers:
@@ -631,8 +640,11 @@ class ForwarderThread:
                ) -> concurrent.futures.Future[bytes | None]:
         """Schedule :meth:`DnsForwarder.handle` on the forwarder's loop.
 
-        >>> ForwarderThread.submit.__doc__.split()[0]
-        'Schedule'
+        >>> from netstack import NetworkPolicy
+        >>> with ForwarderThread(DnsForwarder(NetworkPolicy.none().evaluate_dns,
+        ...                                   ["192.0.2.1"])) as t:
+        ...     t.submit(b"\\x00\\x01").result(5) is None  # too short: no reply
+        True
         """
         if self.loop.is_closed():
             raise DnsForwarderError("the forwarder thread is closed")
@@ -642,8 +654,11 @@ class ForwarderThread:
     def start_listener(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         """Start the UDP+TCP listeners (:meth:`DnsForwarder.start`) on the thread's loop.
 
-        >>> ForwarderThread.start_listener.__doc__.split()[0]
-        'Start'
+        >>> from netstack import NetworkPolicy
+        >>> with ForwarderThread(DnsForwarder(NetworkPolicy.none().evaluate_dns,
+        ...                                   ["192.0.2.1"])) as t:
+        ...     t.start_listener("127.0.0.1", 0)[1] > 0
+        True
         """
         return asyncio.run_coroutine_threadsafe(self.forwarder.start(host, port),
                                                 self.loop).result(10)
@@ -651,8 +666,10 @@ class ForwarderThread:
     def close(self) -> None:
         """Stop listeners and the loop, join the thread (idempotent).
 
-        >>> ForwarderThread.close.__doc__.split()[0]
-        'Stop'
+        >>> from netstack import NetworkPolicy
+        >>> t = ForwarderThread(DnsForwarder(NetworkPolicy.none().evaluate_dns, ["192.0.2.1"]))
+        >>> t.close(); t.close(); t.loop.is_closed()
+        True
         """
         if self.loop.is_closed():
             return

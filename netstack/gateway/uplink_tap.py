@@ -31,6 +31,14 @@ another table (e.g. Docker's ``FORWARD DROP``) also drops ours; allow ``mvh*`` t
 IPv6: the TAP gets the gateway's ULA address when the plan has one, but there is no
 IPv6 egress yet (no NAT66).
 
+For the gateway loop: ``tap_fd`` is a non-persistent TAP (IFF_TAP | IFF_NO_PI, no
+virtio-net header, MTU = the plan's): one read = one Ethernet frame; the TAP itself
+vanishes when the fd is closed. Its MAC is the plan's gateway MAC and it owns the
+gateway IPv4 address, so guest frames can be written unchanged (dst MAC = gateway
+MAC); the namespace ARPs for the guest address through ``tap_fd`` (relay the request
+to the guest or answer it with the guest MAC). Proven end to end with an allow-all
+Python relay in ``tests/netstack_gateway/test_topology.py``.
+
 All names are derived from the sandbox name (IFNAMSIZ-safe, common prefixes ``mv``
 for links and ``microvm`` for the namespace and nft tables), recorded in
 ``$MICROVM_HOME/net/uplinks/T.json`` before anything is created, and removed by
@@ -267,8 +275,8 @@ class TapUplink:
     def tap_fd(self) -> int:
         """The TAP file descriptor the gateway reads and writes frames on.
 
-        >>> TapUplink.tap_fd.__doc__.split()[0]
-        'The'
+        >>> up = TapUplink("doc-a", AddressPlan(4000))            # doctest: +SKIP
+        >>> os.write(up.tap_fd, frame); reply = os.read(up.tap_fd, 65600)  # doctest: +SKIP
         """
         if not self._fds:
             raise UplinkError(f"uplink of sandbox {self.sandbox!r} is closed")
@@ -278,16 +286,16 @@ class TapUplink:
     def closed(self) -> bool:
         """True after :meth:`close`.
 
-        >>> TapUplink.closed.__doc__.split()[0]
-        'True'
+        >>> up = TapUplink("doc-b", AddressPlan(4000)); up.close(); up.closed  # doctest: +SKIP
+        True
         """
         return not self._finalizer.alive
 
     def close(self) -> None:
         """Remove everything the uplink created (idempotent).
 
-        >>> TapUplink.close.__doc__.split()[0]
-        'Remove'
+        >>> with TapUplink("doc-c", AddressPlan(4000)) as up:   # doctest: +SKIP
+        ...     pass                                            # closed on exit
         """
         self._finalizer()
 
