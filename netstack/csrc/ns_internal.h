@@ -170,6 +170,7 @@ typedef struct ns_rule_counter {
 typedef struct cidr_slot {
     uint64_t hi, lo;      /* masked address (IPv4: lo holds the 32 bits) */
     uint32_t off, n;      /* slice of the rule list, ascending rule indices */
+    uint32_t first;       /* list[off]: the slice's lowest rule index */
     uint8_t len, family, used, pad;
 } cidr_slot;
 
@@ -179,6 +180,10 @@ typedef struct cidr_index {
     uint32_t *list;
     uint8_t lens4[33], nlens4;
     uint8_t lens6[129], nlens6;
+    /* first-level filter: bit i set iff some rule of prefix length >= 16
+     * starts with the 16 bits i (per family); lets most lookups skip every
+     * probe of length >= 16 */
+    uint64_t top16[2][1024];
 } cidr_index;
 
 /* Domain index: (kind, name) -> the rules naming it, ascending. */
@@ -195,6 +200,14 @@ typedef struct dom_index {
     uint32_t *list;
 } dom_index;
 
+/* The transport filter of one rule, packed (16 bytes) for the lookup loops:
+ * up to two port ranges inline, more in the policy's range array. */
+typedef struct ns_tfilter {
+    uint8_t dirmask, protomask, nports, action;
+    uint16_t lo0, hi0, lo1, hi1;
+    uint32_t port_off;
+} ns_tfilter;
+
 typedef struct idx_list {
     uint32_t *v;
     uint32_t n;
@@ -203,6 +216,7 @@ typedef struct idx_list {
 struct ns_policy {
     uint32_t nrules;
     ns_rule_spec *rules;
+    ns_tfilter *tf;             /* per rule, parallel to rules */
     uint16_t *ranges;
     uint8_t *blob;
     int def_deny[3];            /* indexed by direction 1/2 */

@@ -97,6 +97,10 @@ static int cidr_build(cidr_index *ix, const ns_rule_spec *rules, uint32_t nrules
         addr_words(a16, s->family, &hi, &lo);
         mask_words(s->family, s->prefix, &hi, &lo);
         cidr_find(ix, hi, lo, s->prefix, s->family, 1)->n++;
+        if (s->prefix >= 16) {
+            uint32_t top = s->family == 4 ? (uint32_t)(lo >> 16) : (uint32_t)(hi >> 48);
+            ix->top16[s->family == 6][top >> 6] |= 1ull << (top & 63);
+        }
         if (s->family == 4) seen4[s->prefix] = 1;
         else seen6[s->prefix] = 1;
     }
@@ -118,6 +122,7 @@ static int cidr_build(cidr_index *ix, const ns_rule_spec *rules, uint32_t nrules
         addr_words(a16, s->family, &hi, &lo);
         mask_words(s->family, s->prefix, &hi, &lo);
         cidr_slot *slot = cidr_find(ix, hi, lo, s->prefix, s->family, 0);
+        if (slot->n == 0) slot->first = r;
         ix->list[slot->off + slot->n++] = r;
     }
     for (int l = 32; l >= 0; l--)
@@ -203,6 +208,7 @@ static int list_push(idx_list *l, uint32_t v, uint32_t cap) {
 void ns_policy_free(ns_policy *p) {
     if (!p) return;
     free(p->rules);
+    free(p->tf);
     free(p->ranges);
     free(p->blob);
     free(p->any.v);
@@ -255,6 +261,20 @@ ns_policy *ns_policy_build(const ns_rule_spec *rules, uint32_t nrules,
             goto fail;
         }
         if (s->protomask == 0) s->protomask = NS_P_ALL;
+    }
+    p->tf = (ns_tfilter *)calloc(nrules ? nrules : 1, sizeof(ns_tfilter));
+    if (!p->tf) goto fail;
+    for (uint32_t r = 0; r < nrules; r++) {
+        const ns_rule_spec *s = &p->rules[r];
+        ns_tfilter *t = &p->tf[r];
+        const uint16_t *rg = p->ranges + 2 * s->port_off;
+        t->dirmask = s->dirmask;
+        t->protomask = s->protomask;
+        t->action = s->action;
+        t->nports = (uint8_t)(s->port_count > 3 ? 3 : s->port_count);
+        if (s->port_count >= 1) { t->lo0 = rg[0]; t->hi0 = rg[1]; }
+        if (s->port_count >= 2) { t->lo1 = rg[2]; t->hi1 = rg[3]; }
+        t->port_off = s->port_off;
     }
     if (cidr_build(&p->cidr, p->rules, nrules) < 0) goto fail;
     if (dom_build(p) < 0) goto fail;
@@ -316,17 +336,23 @@ int ns_classify_group(const uint8_t *ip, const uint8_t *gw, uint32_t ngw) {
     return NS_G_PUBLIC;
 }
 
+static inline int tf_ok(const ns_policy *p, const ns_tfilter *t, const ns_flowq *q) {
+    if (!(t->dirmask & q->direction) || !(t->protomask & q->pbit)) return 0;
+    if (t->nports == 0) return 1;
+    if (!q->has_port) return 0;
+    if (q->port >= t->lo0 && q->port <= t->hi0) return 1;
+    if (t->nports == 1) return 0;
+    if (q->port >= t->lo1 && q->port <= t->hi1) return 1;
+    if (t->nports == 2) return 0;
+    const ns_rule_spec *s = &p->rules[t - p->tf];
+    const uint16_t *r = p->ranges + 2 * s->port_off;
+    for (uint32_t i = 2; i < s->port_count; i++)
+        if (q->port >= r[2 * i] && q->port <= r[2 * i + 1]) return 1;
+    return 0;
+}
+
 static inline int transport_ok(const ns_policy *p, const ns_rule_spec *s, const ns_flowq *q) {
-    if (!(s->dirmask & q->direction)) return 0;
-    if (!(s->protomask & q->pbit)) return 0;
-    if (s->port_count) {
-        if (!q->has_port) return 0;
-        const uint16_t *r = p->ranges + 2 * s->port_off;
-        for (uint32_t i = 0; i < s->port_count; i++)
-            if (q->port >= r[2 * i] && q->port <= r[2 * i + 1]) return 1;
-        return 0;
-    }
-    return 1;
+    return tf_ok(p, &p->tf[s - p->rules], q);
 }
 
 static int names_match(const ns_policy *p, const ns_rule_spec *s, const ns_flowq *q) {
@@ -354,15 +380,46 @@ static uint32_t best_address_match(const ns_policy *p, const ns_flowq *q) {
     unsigned nl = fam == 4 ? ix->nlens4 : ix->nlens6;
     uint64_t ahi, alo;
     addr_words(q->remote, fam, &ahi, &alo);
+    uint32_t top = fam == 4 ? (uint32_t)(alo >> 16) : (uint32_t)(ahi >> 48);
+    int long_ok = (ix->top16[fam == 6][top >> 6] >> (top & 63)) & 1;
+    /* compute every probe's home slot and prefetch them all first, so the
+     * cache misses of the probes overlap instead of adding up */
+    uint64_t mhi[129], mlo[129];
+    uint32_t home[129];
+    uint8_t plen[129];
+    unsigned np = 0;
     for (unsigned k = 0; k < nl; k++) {
+        if (lens[k] >= 16 && !long_ok) continue;
         uint64_t hi = ahi, lo = alo;
         mask_words(fam, lens[k], &hi, &lo);
-        const cidr_slot *s = cidr_find(ix, hi, lo, lens[k], fam, 0);
-        if (!s) continue;
+        mhi[np] = hi;
+        mlo[np] = lo;
+        plen[np] = lens[k];
+        home[np] = cidr_hash(hi, lo, lens[k], fam) & ix->mask;
+        __builtin_prefetch(&ix->slots[home[np]]);
+        np++;
+    }
+    const cidr_slot *hit[129];
+    unsigned nh = 0;
+    for (unsigned k = 0; k < np; k++) {
+        for (uint32_t i = home[k];; i = (i + 1) & ix->mask) {
+            const cidr_slot *c = &ix->slots[i];
+            if (!c->used) break;
+            if (c->hi == mhi[k] && c->lo == mlo[k] && c->len == plen[k] && c->family == fam) {
+                if (c->first < best) {
+                    __builtin_prefetch(&p->tf[c->first]);
+                    hit[nh++] = c;
+                }
+                break;
+            }
+        }
+    }
+    for (unsigned k = 0; k < nh; k++) {
+        const cidr_slot *s = hit[k];
         for (uint32_t i = 0; i < s->n; i++) {
-            uint32_t r = ix->list[s->off + i];
+            uint32_t r = i == 0 ? s->first : ix->list[s->off + i];
             if (r >= best) break;
-            if (transport_ok(p, &p->rules[r], q)) { best = r; break; }
+            if (tf_ok(p, &p->tf[r], q)) { best = r; break; }
         }
     }
     return best;
