@@ -12,7 +12,9 @@ Messages (``t``: payload), host -> guest unless marked "guest":
   boot_ms, agent, host_mode}``; ``generation = min(host, guest)``. A hello
   starts a host session: exec sessions of an earlier host (after a reconnect)
   are detached (they keep running unless ``kill_on_disconnect``; their output
-  is dropped and their ids are free again).
+  is dropped and their ids are free again). In the guest, a closed-looking
+  port ends the host session only after 2 s (a quick reconnect's notices can
+  trail its data); output written meanwhile waits for the host.
 * ``core.bootstrap {hostname?, root?, network?, ca_certs?, env?, mounts?,
   kill_on_disconnect?}`` -> guest ``core.bootstrap.ack {skipped: [str]}`` or
   ``core.error``. ``root`` is null (keep /dev/vda), ``{"kind": "disk", "device",

@@ -151,6 +151,7 @@ struct agent {
     int listen_fd; /* host mode --channel-path */
     int sig_fd;
     int64_t start_ms;
+    int64_t disc_since; /* guest mode: when the port last looked closed (0: not) */
     int generation;
     int exit_code;
     const char *sysroot; /* host mode: prefix for files bootstrap writes */

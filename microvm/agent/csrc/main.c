@@ -33,9 +33,20 @@ int64_t now_ms(void) {
 
 static void disconnect(struct agent *a);
 
+#define GUEST_GRACE_MS 2000 /* how long a closed-looking virtio port may be a reconnect */
+
 static void write_all(struct agent *a, const uint8_t *p, size_t n) {
     int stalls = 0;
-    while (n && a->connected && a->chan_fd >= 0) {
+    int64_t hup_since = 0;
+    if (a->chan_fd < 0) return;
+    if (!a->connected) {
+        /* Host mode: nobody to talk to. Guest mode: keep writing through a short hang-up
+         * (the port holds the bytes back until the host is attached again). */
+        if (a->host_mode || !a->disc_since) return;
+        hup_since = a->disc_since;
+        if (now_ms() - hup_since >= GUEST_GRACE_MS) return;
+    }
+    while (n) {
         ssize_t w = write(a->chan_fd, p, n);
         if (w > 0) { p += w; n -= (size_t)w; stalls = 0; continue; }
         if (w < 0 && errno == EINTR) continue;
@@ -44,7 +55,16 @@ static void write_all(struct agent *a, const uint8_t *p, size_t n) {
             int r = poll(&pfd, 1, 1000);
             if (r == 0 && ++stalls >= 30) break; /* host stopped reading for 30 s */
             if (r > 0 && (pfd.revents & (POLLERR | POLLNVAL))) break;
-            if (r > 0 && (pfd.revents & POLLHUP) && !(pfd.revents & POLLOUT)) break;
+            if (r > 0 && (pfd.revents & POLLHUP) && !(pfd.revents & POLLOUT)) {
+                if (a->host_mode) break;
+                /* virtio-serial: open/close notices travel on the control queue and can be
+                 * seen after the new host's data (a quick reconnect); the port refuses
+                 * writes while it looks closed, so give the host a grace period. */
+                if (!hup_since) hup_since = now_ms();
+                if (now_ms() - hup_since >= GUEST_GRACE_MS) break;
+                struct timespec ts = {0, 10 * 1000 * 1000};
+                nanosleep(&ts, NULL);
+            }
             continue;
         }
         break;
@@ -97,23 +117,40 @@ int env_set(char ***env, size_t *n, const char *kv) {
     return 0;
 }
 
-static void disconnect(struct agent *a) {
-    if (!a->connected) return;
-    a->connected = false;
+/* The host session is over: drop framing state, fs writes and (by policy) processes. */
+static void end_host_session(struct agent *a) {
     a->hello_seen = false;
     frame_reader_reset(&a->rd);
     fs_abort_all(a);
-    if (a->host_mode && a->listen_fd < 0) {
+    if (a->kill_on_disconnect) exec_kill_all(a);
+    exec_detach_all(a);
+}
+
+static void disconnect(struct agent *a) {
+    if (!a->connected) return;
+    a->connected = false;
+    if (!a->host_mode) {
+        /* virtio-serial: a hang-up may be a stale notice of a quick reconnect whose data
+         * is already here, so the session ends only after 2 s of silence or on a new
+         * core.hello (see guest_idle). */
+        a->disc_since = now_ms();
+        return;
+    }
+    if (a->listen_fd < 0) {
         /* --channel-fd: the host is gone for good. */
         exec_kill_all(a);
         exit(0);
     }
-    if (a->kill_on_disconnect) exec_kill_all(a);
-    exec_detach_all(a);
-    if (a->host_mode) {
-        close(a->chan_fd);
-        a->chan_fd = -1;
-    }
+    end_host_session(a);
+    close(a->chan_fd);
+    a->chan_fd = -1;
+}
+
+/* Guest mode, while the port looks closed: end the host session after 2 s. */
+static void guest_idle(struct agent *a) {
+    if (a->connected || !a->disc_since || now_ms() - a->disc_since < GUEST_GRACE_MS) return;
+    a->disc_since = 0;
+    end_host_session(a);
 }
 
 /* ---- message handlers ---- */
@@ -320,6 +357,7 @@ static void guest_probe(struct agent *a) {
     ssize_t r = read(a->chan_fd, dst, a->rd.cap - a->rd.len);
     if (r > 0 || (r < 0 && errno == EAGAIN)) {
         a->connected = true;
+        a->disc_since = 0;
         if (r > 0) {
             /* Put the bytes back through the normal path. */
             a->rd.len += (size_t)r;
@@ -439,7 +477,10 @@ static void serve(struct agent *a) {
             if (fd == s->in_fd && (pfds[i].revents & (POLLOUT | POLLERR | POLLHUP))) exec_on_writable(a, s);
             else if (fd == s->out_fd || fd == s->err_fd) exec_on_readable(a, s, fd);
         }
-        if (!a->host_mode && !a->connected) guest_probe(a);
+        if (!a->host_mode && !a->connected) {
+            guest_probe(a);
+            guest_idle(a);
+        }
         exec_check_timeouts(a);
     }
 }

@@ -233,6 +233,12 @@ def test_host_reconnect_keeps_guest_processes(kernel: Kernel, busybox_root: Path
                 assert time.monotonic() < deadline, "detached process did not finish"
                 time.sleep(0.2)
             assert c.read_file("/tmp/marker") == b"done\n"
+            # Gone longer than the agent's 2 s grace: the host session ends; a new one works.
+            c.close()
+            time.sleep(2.5)
+            c = SyncAgentClient.connect_unix(m.agent_socket, timeout=10)
+            c.hello()
+            assert c.exec("echo", ["back"]).stdout == b"back\n"
             assert c.shutdown(exit_code=9) == 9
         finally:
             c.close()
