@@ -522,6 +522,10 @@ class Classifier:
     def handle(self) -> object:
         """The C ``ns_ctx *`` for a C packet loop (see ``netstack/csrc/netstack.h``).
 
+        Keep this Classifier alive, do not :meth:`close` it, and do not call its
+        batch methods from Python while a C loop drives the handle (one packet
+        loop per context; :meth:`recompile` remains safe concurrently).
+
         >>> from netstack import NetworkPolicy
         >>> Classifier(NetworkPolicy.none()).handle is not None
         True

@@ -70,6 +70,9 @@ class PinCache:
     def handle(self) -> object:
         """The C ``ns_pincache *`` (for a Classifier or a C gateway loop).
 
+        Keep this object alive while C code holds the pointer; the cache's own
+        mutex makes concurrent use from several threads safe.
+
         >>> PinCache(16).handle is not None
         True
         """
