@@ -429,7 +429,7 @@ class AgentClient:
         return _fs_result(op, path, f)
 
     async def read_file_chunks(self, path: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
-        """Stream a guest file in chunks (up to 1 MiB each).
+        """Stream a guest file in chunks (up to 256 KiB each).
 
         Example::
 

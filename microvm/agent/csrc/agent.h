@@ -26,7 +26,7 @@
 #define MAX_SESSIONS 256
 #define MAX_WRITES 64
 #define IO_CHUNK (64u * 1024u)
-#define FS_CHUNK (1024u * 1024u)
+#define FS_CHUNK (256u * 1024u)
 #define STDIN_BUF_MAX (16u * 1024u * 1024u)
 
 /* ---- growable byte buffer + CBOR encoder (cbor.c) ---- */
