@@ -265,6 +265,8 @@ int ns_policy_eval_packed(const ns_policy *p, ns_flowq *q, const uint8_t *names_
 
 /* ---------------------------------------------------------------- helpers */
 
+void *ns_table_alloc(size_t bytes); /* zeroed, pre-faulted, THP-advised when large; free() it */
+
 static inline int ns_is_v4mapped(const uint8_t *a) {
     static const uint8_t pre[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
     return memcmp(a, pre, 12) == 0;
