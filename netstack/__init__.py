@@ -36,6 +36,7 @@ from netstack.frameinfo import FrameInfo, parse_frame
 from netstack.gateway import (
     AddressPlan,
     DnsForwarder,
+    Gateway,
     PcapWriter,
     SlotLease,
     TapUplink,
@@ -65,6 +66,7 @@ __all__ = [
     "Flow",
     "FlowInfo",
     "FrameInfo",
+    "Gateway",
     "MalformedDNS",
     "MalformedFrame",
     "MalformedHello",

@@ -20,7 +20,8 @@ from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(HERE, "csrc")
-SOURCES = ["frame.c", "hello.c", "dns.c", "pincache.c", "policy.c", "classify.c"]
+SOURCES = ["frame.c", "hello.c", "dns.c", "pincache.c", "policy.c", "classify.c",
+           "gateway.c"]
 
 CDEF = r"""
 enum ns_verdict { NS_ALLOW = 0, NS_DENY = 1, NS_DENY_RST = 2, NS_DENY_ICMP = 3,
@@ -144,6 +145,51 @@ size_t ns_classify_stream(ns_ctx *ctx, const uint8_t *buf, size_t len, int direc
                           double now, uint8_t *verdicts, int32_t *rules,
                           size_t max_frames, size_t *consumed);
 int ns_stream_broken(const ns_ctx *ctx);
+int ns_ctx_reply_lookup(ns_ctx *ctx, const uint8_t *buf, size_t len, double now);
+
+enum ns_gw_mode { NS_GW_STREAM = 0, NS_GW_DGRAM = 1, NS_GW_TAP = 2 };
+enum ns_gw_event_kind { NS_EV_DNS = 1, NS_EV_DENIED = 2, NS_EV_CAPTURE = 3,
+                        NS_EV_GUEST_CLOSED = 4, NS_EV_NOT_REPLY = 5 };
+#define NS_GW_EVENT_DATA 2048
+typedef struct ns_gw ns_gw;
+typedef struct ns_gw_config {
+    int guest_fd, guest_mode, uplink_fd;
+    uint8_t guest_mac[6], gateway_mac[6];
+    uint32_t event_slots;
+    uint32_t hold_frames;
+    double hello_timeout;
+    uint8_t capture;
+    uint8_t log_denied;
+    uint8_t pad[2];
+} ns_gw_config;
+typedef struct ns_gw_event {
+    uint8_t kind, verdict, direction, pad;
+    int32_t rule;
+    double ts;
+    uint32_t len, orig_len;
+} ns_gw_event;
+typedef struct ns_gw_stats {
+    uint64_t guest_frames, guest_bytes, uplink_frames, uplink_bytes;
+    uint64_t to_uplink, to_guest, not_reply, rst_sent, icmp_sent, dns_queries;
+    uint64_t events_dropped, injected, held, released, hold_dropped, guest_overflow;
+    uint64_t write_errors, loops;
+    uint64_t verdicts[8];
+} ns_gw_stats;
+ns_gw *ns_gw_new(ns_ctx *ctx, const ns_gw_config *cfg);
+int ns_gw_start(ns_gw *gw);
+void ns_gw_stop(ns_gw *gw);
+void ns_gw_free(ns_gw *gw);
+int ns_gw_event_fd(const ns_gw *gw);
+int ns_gw_next_event(ns_gw *gw, ns_gw_event *ev, uint8_t *data, size_t cap);
+int ns_gw_inject(ns_gw *gw, const uint8_t *frame, size_t len);
+int ns_gw_inject_udp(ns_gw *gw, const uint8_t *src16, uint16_t sport, const uint8_t *dst16,
+                     uint16_t dport, const uint8_t *payload, size_t len);
+size_t ns_gw_build_udp(const uint8_t *dst_mac, const uint8_t *src_mac, const uint8_t *src16,
+                       uint16_t sport, const uint8_t *dst16, uint16_t dport,
+                       const uint8_t *payload, size_t len, uint8_t *out, size_t cap);
+size_t ns_gw_build_reject(const uint8_t *frame, size_t len, uint8_t *out, size_t cap);
+void ns_gw_stats_get(ns_gw *gw, ns_gw_stats *out);
+uint32_t ns_gw_pending(ns_gw *gw);
 """
 
 SANITIZE = os.environ.get("NETSTACK_SANITIZE") == "1"

@@ -652,3 +652,34 @@ uint32_t ns_ctx_rule_counters(ns_ctx *c, ns_rule_counter *out, uint32_t max) {
 }
 
 uint32_t ns_ctx_flow_count(const ns_ctx *c) { return c->count; }
+
+/* ------------------------------------------------------------ replies (gateway) */
+
+/* Is `buf` (a frame arriving from the uplink, towards the guest) a reply within
+ * an egress flow?  Looks the reversed 5-tuple up among the egress flows:
+ * returns 1 for a flow decided NS_ALLOW (refreshing its idle timer), 2 for a
+ * flow still waiting for its ClientHello (NS_NEED_MORE), 3 for ARP, 0 when
+ * there is no such live flow (or it was denied, or the frame is a non-first
+ * fragment), -1 for an unparseable frame.  Same threading rule as the batch
+ * calls: only the thread driving the context may call it. */
+int ns_ctx_reply_lookup(ns_ctx *c, const uint8_t *buf, size_t len, double now) {
+    ns_frame fr;
+    if (ns_parse_frame(buf, len, &fr) != NS_PARSE_OK) return -1;
+    if (fr.l3 == NS_L3_ARP) return 3;
+    if ((fr.l3 != NS_L3_IPV4 && fr.l3 != NS_L3_IPV6) || fr.frag == 2 || fr.pbit == 0) return 0;
+    flow_key k;
+    memcpy(k.src, fr.dst, 16);
+    memcpy(k.dst, fr.src, 16);
+    k.proto = fr.ipproto;
+    k.dir = NS_DIR_EGRESS;
+    k.kind = 0;
+    k.pad = 0;
+    k.sport = fr.has_ports ? fr.dport : 0;
+    k.dport = fr.has_ports ? fr.sport : 0;
+    flow *f = tab_find(c, &k, key_hash(&k));
+    if (!f || expired(c, f, now)) return 0;
+    if (f->state == ST_PENDING) return 2;
+    if (f->verdict != NS_ALLOW) return 0;
+    f->last_seen = now;
+    return 1;
+}

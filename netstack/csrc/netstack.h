@@ -100,4 +100,78 @@ size_t ns_classify_stream(ns_ctx *ctx, const uint8_t *buf, size_t len, int direc
 /* 1 if the last ns_classify_stream call hit an invalid length prefix. */
 int ns_stream_broken(const ns_ctx *ctx);
 
+/* Reply check for frames arriving from an uplink (reversed 5-tuple lookup among
+ * egress flows): 1 allowed flow, 2 flow pending its ClientHello, 3 ARP, 0 no
+ * such flow / denied, -1 unparseable.  Called by the packet-loop thread only. */
+int ns_ctx_reply_lookup(ns_ctx *ctx, const uint8_t *buf, size_t len, double now);
+
+/*
+ * The gateway loop (gateway.c): one pthread that moves frames between the
+ * guest side (a VMM's frame socket or a TAP fd) and an uplink TAP fd,
+ * classifying guest frames with `ctx`, passing back only replies of allowed
+ * flows, answering denied TCP with RST and denied UDP with ICMP(v6) port
+ * unreachable, holding the data of flows that wait for their ClientHello.
+ * Slow-path work (DNS queries, log/capture records) is queued to the owner
+ * through a bounded single-consumer ring signalled by an eventfd; the loop
+ * never waits for the owner.  The owner may inject frames towards the guest
+ * from any thread.  No global state: everything lives in the ns_gw object.
+ *
+ *     ns_gw *gw = ns_gw_new(ctx, &cfg);  ns_gw_start(gw);
+ *     ... read(ns_gw_event_fd(gw)) then ns_gw_next_event(gw, ...) until 0 ...
+ *     ns_gw_stop(gw); ns_gw_free(gw);
+ */
+enum ns_gw_mode { NS_GW_STREAM = 0, NS_GW_DGRAM = 1, NS_GW_TAP = 2 };
+enum ns_gw_event_kind {
+    NS_EV_DNS = 1,          /* a UDP DNS query frame from the guest: answer it */
+    NS_EV_DENIED = 2,       /* a guest frame that was denied (log record) */
+    NS_EV_CAPTURE = 3,      /* a copy of a frame that crossed (pcap), with its verdict */
+    NS_EV_GUEST_CLOSED = 4, /* the guest side hung up (or its stream broke: verdict 7) */
+    NS_EV_NOT_REPLY = 5     /* a frame from the uplink that was no reply: dropped */
+};
+#define NS_GW_EVENT_DATA 2048u
+
+typedef struct ns_gw ns_gw;
+
+typedef struct ns_gw_config {
+    int guest_fd, guest_mode, uplink_fd;
+    uint8_t guest_mac[6], gateway_mac[6];
+    uint32_t event_slots;      /* ring capacity (rounded up to a power of two) */
+    uint32_t hold_frames;      /* max frames held across all pending flows */
+    double hello_timeout;      /* seconds a pending flow may wait */
+    uint8_t capture;           /* 1: queue NS_EV_CAPTURE records */
+    uint8_t log_denied;        /* 1: queue NS_EV_DENIED records */
+    uint8_t pad[2];
+} ns_gw_config;
+
+typedef struct ns_gw_event {
+    uint8_t kind, verdict, direction, pad;
+    int32_t rule;
+    double ts;                 /* monotonic seconds */
+    uint32_t len, orig_len;    /* bytes copied (<= NS_GW_EVENT_DATA), frame length */
+} ns_gw_event;
+
+typedef struct ns_gw_stats {
+    uint64_t guest_frames, guest_bytes, uplink_frames, uplink_bytes;
+    uint64_t to_uplink, to_guest, not_reply, rst_sent, icmp_sent, dns_queries;
+    uint64_t events_dropped, injected, held, released, hold_dropped, guest_overflow;
+    uint64_t write_errors, loops;
+    uint64_t verdicts[8];
+} ns_gw_stats;
+
+ns_gw *ns_gw_new(ns_ctx *ctx, const ns_gw_config *cfg);
+int ns_gw_start(ns_gw *gw);
+void ns_gw_stop(ns_gw *gw);            /* idempotent; joins the thread */
+void ns_gw_free(ns_gw *gw);            /* stops first; closes only its own eventfds */
+int ns_gw_event_fd(const ns_gw *gw);   /* readable (8-byte counter) when events wait */
+int ns_gw_next_event(ns_gw *gw, ns_gw_event *ev, uint8_t *data, size_t cap);
+int ns_gw_inject(ns_gw *gw, const uint8_t *frame, size_t len);
+int ns_gw_inject_udp(ns_gw *gw, const uint8_t *src16, uint16_t sport, const uint8_t *dst16,
+                     uint16_t dport, const uint8_t *payload, size_t len);
+size_t ns_gw_build_udp(const uint8_t *dst_mac, const uint8_t *src_mac, const uint8_t *src16,
+                       uint16_t sport, const uint8_t *dst16, uint16_t dport,
+                       const uint8_t *payload, size_t len, uint8_t *out, size_t cap);
+size_t ns_gw_build_reject(const uint8_t *frame, size_t len, uint8_t *out, size_t cap);
+void ns_gw_stats_get(ns_gw *gw, ns_gw_stats *out);
+uint32_t ns_gw_pending(ns_gw *gw);
+
 #endif /* NETSTACK_H */

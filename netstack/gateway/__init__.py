@@ -5,6 +5,7 @@
 * :class:`TapUplink`: netns + TAP + veth + nftables NAT (root); :func:`cleanup_stale`
   removes what a crashed process left behind.
 * :class:`DnsForwarder`: the policy-enforcing asyncio DNS forwarder.
+* :class:`Gateway`: the C frame loop + classifier + DNS forwarder of one sandbox.
 * :class:`PcapWriter`: a thread-safe, size-bounded pcap/pcapng writer.
 
 >>> from netstack.gateway import AddressPlan
@@ -19,6 +20,7 @@ from netstack.gateway.dns_forwarder import (
     is_rebind_address,
     pin_cache_callback,
 )
+from netstack.gateway.gateway import Gateway
 from netstack.gateway.pcap import PcapWriter
 from netstack.gateway.state import cleanup_stale
 from netstack.gateway.uplink_tap import TapUplink, uplink_names
@@ -27,6 +29,7 @@ __all__ = [
     "AddressPlan",
     "DnsForwarder",
     "ForwarderThread",
+    "Gateway",
     "PcapWriter",
     "SlotLease",
     "TapUplink",

@@ -1,0 +1,915 @@
+/*
+ * gateway.c - the gateway loop: guest frame socket <-> classifier <-> uplink TAP.
+ *
+ * One pthread per gateway (never touches Python).  It polls the guest fd, the
+ * uplink fd, a stop eventfd and an inject eventfd:
+ *  - guest -> uplink: frames are read in batches (one large read() for the
+ *    u32-BE stream framing with partial frames carried over, recvmmsg() for
+ *    datagram sockets, up to 64 read()s for a TAP), classified in place and
+ *      ALLOW             written to the uplink TAP;
+ *      DENY_RST/TO_PROXY answered with a crafted TCP RST towards the guest;
+ *      DENY_ICMP         answered with ICMP / ICMPv6 port unreachable;
+ *      DENY, MALFORMED   dropped;
+ *      TO_DNS            UDP: queued to the owner (NS_EV_DNS), TCP: RST;
+ *      NEED_MORE         segments without payload (the handshake) pass, data
+ *                        segments are held (bounded) until the classifier
+ *                        decides; then released in order, or dropped with a
+ *                        RST to the guest and one to the server.  A pending
+ *                        flow that stays undecided past hello_timeout is
+ *                        re-classified from the loop's timer (which decides).
+ *  - uplink -> guest: only replies of allowed flows (ns_ctx_reply_lookup) and
+ *    ARP pass; replies of pending flows pass only without payload.
+ *  - injected frames (DNS answers) go to the guest.
+ * Events to the owner: a single-producer/single-consumer ring of fixed slots;
+ * when it is full the event is dropped and counted (the loop never waits).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "ns_internal.h"
+
+#define BATCH 64
+#define RX_FRAME (NS_MAX_FRAME + 64)
+#define STREAM_IN_CAP (1u << 20)
+#define STREAM_OUT_CAP (4u << 20)
+#define INJECT_SLOTS 256
+#define MAX_PENDING 256
+#define REJECT_CAP 1400
+
+typedef struct ev_slot {
+    ns_gw_event ev;
+    uint8_t data[NS_GW_EVENT_DATA];
+} ev_slot;
+
+typedef struct held_frame {
+    struct held_frame *next;
+    uint32_t len;
+    uint8_t data[];
+} held_frame;
+
+typedef struct pending {
+    uint8_t used, pad[3];
+    uint8_t src[16], dst[16];
+    uint16_t sport, dport;
+    uint8_t proto;
+    double created;
+    held_frame *head, *tail;
+    uint32_t nheld;
+    uint8_t *first;       /* copy of the flow's first frame (for the timer) */
+    uint32_t first_len;
+} pending;
+
+struct ns_gw {
+    ns_ctx *ctx;
+    ns_gw_config cfg;
+    pthread_t thread;
+    int started, stop_requested;
+    int stop_efd, inject_efd, event_efd;
+    /* event ring (loop produces, owner consumes) */
+    ev_slot *ring;
+    uint32_t ring_mask;
+    uint64_t head, tail;          /* atomics */
+    int events_pushed;
+    /* inject queue (owner produces under the mutex, loop consumes) */
+    pthread_mutex_t inject_mu;
+    ev_slot *inject;
+    uint32_t inj_head, inj_tail;
+    /* guest side */
+    int guest_alive;
+    uint8_t *in;                  /* stream: carry-over buffer */
+    size_t in_len;
+    uint8_t *out;                 /* stream: pending output */
+    size_t out_off, out_len;
+    uint8_t *rx;                  /* BATCH x RX_FRAME */
+    struct sockaddr_un peer;      /* dgram: the VMM's address if it sent from one */
+    socklen_t peer_len;
+    int vfkt_checked;
+    /* pending (ClientHello) flows */
+    pending pend[MAX_PENDING];
+    uint32_t npending, nheld_total;
+    double last_timer, last_expire;
+    ns_gw_stats st;               /* written by the loop; read racily by stats_get */
+};
+
+static double mono(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static void set_nonblock(int fd) {
+    int fl = fcntl(fd, F_GETFL);
+    if (fl >= 0) fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+}
+
+static void efd_signal(int fd) {
+    uint64_t one = 1;
+    ssize_t r = write(fd, &one, sizeof(one));
+    (void)r;
+}
+
+static void efd_drain(int fd) {
+    uint64_t v;
+    ssize_t r = read(fd, &v, sizeof(v));
+    (void)r;
+}
+
+/* ------------------------------------------------------------ checksums / builders */
+
+static uint32_t csum_add(uint32_t s, const uint8_t *p, size_t n) {
+    while (n > 1) {
+        s += (uint32_t)((p[0] << 8) | p[1]);
+        p += 2;
+        n -= 2;
+    }
+    if (n) s += (uint32_t)(p[0] << 8);
+    return s;
+}
+
+static uint16_t csum_fold(uint32_t s) {
+    while (s >> 16) s = (s & 0xffff) + (s >> 16);
+    return (uint16_t)(~s & 0xffff);
+}
+
+static void wr16(uint8_t *p, uint16_t v) {
+    p[0] = (uint8_t)(v >> 8);
+    p[1] = (uint8_t)v;
+}
+
+/* Ethernet + IP header + the l4 bytes (already laid out at out + hdr), with
+ * the L4 checksum at csum_off (within l4) computed; returns the frame length
+ * or 0 if it does not fit. */
+static size_t finish_ip(uint8_t *out, size_t cap, const uint8_t *dst_mac, const uint8_t *src_mac,
+                        const uint8_t *src16, const uint8_t *dst16, uint8_t proto,
+                        const uint8_t *l4, size_t l4len, size_t csum_off) {
+    int v4 = ns_is_v4mapped(src16) && ns_is_v4mapped(dst16);
+    size_t hdr = 14 + (v4 ? 20 : 40);
+    if (hdr + l4len > cap || l4len > 65000) return 0;
+    memmove(out + hdr, l4, l4len);
+    memcpy(out, dst_mac, 6);
+    memcpy(out + 6, src_mac, 6);
+    uint8_t *ip = out + 14;
+    uint8_t *t = out + hdr;
+    t[csum_off] = t[csum_off + 1] = 0;
+    uint32_t s = 0;
+    if (v4) {
+        wr16(out + 12, 0x0800);
+        memset(ip, 0, 20);
+        ip[0] = 0x45;
+        wr16(ip + 2, (uint16_t)(20 + l4len));
+        wr16(ip + 6, 0x4000); /* DF */
+        ip[8] = 64;
+        ip[9] = proto;
+        memcpy(ip + 12, src16 + 12, 4);
+        memcpy(ip + 16, dst16 + 12, 4);
+        wr16(ip + 10, csum_fold(csum_add(0, ip, 20)));
+        if (proto != 1) { /* ICMPv4 has no pseudo-header */
+            s = csum_add(s, ip + 12, 8);
+            s += proto;
+            s += (uint32_t)l4len;
+        }
+    } else {
+        wr16(out + 12, 0x86dd);
+        memset(ip, 0, 8);
+        ip[0] = 0x60;
+        wr16(ip + 4, (uint16_t)l4len);
+        ip[6] = proto;
+        ip[7] = 64;
+        memcpy(ip + 8, src16, 16);
+        memcpy(ip + 24, dst16, 16);
+        s = csum_add(s, ip + 8, 32);
+        s += (uint32_t)l4len;
+        s += proto;
+    }
+    s = csum_add(s, t, l4len);
+    uint16_t c = csum_fold(s);
+    if (proto == 17 && c == 0) c = 0xffff;
+    wr16(t + csum_off, c);
+    return hdr + l4len;
+}
+
+/* A UDP datagram frame (used for DNS answers). */
+size_t ns_gw_build_udp(const uint8_t *dst_mac, const uint8_t *src_mac, const uint8_t *src16,
+                       uint16_t sport, const uint8_t *dst16, uint16_t dport,
+                       const uint8_t *payload, size_t len, uint8_t *out, size_t cap) {
+    if (len > 65000 || cap < 62 + len) return 0;
+    uint8_t *l4 = out + 62; /* build past the largest header, finish_ip moves it */
+    wr16(l4, sport);
+    wr16(l4 + 2, dport);
+    wr16(l4 + 4, (uint16_t)(8 + len));
+    l4[6] = l4[7] = 0;
+    memcpy(l4 + 8, payload, len);
+    return finish_ip(out, cap, dst_mac, src_mac, src16, dst16, 17, l4, 8 + len, 6);
+}
+
+/* TCP RST answering `fr` (a frame from `from` to `to`); sent from `to`'s side. */
+static size_t build_rst(const uint8_t *buf, const ns_frame *fr, uint8_t *out, size_t cap) {
+    uint8_t l4[20];
+    const uint8_t *t = buf + fr->l4_off;
+    uint8_t flags = fr->tcp_flags;
+    uint32_t ack = ns_rd32(t + 8);
+    memset(l4, 0, sizeof(l4));
+    wr16(l4, fr->dport);
+    wr16(l4 + 2, fr->sport);
+    if (flags & 0x10) { /* ACK set: RST with seq = their ack */
+        l4[4] = (uint8_t)(ack >> 24);
+        l4[5] = (uint8_t)(ack >> 16);
+        l4[6] = (uint8_t)(ack >> 8);
+        l4[7] = (uint8_t)ack;
+        l4[13] = 0x04;
+    } else {
+        uint32_t a = fr->seq + fr->payload_len + ((flags & 0x02) ? 1u : 0u) +
+                     ((flags & 0x01) ? 1u : 0u);
+        l4[8] = (uint8_t)(a >> 24);
+        l4[9] = (uint8_t)(a >> 16);
+        l4[10] = (uint8_t)(a >> 8);
+        l4[11] = (uint8_t)a;
+        l4[13] = 0x14; /* RST|ACK */
+    }
+    l4[12] = 5 << 4;
+    return finish_ip(out, cap, buf + 6, buf, fr->dst, fr->src, 6, l4, 20, 16);
+}
+
+/* A RST from the guest's side to the server for flow `fr` at sequence `seq`. */
+static size_t build_rst_upstream(const uint8_t *buf, const ns_frame *fr, uint32_t seq,
+                                 uint8_t *out, size_t cap) {
+    uint8_t l4[20];
+    memset(l4, 0, sizeof(l4));
+    wr16(l4, fr->sport);
+    wr16(l4 + 2, fr->dport);
+    l4[4] = (uint8_t)(seq >> 24);
+    l4[5] = (uint8_t)(seq >> 16);
+    l4[6] = (uint8_t)(seq >> 8);
+    l4[7] = (uint8_t)seq;
+    l4[12] = 5 << 4;
+    l4[13] = 0x04;
+    return finish_ip(out, cap, buf, buf + 6, fr->src, fr->dst, 6, l4, 20, 16);
+}
+
+/* ICMP(v6) port unreachable quoting `buf`'s IP packet. */
+static size_t build_unreach(const uint8_t *buf, size_t len, const ns_frame *fr, uint8_t *out,
+                            size_t cap) {
+    uint8_t l4[8 + 1240];
+    size_t l3 = fr->vlan ? 18 : 14;
+    if (len <= l3) return 0;
+    size_t quote = len - l3;
+    int v4 = fr->family == 4;
+    size_t maxq = v4 ? 548 : 1232;
+    if (quote > maxq) quote = maxq;
+    memset(l4, 0, 8);
+    l4[0] = v4 ? 3 : 1;   /* destination unreachable */
+    l4[1] = v4 ? 3 : 4;   /* port unreachable */
+    memcpy(l4 + 8, buf + l3, quote);
+    return finish_ip(out, cap, buf + 6, buf, fr->dst, fr->src, v4 ? 1 : 58, l4, 8 + quote, 2);
+}
+
+/* The answer to a denied guest frame: RST for TCP, ICMP unreachable for the
+ * rest (UDP); 0 when the frame deserves none (not IP, a RST, ICMP). */
+size_t ns_gw_build_reject(const uint8_t *frame, size_t len, uint8_t *out, size_t cap) {
+    ns_frame fr;
+    if (ns_parse_frame(frame, len, &fr) != NS_PARSE_OK) return 0;
+    if (fr.l3 != NS_L3_IPV4 && fr.l3 != NS_L3_IPV6) return 0;
+    if (fr.frag == 2) return 0;
+    if (fr.pbit == NS_P_TCP) {
+        if (fr.tcp_flags & 0x04) return 0; /* never answer a RST */
+        return build_rst(frame, &fr, out, cap);
+    }
+    if (fr.pbit == NS_P_UDP) return build_unreach(frame, len, &fr, out, cap);
+    return 0;
+}
+
+/* ------------------------------------------------------------ events */
+
+static void push_event(ns_gw *g, uint8_t kind, uint8_t verdict, uint8_t dir, int32_t rule,
+                       double now, const uint8_t *data, size_t len) {
+    uint64_t head = g->head;
+    uint64_t tail = __atomic_load_n(&g->tail, __ATOMIC_ACQUIRE);
+    if (head - tail > g->ring_mask) {
+        g->st.events_dropped++;
+        return;
+    }
+    ev_slot *s = &g->ring[head & g->ring_mask];
+    size_t n = len < NS_GW_EVENT_DATA ? len : NS_GW_EVENT_DATA;
+    s->ev.kind = kind;
+    s->ev.verdict = verdict;
+    s->ev.direction = dir;
+    s->ev.pad = 0;
+    s->ev.rule = rule;
+    s->ev.ts = now;
+    s->ev.len = (uint32_t)n;
+    s->ev.orig_len = (uint32_t)len;
+    if (n) memcpy(s->data, data, n);
+    __atomic_store_n(&g->head, head + 1, __ATOMIC_RELEASE);
+    g->events_pushed = 1;
+}
+
+int ns_gw_next_event(ns_gw *g, ns_gw_event *ev, uint8_t *data, size_t cap) {
+    uint64_t tail = g->tail;
+    uint64_t head = __atomic_load_n(&g->head, __ATOMIC_ACQUIRE);
+    if (tail == head) return 0;
+    ev_slot *s = &g->ring[tail & g->ring_mask];
+    *ev = s->ev;
+    size_t n = s->ev.len < cap ? s->ev.len : cap;
+    if (n) memcpy(data, s->data, n);
+    ev->len = (uint32_t)n;
+    __atomic_store_n(&g->tail, tail + 1, __ATOMIC_RELEASE);
+    return 1;
+}
+
+/* ------------------------------------------------------------ output */
+
+static void flush_guest(ns_gw *g) {
+    while (g->out_len > g->out_off) {
+        ssize_t w = write(g->cfg.guest_fd, g->out + g->out_off, g->out_len - g->out_off);
+        if (w > 0) {
+            g->out_off += (size_t)w;
+            continue;
+        }
+        if (w < 0 && errno == EINTR) continue;
+        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+        g->st.write_errors++;
+        g->out_off = g->out_len = 0; /* peer gone */
+        return;
+    }
+    g->out_off = g->out_len = 0;
+}
+
+static void to_guest(ns_gw *g, const uint8_t *frame, size_t len, double now) {
+    if (g->cfg.capture) push_event(g, NS_EV_CAPTURE, NS_ALLOW, NS_DIR_INGRESS, -1, now, frame, len);
+    if (!g->guest_alive) return;
+    if (g->cfg.guest_mode == NS_GW_STREAM) {
+        if (g->out_off > 0 && g->out_len + 4 + len > STREAM_OUT_CAP) {
+            memmove(g->out, g->out + g->out_off, g->out_len - g->out_off);
+            g->out_len -= g->out_off;
+            g->out_off = 0;
+        }
+        if (g->out_len + 4 + len > STREAM_OUT_CAP) {
+            g->st.guest_overflow++;
+            return;
+        }
+        uint8_t *p = g->out + g->out_len;
+        p[0] = (uint8_t)(len >> 24);
+        p[1] = (uint8_t)(len >> 16);
+        p[2] = (uint8_t)(len >> 8);
+        p[3] = (uint8_t)len;
+        memcpy(p + 4, frame, len);
+        g->out_len += 4 + len;
+        g->st.to_guest++;
+        return;
+    }
+    ssize_t w;
+    if (g->cfg.guest_mode == NS_GW_DGRAM && g->peer_len > sizeof(sa_family_t))
+        w = sendto(g->cfg.guest_fd, frame, len, MSG_DONTWAIT, (struct sockaddr *)&g->peer,
+                   g->peer_len);
+    else if (g->cfg.guest_mode == NS_GW_DGRAM)
+        w = send(g->cfg.guest_fd, frame, len, MSG_DONTWAIT);
+    else
+        w = write(g->cfg.guest_fd, frame, len);
+    if (w < 0) g->st.write_errors++;
+    else g->st.to_guest++;
+}
+
+static void to_uplink(ns_gw *g, const uint8_t *frame, size_t len) {
+    ssize_t w = write(g->cfg.uplink_fd, frame, len);
+    if (w < 0) g->st.write_errors++;
+    else g->st.to_uplink++;
+}
+
+/* ------------------------------------------------------------ pending flows */
+
+static pending *pend_find(ns_gw *g, const ns_frame *fr) {
+    if (!g->npending) return NULL;
+    for (uint32_t i = 0; i < MAX_PENDING; i++) {
+        pending *p = &g->pend[i];
+        if (p->used && p->sport == fr->sport && p->dport == fr->dport && p->proto == fr->ipproto &&
+            memcmp(p->src, fr->src, 16) == 0 && memcmp(p->dst, fr->dst, 16) == 0)
+            return p;
+    }
+    return NULL;
+}
+
+static pending *pend_add(ns_gw *g, const ns_frame *fr, const uint8_t *buf, size_t len,
+                         double now) {
+    if (g->npending >= MAX_PENDING) return NULL;
+    for (uint32_t i = 0; i < MAX_PENDING; i++) {
+        pending *p = &g->pend[i];
+        if (p->used) continue;
+        memset(p, 0, sizeof(*p));
+        p->first = (uint8_t *)malloc(len);
+        if (!p->first) return NULL;
+        memcpy(p->first, buf, len);
+        p->first_len = (uint32_t)len;
+        p->used = 1;
+        memcpy(p->src, fr->src, 16);
+        memcpy(p->dst, fr->dst, 16);
+        p->sport = fr->sport;
+        p->dport = fr->dport;
+        p->proto = fr->ipproto;
+        p->created = now;
+        g->npending++;
+        return p;
+    }
+    return NULL;
+}
+
+static void pend_free(ns_gw *g, pending *p) {
+    held_frame *h = p->head;
+    while (h) {
+        held_frame *n = h->next;
+        free(h);
+        h = n;
+        g->nheld_total--;
+    }
+    free(p->first);
+    memset(p, 0, sizeof(*p));
+    g->npending--;
+}
+
+static void pend_hold(ns_gw *g, pending *p, const uint8_t *buf, size_t len) {
+    if (g->nheld_total >= g->cfg.hold_frames || p->nheld >= 64) {
+        g->st.hold_dropped++; /* the guest retransmits */
+        return;
+    }
+    held_frame *h = (held_frame *)malloc(sizeof(held_frame) + len);
+    if (!h) {
+        g->st.hold_dropped++;
+        return;
+    }
+    h->next = NULL;
+    h->len = (uint32_t)len;
+    memcpy(h->data, buf, len);
+    if (p->tail) p->tail->next = h;
+    else p->head = h;
+    p->tail = h;
+    p->nheld++;
+    g->nheld_total++;
+    g->st.held++;
+}
+
+/* The flow of `p` got verdict v (from frame buf/fr): release or reject. */
+static void pend_resolve(ns_gw *g, pending *p, uint8_t v, const uint8_t *buf, const ns_frame *fr,
+                         double now) {
+    uint8_t out[REJECT_CAP];
+    if (v == NS_ALLOW) {
+        for (held_frame *h = p->head; h; h = h->next) {
+            to_uplink(g, h->data, h->len);
+            g->st.released++;
+        }
+    } else {
+        /* the handshake went through: reset the server's side too, at the
+         * first sequence number the guest sent data with */
+        ns_frame f0;
+        uint32_t seq = fr->seq;
+        if (p->head && ns_parse_frame(p->head->data, p->head->len, &f0) == NS_PARSE_OK)
+            seq = f0.seq;
+        size_t n = build_rst_upstream(buf, fr, seq, out, sizeof(out));
+        if (n) to_uplink(g, out, n);
+    }
+    pend_free(g, p);
+}
+
+/* ------------------------------------------------------------ guest frames */
+
+static void handle_egress(ns_gw *g, const uint8_t *buf, size_t len, uint8_t v, int32_t rule,
+                          double now) {
+    uint8_t out[REJECT_CAP];
+    ns_frame fr;
+    g->st.guest_frames++;
+    g->st.guest_bytes += len;
+    g->st.verdicts[v & 7]++;
+    if (g->cfg.capture) push_event(g, NS_EV_CAPTURE, v, NS_DIR_EGRESS, rule, now, buf, len);
+    int parsed = -1;
+    if (g->npending || v == NS_NEED_MORE || v == NS_TO_DNS) parsed = ns_parse_frame(buf, len, &fr);
+    pending *p = NULL;
+    if (parsed == NS_PARSE_OK && fr.pbit == NS_P_TCP && v != NS_NEED_MORE) p = pend_find(g, &fr);
+    if (p) pend_resolve(g, p, v == NS_TO_PROXY ? NS_DENY_RST : v, buf, &fr, now);
+    switch (v) {
+    case NS_ALLOW:
+        to_uplink(g, buf, len);
+        return;
+    case NS_NEED_MORE:
+        if (parsed != NS_PARSE_OK) return;
+        p = pend_find(g, &fr);
+        if (!p) {
+            p = pend_add(g, &fr, buf, len, now);
+            if (!p) { /* too many flows waiting for a hello: drop, the guest retries */
+                g->st.hold_dropped++;
+                return;
+            }
+        }
+        if (fr.payload_len == 0) to_uplink(g, buf, len); /* handshake segments pass */
+        else pend_hold(g, p, buf, len);
+        return;
+    case NS_TO_DNS:
+        if (parsed == NS_PARSE_OK && fr.pbit == NS_P_UDP) {
+            g->st.dns_queries++;
+            push_event(g, NS_EV_DNS, v, NS_DIR_EGRESS, rule, now, buf, len);
+            return;
+        }
+        /* DNS over TCP is not served: fail fast */
+        break;
+    case NS_DENY_RST:
+    case NS_DENY_ICMP:
+    case NS_TO_PROXY:
+        break;
+    default: /* NS_DENY, NS_MALFORMED */
+        if (g->cfg.log_denied)
+            push_event(g, NS_EV_DENIED, v, NS_DIR_EGRESS, rule, now, buf, len);
+        return;
+    }
+    if (g->cfg.log_denied) push_event(g, NS_EV_DENIED, v, NS_DIR_EGRESS, rule, now, buf, len);
+    size_t n = ns_gw_build_reject(buf, len, out, sizeof(out));
+    if (n) {
+        if (out[12] == 0x08 ? out[23] == 6 : out[20] == 6) g->st.rst_sent++;
+        else g->st.icmp_sent++;
+        to_guest(g, out, n, now);
+    }
+}
+
+static void read_guest_stream(ns_gw *g, double now) {
+    uint8_t verdicts[256];
+    int32_t rules[256];
+    for (int round = 0; round < 4; round++) {
+        ssize_t r = read(g->cfg.guest_fd, g->in + g->in_len, STREAM_IN_CAP - g->in_len);
+        if (r == 0) {
+            g->guest_alive = 0;
+            push_event(g, NS_EV_GUEST_CLOSED, 0, NS_DIR_EGRESS, -1, now, NULL, 0);
+            return;
+        }
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                g->guest_alive = 0;
+                push_event(g, NS_EV_GUEST_CLOSED, 0, NS_DIR_EGRESS, -1, now, NULL, 0);
+            }
+            return;
+        }
+        g->in_len += (size_t)r;
+        size_t off = 0;
+        for (;;) {
+            size_t used = 0;
+            size_t n = ns_classify_stream(g->ctx, g->in + off, g->in_len - off, NS_DIR_EGRESS, now,
+                                          verdicts, rules, 256, &used);
+            int broken = ns_stream_broken(g->ctx);
+            size_t o = off;
+            size_t good = broken ? n - 1 : n;
+            for (size_t i = 0; i < good; i++) {
+                uint32_t fl = ns_rd32(g->in + o);
+                handle_egress(g, g->in + o + 4, fl, verdicts[i], rules[i], now);
+                o += 4 + (size_t)fl;
+            }
+            off += used;
+            if (broken) {
+                g->guest_alive = 0;
+                push_event(g, NS_EV_GUEST_CLOSED, NS_MALFORMED, NS_DIR_EGRESS, -1, now, NULL, 0);
+                g->in_len = 0;
+                return;
+            }
+            if (n < 256) break;
+        }
+        if (off) {
+            memmove(g->in, g->in + off, g->in_len - off);
+            g->in_len -= off;
+        }
+        if ((size_t)r < 65536) return; /* drained for now */
+    }
+}
+
+static void classify_rx(ns_gw *g, const uint8_t *const *ptrs, const uint32_t *lens, size_t n,
+                        double now) {
+    uint8_t verdicts[BATCH];
+    int32_t rules[BATCH];
+    if (!n) return;
+    ns_classify_batch(g->ctx, ptrs, lens, n, NS_DIR_EGRESS, now, verdicts, rules);
+    for (size_t i = 0; i < n; i++) handle_egress(g, ptrs[i], lens[i], verdicts[i], rules[i], now);
+}
+
+static void read_guest_dgram(ns_gw *g, double now) {
+    struct mmsghdr msgs[BATCH];
+    struct iovec iov[BATCH];
+    struct sockaddr_un names[BATCH];
+    const uint8_t *ptrs[BATCH];
+    uint32_t lens[BATCH];
+    memset(msgs, 0, sizeof(msgs));
+    for (int i = 0; i < BATCH; i++) {
+        iov[i].iov_base = g->rx + (size_t)i * RX_FRAME;
+        iov[i].iov_len = RX_FRAME;
+        msgs[i].msg_hdr.msg_iov = &iov[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+        msgs[i].msg_hdr.msg_name = &names[i];
+        msgs[i].msg_hdr.msg_namelen = sizeof(names[i]);
+    }
+    int r = recvmmsg(g->cfg.guest_fd, msgs, BATCH, MSG_DONTWAIT, NULL);
+    if (r <= 0) {
+        if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+            g->guest_alive = 0;
+            push_event(g, NS_EV_GUEST_CLOSED, 0, NS_DIR_EGRESS, -1, now, NULL, 0);
+        }
+        return;
+    }
+    size_t n = 0;
+    for (int i = 0; i < r; i++) {
+        const uint8_t *d = g->rx + (size_t)i * RX_FRAME;
+        uint32_t l = msgs[i].msg_len;
+        if (msgs[i].msg_hdr.msg_namelen > sizeof(sa_family_t) &&
+            msgs[i].msg_hdr.msg_namelen <= sizeof(struct sockaddr_un)) {
+            memcpy(&g->peer, &names[i], msgs[i].msg_hdr.msg_namelen);
+            g->peer_len = msgs[i].msg_hdr.msg_namelen;
+        }
+        if (!g->vfkt_checked) {
+            g->vfkt_checked = 1;
+            if (l == 4 && memcmp(d, "VFKT", 4) == 0) continue; /* libkrun handshake */
+        }
+        if (l == 0) continue;
+        ptrs[n] = d;
+        lens[n] = l;
+        n++;
+    }
+    classify_rx(g, ptrs, lens, n, now);
+}
+
+static void read_guest_tap(ns_gw *g, double now) {
+    const uint8_t *ptrs[BATCH];
+    uint32_t lens[BATCH];
+    size_t n = 0;
+    while (n < BATCH) {
+        uint8_t *d = g->rx + n * RX_FRAME;
+        ssize_t r = read(g->cfg.guest_fd, d, RX_FRAME);
+        if (r <= 0) {
+            if (r < 0 && errno == EINTR) continue;
+            if (r == 0 || (errno != EAGAIN && errno != EWOULDBLOCK)) {
+                g->guest_alive = 0;
+                push_event(g, NS_EV_GUEST_CLOSED, 0, NS_DIR_EGRESS, -1, now, NULL, 0);
+            }
+            break;
+        }
+        ptrs[n] = d;
+        lens[n] = (uint32_t)r;
+        n++;
+    }
+    classify_rx(g, ptrs, lens, n, now);
+}
+
+/* ------------------------------------------------------------ uplink frames */
+
+static void read_uplink(ns_gw *g, double now) {
+    uint8_t *d = g->rx; /* the guest reader is done with rx by now */
+    for (int i = 0; i < BATCH; i++) {
+        ssize_t r = read(g->cfg.uplink_fd, d, RX_FRAME);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) return;
+        size_t len = (size_t)r;
+        g->st.uplink_frames++;
+        g->st.uplink_bytes += len;
+        int k = ns_ctx_reply_lookup(g->ctx, d, len, now);
+        int pass = k == 1 || k == 3;
+        if (k == 2) { /* flow still waiting for its hello: handshake only */
+            ns_frame fr;
+            pass = ns_parse_frame(d, len, &fr) == NS_PARSE_OK && fr.payload_len == 0;
+        }
+        if (pass) {
+            to_guest(g, d, len, now);
+        } else {
+            g->st.not_reply++;
+            if (g->cfg.log_denied || g->cfg.capture)
+                push_event(g, NS_EV_NOT_REPLY, NS_DENY, NS_DIR_INGRESS, -1, now, d, len);
+        }
+    }
+}
+
+/* ------------------------------------------------------------ injection */
+
+static void drain_inject(ns_gw *g, double now) {
+    ev_slot tmp;
+    for (;;) {
+        pthread_mutex_lock(&g->inject_mu);
+        if (g->inj_tail == g->inj_head) {
+            pthread_mutex_unlock(&g->inject_mu);
+            return;
+        }
+        ev_slot *s = &g->inject[g->inj_tail % INJECT_SLOTS];
+        tmp.ev = s->ev;
+        memcpy(tmp.data, s->data, s->ev.len);
+        g->inj_tail++;
+        pthread_mutex_unlock(&g->inject_mu);
+        to_guest(g, tmp.data, tmp.ev.len, now);
+        g->st.injected++;
+    }
+}
+
+int ns_gw_inject(ns_gw *g, const uint8_t *frame, size_t len) {
+    if (len < 14 || len > NS_GW_EVENT_DATA) return -1;
+    pthread_mutex_lock(&g->inject_mu);
+    if (g->inj_head - g->inj_tail >= INJECT_SLOTS) {
+        pthread_mutex_unlock(&g->inject_mu);
+        return -2;
+    }
+    ev_slot *s = &g->inject[g->inj_head % INJECT_SLOTS];
+    s->ev.len = (uint32_t)len;
+    memcpy(s->data, frame, len);
+    g->inj_head++;
+    pthread_mutex_unlock(&g->inject_mu);
+    efd_signal(g->inject_efd);
+    return 0;
+}
+
+int ns_gw_inject_udp(ns_gw *g, const uint8_t *src16, uint16_t sport, const uint8_t *dst16,
+                     uint16_t dport, const uint8_t *payload, size_t len) {
+    uint8_t frame[NS_GW_EVENT_DATA];
+    size_t n = ns_gw_build_udp(g->cfg.guest_mac, g->cfg.gateway_mac, src16, sport, dst16, dport,
+                               payload, len, frame, sizeof(frame));
+    if (!n) return -1;
+    return ns_gw_inject(g, frame, n);
+}
+
+/* ------------------------------------------------------------ timer */
+
+static void timer(ns_gw *g, double now) {
+    if (g->npending) {
+        for (uint32_t i = 0; i < MAX_PENDING; i++) {
+            pending *p = &g->pend[i];
+            if (!p->used || now - p->created <= g->cfg.hello_timeout) continue;
+            /* re-classify: the classifier decides a flow past its hello timeout */
+            const uint8_t *f = p->head ? p->head->data : p->first;
+            uint32_t fl = p->head ? p->head->len : p->first_len;
+            uint8_t v;
+            int32_t rule;
+            ns_classify_batch(g->ctx, &f, &fl, 1, NS_DIR_EGRESS, now, &v, &rule);
+            ns_frame fr;
+            if (v == NS_NEED_MORE || ns_parse_frame(f, fl, &fr) != NS_PARSE_OK) {
+                if (now - p->created > 4 * g->cfg.hello_timeout + 5) pend_free(g, p);
+                continue;
+            }
+            uint8_t copy[REJECT_CAP];
+            size_t cl = fl < sizeof(copy) ? fl : 0;
+            if (cl) memcpy(copy, f, cl);
+            int had_data = p->head != NULL;
+            pend_resolve(g, p, v == NS_TO_PROXY ? NS_DENY_RST : v, f, &fr, now);
+            if (v != NS_ALLOW && cl) {
+                uint8_t out[REJECT_CAP];
+                size_t n = ns_gw_build_reject(copy, cl, out, sizeof(out));
+                if (n) {
+                    g->st.rst_sent++;
+                    to_guest(g, out, n, now);
+                }
+            }
+            (void)had_data;
+        }
+    }
+    if (now - g->last_expire > 5.0) {
+        ns_ctx_expire(g->ctx, now);
+        g->last_expire = now;
+    }
+}
+
+/* ------------------------------------------------------------ the loop */
+
+static void *gw_main(void *arg) {
+    ns_gw *g = (ns_gw *)arg;
+    struct pollfd pfd[4];
+    while (!__atomic_load_n(&g->stop_requested, __ATOMIC_ACQUIRE)) {
+        int guest_events = 0;
+        if (g->guest_alive) guest_events |= POLLIN;
+        if (g->out_len > g->out_off) guest_events |= POLLOUT;
+        pfd[0].fd = g->stop_efd;
+        pfd[0].events = POLLIN;
+        pfd[1].fd = g->inject_efd;
+        pfd[1].events = POLLIN;
+        pfd[2].fd = guest_events ? g->cfg.guest_fd : -1;
+        pfd[2].events = (short)guest_events;
+        pfd[3].fd = g->cfg.uplink_fd;
+        pfd[3].events = POLLIN;
+        for (int i = 0; i < 4; i++) pfd[i].revents = 0;
+        int timeout = g->npending ? 100 : 1000;
+        int r = poll(pfd, 4, timeout);
+        if (r < 0 && errno != EINTR) break;
+        double now = mono();
+        g->st.loops++;
+        if (pfd[0].revents) break;
+        if (pfd[1].revents & POLLIN) {
+            efd_drain(g->inject_efd);
+            drain_inject(g, now);
+        }
+        if (pfd[2].revents & POLLIN) {
+            if (g->cfg.guest_mode == NS_GW_STREAM) read_guest_stream(g, now);
+            else if (g->cfg.guest_mode == NS_GW_DGRAM) read_guest_dgram(g, now);
+            else read_guest_tap(g, now);
+        } else if (pfd[2].revents & (POLLHUP | POLLERR | POLLNVAL)) {
+            if (!(pfd[2].revents & POLLOUT) || (pfd[2].revents & (POLLERR | POLLNVAL))) {
+                g->guest_alive = 0;
+                push_event(g, NS_EV_GUEST_CLOSED, 0, NS_DIR_EGRESS, -1, now, NULL, 0);
+            }
+        }
+        if (pfd[3].revents & POLLIN) read_uplink(g, now);
+        if (g->cfg.guest_mode == NS_GW_STREAM && g->out_len > g->out_off) flush_guest(g);
+        if (now - g->last_timer > 0.05) {
+            timer(g, now);
+            g->last_timer = now;
+        }
+        if (g->events_pushed) {
+            g->events_pushed = 0;
+            efd_signal(g->event_efd);
+        }
+    }
+    return NULL;
+}
+
+/* ------------------------------------------------------------ lifecycle */
+
+ns_gw *ns_gw_new(ns_ctx *ctx, const ns_gw_config *cfg) {
+    if (!ctx || !cfg || cfg->guest_fd < 0 || cfg->uplink_fd < 0 || cfg->guest_mode < 0 ||
+        cfg->guest_mode > NS_GW_TAP)
+        return NULL;
+    ns_gw *g = (ns_gw *)calloc(1, sizeof(*g));
+    if (!g) return NULL;
+    g->ctx = ctx;
+    g->cfg = *cfg;
+    if (g->cfg.hold_frames == 0) g->cfg.hold_frames = 1024;
+    if (!(g->cfg.hello_timeout > 0)) g->cfg.hello_timeout = 5.0;
+    uint32_t slots = 16;
+    uint32_t want = cfg->event_slots ? cfg->event_slots : 1024;
+    if (want > (1u << 16)) want = 1u << 16;
+    while (slots < want) slots <<= 1;
+    g->ring_mask = slots - 1;
+    g->stop_efd = g->inject_efd = g->event_efd = -1;
+    g->ring = (ev_slot *)calloc(slots, sizeof(ev_slot));
+    g->inject = (ev_slot *)calloc(INJECT_SLOTS, sizeof(ev_slot));
+    g->rx = (uint8_t *)malloc((size_t)BATCH * RX_FRAME);
+    if (cfg->guest_mode == NS_GW_STREAM) {
+        g->in = (uint8_t *)malloc(STREAM_IN_CAP);
+        g->out = (uint8_t *)malloc(STREAM_OUT_CAP);
+    }
+    g->stop_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    g->inject_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    g->event_efd = eventfd(0, EFD_CLOEXEC);
+    if (!g->ring || !g->inject || !g->rx || (cfg->guest_mode == NS_GW_STREAM && (!g->in || !g->out)) ||
+        g->stop_efd < 0 || g->inject_efd < 0 || g->event_efd < 0 ||
+        pthread_mutex_init(&g->inject_mu, NULL) != 0) {
+        if (g->stop_efd >= 0) close(g->stop_efd);
+        if (g->inject_efd >= 0) close(g->inject_efd);
+        if (g->event_efd >= 0) close(g->event_efd);
+        free(g->ring);
+        free(g->inject);
+        free(g->rx);
+        free(g->in);
+        free(g->out);
+        free(g);
+        return NULL;
+    }
+    g->guest_alive = 1;
+    return g;
+}
+
+int ns_gw_start(ns_gw *g) {
+    if (g->started) return -1;
+    set_nonblock(g->cfg.guest_fd);
+    set_nonblock(g->cfg.uplink_fd);
+    g->last_timer = g->last_expire = mono();
+    if (pthread_create(&g->thread, NULL, gw_main, g) != 0) return -1;
+    g->started = 1;
+    return 0;
+}
+
+void ns_gw_stop(ns_gw *g) {
+    if (!g) return;
+    __atomic_store_n(&g->stop_requested, 1, __ATOMIC_RELEASE);
+    efd_signal(g->stop_efd);
+    if (g->started == 1) {
+        pthread_join(g->thread, NULL);
+        g->started = 2;
+    }
+    efd_signal(g->event_efd); /* wake the owner's reader */
+}
+
+void ns_gw_free(ns_gw *g) {
+    if (!g) return;
+    ns_gw_stop(g);
+    for (uint32_t i = 0; i < MAX_PENDING; i++)
+        if (g->pend[i].used) pend_free(g, &g->pend[i]);
+    close(g->stop_efd);
+    close(g->inject_efd);
+    close(g->event_efd);
+    pthread_mutex_destroy(&g->inject_mu);
+    free(g->ring);
+    free(g->inject);
+    free(g->rx);
+    free(g->in);
+    free(g->out);
+    free(g);
+}
+
+int ns_gw_event_fd(const ns_gw *g) { return g->event_efd; }
+
+void ns_gw_stats_get(ns_gw *g, ns_gw_stats *out) { memcpy(out, &g->st, sizeof(*out)); }
+
+uint32_t ns_gw_pending(ns_gw *g) { return __atomic_load_n(&g->npending, __ATOMIC_RELAXED); }

@@ -1,0 +1,406 @@
+"""``Gateway``: the running, policy-enforcing network of one sandbox.
+
+It owns the compiled policy (:class:`~netstack.Classifier`), the DNS pin cache, the
+DNS forwarder (in its own thread), and the C gateway loop (``netstack/csrc/gateway.c``),
+which runs in its own pthread without the GIL:
+
+* guest frames arrive on ``guest_socket`` / ``guest_fd`` with ``transport``
+  ``"stream"`` (u32 big-endian length + frame: QEMU ``-netdev stream``, libkrun
+  unixstream), ``"dgram"`` (one frame per datagram, an optional leading ``VFKT``
+  handshake is consumed) or ``"tap"`` (a TAP fd);
+* allowed frames go to the uplink TAP (:class:`~netstack.TapUplink`), replies of
+  allowed flows come back; anything else arriving on the uplink is dropped (no ingress
+  yet: ``published_ports`` is not implemented and is rejected);
+* denied TCP is answered with a RST, denied UDP with ICMP port unreachable, so guest
+  programs fail fast; flows whose decision needs the TLS SNI have their data held
+  (bounded) until the ClientHello is complete, then released or reset (both ways);
+* UDP DNS queries (port 53, any address) are answered by the forwarder
+  (``policy.evaluate_dns`` per query, NXDOMAIN on deny, rebind protection); its
+  answers feed the pin cache the classifier uses for domain rules. DNS over TCP is
+  answered with a RST (not served yet);
+* :meth:`Gateway.stats` / :meth:`Gateway.rule_counters` report counters; ``pcap``
+  records every frame that crossed with its verdict (pcapng keeps the verdict).
+
+Python only handles slow-path events, read from a bounded ring in its own thread;
+the C loop never waits for Python (a full ring drops events and counts them).
+
+>>> from netstack import Gateway, NetworkPolicy, TapUplink, AddressPlan
+>>> import socket
+>>> vmm, mine = socket.socketpair()                                   # doctest: +SKIP
+>>> with TapUplink("doc-gw", AddressPlan(7)) as up, \\
+...         Gateway(NetworkPolicy.public_only(), uplink=up, guest_socket=mine,
+...                 dns_upstreams=["192.0.2.53"]) as gw:               # doctest: +SKIP
+...     gw.guest_config()["ipv4"]["address"]
+'172.16.0.30'
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from netstack._fastpath import ffi, lib
+from netstack._ipbytes import ip16
+from netstack.classifier import Classifier, RuleCounter
+from netstack.errors import GatewayError, MalformedFrame
+from netstack.frameinfo import parse_frame
+from netstack.gateway.addressing import AddressPlan
+from netstack.gateway.dns_forwarder import DnsForwarder, ForwarderThread, pin_cache_callback
+from netstack.gateway.pcap import PcapWriter
+from netstack.gateway.uplink_tap import TapUplink
+from netstack.pincache import PinCache
+from netstack.policy import NetworkPolicy
+from netstack.verdict import Verdict
+
+log = logging.getLogger("netstack.gateway")
+
+Transport = Literal["stream", "dgram", "tap"]
+_MODES = {"stream": 0, "dgram": 1, "tap": 2}
+_EV_DNS, _EV_DENIED, _EV_CAPTURE, _EV_GUEST_CLOSED, _EV_NOT_REPLY = 1, 2, 3, 4, 5
+_STAT_FIELDS = ("guest_frames", "guest_bytes", "uplink_frames", "uplink_bytes", "to_uplink",
+                "to_guest", "not_reply", "rst_sent", "icmp_sent", "dns_queries",
+                "events_dropped", "injected", "held", "released", "hold_dropped",
+                "guest_overflow", "write_errors", "loops")
+
+
+def _mac(text: str) -> bytes:
+    return bytes(int(x, 16) for x in text.split(":"))
+
+
+@dataclass
+class _Resources:
+    """Everything that must be released, reachable without the Gateway (finalizer)."""
+
+    gw: Any = None
+    thread: threading.Thread | None = None
+    dns: ForwarderThread | None = None
+    pcap: PcapWriter | None = None
+    own_pcap: bool = False
+    classifier: Classifier | None = None
+    guest: socket.socket | None = None
+    uplink: TapUplink | None = None
+    own_uplink: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    closed: bool = False
+    pid: int = field(default_factory=os.getpid)
+
+    def close(self) -> None:
+        with self.lock:
+            if self.closed or os.getpid() != self.pid:
+                return
+            self.closed = True
+            gw = self.gw
+        if gw is not None:
+            lib.ns_gw_stop(gw)          # joins the C thread, wakes the event reader
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join(10)
+        with self.lock:
+            self.gw = None
+        if gw is not None:
+            lib.ns_gw_free(gw)
+        if self.dns is not None:
+            try:
+                self.dns.close()
+            except Exception as e:  # pragma: no cover - best effort at exit
+                log.warning("closing the DNS forwarder failed: %s", e)
+        if self.pcap is not None and self.own_pcap:
+            self.pcap.close()
+        if self.classifier is not None:
+            self.classifier.close()
+        if self.guest is not None:
+            self.guest.close()
+        if self.uplink is not None and self.own_uplink:
+            self.uplink.close()
+
+
+class Gateway:
+    """The policy-enforcing gateway of one sandbox (see the module docstring).
+
+    ``uplink``: a :class:`~netstack.TapUplink` (closed with the gateway only if
+    ``own_uplink``). Exactly one of ``guest_socket`` (a socket object; the gateway
+    takes it over and closes it) or ``guest_fd`` (an fd the caller keeps owning) is the
+    VMM side, framed as ``transport``. ``dns_upstreams``: resolvers for the forwarder
+    (default: the host's resolv.conf). ``pcap``: a path or a :class:`PcapWriter`.
+    ``rebind_protection``: see :class:`DnsForwarder` (turning it off is for tests
+    whose "public" upstreams live in TEST-NET ranges, which count as reserved).
+
+    >>> Gateway(NetworkPolicy.none(), uplink=None, guest_fd=0)   # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    netstack.errors.GatewayError: uplink must be a TapUplink, got NoneType
+    """
+
+    def __init__(self, policy: NetworkPolicy, *, uplink: TapUplink | None,
+                 guest_socket: socket.socket | None = None, guest_fd: int | None = None,
+                 transport: Transport = "stream",
+                 dns_upstreams: Sequence[str | tuple[str, int]] | None = None,
+                 dns_timeout: float = 3.0, rebind_protection: bool = True,
+                 pcap: str | os.PathLike[str] | PcapWriter | None = None,
+                 published_ports: Iterable[object] = (), own_uplink: bool = False,
+                 max_flows: int = 16384, hello_timeout: float = 5.0,
+                 event_slots: int = 4096, log_denied: bool = True) -> None:
+        if not isinstance(policy, NetworkPolicy):
+            raise GatewayError(f"policy must be a NetworkPolicy, got {type(policy).__name__}")
+        if not isinstance(uplink, TapUplink):
+            raise GatewayError(f"uplink must be a TapUplink, got {type(uplink).__name__}")
+        if transport not in _MODES:
+            raise GatewayError(f"transport must be 'stream', 'dgram' or 'tap', got {transport!r}")
+        if (guest_socket is None) == (guest_fd is None):
+            raise GatewayError("give exactly one of guest_socket or guest_fd")
+        if guest_socket is not None and not isinstance(guest_socket, socket.socket):
+            raise GatewayError(f"guest_socket must be a socket, got {type(guest_socket).__name__}")
+        if guest_fd is not None and (isinstance(guest_fd, bool) or not isinstance(guest_fd, int)
+                                     or guest_fd < 0):
+            raise GatewayError(f"guest_fd must be an open file descriptor, got {guest_fd!r}")
+        ports = list(published_ports)
+        if ports:
+            raise GatewayError(f"published_ports are not implemented by this gateway yet "
+                               f"(got {ports!r}); ingress is dropped")
+        if isinstance(event_slots, bool) or not isinstance(event_slots, int) \
+                or not 16 <= event_slots <= 65536:
+            raise GatewayError(f"event_slots must be an int in 16..65536, got {event_slots!r}")
+        self.policy = policy
+        self.uplink = uplink
+        self.plan: AddressPlan = uplink.plan
+        self.transport: Transport = transport
+        self._res = _Resources(uplink=uplink, own_uplink=own_uplink, guest=guest_socket)
+        self._finalizer = weakref.finalize(self, self._res.close)
+        self._denied_seen: OrderedDict[tuple[object, ...], None] = OrderedDict()
+        self.guest_closed = False
+        try:
+            self._start(policy, guest_socket, guest_fd, dns_upstreams, dns_timeout,
+                        rebind_protection, pcap, max_flows, hello_timeout, event_slots,
+                        log_denied)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, policy: NetworkPolicy, guest_socket: socket.socket | None,
+               guest_fd: int | None, dns_upstreams: Sequence[str | tuple[str, int]] | None,
+               dns_timeout: float, rebind_protection: bool,
+               pcap: str | os.PathLike[str] | PcapWriter | None, max_flows: int,
+               hello_timeout: float, event_slots: int, log_denied: bool) -> None:
+        res, plan = self._res, self.plan
+        self.pins = PinCache()
+        self.classifier = res.classifier = Classifier(
+            policy, gateway=plan.gateway_addresses, pins=self.pins, max_flows=max_flows,
+            hello_timeout=hello_timeout, intercept_ports=())
+        self.forwarder = DnsForwarder.for_plan(
+            policy, plan, upstreams=dns_upstreams, timeout=dns_timeout,
+            rebind_protection=rebind_protection, on_answer=pin_cache_callback(self.pins))
+        res.dns = ForwarderThread(self.forwarder)
+        if pcap is None or isinstance(pcap, PcapWriter):
+            res.pcap = pcap
+        else:
+            res.pcap = PcapWriter(Path(pcap), format="pcapng")
+            res.own_pcap = True
+        cfg = ffi.new("ns_gw_config *")
+        cfg.guest_fd = guest_socket.fileno() if guest_socket is not None else int(guest_fd or 0)
+        cfg.guest_mode = _MODES[self.transport]
+        cfg.uplink_fd = self.uplink.tap_fd
+        ffi.memmove(cfg.guest_mac, _mac(plan.guest_mac), 6)
+        ffi.memmove(cfg.gateway_mac, _mac(plan.gateway_mac), 6)
+        cfg.event_slots = event_slots
+        cfg.hold_frames = 1024
+        cfg.hello_timeout = float(hello_timeout)
+        cfg.capture = 1 if res.pcap is not None else 0
+        cfg.log_denied = 1 if log_denied else 0
+        gw = lib.ns_gw_new(self.classifier.handle, cfg)
+        if gw == ffi.NULL:
+            raise GatewayError("could not create the gateway loop (out of memory or file "
+                               "descriptors)")
+        res.gw = gw
+        self._event_fd = int(lib.ns_gw_event_fd(gw))
+        res.thread = threading.Thread(target=self._events, name="netstack-gateway-events",
+                                      daemon=True)
+        res.thread.start()
+        if lib.ns_gw_start(gw) != 0:
+            raise GatewayError("could not start the gateway thread")
+        log.info("gateway for %s up: guest %s (%s), uplink %s", plan.guest_ipv4,
+                 cfg.guest_fd, self.transport, self.uplink.names["tap"])
+
+    # -- slow path ---------------------------------------------------------------------
+    def _events(self) -> None:
+        ev = ffi.new("ns_gw_event *")
+        data = ffi.new("uint8_t[]", 2048)
+        res = self._res
+        while True:
+            try:
+                os.read(self._event_fd, 8)
+            except OSError:
+                return
+            while True:
+                with res.lock:
+                    gw = res.gw
+                    if gw is None or res.closed:
+                        return
+                    got = lib.ns_gw_next_event(gw, ev, data, 2048)
+                if not got:
+                    break
+                try:
+                    self._event(int(ev.kind), int(ev.verdict), int(ev.rule), float(ev.ts),
+                                bytes(ffi.buffer(data, ev.len)), int(ev.direction))
+                except Exception:  # never let one bad event stop the slow path
+                    log.exception("gateway event handler failed")
+
+    def _event(self, kind: int, verdict: int, rule: int, ts: float, frame: bytes,
+               direction: int) -> None:
+        if kind == _EV_DNS:
+            self._dns_query(frame)
+        elif kind == _EV_CAPTURE:
+            pcap = self._res.pcap
+            if pcap is not None:
+                pcap.write(frame, verdict=Verdict(verdict).label,
+                           direction="in" if direction == 1 else "out")
+        elif kind == _EV_DENIED:
+            self._log_denied(frame, verdict, rule)
+        elif kind == _EV_NOT_REPLY:
+            pcap = self._res.pcap
+            if pcap is not None:
+                pcap.write(frame, verdict="deny (not a reply)", direction="out")
+        elif kind == _EV_GUEST_CLOSED:
+            self.guest_closed = True
+            log.info("gateway: the guest side hung up%s",
+                     " (invalid stream framing)" if verdict == 7 else "")
+
+    def _log_denied(self, frame: bytes, verdict: int, rule: int) -> None:
+        try:
+            info = parse_frame(frame)
+        except MalformedFrame:
+            log.info("gateway: dropped a malformed frame from the guest (%d bytes)", len(frame))
+            return
+        key = (info.protocol, info.src, info.dst, info.sport, info.dport)
+        if key in self._denied_seen:
+            return
+        self._denied_seen[key] = None
+        if len(self._denied_seen) > 4096:
+            self._denied_seen.popitem(last=False)
+        why = f"rule {rule}" if rule >= 0 else "default policy"
+        log.info("gateway: denied %s %s:%s -> %s:%s (%s; %s)", info.protocol, info.src,
+                 info.sport, info.dst, info.dport, Verdict(verdict).label, why)
+
+    def _dns_query(self, frame: bytes) -> None:
+        try:
+            info = parse_frame(frame)
+        except MalformedFrame:
+            return
+        if info.src is None or info.dst is None or info.sport is None or info.dport is None:
+            return
+        wire = frame[info.payload_offset:info.payload_offset + info.payload_length]
+        dns = self._res.dns
+        if dns is None:
+            return
+        src, dst, sport, dport = info.src, info.dst, info.sport, info.dport
+        fut = dns.submit(wire, "udp", (str(dst), dport))
+
+        def done(f: Any) -> None:
+            try:
+                answer = f.result()
+            except Exception as e:
+                log.warning("gateway: DNS query from %s failed: %s", src, e)
+                return
+            if answer:
+                self._inject_udp(dst, dport, src, sport, answer)
+
+        fut.add_done_callback(done)
+
+    def _inject_udp(self, src: ipaddress.IPv4Address | ipaddress.IPv6Address, sport: int,
+                    dst: ipaddress.IPv4Address | ipaddress.IPv6Address, dport: int,
+                    payload: bytes) -> None:
+        with self._res.lock:
+            gw = self._res.gw
+            if gw is None:
+                return
+            rc = lib.ns_gw_inject_udp(gw, ip16(src), sport, ip16(dst), dport, payload,
+                                      len(payload))
+        if rc != 0:
+            log.warning("gateway: could not inject a %d-byte DNS answer (rc %d)", len(payload),
+                        rc)
+
+    # -- public API --------------------------------------------------------------------
+    def inject(self, frame: bytes) -> None:
+        """Queue one Ethernet frame for the guest (at most 2048 bytes).
+
+        >>> gw.inject(frame)                                     # doctest: +SKIP
+        """
+        if not isinstance(frame, bytes | bytearray) or not 14 <= len(frame) <= 2048:
+            raise GatewayError(f"inject needs an Ethernet frame of 14..2048 bytes, got "
+                               f"{type(frame).__name__} of {len(frame)} bytes"
+                               if isinstance(frame, bytes | bytearray) else
+                               f"inject needs bytes, got {type(frame).__name__}")
+        with self._res.lock:
+            if self._res.gw is None:
+                raise GatewayError("this Gateway is closed")
+            rc = lib.ns_gw_inject(self._res.gw, bytes(frame), len(frame))
+        if rc != 0:
+            raise GatewayError("the inject queue is full; retry later")
+
+    def guest_config(self) -> dict[str, Any]:
+        """What the guest needs to configure eth0, resolv.conf and the host alias.
+
+        >>> gw.guest_config()["ipv4"]["gateway"]                   # doctest: +SKIP
+        '172.16.0.29'
+        """
+        return self.plan.guest_config()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of the C loop, verdicts, the flow table, DNS, and per-rule hits.
+
+        >>> gw.stats()["verdicts"]["allow"]                        # doctest: +SKIP
+        12
+        """
+        out = ffi.new("ns_gw_stats *")
+        with self._res.lock:
+            if self._res.gw is None:
+                raise GatewayError("this Gateway is closed")
+            lib.ns_gw_stats_get(self._res.gw, out)
+            pending = int(lib.ns_gw_pending(self._res.gw))
+        stats: dict[str, Any] = {name: int(getattr(out, name)) for name in _STAT_FIELDS}
+        stats["verdicts"] = {Verdict(i).label: int(out.verdicts[i]) for i in range(8)}
+        stats["pending_flows"] = pending
+        cs = self.classifier.stats()
+        stats["flows"] = {"live": cs.live_flows, "created": cs.flows_created,
+                          "evicted": cs.flows_evicted, "expired": cs.flows_expired,
+                          "malformed": cs.malformed, "hello_denied": cs.hello_denied}
+        stats["dns"] = dict(self.forwarder.stats)
+        stats["rule_hits"] = [c.hits for c in self.rule_counters()]
+        return stats
+
+    def rule_counters(self) -> list[RuleCounter]:
+        """Per-rule counters (hits, packets, bytes), then the egress and ingress defaults.
+
+        >>> gw.rule_counters()[0].hits                             # doctest: +SKIP
+        1
+        """
+        return self.classifier.rule_counters()
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran.
+
+        >>> gw.close(); gw.closed                                  # doctest: +SKIP
+        True
+        """
+        return self._res.closed
+
+    def close(self) -> None:
+        """Stop the loop and release everything (idempotent; also runs at exit).
+
+        >>> gw.close(); gw.close()                                 # doctest: +SKIP
+        """
+        self._finalizer()
+
+    def __enter__(self) -> Gateway:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

