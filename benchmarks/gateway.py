@@ -5,11 +5,13 @@ Topology (tests/netstack_gateway/topology.py): guest netns -> fake VMM (u32-BE s
 The *direct* path is a veth pair between the same two namespaces (10.214.0.1 ->
 10.214.0.2): the kernel's own forwarding, our physical limit.
 
-The gateway measured today is the trivial allow-all **Python** relay
-(``StreamTapPump``); the C gateway loop (issue 4) will replace it here, with the same
-harness and keys. Figures: iperf3 TCP throughput (Mbit/s), iperf3 UDP small-packet
-(64-byte payload) receive rate, and TCP new-connection rate; ``*_ratio`` = gateway /
-direct (> 1 would mean the gateway path is faster than the kernel's).
+The gateway measured is the real one: :class:`netstack.Gateway` (the C gateway loop in
+its own thread, classifying every frame with the compiled default policy
+``public_only``; TEST-NET counts as public) on the fake VMM's stream socket. Figures:
+iperf3 TCP throughput (Mbit/s), iperf3 UDP small-packet (64-byte payload) receive rate,
+TCP new-connection rate, and the flow table's memory per flow (resident bytes of a
+pre-faulted table divided by its capacity); ``*_ratio`` = gateway / direct (> 1 would
+mean the gateway path is faster than the kernel's).
 
     python -m benchmarks.gateway [--quick]      # needs root, iperf3
 """
@@ -30,12 +32,12 @@ from typing import Any
 import pytest
 from pyroute2 import IPRoute, NetNS
 
-from netstack import AddressPlan, TapUplink, cleanup_stale
-from tests.netstack_gateway.topology import UPSTREAM_IP, StreamTapPump, Topology
+from netstack import AddressPlan, Classifier, Gateway, NetworkPolicy, TapUplink, cleanup_stale
+from tests.netstack_gateway.topology import UPSTREAM_IP, Topology
 
 DIRECT_GUEST, DIRECT_UPSTREAM = "10.214.0.1", "10.214.0.2"
-#: offered UDP load (64-byte payloads): ~98k datagrams/s; unlimited (-b 0) floods the
-#: Python relay so badly that iperf3's own control connection times out
+#: offered UDP load (64-byte payloads): ~98k datagrams/s (the same offered load on both
+#: paths; unlimited -b 0 measures iperf3's sender more than the path)
 UDP_RATE = "50M"
 
 _CONNECT_RATE = r"""
@@ -64,11 +66,11 @@ while True:
 
 
 class Bench:
-    """The topology, an uplink, the relay, a direct veth and an iperf3 server."""
+    """The topology, an uplink, the C gateway, a direct veth and an iperf3 server."""
 
-    def __init__(self, topo: Topology, uplink: TapUplink, relay: StreamTapPump,
+    def __init__(self, topo: Topology, uplink: TapUplink, gateway: Gateway,
                  servers: list[subprocess.Popen[bytes]]) -> None:
-        self.topo, self.uplink, self.relay, self.servers = topo, uplink, relay, servers
+        self.topo, self.uplink, self.gateway, self.servers = topo, uplink, gateway, servers
 
     def in_guest(self, argv: list[str], timeout: float = 120) -> str:
         r = self.topo.run_in_guest(argv, timeout=timeout)
@@ -101,13 +103,15 @@ def bench_rig() -> Iterator[Bench]:
     tmp = Path(tempfile.mkdtemp(prefix="gwbench-"))
     home = tmp / "home"
     plan = AddressPlan(3201)
-    uplink = topo = relay = None
+    uplink = topo = gateway = None
     servers: list[subprocess.Popen[bytes]] = []
     try:
         uplink = TapUplink("gw-bench", plan, home=home)
         topo = Topology(plan, tmp, token=f"b{os.getpid() % 0xFFFF:04x}")
         assert topo.vmm_socket is not None
-        relay = StreamTapPump(topo.vmm_socket, uplink.tap_fd, name="relay")
+        gateway = Gateway(NetworkPolicy.public_only(), uplink=uplink,
+                          guest_fd=topo.vmm_socket.fileno(), dns_upstreams=["198.51.100.53"],
+                          log_denied=False)
         with IPRoute() as ipr:
             ipr.link("add", ifname=f"mvd{topo.token}", kind="veth",
                      peer={"ifname": "dir1", "net_ns_fd": topo.upstream_ns})
@@ -132,15 +136,15 @@ def bench_rig() -> Iterator[Bench]:
                               ).stdout.count("LISTEN"):
                 break
             subprocess.run(["sleep", "0.1"], check=True)
-        yield Bench(topo, uplink, relay, servers)
+        yield Bench(topo, uplink, gateway, servers)
     finally:
         for proc in servers:
             proc.kill()
             proc.wait(10)
             if proc.stdout is not None:
                 proc.stdout.close()
-        if relay is not None:
-            relay.stop()
+        if gateway is not None:
+            gateway.close()
         if topo is not None:
             topo.close()  # deleting the namespaces deletes the direct veth too
         if uplink is not None:
@@ -158,9 +162,10 @@ def measure(quick: bool) -> dict[str, Any]:
         direct_pps = b.udp_small_pps(DIRECT_UPSTREAM, seconds)
         gw_conn = b.connect_rate(UPSTREAM_IP, seconds / 2)
         direct_conn = b.connect_rate(DIRECT_UPSTREAM, seconds / 2)
-        relay_frames = dict(b.relay.frames)
+        stats = b.gateway.stats()
+    per_flow = flow_table_bytes_per_flow()
     return {
-        "gateway": "python-relay",
+        "gateway": "c-gateway (netstack.Gateway, policy public_only)",
         "seconds_per_run": seconds,
         "gateway_tcp_mbps": round(gw_tcp, 1),
         "direct_tcp_mbps": round(direct_tcp, 1),
@@ -171,8 +176,26 @@ def measure(quick: bool) -> dict[str, Any]:
         "gateway_connects_per_s": round(gw_conn, 1),
         "direct_connects_per_s": round(direct_conn, 1),
         "connect_rate_ratio": round(gw_conn / direct_conn, 4),
-        "relay_frames": relay_frames,
+        "flow_table_bytes_per_flow": per_flow,
+        "gateway_frames": {k: stats[k] for k in ("guest_frames", "uplink_frames", "to_uplink",
+                                                 "to_guest", "not_reply", "guest_overflow",
+                                                 "write_errors", "events_dropped")},
+        "gateway_flows_created": stats["flows"]["created"],
     }
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def flow_table_bytes_per_flow(max_flows: int = 1 << 18) -> int:
+    """Resident bytes a pre-faulted flow table of ``max_flows`` adds, per flow."""
+    before = _rss()
+    c = Classifier(NetworkPolicy.public_only(), max_flows=max_flows)
+    grown = _rss() - before
+    c.close()
+    return round(grown / max_flows)
 
 
 @pytest.fixture(scope="module")
