@@ -657,17 +657,67 @@ uint32_t ns_ctx_flow_count(const ns_ctx *c) { return c->count; }
 
 /* Is `buf` (a frame arriving from the uplink, towards the guest) a reply within
  * an egress flow?  Looks the reversed 5-tuple up among the egress flows:
- * returns 1 for a flow decided NS_ALLOW (refreshing its idle timer), 2 for a
+ * returns 1 for a flow decided NS_ALLOW (refreshing its idle timer) or an ICMP
+ * error quoting a packet of an allowed or pending flow, 2 for a
  * flow still waiting for its ClientHello (NS_NEED_MORE), 3 for ARP, 0 when
  * there is no such live flow (or it was denied, or the frame is a non-first
  * fragment), -1 for an unparseable frame.  Same threading rule as the batch
  * calls: only the thread driving the context may call it. */
+/* For an ICMP(v6) error (unreachable, time exceeded, parameter problem, packet
+ * too big) whose quoted packet was sent by the frame's destination: the egress
+ * flow key of the quoted packet.  Returns 1 and fills *k, else 0. */
+static int icmp_error_key(const uint8_t *buf, size_t len, const ns_frame *fr, flow_key *k) {
+    size_t o = fr->payload_off;
+    if (o + 8 > len) return 0;
+    uint8_t type = buf[o];
+    const uint8_t *in = buf + o + 8;
+    size_t avail = len - o - 8;
+    size_t l4;
+    uint8_t proto;
+    memset(k, 0, sizeof(*k));
+    if (fr->pbit == NS_P_ICMP4) {
+        if (type != 3 && type != 11 && type != 12) return 0;
+        if (avail < 20 || (in[0] >> 4) != 4) return 0;
+        l4 = (size_t)(in[0] & 0x0f) * 4;
+        if (l4 < 20) return 0;
+        proto = in[9];
+        static const uint8_t pre[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+        memcpy(k->src, pre, 12);
+        memcpy(k->src + 12, in + 12, 4);
+        memcpy(k->dst, pre, 12);
+        memcpy(k->dst + 12, in + 16, 4);
+    } else if (fr->pbit == NS_P_ICMP6) {
+        if (type < 1 || type > 4) return 0;
+        if (avail < 40 || (in[0] >> 4) != 6) return 0;
+        l4 = 40;
+        proto = in[6];
+        memcpy(k->src, in + 8, 16);
+        memcpy(k->dst, in + 24, 16);
+    } else {
+        return 0;
+    }
+    if (memcmp(k->src, fr->dst, 16) != 0) return 0; /* not about a packet the guest sent */
+    k->proto = proto;
+    k->dir = NS_DIR_EGRESS;
+    if (proto == 6 || proto == 17) {
+        if (avail < l4 + 4) return 0;
+        k->sport = ns_rd16(in + l4);
+        k->dport = ns_rd16(in + l4 + 2);
+    }
+    return 1;
+}
+
 int ns_ctx_reply_lookup(ns_ctx *c, const uint8_t *buf, size_t len, double now) {
     ns_frame fr;
     if (ns_parse_frame(buf, len, &fr) != NS_PARSE_OK) return -1;
     if (fr.l3 == NS_L3_ARP) return 3;
     if ((fr.l3 != NS_L3_IPV4 && fr.l3 != NS_L3_IPV6) || fr.frag == 2 || fr.pbit == 0) return 0;
     flow_key k;
+    if (icmp_error_key(buf, len, &fr, &k)) { /* an ICMP error about a guest flow (PMTU ...) */
+        flow *f = tab_find(c, &k, key_hash(&k));
+        if (!f || expired(c, f, now)) return 0;
+        return (f->state == ST_PENDING || f->verdict == NS_ALLOW) ? 1 : 0;
+    }
     memcpy(k.src, fr.dst, 16);
     memcpy(k.dst, fr.src, 16);
     k.proto = fr.ipproto;

@@ -876,6 +876,7 @@ int ns_gw_start(ns_gw *g) {
     set_nonblock(g->cfg.uplink_fd);
     g->last_timer = g->last_expire = mono();
     if (pthread_create(&g->thread, NULL, gw_main, g) != 0) return -1;
+    pthread_setname_np(g->thread, "ns-gateway");
     g->started = 1;
     return 0;
 }

@@ -144,6 +144,15 @@ def test_default_policy_public_allowed_private_and_metadata_fail_fast(rig: Rig) 
         assert hits[-2].hits >= 4  # the egress default (deny)
 
 
+def test_icmp_errors_of_allowed_flows_reach_the_guest(rig: Rig) -> None:
+    # nothing listens on UDP 9 upstream: its kernel's port unreachable comes back through
+    # the uplink and is matched to the guest's allowed flow by the quoted packet
+    with rig.gateway(NetworkPolicy.public_only()) as gw:
+        r = rig.run(["python3", "-c", _UDP_PROBE, UPSTREAM_IP, "9"])
+        assert r.stdout.strip() == "refused", r.stdout + r.stderr
+        assert gw.stats()["icmp_sent"] == 0  # not ours: the upstream's
+
+
 def test_icmp_echo_to_allowed_destination_only(rig: Rig) -> None:
     with rig.gateway(NetworkPolicy.public_only()):
         r = rig.run(["ping", "-c", "1", "-W", "3", UPSTREAM_IP])
