@@ -165,6 +165,26 @@ typedef struct ns_rule_counter {
 #define NS_MAX_INTERCEPT_PORTS 16
 #define NS_MAX_NAMES 64
 
+/* The transport filter of one rule, packed (16 bytes) for the lookup loops:
+ * up to two port ranges inline, more in the policy's range array. */
+typedef struct ns_tfilter {
+    uint8_t dirmask, protomask, nports, action;
+    uint16_t lo0, hi0, lo1, hi1;
+    uint32_t port_off;
+} ns_tfilter;
+
+/* One IPv4 cidr rule of prefix length >= 16 in its /16 bucket (32 bytes, two
+ * per cache line): the address test and the transport filter inline, so a
+ * bucket scan reads one contiguous run of memory. */
+typedef struct cidr_ent4 {
+    uint32_t net, mask;   /* host order; match iff (addr & mask) == net */
+    uint32_t rule, pad;
+    ns_tfilter tf;
+} cidr_ent4;
+
+/* Buckets holding more entries than this are looked up by hash probes. */
+#define NS_CIDR_BUCKET_MAX 48
+
 /* CIDR index: one hash table keyed by (prefix length, masked address), plus
  * the distinct prefix lengths per family (longest first). */
 typedef struct cidr_slot {
@@ -184,6 +204,14 @@ typedef struct cidr_index {
      * starts with the 16 bits i (per family); lets most lookups skip every
      * probe of length >= 16 */
     uint64_t top16[2][1024];
+    /* IPv4 rules of prefix length >= 16, bucketed by their first 16 bits and
+     * ascending by rule index within a bucket.  Bucket b (the rank of its bit
+     * in top16[0]: rank4[word] + popcount of the lower bits) is
+     * ent4[boff4[b] .. boff4[b + 1]).  A lookup scans its one bucket instead
+     * of probing the hash once per prefix length >= 16. */
+    uint32_t rank4[1024];
+    uint32_t *boff4;
+    cidr_ent4 *ent4;
 } cidr_index;
 
 /* Domain index: (kind, name) -> the rules naming it, ascending. */
@@ -199,14 +227,6 @@ typedef struct dom_index {
     uint32_t mask;
     uint32_t *list;
 } dom_index;
-
-/* The transport filter of one rule, packed (16 bytes) for the lookup loops:
- * up to two port ranges inline, more in the policy's range array. */
-typedef struct ns_tfilter {
-    uint8_t dirmask, protomask, nports, action;
-    uint16_t lo0, hi0, lo1, hi1;
-    uint32_t port_off;
-} ns_tfilter;
 
 typedef struct idx_list {
     uint32_t *v;

@@ -10,6 +10,12 @@
  *     probes once per distinct prefix length present in the policy (<= 33 for
  *     IPv4, <= 129 for IPv6), so its cost depends on how many different
  *     prefix lengths the policy uses, not on the number of rules;
+ *     IPv4 rules of length >= 16 are in addition bucketed by their first 16
+ *     bits (a bitmap of occupied /16s + rank): an IPv4 lookup whose bucket
+ *     holds at most NS_CIDR_BUCKET_MAX entries scans that one contiguous,
+ *     rule-ordered bucket (address test and transport filter inline) instead
+ *     of probing the hash once per length >= 16; larger buckets keep the
+ *     probes, so the worst case is unchanged;
  *   - group rules are bucketed by group (the remote belongs to one group);
  *   - domain and suffix rules are indexed by (kind, name) in a hash table: a
  *     flow probes its SNI (or each pinned name) exactly, and every
@@ -48,6 +54,15 @@ static void mask_words(int family, unsigned len, uint64_t *hi, uint64_t *lo) {
     } else {
         *lo &= len == 128 ? ~0ull : ~0ull << (128 - len);
     }
+}
+
+/* Population count without relying on -mpopcnt (the builtin becomes a
+ * library call on baseline x86-64). */
+static inline uint32_t pop64(uint64_t x) {
+    x = x - ((x >> 1) & 0x5555555555555555ull);
+    x = (x & 0x3333333333333333ull) + ((x >> 2) & 0x3333333333333333ull);
+    x = (x + (x >> 4)) & 0x0f0f0f0f0f0f0f0full;
+    return (uint32_t)((x * 0x0101010101010101ull) >> 56);
 }
 
 static inline uint32_t cidr_hash(uint64_t hi, uint64_t lo, unsigned len, int family) {
@@ -129,6 +144,52 @@ static int cidr_build(cidr_index *ix, const ns_rule_spec *rules, uint32_t nrules
         if (seen4[l]) ix->lens4[ix->nlens4++] = (uint8_t)l;
     for (int l = 128; l >= 0; l--)
         if (seen6[l]) ix->lens6[ix->nlens6++] = (uint8_t)l;
+    return 0;
+}
+
+/* Bucket the IPv4 rules of prefix length >= 16 by their first 16 bits (the
+ * bits set in top16[0]); within a bucket entries keep ascending rule order. */
+static int cidr_build_buckets4(cidr_index *ix, const ns_rule_spec *rules, const ns_tfilter *tf,
+                               uint32_t nrules) {
+    uint32_t nb = 0;
+    for (uint32_t w = 0; w < 1024; w++) {
+        ix->rank4[w] = nb;
+        nb += pop64(ix->top16[0][w]);
+    }
+    ix->boff4 = (uint32_t *)calloc((size_t)nb + 1, sizeof(uint32_t));
+    if (!ix->boff4) return -1;
+    uint32_t nent = 0;
+    for (uint32_t r = 0; r < nrules; r++) {
+        const ns_rule_spec *s = &rules[r];
+        if (s->kind != NS_D_CIDR || s->family != 4 || s->prefix < 16) continue;
+        uint32_t top = ((uint32_t)s->addr[0] << 8) | s->addr[1];
+        uint64_t word = ix->top16[0][top >> 6];
+        uint32_t b = ix->rank4[top >> 6] +
+                     pop64(word & ((1ull << (top & 63)) - 1));
+        ix->boff4[b + 1]++;
+        nent++;
+    }
+    for (uint32_t b = 0; b < nb; b++) ix->boff4[b + 1] += ix->boff4[b];
+    ix->ent4 = (cidr_ent4 *)calloc(nent ? nent : 1, sizeof(cidr_ent4));
+    uint32_t *fill = (uint32_t *)calloc(nb ? nb : 1, sizeof(uint32_t));
+    if (!ix->ent4 || !fill) {
+        free(fill);
+        return -1;
+    }
+    for (uint32_t r = 0; r < nrules; r++) {
+        const ns_rule_spec *s = &rules[r];
+        if (s->kind != NS_D_CIDR || s->family != 4 || s->prefix < 16) continue;
+        uint32_t top = ((uint32_t)s->addr[0] << 8) | s->addr[1];
+        uint64_t word = ix->top16[0][top >> 6];
+        uint32_t b = ix->rank4[top >> 6] +
+                     pop64(word & ((1ull << (top & 63)) - 1));
+        cidr_ent4 *e = &ix->ent4[ix->boff4[b] + fill[b]++];
+        e->mask = (uint32_t)(0xffffffffull << (32 - s->prefix));
+        e->net = ns_rd32(s->addr) & e->mask;
+        e->rule = r;
+        e->tf = tf[r];
+    }
+    free(fill);
     return 0;
 }
 
@@ -219,6 +280,8 @@ void ns_policy_free(ns_policy *p) {
     for (int g = 0; g < 8; g++) free(p->group[g].v);
     free(p->cidr.slots);
     free(p->cidr.list);
+    free(p->cidr.boff4);
+    free(p->cidr.ent4);
     free(p->counters);
     free(p->icpt_blob);
     free(p);
@@ -277,6 +340,7 @@ ns_policy *ns_policy_build(const ns_rule_spec *rules, uint32_t nrules,
         t->port_off = s->port_off;
     }
     if (cidr_build(&p->cidr, p->rules, nrules) < 0) goto fail;
+    if (cidr_build_buckets4(&p->cidr, p->rules, p->tf, nrules) < 0) goto fail;
     if (dom_build(p) < 0) goto fail;
     return p;
 fail:
@@ -336,7 +400,8 @@ int ns_classify_group(const uint8_t *ip, const uint8_t *gw, uint32_t ngw) {
     return NS_G_PUBLIC;
 }
 
-static inline int tf_ok(const ns_policy *p, const ns_tfilter *t, const ns_flowq *q) {
+/* Transport filter t of rule r (t may be a copy of p->tf[r]). */
+static inline int tf_ok(const ns_policy *p, const ns_tfilter *t, const ns_flowq *q, uint32_t r) {
     if (!(t->dirmask & q->direction) || !(t->protomask & q->pbit)) return 0;
     if (t->nports == 0) return 1;
     if (!q->has_port) return 0;
@@ -344,15 +409,16 @@ static inline int tf_ok(const ns_policy *p, const ns_tfilter *t, const ns_flowq 
     if (t->nports == 1) return 0;
     if (q->port >= t->lo1 && q->port <= t->hi1) return 1;
     if (t->nports == 2) return 0;
-    const ns_rule_spec *s = &p->rules[t - p->tf];
-    const uint16_t *r = p->ranges + 2 * s->port_off;
+    const ns_rule_spec *s = &p->rules[r];
+    const uint16_t *rg = p->ranges + 2 * s->port_off;
     for (uint32_t i = 2; i < s->port_count; i++)
-        if (q->port >= r[2 * i] && q->port <= r[2 * i + 1]) return 1;
+        if (q->port >= rg[2 * i] && q->port <= rg[2 * i + 1]) return 1;
     return 0;
 }
 
 static inline int transport_ok(const ns_policy *p, const ns_rule_spec *s, const ns_flowq *q) {
-    return tf_ok(p, &p->tf[s - p->rules], q);
+    uint32_t r = (uint32_t)(s - p->rules);
+    return tf_ok(p, &p->tf[r], q, r);
 }
 
 static int names_match(const ns_policy *p, const ns_rule_spec *s, const ns_flowq *q) {
@@ -381,7 +447,22 @@ static uint32_t best_address_match(const ns_policy *p, const ns_flowq *q) {
     uint64_t ahi, alo;
     addr_words(q->remote, fam, &ahi, &alo);
     uint32_t top = fam == 4 ? (uint32_t)(alo >> 16) : (uint32_t)(ahi >> 48);
-    int long_ok = (ix->top16[fam == 6][top >> 6] >> (top & 63)) & 1;
+    uint64_t word = ix->top16[fam == 6][top >> 6];
+    int long_ok = (word >> (top & 63)) & 1;
+    /* IPv4 with a small /16 bucket: the rules of length >= 16 are scanned
+     * there (below) instead of probed per length */
+    const cidr_ent4 *be = NULL, *bend = NULL;
+    if (fam == 4 && long_ok) {
+        uint32_t b = ix->rank4[top >> 6] +
+                     pop64(word & ((1ull << (top & 63)) - 1));
+        uint32_t b0 = ix->boff4[b], b1 = ix->boff4[b + 1];
+        if (b1 - b0 <= NS_CIDR_BUCKET_MAX) {
+            be = ix->ent4 + b0;
+            bend = ix->ent4 + b1;
+            __builtin_prefetch(be);
+            long_ok = 0;
+        }
+    }
     /* compute every probe's home slot and prefetch them all first, so the
      * cache misses of the probes overlap instead of adding up */
     uint64_t mhi[129], mlo[129];
@@ -419,9 +500,15 @@ static uint32_t best_address_match(const ns_policy *p, const ns_flowq *q) {
         for (uint32_t i = 0; i < s->n; i++) {
             uint32_t r = i == 0 ? s->first : ix->list[s->off + i];
             if (r >= best) break;
-            if (tf_ok(p, &p->tf[r], q)) { best = r; break; }
+            if (tf_ok(p, &p->tf[r], q, r)) { best = r; break; }
         }
     }
+    uint32_t a4 = (uint32_t)alo;
+    for (; be < bend && be->rule < best; be++)
+        if ((a4 & be->mask) == be->net && tf_ok(p, &be->tf, q, be->rule)) {
+            best = be->rule;
+            break;
+        }
     return best;
 }
 

@@ -110,3 +110,41 @@ def test_invalid_names_never_match() -> None:
     assert pins.learn(build_response("-bad.example.com", [("a", "192.0.2.1", 60)])) == 0
     assert pins.learn(build_response("x*y.example.com", [("a", "192.0.2.1", 60)])) == 0
     assert pins.names("192.0.2.1") == frozenset()
+
+
+def test_ipv4_slash16_buckets_small_and_overfull() -> None:
+    """IPv4 rules of length >= 16 are scanned per /16 bucket, overfull buckets
+    (more than 48 rules) by hash probes; mixed with short prefixes, any/group
+    rules, directions and multi-range port filters, first match must hold."""
+    rng = random.Random(16)
+    crowded = ["198.51", "10.7"]          # hundreds of rules each: hash-probe path
+    sparse = [f"100.{i}" for i in range(40)] + ["203.0"]  # a few rules each: bucket scan
+    rules = []
+    for _ in range(1500):
+        roll = rng.random()
+        if roll < 0.03:
+            dest = rng.choice(("public", "private", "0.0.0.0/0", "any"))
+        elif roll < 0.1:
+            dest = str(ipaddress.ip_network(
+                f"{rng.choice((10, 100, 198, 203))}.{rng.randrange(256)}.0.0/{rng.randrange(1, 16)}",
+                strict=False))
+        else:
+            top = rng.choice(crowded) if rng.random() < 0.6 else rng.choice(sparse)
+            dest = str(ipaddress.ip_network(
+                f"{top}.{rng.randrange(4)}.{rng.randrange(256)}/{rng.randrange(16, 33)}",
+                strict=False))
+        ports = rng.choice((None, 443, (1000, 2000), [(1, 10), (20, 30), (440, 450), (1500, 1600)]))
+        rules.append(Rule.build(rng.choice(("allow", "deny")), destination=dest,
+                                direction=rng.choice(("egress", "egress", "ingress", "any")),
+                                protocols=rng.choice((None, "tcp", "udp", ["tcp", "icmpv4"])),
+                                ports=ports))
+    policy = NetworkPolicy(default_egress="deny", default_ingress="allow", rules=tuple(rules))
+    ev = CompiledEvaluator(policy)
+    tops = crowded + sparse + ["100.200", "8.8"]
+    for _ in range(4000):
+        ip = f"{rng.choice(tops)}.{rng.randrange(4)}.{rng.randrange(256)}"
+        port = rng.choice((None, 5, 25, 443, 445, 1500, 1550, 80))
+        proto = rng.choice(("tcp", "udp", "icmpv4"))
+        flow = Flow(rng.choice(("egress", "ingress")), proto, ip,
+                    None if proto == "icmpv4" else port)
+        assert ev.evaluate(flow) == _reference(policy, flow), flow
