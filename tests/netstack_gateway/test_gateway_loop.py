@@ -1,0 +1,332 @@
+"""The C gateway loop (netstack/csrc/gateway.c) on its own, without root.
+
+The uplink TAP is stood in for by a SOCK_DGRAM socketpair (one datagram = one frame,
+exactly a TAP's read/write semantics); the guest side is a real stream or datagram
+socketpair, or another datagram pair in "tap" mode. Frames crafted by the loop (RST,
+ICMP unreachable, injected UDP) are checked with independent checksum code.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from netstack import Classifier, NetworkPolicy, PinCache, Rule
+from netstack._fastpath import ffi, lib
+from netstack.frameinfo import build_frame
+
+GUEST, REMOTE, GW = "172.16.0.2", "198.51.100.10", "172.16.0.1"
+GUEST_MAC, GW_MAC = b"\x02\x00\x00\x00\x00\x02", b"\x02\x00\x00\x00\x00\x01"
+pytestmark = pytest.mark.timeout(30)
+
+
+def _sum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def checksums_ok(frame: bytes) -> bool:
+    """Verify the IPv4 header checksum and the TCP/UDP/ICMP checksum of ``frame``."""
+    assert frame[12:14] == b"\x08\x00"
+    ip = frame[14:]
+    ihl = (ip[0] & 15) * 4
+    total = struct.unpack("!H", ip[2:4])[0]
+    if _sum(ip[:ihl]) != 0xFFFF:
+        return False
+    l4 = ip[ihl:total]
+    proto = ip[9]
+    if proto == 1:
+        return _sum(l4) == 0xFFFF
+    pseudo = ip[12:20] + struct.pack("!BBH", 0, proto, len(l4))
+    return _sum(pseudo + l4) == 0xFFFF
+
+
+@dataclass
+class Loop:
+    gw: Any
+    guest: socket.socket      # the VMM's end
+    uplink: socket.socket     # the namespace's end of the "TAP"
+    classifier: Classifier
+    mode: str
+
+    def send(self, frame: bytes) -> None:
+        if self.mode == "stream":
+            self.guest.sendall(struct.pack("!I", len(frame)) + frame)
+        else:
+            self.guest.send(frame)
+
+    def recv_guest(self, timeout: float = 2.0) -> bytes:
+        self.guest.settimeout(timeout)
+        if self.mode != "stream":
+            return self.guest.recv(70000)
+        head = self._exact(4)
+        return self._exact(struct.unpack("!I", head)[0])
+
+    def _exact(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = self.guest.recv(n - len(buf))
+            assert chunk, "guest side closed"
+            buf += chunk
+        return buf
+
+    def recv_uplink(self, timeout: float = 2.0) -> bytes:
+        self.uplink.settimeout(timeout)
+        return self.uplink.recv(70000)
+
+    def no_uplink(self, wait: float = 0.3) -> bool:
+        self.uplink.settimeout(wait)
+        try:
+            self.uplink.recv(70000)
+        except TimeoutError:
+            return True
+        return False
+
+    def events(self, want: int = 1, timeout: float = 2.0) -> list[tuple[int, int, bytes]]:
+        ev = ffi.new("ns_gw_event *")
+        data = ffi.new("uint8_t[]", 2048)
+        out: list[tuple[int, int, bytes]] = []
+        deadline = time.monotonic() + timeout
+        while len(out) < want and time.monotonic() < deadline:
+            while lib.ns_gw_next_event(self.gw, ev, data, 2048):
+                out.append((int(ev.kind), int(ev.verdict), bytes(ffi.buffer(data, ev.len))))
+            time.sleep(0.01)
+        return out
+
+    def stats(self) -> Any:
+        st = ffi.new("ns_gw_stats *")
+        lib.ns_gw_stats_get(self.gw, st)
+        return st
+
+
+@contextmanager
+def loop(policy: NetworkPolicy, mode: str = "stream", pins: PinCache | None = None,
+         hello_timeout: float = 5.0, capture: bool = False) -> Iterator[Loop]:
+    kind = socket.SOCK_STREAM if mode == "stream" else socket.SOCK_DGRAM
+    vmm, mine = socket.socketpair(socket.AF_UNIX, kind)
+    ns_end, tap_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    classifier = Classifier(policy, gateway=[GW], pins=pins, intercept_ports=(),
+                            hello_timeout=hello_timeout)
+    cfg = ffi.new("ns_gw_config *")
+    cfg.guest_fd = mine.fileno()
+    cfg.guest_mode = {"stream": 0, "dgram": 1, "tap": 2}[mode]
+    cfg.uplink_fd = tap_end.fileno()
+    ffi.memmove(cfg.guest_mac, GUEST_MAC, 6)
+    ffi.memmove(cfg.gateway_mac, GW_MAC, 6)
+    cfg.event_slots = 64
+    cfg.hello_timeout = hello_timeout
+    cfg.log_denied = 1
+    cfg.capture = 1 if capture else 0
+    gw = lib.ns_gw_new(classifier.handle, cfg)
+    assert gw != ffi.NULL
+    assert lib.ns_gw_start(gw) == 0
+    try:
+        yield Loop(gw, vmm, ns_end, classifier, mode)
+    finally:
+        lib.ns_gw_stop(gw)
+        lib.ns_gw_stop(gw)  # idempotent
+        lib.ns_gw_free(gw)
+        classifier.close()
+        for s in (vmm, mine, ns_end, tap_end):
+            s.close()
+
+
+def syn(dst: str = REMOTE, dport: int = 80, sport: int = 40000) -> bytes:
+    return build_frame(GUEST, dst, "tcp", sport, dport, flags=0x02, seq=1000)
+
+
+def test_stream_frames_split_and_batched_reach_the_uplink() -> None:
+    with loop(NetworkPolicy.allow_all()) as lp:
+        a, b = syn(sport=1), syn(sport=2)
+        wire = struct.pack("!I", len(a)) + a + struct.pack("!I", len(b)) + b
+        # partial reads: the prefix and the frames arrive in pieces
+        for piece in (wire[:2], wire[2:9], wire[9:len(a) + 6], wire[len(a) + 6:]):
+            lp.guest.sendall(piece)
+            time.sleep(0.02)
+        assert lp.recv_uplink() == a
+        assert lp.recv_uplink() == b
+        # several frames in one read (a unix datagram pair queues only ~10: stay below)
+        many = [syn(sport=100 + i) for i in range(8)]
+        lp.guest.sendall(b"".join(struct.pack("!I", len(f)) + f for f in many))
+        got = [lp.recv_uplink() for _ in many]
+        assert got == many
+        assert lp.stats().to_uplink == 10
+
+
+def test_denied_tcp_gets_a_valid_rst() -> None:
+    with loop(NetworkPolicy.public_only()) as lp:
+        lp.send(syn(dst="10.1.2.3"))
+        rst = lp.recv_guest()
+        assert rst[:6] == b"\x02\x00\x00\x00\x00\x02" and checksums_ok(rst)
+        ip = rst[14:34]
+        assert socket.inet_ntoa(ip[12:16]) == "10.1.2.3" and socket.inet_ntoa(ip[16:20]) == GUEST
+        sport, dport, _seq, ack, _off, flags = struct.unpack("!HHIIBB", rst[34:48])
+        assert (sport, dport, ack, flags) == (80, 40000, 1001, 0x14)  # RST|ACK for the SYN
+        assert lp.no_uplink()
+        kinds = [k for k, _, _ in lp.events()]
+        assert kinds == [2]  # a "denied" record
+
+
+def test_denied_udp_gets_icmp_port_unreachable_quoting_it() -> None:
+    with loop(NetworkPolicy.public_only()) as lp:
+        probe = build_frame(GUEST, "10.9.9.9", "udp", 5555, 7777, b"data")
+        lp.send(probe)
+        icmp = lp.recv_guest()
+        assert checksums_ok(icmp)
+        assert icmp[23] == 1 and icmp[34:36] == b"\x03\x03"  # ICMP, type 3 code 3
+        assert icmp[42:] == probe[14:]                        # the quoted datagram
+
+
+def test_dns_query_goes_to_the_owner_and_injected_answer_is_valid() -> None:
+    with loop(NetworkPolicy.none()) as lp:
+        q = build_frame(GUEST, GW, "udp", 33333, 53, b"\x12\x34query")
+        lp.send(q)
+        events = lp.events()
+        assert events and events[0][0] == 1 and events[0][2] == q
+        assert lp.no_uplink(0.1)
+        src = socket.inet_pton(socket.AF_INET6, "::ffff:" + GW)
+        dst = socket.inet_pton(socket.AF_INET6, "::ffff:" + GUEST)
+        payload = b"\x12\x34answer"
+        assert lib.ns_gw_inject_udp(lp.gw, src, 53, dst, 33333, payload, len(payload)) == 0
+        frame = lp.recv_guest()
+        assert frame[:6] == GUEST_MAC and frame[6:12] == GW_MAC and checksums_ok(frame)
+        assert struct.unpack("!HH", frame[34:38]) == (53, 33333) and frame[42:] == payload
+        assert lib.ns_gw_inject(lp.gw, b"short", 5) == -1
+
+
+def test_only_replies_come_back_from_the_uplink() -> None:
+    with loop(NetworkPolicy.public_only()) as lp:
+        lp.send(syn())
+        assert lp.recv_uplink() == syn()
+        reply = build_frame(REMOTE, GUEST, "tcp", 80, 40000, flags=0x12)
+        stranger = build_frame(REMOTE, GUEST, "tcp", 80, 40001, flags=0x02)
+        lp.uplink.send(stranger)
+        lp.uplink.send(reply)
+        assert lp.recv_guest() == reply
+        time.sleep(0.1)
+        assert lp.stats().not_reply == 1
+
+
+@pytest.mark.parametrize("vfkt", [False, True])
+def test_datagram_guest_with_optional_vfkt_handshake(vfkt: bool) -> None:
+    with loop(NetworkPolicy.allow_all(), mode="dgram") as lp:
+        if vfkt:
+            lp.guest.send(b"VFKT")
+        lp.send(syn())
+        assert lp.recv_uplink() == syn()
+        reply = build_frame(REMOTE, GUEST, "tcp", 80, 40000, flags=0x12)
+        lp.uplink.send(reply)
+        assert lp.recv_guest() == reply
+
+
+def test_tap_guest_side() -> None:
+    with loop(NetworkPolicy.public_only(), mode="tap") as lp:
+        lp.send(syn())
+        assert lp.recv_uplink() == syn()
+        lp.send(syn(dst="169.254.169.254"))
+        assert checksums_ok(lp.recv_guest())
+
+
+def hello(sni: str) -> bytes:
+    ctx = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=sni)
+    try:
+        obj.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+def _pinned(name: str) -> tuple[NetworkPolicy, PinCache]:
+    pins = PinCache()
+    pins.pin(name, [REMOTE], ttl=600)
+    return NetworkPolicy.custom(rules=[Rule.allow(name, protocol="tcp")]), pins
+
+
+def data(seq: int, payload: bytes, flags: int = 0x18) -> bytes:
+    return build_frame(GUEST, REMOTE, "tcp", 40000, 443, payload, flags=flags, seq=seq)
+
+
+def test_split_client_hello_is_held_then_released_in_order() -> None:
+    policy, pins = _pinned("api.example.com")
+    with loop(policy, pins=pins) as lp:
+        lp.send(syn(dport=443))
+        assert lp.recv_uplink() == syn(dport=443)  # handshake passes while pending
+        ch = hello("api.example.com")
+        first, second = data(1001, ch[:100]), data(1001 + 100, ch[100:])
+        lp.send(first)
+        assert lp.no_uplink()                      # held: the SNI is not complete yet
+        assert lib.ns_gw_pending(lp.gw) == 1
+        lp.send(second)
+        assert lp.recv_uplink() == first           # released in order
+        assert lp.recv_uplink() == second
+        assert lib.ns_gw_pending(lp.gw) == 0 and lp.stats().released == 1
+
+
+def test_denied_sni_resets_both_sides() -> None:
+    policy, pins = _pinned("api.example.com")
+    with loop(policy, pins=pins) as lp:
+        lp.send(syn(dport=443))
+        lp.recv_uplink()
+        ch = hello("evil.example.net")
+        lp.send(data(1001, ch, flags=0x18))
+        up = lp.recv_uplink()                      # RST to the server at the hello's seq
+        assert checksums_ok(up) and up[47] == 0x04
+        assert struct.unpack("!I", up[38:42])[0] == 1001
+        rst = lp.recv_guest()                      # and one to the guest
+        assert checksums_ok(rst) and rst[47] & 0x04
+
+
+def test_undecided_flow_is_decided_by_the_timer() -> None:
+    policy, pins = _pinned("api.example.com")
+    with loop(policy, pins=pins, hello_timeout=0.2) as lp:
+        lp.send(syn(dport=443))
+        lp.recv_uplink()
+        partial = data(1001, hello("api.example.com")[:50])
+        lp.send(partial)
+        # no SNI within the timeout: decided by the pinned name (allowed) and released
+        assert lp.recv_uplink(3.0) == partial
+        assert lib.ns_gw_pending(lp.gw) == 0
+
+
+def test_broken_stream_is_reported() -> None:
+    with loop(NetworkPolicy.allow_all()) as lp:
+        lp.guest.sendall(b"\0\0\0\0junk")
+        events = lp.events()
+        assert events and events[0][:2] == (4, 7)
+
+
+def test_capture_records_carry_verdicts() -> None:
+    with loop(NetworkPolicy.public_only(), capture=True) as lp:
+        lp.send(syn())
+        lp.send(syn(dst="10.0.0.1"))
+        lp.recv_uplink()
+        kinds = [(k, v) for k, v, _ in lp.events(want=3)]
+        assert (3, 0) in kinds and (3, 2) in kinds
+
+
+def test_build_reject_ignores_what_deserves_no_answer() -> None:
+    out = ffi.new("uint8_t[]", 1500)
+    rst = build_frame(GUEST, REMOTE, "tcp", 1, 2, flags=0x04)
+    ping = build_frame(GUEST, REMOTE, "icmpv4", icmp_type=8)
+    for frame in (rst, ping, b"junk"):
+        assert lib.ns_gw_build_reject(frame, len(frame), out, 1500) == 0
+    v6 = build_frame("fd00::2", "fd00::9", "udp", 1, 2, b"x")
+    n = lib.ns_gw_build_reject(v6, len(v6), out, 1500)
+    icmp6 = bytes(out[0:n])
+    assert icmp6[20] == 58 and icmp6[54:56] == b"\x01\x04"  # ICMPv6 port unreachable
+    pseudo = icmp6[22:54] + struct.pack("!IxxxB", n - 54, 58)
+    assert _sum(pseudo + icmp6[54:]) == 0xFFFF
