@@ -146,6 +146,7 @@ size_t ns_classify_stream(ns_ctx *ctx, const uint8_t *buf, size_t len, int direc
                           size_t max_frames, size_t *consumed);
 int ns_stream_broken(const ns_ctx *ctx);
 int ns_ctx_reply_lookup(ns_ctx *ctx, const uint8_t *buf, size_t len, double now);
+int ns_ctx_ingress_reply(ns_ctx *ctx, const uint8_t *buf, size_t len, double now);
 
 enum ns_gw_mode { NS_GW_STREAM = 0, NS_GW_DGRAM = 1, NS_GW_TAP = 2 };
 enum ns_gw_event_kind { NS_EV_DNS = 1, NS_EV_DENIED = 2, NS_EV_CAPTURE = 3,
@@ -160,7 +161,9 @@ typedef struct ns_gw_config {
     double hello_timeout;
     uint8_t capture;
     uint8_t log_denied;
-    uint8_t pad[2];
+    uint8_t npublished;
+    uint8_t pad;
+    uint16_t published[16];
 } ns_gw_config;
 typedef struct ns_gw_event {
     uint8_t kind, verdict, direction, pad;

@@ -707,13 +707,26 @@ static int icmp_error_key(const uint8_t *buf, size_t len, const ns_frame *fr, fl
     return 1;
 }
 
+static int reply_lookup(ns_ctx *c, const uint8_t *buf, size_t len, double now, int dir);
+
 int ns_ctx_reply_lookup(ns_ctx *c, const uint8_t *buf, size_t len, double now) {
+    return reply_lookup(c, buf, len, now, NS_DIR_EGRESS);
+}
+
+/* The same for a frame from the guest answering a peer-initiated (ingress)
+ * flow, e.g. a published port: 1 when it belongs to an allowed ingress flow. */
+int ns_ctx_ingress_reply(ns_ctx *c, const uint8_t *buf, size_t len, double now) {
+    int r = reply_lookup(c, buf, len, now, NS_DIR_INGRESS);
+    return r == 1 ? 1 : r < 0 ? -1 : 0;
+}
+
+static int reply_lookup(ns_ctx *c, const uint8_t *buf, size_t len, double now, int dir) {
     ns_frame fr;
     if (ns_parse_frame(buf, len, &fr) != NS_PARSE_OK) return -1;
     if (fr.l3 == NS_L3_ARP) return 3;
     if ((fr.l3 != NS_L3_IPV4 && fr.l3 != NS_L3_IPV6) || fr.frag == 2 || fr.pbit == 0) return 0;
     flow_key k;
-    if (icmp_error_key(buf, len, &fr, &k)) { /* an ICMP error about a guest flow (PMTU ...) */
+    if (dir == NS_DIR_EGRESS && icmp_error_key(buf, len, &fr, &k)) { /* ICMP error (PMTU ...) */
         flow *f = tab_find(c, &k, key_hash(&k));
         if (!f || expired(c, f, now)) return 0;
         return (f->state == ST_PENDING || f->verdict == NS_ALLOW) ? 1 : 0;
@@ -721,7 +734,7 @@ int ns_ctx_reply_lookup(ns_ctx *c, const uint8_t *buf, size_t len, double now) {
     memcpy(k.src, fr.dst, 16);
     memcpy(k.dst, fr.src, 16);
     k.proto = fr.ipproto;
-    k.dir = NS_DIR_EGRESS;
+    k.dir = (uint8_t)dir;
     k.kind = 0;
     k.pad = 0;
     k.sport = fr.has_ports ? fr.dport : 0;

@@ -478,6 +478,12 @@ static void pend_resolve(ns_gw *g, pending *p, uint8_t v, const uint8_t *buf, co
     pend_free(g, p);
 }
 
+static int published(const ns_gw *g, uint16_t port) {
+    for (uint32_t i = 0; i < g->cfg.npublished && i < 16; i++)
+        if (g->cfg.published[i] == port) return 1;
+    return 0;
+}
+
 /* ------------------------------------------------------------ guest frames */
 
 static void handle_egress(ns_gw *g, const uint8_t *buf, size_t len, uint8_t v, int32_t rule,
@@ -489,7 +495,13 @@ static void handle_egress(ns_gw *g, const uint8_t *buf, size_t len, uint8_t v, i
     g->st.verdicts[v & 7]++;
     if (g->cfg.capture) push_event(g, NS_EV_CAPTURE, v, NS_DIR_EGRESS, rule, now, buf, len);
     int parsed = -1;
-    if (g->npending || v == NS_NEED_MORE || v == NS_TO_DNS) parsed = ns_parse_frame(buf, len, &fr);
+    if (g->npending || v == NS_NEED_MORE || v == NS_TO_DNS || (g->cfg.npublished && v != NS_ALLOW))
+        parsed = ns_parse_frame(buf, len, &fr);
+    if (g->cfg.npublished && v != NS_ALLOW && parsed == NS_PARSE_OK && fr.pbit == NS_P_TCP &&
+        fr.frag == 0 && published(g, fr.sport) && ns_ctx_ingress_reply(g->ctx, buf, len, now) == 1) {
+        to_uplink(g, buf, len); /* the guest answering a published-port connection */
+        return;
+    }
     pending *p = NULL;
     if (parsed == NS_PARSE_OK && fr.pbit == NS_P_TCP && v != NS_NEED_MORE) p = pend_find(g, &fr);
     if (p) pend_resolve(g, p, v == NS_TO_PROXY ? NS_DENY_RST : v, buf, &fr, now);
@@ -673,9 +685,19 @@ static void read_uplink(ns_gw *g, double now) {
         g->st.uplink_bytes += len;
         int k = ns_ctx_reply_lookup(g->ctx, d, len, now);
         int pass = k == 1 || k == 3;
+        ns_frame fr;
         if (k == 2) { /* flow still waiting for its hello: handshake only */
-            ns_frame fr;
             pass = ns_parse_frame(d, len, &fr) == NS_PARSE_OK && fr.payload_len == 0;
+        } else if (k == 0 && g->cfg.npublished && ns_parse_frame(d, len, &fr) == NS_PARSE_OK &&
+                   fr.pbit == NS_P_TCP && fr.frag == 0 && published(g, fr.dport)) {
+            /* a connection to a published guest port (opened by the port publisher
+             * inside the uplink namespace): ingress-classified */
+            const uint8_t *fp = d;
+            uint32_t fl = (uint32_t)len;
+            uint8_t v;
+            int32_t rule;
+            ns_classify_batch(g->ctx, &fp, &fl, 1, NS_DIR_INGRESS, now, &v, &rule);
+            pass = v == NS_ALLOW;
         }
         if (pass) {
             to_guest(g, d, len, now);

@@ -104,6 +104,8 @@ int ns_stream_broken(const ns_ctx *ctx);
  * egress flows): 1 allowed flow, 2 flow pending its ClientHello, 3 ARP, 0 no
  * such flow / denied, -1 unparseable.  Called by the packet-loop thread only. */
 int ns_ctx_reply_lookup(ns_ctx *ctx, const uint8_t *buf, size_t len, double now);
+/* 1 if a frame from the guest answers an allowed ingress flow (published port). */
+int ns_ctx_ingress_reply(ns_ctx *ctx, const uint8_t *buf, size_t len, double now);
 
 /*
  * The gateway loop (gateway.c): one pthread that moves frames between the
@@ -140,7 +142,9 @@ typedef struct ns_gw_config {
     double hello_timeout;      /* seconds a pending flow may wait */
     uint8_t capture;           /* 1: queue NS_EV_CAPTURE records */
     uint8_t log_denied;        /* 1: queue NS_EV_DENIED records */
-    uint8_t pad[2];
+    uint8_t npublished;        /* published guest TCP ports (ingress from the uplink) */
+    uint8_t pad;
+    uint16_t published[16];
 } ns_gw_config;
 
 typedef struct ns_gw_event {

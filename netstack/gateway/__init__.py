@@ -22,6 +22,7 @@ from netstack.gateway.dns_forwarder import (
 )
 from netstack.gateway.gateway import Gateway
 from netstack.gateway.pcap import PcapWriter
+from netstack.gateway.published import PublishedPort
 from netstack.gateway.state import cleanup_stale
 from netstack.gateway.uplink_tap import TapUplink, uplink_names
 
@@ -31,6 +32,7 @@ __all__ = [
     "ForwarderThread",
     "Gateway",
     "PcapWriter",
+    "PublishedPort",
     "SlotLease",
     "TapUplink",
     "allocate_slot",

@@ -9,8 +9,12 @@ which runs in its own pthread without the GIL:
   unixstream), ``"dgram"`` (one frame per datagram, an optional leading ``VFKT``
   handshake is consumed) or ``"tap"`` (a TAP fd);
 * allowed frames go to the uplink TAP (:class:`~netstack.TapUplink`), replies of
-  allowed flows come back; anything else arriving on the uplink is dropped (no ingress
-  yet: ``published_ports`` is not implemented and is rejected);
+  allowed flows (and ICMP errors about them) come back; anything else arriving on the
+  uplink is dropped, except connections to published ports;
+* ``published_ports`` (TCP, :class:`PublishedPort`): a host listener (127.0.0.1 by
+  default) per mapping; each connection is checked with the ingress policy (the real
+  peer address), then relayed through a connection the gateway opens to the guest from
+  inside the uplink namespace (see :mod:`netstack.gateway.published`);
 * denied TCP is answered with a RST, denied UDP with ICMP port unreachable, so guest
   programs fail fast; flows whose decision needs the TLS SNI have their data held
   (bounded) until the ClientHello is complete, then released or reset (both ways);
@@ -56,6 +60,7 @@ from netstack.frameinfo import parse_frame
 from netstack.gateway.addressing import AddressPlan
 from netstack.gateway.dns_forwarder import DnsForwarder, ForwarderThread, pin_cache_callback
 from netstack.gateway.pcap import PcapWriter
+from netstack.gateway.published import PortPublisher, PublishedPort
 from netstack.gateway.uplink_tap import TapUplink
 from netstack.pincache import PinCache
 from netstack.policy import NetworkPolicy
@@ -81,6 +86,7 @@ class _Resources:
     """Everything that must be released, reachable without the Gateway (finalizer)."""
 
     gw: Any = None
+    publisher: PortPublisher | None = None
     thread: threading.Thread | None = None
     dns: ForwarderThread | None = None
     pcap: PcapWriter | None = None
@@ -99,6 +105,8 @@ class _Resources:
                 return
             self.closed = True
             gw = self.gw
+        if self.publisher is not None:
+            self.publisher.close()
         if gw is not None:
             lib.ns_gw_stop(gw)          # joins the C thread, wakes the event reader
         if self.thread is not None and self.thread is not threading.current_thread():
@@ -132,6 +140,8 @@ class Gateway:
     (default: the host's resolv.conf). ``pcap``: a path or a :class:`PcapWriter`.
     ``rebind_protection``: see :class:`DnsForwarder` (turning it off is for tests
     whose "public" upstreams live in TEST-NET ranges, which count as reserved).
+    ``published_ports``: ``"host:guest"``, ``(host, guest)`` or :class:`PublishedPort`
+    (TCP; host port 0 = any free one, see :attr:`published`).
 
     >>> Gateway(NetworkPolicy.none(), uplink=None, guest_fd=0)   # doctest: +ELLIPSIS
     Traceback (most recent call last):
@@ -145,7 +155,8 @@ class Gateway:
                  dns_upstreams: Sequence[str | tuple[str, int]] | None = None,
                  dns_timeout: float = 3.0, rebind_protection: bool = True,
                  pcap: str | os.PathLike[str] | PcapWriter | None = None,
-                 published_ports: Iterable[object] = (), own_uplink: bool = False,
+                 published_ports: Iterable[PublishedPort | tuple[int, int] | str] = (),
+                 own_uplink: bool = False,
                  max_flows: int = 16384, hello_timeout: float = 5.0,
                  event_slots: int = 4096, log_denied: bool = True) -> None:
         if not isinstance(policy, NetworkPolicy):
@@ -161,10 +172,12 @@ class Gateway:
         if guest_fd is not None and (isinstance(guest_fd, bool) or not isinstance(guest_fd, int)
                                      or guest_fd < 0):
             raise GatewayError(f"guest_fd must be an open file descriptor, got {guest_fd!r}")
-        ports = list(published_ports)
-        if ports:
-            raise GatewayError(f"published_ports are not implemented by this gateway yet "
-                               f"(got {ports!r}); ingress is dropped")
+        if isinstance(published_ports, str | bytes):
+            raise GatewayError(f"published_ports must be a list of mappings, got the string "
+                               f"{published_ports!r}")
+        self._mappings = [PublishedPort.parse(p) for p in published_ports]
+        if len({m.guest_port for m in self._mappings}) > 16:
+            raise GatewayError("at most 16 distinct published guest ports")
         if isinstance(event_slots, bool) or not isinstance(event_slots, int) \
                 or not 16 <= event_slots <= 65536:
             raise GatewayError(f"event_slots must be an int in 16..65536, got {event_slots!r}")
@@ -214,6 +227,10 @@ class Gateway:
         cfg.hello_timeout = float(hello_timeout)
         cfg.capture = 1 if res.pcap is not None else 0
         cfg.log_denied = 1 if log_denied else 0
+        guest_ports = sorted({m.guest_port for m in self._mappings})
+        cfg.npublished = len(guest_ports)
+        for i, port in enumerate(guest_ports):
+            cfg.published[i] = port
         gw = lib.ns_gw_new(self.classifier.handle, cfg)
         if gw == ffi.NULL:
             raise GatewayError("could not create the gateway loop (out of memory or file "
@@ -225,6 +242,9 @@ class Gateway:
         res.thread.start()
         if lib.ns_gw_start(gw) != 0:
             raise GatewayError("could not start the gateway thread")
+        if self._mappings:
+            res.publisher = PortPublisher(self.uplink.names["netns"], str(plan.guest_ipv4),
+                                          self._mappings, policy.evaluate)
         log.info("gateway for %s up: guest %s (%s), uplink %s", plan.guest_ipv4,
                  cfg.guest_fd, self.transport, self.uplink.names["tap"])
 
@@ -344,6 +364,16 @@ class Gateway:
         if rc != 0:
             raise GatewayError("the inject queue is full; retry later")
 
+    @property
+    def published(self) -> dict[int, int]:
+        """Published ports: guest port -> the host port actually bound.
+
+        >>> gw.published                                           # doctest: +SKIP
+        {80: 41234}
+        """
+        pub = self._res.publisher
+        return dict(pub.ports) if pub is not None else {}
+
     def guest_config(self) -> dict[str, Any]:
         """What the guest needs to configure eth0, resolv.conf and the host alias.
 
@@ -373,6 +403,8 @@ class Gateway:
                           "malformed": cs.malformed, "hello_denied": cs.hello_denied}
         stats["dns"] = dict(self.forwarder.stats)
         stats["rule_hits"] = [c.hits for c in self.rule_counters()]
+        pub = self._res.publisher
+        stats["published"] = dict(pub.stats) if pub is not None else {}
         return stats
 
     def rule_counters(self) -> list[RuleCounter]:

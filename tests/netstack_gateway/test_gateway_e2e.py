@@ -23,6 +23,7 @@ import pytest
 
 from netstack import AddressPlan, Gateway, NetworkPolicy, Rule, TapUplink, cleanup_stale
 from netstack.errors import GatewayError
+from netstack.gateway import PublishedPort
 from tests.netstack_gateway.kernel_objects import snapshot
 from tests.netstack_gateway.topology import (
     UPSTREAM_DNS_IP,
@@ -247,6 +248,81 @@ def test_host_group_only_when_allowed(rig: Rig, host_service: int) -> None:
         assert rc == 0 and out == "hello from the host loopback\n", out
 
 
+# -- published ports ------------------------------------------------------------------------
+_GUEST_SERVER = r"""
+import http.server, socketserver, sys
+class S(http.server.ThreadingHTTPServer):
+    def server_bind(self):  # no getfqdn(): a reverse lookup would leave the namespace
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = "guest", 8000
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = f"hello from the guest, peer {self.client_address[0]}\n".encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body)))
+        self.end_headers(); self.wfile.write(body)
+    def log_message(self, *a): pass
+srv = S((sys.argv[1], 8000), H)
+print("ready", flush=True)
+srv.serve_forever()
+"""
+
+
+@pytest.fixture
+def guest_server(rig: Rig) -> Iterator[None]:
+    proc = subprocess.Popen(["ip", "netns", "exec", rig.topo.guest_ns, "python3", "-c",
+                             _GUEST_SERVER, str(rig.topo.plan.guest_ipv4)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        yield
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def _host_get(port: int) -> tuple[int, str]:
+    r = subprocess.run(["curl", "-sS", "--max-time", "8", f"http://127.0.0.1:{port}/"],
+                       capture_output=True, text=True, timeout=20, check=False)
+    return r.returncode, r.stdout + r.stderr
+
+
+def test_published_port_reaches_the_guest(rig: Rig, guest_server: None) -> None:
+    with rig.gateway(NetworkPolicy.public_only(), published_ports=["0:8000"]) as gw:
+        port = gw.published[8000]
+        for _ in range(3):
+            rc, out = _host_get(port)
+            assert rc == 0 and out.startswith("hello from the guest"), out
+        assert gw.stats()["published"]["accepted"] == 3
+        # the guest still cannot open connections of its own to the gateway side
+        rc, out, took = rig.curl(f"http://{rig.topo.plan.gateway_ipv4}:{port}/")
+        assert rc == 7 and took < 5, out
+
+
+def test_published_port_with_an_ingress_deny_rule(rig: Rig, guest_server: None) -> None:
+    policy = NetworkPolicy.custom(rules=[
+        Rule.deny(direction="ingress", protocol="tcp", port=8000),
+        Rule.allow(destination="198.51.100.0/24")])
+    with rig.gateway(policy, published_ports=[(0, 8000)]) as gw:
+        rc, out = _host_get(gw.published[8000])
+        assert rc != 0, out
+        assert gw.stats()["published"] == {"accepted": 0, "denied": 1, "failed": 0}
+
+
+def test_uplink_frames_to_unpublished_guest_ports_are_dropped(rig: Rig,
+                                                             guest_server: None) -> None:
+    # a connection opened inside the uplink namespace to a guest port that is not
+    # published never reaches the guest
+    ns = rig.uplink.names["netns"]
+    with rig.gateway(NetworkPolicy.public_only(), published_ports=["0:8001"]) as gw:
+        r = subprocess.run(["ip", "netns", "exec", ns, "curl", "-sS", "--max-time", "2",
+                            f"http://{rig.topo.plan.guest_ipv4}:8000/"],
+                           capture_output=True, text=True, timeout=20, check=False)
+        assert r.returncode != 0
+        assert gw.stats()["not_reply"] >= 1
+
+
 # -- plumbing -------------------------------------------------------------------------------
 def test_pcap_records_what_crossed(rig: Rig) -> None:
     path = rig.tmp / "gw.pcapng"
@@ -265,8 +341,11 @@ def test_bad_arguments_are_typed_errors(rig: Rig) -> None:
                 transport="carrier-pigeon")  # type: ignore[arg-type]
     with pytest.raises(GatewayError, match="exactly one"):
         Gateway(NetworkPolicy.none(), uplink=rig.uplink)
-    with pytest.raises(GatewayError, match="published_ports"):
-        Gateway(NetworkPolicy.none(), uplink=rig.uplink, guest_fd=0, published_ports=[8080])
+    with pytest.raises(GatewayError, match="published port"):
+        Gateway(NetworkPolicy.none(), uplink=rig.uplink, guest_fd=0, published_ports=[8080])  # type: ignore[list-item]
+    with pytest.raises(GatewayError, match="tcp"):
+        Gateway(NetworkPolicy.none(), uplink=rig.uplink, guest_fd=0,
+                published_ports=[PublishedPort(1, 2, protocol="udp")])
 
 
 def test_close_is_idempotent_and_stops_the_loop(rig: Rig) -> None:
