@@ -166,21 +166,21 @@ typedef struct ns_rule_counter {
 #define NS_MAX_NAMES 64
 
 /* The transport filter of one rule, packed (16 bytes) for the lookup loops:
- * up to two port ranges inline, more in the policy's range array. */
+ * up to two port ranges inline, more (nports == 3) in the policy's range
+ * array, reached through the rule. */
 typedef struct ns_tfilter {
     uint8_t dirmask, protomask, nports, action;
     uint16_t lo0, hi0, lo1, hi1;
-    uint32_t port_off;
+    uint32_t rule;        /* index of the rule this filter belongs to */
 } ns_tfilter;
 
-/* One IPv4 cidr rule of prefix length >= 16 in its /16 bucket (32 bytes, two
- * per cache line): the address test and the transport filter inline, so a
- * bucket scan reads one contiguous run of memory. */
-typedef struct cidr_ent4 {
-    uint32_t net, mask;   /* host order; match iff (addr & mask) == net */
-    uint32_t rule, pad;
-    ns_tfilter tf;
-} cidr_ent4;
+/* The address test of one IPv4 cidr rule of prefix length >= 16 in its /16
+ * bucket: match iff (addr & mask) == net (host order).  Kept apart from the
+ * rule index and transport filter (parallel arrays) so a bucket scan reads
+ * 8 bytes per rule, most buckets one or two cache lines. */
+typedef struct cidr_addr4 {
+    uint32_t net, mask;
+} cidr_addr4;
 
 /* Buckets holding more entries than this are looked up by hash probes. */
 #define NS_CIDR_BUCKET_MAX 48
@@ -200,6 +200,7 @@ typedef struct cidr_index {
     uint32_t *list;
     uint8_t lens4[33], nlens4;
     uint8_t lens6[129], nlens6;
+    uint8_t nlong4, nlong6;   /* how many of lens4 / lens6 are >= 16 (they come first) */
     /* first-level filter: bit i set iff some rule of prefix length >= 16
      * starts with the 16 bits i (per family); lets most lookups skip every
      * probe of length >= 16 */
@@ -207,11 +208,14 @@ typedef struct cidr_index {
     /* IPv4 rules of prefix length >= 16, bucketed by their first 16 bits and
      * ascending by rule index within a bucket.  Bucket b (the rank of its bit
      * in top16[0]: rank4[word] + popcount of the lower bits) is
-     * ent4[boff4[b] .. boff4[b + 1]).  A lookup scans its one bucket instead
-     * of probing the hash once per prefix length >= 16. */
+     * positions boff4[b] .. boff4[b + 1] of the parallel arrays a4 (address
+     * test) and t4 (transport filter + rule index), read only on an address
+     * match.  A lookup scans its one bucket instead of probing the hash once
+     * per prefix length >= 16. */
     uint32_t rank4[1024];
     uint32_t *boff4;
-    cidr_ent4 *ent4;
+    cidr_addr4 *a4;
+    ns_tfilter *t4;
 } cidr_index;
 
 /* Domain index: (kind, name) -> the rules naming it, ascending. */

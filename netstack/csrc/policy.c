@@ -141,9 +141,15 @@ static int cidr_build(cidr_index *ix, const ns_rule_spec *rules, uint32_t nrules
         ix->list[slot->off + slot->n++] = r;
     }
     for (int l = 32; l >= 0; l--)
-        if (seen4[l]) ix->lens4[ix->nlens4++] = (uint8_t)l;
+        if (seen4[l]) {
+            ix->nlong4 += l >= 16;
+            ix->lens4[ix->nlens4++] = (uint8_t)l;
+        }
     for (int l = 128; l >= 0; l--)
-        if (seen6[l]) ix->lens6[ix->nlens6++] = (uint8_t)l;
+        if (seen6[l]) {
+            ix->nlong6 += l >= 16;
+            ix->lens6[ix->nlens6++] = (uint8_t)l;
+        }
     return 0;
 }
 
@@ -170,9 +176,10 @@ static int cidr_build_buckets4(cidr_index *ix, const ns_rule_spec *rules, const 
         nent++;
     }
     for (uint32_t b = 0; b < nb; b++) ix->boff4[b + 1] += ix->boff4[b];
-    ix->ent4 = (cidr_ent4 *)calloc(nent ? nent : 1, sizeof(cidr_ent4));
+    ix->a4 = (cidr_addr4 *)calloc(nent ? nent : 1, sizeof(cidr_addr4));
+    ix->t4 = (ns_tfilter *)calloc(nent ? nent : 1, sizeof(ns_tfilter));
     uint32_t *fill = (uint32_t *)calloc(nb ? nb : 1, sizeof(uint32_t));
-    if (!ix->ent4 || !fill) {
+    if (!ix->a4 || !ix->t4 || !fill) {
         free(fill);
         return -1;
     }
@@ -183,11 +190,10 @@ static int cidr_build_buckets4(cidr_index *ix, const ns_rule_spec *rules, const 
         uint64_t word = ix->top16[0][top >> 6];
         uint32_t b = ix->rank4[top >> 6] +
                      pop64(word & ((1ull << (top & 63)) - 1));
-        cidr_ent4 *e = &ix->ent4[ix->boff4[b] + fill[b]++];
-        e->mask = (uint32_t)(0xffffffffull << (32 - s->prefix));
-        e->net = ns_rd32(s->addr) & e->mask;
-        e->rule = r;
-        e->tf = tf[r];
+        uint32_t at = ix->boff4[b] + fill[b]++;
+        ix->a4[at].mask = (uint32_t)(0xffffffffull << (32 - s->prefix));
+        ix->a4[at].net = ns_rd32(s->addr) & ix->a4[at].mask;
+        ix->t4[at] = tf[r];
     }
     free(fill);
     return 0;
@@ -281,7 +287,8 @@ void ns_policy_free(ns_policy *p) {
     free(p->cidr.slots);
     free(p->cidr.list);
     free(p->cidr.boff4);
-    free(p->cidr.ent4);
+    free(p->cidr.a4);
+    free(p->cidr.t4);
     free(p->counters);
     free(p->icpt_blob);
     free(p);
@@ -337,7 +344,7 @@ ns_policy *ns_policy_build(const ns_rule_spec *rules, uint32_t nrules,
         t->nports = (uint8_t)(s->port_count > 3 ? 3 : s->port_count);
         if (s->port_count >= 1) { t->lo0 = rg[0]; t->hi0 = rg[1]; }
         if (s->port_count >= 2) { t->lo1 = rg[2]; t->hi1 = rg[3]; }
-        t->port_off = s->port_off;
+        t->rule = r;
     }
     if (cidr_build(&p->cidr, p->rules, nrules) < 0) goto fail;
     if (cidr_build_buckets4(&p->cidr, p->rules, p->tf, nrules) < 0) goto fail;
@@ -400,8 +407,8 @@ int ns_classify_group(const uint8_t *ip, const uint8_t *gw, uint32_t ngw) {
     return NS_G_PUBLIC;
 }
 
-/* Transport filter t of rule r (t may be a copy of p->tf[r]). */
-static inline int tf_ok(const ns_policy *p, const ns_tfilter *t, const ns_flowq *q, uint32_t r) {
+/* Transport filter t (p->tf[t->rule] or a copy of it) admits q. */
+static inline int tf_ok(const ns_policy *p, const ns_tfilter *t, const ns_flowq *q) {
     if (!(t->dirmask & q->direction) || !(t->protomask & q->pbit)) return 0;
     if (t->nports == 0) return 1;
     if (!q->has_port) return 0;
@@ -409,7 +416,7 @@ static inline int tf_ok(const ns_policy *p, const ns_tfilter *t, const ns_flowq 
     if (t->nports == 1) return 0;
     if (q->port >= t->lo1 && q->port <= t->hi1) return 1;
     if (t->nports == 2) return 0;
-    const ns_rule_spec *s = &p->rules[r];
+    const ns_rule_spec *s = &p->rules[t->rule];
     const uint16_t *rg = p->ranges + 2 * s->port_off;
     for (uint32_t i = 2; i < s->port_count; i++)
         if (q->port >= rg[2 * i] && q->port <= rg[2 * i + 1]) return 1;
@@ -417,8 +424,7 @@ static inline int tf_ok(const ns_policy *p, const ns_tfilter *t, const ns_flowq 
 }
 
 static inline int transport_ok(const ns_policy *p, const ns_rule_spec *s, const ns_flowq *q) {
-    uint32_t r = (uint32_t)(s - p->rules);
-    return tf_ok(p, &p->tf[r], q, r);
+    return tf_ok(p, &p->tf[s - p->rules], q);
 }
 
 static int names_match(const ns_policy *p, const ns_rule_spec *s, const ns_flowq *q) {
@@ -429,8 +435,10 @@ static int names_match(const ns_policy *p, const ns_rule_spec *s, const ns_flowq
     return 0;
 }
 
-/* Best (lowest) matching non-domain rule index, or UINT32_MAX. */
-static uint32_t best_address_match(const ns_policy *p, const ns_flowq *q) {
+/* Best (lowest) matching non-domain rule index, or UINT32_MAX; its action
+ * goes to *act (taken from memory the match already read, so the decision
+ * needs no further per-rule load). */
+static uint32_t best_address_match(const ns_policy *p, const ns_flowq *q, uint8_t *act) {
     uint32_t best = UINT32_MAX;
     for (uint32_t i = 0; i < p->any.n && p->any.v[i] < best; i++)
         if (transport_ok(p, &p->rules[p->any.v[i]], q)) { best = p->any.v[i]; break; }
@@ -451,16 +459,18 @@ static uint32_t best_address_match(const ns_policy *p, const ns_flowq *q) {
     int long_ok = (word >> (top & 63)) & 1;
     /* IPv4 with a small /16 bucket: the rules of length >= 16 are scanned
      * there (below) instead of probed per length */
-    const cidr_ent4 *be = NULL, *bend = NULL;
+    uint32_t b0 = 0, b1 = 0;
     if (fam == 4 && long_ok) {
         uint32_t b = ix->rank4[top >> 6] +
                      pop64(word & ((1ull << (top & 63)) - 1));
-        uint32_t b0 = ix->boff4[b], b1 = ix->boff4[b + 1];
+        b0 = ix->boff4[b];
+        b1 = ix->boff4[b + 1];
         if (b1 - b0 <= NS_CIDR_BUCKET_MAX) {
-            be = ix->ent4 + b0;
-            bend = ix->ent4 + b1;
-            __builtin_prefetch(be);
+            const char *a = (const char *)(ix->a4 + b0), *end = (const char *)(ix->a4 + b1);
+            for (; a < end; a += 64) __builtin_prefetch(a);
             long_ok = 0;
+        } else {
+            b1 = b0; /* too big: probed below instead */
         }
     }
     /* compute every probe's home slot and prefetch them all first, so the
@@ -469,8 +479,8 @@ static uint32_t best_address_match(const ns_policy *p, const ns_flowq *q) {
     uint32_t home[129];
     uint8_t plen[129];
     unsigned np = 0;
-    for (unsigned k = 0; k < nl; k++) {
-        if (lens[k] >= 16 && !long_ok) continue;
+    /* lengths >= 16 come first in lens: skip them all when not probed */
+    for (unsigned k = long_ok ? 0 : (fam == 4 ? ix->nlong4 : ix->nlong6); k < nl; k++) {
         uint64_t hi = ahi, lo = alo;
         mask_words(fam, lens[k], &hi, &lo);
         mhi[np] = hi;
@@ -500,15 +510,21 @@ static uint32_t best_address_match(const ns_policy *p, const ns_flowq *q) {
         for (uint32_t i = 0; i < s->n; i++) {
             uint32_t r = i == 0 ? s->first : ix->list[s->off + i];
             if (r >= best) break;
-            if (tf_ok(p, &p->tf[r], q, r)) { best = r; break; }
+            if (tf_ok(p, &p->tf[r], q)) { best = r; break; }
         }
     }
     uint32_t a4 = (uint32_t)alo;
-    for (; be < bend && be->rule < best; be++)
-        if ((a4 & be->mask) == be->net && tf_ok(p, &be->tf, q, be->rule)) {
-            best = be->rule;
-            break;
+    /* entries ascend by rule: the first address match at or above best ends it */
+    for (uint32_t i = b0; i < b1; i++) {
+        if ((a4 & ix->a4[i].mask) != ix->a4[i].net) continue;
+        const ns_tfilter *t = &ix->t4[i];
+        if (t->rule >= best) break;
+        if (tf_ok(p, t, q)) {
+            *act = t->action;
+            return t->rule;
         }
+    }
+    if (best != UINT32_MAX) *act = p->tf[best].action;
     return best;
 }
 
@@ -550,20 +566,26 @@ static uint32_t best_domain_match(const ns_policy *p, const ns_flowq *q, uint32_
 }
 
 int ns_policy_eval(const ns_policy *p, const ns_flowq *q, int32_t *rule_index) {
-    uint32_t best = best_address_match(p, q);
-    if (p->has_domain) best = best_domain_match(p, q, best);
+    uint8_t act = NS_ACT_DENY;
+    uint32_t best = best_address_match(p, q, &act);
+    if (p->has_domain) {
+        uint32_t addr_best = best;
+        best = best_domain_match(p, q, best);
+        if (best != addr_best && best != UINT32_MAX) act = p->tf[best].action;
+    }
     if (best == UINT32_MAX) {
         *rule_index = -1;
         return p->def_deny[q->direction == NS_DIR_INGRESS ? NS_DIR_INGRESS : NS_DIR_EGRESS]
                    ? NS_ACT_DENY : NS_ACT_ALLOW;
     }
     *rule_index = (int32_t)best;
-    return p->rules[best].action;
+    return act;
 }
 
 int ns_policy_sni_dependent(const ns_policy *p, const ns_flowq *q) {
     if (!p->has_domain) return 0;
-    uint32_t best = best_address_match(p, q);
+    uint8_t act;
+    uint32_t best = best_address_match(p, q, &act);
     /* a deny domain rule before the decision point: an SNI could match it */
     for (uint32_t i = 0; i < p->domain_deny.n && p->domain_deny.v[i] < best; i++)
         if (transport_ok(p, &p->rules[p->domain_deny.v[i]], q)) return 1;
