@@ -1,4 +1,4 @@
-"""The gateway modules' docstring examples, and a short atheris run of the DNS forwarder."""
+"""The gateway modules' docstring examples, and short atheris runs (DNS forwarder, C loop)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 MODULES = ["netstack.gateway", "netstack.gateway.addressing", "netstack.gateway.state",
            "netstack.gateway.uplink_tap", "netstack.gateway.dns_forwarder",
-           "netstack.gateway.pcap"]
+           "netstack.gateway.pcap", "netstack.gateway.gateway", "netstack.gateway.published"]
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -33,6 +33,22 @@ def test_short_fuzz_run(tmp_path: Path) -> None:
         [sys.executable, str(ROOT / "tests" / "fuzz" / "fuzz_dns_forwarder.py"),
          "-max_total_time=5", "-rss_limit_mb=1024", f"-artifact_prefix={tmp_path}/", str(work),
          str(ROOT / "tests" / "fuzz" / "corpus" / "dns_forwarder")],
+        capture_output=True, text=True, timeout=50, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Done" in out.stderr
+
+
+@pytest.mark.fuzz
+@pytest.mark.timeout(60)
+def test_short_fuzz_run_of_the_gateway_loop(tmp_path: Path) -> None:
+    pytest.importorskip("atheris")
+    work = tmp_path / "corpus"
+    work.mkdir()
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "fuzz" / "fuzz_gateway.py"),
+         "-max_total_time=5", "-rss_limit_mb=1024", f"-artifact_prefix={tmp_path}/", str(work),
+         str(ROOT / "tests" / "fuzz" / "corpus" / "frame")],
         capture_output=True, text=True, timeout=50, cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr[-3000:]
