@@ -29,6 +29,10 @@ def main() -> int:
                    UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
         os.execve(sys.executable, [sys.executable, "-m", "tests.netstack_gateway.run_under_asan",
                                    *sys.argv[1:]], env)
+    # the runtime is loaded in this process now; children (ip, nft, curl, sysctl) must
+    # not inherit it
+    os.environ.pop("LD_PRELOAD", None)
+    os.environ.pop("ASAN_OPTIONS", None)
     path = asan.ensure_extension()
     loader = importlib.machinery.ExtensionFileLoader("netstack._fastpath", path)
     spec = importlib.util.spec_from_file_location("netstack._fastpath", path, loader=loader)
