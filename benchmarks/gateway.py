@@ -42,6 +42,7 @@ from netstack import AddressPlan, Classifier, Gateway, NetworkPolicy, TapUplink,
 from tests.netstack_gateway.topology import UPSTREAM_IP, Topology
 
 DIRECT_GUEST, DIRECT_UPSTREAM = "10.214.0.1", "10.214.0.2"
+VNET = os.environ.get("GW_BENCH_VNET", "1") == "1"
 #: offered UDP load (64-byte payloads): ~98k datagrams/s (the same offered load on both
 #: paths; unlimited -b 0 measures iperf3's sender more than the path)
 UDP_RATE = "50M"
@@ -113,7 +114,7 @@ def bench_rig() -> Iterator[Bench]:
     pump: CPump | None = None
     servers: list[subprocess.Popen[bytes]] = []
     try:
-        uplink = TapUplink("gw-bench", plan, home=home)
+        uplink = TapUplink("gw-bench", plan, home=home, vnet_hdr=VNET)
         topo = Topology(plan, tmp, token=f"b{os.getpid() % 0xFFFF:04x}")
         assert topo.vmm_socket is not None
         vmm_sock, guest_tap = topo.detach_vmm()

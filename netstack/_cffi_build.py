@@ -162,7 +162,7 @@ typedef struct ns_gw_config {
     uint8_t capture;
     uint8_t log_denied;
     uint8_t npublished;
-    uint8_t pad;
+    uint8_t uplink_vnet;
     uint16_t published[16];
 } ns_gw_config;
 typedef struct ns_gw_event {

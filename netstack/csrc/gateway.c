@@ -98,6 +98,11 @@ struct ns_gw {
     pending pend[MAX_PENDING];
     uint32_t npending, nheld_total;
     double last_timer, last_expire;
+    /* TCP coalescing towards a vnet-header uplink (one GSO packet per run of segments) */
+    uint8_t *co;                  /* 10-byte virtio-net header + the super-frame */
+    size_t co_len;                /* frame bytes after the header; 0 = empty */
+    uint32_t co_next_seq, co_mss, co_segs, co_hl;
+    int co_closed;
     ns_gw_stats st;               /* written by the loop; read racily by stats_get */
 };
 
@@ -379,10 +384,87 @@ static void to_guest(ns_gw *g, const uint8_t *frame, size_t len, double now) {
     else g->st.to_guest++;
 }
 
+static const uint8_t zero_vnet[10];
+
+static void co_flush(ns_gw *g) {
+    if (!g->co_len) return;
+    uint8_t *h = g->co, *f = g->co + 10;
+    memset(h, 0, 10);
+    if (g->co_segs > 1) {
+        uint8_t *ip = f + 14;
+        size_t iplen = g->co_len - 14;
+        wr16(ip + 2, (uint16_t)iplen);
+        ip[10] = ip[11] = 0;
+        wr16(ip + 10, csum_fold(csum_add(0, ip, 20)));
+        /* CHECKSUM_PARTIAL: the field holds the folded pseudo-header sum */
+        uint32_t sum = csum_add(0, ip + 12, 8) + 6u + (uint32_t)(iplen - 20);
+        while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16);
+        wr16(f + 34 + 16, (uint16_t)sum);
+        h[0] = 1;                             /* VIRTIO_NET_HDR_F_NEEDS_CSUM */
+        h[1] = 1;                             /* VIRTIO_NET_HDR_GSO_TCPV4 */
+        h[2] = (uint8_t)g->co_hl;             /* hdr_len (little endian) */
+        h[3] = (uint8_t)(g->co_hl >> 8);
+        h[4] = (uint8_t)g->co_mss;            /* gso_size */
+        h[5] = (uint8_t)(g->co_mss >> 8);
+        h[6] = 34;                            /* csum_start */
+        h[8] = 16;                            /* csum_offset */
+    }
+    ssize_t w = write(g->cfg.uplink_fd, g->co, 10 + g->co_len);
+    if (w < 0) g->st.write_errors++;
+    else g->st.to_uplink += g->co_segs;
+    g->co_len = 0;
+    g->co_segs = 0;
+}
+
 static void to_uplink(ns_gw *g, const uint8_t *frame, size_t len) {
-    ssize_t w = write(g->cfg.uplink_fd, frame, len);
+    ssize_t w;
+    if (g->cfg.uplink_vnet) {
+        co_flush(g);
+        struct iovec iov[2] = {{(void *)zero_vnet, 10}, {(void *)frame, len}};
+        w = writev(g->cfg.uplink_fd, iov, 2);
+    } else {
+        w = write(g->cfg.uplink_fd, frame, len);
+    }
     if (w < 0) g->st.write_errors++;
     else g->st.to_uplink++;
+}
+
+/* An allowed frame: coalesced with the previous ones when it continues the same
+ * TCP run (IPv4 without options, ACK or ACK|PSH, contiguous, identical headers
+ * but for the sequence number), else written as is. */
+static void to_uplink_allowed(ns_gw *g, const uint8_t *buf, size_t len) {
+    ns_frame fr;
+    if (!g->cfg.uplink_vnet || len < 54 || buf[12] != 0x08 || buf[13] != 0x00 || buf[14] != 0x45 ||
+        buf[23] != 6 || ns_parse_frame(buf, len, &fr) != NS_PARSE_OK || fr.frag != 0 ||
+        (fr.tcp_flags & ~0x08) != 0x10 || fr.payload_len == 0 || fr.l4_off != 34 ||
+        fr.payload_off + fr.payload_len != len) {
+        to_uplink(g, buf, len);
+        return;
+    }
+    uint32_t hl = fr.payload_off, plen = fr.payload_len;
+    uint8_t *f = g->co + 10;
+    if (g->co_len && !g->co_closed && hl == g->co_hl && fr.seq == g->co_next_seq &&
+        plen <= g->co_mss && g->co_len + plen <= 14 + 65535 - 64 &&
+        memcmp(buf + 26, f + 26, 12) == 0 &&          /* addresses, ports */
+        memcmp(buf + 42, f + 42, 4) == 0 &&           /* ack */
+        buf[46] == f[46] &&                           /* data offset */
+        memcmp(buf + 54, f + 54, hl - 54) == 0) {     /* options (timestamps ...) */
+        memcpy(f + g->co_len, buf + hl, plen);
+        g->co_len += plen;
+        g->co_segs++;
+        g->co_next_seq += plen;
+        if (fr.tcp_flags & 0x08) f[47] |= 0x08;
+        if (plen < g->co_mss || (fr.tcp_flags & 0x08)) g->co_closed = 1;
+        return;
+    }
+    co_flush(g);
+    memcpy(f, buf, len);
+    g->co_len = len;
+    g->co_segs = 1;
+    g->co_hl = hl;
+    g->co_mss = plen;
+    g->co_next_seq = fr.seq + plen;
+    g->co_closed = (fr.tcp_flags & 0x08) != 0;
 }
 
 /* ------------------------------------------------------------ pending flows */
@@ -507,7 +589,7 @@ static void handle_egress(ns_gw *g, const uint8_t *buf, size_t len, uint8_t v, i
     if (p) pend_resolve(g, p, v == NS_TO_PROXY ? NS_DENY_RST : v, buf, &fr, now);
     switch (v) {
     case NS_ALLOW:
-        to_uplink(g, buf, len);
+        to_uplink_allowed(g, buf, len);
         return;
     case NS_NEED_MORE:
         if (parsed != NS_PARSE_OK) return;
@@ -681,6 +763,11 @@ static void read_uplink(ns_gw *g, double now) {
         if (r < 0 && errno == EINTR) continue;
         if (r <= 0) return;
         size_t len = (size_t)r;
+        if (g->cfg.uplink_vnet) { /* no offloads are enabled: the header says nothing */
+            if (len < 10 + 14) continue;
+            memmove(d, d + 10, len - 10);
+            len -= 10;
+        }
         g->st.uplink_frames++;
         g->st.uplink_bytes += len;
         int k = ns_ctx_reply_lookup(g->ctx, d, len, now);
@@ -832,6 +919,7 @@ static void *gw_main(void *arg) {
                 push_event(g, NS_EV_GUEST_CLOSED, 0, NS_DIR_EGRESS, -1, now, NULL, 0);
             }
         }
+        co_flush(g);
         if (pfd[3].revents & POLLIN) read_uplink(g, now);
         if (g->cfg.guest_mode == NS_GW_STREAM && g->out_len > g->out_off) flush_guest(g);
         if (now - g->last_timer > 0.05) {
@@ -867,6 +955,7 @@ ns_gw *ns_gw_new(ns_ctx *ctx, const ns_gw_config *cfg) {
     g->ring = (ev_slot *)calloc(slots, sizeof(ev_slot));
     g->inject = (ev_slot *)calloc(INJECT_SLOTS, sizeof(ev_slot));
     g->rx = (uint8_t *)malloc((size_t)BATCH * RX_FRAME);
+    g->co = (uint8_t *)malloc(10 + RX_FRAME);
     if (cfg->guest_mode == NS_GW_STREAM) {
         g->in = (uint8_t *)malloc(STREAM_IN_CAP);
         g->out = (uint8_t *)malloc(STREAM_OUT_CAP);
@@ -874,7 +963,7 @@ ns_gw *ns_gw_new(ns_ctx *ctx, const ns_gw_config *cfg) {
     g->stop_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     g->inject_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     g->event_efd = eventfd(0, EFD_CLOEXEC);
-    if (!g->ring || !g->inject || !g->rx || (cfg->guest_mode == NS_GW_STREAM && (!g->in || !g->out)) ||
+    if (!g->ring || !g->inject || !g->rx || !g->co || (cfg->guest_mode == NS_GW_STREAM && (!g->in || !g->out)) ||
         g->stop_efd < 0 || g->inject_efd < 0 || g->event_efd < 0 ||
         pthread_mutex_init(&g->inject_mu, NULL) != 0) {
         if (g->stop_efd >= 0) close(g->stop_efd);
@@ -883,6 +972,7 @@ ns_gw *ns_gw_new(ns_ctx *ctx, const ns_gw_config *cfg) {
         free(g->ring);
         free(g->inject);
         free(g->rx);
+        free(g->co);
         free(g->in);
         free(g->out);
         free(g);
@@ -926,6 +1016,7 @@ void ns_gw_free(ns_gw *g) {
     free(g->ring);
     free(g->inject);
     free(g->rx);
+    free(g->co);
     free(g->in);
     free(g->out);
     free(g);

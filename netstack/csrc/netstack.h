@@ -143,7 +143,7 @@ typedef struct ns_gw_config {
     uint8_t capture;           /* 1: queue NS_EV_CAPTURE records */
     uint8_t log_denied;        /* 1: queue NS_EV_DENIED records */
     uint8_t npublished;        /* published guest TCP ports (ingress from the uplink) */
-    uint8_t pad;
+    uint8_t uplink_vnet;       /* 1: the uplink TAP has IFF_VNET_HDR; TCP is coalesced (GSO) */
     uint16_t published[16];
 } ns_gw_config;
 

@@ -227,6 +227,7 @@ class Gateway:
         cfg.hello_timeout = float(hello_timeout)
         cfg.capture = 1 if res.pcap is not None else 0
         cfg.log_denied = 1 if log_denied else 0
+        cfg.uplink_vnet = 1 if getattr(self.uplink, "vnet_hdr", False) else 0
         guest_ports = sorted({m.guest_port for m in self._mappings})
         cfg.npublished = len(guest_ports)
         for i, port in enumerate(guest_ports):

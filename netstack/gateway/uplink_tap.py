@@ -81,6 +81,9 @@ TRANSIT_POOL: Final = ipaddress.IPv4Network("10.212.0.0/15")
 _TUNSETIFF: Final = 0x400454CA
 _IFF_TAP: Final = 0x0002
 _IFF_NO_PI: Final = 0x1000
+_IFF_VNET_HDR: Final = 0x4000
+#: Bytes of the virtio-net header before each frame on a ``vnet_hdr=True`` TAP.
+VNET_HDR_LEN: Final = 10
 _SANDBOX_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
@@ -219,7 +222,9 @@ class TapUplink:
 
     Creating it needs root. ``tap_fd`` is the TAP's file descriptor (IFF_TAP |
     IFF_NO_PI: bare Ethernet frames, one per read/write); the TAP vanishes when it is
-    closed, the rest by :meth:`close`.
+    closed, the rest by :meth:`close`. ``vnet_hdr=True`` adds IFF_VNET_HDR: every read
+    and write carries a 10-byte virtio-net header first; the gateway then writes runs of
+    guest TCP segments as one GSO packet (no offloads are enabled for reads).
 
     >>> from netstack.gateway import AddressPlan, TapUplink
     >>> with TapUplink("doc-sbx", AddressPlan(4000)) as up:   # doctest: +SKIP
@@ -227,8 +232,8 @@ class TapUplink:
     """
 
     def __init__(self, sandbox: str, plan: AddressPlan, *, host_loopback: bool = False,
-                 home: str | os.PathLike[str] | None = None, nonblocking: bool = False
-                 ) -> None:
+                 home: str | os.PathLike[str] | None = None, nonblocking: bool = False,
+                 vnet_hdr: bool = False) -> None:
         if not isinstance(plan, AddressPlan):
             raise UplinkError(f"plan must be an AddressPlan, got {type(plan).__name__}")
         if os.geteuid() != 0:
@@ -237,6 +242,7 @@ class TapUplink:
         self.names = uplink_names(sandbox)
         self.plan = plan
         self.host_loopback = bool(host_loopback)
+        self.vnet_hdr = bool(vnet_hdr)
         self.home = Path(home) if home is not None else microvm_home()
         pid, start = process_identity()
         self._record = UplinkRecord(
@@ -332,7 +338,8 @@ class TapUplink:
         fd = os.open("/dev/net/tun", flags)
         self._fds.append(fd)
         fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", n["tap"].encode(),
-                                                _IFF_TAP | _IFF_NO_PI))
+                                                _IFF_TAP | _IFF_NO_PI
+                                                | (_IFF_VNET_HDR if self.vnet_hdr else 0)))
         netns.create(n["netns"])
         with IPRoute() as ipr:
             tap = ipr.link_lookup(ifname=n["tap"])[0]

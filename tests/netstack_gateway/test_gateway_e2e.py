@@ -69,7 +69,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     plan = AddressPlan(3201)
     uplink = topo = None
     try:
-        uplink = TapUplink("gw-e2e", plan, host_loopback=True, home=home)
+        uplink = TapUplink("gw-e2e", plan, host_loopback=True, home=home, vnet_hdr=True)
         topo = Topology(plan, tmp, token=f"{os.getpid() % 0xFFFF:04x}e")
         yield Rig(topo, uplink, tmp)
     finally:
