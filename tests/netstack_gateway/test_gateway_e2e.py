@@ -400,3 +400,25 @@ def test_datagram_vmm_transport(tmp_path: Path, host_service: int, vfkit: bool) 
             uplink.close()
         cleanup_stale(home)
         assert snapshot().ours() == before.ours()
+
+
+_EXIT_SCRIPT = r"""
+import socket, sys
+from netstack import AddressPlan, Gateway, NetworkPolicy, TapUplink
+up = TapUplink("gw-e2e-exit", AddressPlan(3204), home=sys.argv[1], vnet_hdr=True)
+a, b = socket.socketpair()
+gw = Gateway(NetworkPolicy.public_only(), uplink=up, guest_socket=a, dns_upstreams=["192.0.2.53"])
+b.sendall(b"\0\0\0\x3c" + bytes(60))   # some traffic in flight
+print("up", flush=True)
+# no close(): interpreter exit must stop the loop and remove everything
+"""
+
+
+def test_gateway_is_closed_at_interpreter_exit(tmp_path: Path) -> None:
+    require_root()
+    before = snapshot()
+    r = subprocess.run(["python3", "-c", _EXIT_SCRIPT, str(tmp_path / "home")],
+                       capture_output=True, text=True, timeout=30, check=False,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0 and r.stdout == "up\n", r.stderr[-2000:]
+    assert snapshot().ours() == before.ours()
