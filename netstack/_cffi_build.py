@@ -164,6 +164,7 @@ typedef struct ns_gw_config {
     uint8_t npublished;
     uint8_t uplink_vnet;
     uint16_t published[16];
+    uint8_t gateway_ip[16];
 } ns_gw_config;
 typedef struct ns_gw_event {
     uint8_t kind, verdict, direction, pad;

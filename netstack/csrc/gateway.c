@@ -610,7 +610,14 @@ static void handle_egress(ns_gw *g, const uint8_t *buf, size_t len, uint8_t v, i
             push_event(g, NS_EV_DNS, v, NS_DIR_EGRESS, rule, now, buf, len);
             return;
         }
-        /* DNS over TCP is not served: fail fast */
+        if (parsed == NS_PARSE_OK && fr.pbit == NS_P_TCP &&
+            memcmp(fr.dst, g->cfg.gateway_ip, 16) == 0) {
+            /* DNS over TCP to the gateway: served by the forwarder's listener in the
+             * uplink namespace (which owns the gateway address) */
+            to_uplink(g, buf, len);
+            return;
+        }
+        /* DNS over TCP to another resolver is not served: fail fast */
         break;
     case NS_DENY_RST:
     case NS_DENY_ICMP:
@@ -775,6 +782,9 @@ static void read_uplink(ns_gw *g, double now) {
         ns_frame fr;
         if (k == 2) { /* flow still waiting for its hello: handshake only */
             pass = ns_parse_frame(d, len, &fr) == NS_PARSE_OK && fr.payload_len == 0;
+        } else if (k == 0 && ns_parse_frame(d, len, &fr) == NS_PARSE_OK && fr.pbit == NS_P_TCP &&
+                   fr.sport == 53 && fr.frag == 0 && memcmp(fr.src, g->cfg.gateway_ip, 16) == 0) {
+            pass = 1; /* the forwarder's DNS-over-TCP answers */
         } else if (k == 0 && g->cfg.npublished && ns_parse_frame(d, len, &fr) == NS_PARSE_OK &&
                    fr.pbit == NS_P_TCP && fr.frag == 0 && published(g, fr.dport)) {
             /* a connection to a published guest port (opened by the port publisher

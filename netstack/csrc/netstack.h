@@ -145,6 +145,7 @@ typedef struct ns_gw_config {
     uint8_t npublished;        /* published guest TCP ports (ingress from the uplink) */
     uint8_t uplink_vnet;       /* 1: the uplink TAP has IFF_VNET_HDR; TCP is coalesced (GSO) */
     uint16_t published[16];
+    uint8_t gateway_ip[16];    /* v4-mapped: DNS over TCP to it goes to the uplink's listener */
 } ns_gw_config;
 
 typedef struct ns_gw_event {

@@ -581,6 +581,22 @@ class DnsForwarder:
         self._servers.append(transport)
         return str(bound[0]), int(bound[1])
 
+    async def start_tcp_socket(self, sock: Any) -> None:
+        """Serve DNS over TCP on an already bound and listening socket (e.g. one created
+        inside another network namespace); closed by :meth:`stop`.
+
+        >>> import asyncio, socket
+        >>> from netstack import NetworkPolicy
+        >>> async def demo():
+        ...     fwd = DnsForwarder(NetworkPolicy.none().evaluate_dns, ["192.0.2.1"])
+        ...     s = socket.create_server(("127.0.0.1", 0))
+        ...     await fwd.start_tcp_socket(s)
+        ...     await fwd.stop()
+        >>> asyncio.run(demo())
+        """
+        server = await asyncio.start_server(self._serve_tcp, sock=sock)
+        self._servers.append(server)
+
     async def stop(self) -> None:
         """Close the listeners started by :meth:`start` (idempotent).
 
@@ -662,6 +678,18 @@ class ForwarderThread:
         """
         return asyncio.run_coroutine_threadsafe(self.forwarder.start(host, port),
                                                 self.loop).result(10)
+
+    def serve_tcp_socket(self, sock: Any) -> None:
+        """:meth:`DnsForwarder.start_tcp_socket` on the thread's loop.
+
+        >>> import socket
+        >>> from netstack import NetworkPolicy
+        >>> with ForwarderThread(DnsForwarder(NetworkPolicy.none().evaluate_dns,
+        ...                                   ["192.0.2.1"])) as t:
+        ...     t.serve_tcp_socket(socket.create_server(("127.0.0.1", 0)))
+        """
+        asyncio.run_coroutine_threadsafe(self.forwarder.start_tcp_socket(sock),
+                                         self.loop).result(10)
 
     def close(self) -> None:
         """Stop listeners and the loop, join the thread (idempotent).

@@ -20,8 +20,9 @@ which runs in its own pthread without the GIL:
   (bounded) until the ClientHello is complete, then released or reset (both ways);
 * UDP DNS queries (port 53, any address) are answered by the forwarder
   (``policy.evaluate_dns`` per query, NXDOMAIN on deny, rebind protection); its
-  answers feed the pin cache the classifier uses for domain rules. DNS over TCP is
-  answered with a RST (not served yet);
+  answers feed the pin cache the classifier uses for domain rules. DNS over TCP to the
+  gateway is served by the same forwarder (a listener on the gateway address inside the
+  uplink namespace); DNS over TCP to any other resolver is reset;
 * :meth:`Gateway.stats` / :meth:`Gateway.rule_counters` report counters; ``pcap``
   records every frame that crossed with its verdict (pcapng keeps the verdict).
 
@@ -228,6 +229,7 @@ class Gateway:
         cfg.capture = 1 if res.pcap is not None else 0
         cfg.log_denied = 1 if log_denied else 0
         cfg.uplink_vnet = 1 if getattr(self.uplink, "vnet_hdr", False) else 0
+        ffi.memmove(cfg.gateway_ip, ip16(plan.gateway_ipv4), 16)
         guest_ports = sorted({m.guest_port for m in self._mappings})
         cfg.npublished = len(guest_ports)
         for i, port in enumerate(guest_ports):
@@ -243,11 +245,33 @@ class Gateway:
         res.thread.start()
         if lib.ns_gw_start(gw) != 0:
             raise GatewayError("could not start the gateway thread")
+        self._serve_dns_tcp()
         if self._mappings:
             res.publisher = PortPublisher(self.uplink.names["netns"], str(plan.guest_ipv4),
                                           self._mappings, policy.evaluate)
         log.info("gateway for %s up: guest %s (%s), uplink %s", plan.guest_ipv4,
                  cfg.guest_fd, self.transport, self.uplink.names["tap"])
+
+    def _serve_dns_tcp(self) -> None:
+        """DNS over TCP: a listener on gateway:53 inside the uplink namespace (the TAP
+        there owns the gateway address; the C loop passes TCP/53 to the gateway)."""
+        from pyroute2 import netns as pr_netns
+
+        pr_netns.pushns(self.uplink.names["netns"])
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        finally:
+            pr_netns.popns()
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((str(self.plan.gateway_ipv4), 53))
+            sock.listen(64)
+            sock.setblocking(False)
+            assert self._res.dns is not None
+            self._res.dns.serve_tcp_socket(sock)
+        except BaseException:
+            sock.close()
+            raise
 
     # -- slow path ---------------------------------------------------------------------
     def _events(self) -> None:

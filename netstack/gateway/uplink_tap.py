@@ -134,8 +134,11 @@ def netns_ruleset(names: dict[str, str], plan: AddressPlan, host_loopback: bool)
     """
     host_end, _ = transit_addresses(plan.slot)
     t, tap, nsv = names["nft_table"], names["tap"], names["ns_veth"]
-    dnat = (f'    iifname "{tap}" ip daddr {plan.gateway_ipv4} dnat to {host_end}\n'
-            if host_loopback else "")
+    # DNS over TCP to the gateway is served in this namespace (the gateway's forwarder
+    # listens on the gateway address): never DNATed to the host
+    dns = f'    iifname "{tap}" ip daddr {plan.gateway_ipv4} tcp dport 53 accept\n'
+    dnat = dns + (f'    iifname "{tap}" ip daddr {plan.gateway_ipv4} dnat to {host_end}\n'
+                  if host_loopback else "")
     return (
         f"table ip {t}\n"
         f"delete table ip {t}\n"
@@ -148,6 +151,7 @@ def netns_ruleset(names: dict[str, str], plan: AddressPlan, host_loopback: bool)
         f"  chain input {{ type filter hook input priority filter; policy accept;\n"
         f'    iifname "{tap}" ct state established,related accept\n'
         f'    iifname "{tap}" meta l4proto icmp accept\n'
+        f'    iifname "{tap}" ip daddr {plan.gateway_ipv4} tcp dport 53 accept\n'
         f'    iifname "{tap}" drop\n'
         f"  }}\n"
         f"}}\n"

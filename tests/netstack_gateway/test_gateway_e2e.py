@@ -174,6 +174,19 @@ def test_rebinding_answer_is_nxdomain(rig: Rig) -> None:
         assert UPSTREAM_IP in rig.dig(UPSTREAM_NAME, "+short")
 
 
+def test_dns_over_tcp_to_the_gateway(rig: Rig) -> None:
+    with rig.gateway(_domain_policy(), rebind_protection=False) as gw:
+        out = rig.dig(UPSTREAM_NAME, "+tcp", "+short")
+        assert out.strip() == UPSTREAM_IP, out
+        assert "status: NXDOMAIN" in rig.dig("leak.exfil.example", "+tcp")
+        # TCP to another resolver is reset, never forwarded
+        t0 = time.monotonic()
+        r = rig.run(["dig", f"@{UPSTREAM_DNS_IP}", "+tcp", "+time=5", "+tries=1",
+                     UPSTREAM_NAME, "A"])
+        assert r.returncode != 0 and time.monotonic() - t0 < 4, r.stdout
+        assert gw.stats()["dns"]["forwarded"] == 1
+
+
 def test_none_blocks_dns_and_everything(rig: Rig) -> None:
     with rig.gateway(NetworkPolicy.none(), rebind_protection=False):
         out = rig.dig(UPSTREAM_NAME)
