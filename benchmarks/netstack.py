@@ -16,7 +16,9 @@ repeats, all measured in the same run:
 * ``rules_<n>_*``: new-flow SYN rate and established rate with n - 1 random
   CIDR rules (prefixes /16-/32, random protocol and port filters) plus a final
   ``allow public``, all from the same generator so only the rule count
-  differs; half the destinations fall inside the rules' address space;
+  differs; half the destinations fall inside the rules' address space; every
+  policy classifies the same SYNs, timed from a warm, empty flow table (see
+  ``warm_new_flow_rate``) so the comparison measures rule lookup only;
 * ``pin_lookup_*``: new flows whose policy has domain rules, with 100k pinned
   names (one C pin-cache lookup per flow; baseline: parse + Python dict pin
   cache + reference evaluation with those names); ``pin_names_call_per_s`` is
