@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from microvm.errors import MicrovmError
+from microvm.errors import BootError, MicrovmError
 
 __all__ = [
     "Backend",
@@ -283,6 +283,26 @@ class Backend(Protocol):
             handle = QemuBackend().launch(spec)
         """
         ...
+
+
+def prepare_rundir(spec: VmSpec) -> None:
+    """Check the spec's disks exist, create its rundir and clear a previous run's files.
+
+    Every backend calls this first in ``launch``: stale agent sockets and console logs
+    of an earlier machine in the same rundir are removed and an empty log is created.
+
+    Example::
+
+        prepare_rundir(spec)   # raises BootError naming a missing disk image
+    """
+    for d in spec.disks:
+        if not d.path.is_file():
+            raise BootError(f"disk image {str(d.path)!r} does not exist")
+    spec.rundir.mkdir(parents=True, exist_ok=True)
+    for stale in (spec.agent_socket, spec.console_log):
+        if stale.exists():
+            stale.unlink()
+    spec.console_log.touch()
 
 
 def kvm_usable() -> bool:

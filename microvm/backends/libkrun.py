@@ -21,8 +21,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from microvm.backends.base import ProcessGroup, SpawnedVm, VmSpec, kvm_usable
-from microvm.errors import BackendUnavailable, BootError, MicrovmError
+from microvm.backends.base import (
+    ProcessGroup,
+    SpawnedVm,
+    VmSpec,
+    kvm_usable,
+    prepare_rundir,
+)
+from microvm.errors import BackendUnavailable, MicrovmError
 
 __all__ = [
     "CDEF",
@@ -295,14 +301,7 @@ class LibkrunBackend:
             vm = LibkrunBackend().launch(spec); vm.wait()
         """
         self.check()
-        for d in spec.disks:
-            if not d.path.is_file():
-                raise BootError(f"disk image {str(d.path)!r} does not exist")
-        spec.rundir.mkdir(parents=True, exist_ok=True)
-        for stale in (spec.agent_socket, spec.console_log):
-            if stale.exists():
-                stale.unlink()
-        spec.console_log.touch()
+        prepare_rundir(spec)
         cfg = spec_to_launch_config(spec)
         cfg["library"] = self.library
         cfg_path = spec.rundir / "launcher.json"

@@ -21,6 +21,7 @@ from microvm.backends.base import (
     SpawnedVm,
     VmSpec,
     kvm_usable,
+    prepare_rundir,
     wait_for_path,
 )
 from microvm.backends.console import ConsoleSink
@@ -205,14 +206,7 @@ class QemuBackend:
             raise BootError(
                 f"kernel {str(spec.kernel)!r} does not exist (run `microvm kernel fetch`)"
             )
-        for d in spec.disks:
-            if not d.path.is_file():
-                raise BootError(f"disk image {str(d.path)!r} does not exist")
-        spec.rundir.mkdir(parents=True, exist_ok=True)
-        for stale in (spec.agent_socket, spec.console_log):
-            if stale.exists():
-                stale.unlink()
-        spec.console_log.touch()
+        prepare_rundir(spec)
         group = ProcessGroup()
         sink = ConsoleSink(spec.console_socket, spec.console_log, spec.console_limit)
         try:
