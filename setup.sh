@@ -26,6 +26,6 @@ python3 -m pip install -q -e '.[test]'
 
 # Guest kernel (libkrunfw) into vendor/, verified against pinned sha256s.
 if python3 -c 'import microvm.kernel' 2>/dev/null; then
-  python3 -m microvm.kernel fetch --dest vendor
+  python3 -m microvm kernel fetch --dest vendor
 fi
 echo "setup.sh: done"
