@@ -26,6 +26,7 @@ _SRC = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 typedef struct pump { int sock, tap; volatile int stop; pthread_t t1, t2; } pump;
@@ -52,7 +53,8 @@ static void *tap_to_sock(void *a) {
     struct pollfd pf = {p->tap, POLLIN, 0};
     while (!p->stop) {
         if (poll(&pf, 1, 100) <= 0) continue;
-        for (int i = 0; i < 64 && cap - len > 70000; i++) {
+        /* up to 64 frames or 256 KiB per socket write (still in cache when written) */
+        for (int i = 0; i < 64 && len < (256u << 10); i++) {
             ssize_t r = read(p->tap, buf + len + 4, 65600);
             if (r <= 0) break;
             buf[len] = (uint8_t)(r >> 24); buf[len + 1] = (uint8_t)(r >> 16);
@@ -97,6 +99,10 @@ static void *sock_to_tap(void *a) {
 pump *pump_start(int sock, int tap) {
     pump *p = (pump *)calloc(1, sizeof(pump));
     p->sock = sock; p->tap = tap;
+    /* room for dozens of 64 KiB frames in flight (capped by net.core.wmem_max) */
+    int big = 4 << 20;
+    setsockopt(sock, SOL_SOCKET, SO_SNDBUF, &big, sizeof(big));
+    setsockopt(sock, SOL_SOCKET, SO_RCVBUF, &big, sizeof(big));
     fcntl(sock, F_SETFL, fcntl(sock, F_GETFL) | O_NONBLOCK);
     fcntl(tap, F_SETFL, fcntl(tap, F_GETFL) | O_NONBLOCK);
     pthread_create(&p->t1, NULL, tap_to_sock, p);

@@ -46,6 +46,8 @@ VNET = os.environ.get("GW_BENCH_VNET", "1") == "1"
 #: offered UDP load (64-byte payloads): ~98k datagrams/s (the same offered load on both
 #: paths; unlimited -b 0 measures iperf3's sender more than the path)
 UDP_RATE = "50M"
+#: the large guest link MTU measured besides 1500 (passt's default)
+LARGE_MTU = 65520
 
 _CONNECT_RATE = r"""
 import socket, sys, time
@@ -89,6 +91,11 @@ class Bench:
         out = json.loads(self.in_guest(["iperf3", "-c", host, "-t", str(seconds), "-J"]))
         return float(out["end"]["sum_received"]["bits_per_second"]) / 1e6
 
+    def warm_up(self) -> None:
+        """One second of TCP on each path first (fresh namespaces, cold caches)."""
+        self.tcp_mbps(UPSTREAM_IP, 1)
+        self.tcp_mbps(DIRECT_UPSTREAM, 1)
+
     def udp_small_pps(self, host: str, seconds: int) -> float:
         out = json.loads(self.in_guest(["iperf3", "-c", host, "-u", "-b", UDP_RATE, "-l", "64",
                                         "-t", str(seconds), "-J"]))
@@ -103,13 +110,17 @@ class Bench:
 
 
 @contextmanager
-def bench_rig() -> Iterator[Bench]:
-    """Build everything (root), tear everything down afterwards."""
+def bench_rig(mtu: int = 1500) -> Iterator[Bench]:
+    """Build everything (root), tear everything down afterwards.
+
+    ``mtu``: the guest link's MTU (the guest TAP and the gateway's plan); the uplink
+    stays at 1500 and the direct veth at its defaults.
+    """
     if os.geteuid() != 0:
         raise RuntimeError("the gateway benchmark needs root (namespaces, TAP, nftables)")
     tmp = Path(tempfile.mkdtemp(prefix="gwbench-"))
     home = tmp / "home"
-    plan = AddressPlan(3201)
+    plan = AddressPlan(3201, mtu=mtu)
     uplink = topo = gateway = None
     pump: CPump | None = None
     servers: list[subprocess.Popen[bytes]] = []
@@ -182,7 +193,13 @@ def _thread_cpu(name: str, user_only: bool = False) -> float:
 def measure(quick: bool) -> dict[str, Any]:
     """Run every figure through the gateway path and the direct path."""
     seconds = 3 if quick else 10
+    with bench_rig(LARGE_MTU) as b:  # TCP throughput over a large-MTU guest link
+        b.warm_up()
+        big_gw_tcp = b.tcp_mbps(UPSTREAM_IP, seconds)
+        big_direct_tcp = b.tcp_mbps(DIRECT_UPSTREAM, seconds)
+        big_stats = b.gateway.stats()
     with bench_rig() as b:
+        b.warm_up()
         cpu0, user0 = _thread_cpu("ns-gateway"), _thread_cpu("ns-gateway", True)
         gw_tcp = b.tcp_mbps(UPSTREAM_IP, seconds)
         loop_cpu = (_thread_cpu("ns-gateway") - cpu0) / seconds
@@ -200,6 +217,13 @@ def measure(quick: bool) -> dict[str, Any]:
         "gateway_tcp_mbps": round(gw_tcp, 1),
         "direct_tcp_mbps": round(direct_tcp, 1),
         "tcp_throughput_ratio": round(gw_tcp / direct_tcp, 4),
+        "guest_mtu": 1500,
+        "large_guest_mtu": LARGE_MTU,
+        "gateway_tcp_mbps_large_mtu": round(big_gw_tcp, 1),
+        "direct_tcp_mbps_large_mtu_run": round(big_direct_tcp, 1),
+        "tcp_throughput_large_mtu_ratio": round(big_gw_tcp / big_direct_tcp, 4),
+        "large_mtu_mss_raised": big_stats["mss_raised"],
+        "large_mtu_too_big": big_stats["too_big"],
         "gateway_udp64_pps": round(gw_pps),
         "direct_udp64_pps": round(direct_pps),
         "udp_small_packet_ratio": round(gw_pps / direct_pps, 4),

@@ -165,6 +165,8 @@ typedef struct ns_gw_config {
     uint8_t uplink_vnet;
     uint16_t published[16];
     uint8_t gateway_ip[16];
+    uint16_t guest_mtu;
+    uint16_t uplink_mtu;
 } ns_gw_config;
 typedef struct ns_gw_event {
     uint8_t kind, verdict, direction, pad;
@@ -178,6 +180,8 @@ typedef struct ns_gw_stats {
     uint64_t events_dropped, injected, held, released, hold_dropped, guest_overflow;
     uint64_t write_errors, loops;
     uint64_t verdicts[8];
+    uint64_t too_big;
+    uint64_t mss_raised;
 } ns_gw_stats;
 ns_gw *ns_gw_new(ns_ctx *ctx, const ns_gw_config *cfg);
 int ns_gw_start(ns_gw *gw);

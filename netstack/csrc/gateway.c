@@ -42,6 +42,7 @@
 #define RX_FRAME (NS_MAX_FRAME + 64)
 #define STREAM_IN_CAP (1u << 20)
 #define STREAM_OUT_CAP (4u << 20)
+#define STREAM_READ (256u << 10)
 #define INJECT_SLOTS 256
 #define MAX_PENDING 256
 #define REJECT_CAP 1400
@@ -390,7 +391,14 @@ static void co_flush(ns_gw *g) {
     if (!g->co_len) return;
     uint8_t *h = g->co, *f = g->co + 10;
     memset(h, 0, 10);
-    if (g->co_segs > 1) {
+    uint32_t hl = g->co_hl;
+    int big = g->co_len - 14 > g->cfg.uplink_mtu; /* a large-MTU guest frame (or run) */
+    if (g->co_segs > 1 || big) {
+        /* segments the size the guest sent them, or (larger than the uplink allows)
+         * cut to the uplink's MSS; big guest frames only exist when the peer's MSS
+         * admits full uplink-sized segments (see raise_mss) */
+        uint32_t gso = g->co_mss;
+        if (g->co_mss + hl - 14 > g->cfg.uplink_mtu) gso = g->cfg.uplink_mtu - (hl - 14);
         uint8_t *ip = f + 14;
         size_t iplen = g->co_len - 14;
         wr16(ip + 2, (uint16_t)iplen);
@@ -402,10 +410,10 @@ static void co_flush(ns_gw *g) {
         wr16(f + 34 + 16, (uint16_t)sum);
         h[0] = 1;                             /* VIRTIO_NET_HDR_F_NEEDS_CSUM */
         h[1] = 1;                             /* VIRTIO_NET_HDR_GSO_TCPV4 */
-        h[2] = (uint8_t)g->co_hl;             /* hdr_len (little endian) */
-        h[3] = (uint8_t)(g->co_hl >> 8);
-        h[4] = (uint8_t)g->co_mss;            /* gso_size */
-        h[5] = (uint8_t)(g->co_mss >> 8);
+        h[2] = (uint8_t)hl;                   /* hdr_len (little endian) */
+        h[3] = (uint8_t)(hl >> 8);
+        h[4] = (uint8_t)gso;                  /* gso_size */
+        h[5] = (uint8_t)(gso >> 8);
         h[6] = 34;                            /* csum_start */
         h[8] = 16;                            /* csum_offset */
     }
@@ -416,11 +424,51 @@ static void co_flush(ns_gw *g) {
     g->co_segs = 0;
 }
 
+/* The virtio-net header for a TCP frame larger than the uplink MTU (untagged IPv4
+ * or IPv6 without extension headers): GSO to the uplink's MSS with a partial
+ * checksum, whose pseudo-header sum goes into the frame's checksum field.
+ * Returns 0 (and leaves the frame alone) for anything else. */
+static int big_tcp_vnet(const ns_gw *g, uint8_t *frame, size_t len, uint8_t *h) {
+    ns_frame fr;
+    if (len < 54 || len - 14 <= g->cfg.uplink_mtu || ns_parse_frame(frame, len, &fr) != NS_PARSE_OK ||
+        fr.pbit != NS_P_TCP || fr.frag != 0 || fr.vlan)
+        return 0;
+    const uint8_t *ip = frame + 14;
+    uint32_t sum, l4len, hl = fr.payload_off;
+    if (fr.family == 4) {
+        size_t ihl = (size_t)(ip[0] & 15) * 4;
+        if (fr.l4_off != 14 + ihl) return 0;
+        l4len = (uint32_t)(((ip[2] << 8) | ip[3]) - ihl);
+        sum = csum_add(0, ip + 12, 8) + 6u + l4len;
+    } else {
+        if (fr.l4_off != 54 || ip[6] != 6) return 0;
+        l4len = (uint32_t)((ip[4] << 8) | ip[5]);
+        sum = csum_add(0, ip + 8, 32) + 6u + l4len;
+    }
+    if (hl - 14 >= g->cfg.uplink_mtu || fr.l4_off + l4len > len) return 0;
+    uint32_t gso = g->cfg.uplink_mtu - (hl - 14);
+    while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16);
+    wr16(frame + fr.l4_off + 16, (uint16_t)sum);
+    memset(h, 0, 10);
+    h[0] = 1;                                   /* NEEDS_CSUM */
+    h[1] = fr.family == 4 ? 1 : 4;              /* GSO_TCPV4 / GSO_TCPV6 */
+    h[2] = (uint8_t)hl;
+    h[3] = (uint8_t)(hl >> 8);
+    h[4] = (uint8_t)gso;
+    h[5] = (uint8_t)(gso >> 8);
+    h[6] = (uint8_t)fr.l4_off;
+    h[8] = 16;
+    return 1;
+}
+
 static void to_uplink(ns_gw *g, const uint8_t *frame, size_t len) {
     ssize_t w;
     if (g->cfg.uplink_vnet) {
+        uint8_t h[10];
         co_flush(g);
-        struct iovec iov[2] = {{(void *)zero_vnet, 10}, {(void *)frame, len}};
+        /* our own buffers (read buffer, held copies): writable */
+        const uint8_t *vh = big_tcp_vnet(g, (uint8_t *)frame, len, h) ? h : zero_vnet;
+        struct iovec iov[2] = {{(void *)vh, 10}, {(void *)frame, len}};
         w = writev(g->cfg.uplink_fd, iov, 2);
     } else {
         w = write(g->cfg.uplink_fd, frame, len);
@@ -437,8 +485,8 @@ static void to_uplink_allowed(ns_gw *g, const uint8_t *buf, size_t len) {
     if (!g->cfg.uplink_vnet || len < 54 || buf[12] != 0x08 || buf[13] != 0x00 || buf[14] != 0x45 ||
         buf[23] != 6 || ns_parse_frame(buf, len, &fr) != NS_PARSE_OK || fr.frag != 0 ||
         (fr.tcp_flags & ~0x08) != 0x10 || fr.payload_len == 0 || fr.l4_off != 34 ||
-        fr.payload_off + fr.payload_len != len) {
-        to_uplink(g, buf, len);
+        fr.payload_off + fr.payload_len != len || len - 14 > g->cfg.uplink_mtu) {
+        to_uplink(g, buf, len); /* large-MTU frames go as they are (GSO), no copy */
         return;
     }
     uint32_t hl = fr.payload_off, plen = fr.payload_len;
@@ -641,7 +689,9 @@ static void read_guest_stream(ns_gw *g, double now) {
     uint8_t verdicts[256];
     int32_t rules[256];
     for (int round = 0; round < 4; round++) {
-        ssize_t r = read(g->cfg.guest_fd, g->in + g->in_len, STREAM_IN_CAP - g->in_len);
+        /* at most STREAM_READ per read: what was read is still in cache when written */
+        size_t room = STREAM_IN_CAP - g->in_len;
+        ssize_t r = read(g->cfg.guest_fd, g->in + g->in_len, room < STREAM_READ ? room : STREAM_READ);
         if (r == 0) {
             g->guest_alive = 0;
             push_event(g, NS_EV_GUEST_CLOSED, 0, NS_DIR_EGRESS, -1, now, NULL, 0);
@@ -763,6 +813,69 @@ static void read_guest_tap(ns_gw *g, double now) {
 
 /* ------------------------------------------------------------ uplink frames */
 
+/* Recompute the TCP checksum of an untagged frame (IPv4 or IPv6 without
+ * extension headers); 0 if it is not one. */
+static int tcp_csum_fix(uint8_t *d, size_t len, const ns_frame *fr) {
+    const uint8_t *ip = d + 14;
+    uint32_t s, l4len;
+    if (fr->family == 4) {
+        size_t ihl = (size_t)(ip[0] & 15) * 4;
+        l4len = (uint32_t)(((ip[2] << 8) | ip[3]) - ihl);
+        s = csum_add(0, ip + 12, 8) + 6u + l4len;
+    } else {
+        l4len = (uint32_t)((ip[4] << 8) | ip[5]);
+        s = csum_add(0, ip + 8, 32) + 6u + l4len;
+    }
+    if (fr->l4_off + l4len > len) return 0;
+    uint8_t *t = d + fr->l4_off;
+    t[16] = t[17] = 0;
+    wr16(t + 16, csum_fold(csum_add(s, t, l4len)));
+    return 1;
+}
+
+/* A SYN towards a large-MTU guest: when the peer's MSS admits full segments of the
+ * uplink's MTU, advertise the guest link's MSS instead, so that the guest sends
+ * large frames, which the loop cuts back to the uplink's MSS with GSO (passt
+ * terminates TCP and gets the same effect).  A smaller MSS is left alone: the
+ * guest then sends segments the peer accepts. */
+static void raise_mss(ns_gw *g, uint8_t *d, size_t len) {
+    ns_frame fr;
+    if (g->cfg.guest_mtu <= g->cfg.uplink_mtu || len < 54 ||
+        ns_parse_frame(d, len, &fr) != NS_PARSE_OK || fr.pbit != NS_P_TCP ||
+        !(fr.tcp_flags & 0x02) || fr.frag != 0 || fr.vlan)
+        return;
+    if (fr.family == 6 && (fr.l4_off != 54 || d[20] != 6)) return;
+    uint32_t iph = (uint32_t)fr.l4_off - 14;
+    uint8_t *t = d + fr.l4_off;
+    size_t thl = (size_t)(t[12] >> 4) * 4;
+    if (thl < 20 || fr.l4_off + thl > len) return;
+    for (size_t i = 20; i < thl;) {
+        uint8_t kind = t[i];
+        if (kind == 0) return;
+        if (kind == 1) {
+            i++;
+            continue;
+        }
+        if (i + 1 >= thl || t[i + 1] < 2 || i + t[i + 1] > thl) return;
+        if (kind == 2 && t[i + 1] == 4) {
+            uint32_t mss = (uint32_t)((t[i + 2] << 8) | t[i + 3]);
+            uint32_t want = g->cfg.guest_mtu - iph - 20;
+            if (want > 65535) want = 65535;
+            if (mss + iph + 20 < g->cfg.uplink_mtu || mss >= want) return;
+            uint8_t old[2] = {t[i + 2], t[i + 3]};
+            wr16(t + i + 2, (uint16_t)want);
+            if (!tcp_csum_fix(d, len, &fr)) {
+                t[i + 2] = old[0];
+                t[i + 3] = old[1];
+                return;
+            }
+            g->st.mss_raised++;
+            return;
+        }
+        i += t[i + 1];
+    }
+}
+
 static void read_uplink(ns_gw *g, double now) {
     uint8_t *d = g->rx; /* the guest reader is done with rx by now */
     for (int i = 0; i < BATCH; i++) {
@@ -770,10 +883,27 @@ static void read_uplink(ns_gw *g, double now) {
         if (r < 0 && errno == EINTR) continue;
         if (r <= 0) return;
         size_t len = (size_t)r;
-        if (g->cfg.uplink_vnet) { /* no offloads are enabled: the header says nothing */
+        if (g->cfg.uplink_vnet) {
+            /* no offloads are negotiated (TUNSETOFFLOAD), so the kernel segments and
+             * checksums before the TAP; a header that still asks for a checksum
+             * gets one, a GSO packet too large for the guest is dropped below */
             if (len < 10 + 14) continue;
+            uint8_t vh[10];
+            memcpy(vh, d, 10);
             memmove(d, d + 10, len - 10);
             len -= 10;
+            if (vh[0] & 1) {
+                size_t cs = (size_t)(vh[6] | (vh[7] << 8)), co = (size_t)(vh[8] | (vh[9] << 8));
+                if (cs + co + 2 > len) continue;
+                uint16_t c = csum_fold(csum_add(0, d + cs, len - cs));
+                /* the field held the pseudo-header sum: fold it in */
+                wr16(d + cs + co, c);
+            }
+        }
+        if (g->cfg.guest_mtu && len > 14u + g->cfg.guest_mtu +
+                                          ((d[12] == 0x81 && d[13] == 0x00) ? 4u : 0u)) {
+            g->st.too_big++; /* never truncated: larger than the guest link carries */
+            continue;
         }
         g->st.uplink_frames++;
         g->st.uplink_bytes += len;
@@ -797,6 +927,7 @@ static void read_uplink(ns_gw *g, double now) {
             pass = v == NS_ALLOW;
         }
         if (pass) {
+            raise_mss(g, d, len);
             to_guest(g, d, len, now);
         } else {
             g->st.not_reply++;
@@ -869,8 +1000,8 @@ static void timer(ns_gw *g, double now) {
                 if (now - p->created > 4 * g->cfg.hello_timeout + 5) pend_free(g, p);
                 continue;
             }
-            uint8_t copy[REJECT_CAP];
-            size_t cl = fl < sizeof(copy) ? fl : 0;
+            uint8_t *copy = (uint8_t *)malloc(fl);
+            size_t cl = copy ? fl : 0;
             if (cl) memcpy(copy, f, cl);
             int had_data = p->head != NULL;
             pend_resolve(g, p, v == NS_TO_PROXY ? NS_DENY_RST : v, f, &fr, now);
@@ -882,6 +1013,7 @@ static void timer(ns_gw *g, double now) {
                     to_guest(g, out, n, now);
                 }
             }
+            free(copy);
             (void)had_data;
         }
     }
@@ -956,6 +1088,8 @@ ns_gw *ns_gw_new(ns_ctx *ctx, const ns_gw_config *cfg) {
     g->cfg = *cfg;
     if (g->cfg.hold_frames == 0) g->cfg.hold_frames = 1024;
     if (!(g->cfg.hello_timeout > 0)) g->cfg.hello_timeout = 5.0;
+    if (g->cfg.uplink_mtu == 0) g->cfg.uplink_mtu = 1500;
+    if (g->cfg.uplink_mtu < 576) g->cfg.uplink_mtu = 576;
     uint32_t slots = 16;
     uint32_t want = cfg->event_slots ? cfg->event_slots : 1024;
     if (want > (1u << 16)) want = 1u << 16;

@@ -146,6 +146,8 @@ typedef struct ns_gw_config {
     uint8_t uplink_vnet;       /* 1: the uplink TAP has IFF_VNET_HDR; TCP is coalesced (GSO) */
     uint16_t published[16];
     uint8_t gateway_ip[16];    /* v4-mapped: DNS over TCP to it goes to the uplink's listener */
+    uint16_t guest_mtu;        /* the guest link's MTU (0: unchecked, no MSS raising) */
+    uint16_t uplink_mtu;       /* the uplink TAP's MTU (0: 1500); GSO segments to fit it */
 } ns_gw_config;
 
 typedef struct ns_gw_event {
@@ -161,6 +163,8 @@ typedef struct ns_gw_stats {
     uint64_t events_dropped, injected, held, released, hold_dropped, guest_overflow;
     uint64_t write_errors, loops;
     uint64_t verdicts[8];
+    uint64_t too_big;          /* uplink frames larger than the guest MTU (dropped) */
+    uint64_t mss_raised;       /* SYNs towards the guest whose MSS option was raised */
 } ns_gw_stats;
 
 ns_gw *ns_gw_new(ns_ctx *ctx, const ns_gw_config *cfg);

@@ -41,6 +41,7 @@ the C loop never waits for Python (a full ring drops events and counts them).
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -56,7 +57,7 @@ from typing import Any, Literal
 from netstack._fastpath import ffi, lib
 from netstack._ipbytes import ip16
 from netstack.classifier import Classifier, RuleCounter
-from netstack.errors import GatewayError, MalformedFrame
+from netstack.errors import AddressPlanError, GatewayError, MalformedFrame
 from netstack.frameinfo import parse_frame
 from netstack.gateway.addressing import AddressPlan
 from netstack.gateway.dns_forwarder import DnsForwarder, ForwarderThread, pin_cache_callback
@@ -75,7 +76,7 @@ _EV_DNS, _EV_DENIED, _EV_CAPTURE, _EV_GUEST_CLOSED, _EV_NOT_REPLY = 1, 2, 3, 4, 
 _STAT_FIELDS = ("guest_frames", "guest_bytes", "uplink_frames", "uplink_bytes", "to_uplink",
                 "to_guest", "not_reply", "rst_sent", "icmp_sent", "dns_queries",
                 "events_dropped", "injected", "held", "released", "hold_dropped",
-                "guest_overflow", "write_errors", "loops")
+                "guest_overflow", "write_errors", "loops", "too_big", "mss_raised")
 
 
 def _mac(text: str) -> bytes:
@@ -131,6 +132,28 @@ class _Resources:
             self.uplink.close()
 
 
+#: send/receive buffer of the guest frame socket: room for dozens of 64 KiB frames
+#: in flight (the kernel caps it at net.core.wmem_max / rmem_max)
+GUEST_SOCKET_BUFFER = 4 << 20
+
+
+def _size_socket_buffers(fd: int) -> None:
+    """Enlarge the guest frame socket's buffers (best effort; not a socket: no-op)."""
+    dup = os.dup(fd)
+    try:
+        sock = socket.socket(fileno=dup)
+    except OSError:
+        os.close(dup)
+        return
+    try:
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            sock.setsockopt(socket.SOL_SOCKET, opt, GUEST_SOCKET_BUFFER)
+    except OSError as e:
+        log.debug("guest socket buffers left as they are: %s", e)
+    finally:
+        sock.close()
+
+
 class Gateway:
     """The policy-enforcing gateway of one sandbox (see the module docstring).
 
@@ -142,7 +165,11 @@ class Gateway:
     ``rebind_protection``: see :class:`DnsForwarder` (turning it off is for tests
     whose "public" upstreams live in TEST-NET ranges, which count as reserved).
     ``published_ports``: ``"host:guest"``, ``(host, guest)`` or :class:`PublishedPort`
-    (TCP; host port 0 = any free one, see :attr:`published`).
+    (TCP; host port 0 = any free one, see :attr:`published`). ``mtu``: the guest
+    link's MTU (default: the uplink plan's, 1500); above the uplink's 1500 it needs a
+    ``vnet_hdr`` uplink: large guest TCP frames leave as GSO packets cut to the
+    uplink's MSS, and the MSS option of SYNs towards the guest is raised to the guest
+    link's when the peer accepts full-size segments (:meth:`guest_config` reports it).
 
     >>> Gateway(NetworkPolicy.none(), uplink=None, guest_fd=0)   # doctest: +ELLIPSIS
     Traceback (most recent call last):
@@ -159,7 +186,8 @@ class Gateway:
                  published_ports: Iterable[PublishedPort | tuple[int, int] | str] = (),
                  own_uplink: bool = False,
                  max_flows: int = 16384, hello_timeout: float = 5.0,
-                 event_slots: int = 4096, log_denied: bool = True) -> None:
+                 event_slots: int = 4096, log_denied: bool = True,
+                 mtu: int | None = None) -> None:
         if not isinstance(policy, NetworkPolicy):
             raise GatewayError(f"policy must be a NetworkPolicy, got {type(policy).__name__}")
         if not isinstance(uplink, TapUplink):
@@ -182,9 +210,21 @@ class Gateway:
         if isinstance(event_slots, bool) or not isinstance(event_slots, int) \
                 or not 16 <= event_slots <= 65536:
             raise GatewayError(f"event_slots must be an int in 16..65536, got {event_slots!r}")
+        plan = uplink.plan
+        if mtu is not None:
+            try:
+                plan = dataclasses.replace(plan, mtu=mtu)
+            except AddressPlanError as e:
+                raise GatewayError(f"mtu must be an int in 576..65520, got {mtu!r}") from e
+        if plan.mtu > uplink.mtu and not uplink.vnet_hdr:
+            raise GatewayError(f"a guest link MTU of {plan.mtu} (above the uplink's "
+                               f"{uplink.mtu}) needs TapUplink(vnet_hdr=True): the loop cuts "
+                               f"large TCP frames back to the uplink's MSS with GSO")
+        if plan.mtu < uplink.mtu:
+            uplink.set_mtu(plan.mtu)
         self.policy = policy
         self.uplink = uplink
-        self.plan: AddressPlan = uplink.plan
+        self.plan: AddressPlan = plan
         self.transport: Transport = transport
         self._res = _Resources(uplink=uplink, own_uplink=own_uplink, guest=guest_socket)
         self._finalizer = weakref.finalize(self, self._res.close)
@@ -219,6 +259,8 @@ class Gateway:
             res.own_pcap = True
         cfg = ffi.new("ns_gw_config *")
         cfg.guest_fd = guest_socket.fileno() if guest_socket is not None else int(guest_fd or 0)
+        if self.transport != "tap":
+            _size_socket_buffers(cfg.guest_fd)
         cfg.guest_mode = _MODES[self.transport]
         cfg.uplink_fd = self.uplink.tap_fd
         ffi.memmove(cfg.guest_mac, _mac(plan.guest_mac), 6)
@@ -230,6 +272,8 @@ class Gateway:
         cfg.log_denied = 1 if log_denied else 0
         cfg.uplink_vnet = 1 if getattr(self.uplink, "vnet_hdr", False) else 0
         ffi.memmove(cfg.gateway_ip, ip16(plan.gateway_ipv4), 16)
+        cfg.guest_mtu = plan.mtu
+        cfg.uplink_mtu = self.uplink.mtu
         guest_ports = sorted({m.guest_port for m in self._mappings})
         cfg.npublished = len(guest_ports)
         for i, port in enumerate(guest_ports):

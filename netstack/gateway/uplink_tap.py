@@ -221,6 +221,11 @@ def _enable_host_forwarding() -> None:
         log.info("enabled net.ipv4.ip_forward on the host (needed for uplink NAT)")
 
 
+#: MTU of the uplink's real network (the veth to the host): the TAP never exceeds it;
+#: a guest link with a larger MTU is cut back to it with GSO by the gateway loop.
+UPLINK_MTU = 1500
+
+
 class TapUplink:
     """The TAP uplink of one sandbox (see the module docstring for the topology).
 
@@ -245,6 +250,7 @@ class TapUplink:
         self.sandbox = sandbox
         self.names = uplink_names(sandbox)
         self.plan = plan
+        self._mtu = min(plan.mtu, UPLINK_MTU)
         self.host_loopback = bool(host_loopback)
         self.vnet_hdr = bool(vnet_hdr)
         self.home = Path(home) if home is not None else microvm_home()
@@ -291,6 +297,28 @@ class TapUplink:
         if not self._fds:
             raise UplinkError(f"uplink of sandbox {self.sandbox!r} is closed")
         return self._fds[0]
+
+    @property
+    def mtu(self) -> int:
+        """The uplink TAP's MTU: the plan's MTU, at most :data:`UPLINK_MTU`.
+
+        >>> TapUplink("doc-m", AddressPlan(4000, mtu=65520)).mtu   # doctest: +SKIP
+        1500
+        """
+        return self._mtu
+
+    def set_mtu(self, mtu: int) -> None:
+        """Lower (or raise, up to :data:`UPLINK_MTU`) the uplink TAP's MTU.
+
+        >>> up.set_mtu(1280)                                       # doctest: +SKIP
+        """
+        from pyroute2 import NetNS
+
+        if isinstance(mtu, bool) or not isinstance(mtu, int) or not 576 <= mtu <= UPLINK_MTU:
+            raise UplinkError(f"uplink mtu must be an int in 576..{UPLINK_MTU}, got {mtu!r}")
+        with NetNS(self.names["netns"], flags=0) as ns:
+            ns.link("set", index=ns.link_lookup(ifname=self.names["tap"])[0], mtu=mtu)
+        self._mtu = mtu
 
     @property
     def closed(self) -> bool:
@@ -347,7 +375,7 @@ class TapUplink:
         netns.create(n["netns"])
         with IPRoute() as ipr:
             tap = ipr.link_lookup(ifname=n["tap"])[0]
-            ipr.link("set", index=tap, address=plan.gateway_mac, mtu=plan.mtu)
+            ipr.link("set", index=tap, address=plan.gateway_mac, mtu=self.mtu)
             ipr.link("set", index=tap, net_ns_fd=n["netns"])
             ipr.link("add", ifname=n["host_veth"], kind="veth",
                      peer={"ifname": n["ns_veth"], "net_ns_fd": n["netns"]})
