@@ -11,7 +11,9 @@ its own thread, classifying every frame with the compiled default policy
 a small C pump (``benchmarks/_netstack_gateway_pump.py``: guest TAP <-> u32-BE stream,
 as a VMM's network backend does), not the tests' Python fake VMM, which would cap the
 path near 1 Gbit/s by itself. Figures:
-iperf3 TCP throughput (Mbit/s), iperf3 UDP small-packet (64-byte payload) receive rate,
+iperf3 TCP throughput (Mbit/s) with the guest link at MTU 1500 and at 65520
+(``tcp_throughput_large_mtu_ratio``: the guest TAP and the gateway's plan get that MTU; the
+uplink stays at 1500 and the direct veth at its defaults), iperf3 UDP small-packet (64-byte payload) receive rate,
 TCP new-connection rate, the flow table's memory per flow (resident bytes of a
 pre-faulted table divided by its capacity), and the share of one CPU the gateway thread
 used during the TCP run (near 1.0 = the loop is the bottleneck; the user-mode part is

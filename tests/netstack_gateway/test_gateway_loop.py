@@ -113,8 +113,8 @@ class Loop:
 
 @contextmanager
 def loop(policy: NetworkPolicy, mode: str = "stream", pins: PinCache | None = None,
-         hello_timeout: float = 5.0, capture: bool = False, vnet: bool = False
-         ) -> Iterator[Loop]:
+         hello_timeout: float = 5.0, capture: bool = False, vnet: bool = False,
+         guest_mtu: int = 0, uplink_mtu: int = 0) -> Iterator[Loop]:
     kind = socket.SOCK_STREAM if mode == "stream" else socket.SOCK_DGRAM
     vmm, mine = socket.socketpair(socket.AF_UNIX, kind)
     ns_end, tap_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -131,6 +131,8 @@ def loop(policy: NetworkPolicy, mode: str = "stream", pins: PinCache | None = No
     cfg.log_denied = 1
     cfg.capture = 1 if capture else 0
     cfg.uplink_vnet = 1 if vnet else 0
+    cfg.guest_mtu = guest_mtu
+    cfg.uplink_mtu = uplink_mtu
     gw = lib.ns_gw_new(classifier.handle, cfg)
     assert gw != ffi.NULL
     assert lib.ns_gw_start(gw) == 0
@@ -361,3 +363,91 @@ def test_vnet_uplink_coalesces_a_tcp_run_into_one_gso_packet() -> None:
         lp.send(other)
         assert lp.recv_uplink() == bytes(10) + other
         assert lp.stats().to_uplink == 5
+
+
+# -- large guest link MTU -------------------------------------------------------------------
+def _tcp_with_mss(src: str, dst: str, sport: int, dport: int, mss: int, flags: int) -> bytes:
+    """A SYN / SYN-ACK with options NOP, NOP, MSS (odd-aligned on purpose: the value
+    straddles 16-bit checksum words), timestamps; checksums computed."""
+    opts = b"\x01\x02\x04" + struct.pack("!H", mss) + b"\x01\x01\x01\x08\x0a" + bytes(10)
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, 7000, 1001, (5 + len(opts) // 4) << 4, flags,
+                      65535, 0, 0) + opts
+    ip = struct.pack("!BBHHHBBH", 0x45, 0, 20 + len(tcp), 1, 0x4000, 64, 6, 0) + \
+        socket.inet_aton(src) + socket.inet_aton(dst)
+    ip = ip[:10] + struct.pack("!H", 0xFFFF - _sum(ip)) + ip[12:]
+    pseudo = ip[12:20] + struct.pack("!BBH", 0, 6, len(tcp))
+    tcp = tcp[:16] + struct.pack("!H", 0xFFFF - _sum(pseudo + tcp)) + tcp[18:]
+    return GUEST_MAC + GW_MAC + b"\x08\x00" + ip + tcp
+
+
+def _mss_of(frame: bytes) -> int:
+    opts = frame[54:14 + 20 + (frame[46] >> 4) * 4]
+    i = opts.index(b"\x02\x04")
+    return int(struct.unpack("!H", opts[i + 2:i + 4])[0])
+
+
+@pytest.mark.parametrize("mode", ["stream", "dgram"])
+def test_large_guest_frame_leaves_as_gso_cut_to_the_uplink_mss(mode: str) -> None:
+    """A 65,534-byte guest TCP frame (MTU 65520) crosses both transports whole and is
+    written to the vnet uplink with gso_size = the uplink's MSS (1500 - 52 here)."""
+    with loop(NetworkPolicy.allow_all(), mode=mode, vnet=True, guest_mtu=65520,
+              uplink_mtu=1500) as lp:
+        payload = bytes(range(256)) * 255 + b"0123456789" * 1  # 65,290 bytes
+        opts = b"\x01\x01\x08\x0a" + bytes(8)                 # timestamps: 32-byte TCP header
+        tcp = struct.pack("!HHIIBBHHH", 40000, 80, 9000, 1, 8 << 4, 0x10, 65535, 0, 0) + opts
+        ip = struct.pack("!BBHHHBBH", 0x45, 0, 20 + len(tcp) + len(payload), 1, 0x4000, 64, 6,
+                         0) + socket.inet_aton(GUEST) + socket.inet_aton(REMOTE)
+        frame = GW_MAC + GUEST_MAC + b"\x08\x00" + ip + tcp + payload
+        assert len(frame) == 65_356
+        lp.send(frame)
+        pkt = lp.recv_uplink()
+        hdr, out = pkt[:10], pkt[10:]
+        flags, gso_type, hdr_len, gso_size, csum_start, csum_off = struct.unpack("<BBHHHH", hdr)
+        assert (flags, gso_type, hdr_len, gso_size, csum_start, csum_off) == (1, 1, 66, 1448,
+                                                                              34, 16)
+        assert len(out) == len(frame) and out[66:] == payload and out[:50] == frame[:50]
+        pseudo = out[26:34] + struct.pack("!BBH", 0, 6, len(tcp) + len(payload))
+        assert struct.unpack("!H", out[50:52])[0] == _sum(pseudo)
+        # the largest frame the link can carry (65,549 bytes) passes the stream framing too
+        big = build_frame(GUEST, REMOTE, "udp", 5000, 6000, bytes(65549 - 42))
+        lp.send(big)
+        assert lp.recv_uplink() == bytes(10) + big   # UDP: not segmented, IP fragments it
+        assert lp.stats().to_uplink == 2
+
+
+def test_syn_towards_a_large_mtu_guest_gets_its_mss_raised() -> None:
+    with loop(NetworkPolicy.allow_all(), vnet=True, guest_mtu=65520, uplink_mtu=1500) as lp:
+        lp.send(_tcp_with_mss(GUEST, REMOTE, 40001, 80, 65480, 0x02))
+        assert _mss_of(lp.recv_uplink()[10:]) == 65480  # the guest's own SYN: untouched
+        synack = _tcp_with_mss(REMOTE, GUEST, 80, 40001, 1460, 0x12)
+        lp.uplink.send(bytes(10) + synack)
+        got = lp.recv_guest()
+        assert _mss_of(got) == 65480 and checksums_ok(got)
+        assert got[:50] == synack[:50] and got[52:57] == synack[52:57]
+        # a peer that cannot take full 1500-byte segments keeps its own (smaller) MSS
+        lp.send(_tcp_with_mss(GUEST, REMOTE, 40002, 80, 65480, 0x02))
+        lp.recv_uplink()
+        small = _tcp_with_mss(REMOTE, GUEST, 80, 40002, 1200, 0x12)
+        lp.uplink.send(bytes(10) + small)
+        assert lp.recv_guest() == small
+        assert lp.stats().mss_raised == 1
+
+
+def test_uplink_frames_larger_than_the_guest_mtu_are_dropped_never_truncated() -> None:
+    with loop(NetworkPolicy.allow_all(), vnet=True, guest_mtu=1500, uplink_mtu=1500) as lp:
+        lp.send(syn(sport=40003))
+        lp.recv_uplink()
+        fits = build_frame(REMOTE, GUEST, "tcp", 80, 40003, b"a" * 1460, flags=0x10)
+        large = build_frame(REMOTE, GUEST, "tcp", 80, 40003, b"b" * 3000, flags=0x10)
+        lp.uplink.send(bytes(10) + large)
+        lp.uplink.send(bytes(10) + fits)
+        assert lp.recv_guest() == fits
+        assert lp.stats().too_big == 1
+        # a header asking for a checksum (NEEDS_CSUM) gets it completed
+        part = bytearray(build_frame(REMOTE, GUEST, "tcp", 80, 40003, b"c" * 100, flags=0x10))
+        pseudo = bytes(part[26:34]) + struct.pack("!BBH", 0, 6, 120)
+        part[50:52] = struct.pack("!H", _sum(pseudo))
+        part[24:26] = struct.pack("!H", 0xFFFF - _sum(bytes(part[14:34])))
+        lp.uplink.send(struct.pack("<BBHHHH", 1, 0, 0, 0, 34, 16) + bytes(part))
+        got = lp.recv_guest()
+        assert checksums_ok(got) and got[54:] == b"c" * 100

@@ -5,12 +5,13 @@
 
 Prints ``ready`` once all listeners are bound. HTTP(S) answers every GET with
 ``hello from upstream <path> client=<peer ip>`` (so tests can see the NAT'd source),
-and ``/big?n=N`` with N bytes.
+and ``/big?n=N`` with N bytes; PUT answers ``got <bytes> <sha256>`` of the body.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import socketserver
 import ssl
 import threading
@@ -38,6 +39,24 @@ class Handler(BaseHTTPRequestHandler):
             body = f"hello from upstream {url.path} client={self.client_address[0]}\n".encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_PUT(self) -> None:
+        """Upload sink: answers ``got <bytes> <sha256>``."""
+        left = int(self.headers.get("Content-Length", "0"))
+        digest = hashlib.sha256()
+        n = 0
+        while left:
+            chunk = self.rfile.read(min(left, 1 << 16))
+            if not chunk:
+                break
+            digest.update(chunk)
+            n += len(chunk)
+            left -= len(chunk)
+        body = f"got {n} {digest.hexdigest()}\n".encode()
+        self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
