@@ -167,6 +167,8 @@ typedef struct ns_gw_config {
     uint8_t gateway_ip[16];
     uint16_t guest_mtu;
     uint16_t uplink_mtu;
+    uint8_t npublished_udp;
+    uint16_t published_udp[16];
 } ns_gw_config;
 typedef struct ns_gw_event {
     uint8_t kind, verdict, direction, pad;

@@ -608,9 +608,14 @@ static void pend_resolve(ns_gw *g, pending *p, uint8_t v, const uint8_t *buf, co
     pend_free(g, p);
 }
 
-static int published(const ns_gw *g, uint16_t port) {
-    for (uint32_t i = 0; i < g->cfg.npublished && i < 16; i++)
-        if (g->cfg.published[i] == port) return 1;
+static int published_proto(const ns_gw *g, uint8_t pbit, uint16_t port) {
+    if (pbit == NS_P_TCP) {
+        for (uint32_t i = 0; i < g->cfg.npublished && i < 16; i++)
+            if (g->cfg.published[i] == port) return 1;
+    } else if (pbit == NS_P_UDP) {
+        for (uint32_t i = 0; i < g->cfg.npublished_udp && i < 16; i++)
+            if (g->cfg.published_udp[i] == port) return 1;
+    }
     return 0;
 }
 
@@ -625,11 +630,12 @@ static void handle_egress(ns_gw *g, const uint8_t *buf, size_t len, uint8_t v, i
     g->st.verdicts[v & 7]++;
     if (g->cfg.capture) push_event(g, NS_EV_CAPTURE, v, NS_DIR_EGRESS, rule, now, buf, len);
     int parsed = -1;
-    if (g->npending || v == NS_NEED_MORE || v == NS_TO_DNS || (g->cfg.npublished && v != NS_ALLOW))
+    int anypub = g->cfg.npublished || g->cfg.npublished_udp;
+    if (g->npending || v == NS_NEED_MORE || v == NS_TO_DNS || (anypub && v != NS_ALLOW))
         parsed = ns_parse_frame(buf, len, &fr);
-    if (g->cfg.npublished && v != NS_ALLOW && parsed == NS_PARSE_OK && fr.pbit == NS_P_TCP &&
-        fr.frag == 0 && published(g, fr.sport) && ns_ctx_ingress_reply(g->ctx, buf, len, now) == 1) {
-        to_uplink(g, buf, len); /* the guest answering a published-port connection */
+    if (anypub && v != NS_ALLOW && parsed == NS_PARSE_OK && fr.frag == 0 &&
+        published_proto(g, fr.pbit, fr.sport) && ns_ctx_ingress_reply(g->ctx, buf, len, now) == 1) {
+        to_uplink(g, buf, len); /* the guest answering a published-port flow */
         return;
     }
     pending *p = NULL;
@@ -915,8 +921,9 @@ static void read_uplink(ns_gw *g, double now) {
         } else if (k == 0 && ns_parse_frame(d, len, &fr) == NS_PARSE_OK && fr.pbit == NS_P_TCP &&
                    fr.sport == 53 && fr.frag == 0 && memcmp(fr.src, g->cfg.gateway_ip, 16) == 0) {
             pass = 1; /* the forwarder's DNS-over-TCP answers */
-        } else if (k == 0 && g->cfg.npublished && ns_parse_frame(d, len, &fr) == NS_PARSE_OK &&
-                   fr.pbit == NS_P_TCP && fr.frag == 0 && published(g, fr.dport)) {
+        } else if (k == 0 && (g->cfg.npublished || g->cfg.npublished_udp) &&
+                   ns_parse_frame(d, len, &fr) == NS_PARSE_OK && fr.frag == 0 &&
+                   published_proto(g, fr.pbit, fr.dport)) {
             /* a connection to a published guest port (opened by the port publisher
              * inside the uplink namespace): ingress-classified */
             const uint8_t *fp = d;

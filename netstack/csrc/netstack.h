@@ -148,6 +148,8 @@ typedef struct ns_gw_config {
     uint8_t gateway_ip[16];    /* v4-mapped: DNS over TCP to it goes to the uplink's listener */
     uint16_t guest_mtu;        /* the guest link's MTU (0: unchecked, no MSS raising) */
     uint16_t uplink_mtu;       /* the uplink TAP's MTU (0: 1500); GSO segments to fit it */
+    uint8_t npublished_udp;    /* published guest UDP ports (ingress from the uplink) */
+    uint16_t published_udp[16];
 } ns_gw_config;
 
 typedef struct ns_gw_event {

@@ -11,8 +11,8 @@ which runs in its own pthread without the GIL:
 * allowed frames go to the uplink TAP (:class:`~netstack.TapUplink`), replies of
   allowed flows (and ICMP errors about them) come back; anything else arriving on the
   uplink is dropped, except connections to published ports;
-* ``published_ports`` (TCP, :class:`PublishedPort`): a host listener (127.0.0.1 by
-  default) per mapping; each connection is checked with the ingress policy (the real
+* ``published_ports`` (TCP and UDP, :class:`PublishedPort`): a host listener (127.0.0.1 by
+  default) per mapping; each connection (UDP: each datagram) is checked with the ingress policy (the real
   peer address), then relayed through a connection the gateway opens to the guest from
   inside the uplink namespace (see :mod:`netstack.gateway.published`);
 * denied TCP is answered with a RST, denied UDP with ICMP port unreachable, so guest
@@ -165,7 +165,8 @@ class Gateway:
     ``rebind_protection``: see :class:`DnsForwarder` (turning it off is for tests
     whose "public" upstreams live in TEST-NET ranges, which count as reserved).
     ``published_ports``: ``"host:guest"``, ``(host, guest)`` or :class:`PublishedPort`
-    (TCP; host port 0 = any free one, see :attr:`published`). ``mtu``: the guest
+    (TCP), ``"host:guest/udp"`` or ``PublishedPort(h, g, "udp")`` (UDP, checked per
+    datagram; see :attr:`published_udp`); host port 0 = any free one. ``mtu``: the guest
     link's MTU (default: the uplink plan's, 1500); above the uplink's 1500 it needs a
     ``vnet_hdr`` uplink: large guest TCP frames leave as GSO packets cut to the
     uplink's MSS, and the MSS option of SYNs towards the guest is raised to the guest
@@ -205,8 +206,12 @@ class Gateway:
             raise GatewayError(f"published_ports must be a list of mappings, got the string "
                                f"{published_ports!r}")
         self._mappings = [PublishedPort.parse(p) for p in published_ports]
-        if len({m.guest_port for m in self._mappings}) > 16:
-            raise GatewayError("at most 16 distinct published guest ports")
+        for proto in ("tcp", "udp"):
+            ports = [m.guest_port for m in self._mappings if m.protocol == proto]
+            if len(set(ports)) > 16:
+                raise GatewayError(f"at most 16 distinct published guest {proto} ports")
+            if len(set(ports)) != len(ports):
+                raise GatewayError(f"guest {proto} port published twice: {sorted(ports)}")
         if isinstance(event_slots, bool) or not isinstance(event_slots, int) \
                 or not 16 <= event_slots <= 65536:
             raise GatewayError(f"event_slots must be an int in 16..65536, got {event_slots!r}")
@@ -274,10 +279,14 @@ class Gateway:
         ffi.memmove(cfg.gateway_ip, ip16(plan.gateway_ipv4), 16)
         cfg.guest_mtu = plan.mtu
         cfg.uplink_mtu = self.uplink.mtu
-        guest_ports = sorted({m.guest_port for m in self._mappings})
+        guest_ports = sorted({m.guest_port for m in self._mappings if m.protocol == "tcp"})
         cfg.npublished = len(guest_ports)
         for i, port in enumerate(guest_ports):
             cfg.published[i] = port
+        udp_ports = sorted({m.guest_port for m in self._mappings if m.protocol == "udp"})
+        cfg.npublished_udp = len(udp_ports)
+        for i, port in enumerate(udp_ports):
+            cfg.published_udp[i] = port
         gw = lib.ns_gw_new(self.classifier.handle, cfg)
         if gw == ffi.NULL:
             raise GatewayError("could not create the gateway loop (out of memory or file "
@@ -442,6 +451,16 @@ class Gateway:
         """
         pub = self._res.publisher
         return dict(pub.ports) if pub is not None else {}
+
+    @property
+    def published_udp(self) -> dict[int, int]:
+        """Published UDP ports: guest port -> the host port actually bound.
+
+        >>> gw.published_udp                                       # doctest: +SKIP
+        {53: 41235}
+        """
+        pub = self._res.publisher
+        return dict(pub.udp_ports) if pub is not None else {}
 
     def guest_config(self) -> dict[str, Any]:
         """What the guest needs to configure eth0, resolv.conf and the host alias.

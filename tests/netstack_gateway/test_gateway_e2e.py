@@ -320,7 +320,73 @@ def test_published_port_with_an_ingress_deny_rule(rig: Rig, guest_server: None) 
     with rig.gateway(policy, published_ports=[(0, 8000)]) as gw:
         rc, out = _host_get(gw.published[8000])
         assert rc != 0, out
-        assert gw.stats()["published"] == {"accepted": 0, "denied": 1, "failed": 0}
+        pub = gw.stats()["published"]
+        assert (pub["accepted"], pub["denied"], pub["failed"]) == (0, 1, 0)
+
+
+_GUEST_UDP_ECHO = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 5300))
+print("ready", flush=True)
+while True:
+    data, addr = s.recvfrom(65535)
+    s.sendto(b"echo " + data + f" from {addr[0]}".encode(), addr)
+"""
+
+
+def _udp_ask(source: str, port: int, payload: bytes, timeout: float = 2.0) -> bytes | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((source, 0))
+        s.settimeout(timeout)
+        s.sendto(payload, ("127.0.0.1", port))
+        try:
+            return s.recv(65535)
+        except TimeoutError:
+            return None
+
+
+def test_published_udp_port_per_datagram_ingress_check(rig: Rig) -> None:
+    """Host 127.0.0.1:port/udp -> guest UDP echo: an allowed peer gets its echo back (and
+    only its own), a peer denied by an ingress rule gets nothing and the guest sees
+    nothing of it."""
+    proc = subprocess.Popen(["ip", "netns", "exec", rig.topo.guest_ns, "python3", "-c",
+                             _GUEST_UDP_ECHO, str(rig.topo.plan.guest_ipv4)],
+                            stdout=subprocess.PIPE, text=True)
+    policy = NetworkPolicy.custom(rules=[
+        Rule.deny(direction="ingress", protocol="udp", destination="127.0.0.2/32"),
+        Rule.allow(destination="198.51.100.0/24")])
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        with rig.gateway(policy, published_ports=["0:5300/udp"]) as gw:
+            port = gw.published_udp[5300]
+            assert gw.published == {}
+            gw_ip = str(rig.topo.plan.gateway_ipv4)
+            for i in range(3):
+                assert _udp_ask("127.0.0.1", port, f"hi {i}".encode()) == \
+                    f"echo hi {i} from {gw_ip}".encode()
+            assert _udp_ask("127.0.0.2", port, b"let me in", timeout=1.0) is None
+            # two allowed peers at once: each gets its own replies
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a, \
+                    socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b:
+                for sock in (a, b):
+                    sock.bind(("127.0.0.1", 0))
+                    sock.settimeout(2)
+                a.sendto(b"from a", ("127.0.0.1", port))
+                b.sendto(b"from b", ("127.0.0.1", port))
+                assert a.recv(100).startswith(b"echo from a")
+                assert b.recv(100).startswith(b"echo from b")
+            deadline = time.monotonic() + 2  # counted just after the reply is sent
+            while gw.stats()["published"]["udp_replies"] < 5 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            pub = gw.stats()["published"]
+            assert pub["udp_forwarded"] == 5 and pub["udp_replies"] == 5
+            assert pub["udp_denied"] == 1
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def test_uplink_frames_to_unpublished_guest_ports_are_dropped(rig: Rig,
@@ -356,9 +422,12 @@ def test_bad_arguments_are_typed_errors(rig: Rig) -> None:
         Gateway(NetworkPolicy.none(), uplink=rig.uplink)
     with pytest.raises(GatewayError, match="published port"):
         Gateway(NetworkPolicy.none(), uplink=rig.uplink, guest_fd=0, published_ports=[8080])  # type: ignore[list-item]
-    with pytest.raises(GatewayError, match="tcp"):
+    with pytest.raises(GatewayError, match="'tcp' or 'udp'"):
         Gateway(NetworkPolicy.none(), uplink=rig.uplink, guest_fd=0,
-                published_ports=[PublishedPort(1, 2, protocol="udp")])
+                published_ports=[PublishedPort(1, 2, protocol="sctp")])
+    with pytest.raises(GatewayError, match="published twice"):
+        Gateway(NetworkPolicy.none(), uplink=rig.uplink, guest_fd=0,
+                published_ports=["1:2/udp", "3:2/udp"])
 
 
 def test_close_is_idempotent_and_stops_the_loop(rig: Rig) -> None:

@@ -114,7 +114,8 @@ class Loop:
 @contextmanager
 def loop(policy: NetworkPolicy, mode: str = "stream", pins: PinCache | None = None,
          hello_timeout: float = 5.0, capture: bool = False, vnet: bool = False,
-         guest_mtu: int = 0, uplink_mtu: int = 0) -> Iterator[Loop]:
+         guest_mtu: int = 0, uplink_mtu: int = 0, udp_published: tuple[int, ...] = ()
+         ) -> Iterator[Loop]:
     kind = socket.SOCK_STREAM if mode == "stream" else socket.SOCK_DGRAM
     vmm, mine = socket.socketpair(socket.AF_UNIX, kind)
     ns_end, tap_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -133,6 +134,9 @@ def loop(policy: NetworkPolicy, mode: str = "stream", pins: PinCache | None = No
     cfg.uplink_vnet = 1 if vnet else 0
     cfg.guest_mtu = guest_mtu
     cfg.uplink_mtu = uplink_mtu
+    for i, port in enumerate(udp_published):
+        cfg.published_udp[i] = port
+    cfg.npublished_udp = len(udp_published)
     gw = lib.ns_gw_new(classifier.handle, cfg)
     assert gw != ffi.NULL
     assert lib.ns_gw_start(gw) == 0
@@ -451,3 +455,39 @@ def test_uplink_frames_larger_than_the_guest_mtu_are_dropped_never_truncated() -
         lp.uplink.send(struct.pack("<BBHHHH", 1, 0, 0, 0, 34, 16) + bytes(part))
         got = lp.recv_guest()
         assert checksums_ok(got) and got[54:] == b"c" * 100
+
+
+def test_published_udp_port_admits_ingress_and_only_its_replies() -> None:
+    """Uplink UDP to a published guest port is ingress-classified and delivered; the guest's
+    answer passes although its egress policy denies everything; a datagram from
+    the published port that answers nothing, and uplink UDP to other ports, do not."""
+    policy = NetworkPolicy.custom(default_egress="deny", default_ingress="allow")
+    with loop(policy, udp_published=(5300,)) as lp:
+        q = build_frame(GW, GUEST, "udp", 40000, 5300, b"question")
+        lp.uplink.send(q)
+        assert lp.recv_guest() == q
+        answer = build_frame(GUEST, GW, "udp", 5300, 40000, b"answer")
+        lp.send(answer)
+        assert lp.recv_uplink() == answer
+        stray = build_frame(GUEST, GW, "udp", 5300, 40001, b"unasked")
+        lp.send(stray)
+        icmp = lp.recv_guest()
+        assert icmp[23] == 1 and icmp[34:36] == b"\x03\x03"   # egress denied: unreachable
+        assert lp.no_uplink()
+        lp.uplink.send(build_frame(GW, GUEST, "udp", 40000, 5301, b"other port"))
+        lp.uplink.send(build_frame(GW, GUEST, "tcp", 40000, 5300, flags=0x02))  # TCP: no
+        time.sleep(0.2)
+        assert lp.stats().not_reply == 2
+
+
+def test_published_port_specs() -> None:
+    from netstack.errors import GatewayError
+    from netstack.gateway import PublishedPort
+
+    assert PublishedPort.parse("5353:53/udp") == PublishedPort(5353, 53, "udp")
+    assert PublishedPort.parse("8080:80/tcp") == PublishedPort.parse("8080:80")
+    for bad in ("1:2/sctp", "1:2/", "a:2/udp"):
+        with pytest.raises(GatewayError, match="host:guest"):
+            PublishedPort.parse(bad)
+    with pytest.raises(GatewayError, match="'tcp' or 'udp'"):
+        PublishedPort(1, 2, "icmp")
