@@ -47,6 +47,11 @@ CFG.guest_fd, CFG.guest_mode, CFG.uplink_fd = MINE.fileno(), 0, TAP_END.fileno()
 CFG.event_slots, CFG.hello_timeout, CFG.log_denied, CFG.capture = 64, 0.05, 1, 1
 CFG.npublished = 1
 CFG.published[0] = 8000
+CFG.npublished_udp = 1
+CFG.published_udp[0] = 5300
+# a vnet-header uplink and a large-MTU guest link: uplink input starts with a (fuzzed)
+# virtio-net header; big guest TCP frames take the GSO path, SYNs the MSS rewrite
+CFG.uplink_vnet, CFG.guest_mtu, CFG.uplink_mtu = 1, 65520, 1500
 GW = lib.ns_gw_new(LOOP_CLS.handle, CFG)
 assert GW != ffi.NULL and lib.ns_gw_start(GW) == 0
 OUT = ffi.new("uint8_t[]", 2048)

@@ -24,6 +24,7 @@ import pytest
 from netstack import AddressPlan, Gateway, NetworkPolicy, Rule, TapUplink, cleanup_stale
 from netstack.errors import GatewayError
 from netstack.gateway import PublishedPort
+from netstack.gateway.published import PortPublisher
 from tests.netstack_gateway.kernel_objects import snapshot
 from tests.netstack_gateway.topology import (
     UPSTREAM_DNS_IP,
@@ -382,6 +383,20 @@ def test_published_udp_port_per_datagram_ingress_check(rig: Rig) -> None:
             pub = gw.stats()["published"]
             assert pub["udp_forwarded"] == 5 and pub["udp_replies"] == 5
             assert pub["udp_denied"] == 1
+            # an idle peer loses its relay socket (60 s in a Gateway; short here)
+            idle = PortPublisher(rig.uplink.names["netns"], str(rig.topo.plan.guest_ipv4),
+                                 [PublishedPort(0, 5300, "udp")], policy.evaluate,
+                                 udp_idle_timeout=0.5)
+            try:
+                iport = idle.udp_ports[5300]
+                assert _udp_ask("127.0.0.1", iport, b"one", timeout=2) is not None
+                deadline = time.monotonic() + 5
+                while idle.stats["udp_peers_expired"] < 1 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert idle.stats["udp_peers_expired"] == 1
+                assert _udp_ask("127.0.0.1", iport, b"two", timeout=2) is not None
+            finally:
+                idle.close()
     finally:
         proc.kill()
         proc.wait(10)
