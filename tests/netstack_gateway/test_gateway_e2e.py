@@ -16,7 +16,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -31,6 +30,7 @@ from tests.netstack_gateway.topology import (
     UPSTREAM_IP,
     UPSTREAM_NAME,
     Topology,
+    host_loopback_http,
 )
 from tests.support import require_binaries, require_root
 
@@ -84,24 +84,9 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
 
 @pytest.fixture(scope="module")
 def host_service() -> Iterator[int]:
-    class H(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = b"hello from the host loopback\n"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-    threading.Thread(target=server.serve_forever, args=(0.1,), daemon=True).start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
+    """An HTTP service on the host's 127.0.0.1 (what the ``host`` group reaches)."""
+    with host_loopback_http() as port:
+        yield port
 
 
 _UDP_PROBE = r"""

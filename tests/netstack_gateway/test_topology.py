@@ -12,9 +12,7 @@ import asyncio
 import contextlib
 import os
 import socket
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import dns.message
@@ -29,6 +27,7 @@ from tests.netstack_gateway.topology import (
     UPSTREAM_NAME,
     StreamTapPump,
     Topology,
+    host_loopback_http,
 )
 from tests.support import require_binaries, require_root
 
@@ -80,26 +79,8 @@ def strict_rig(tmp_path: Path) -> Iterator[Rig]:
 @pytest.fixture(scope="module")
 def host_service() -> Iterator[int]:
     """An HTTP service on the host's 127.0.0.1 (what the ``host`` group reaches)."""
-
-    class H(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = b"hello from the host loopback\n"
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-    t = threading.Thread(target=server.serve_forever, args=(0.1,), daemon=True)
-    t.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
+    with host_loopback_http() as port:
+        yield port
 
 
 def curl(rig: Rig, *args: str, max_time: int = 10) -> tuple[int, str]:

@@ -32,6 +32,9 @@ import struct
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import trustme
@@ -316,3 +319,27 @@ class Topology:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextmanager
+def host_loopback_http() -> Iterator[int]:
+    """An HTTP service on the host's 127.0.0.1 (what the ``host`` group reaches); yields its port."""
+
+    class H(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"hello from the host loopback\n"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=server.serve_forever, args=(0.1,), daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
