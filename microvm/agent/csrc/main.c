@@ -330,6 +330,21 @@ static void dispatch(struct agent *a, const struct frame *f) {
     }
 }
 
+/* Dispatch every complete frame in the read buffer; malformed ones get an error frame.
+ * Returns false when a frame ended the host session (stop reading). */
+static bool drain_frames(struct agent *a) {
+    for (;;) {
+        struct frame f;
+        struct frame_error e;
+        int st = frame_next(&a->rd, &f, &e);
+        if (st == FR_NEED_MORE) return true;
+        if (st == FR_ERROR) { send_error(a, e.id, e.kind, e.message); continue; }
+        dispatch(a, &f);
+        if (!a->connected) return false;
+        frame_consume(&a->rd, f.total);
+    }
+}
+
 static void on_channel_readable(struct agent *a) {
     for (int rounds = 0; rounds < 64 && a->connected; rounds++) {
         size_t room = a->rd.cap - a->rd.len;
@@ -338,16 +353,7 @@ static void on_channel_readable(struct agent *a) {
         if (r < 0 && errno == EAGAIN) return;
         if (r <= 0) { disconnect(a); return; }
         a->rd.len += (size_t)r;
-        for (;;) {
-            struct frame f;
-            struct frame_error e;
-            int st = frame_next(&a->rd, &f, &e);
-            if (st == FR_NEED_MORE) break;
-            if (st == FR_ERROR) { send_error(a, e.id, e.kind, e.message); continue; }
-            dispatch(a, &f);
-            if (!a->connected) return;
-            frame_consume(&a->rd, f.total);
-        }
+        if (!drain_frames(a)) return;
     }
 }
 
@@ -361,16 +367,7 @@ static void guest_probe(struct agent *a) {
         if (r > 0) {
             /* Put the bytes back through the normal path. */
             a->rd.len += (size_t)r;
-            for (;;) {
-                struct frame f;
-                struct frame_error e;
-                int st = frame_next(&a->rd, &f, &e);
-                if (st == FR_NEED_MORE) break;
-                if (st == FR_ERROR) { send_error(a, e.id, e.kind, e.message); continue; }
-                dispatch(a, &f);
-                if (!a->connected) return;
-                frame_consume(&a->rd, f.total);
-            }
+            drain_frames(a);
         }
     }
 }
