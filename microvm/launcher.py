@@ -162,14 +162,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = json.loads(Path(args[0]).read_text())
         krun = Libkrun.open(cfg.get("library"))
-        # The console goes through a capped sink (a guest cannot fill the host disk).
-        sink = ConsoleSink(
-            Path(cfg["rundir"]) / "console.sock",
-            Path(cfg["console_log"]),
-            int(cfg["console_limit"]),
-        )
+        # The console goes through a capped sink (a guest cannot fill the host disk). The
+        # backend runs it in the parent (it outlives our _exit); standalone, we run our own.
+        if "console_socket" in cfg:
+            console_path = Path(cfg["console_socket"])
+        else:
+            console_path = ConsoleSink(
+                Path(cfg["rundir"]) / "console.sock",
+                Path(cfg["console_log"]),
+                int(cfg["console_limit"]),
+            ).sock_path
         console_end = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        console_end.connect(str(sink.sock_path))
+        console_end.connect(str(console_path))
         console_fd = console_end.fileno()
         guest_end, host_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         sock_path = cfg["agent_socket"]

@@ -28,6 +28,7 @@ from microvm.backends.base import (
     kvm_usable,
     prepare_rundir,
 )
+from microvm.backends.console import ConsoleSink
 from microvm.errors import BackendUnavailable, MicrovmError
 
 __all__ = [
@@ -250,6 +251,7 @@ def spec_to_launch_config(spec: VmSpec, log_level: int = 0) -> dict[str, Any]:
         "net_socket": str(spec.net_socket) if spec.net_socket else None,
         "mac": spec.mac,
         "console_log": str(spec.console_log),
+        "console_socket": str(spec.console_socket),
         "console_limit": spec.console_limit,
         "agent_socket": str(spec.agent_socket),
         "rundir": str(spec.rundir),
@@ -311,7 +313,14 @@ class LibkrunBackend:
             # libkrun dlopens libkrunfw.so.5 by name: let it find ours.
             lib_dir = str(spec.kernel_library.parent)
             env["LD_LIBRARY_PATH"] = ":".join(x for x in (lib_dir, env.get("LD_LIBRARY_PATH")) if x)
+        # The capped console sink lives here, not in the launcher: the launcher ends with
+        # libkrun's _exit, which would lose console bytes its own reader had not written yet.
+        sink = ConsoleSink(spec.console_socket, spec.console_log, spec.console_limit)
         group = ProcessGroup()
         argv: Sequence[str] = [sys.executable, "-m", "microvm.launcher", str(cfg_path)]
-        proc = group.spawn(argv, log=spec.rundir / "launcher.log", env=env)
-        return SpawnedVm(spec, group, proc)
+        try:
+            proc = group.spawn(argv, log=spec.rundir / "launcher.log", env=env)
+        except BaseException:
+            sink.close()
+            raise
+        return SpawnedVm(spec, group, proc, [sink.close])
