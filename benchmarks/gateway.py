@@ -122,7 +122,7 @@ def bench_rig(mtu: int = 1500) -> Iterator[Bench]:
         raise RuntimeError("the gateway benchmark needs root (namespaces, TAP, nftables)")
     tmp = Path(tempfile.mkdtemp(prefix="gwbench-"))
     home = tmp / "home"
-    plan = AddressPlan(3201, mtu=mtu)
+    plan = AddressPlan(3301, mtu=mtu)
     uplink = topo = gateway = None
     pump: CPump | None = None
     servers: list[subprocess.Popen[bytes]] = []

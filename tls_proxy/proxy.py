@@ -88,13 +88,15 @@ def original_dst(sock: socket.socket) -> Address:
         >>> original_dst(conn)   # doctest: +SKIP
         ('203.0.113.7', 443)
     """
-    if sock.family == socket.AF_INET6:
+    if sock.family == socket.AF_INET6 and not sock.getsockname()[0].startswith("::ffff:"):
         raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
         port, packed = struct.unpack_from("!2xH4x16s", raw)
         ip6 = socket.inet_ntop(socket.AF_INET6, packed)
         if ip6.startswith("::ffff:") and "." in ip6:
             ip6 = ip6[7:]
         return ip6, int(port)
+    # IPv4, also an IPv4 connection accepted on a dual-stack socket (v4-mapped addresses):
+    # its conntrack entry is IPv4, which SOL_IP asks for
     raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     port, packed = struct.unpack_from("!2xH4s", raw)
     return socket.inet_ntoa(packed), int(port)
@@ -179,15 +181,31 @@ class TlsProxy:
         return str(addr[0]), int(addr[1])
 
     async def listen_transparent(
-        self, host: str, port: int, lookup: OriginalDst | None = None
+        self, host: str | None = None, port: int = 0, lookup: OriginalDst | None = None,
+        *, sock: socket.socket | None = None,
     ) -> Address:
         """Listen for redirected TLS flows; the destination comes from ``lookup`` or
-        ``SO_ORIGINAL_DST`` (nftables/iptables ``redirect``)."""
+        ``SO_ORIGINAL_DST`` (nftables/iptables ``redirect``). ``sock``: serve an already
+        bound, listening socket instead of ``host``/``port`` (e.g. one a gateway opened in
+        its uplink namespace: ``netstack.Gateway.intercept_tls()``).
+
+        Example::
+
+            >>> await proxy.listen_transparent(sock=gateway.intercept_tls())  # doctest: +SKIP
+            ('::', 40123)
+        """
 
         async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             await self._transparent(r, w, lookup)
 
-        srv = await asyncio.start_server(handler, host, port)
+        if sock is not None:
+            if host is not None:
+                raise ConfigError("give either host/port or sock, not both")
+            srv = await asyncio.start_server(handler, sock=sock)
+        elif host is None:
+            raise ConfigError("listen_transparent needs host and port, or sock")
+        else:
+            srv = await asyncio.start_server(handler, host, port)
         self._servers.append(srv)
         addr = srv.sockets[0].getsockname()
         return str(addr[0]), int(addr[1])

@@ -449,7 +449,7 @@ static uint8_t classify_one(ns_ctx *c, ns_policy *p, const uint8_t *buf, size_t 
         c->st.malformed++;
         return NS_MALFORMED;
     }
-    if (fr.l3 == NS_L3_ARP) return NS_ALLOW;
+    if (fr.l3 == NS_L3_ARP || ns_is_ndp(buf, len, &fr)) return NS_ALLOW;
     if (fr.l3 != NS_L3_IPV4 && fr.l3 != NS_L3_IPV6) return NS_DENY;
     if (fr.pbit == 0) return NS_DENY;
     flow_key k;
@@ -723,7 +723,7 @@ int ns_ctx_ingress_reply(ns_ctx *c, const uint8_t *buf, size_t len, double now) 
 static int reply_lookup(ns_ctx *c, const uint8_t *buf, size_t len, double now, int dir) {
     ns_frame fr;
     if (ns_parse_frame(buf, len, &fr) != NS_PARSE_OK) return -1;
-    if (fr.l3 == NS_L3_ARP) return 3;
+    if (fr.l3 == NS_L3_ARP || ns_is_ndp(buf, len, &fr)) return 3;
     if ((fr.l3 != NS_L3_IPV4 && fr.l3 != NS_L3_IPV6) || fr.frag == 2 || fr.pbit == 0) return 0;
     flow_key k;
     if (dir == NS_DIR_EGRESS && icmp_error_key(buf, len, &fr, &k)) { /* ICMP error (PMTU ...) */

@@ -10,7 +10,8 @@
  *      DENY_RST/TO_PROXY answered with a crafted TCP RST towards the guest;
  *      DENY_ICMP         answered with ICMP / ICMPv6 port unreachable;
  *      DENY, MALFORMED   dropped;
- *      TO_DNS            UDP: queued to the owner (NS_EV_DNS), TCP: RST;
+ *      TO_DNS            UDP: queued to the owner (NS_EV_DNS), TCP: to the uplink
+ *                        (its namespace DNATs it to the forwarder's listener);
  *      NEED_MORE         segments without payload (the handshake) pass, data
  *                        segments are held (bounded) until the classifier
  *                        decides; then released in order, or dropped with a
@@ -664,15 +665,14 @@ static void handle_egress(ns_gw *g, const uint8_t *buf, size_t len, uint8_t v, i
             push_event(g, NS_EV_DNS, v, NS_DIR_EGRESS, rule, now, buf, len);
             return;
         }
-        if (parsed == NS_PARSE_OK && fr.pbit == NS_P_TCP &&
-            memcmp(fr.dst, g->cfg.gateway_ip, 16) == 0) {
-            /* DNS over TCP to the gateway: served by the forwarder's listener in the
-             * uplink namespace (which owns the gateway address) */
+        if (parsed == NS_PARSE_OK && fr.pbit == NS_P_TCP) {
+            /* DNS over TCP to any address: the uplink namespace DNATs port 53 to the
+             * forwarder's listener on the gateway address, which judges every query
+             * (and, for another resolver, the egress policy towards it) */
             to_uplink(g, buf, len);
             return;
         }
-        /* DNS over TCP to another resolver is not served: fail fast */
-        break;
+        break; /* not parseable: rejected */
     case NS_DENY_RST:
     case NS_DENY_ICMP:
     case NS_TO_PROXY:
@@ -919,8 +919,11 @@ static void read_uplink(ns_gw *g, double now) {
         if (k == 2) { /* flow still waiting for its hello: handshake only */
             pass = ns_parse_frame(d, len, &fr) == NS_PARSE_OK && fr.payload_len == 0;
         } else if (k == 0 && ns_parse_frame(d, len, &fr) == NS_PARSE_OK && fr.pbit == NS_P_TCP &&
-                   fr.sport == 53 && fr.frag == 0 && memcmp(fr.src, g->cfg.gateway_ip, 16) == 0) {
-            pass = 1; /* the forwarder's DNS-over-TCP answers */
+                   fr.sport == 53 && fr.frag == 0) {
+            /* the forwarder's DNS-over-TCP answers: guest TCP/53 never leaves the
+             * uplink namespace (DNATed to the forwarder), so the namespace's conntrack
+             * un-NATs only these towards the guest, with the address it asked */
+            pass = 1;
         } else if (k == 0 && (g->cfg.npublished || g->cfg.npublished_udp) &&
                    ns_parse_frame(d, len, &fr) == NS_PARSE_OK && fr.frag == 0 &&
                    published_proto(g, fr.pbit, fr.dport)) {

@@ -50,6 +50,7 @@ import contextlib
 import ipaddress
 import logging
 import re
+import socket
 import struct
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -77,6 +78,8 @@ _HOST_ALIAS_TTL: Final = 60
 _UDP_DEFAULT_SIZE: Final = 512
 _UPSTREAM_PAYLOAD: Final = 1232
 _TCP_IDLE_TIMEOUT: Final = 30.0
+#: getsockopt name of the pre-NAT destination (SO_ORIGINAL_DST = IP6T_SO_ORIGINAL_DST)
+_SO_ORIGINAL_DST: Final = 80
 
 _REBIND_V4: Final = tuple(ipaddress.IPv4Network(n) for n in (
     "0.0.0.0/8", "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
@@ -581,9 +584,12 @@ class DnsForwarder:
         self._servers.append(transport)
         return str(bound[0]), int(bound[1])
 
-    async def start_tcp_socket(self, sock: Any) -> None:
+    async def start_tcp_socket(self, sock: Any, *, original_dst: bool = False) -> None:
         """Serve DNS over TCP on an already bound and listening socket (e.g. one created
-        inside another network namespace); closed by :meth:`stop`.
+        inside another network namespace); closed by :meth:`stop`. ``original_dst``:
+        connections were DNATed to this listener (guest DNS to any address), so each
+        connection's pre-NAT destination (``SO_ORIGINAL_DST``) is the resolver the guest
+        asked, judged like a UDP query's (see :meth:`handle`).
 
         >>> import asyncio, socket
         >>> from netstack import NetworkPolicy
@@ -594,7 +600,14 @@ class DnsForwarder:
         ...     await fwd.stop()
         >>> asyncio.run(demo())
         """
-        server = await asyncio.start_server(self._serve_tcp, sock=sock)
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            dst = None
+            if original_dst:
+                conn = writer.get_extra_info("socket")
+                dst = original_destination(conn) if conn is not None else None
+            await self._serve_tcp(reader, writer, dst)
+
+        server = await asyncio.start_server(serve, sock=sock)
         self._servers.append(server)
 
     async def stop(self) -> None:
@@ -611,14 +624,14 @@ class DnsForwarder:
             if isinstance(s, asyncio.AbstractServer):
                 await s.wait_closed()
 
-    async def _serve_tcp(self, reader: asyncio.StreamReader,
-                         writer: asyncio.StreamWriter) -> None:
+    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         dst: tuple[str, int] | None = None) -> None:
         try:
             while True:
                 header = await asyncio.wait_for(reader.readexactly(2), _TCP_IDLE_TIMEOUT)
                 (length,) = struct.unpack("!H", header)
                 wire = await asyncio.wait_for(reader.readexactly(length), self.timeout)
-                answer = await self.handle(wire, "tcp")
+                answer = await self.handle(wire, "tcp", dst)
                 if answer is not None:
                     writer.write(struct.pack("!H", len(answer)) + answer)
                     await writer.drain()
@@ -628,6 +641,29 @@ class DnsForwarder:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+
+def original_destination(sock: Any) -> tuple[str, int] | None:
+    """The pre-NAT destination of an accepted TCP socket (``SO_ORIGINAL_DST``, IPv4 or
+    IPv6), or None when conntrack has no record of it (not NATed, or no conntrack).
+
+    >>> import socket
+    >>> a, b = socket.socketpair()
+    >>> original_destination(a) is None
+    True
+    """
+    try:
+        if sock.family == socket.AF_INET6:
+            raw = sock.getsockopt(socket.IPPROTO_IPV6, _SO_ORIGINAL_DST, 28)
+            port, packed = struct.unpack_from("!2xH4x16s", raw)
+            return str(ipaddress.IPv6Address(packed)), int(port)
+        if sock.family == socket.AF_INET:
+            raw = sock.getsockopt(socket.SOL_IP, _SO_ORIGINAL_DST, 16)
+            port, packed = struct.unpack_from("!2xH4s", raw)
+            return str(ipaddress.IPv4Address(packed)), int(port)
+    except (OSError, struct.error):
+        pass
+    return None
 
 
 class ForwarderThread:
@@ -679,7 +715,7 @@ class ForwarderThread:
         return asyncio.run_coroutine_threadsafe(self.forwarder.start(host, port),
                                                 self.loop).result(10)
 
-    def serve_tcp_socket(self, sock: Any) -> None:
+    def serve_tcp_socket(self, sock: Any, *, original_dst: bool = False) -> None:
         """:meth:`DnsForwarder.start_tcp_socket` on the thread's loop.
 
         >>> import socket
@@ -688,8 +724,9 @@ class ForwarderThread:
         ...                                   ["192.0.2.1"])) as t:
         ...     t.serve_tcp_socket(socket.create_server(("127.0.0.1", 0)))
         """
-        asyncio.run_coroutine_threadsafe(self.forwarder.start_tcp_socket(sock),
-                                         self.loop).result(10)
+        asyncio.run_coroutine_threadsafe(
+            self.forwarder.start_tcp_socket(sock, original_dst=original_dst),
+            self.loop).result(10)
 
     def close(self) -> None:
         """Stop listeners and the loop, join the thread (idempotent).

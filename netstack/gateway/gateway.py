@@ -20,9 +20,14 @@ which runs in its own pthread without the GIL:
   (bounded) until the ClientHello is complete, then released or reset (both ways);
 * UDP DNS queries (port 53, any address) are answered by the forwarder
   (``policy.evaluate_dns`` per query, NXDOMAIN on deny, rebind protection); its
-  answers feed the pin cache the classifier uses for domain rules. DNS over TCP to the
-  gateway is served by the same forwarder (a listener on the gateway address inside the
-  uplink namespace); DNS over TCP to any other resolver is reset;
+  answers feed the pin cache the classifier uses for domain rules. DNS over TCP to any
+  address is served by the same forwarder (the uplink namespace DNATs it to a listener
+  on the gateway address; a resolver the guest picked is judged by the egress policy
+  for ``resolver:53/tcp``, deny -> NXDOMAIN, allow -> forwarded there);
+* IPv4 and, with an IPv6 plan and an uplink with ``ipv6_egress``, IPv6 (NAT66); IPv6
+  neighbour discovery between the guest and the gateway passes like ARP;
+* :meth:`Gateway.intercept_tls` steers allowed TCP on the TLS ports to a transparent
+  proxy listening in the uplink namespace;
 * :meth:`Gateway.stats` / :meth:`Gateway.rule_counters` report counters; ``pcap``
   records every frame that crossed with its verdict (pcapng keeps the verdict).
 
@@ -57,7 +62,7 @@ from typing import Any, Literal
 from netstack._fastpath import ffi, lib
 from netstack._ipbytes import ip16
 from netstack.classifier import Classifier, RuleCounter
-from netstack.errors import AddressPlanError, GatewayError, MalformedFrame
+from netstack.errors import AddressPlanError, GatewayError, MalformedFrame, UplinkError
 from netstack.frameinfo import parse_frame
 from netstack.gateway.addressing import AddressPlan
 from netstack.gateway.dns_forwarder import DnsForwarder, ForwarderThread, pin_cache_callback
@@ -73,6 +78,7 @@ log = logging.getLogger("netstack.gateway")
 Transport = Literal["stream", "dgram", "tap"]
 _MODES = {"stream": 0, "dgram": 1, "tap": 2}
 _EV_DNS, _EV_DENIED, _EV_CAPTURE, _EV_GUEST_CLOSED, _EV_NOT_REPLY = 1, 2, 3, 4, 5
+_IP_FREEBIND = 15
 _STAT_FIELDS = ("guest_frames", "guest_bytes", "uplink_frames", "uplink_bytes", "to_uplink",
                 "to_guest", "not_reply", "rst_sent", "icmp_sent", "dns_queries",
                 "events_dropped", "injected", "held", "released", "hold_dropped",
@@ -130,6 +136,11 @@ class _Resources:
             self.guest.close()
         if self.uplink is not None and self.own_uplink:
             self.uplink.close()
+        elif self.uplink is not None:
+            try:
+                self.uplink.clear_redirects()
+            except Exception as e:  # pragma: no cover - best effort at exit
+                log.warning("removing the gateway's redirects from the uplink failed: %s", e)
 
 
 #: send/receive buffer of the guest frame socket: room for dozens of 64 KiB frames
@@ -253,8 +264,12 @@ class Gateway:
         self.classifier = res.classifier = Classifier(
             policy, gateway=plan.gateway_addresses, pins=self.pins, max_flows=max_flows,
             hello_timeout=hello_timeout, intercept_ports=())
+        # an IPv6 plan without IPv6 egress: AAAA answers would only make guests try
+        # addresses they cannot reach, so that family is answered empty
+        inactive = () if plan.ipv6 and self.uplink.ipv6_egress else ("ipv6",)
         self.forwarder = DnsForwarder.for_plan(
             policy, plan, upstreams=dns_upstreams, timeout=dns_timeout,
+            inactive_families=inactive,
             rebind_protection=rebind_protection, on_answer=pin_cache_callback(self.pins))
         res.dns = ForwarderThread(self.forwarder)
         if pcap is None or isinstance(pcap, PcapWriter):
@@ -306,25 +321,63 @@ class Gateway:
                  cfg.guest_fd, self.transport, self.uplink.names["tap"])
 
     def _serve_dns_tcp(self) -> None:
-        """DNS over TCP: a listener on gateway:53 inside the uplink namespace (the TAP
-        there owns the gateway address; the C loop passes TCP/53 to the gateway)."""
-        from pyroute2 import netns as pr_netns
+        """DNS over TCP: listeners on gateway:53 (IPv4, and IPv6 with an IPv6 plan) inside
+        the uplink namespace, whose TAP owns the gateway addresses. The C loop passes
+        guest TCP/53 to any address to the uplink, the namespace DNATs it here, and the
+        forwarder reads the address the guest asked from ``SO_ORIGINAL_DST``."""
+        addrs = [(socket.AF_INET, str(self.plan.gateway_ipv4))]
+        if self.plan.gateway_ipv6 is not None:
+            addrs.append((socket.AF_INET6, str(self.plan.gateway_ipv6)))
+        for family, addr in addrs:
+            sock = self.uplink.socket(family)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    # the gateway's ULA address may still be tentative (DAD)
+                    sock.setsockopt(socket.SOL_IP, _IP_FREEBIND, 1)
+                sock.bind((addr, 53))
+                sock.listen(64)
+                sock.setblocking(False)
+                assert self._res.dns is not None
+                self._res.dns.serve_tcp_socket(sock, original_dst=True)
+            except BaseException:
+                sock.close()
+                raise
+        self.uplink.redirect_dns()
 
-        pr_netns.pushns(self.uplink.names["netns"])
+    def intercept_tls(self, ports: Iterable[int] = (443,), *,
+                      block_quic: bool = True) -> socket.socket:
+        """Steer the guest's TCP to ``ports`` (any destination) to a transparent proxy.
+
+        Returns a listening TCP socket (dual-stack, non-blocking) in the uplink namespace;
+        the caller serves it with a transparent TLS proxy (e.g. ``tls_proxy.TlsProxy``),
+        which reads each connection's real destination with ``SO_ORIGINAL_DST``. The
+        gateway still enforces the policy first (SNI decisions included): only flows it
+        allows reach the proxy. ``block_quic`` drops the guest's UDP to the same ports so
+        clients fall back to TCP. The caller closes the socket; the redirect lives as
+        long as the uplink (call again to change the ports).
+
+        >>> srv = gw.intercept_tls([443])                          # doctest: +SKIP
+        >>> await proxy.listen_transparent(sock=srv)               # doctest: +SKIP
+        """
+        if self.closed:
+            raise GatewayError("this Gateway is closed")
+        sock = self.uplink.socket(socket.AF_INET6)
         try:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        finally:
-            pr_netns.popns()
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((str(self.plan.gateway_ipv4), 53))
-            sock.listen(64)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(("::", 0))
+            sock.listen(1024)
             sock.setblocking(False)
-            assert self._res.dns is not None
-            self._res.dns.serve_tcp_socket(sock)
-        except BaseException:
+            self.uplink.redirect_tcp(ports, int(sock.getsockname()[1]), block_udp=block_quic)
+        except BaseException as e:
             sock.close()
+            if isinstance(e, Exception) and not isinstance(e, GatewayError | UplinkError):
+                raise GatewayError(f"could not set up TLS interception: {e}") from e
             raise
+        log.info("gateway for %s: guest TCP to ports %s goes to the proxy on [::]:%d",
+                 self.plan.guest_ipv4, sorted(set(ports)), sock.getsockname()[1])
+        return sock
 
     # -- slow path ---------------------------------------------------------------------
     def _events(self) -> None:

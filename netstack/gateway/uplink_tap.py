@@ -28,8 +28,19 @@ it, every packet from ``mvhT`` to the host itself (other than replies) is droppe
 Host-wide effect: ``net.ipv4.ip_forward`` is set to 1 if it was 0 and never reset
 (other uplinks may depend on it). A host firewall that drops forwarded traffic in
 another table (e.g. Docker's ``FORWARD DROP``) also drops ours; allow ``mvh*`` there.
-IPv6: the TAP gets the gateway's ULA address when the plan has one, but there is no
-IPv6 egress yet (no NAT66).
+IPv6 (a plan with ``ipv6=True``): the TAP owns the gateway's ULA address and, with
+``ipv6_egress`` (the default when the host has IPv6), the namespace routes the guest's
+IPv6 over a /127 ULA transit link (``fd42:6d73:74::/64``) and masquerades it, and the
+host masquerades it again out of its own links (NAT66, like IPv4). This turns on
+``net.ipv6.conf.all.forwarding`` host-wide (never reset); interfaces that had
+``accept_ra=1`` get ``accept_ra=2`` first so they keep accepting router advertisements.
+The ``host`` group is IPv4-only (IPv6 has no ``route_localnet``: ``::1`` cannot be a
+DNAT target from another interface).
+
+:meth:`TapUplink.redirect_dns` DNATs guest DNS over TCP to any address to the gateway
+address, where the forwarder listens (:func:`netns_ruleset`); :meth:`TapUplink.redirect_tcp` steers TCP
+ports (e.g. 443) to a transparent proxy listening in the namespace
+(:meth:`TapUplink.socket`).
 
 For the gateway loop: ``tap_fd`` is a non-persistent TAP (IFF_TAP | IFF_NO_PI, no
 virtio-net header, MTU = the plan's): one read = one Ethernet frame; the TAP itself
@@ -57,9 +68,11 @@ import ipaddress
 import logging
 import os
 import re
+import socket
 import struct
 import subprocess
 import weakref
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
 
@@ -77,11 +90,14 @@ log = logging.getLogger("netstack.gateway")
 
 #: Pool the per-slot /31 transit links (namespace <-> host) are carved from.
 TRANSIT_POOL: Final = ipaddress.IPv4Network("10.212.0.0/15")
+#: Pool the per-slot IPv6 /127 transit links are carved from (with IPv6 egress).
+TRANSIT6_POOL: Final = ipaddress.IPv6Network("fd42:6d73:74::/64")
 
 _TUNSETIFF: Final = 0x400454CA
 _IFF_TAP: Final = 0x0002
 _IFF_NO_PI: Final = 0x1000
 _IFF_VNET_HDR: Final = 0x4000
+_NODAD: Final = 0x02  # IFA_F_NODAD: transit addresses are usable at once
 #: Bytes of the virtio-net header before each frame on a ``vnet_hdr=True`` TAP.
 VNET_HDR_LEN: Final = 10
 _SANDBOX_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -118,6 +134,16 @@ def transit_addresses(slot: int) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4A
     return host, host + 1
 
 
+def transit_addresses6(slot: int) -> tuple[ipaddress.IPv6Address, ipaddress.IPv6Address]:
+    """``(host end, namespace end)`` of the slot's IPv6 /127 transit link (IPv6 egress).
+
+    >>> [str(a) for a in transit_addresses6(1)]
+    ['fd42:6d73:74::2', 'fd42:6d73:74::3']
+    """
+    host = TRANSIT6_POOL.network_address + 2 * slot
+    return host, host + 1
+
+
 def _run(argv: list[str], stdin: str | None = None) -> None:
     r = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30,
                        check=False)
@@ -126,57 +152,100 @@ def _run(argv: list[str], stdin: str | None = None) -> None:
                           f"{(r.stderr or r.stdout).strip()}")
 
 
-def netns_ruleset(names: dict[str, str], plan: AddressPlan, host_loopback: bool) -> str:
-    """The nftables ruleset loaded inside the sandbox namespace.
+def netns_ruleset(names: dict[str, str], plan: AddressPlan, host_loopback: bool,
+                  *, dns_redirect: bool = False,
+                  intercept: tuple[tuple[int, ...], int, bool] | None = None) -> str:
+    """The nftables ruleset loaded inside the sandbox namespace (family ``inet``).
+
+    ``dns_redirect``: guest DNS over TCP to *any* address is DNATed to the forwarder's
+    listener on the gateway address (IPv4 and, with an IPv6 plan, IPv6), which judges
+    every query and, for a resolver the guest picked, the egress policy towards it
+    (without it, only TCP/53 to the gateway address is served there). ``intercept``:
+    ``(ports, local port, block UDP)``: guest TCP to those ports is redirected to a
+    listener on that port in this namespace (the TLS proxy; it reads the original
+    destination with ``SO_ORIGINAL_DST``), and UDP to them (QUIC) is dropped if asked.
 
     >>> print(netns_ruleset(uplink_names("d"), AddressPlan(0), False).splitlines()[0])
-    table ip microvm_d18ac3e
+    table inet microvm_d18ac3e
     """
     host_end, _ = transit_addresses(plan.slot)
     t, tap, nsv = names["nft_table"], names["tap"], names["ns_veth"]
-    # DNS over TCP to the gateway is served in this namespace (the gateway's forwarder
-    # listens on the gateway address): never DNATed to the host
-    dns = f'    iifname "{tap}" ip daddr {plan.gateway_ipv4} tcp dport 53 accept\n'
-    dnat = dns + (f'    iifname "{tap}" ip daddr {plan.gateway_ipv4} dnat to {host_end}\n'
-                  if host_loopback else "")
+    gw4, gw6 = plan.gateway_ipv4, plan.gateway_ipv6
+    pre = []
+    if dns_redirect:
+        pre.append(f'iifname "{tap}" meta nfproto ipv4 tcp dport 53 dnat ip to {gw4}:53')
+    else:  # DNS over TCP to the gateway is never DNATed to the host
+        pre.append(f'iifname "{tap}" ip daddr {gw4} tcp dport 53 accept')
+    local = [f'iifname "{tap}" ip daddr {gw4} tcp dport 53 accept']
+    if gw6 is not None:
+        if dns_redirect:
+            pre.append(f'iifname "{tap}" meta nfproto ipv6 tcp dport 53 '
+                       f'dnat ip6 to [{gw6}]:53')
+        local.append(f'iifname "{tap}" ip6 daddr {gw6} tcp dport 53 accept')
+    fwd = ""
+    if intercept is not None:
+        ports, listen, block_udp = intercept
+        port_set = ", ".join(str(p) for p in sorted(set(ports)))
+        pre.append(f'iifname "{tap}" tcp dport {{ {port_set} }} redirect to :{listen}')
+        local.append(f'iifname "{tap}" tcp dport {listen} accept')
+        if block_udp:
+            fwd = (f"  chain forward {{ type filter hook forward priority filter; "
+                   f"policy accept;\n"
+                   f'    iifname "{tap}" udp dport {{ {port_set} }} drop\n'
+                   f"  }}\n")
+    if host_loopback:
+        # the host group: the gateway address reaches the host's loopback services
+        pre.append(f'iifname "{tap}" ip daddr {gw4} dnat ip to {host_end}')
+    lines = "".join(f"    {r}\n" for r in pre)
+    accept = "".join(f"    {r}\n" for r in local)
     return (
-        f"table ip {t}\n"
-        f"delete table ip {t}\n"
-        f"table ip {t} {{\n"
+        f"table inet {t}\n"
+        f"delete table inet {t}\n"
+        f"table inet {t} {{\n"
         f"  chain prerouting {{ type nat hook prerouting priority dstnat; policy accept;\n"
-        f"{dnat}  }}\n"
+        f"{lines}  }}\n"
         f"  chain postrouting {{ type nat hook postrouting priority srcnat; policy accept;\n"
         f'    oifname "{nsv}" masquerade\n'
         f"  }}\n"
         f"  chain input {{ type filter hook input priority filter; policy accept;\n"
         f'    iifname "{tap}" ct state established,related accept\n'
-        f'    iifname "{tap}" meta l4proto icmp accept\n'
-        f'    iifname "{tap}" ip daddr {plan.gateway_ipv4} tcp dport 53 accept\n'
+        f'    iifname "{tap}" meta l4proto {{ icmp, ipv6-icmp }} accept\n'
+        f"{accept}"
         f'    iifname "{tap}" drop\n'
         f"  }}\n"
+        f"{fwd}"
         f"}}\n"
     )
 
 
-def host_ruleset(names: dict[str, str], plan: AddressPlan, host_loopback: bool) -> str:
-    """The nftables ruleset loaded in the host namespace.
+def host_ruleset(names: dict[str, str], plan: AddressPlan, host_loopback: bool,
+                 ipv6_egress: bool = False) -> str:
+    """The nftables ruleset loaded in the host namespace (family ``inet``).
 
-    >>> "dnat to 127.0.0.1" in host_ruleset(uplink_names("d"), AddressPlan(0), True)
+    >>> "dnat ip to 127.0.0.1" in host_ruleset(uplink_names("d"), AddressPlan(0), True)
     True
     """
     host_end, ns_end = transit_addresses(plan.slot)
     t, hv = names["nft_table"], names["host_veth"]
-    dnat = (f'    iifname "{hv}" ip daddr {host_end} dnat to 127.0.0.1\n'
+    dnat = (f'    iifname "{hv}" ip daddr {host_end} dnat ip to 127.0.0.1\n'
             if host_loopback else "")
     local = f'    iifname "{hv}" ip daddr 127.0.0.1 accept\n' if host_loopback else ""
+    nat6 = ""
+    if ipv6_egress:
+        _, ns_end6 = transit_addresses6(plan.slot)
+        nat6 = f'    ip6 saddr {ns_end6} oifname != "{hv}" masquerade\n'
+        # neighbour discovery between the namespace and the host end of the veth
+        local += (f'    iifname "{hv}" icmpv6 type {{ nd-neighbor-solicit, '
+                  f'nd-neighbor-advert, nd-router-solicit }} accept\n')
     return (
-        f"table ip {t}\n"
-        f"delete table ip {t}\n"
-        f"table ip {t} {{\n"
+        f"table inet {t}\n"
+        f"delete table inet {t}\n"
+        f"table inet {t} {{\n"
         f"  chain prerouting {{ type nat hook prerouting priority dstnat; policy accept;\n"
         f"{dnat}  }}\n"
         f"  chain postrouting {{ type nat hook postrouting priority srcnat; policy accept;\n"
         f'    ip saddr {ns_end} oifname != "{hv}" masquerade\n'
+        f"{nat6}"
         f"  }}\n"
         f"  chain forward {{ type filter hook forward priority filter; policy accept;\n"
         f'    iifname "{hv}" accept\n'
@@ -221,6 +290,42 @@ def _enable_host_forwarding() -> None:
         log.info("enabled net.ipv4.ip_forward on the host (needed for uplink NAT)")
 
 
+_IPV6_CONF = Path("/proc/sys/net/ipv6/conf")
+
+
+def host_ipv6_usable() -> bool:
+    """Whether the host has IPv6 enabled (``net.ipv6.conf.all.disable_ipv6`` is 0).
+
+    >>> isinstance(host_ipv6_usable(), bool)
+    True
+    """
+    try:
+        return (_IPV6_CONF / "all" / "disable_ipv6").read_text().strip() == "0"
+    except OSError:
+        return False
+
+
+def _enable_host_forwarding6() -> None:
+    """Turn on ``net.ipv6.conf.all.forwarding`` (for NAT66), keeping router
+    advertisements: an interface with ``accept_ra=1`` would stop accepting them once
+    the host forwards, so it gets ``accept_ra=2`` ("accept even when forwarding") first."""
+    fwd = _IPV6_CONF / "all" / "forwarding"
+    if fwd.read_text().strip() == "1":
+        return
+    for conf in sorted(_IPV6_CONF.iterdir()):
+        if conf.name in ("all", "default", "lo"):
+            continue
+        try:
+            if (conf / "accept_ra").read_text().strip() == "1":
+                (conf / "accept_ra").write_text("2\n")
+                log.info("set net.ipv6.conf.%s.accept_ra=2 (keeps router advertisements "
+                         "once the host forwards IPv6)", conf.name)
+        except OSError as e:  # an interface vanishing meanwhile
+            log.debug("accept_ra of %s left as is: %s", conf.name, e)
+    fwd.write_text("1\n")
+    log.info("enabled net.ipv6.conf.all.forwarding on the host (needed for uplink NAT66)")
+
+
 #: MTU of the uplink's real network (the veth to the host): the TAP never exceeds it;
 #: a guest link with a larger MTU is cut back to it with GSO by the gateway loop.
 UPLINK_MTU = 1500
@@ -242,11 +347,23 @@ class TapUplink:
 
     def __init__(self, sandbox: str, plan: AddressPlan, *, host_loopback: bool = False,
                  home: str | os.PathLike[str] | None = None, nonblocking: bool = False,
-                 vnet_hdr: bool = False) -> None:
+                 vnet_hdr: bool = False, ipv6_egress: bool | None = None) -> None:
         if not isinstance(plan, AddressPlan):
             raise UplinkError(f"plan must be an AddressPlan, got {type(plan).__name__}")
+        if ipv6_egress is not None and not isinstance(ipv6_egress, bool):
+            raise UplinkError(f"ipv6_egress must be True, False or None, got {ipv6_egress!r}")
+        if ipv6_egress and not plan.ipv6:
+            raise UplinkError("ipv6_egress=True needs a plan with IPv6 (AddressPlan(..., "
+                              "ipv6=True))")
+        if ipv6_egress and not host_ipv6_usable():
+            raise UplinkError("ipv6_egress=True but IPv6 is disabled on this host "
+                              "(net.ipv6.conf.all.disable_ipv6=1)")
         if os.geteuid() != 0:
             raise UplinkError("a TAP uplink needs root (network namespaces, TAP, nftables)")
+        #: whether the guest's IPv6 traffic leaves (NAT66 to the host's address)
+        self.ipv6_egress = bool(plan.ipv6 and ipv6_egress is not False and host_ipv6_usable())
+        self._intercept: tuple[tuple[int, ...], int, bool] | None = None
+        self._dns_redirect = False
         self.sandbox = sandbox
         self.names = uplink_names(sandbox)
         self.plan = plan
@@ -258,7 +375,7 @@ class TapUplink:
         self._record = UplinkRecord(
             sandbox=sandbox, token=self.names["token"], pid=pid, pid_start=start,
             netns=self.names["netns"], host_links=[self.names["host_veth"]],
-            nft_tables=[f"ip {self.names['nft_table']}"])
+            nft_tables=[f"inet {self.names['nft_table']}"])
         self._state_path = state_dir(self.home) / f"{self.names['token']}.json"
         if self._state_path.exists():
             old = UplinkRecord.from_json(self._state_path.read_text(encoding="utf-8"))
@@ -319,6 +436,76 @@ class TapUplink:
         with NetNS(self.names["netns"], flags=0) as ns:
             ns.link("set", index=ns.link_lookup(ifname=self.names["tap"])[0], mtu=mtu)
         self._mtu = mtu
+
+    def socket(self, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM
+               ) -> socket.socket:
+        """A new socket that lives in the uplink's network namespace (for listeners that
+        serve the guest there: the DNS-over-TCP forwarder, a TLS proxy).
+
+        >>> srv = up.socket(socket.AF_INET6)                       # doctest: +SKIP
+        """
+        from pyroute2 import netns as pr_netns
+
+        if self.closed:
+            raise UplinkError(f"uplink of sandbox {self.sandbox!r} is closed")
+        pr_netns.pushns(self.names["netns"])
+        try:
+            return socket.socket(family, kind)
+        finally:
+            pr_netns.popns()
+
+    def redirect_dns(self) -> None:
+        """DNAT the guest's DNS over TCP to *any* address to the gateway address's port
+        53 in the namespace, where a forwarder listens (the Gateway does this once its
+        listeners are up; it reads the address the guest asked with
+        ``SO_ORIGINAL_DST``). Idempotent.
+
+        >>> up.redirect_dns()                                      # doctest: +SKIP
+        """
+        if self.closed:
+            raise UplinkError(f"uplink of sandbox {self.sandbox!r} is closed")
+        if not self._dns_redirect:
+            self._dns_redirect = True
+            self._load_netns_ruleset()
+
+    def redirect_tcp(self, ports: Iterable[int], to_port: int, *,
+                     block_udp: bool = True) -> None:
+        """Redirect the guest's TCP to ``ports`` (any address) to ``to_port`` in the
+        namespace, where a transparent proxy listens and reads the original destination
+        with ``SO_ORIGINAL_DST``. ``block_udp`` drops the guest's UDP to the same ports
+        (QUIC), so clients fall back to TCP and reach the proxy. Calling it again
+        replaces the redirect.
+
+        >>> up.redirect_tcp([443], 8443)                           # doctest: +SKIP
+        """
+        if isinstance(ports, str | bytes):
+            raise UplinkError(f"ports must be a list of port numbers, got {ports!r}")
+        wanted = tuple(ports)
+        if not wanted or len(wanted) > 64 or any(
+                isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= 65535
+                for p in wanted):
+            raise UplinkError(f"ports must be 1..64 port numbers in 1..65535, got {wanted!r}")
+        if 53 in wanted:
+            raise UplinkError("port 53 is DNS: it always goes to the DNS forwarder")
+        if isinstance(to_port, bool) or not isinstance(to_port, int) \
+                or not 1 <= to_port <= 65535:
+            raise UplinkError(f"to_port must be a port number 1..65535, got {to_port!r}")
+        if self.closed:
+            raise UplinkError(f"uplink of sandbox {self.sandbox!r} is closed")
+        self._intercept = (wanted, to_port, bool(block_udp))
+        self._load_netns_ruleset()
+
+    def clear_redirects(self) -> None:
+        """Remove the DNS and TCP redirects (:meth:`redirect_dns`, :meth:`redirect_tcp`);
+        the gateway does this when it closes, so a later gateway on the same uplink
+        starts clean. A closed uplink: nothing to do.
+
+        >>> up.clear_redirects()                                   # doctest: +SKIP
+        """
+        if self.closed or (not self._dns_redirect and self._intercept is None):
+            return
+        self._dns_redirect, self._intercept = False, None
+        self._load_netns_ruleset()
 
     @property
     def closed(self) -> bool:
@@ -395,13 +582,32 @@ class TapUplink:
             # onlink (RTNH_F_ONLINK): the /31 prefix route appears only once the veth has
             # carrier, which is asynchronous
             ns.route("add", dst="default", gateway=str(host_end), oif=nv, flags=4)
+            if self.ipv6_egress:
+                host6, ns6 = transit_addresses6(plan.slot)
+                ns.addr("add", index=nv, address=str(ns6), prefixlen=127, IFA_FLAGS=_NODAD)
+                ns.route("add", dst="::/0", gateway=str(host6), oif=nv, family=10, flags=4)
+        if self.ipv6_egress:
+            with IPRoute() as ipr:
+                host6, _ = transit_addresses6(plan.slot)
+                hv = ipr.link_lookup(ifname=n["host_veth"])[0]
+                ipr.addr("add", index=hv, address=str(host6), prefixlen=127,
+                         IFA_FLAGS=_NODAD)
         exec_ns = ["ip", "netns", "exec", n["netns"]]
         _run([*exec_ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
-        _run([*exec_ns, "nft", "-f", "-"], netns_ruleset(n, plan, self.host_loopback))
+        if self.ipv6_egress:
+            _run([*exec_ns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
+        self._load_netns_ruleset()
         _enable_host_forwarding()
+        if self.ipv6_egress:
+            _enable_host_forwarding6()
         if self.host_loopback:
             Path(f"/proc/sys/net/ipv4/conf/{n['host_veth']}/route_localnet").write_text("1\n")
-        _run(["nft", "-f", "-"], host_ruleset(n, plan, self.host_loopback))
-        log.info("uplink %s: netns %s, tap %s, veth %s<->%s, nft table %s (host_loopback=%s)",
-                 self.sandbox, n["netns"], n["tap"], n["host_veth"], n["ns_veth"],
-                 n["nft_table"], self.host_loopback)
+        _run(["nft", "-f", "-"], host_ruleset(n, plan, self.host_loopback, self.ipv6_egress))
+        log.info("uplink %s: netns %s, tap %s, veth %s<->%s, nft table %s (host_loopback=%s, "
+                 "ipv6_egress=%s)", self.sandbox, n["netns"], n["tap"], n["host_veth"],
+                 n["ns_veth"], n["nft_table"], self.host_loopback, self.ipv6_egress)
+
+    def _load_netns_ruleset(self) -> None:
+        _run(["ip", "netns", "exec", self.names["netns"], "nft", "-f", "-"],
+             netns_ruleset(self.names, self.plan, self.host_loopback,
+                           dns_redirect=self._dns_redirect, intercept=self._intercept))

@@ -16,12 +16,13 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from netstack import AddressPlan, Gateway, NetworkPolicy, Rule, TapUplink, cleanup_stale
-from netstack.errors import GatewayError
+from netstack.errors import GatewayError, UplinkError
 from netstack.gateway import PublishedPort
 from netstack.gateway.published import PortPublisher
 from tests.netstack_gateway.kernel_objects import snapshot
@@ -67,7 +68,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     tmp = tmp_path_factory.mktemp("gwe2e")
     before = snapshot()
     home = tmp / "home"
-    plan = AddressPlan(3201)
+    plan = AddressPlan(3220)
     uplink = topo = None
     try:
         uplink = TapUplink("gw-e2e", plan, host_loopback=True, home=home, vnet_hdr=True)
@@ -165,12 +166,37 @@ def test_dns_over_tcp_to_the_gateway(rig: Rig) -> None:
         out = rig.dig(UPSTREAM_NAME, "+tcp", "+short")
         assert out.strip() == UPSTREAM_IP, out
         assert "status: NXDOMAIN" in rig.dig("leak.exfil.example", "+tcp")
-        # TCP to another resolver is reset, never forwarded
-        t0 = time.monotonic()
+        # TCP to a resolver the guest picked is intercepted too: the allowed name is
+        # answered only if the egress policy allows that resolver, which this policy
+        # (one domain rule) does not -> NXDOMAIN, never a connection to it
         r = rig.run(["dig", f"@{UPSTREAM_DNS_IP}", "+tcp", "+time=5", "+tries=1",
                      UPSTREAM_NAME, "A"])
-        assert r.returncode != 0 and time.monotonic() - t0 < 4, r.stdout
-        assert gw.stats()["dns"]["forwarded"] == 1
+        assert "status: NXDOMAIN" in r.stdout, r.stdout + r.stderr
+        stats = gw.stats()["dns"]
+        assert stats["forwarded"] == 1 and stats["denied"] == 2, stats
+
+
+def test_dns_over_tcp_to_another_resolver_goes_there_when_allowed(rig: Rig) -> None:
+    # the gateway's own upstream is dead (no server on that TEST-NET address): an answer
+    # can only come from the resolver the guest named, reached through the forwarder
+    dead = "203.0.113.53"
+    assert rig.topo.vmm_socket is not None
+    with Gateway(NetworkPolicy.public_only(), uplink=rig.uplink,
+                 guest_fd=rig.topo.vmm_socket.fileno(), dns_upstreams=[dead],
+                 dns_timeout=1.0, rebind_protection=False) as gw:
+        for transport in ("+tcp", "+notcp"):
+            r = rig.run(["dig", f"@{UPSTREAM_DNS_IP}", transport, "+time=5", "+tries=1",
+                         "+short", UPSTREAM_NAME, "A"])
+            assert r.stdout.strip() == UPSTREAM_IP, (transport, r.stdout + r.stderr)
+        out = rig.dig(UPSTREAM_NAME, "+tcp")  # our resolver: the dead upstream
+        assert "status: SERVFAIL" in out, out
+        stats = gw.stats()["dns"]
+        assert stats["forwarded"] == 2 and stats["servfail"] == 1, stats
+    # a resolver in a denied group (private): NXDOMAIN over TCP, nothing sent there
+    with rig.gateway(NetworkPolicy.public_only(), rebind_protection=False) as gw:
+        r = rig.run(["dig", "@10.9.8.7", "+tcp", "+time=5", "+tries=1", UPSTREAM_NAME, "A"])
+        assert "status: NXDOMAIN" in r.stdout, r.stdout + r.stderr
+        assert gw.stats()["dns"]["forwarded"] == 0
 
 
 def test_none_blocks_dns_and_everything(rig: Rig) -> None:
@@ -234,6 +260,73 @@ def test_deny_domains_win_over_allows(rig: Rig) -> None:
         rc, out, _ = rig.curl("-k", "--resolve", f"alias.upstream.test:443:{UPSTREAM_IP}",
                               "https://alias.upstream.test/ok")
         assert rc == 0 and "hello from upstream /ok" in out, out
+
+
+# -- TLS interception -------------------------------------------------------------------------
+@contextmanager
+def _tls_proxy(gw: Gateway, tmp: Path, ca_file: Path) -> Iterator[str]:
+    """A transparent tls_proxy on the socket ``gw.intercept_tls()`` returns, in its own
+    event loop thread, with one secret for the upstream's name; yields the CA's path."""
+    import asyncio
+
+    from tls_proxy import CertificateAuthority, ProxyConfig, Secret, TlsProxy
+
+    ca = CertificateAuthority.load_or_create(tmp / "proxy-ca")
+    cfg = ProxyConfig(ca=ca, secrets=[Secret("API_KEY", "s3cret-value", [UPSTREAM_NAME])],
+                      upstream_ca_files=[str(ca_file)], no_verify=["alias.upstream.test"])
+    sock = gw.intercept_tls([443])
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    proxy = TlsProxy(cfg)
+    try:
+        asyncio.run_coroutine_threadsafe(proxy.listen_transparent(sock=sock), loop).result(10)
+        yield str(ca.cert_path)
+    finally:
+        asyncio.run_coroutine_threadsafe(proxy.close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+        sock.close()
+
+
+def test_tls_interception_injects_secrets_only_for_their_host(rig: Rig) -> None:
+    policy = NetworkPolicy.custom(rules=[Rule.allow(UPSTREAM_NAME, protocol="tcp"),
+                                         Rule.allow("alias.upstream.test", protocol="tcp")])
+    with rig.gateway(policy, rebind_protection=False) as gw, \
+            _tls_proxy(gw, rig.tmp, rig.topo.ca_file) as proxy_ca:
+        for name in (UPSTREAM_NAME, "alias.upstream.test"):  # pins the address to both
+            assert UPSTREAM_IP in rig.dig(name, "+short")
+        auth = ["-H", "Authorization: Bearer $MSB_API_KEY"]
+        # the guest trusts the proxy's CA; the proxy substitutes the placeholder for the
+        # host the secret belongs to (the upstream echoes what reached it)
+        rc, out, _ = rig.curl("--cacert", proxy_ca, "--resolve",
+                              f"{UPSTREAM_NAME}:443:{UPSTREAM_IP}", *auth,
+                              f"https://{UPSTREAM_NAME}/auth")
+        assert rc == 0 and out.strip() == "auth=Bearer s3cret-value", out
+        # the same placeholder towards another (allowed) name is blocked by the proxy
+        rc, out, _ = rig.curl("--cacert", proxy_ca, "--resolve",
+                              f"alias.upstream.test:443:{UPSTREAM_IP}", "-w", "%{http_code}",
+                              *auth, "https://alias.upstream.test/auth")
+        assert rc == 0 and "s3cret-value" not in out and "403" in out, out
+        # a name the gateway's policy denies never reaches the proxy: reset at the SNI
+        rc, out, took = rig.curl("--cacert", proxy_ca, "--resolve",
+                                 f"denied.test:443:{UPSTREAM_IP}", "https://denied.test/")
+        assert rc in (35, 56) and took < 5, out
+        # without the proxy's CA the guest refuses the minted certificate
+        rc, out, _ = _tls(rig, UPSTREAM_NAME, "/auth")
+        assert rc == 60, out
+    # closing the gateway removed the redirect: TLS goes straight to the upstream again
+    with rig.gateway(NetworkPolicy.public_only()):
+        rc, out, _ = _tls(rig, UPSTREAM_NAME)
+        assert rc == 0 and out.startswith("hello from upstream /tls"), out
+
+
+def test_intercept_tls_bad_ports(rig: Rig) -> None:
+    with rig.gateway(NetworkPolicy.public_only()) as gw:
+        for bad in ([], [0], [70000], [53], "443"):
+            with pytest.raises(UplinkError, match="port"):
+                gw.intercept_tls(bad)  # type: ignore[arg-type]
 
 
 # -- host group -----------------------------------------------------------------------------

@@ -39,7 +39,7 @@ def baseline(home: Path) -> Iterator[Snapshot]:
         for name in leftovers["links"]:
             subprocess.run(["ip", "link", "del", name], check=False)
         for name in leftovers["nft_tables"]:
-            subprocess.run(["nft", "delete", "table", "ip", name], check=False)
+            subprocess.run(["nft", "delete", "table", "inet", name], check=False)
         assert leftovers == {"netns": set(), "links": set(), "nft_tables": set()}
 
 
@@ -103,9 +103,9 @@ def test_host_loopback_sets_route_localnet_on_own_veth_only(baseline: Snapshot) 
     with TapUplink("gw-test-b", AddressPlan(4002), host_loopback=True) as up:
         hv = up.names["host_veth"]
         assert Path(f"/proc/sys/net/ipv4/conf/{hv}/route_localnet").read_text() == "1\n"
-        ruleset = subprocess.run(["nft", "list", "table", "ip", up.names["nft_table"]],
+        ruleset = subprocess.run(["nft", "list", "table", "inet", up.names["nft_table"]],
                                  capture_output=True, text=True, check=True).stdout
-        assert "dnat to 127.0.0.1" in ruleset
+        assert "dnat ip to 127.0.0.1" in ruleset
     assert_same(baseline)
 
 
@@ -165,7 +165,7 @@ def test_sigkilled_owner_is_cleaned_by_cleanup_stale(home: Path, baseline: Snaps
         assert n["nft_table"] in left.nft_tables
         assert n["tap"] not in netns_links(n["netns"])  # the TAP died with its fd
         removed = cleanup_stale(home)
-        assert sorted(removed) == sorted([f"nft table ip {n['nft_table']}",
+        assert sorted(removed) == sorted([f"nft table inet {n['nft_table']}",
                                           f"link {n['host_veth']}", f"netns {n['netns']}"])
         # the live owner's uplink is untouched
         after = snapshot()

@@ -49,6 +49,12 @@ UPSTREAM_IP = "198.51.100.10"
 UPSTREAM_DNS_IP = "198.51.100.53"
 UPSTREAM_NETS = ("198.51.100.0/24", "203.0.113.0/24")
 UPSTREAM_NAME = "web.upstream.test"
+#: with an IPv6 plan: the upstream's IPv6 address (documentation prefix), its name, and
+#: the prefix the host routes to the upstream namespace
+UPSTREAM_IP6 = "2001:db8:100::10"
+UPSTREAM_NAME6 = "web6.upstream.test"
+UPSTREAM_NET6 = "2001:db8:100::/64"
+_NODAD = 0x02
 _REPO = Path(__file__).resolve().parents[2]
 
 
@@ -174,6 +180,8 @@ class Topology:
         idx = (os.getpid() % 16000) * 4
         base = ipaddress.IPv4Address("10.213.0.0") + idx
         self.upstream_host_end, self.upstream_ns_end = base + 1, base + 2
+        base6 = ipaddress.IPv6Address("fd42:6d73:75::") + 2 * (os.getpid() % 16000)
+        self.upstream6 = (str(base6), str(base6 + 1))  # host end, namespace end (/127)
         self.workdir = workdir
         self.with_upstream = upstream
         self.mode, self.vfkit, self.vmm_connect = mode, vfkit, vmm_connect
@@ -210,11 +218,18 @@ class Topology:
             idx = ns.link_lookup(ifname=tmp_name)[0]
             ns.link("set", index=idx, ifname="eth0", address=self.plan.guest_mac,
                     mtu=self.plan.mtu)
-            self.run_in_guest(["sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=1"])
+            if self.plan.guest_ipv6 is None:
+                self.run_in_guest(["sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=1"])
+            else:
+                ns.addr("add", index=idx, address=str(self.plan.guest_ipv6), prefixlen=64,
+                        IFA_FLAGS=_NODAD)
             ns.addr("add", index=idx, address=f"{self.plan.guest_ipv4}/30")
             ns.link("set", index=idx, state="up")
             ns.route("add", dst="default", gateway=str(self.plan.gateway_ipv4), oif=idx,
                      flags=4)
+            if self.plan.gateway_ipv6 is not None:
+                ns.route("add", dst="::/0", gateway=str(self.plan.gateway_ipv6), oif=idx,
+                         family=socket.AF_INET6, flags=4)
 
         if self.with_upstream:
             self._setup_upstream(cert_file, key_file)
@@ -243,6 +258,11 @@ class Topology:
             ipr.link("set", index=hv, state="up")
             for net in UPSTREAM_NETS:
                 ipr.route("add", dst=net, gateway=str(self.upstream_ns_end), oif=hv, flags=4)
+            if self.plan.ipv6:
+                ipr.addr("add", index=hv, address=self.upstream6[0], prefixlen=127,
+                         IFA_FLAGS=_NODAD)
+                ipr.route("add", dst=UPSTREAM_NET6, gateway=self.upstream6[1], oif=hv,
+                          family=socket.AF_INET6, flags=4)
         with NetNS(self.upstream_ns, flags=0) as ns:
             lo = ns.link_lookup(ifname="lo")[0]
             ns.link("set", index=lo, state="up")
@@ -250,6 +270,10 @@ class Topology:
                 ns.addr("add", index=lo, address=f"{ip}/32")
             up0 = ns.link_lookup(ifname="up0")[0]
             ns.addr("add", index=up0, address=f"{self.upstream_ns_end}/30")
+            if self.plan.ipv6:
+                ns.addr("add", index=lo, address=UPSTREAM_IP6, prefixlen=128, IFA_FLAGS=_NODAD)
+                ns.addr("add", index=up0, address=self.upstream6[1], prefixlen=127,
+                        IFA_FLAGS=_NODAD)
             ns.link("set", index=up0, state="up")
             # no default route: the upstream namespace can only answer (replies go to the
             # host's veth address, which is on-link), never send anywhere else
@@ -261,7 +285,8 @@ class Topology:
         self.servers = subprocess.Popen(
             ["ip", "netns", "exec", self.upstream_ns, sys.executable, "-m",
              "tests.netstack_gateway.upstream_servers", "--ip", UPSTREAM_IP,
-             "--dns-ip", UPSTREAM_DNS_IP, "--cert", str(cert_file), "--key", str(key_file)],
+             "--dns-ip", UPSTREAM_DNS_IP, "--cert", str(cert_file), "--key", str(key_file),
+             *(["--ip6", UPSTREAM_IP6] if self.plan.ipv6 else [])],
             cwd=_REPO, stdout=subprocess.PIPE, text=True)
         assert self.servers.stdout is not None
         line = self.servers.stdout.readline().strip()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import socket
 import socketserver
 import ssl
 import threading
@@ -24,6 +25,7 @@ from tests.netstack_gateway.dns_server import AuthServer
 ZONE = """
 web.upstream.test.     60 IN A     198.51.100.10
 alias.upstream.test.   60 IN CNAME web.upstream.test.
+web6.upstream.test.    60 IN AAAA  2001:db8:100::10
 """
 
 
@@ -35,6 +37,8 @@ class Handler(BaseHTTPRequestHandler):
         if url.path == "/big":
             n = int(parse_qs(url.query).get("n", ["1000000"])[0])
             body = b"x" * n
+        elif url.path == "/auth":  # what reached the upstream (secret injection tests)
+            body = f"auth={self.headers.get('Authorization')}\n".encode()
         else:
             body = f"hello from upstream {url.path} client={self.client_address[0]}\n".encode()
         self.send_response(200)
@@ -73,8 +77,12 @@ class Server(ThreadingHTTPServer):
         self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
 
 
+class Server6(Server):
+    address_family = socket.AF_INET6
+
+
 def serve(ip: str, port: int, context: ssl.SSLContext | None = None) -> ThreadingHTTPServer:
-    server = Server((ip, port), Handler)
+    server = (Server6 if ":" in ip else Server)((ip, port), Handler)
     server.daemon_threads = True
     if context is not None:
         server.socket = context.wrap_socket(server.socket, server_side=True)
@@ -88,11 +96,14 @@ def main() -> None:
     ap.add_argument("--dns-ip", required=True)
     ap.add_argument("--cert", required=True)
     ap.add_argument("--key", required=True)
+    ap.add_argument("--ip6", help="also serve HTTP on this IPv6 address")
     args = ap.parse_args()
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(args.cert, args.key)
     serve(args.ip, 80)
     serve(args.ip, 443, ctx)
+    if args.ip6:
+        serve(args.ip6, 80)
     AuthServer(ZONE, args.dns_ip, 53)
     print("ready", flush=True)
     while True:
