@@ -298,14 +298,15 @@ static inline int ns_is_v4mapped(const uint8_t *a) {
 
 static inline uint16_t ns_rd16(const uint8_t *p) { return (uint16_t)((p[0] << 8) | p[1]); }
 
-/* IPv6 neighbour discovery (router/neighbour solicitation and advertisement, ICMPv6
- * 133..136 with hop limit 255): link-local control traffic between the guest and the
- * gateway's own interface, the IPv6 counterpart of ARP.  `f` is the parsed `buf`. */
+/* IPv6 neighbour solicitation and advertisement (ICMPv6 135/136 with hop limit 255):
+ * link-local address resolution between the guest and the gateway's own interface, the
+ * IPv6 counterpart of ARP.  Router advertisements and redirects are not (a guest must
+ * never steer the uplink namespace's routing).  `f` is the parsed `buf`. */
 static inline int ns_is_ndp(const uint8_t *buf, size_t len, const ns_frame *f) {
     if (f->l3 != NS_L3_IPV6 || f->ipproto != 58 || f->frag || f->l4_off >= len) return 0;
     size_t ip = f->vlan ? 18 : 14;
     uint8_t type = buf[f->l4_off];
-    return buf[ip + 7] == 255 && type >= 133 && type <= 136;
+    return buf[ip + 7] == 255 && (type == 135 || type == 136);
 }
 static inline uint32_t ns_rd32(const uint8_t *p) {
     return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];

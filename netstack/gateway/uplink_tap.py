@@ -4,10 +4,10 @@ Topology for sandbox token ``T`` on slot ``S`` (needs root)::
 
     gateway process                netns microvm-T                    host namespace
     tap_fd  ==frames==>  mvtT (gateway /30 addr, gateway MAC)
-                           |  ip_forward=1, nft "ip microvm_T":
+                           |  ip_forward=1, nft "inet microvm_T":
                            |  masquerade out of mvpT
                          mvpT 10.212.x.(2S+1)/31  <==veth==>  mvhT 10.212.x.(2S)/31
-                                                              nft "ip microvm_T": masquerade
+                                                              nft "inet microvm_T": masquerade
                                                               out of any other link, forward
                                                               accept, input from mvhT dropped
 
@@ -594,6 +594,12 @@ class TapUplink:
                          IFA_FLAGS=_NODAD)
         exec_ns = ["ip", "netns", "exec", n["netns"]]
         _run([*exec_ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        if plan.ipv6 and host_ipv6_usable():
+            # the gateway passes only neighbour solicitations/advertisements, but never
+            # let the guest's link steer this namespace's routing anyway
+            tap = n["tap"]
+            _run([*exec_ns, "sysctl", "-qw", f"net.ipv6.conf.{tap}.accept_ra=0",
+                  f"net.ipv6.conf.{tap}.accept_redirects=0"])
         if self.ipv6_egress:
             _run([*exec_ns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
         self._load_netns_ruleset()
