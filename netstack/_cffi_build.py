@@ -131,6 +131,7 @@ ns_ctx *ns_ctx_new(uint32_t max_flows, ns_pincache *pins);
 void ns_ctx_free(ns_ctx *ctx);
 int ns_ctx_configure(ns_ctx *ctx, double tcp_idle, double udp_idle, uint32_t hello_cap,
                      double hello_timeout, uint64_t hello_budget);
+int ns_ctx_set_block_dns_bypass(ns_ctx *ctx, int on);
 void ns_ctx_set_policy(ns_ctx *ctx, ns_policy *p);
 void ns_ctx_expire(ns_ctx *ctx, double now);
 void ns_ctx_stats_get(ns_ctx *ctx, ns_ctx_stats *out);

@@ -222,6 +222,9 @@ class Classifier:
     ``pins``: the :class:`~netstack.PinCache` that supplies flow names (one is
     created if omitted).  ``intercept``: hostname suffixes whose allowed TLS
     flows on ``intercept_ports`` are steered to the TLS proxy (``TO_PROXY``).
+    ``block_dns_bypass``: refuse the DNS side doors whatever the policy says (egress TCP
+    853 -> ``DENY_RST``, UDP 853 -> ``DENY_ICMP``, UDP 5353/5355/137 -> ``DENY``), so name
+    lookups can only go through the DNS forwarder; the gateway turns it on.
     See the module docstring for flow-table eviction, expiry and SNI rules.
 
     One classifier is driven by one packet loop at a time (calls from several
@@ -248,6 +251,7 @@ class Classifier:
         hello_budget: int = 64 << 20,
         intercept: Iterable[str] = (),
         intercept_ports: Iterable[int] = (443,),
+        block_dns_bypass: bool = False,
     ) -> None:
         if isinstance(max_flows, bool) or not isinstance(max_flows, int) or not (
                 16 <= max_flows <= 1 << 24):
@@ -273,6 +277,10 @@ class Classifier:
         if lib.ns_ctx_configure(self._ctx, tcp_idle, udp_idle, hello_cap, hello_timeout,
                                 hello_budget) != 0:
             raise FastPathError("invalid flow-table configuration")
+        if not isinstance(block_dns_bypass, bool):
+            raise FastPathError(f"block_dns_bypass must be a bool, got {block_dns_bypass!r}")
+        lib.ns_ctx_set_block_dns_bypass(self._ctx, int(block_dns_bypass))
+        self.block_dns_bypass = block_dns_bypass
         self.max_flows = max_flows
         self._lock = threading.Lock()
         self._swap_lock = threading.Lock()

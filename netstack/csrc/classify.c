@@ -60,6 +60,7 @@ struct ns_ctx {
     uint32_t hello_cap;
     uint64_t hello_budget, hello_bytes;
     int stream_broken;
+    int block_dns_bypass;
     ns_ctx_stats st;
 };
 
@@ -149,6 +150,20 @@ int ns_ctx_configure(ns_ctx *c, double tcp_idle, double udp_idle, uint32_t hello
     c->hello_timeout = hello_timeout;
     c->hello_budget = hello_budget;
     return 0;
+}
+
+int ns_ctx_set_block_dns_bypass(ns_ctx *c, int on) {
+    c->block_dns_bypass = on ? 1 : 0;
+    return 0;
+}
+
+/* The verdict for a DNS side door (see ns_ctx_set_block_dns_bypass), or 0 if `fr` is
+ * not one. */
+static uint8_t dns_bypass_verdict(const ns_frame *fr) {
+    if (fr->pbit == NS_P_TCP) return fr->dport == 853 ? NS_DENY_RST : 0;
+    if (fr->pbit != NS_P_UDP) return 0;
+    if (fr->dport == 853) return NS_DENY_ICMP;
+    return (fr->dport == 5353 || fr->dport == 5355 || fr->dport == 137) ? NS_DENY : 0;
 }
 
 static void free_retired(ns_ctx *c) {
@@ -462,6 +477,13 @@ static uint8_t classify_one(ns_ctx *c, ns_policy *p, const uint8_t *buf, size_t 
         fr.frag != 2) {
         if (fr.frag == 1) record_fragment(c, p, &k, &fr, NS_TO_DNS, -1, now);
         return NS_TO_DNS;
+    }
+    if (c->block_dns_bypass && dir == NS_DIR_EGRESS && fr.has_ports && fr.frag != 2) {
+        uint8_t bv = dns_bypass_verdict(&fr);
+        if (bv) {
+            if (fr.frag == 1) record_fragment(c, p, &k, &fr, bv, -1, now);
+            return bv;
+        }
     }
     if (fr.frag == 2) {
         /* non-first fragment: follows the verdict of its first fragment */

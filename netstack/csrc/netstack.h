@@ -66,6 +66,11 @@ ns_ctx *ns_ctx_new(uint32_t max_flows, ns_pincache *pins);
 void ns_ctx_free(ns_ctx *ctx);
 int ns_ctx_configure(ns_ctx *ctx, double tcp_idle, double udp_idle, uint32_t hello_cap,
                      double hello_timeout, uint64_t hello_budget);
+/* Refuse the DNS side doors (off by default): egress TCP 853 (DNS over TLS) gets
+ * NS_DENY_RST, UDP 853 (DNS over QUIC) NS_DENY_ICMP, UDP 5353/5355/137 (mDNS, LLMNR,
+ * NetBIOS name service) NS_DENY, whatever the policy says - name lookups must go
+ * through the DNS forwarder, where the policy sees them.  Returns 0. */
+int ns_ctx_set_block_dns_bypass(ns_ctx *ctx, int on);
 /* Install compiled tables (ownership passes to ctx); atomic w.r.t. batches. */
 void ns_ctx_set_policy(ns_ctx *ctx, ns_policy *p);
 void ns_ctx_expire(ns_ctx *ctx, double now);

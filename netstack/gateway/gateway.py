@@ -182,6 +182,9 @@ class Gateway:
     ``vnet_hdr`` uplink: large guest TCP frames leave as GSO packets cut to the
     uplink's MSS, and the MSS option of SYNs towards the guest is raised to the guest
     link's when the peer accepts full-size segments (:meth:`guest_config` reports it).
+    ``block_dns_bypass`` (default on): DNS over TLS/QUIC (853), mDNS, LLMNR and NetBIOS
+    name service are refused whatever the policy says (RST / ICMP unreachable / drop), so
+    every name lookup goes through the forwarder (see :class:`~netstack.Classifier`).
 
     >>> Gateway(NetworkPolicy.none(), uplink=None, guest_fd=0)   # doctest: +ELLIPSIS
     Traceback (most recent call last):
@@ -199,7 +202,7 @@ class Gateway:
                  own_uplink: bool = False,
                  max_flows: int = 16384, hello_timeout: float = 5.0,
                  event_slots: int = 4096, log_denied: bool = True,
-                 mtu: int | None = None) -> None:
+                 mtu: int | None = None, block_dns_bypass: bool = True) -> None:
         if not isinstance(policy, NetworkPolicy):
             raise GatewayError(f"policy must be a NetworkPolicy, got {type(policy).__name__}")
         if not isinstance(uplink, TapUplink):
@@ -249,7 +252,7 @@ class Gateway:
         try:
             self._start(policy, guest_socket, guest_fd, dns_upstreams, dns_timeout,
                         rebind_protection, pcap, max_flows, hello_timeout, event_slots,
-                        log_denied)
+                        log_denied, block_dns_bypass)
         except BaseException:
             self.close()
             raise
@@ -258,12 +261,13 @@ class Gateway:
                guest_fd: int | None, dns_upstreams: Sequence[str | tuple[str, int]] | None,
                dns_timeout: float, rebind_protection: bool,
                pcap: str | os.PathLike[str] | PcapWriter | None, max_flows: int,
-               hello_timeout: float, event_slots: int, log_denied: bool) -> None:
+               hello_timeout: float, event_slots: int, log_denied: bool,
+               block_dns_bypass: bool) -> None:
         res, plan = self._res, self.plan
         self.pins = PinCache()
         self.classifier = res.classifier = Classifier(
             policy, gateway=plan.gateway_addresses, pins=self.pins, max_flows=max_flows,
-            hello_timeout=hello_timeout, intercept_ports=())
+            hello_timeout=hello_timeout, intercept_ports=(), block_dns_bypass=block_dns_bypass)
         # an IPv6 plan without IPv6 egress: AAAA answers would only make guests try
         # addresses they cannot reach, so that family is answered empty
         inactive = () if plan.ipv6 and self.uplink.ipv6_egress else ("ipv6",)

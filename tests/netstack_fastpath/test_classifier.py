@@ -59,6 +59,28 @@ def test_verdict_mapping_per_protocol() -> None:
     assert V(c, [other]) == ["deny"]
 
 
+def test_dns_side_doors_refused_only_when_asked() -> None:
+    frames = [
+        syn("192.0.2.7", 853),                                           # DoT
+        build_frame(GUEST, "192.0.2.7", "udp", 5000, 853),               # DoQ
+        build_frame(GUEST, "224.0.0.251", "udp", 5353, 5353),            # mDNS
+        build_frame(GUEST, "224.0.0.252", "udp", 5000, 5355),            # LLMNR
+        build_frame(GUEST, "10.0.2.255", "udp", 137, 137),               # NetBIOS-NS
+        syn("192.0.2.7", 443),                                           # unaffected
+        build_frame(GUEST, "192.0.2.7", "udp", 5000, 53),                # DNS: forwarder
+    ]
+    allow_all = NetworkPolicy.allow_all()
+    assert V(Classifier(allow_all, gateway=GW), frames) == ["allow"] * 6 + ["to-dns"]
+    c = Classifier(allow_all, gateway=GW, block_dns_bypass=True)
+    assert V(c, frames) == ["deny-with-reset", "deny-with-icmp-unreachable", "deny", "deny",
+                            "deny", "allow", "to-dns"]
+    # ingress to those ports (a published port) is the policy's business
+    ingress = build_frame("192.0.2.7", GUEST, "tcp", 40000, 853, flags=0x02)
+    assert V(c, [ingress], direction="ingress") == ["allow"]
+    with pytest.raises(FastPathError, match="block_dns_bypass must be a bool"):
+        Classifier(allow_all, block_dns_bypass=1)  # type: ignore[arg-type]
+
+
 def test_established_flow_is_a_lookup_with_counters() -> None:
     policy = NetworkPolicy.custom(rules=[Rule.allow(destination="192.0.2.0/24", protocol="tcp")])
     c = Classifier(policy)

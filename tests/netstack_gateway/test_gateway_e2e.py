@@ -132,6 +132,17 @@ def test_default_policy_public_allowed_private_and_metadata_fail_fast(rig: Rig) 
         assert hits[-2].hits >= 4  # the egress default (deny)
 
 
+def test_dns_side_doors_refused_even_to_allowed_hosts(rig: Rig) -> None:
+    with rig.gateway(NetworkPolicy.allow_all()) as gw:
+        rc, out, took = rig.curl(f"https://{UPSTREAM_IP}:853/")  # DNS over TLS: RST
+        assert rc == 7 and took < 5, out
+        assert gw.stats()["rst_sent"] >= 1
+    with rig.gateway(NetworkPolicy.allow_all(), block_dns_bypass=False) as gw:
+        rc, out, took = rig.curl(f"https://{UPSTREAM_IP}:853/")  # no server there: refused
+        assert rc == 7, out                                     # by the upstream itself
+        assert gw.stats()["rst_sent"] == 0
+
+
 def test_icmp_errors_of_allowed_flows_reach_the_guest(rig: Rig) -> None:
     # nothing listens on UDP 9 upstream: its kernel's port unreachable comes back through
     # the uplink and is matched to the guest's allowed flow by the quoted packet
