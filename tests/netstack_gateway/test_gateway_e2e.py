@@ -32,6 +32,7 @@ from tests.netstack_gateway.topology import (
     UPSTREAM_NAME,
     Topology,
     host_loopback_http,
+    uplink_and_topology,
 )
 from tests.support import require_binaries, require_root
 
@@ -66,21 +67,9 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     require_root()
     require_binaries("ip", "nft", "curl", "dig", "ping")
     tmp = tmp_path_factory.mktemp("gwe2e")
-    before = snapshot()
-    home = tmp / "home"
-    plan = AddressPlan(3220)
-    uplink = topo = None
-    try:
-        uplink = TapUplink("gw-e2e", plan, host_loopback=True, home=home, vnet_hdr=True)
-        topo = Topology(plan, tmp, token=f"{os.getpid() % 0xFFFF:04x}e")
+    with uplink_and_topology("gw-e2e", AddressPlan(3220), tmp, "e", host_loopback=True,
+                             vnet_hdr=True) as (uplink, topo):
         yield Rig(topo, uplink, tmp)
-    finally:
-        if topo is not None:
-            topo.close()
-        if uplink is not None:
-            uplink.close()
-        cleanup_stale(home)
-        assert snapshot().ours() == before.ours()
 
 
 @pytest.fixture(scope="module")

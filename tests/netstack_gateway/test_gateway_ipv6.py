@@ -15,12 +15,12 @@ import pytest
 
 from netstack import AddressPlan, Gateway, NetworkPolicy, Rule, TapUplink, cleanup_stale
 from netstack.errors import UplinkError
-from tests.netstack_gateway.kernel_objects import snapshot
 from tests.netstack_gateway.topology import (
     UPSTREAM_DNS_IP,
     UPSTREAM_IP6,
     UPSTREAM_NAME6,
     Topology,
+    uplink_and_topology,
 )
 from tests.support import require_binaries, require_root
 
@@ -54,23 +54,11 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig6]:
     require_binaries("ip", "nft", "curl", "dig", "ping")
     if not os.path.exists("/proc/sys/net/ipv6"):
         pytest.skip("this kernel has no IPv6")
-    tmp = tmp_path_factory.mktemp("gwe2e6")
-    before = snapshot()
-    home = tmp / "home"
-    plan = AddressPlan(3230, ipv6=True)
-    uplink = topo = None
-    try:
-        uplink = TapUplink("gw-e2e6", plan, home=home, vnet_hdr=True)
+    with uplink_and_topology("gw-e2e6", AddressPlan(3230, ipv6=True),
+                             tmp_path_factory.mktemp("gwe2e6"), "6", vnet_hdr=True
+                             ) as (uplink, topo):
         assert uplink.ipv6_egress
-        topo = Topology(plan, tmp, token=f"{os.getpid() % 0xFFFF:04x}6")
         yield Rig6(topo, uplink)
-    finally:
-        if topo is not None:
-            topo.close()
-        if uplink is not None:
-            uplink.close()
-        cleanup_stale(home)
-    assert snapshot().counts() == before.counts()
 
 
 def test_public_ipv6_reached_private_ipv6_fails_fast(rig: Rig6) -> None:
@@ -116,7 +104,8 @@ def test_ipv6_egress_arguments(rig: Rig6, tmp_path: Path) -> None:
 
 
 def test_without_ipv6_egress_aaaa_is_answered_empty(rig: Rig6, tmp_path: Path) -> None:
-    # the same guest (same plan) behind another uplink of that slot without NAT66
+    # the same guest (same plan) behind another uplink of that slot without NAT66; closes
+    # the module's uplink, so this test stays the last of the module
     plan, topo = rig.topo.plan, rig.topo
     rig.uplink.close()
     try:

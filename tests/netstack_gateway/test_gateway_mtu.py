@@ -18,8 +18,7 @@ import pytest
 
 from netstack import AddressPlan, Gateway, NetworkPolicy, TapUplink, cleanup_stale
 from netstack.errors import GatewayError
-from tests.netstack_gateway.kernel_objects import snapshot
-from tests.netstack_gateway.topology import UPSTREAM_DNS_IP, UPSTREAM_IP, Topology
+from tests.netstack_gateway.topology import UPSTREAM_DNS_IP, UPSTREAM_IP, uplink_and_topology
 from tests.support import require_binaries, require_root
 
 pytestmark = pytest.mark.timeout(60)
@@ -33,15 +32,9 @@ def test_multi_mb_transfers_through_the_guest_link(tmp_path: Path, mtu: int, mod
                                                    slot: int) -> None:
     require_root()
     require_binaries("ip", "nft", "curl")
-    before = snapshot()
-    home = tmp_path / "home"
-    plan = AddressPlan(slot, mtu=mtu)
-    uplink = topo = None
-    try:
-        uplink = TapUplink(f"gw-mtu-{slot}", plan, home=home, vnet_hdr=True)
+    with uplink_and_topology(f"gw-mtu-{slot}", AddressPlan(slot, mtu=mtu), tmp_path,
+                             f"{slot % 10}m", mode=mode, vnet_hdr=True) as (uplink, topo):
         assert uplink.mtu == 1500
-        topo = Topology(plan, tmp_path, token=f"{os.getpid() % 0xFFF:03x}{slot % 10}m",
-                        mode=mode)
         assert topo.vmm_socket is not None
         data = os.urandom(SIZE)
         upload = tmp_path / "upload.bin"
@@ -67,13 +60,6 @@ def test_multi_mb_transfers_through_the_guest_link(tmp_path: Path, mtu: int, mod
                 assert st["guest_bytes"] / st["guest_frames"] > 3000  # large frames went out
             else:
                 assert st["mss_raised"] == 0
-    finally:
-        if topo is not None:
-            topo.close()
-        if uplink is not None:
-            uplink.close()
-        cleanup_stale(home)
-        assert snapshot().ours() == before.ours()
 
 
 def test_large_mtu_needs_a_vnet_uplink_and_bad_mtus_are_typed_errors(tmp_path: Path) -> None:

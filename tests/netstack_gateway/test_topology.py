@@ -28,6 +28,7 @@ from tests.netstack_gateway.topology import (
     StreamTapPump,
     Topology,
     host_loopback_http,
+    uplink_and_topology,
 )
 from tests.support import require_binaries, require_root
 
@@ -43,26 +44,14 @@ def build_rig(tmp: Path, name: str, slot: int, host_loopback: bool, upstream: bo
               ) -> Iterator[Rig]:
     require_root()
     require_binaries("ip", "nft", "curl", "dig")
-    before = snapshot()
-    home = tmp / "home"
-    plan = AddressPlan(slot)
-    uplink = topo = relay = None
-    try:
-        uplink = TapUplink(name, plan, host_loopback=host_loopback, home=home)
-        topo = Topology(plan, tmp, token=f"{os.getpid() % 0xFFFF:04x}{slot % 16:x}",
-                        upstream=upstream)
+    with uplink_and_topology(name, AddressPlan(slot), tmp, f"{slot % 16:x}", upstream=upstream,
+                             host_loopback=host_loopback) as (uplink, topo):
         assert topo.vmm_socket is not None
         relay = StreamTapPump(topo.vmm_socket, uplink.tap_fd, name="relay")
-        yield Rig(topo, uplink, relay)
-    finally:
-        if relay is not None:
+        try:
+            yield Rig(topo, uplink, relay)
+        finally:
             relay.stop()
-        if topo is not None:
-            topo.close()
-        if uplink is not None:
-            uplink.close()
-        cleanup_stale(home)
-        assert snapshot().ours() == before.ours()
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,8 @@ from pathlib import Path
 import trustme
 from pyroute2 import IPRoute, NetNS, netns
 
-from netstack import AddressPlan
+from netstack import AddressPlan, TapUplink, cleanup_stale
+from tests.netstack_gateway.kernel_objects import snapshot
 
 _TUNSETIFF = 0x400454CA
 _IFF_TAP = 0x0002
@@ -368,3 +369,28 @@ def host_loopback_http() -> Iterator[int]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextmanager
+def uplink_and_topology(name: str, plan: AddressPlan, tmp: Path, token_suffix: str, *,
+                        upstream: bool = True, mode: str = "stream", **uplink_kw: bool
+                        ) -> Iterator[tuple[TapUplink, Topology]]:
+    """A :class:`~netstack.TapUplink` (state under ``tmp/home``) and a :class:`Topology`
+    for one test rig. Both are removed afterwards (also on errors), stale records are
+    cleaned, and the host's namespaces, links and nft tables of ours must then be
+    exactly as before."""
+    before = snapshot()
+    home = tmp / "home"
+    uplink = topo = None
+    try:
+        uplink = TapUplink(name, plan, home=home, **uplink_kw)
+        topo = Topology(plan, tmp, token=f"{os.getpid() % 0xFFFF:04x}{token_suffix}",
+                        upstream=upstream, mode=mode)
+        yield uplink, topo
+    finally:
+        if topo is not None:
+            topo.close()
+        if uplink is not None:
+            uplink.close()
+        cleanup_stale(home)
+        assert snapshot().ours() == before.ours()
