@@ -10,7 +10,6 @@ test itself.
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import threading
@@ -552,14 +551,9 @@ def test_socket_transport_owned(tmp_path: Path) -> None:
 def test_datagram_vmm_transport(tmp_path: Path, host_service: int, vfkit: bool) -> None:
     """One frame per datagram (QEMU dgram / libkrun unixgram), optional VFKT handshake."""
     require_root()
-    before = snapshot()
-    home = tmp_path / "home"
     plan = AddressPlan(3203)
-    uplink = topo = None
-    try:
-        uplink = TapUplink("gw-e2e-dgram", plan, host_loopback=True, home=home)
-        topo = Topology(plan, tmp_path, token=f"{os.getpid() % 0xFFFF:04x}d", upstream=False,
-                        mode="dgram", vfkit=vfkit)
+    with uplink_and_topology("gw-e2e-dgram", plan, tmp_path, "d", upstream=False, mode="dgram",
+                             vfkit=vfkit, host_loopback=True) as (uplink, topo):
         assert topo.vmm_socket is not None
         with Gateway(NetworkPolicy.from_profiles("host"), uplink=uplink,
                      guest_fd=topo.vmm_socket.fileno(), transport="dgram",
@@ -568,13 +562,6 @@ def test_datagram_vmm_transport(tmp_path: Path, host_service: int, vfkit: bool) 
                                    f"http://{plan.gateway_ipv4}:{host_service}/"], timeout=20)
             assert r.returncode == 0 and r.stdout == "hello from the host loopback\n", r.stderr
             assert gw.stats()["verdicts"]["allow"] > 0
-    finally:
-        if topo is not None:
-            topo.close()
-        if uplink is not None:
-            uplink.close()
-        cleanup_stale(home)
-        assert snapshot().ours() == before.ours()
 
 
 _EXIT_SCRIPT = r"""

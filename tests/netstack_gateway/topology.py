@@ -373,8 +373,8 @@ def host_loopback_http() -> Iterator[int]:
 
 @contextmanager
 def uplink_and_topology(name: str, plan: AddressPlan, tmp: Path, token_suffix: str, *,
-                        upstream: bool = True, mode: str = "stream", **uplink_kw: bool
-                        ) -> Iterator[tuple[TapUplink, Topology]]:
+                        upstream: bool = True, mode: str = "stream", vfkit: bool = False,
+                        **uplink_kw: bool) -> Iterator[tuple[TapUplink, Topology]]:
     """A :class:`~netstack.TapUplink` (state under ``tmp/home``) and a :class:`Topology`
     for one test rig. Both are removed afterwards (also on errors), stale records are
     cleaned, and the host's namespaces, links and nft tables of ours must then be
@@ -385,7 +385,7 @@ def uplink_and_topology(name: str, plan: AddressPlan, tmp: Path, token_suffix: s
     try:
         uplink = TapUplink(name, plan, home=home, **uplink_kw)
         topo = Topology(plan, tmp, token=f"{os.getpid() % 0xFFFF:04x}{token_suffix}",
-                        upstream=upstream, mode=mode)
+                        upstream=upstream, mode=mode, vfkit=vfkit)
         yield uplink, topo
     finally:
         if topo is not None:
