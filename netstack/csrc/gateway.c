@@ -47,6 +47,8 @@
 #define INJECT_SLOTS 256
 #define MAX_PENDING 256
 #define REJECT_CAP 1400
+#define CO_HDR (10 + 14 + 60 + 60)  /* virtio-net header + Ethernet + IPv4 + TCP headers */
+#define CO_IOV 128                 /* payload pieces of one coalesced packet */
 
 typedef struct ev_slot {
     ns_gw_event ev;
@@ -100,9 +102,12 @@ struct ns_gw {
     pending pend[MAX_PENDING];
     uint32_t npending, nheld_total;
     double last_timer, last_expire;
-    /* TCP coalescing towards a vnet-header uplink (one GSO packet per run of segments) */
-    uint8_t *co;                  /* 10-byte virtio-net header + the super-frame */
-    size_t co_len;                /* frame bytes after the header; 0 = empty */
+    /* TCP coalescing towards a vnet-header uplink (one GSO packet per run of segments):
+     * a copy of the first segment's headers, then the segments' payloads where they
+     * are (the read buffer, not touched until co_flush), written with one writev() */
+    uint8_t *co;                  /* 10-byte virtio-net header + the first frame's headers */
+    struct iovec co_iov[1 + CO_IOV];
+    size_t co_len;                /* frame bytes (headers + payloads); 0 = empty */
     uint32_t co_next_seq, co_mss, co_segs, co_hl;
     int co_closed;
     ns_gw_stats st;               /* written by the loop; read racily by stats_get */
@@ -418,7 +423,9 @@ static void co_flush(ns_gw *g) {
         h[6] = 34;                            /* csum_start */
         h[8] = 16;                            /* csum_offset */
     }
-    ssize_t w = write(g->cfg.uplink_fd, g->co, 10 + g->co_len);
+    g->co_iov[0].iov_base = g->co;
+    g->co_iov[0].iov_len = 10 + hl;
+    ssize_t w = writev(g->cfg.uplink_fd, g->co_iov, (int)(1 + g->co_segs));
     if (w < 0) g->st.write_errors++;
     else g->st.to_uplink += g->co_segs;
     g->co_len = 0;
@@ -493,21 +500,28 @@ static void to_uplink_allowed(ns_gw *g, const uint8_t *buf, size_t len) {
     uint32_t hl = fr.payload_off, plen = fr.payload_len;
     uint8_t *f = g->co + 10;
     if (g->co_len && !g->co_closed && hl == g->co_hl && fr.seq == g->co_next_seq &&
-        plen <= g->co_mss && g->co_len + plen <= 14 + 65535 - 64 &&
+        plen <= g->co_mss && g->co_len + plen <= 14 + 65535 - 64 && g->co_segs < CO_IOV &&
         memcmp(buf + 26, f + 26, 12) == 0 &&          /* addresses, ports */
         memcmp(buf + 42, f + 42, 4) == 0 &&           /* ack */
         buf[46] == f[46] &&                           /* data offset */
         memcmp(buf + 54, f + 54, hl - 54) == 0) {     /* options (timestamps ...) */
-        memcpy(f + g->co_len, buf + hl, plen);
-        g->co_len += plen;
         g->co_segs++;
+        g->co_iov[g->co_segs].iov_base = (void *)(buf + hl);
+        g->co_iov[g->co_segs].iov_len = plen;
+        g->co_len += plen;
         g->co_next_seq += plen;
         if (fr.tcp_flags & 0x08) f[47] |= 0x08;
         if (plen < g->co_mss || (fr.tcp_flags & 0x08)) g->co_closed = 1;
         return;
     }
     co_flush(g);
-    memcpy(f, buf, len);
+    if (hl + 10 > CO_HDR) { /* cannot happen (at most 60 + 60 header bytes): be safe */
+        to_uplink(g, buf, len);
+        return;
+    }
+    memcpy(f, buf, hl);
+    g->co_iov[1].iov_base = (void *)(buf + hl);
+    g->co_iov[1].iov_len = plen;
     g->co_len = len;
     g->co_segs = 1;
     g->co_hl = hl;
@@ -729,12 +743,14 @@ static void read_guest_stream(ns_gw *g, double now) {
             if (broken) {
                 g->guest_alive = 0;
                 push_event(g, NS_EV_GUEST_CLOSED, NS_MALFORMED, NS_DIR_EGRESS, -1, now, NULL, 0);
+                co_flush(g);
                 g->in_len = 0;
                 return;
             }
             if (n < 256) break;
         }
         if (off) {
+            co_flush(g); /* a coalesced run points into g->in */
             memmove(g->in, g->in + off, g->in_len - off);
             g->in_len -= off;
         }
@@ -1109,7 +1125,7 @@ ns_gw *ns_gw_new(ns_ctx *ctx, const ns_gw_config *cfg) {
     g->ring = (ev_slot *)calloc(slots, sizeof(ev_slot));
     g->inject = (ev_slot *)calloc(INJECT_SLOTS, sizeof(ev_slot));
     g->rx = (uint8_t *)malloc((size_t)BATCH * RX_FRAME);
-    g->co = (uint8_t *)malloc(10 + RX_FRAME);
+    g->co = (uint8_t *)malloc(CO_HDR);
     if (cfg->guest_mode == NS_GW_STREAM) {
         g->in = (uint8_t *)malloc(STREAM_IN_CAP);
         g->out = (uint8_t *)malloc(STREAM_OUT_CAP);
