@@ -6,7 +6,6 @@ and DNS over TCP to the gateway's IPv6 address, ICMPv6 echo, policy denies.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 
 from netstack import AddressPlan, Gateway, NetworkPolicy, Rule, TapUplink, cleanup_stale
 from netstack.errors import UplinkError
+from netstack.gateway.uplink_tap import host_ipv6_usable
 from tests.netstack_gateway.topology import (
     UPSTREAM_DNS_IP,
     UPSTREAM_IP6,
@@ -52,8 +52,8 @@ class Rig6:
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig6]:
     require_root()
     require_binaries("ip", "nft", "curl", "dig", "ping")
-    if not os.path.exists("/proc/sys/net/ipv6"):
-        pytest.skip("this kernel has no IPv6")
+    if not host_ipv6_usable():
+        pytest.skip("IPv6 is disabled on this host (net.ipv6.conf.all.disable_ipv6)")
     with uplink_and_topology("gw-e2e6", AddressPlan(3230, ipv6=True),
                              tmp_path_factory.mktemp("gwe2e6"), "6", vnet_hdr=True
                              ) as (uplink, topo):
