@@ -47,7 +47,7 @@
 #define INJECT_SLOTS 256
 #define MAX_PENDING 256
 #define REJECT_CAP 1400
-#define CO_HDR (10 + 14 + 60 + 60)  /* virtio-net header + Ethernet + IPv4 + TCP headers */
+#define CO_HDR (10 + 34 + 60)  /* virtio-net header + Ethernet + IPv4 (no options) + TCP headers */
 #define CO_IOV 128                 /* payload pieces of one coalesced packet */
 
 typedef struct ev_slot {
@@ -515,7 +515,7 @@ static void to_uplink_allowed(ns_gw *g, const uint8_t *buf, size_t len) {
         return;
     }
     co_flush(g);
-    if (hl + 10 > CO_HDR) { /* cannot happen (at most 60 + 60 header bytes): be safe */
+    if (hl + 10 > CO_HDR) { /* cannot happen (l4_off == 34 above, TCP header <= 60): be safe */
         to_uplink(g, buf, len);
         return;
     }

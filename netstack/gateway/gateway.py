@@ -379,8 +379,6 @@ class Gateway:
             if isinstance(e, Exception) and not isinstance(e, GatewayError | UplinkError):
                 raise GatewayError(f"could not set up TLS interception: {e}") from e
             raise
-        log.info("gateway for %s: guest TCP to ports %s goes to the proxy on [::]:%d",
-                 self.plan.guest_ipv4, sorted(set(ports)), sock.getsockname()[1])
         return sock
 
     # -- slow path ---------------------------------------------------------------------

@@ -355,13 +355,14 @@ class TapUplink:
         if ipv6_egress and not plan.ipv6:
             raise UplinkError("ipv6_egress=True needs a plan with IPv6 (AddressPlan(..., "
                               "ipv6=True))")
-        if ipv6_egress and not host_ipv6_usable():
+        self._host_ipv6 = plan.ipv6 and host_ipv6_usable()
+        if ipv6_egress and not self._host_ipv6:
             raise UplinkError("ipv6_egress=True but IPv6 is disabled on this host "
                               "(net.ipv6.conf.all.disable_ipv6=1)")
         if os.geteuid() != 0:
             raise UplinkError("a TAP uplink needs root (network namespaces, TAP, nftables)")
         #: whether the guest's IPv6 traffic leaves (NAT66 to the host's address)
-        self.ipv6_egress = bool(plan.ipv6 and ipv6_egress is not False and host_ipv6_usable())
+        self.ipv6_egress = self._host_ipv6 and ipv6_egress is not False
         self._intercept: tuple[tuple[int, ...], int, bool] | None = None
         self._dns_redirect = False
         self.sandbox = sandbox
@@ -494,6 +495,9 @@ class TapUplink:
             raise UplinkError(f"uplink of sandbox {self.sandbox!r} is closed")
         self._intercept = (wanted, to_port, bool(block_udp))
         self._load_netns_ruleset()
+        log.info("uplink %s: guest TCP to ports %s goes to :%d in the namespace%s",
+                 self.sandbox, sorted(set(wanted)), to_port,
+                 " (UDP to them dropped)" if block_udp else "")
 
     def clear_redirects(self) -> None:
         """Remove the DNS and TCP redirects (:meth:`redirect_dns`, :meth:`redirect_tcp`);
@@ -568,6 +572,9 @@ class TapUplink:
                      peer={"ifname": n["ns_veth"], "net_ns_fd": n["netns"]})
             hv = ipr.link_lookup(ifname=n["host_veth"])[0]
             ipr.addr("add", index=hv, address=f"{host_end}/31")
+            if self.ipv6_egress:
+                ipr.addr("add", index=hv, address=str(transit_addresses6(plan.slot)[0]),
+                         prefixlen=127, IFA_FLAGS=_NODAD)
             ipr.link("set", index=hv, state="up")
         with NetNS(n["netns"], flags=0) as ns:
             ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
@@ -585,16 +592,11 @@ class TapUplink:
             if self.ipv6_egress:
                 host6, ns6 = transit_addresses6(plan.slot)
                 ns.addr("add", index=nv, address=str(ns6), prefixlen=127, IFA_FLAGS=_NODAD)
-                ns.route("add", dst="::/0", gateway=str(host6), oif=nv, family=10, flags=4)
-        if self.ipv6_egress:
-            with IPRoute() as ipr:
-                host6, _ = transit_addresses6(plan.slot)
-                hv = ipr.link_lookup(ifname=n["host_veth"])[0]
-                ipr.addr("add", index=hv, address=str(host6), prefixlen=127,
-                         IFA_FLAGS=_NODAD)
+                ns.route("add", dst="::/0", gateway=str(host6), oif=nv, family=socket.AF_INET6,
+                         flags=4)
         exec_ns = ["ip", "netns", "exec", n["netns"]]
         _run([*exec_ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
-        if plan.ipv6 and host_ipv6_usable():
+        if self._host_ipv6:
             # the gateway passes only neighbour solicitations/advertisements, but never
             # let the guest's link steer this namespace's routing anyway
             tap = n["tap"]
