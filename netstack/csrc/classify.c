@@ -31,6 +31,20 @@ typedef struct flow_key {
     uint8_t proto, dir, kind, pad;
 } flow_key; /* 40 bytes */
 
+/* The flow key of a parsed frame in direction `dir`; `reply`: of the flow the frame
+ * answers (addresses and ports swapped). */
+static inline void flow_key_of(const ns_frame *fr, int dir, int reply, flow_key *k) {
+    memcpy(k->src, reply ? fr->dst : fr->src, 16);
+    memcpy(k->dst, reply ? fr->src : fr->dst, 16);
+    k->proto = fr->ipproto;
+    k->dir = (uint8_t)dir;
+    k->kind = 0;
+    k->pad = 0;
+    uint16_t sport = fr->has_ports ? fr->sport : 0, dport = fr->has_ports ? fr->dport : 0;
+    k->sport = reply ? dport : sport;
+    k->dport = reply ? sport : dport;
+}
+
 enum { ST_DECIDED = 0, ST_PENDING = 1 };
 
 typedef struct flow {
@@ -468,11 +482,7 @@ static uint8_t classify_one(ns_ctx *c, ns_policy *p, const uint8_t *buf, size_t 
     if (fr.l3 != NS_L3_IPV4 && fr.l3 != NS_L3_IPV6) return NS_DENY;
     if (fr.pbit == 0) return NS_DENY;
     flow_key k;
-    memcpy(k.src, fr.src, 16);
-    memcpy(k.dst, fr.dst, 16);
-    k.proto = fr.ipproto;
-    k.dir = (uint8_t)dir;
-    k.pad = 0;
+    flow_key_of(&fr, dir, 0, &k);
     if (dir == NS_DIR_EGRESS && fr.has_ports && (fr.pbit & (NS_P_TCP | NS_P_UDP)) && fr.dport == 53 &&
         fr.frag != 2) {
         if (fr.frag == 1) record_fragment(c, p, &k, &fr, NS_TO_DNS, -1, now);
@@ -498,9 +508,6 @@ static uint8_t classify_one(ns_ctx *c, ns_policy *p, const uint8_t *buf, size_t 
         *rule_out = ff->rule;
         return ff->verdict;
     }
-    k.kind = 0;
-    k.sport = fr.has_ports ? fr.sport : 0;
-    k.dport = fr.has_ports ? fr.dport : 0;
     uint32_t h = key_hash(&k);
     flow *f = tab_find(c, &k, h);
 
@@ -638,14 +645,7 @@ int ns_ctx_flow_info(ns_ctx *c, const uint8_t *buf, size_t len, int dir, ns_flow
     memset(out, 0, sizeof(*out));
     if (ns_parse_frame(buf, len, &fr) != NS_PARSE_OK) return -1;
     flow_key k;
-    memcpy(k.src, fr.src, 16);
-    memcpy(k.dst, fr.dst, 16);
-    k.proto = fr.ipproto;
-    k.dir = (uint8_t)dir;
-    k.kind = 0;
-    k.pad = 0;
-    k.sport = fr.has_ports ? fr.sport : 0;
-    k.dport = fr.has_ports ? fr.dport : 0;
+    flow_key_of(&fr, dir, 0, &k);
     flow *f = tab_find(c, &k, key_hash(&k));
     if (!f) return 0;
     out->found = 1;
@@ -753,14 +753,7 @@ static int reply_lookup(ns_ctx *c, const uint8_t *buf, size_t len, double now, i
         if (!f || expired(c, f, now)) return 0;
         return (f->state == ST_PENDING || f->verdict == NS_ALLOW) ? 1 : 0;
     }
-    memcpy(k.src, fr.dst, 16);
-    memcpy(k.dst, fr.src, 16);
-    k.proto = fr.ipproto;
-    k.dir = (uint8_t)dir;
-    k.kind = 0;
-    k.pad = 0;
-    k.sport = fr.has_ports ? fr.dport : 0;
-    k.dport = fr.has_ports ? fr.sport : 0;
+    flow_key_of(&fr, dir, 1, &k);
     flow *f = tab_find(c, &k, key_hash(&k));
     if (!f || expired(c, f, now)) return 0;
     if (f->state == ST_PENDING) return 2;
