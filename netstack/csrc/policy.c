@@ -90,6 +90,16 @@ static cidr_slot *cidr_find(const cidr_index *ix, uint64_t hi, uint64_t lo, unsi
     }
 }
 
+/* The network (address with host bits cleared) of a CIDR rule, as the two words the
+ * index keys on. */
+static void rule_network_words(const ns_rule_spec *s, uint64_t *hi, uint64_t *lo) {
+    uint8_t a16[16] = {0};
+    if (s->family == 4) memcpy(a16 + 12, s->addr, 4);
+    else memcpy(a16, s->addr, 16);
+    addr_words(a16, s->family, hi, lo);
+    mask_words(s->family, s->prefix, hi, lo);
+}
+
 /* Index every cidr rule by (family, prefix length, network address). */
 static int cidr_build(cidr_index *ix, const ns_rule_spec *rules, uint32_t nrules) {
     uint32_t ncidr = 0;
@@ -105,12 +115,8 @@ static int cidr_build(cidr_index *ix, const ns_rule_spec *rules, uint32_t nrules
     for (uint32_t r = 0; r < nrules; r++) {
         const ns_rule_spec *s = &rules[r];
         if (s->kind != NS_D_CIDR) continue;
-        uint8_t a16[16] = {0};
-        if (s->family == 4) memcpy(a16 + 12, s->addr, 4);
-        else memcpy(a16, s->addr, 16);
         uint64_t hi, lo;
-        addr_words(a16, s->family, &hi, &lo);
-        mask_words(s->family, s->prefix, &hi, &lo);
+        rule_network_words(s, &hi, &lo);
         cidr_find(ix, hi, lo, s->prefix, s->family, 1)->n++;
         if (s->prefix >= 16) {
             uint32_t top = s->family == 4 ? (uint32_t)(lo >> 16) : (uint32_t)(hi >> 48);
@@ -130,12 +136,8 @@ static int cidr_build(cidr_index *ix, const ns_rule_spec *rules, uint32_t nrules
     for (uint32_t r = 0; r < nrules; r++) {
         const ns_rule_spec *s = &rules[r];
         if (s->kind != NS_D_CIDR) continue;
-        uint8_t a16[16] = {0};
-        if (s->family == 4) memcpy(a16 + 12, s->addr, 4);
-        else memcpy(a16, s->addr, 16);
         uint64_t hi, lo;
-        addr_words(a16, s->family, &hi, &lo);
-        mask_words(s->family, s->prefix, &hi, &lo);
+        rule_network_words(s, &hi, &lo);
         cidr_slot *slot = cidr_find(ix, hi, lo, s->prefix, s->family, 0);
         if (slot->n == 0) slot->first = r;
         ix->list[slot->off + slot->n++] = r;
