@@ -1104,6 +1104,20 @@ static void *gw_main(void *arg) {
 
 /* ------------------------------------------------------------ lifecycle */
 
+/* Close the eventfds that were opened and free the buffers and `g` itself. */
+static void gw_release(ns_gw *g) {
+    if (g->stop_efd >= 0) close(g->stop_efd);
+    if (g->inject_efd >= 0) close(g->inject_efd);
+    if (g->event_efd >= 0) close(g->event_efd);
+    free(g->ring);
+    free(g->inject);
+    free(g->rx);
+    free(g->co);
+    free(g->in);
+    free(g->out);
+    free(g);
+}
+
 ns_gw *ns_gw_new(ns_ctx *ctx, const ns_gw_config *cfg) {
     if (!ctx || !cfg || cfg->guest_fd < 0 || cfg->uplink_fd < 0 || cfg->guest_mode < 0 ||
         cfg->guest_mode > NS_GW_TAP)
@@ -1136,16 +1150,7 @@ ns_gw *ns_gw_new(ns_ctx *ctx, const ns_gw_config *cfg) {
     if (!g->ring || !g->inject || !g->rx || !g->co || (cfg->guest_mode == NS_GW_STREAM && (!g->in || !g->out)) ||
         g->stop_efd < 0 || g->inject_efd < 0 || g->event_efd < 0 ||
         pthread_mutex_init(&g->inject_mu, NULL) != 0) {
-        if (g->stop_efd >= 0) close(g->stop_efd);
-        if (g->inject_efd >= 0) close(g->inject_efd);
-        if (g->event_efd >= 0) close(g->event_efd);
-        free(g->ring);
-        free(g->inject);
-        free(g->rx);
-        free(g->co);
-        free(g->in);
-        free(g->out);
-        free(g);
+        gw_release(g);
         return NULL;
     }
     g->guest_alive = 1;
@@ -1179,17 +1184,8 @@ void ns_gw_free(ns_gw *g) {
     ns_gw_stop(g);
     for (uint32_t i = 0; i < MAX_PENDING; i++)
         if (g->pend[i].used) pend_free(g, &g->pend[i]);
-    close(g->stop_efd);
-    close(g->inject_efd);
-    close(g->event_efd);
     pthread_mutex_destroy(&g->inject_mu);
-    free(g->ring);
-    free(g->inject);
-    free(g->rx);
-    free(g->co);
-    free(g->in);
-    free(g->out);
-    free(g);
+    gw_release(g);
 }
 
 int ns_gw_event_fd(const ns_gw *g) { return g->event_efd; }
