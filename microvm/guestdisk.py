@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from microvm.errors import MicrovmError
+from rootfs._fs import microvm_home
 
 __all__ = ["AGENT_GUEST_PATH", "DiskError", "boot_disk", "build_ext4", "dir_size"]
 
@@ -159,8 +160,7 @@ def boot_disk(agent: Path | None = None, cache_dir: Path | None = None) -> Path:
         agent = agent_binary()
     digest = hashlib.sha256(agent.read_bytes()).hexdigest()[:16]
     if cache_dir is None:
-        home = os.environ.get("MICROVM_HOME") or os.path.join(os.path.expanduser("~"), ".microvm")
-        cache_dir = Path(home) / "boot"
+        cache_dir = microvm_home() / "boot"
     cache_dir.mkdir(parents=True, exist_ok=True)
     out = cache_dir / f"agent-{digest}.ext4"
     with FileLock(str(out) + ".lock"):

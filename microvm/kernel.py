@@ -38,6 +38,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from microvm.errors import KernelError
+from rootfs._fs import atomic_write, microvm_home
 
 __all__ = [
     "DEBIAN_PIN",
@@ -155,8 +156,7 @@ def default_kernel_dir() -> Path:
 
         default_kernel_dir()  # PosixPath('/root/.microvm/kernel')
     """
-    home = os.environ.get("MICROVM_HOME") or os.path.join(os.path.expanduser("~"), ".microvm")
-    return Path(home) / "kernel"
+    return microvm_home() / "kernel"
 
 
 def _vendor_dir() -> Path:
@@ -169,20 +169,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def load_payload(library: Path) -> KernelPayload:
@@ -287,7 +273,7 @@ def pvh_elf_bytes(payload: KernelPayload) -> bytes:
 def _write_kernel(library: Path, dest: Path, source: str) -> Kernel:
     payload = load_payload(library)
     elf = pvh_elf_bytes(payload)
-    _atomic_write(dest / ELF_NAME, elf)
+    atomic_write(dest / ELF_NAME, elf)
     manifest = {
         "source": source,
         "library": str(library),
@@ -298,7 +284,7 @@ def _write_kernel(library: Path, dest: Path, source: str) -> Kernel:
         "payload_size": len(payload.data),
         "elf_sha256": hashlib.sha256(elf).hexdigest(),
     }
-    _atomic_write(dest / MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
+    atomic_write(dest / MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
     return Kernel(dest / ELF_NAME, library, source)
 
 
@@ -408,7 +394,7 @@ def _install_lib(src: Path, sha: str, dest: Path) -> Path:
     if got != sha:
         raise KernelError(f"sha256 mismatch for {src.name}: got {got}, pinned {sha}")
     out = dest / LIB_NAME
-    _atomic_write(out, src.read_bytes(), 0o755)
+    atomic_write(out, src.read_bytes(), 0o755)
     return out
 
 
