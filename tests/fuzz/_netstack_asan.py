@@ -91,6 +91,14 @@ def bootstrap() -> ModuleType:
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     import atheris
 
+    load_extension()
+    sys.path.insert(0, ROOT)
+    return atheris
+
+
+def load_extension() -> None:
+    """Build the sanitizer variant if stale and import it as ``netstack._fastpath``
+    (the ASan runtime must already be loaded in this process)."""
     path = ensure_extension()
     loader = importlib.machinery.ExtensionFileLoader("netstack._fastpath", path)
     spec = importlib.util.spec_from_file_location("netstack._fastpath", path, loader=loader)
@@ -98,8 +106,6 @@ def bootstrap() -> ModuleType:
     mod = importlib.util.module_from_spec(spec)
     sys.modules["netstack._fastpath"] = mod
     loader.exec_module(mod)
-    sys.path.insert(0, ROOT)
-    return atheris
 
 
 def fuzz_args(argv: list[str], corpus: str) -> list[str]:

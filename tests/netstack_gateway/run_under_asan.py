@@ -10,8 +10,6 @@ with the ASan runtime preloaded and ``detect_leaks=1``, loads that build as
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import os
 import sys
 
@@ -33,13 +31,7 @@ def main() -> int:
     # not inherit it
     os.environ.pop("LD_PRELOAD", None)
     os.environ.pop("ASAN_OPTIONS", None)
-    path = asan.ensure_extension()
-    loader = importlib.machinery.ExtensionFileLoader("netstack._fastpath", path)
-    spec = importlib.util.spec_from_file_location("netstack._fastpath", path, loader=loader)
-    assert spec is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["netstack._fastpath"] = mod
-    loader.exec_module(mod)
+    asan.load_extension()
     import pytest
 
     args = sys.argv[1:] or ["-q", "-p", "no:cacheprovider",

@@ -9,7 +9,6 @@ ICMP unreachable, injected UDP) are checked with independent checksum code.
 from __future__ import annotations
 
 import socket
-import ssl
 import struct
 import time
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ import pytest
 from netstack import Classifier, NetworkPolicy, PinCache, Rule
 from netstack._fastpath import ffi, lib
 from netstack.frameinfo import build_frame
+from tests.netstack_fastpath._tls import python_hello
 
 GUEST, REMOTE, GW = "172.16.0.2", "198.51.100.10", "172.16.0.1"
 GUEST_MAC, GW_MAC = b"\x02\x00\x00\x00\x00\x02", b"\x02\x00\x00\x00\x00\x01"
@@ -257,17 +257,6 @@ def test_tap_guest_side() -> None:
         assert checksums_ok(lp.recv_guest())
 
 
-def hello(sni: str) -> bytes:
-    ctx = ssl.create_default_context()
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=sni)
-    try:
-        obj.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
-    return outgoing.read()
-
-
 def _pinned(name: str) -> tuple[NetworkPolicy, PinCache]:
     pins = PinCache()
     pins.pin(name, [REMOTE], ttl=600)
@@ -283,7 +272,7 @@ def test_split_client_hello_is_held_then_released_in_order() -> None:
     with loop(policy, pins=pins) as lp:
         lp.send(syn(dport=443))
         assert lp.recv_uplink() == syn(dport=443)  # handshake passes while pending
-        ch = hello("api.example.com")
+        ch = python_hello("api.example.com")
         first, second = data(1001, ch[:100]), data(1001 + 100, ch[100:])
         lp.send(first)
         assert lp.no_uplink()                      # held: the SNI is not complete yet
@@ -300,7 +289,7 @@ def test_denied_sni_resets_both_sides() -> None:
     with loop(policy, pins=pins) as lp:
         lp.send(syn(dport=443))
         lp.recv_uplink()
-        ch = hello("evil.example.net")
+        ch = python_hello("evil.example.net")
         lp.send(data(1001, ch, flags=0x18))
         up = lp.recv_uplink()                      # RST to the server at the hello's seq
         assert checksums_ok(up) and up[47] == 0x04
@@ -314,7 +303,7 @@ def test_undecided_flow_is_decided_by_the_timer() -> None:
     with loop(policy, pins=pins, hello_timeout=0.2) as lp:
         lp.send(syn(dport=443))
         lp.recv_uplink()
-        partial = data(1001, hello("api.example.com")[:50])
+        partial = data(1001, python_hello("api.example.com")[:50])
         lp.send(partial)
         # no SNI within the timeout: decided by the pinned name (allowed) and released
         assert lp.recv_uplink(3.0) == partial
