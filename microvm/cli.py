@@ -1,5 +1,10 @@
 """The ``microvm`` command: ``microvm kernel fetch|path`` and ``microvm vm run``.
 
+Exit status: 0 on success; 2 for a bad command line or environment (one line on
+stderr, nothing started); 1 when a ``kernel`` operation fails; ``vm run`` exits
+with CMD's status, 125 when the VM could not run it, 128+N when it was stopped by
+signal N (the VM and its temporary directory are cleaned up first).
+
 Example::
 
     microvm kernel fetch --dest vendor
@@ -9,24 +14,93 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import signal
 import sys
-import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import Any, NoReturn
 
 import click
 
 from microvm.backends.base import Share
 from microvm.errors import MicrovmError
 
-__all__ = ["main"]
+__all__ = ["EXIT_FAILED", "EXIT_USAGE", "EXIT_VM", "cli", "main", "run_command"]
+
+EXIT_USAGE = 2
+"""Bad command line or environment: detected before anything starts."""
+EXIT_FAILED = 1
+"""The operation itself failed (e.g. the kernel could not be fetched)."""
+EXIT_VM = 125
+"""``vm run``: the VM could not run CMD (backend unavailable, boot failure, agent lost)."""
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(ln.strip() for ln in str(text).splitlines() if ln.strip())
+
+
+def _home_problem() -> str | None:
+    """Why ``$MICROVM_HOME`` cannot be the state directory (without creating anything), or None."""
+    raw = os.environ.get("MICROVM_HOME")
+    if not raw:
+        return None
+    p = Path(raw)
+    probe = p
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "" if probe == p else f" ({str(probe)!r} is a file)"
+        return (
+            f"MICROVM_HOME={raw!r} is not a directory{where}: point it at a directory "
+            "(created if missing) or unset it (default ~/.microvm)"
+        )
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Run the ``microvm`` command line (the console script); never returns.
+
+    Every error is one line on stderr, never a traceback: usage and environment
+    errors exit 2, failed operations 1 (see the module docstring).
+
+    Example::
+
+        main(["kernel", "path"])
+    """
+    try:
+        problem = _home_problem()
+        if problem:
+            raise click.UsageError(problem)
+        rv = cli.main(args=list(argv) if argv is not None else None, prog_name="microvm",
+                      standalone_mode=False)  # fmt: skip
+    except click.exceptions.NoArgsIsHelpError as e:
+        click.echo(e.ctx.get_help() if e.ctx else str(e))
+        sys.exit(0)
+    except click.UsageError as e:
+        hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+        click.echo(f"microvm: error: {_one_line(e.format_message())}{hint}", err=True)
+        sys.exit(EXIT_USAGE)
+    except click.ClickException as e:
+        click.echo(f"microvm: error: {_one_line(e.format_message())}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("microvm: aborted", err=True)
+        sys.exit(130)
+    except MicrovmError as e:
+        click.echo(f"microvm: {type(e).__name__}: {_one_line(str(e))}", err=True)
+        sys.exit(EXIT_FAILED)
+    except OSError as e:
+        click.echo(f"microvm: error: {_one_line(str(e))}", err=True)
+        sys.exit(EXIT_FAILED)
+    sys.exit(rv if isinstance(rv, int) else 0)
 
 
 @click.group()
-def main() -> None:
+def cli() -> None:
     """Boot microVMs and run commands in them.
 
     \b
@@ -36,7 +110,7 @@ def main() -> None:
     """
 
 
-@main.group()
+@cli.group()
 def kernel() -> None:
     """The guest kernel (libkrunfw).
 
@@ -44,11 +118,23 @@ def kernel() -> None:
     """
 
 
+def _dest_ok(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    from microvm.kernel import check_dest
+
+    if value is None:
+        return None
+    try:
+        return check_dest(value)
+    except MicrovmError as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param)
+
+
 @kernel.command("fetch")
 @click.option(
     "--dest",
     type=click.Path(path_type=Path),
     default=None,
+    callback=_dest_ok,
     help="target directory (default $MICROVM_HOME/kernel)",
 )
 @click.option("--source", type=click.Choice(["auto", "system", "debian", "wheel"]), default="auto")
@@ -60,10 +146,7 @@ def kernel_fetch(dest: Path | None, source: str, force: bool) -> None:
     """
     from microvm.kernel import fetch_kernel
 
-    try:
-        k = fetch_kernel(dest, source=source, force=force)
-    except MicrovmError as e:
-        raise click.ClickException(str(e))
+    k = fetch_kernel(dest, source=source, force=force)
     click.echo(f"kernel: {k.elf} (from {k.source}: {k.library})")
 
 
@@ -75,18 +158,33 @@ def kernel_path() -> None:
     """
     from microvm.kernel import find_kernel
 
-    k = find_kernel()
+    try:
+        k = find_kernel()
+    except MicrovmError as e:  # MICROVM_KERNEL names no file
+        raise click.UsageError(str(e))
     if k is None:
         raise click.ClickException("no kernel: run `microvm kernel fetch`")
     click.echo(str(k.elf))
 
 
-@main.group()
+@cli.group()
 def vm() -> None:
     """Low-level machines (see microvm.Machine).
 
     Example: microvm vm run --rootfs-dir ./rootfs -- /bin/true
     """
+    from microvm.backends.base import accel_override
+
+    try:
+        accel_override()
+    except MicrovmError as e:
+        raise click.UsageError(str(e))
+
+
+def _not_nan(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and math.isnan(value):
+        raise click.BadParameter(f"{value!r} is not a number of seconds", ctx=ctx, param=param)
+    return value
 
 
 @vm.command("run", context_settings={"ignore_unknown_options": True})
@@ -109,8 +207,20 @@ def vm() -> None:
 )
 @click.option("--env", "env", multiple=True, metavar="K=V", help="environment for CMD")
 @click.option("--workdir", default="/", show_default=True, help="working directory of CMD")
-@click.option("--timeout", type=float, default=None, help="kill CMD after this many seconds")
-@click.option("--boot-timeout", type=float, default=60.0, show_default=True)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True, max=10**7),
+    default=None,
+    callback=_not_nan,
+    help="kill CMD after this many seconds",
+)
+@click.option(
+    "--boot-timeout",
+    type=click.FloatRange(min=0, min_open=True, max=10**5),
+    default=60.0,
+    callback=_not_nan,
+    show_default=True,
+)
 @click.option(
     "--volume",
     "volumes",
@@ -138,10 +248,17 @@ def vm_run(
     envd: dict[str, str] = {}
     for item in env:
         k, sep, v = item.partition("=")
-        if not sep or not k:
+        if not sep or not k or "\0" in item:
             raise click.BadParameter(f"{item!r} is not K=V", param_hint="--env")
         envd[k] = v
+    if not workdir.startswith("/") or "\0" in workdir:
+        raise click.BadParameter(f"{workdir!r} must be an absolute guest path", param_hint="--workdir")
+    if not cmd[0]:
+        raise click.BadParameter("CMD must not be empty", param_hint="CMD")
+    if cmd[0].startswith("-"):
+        raise click.NoSuchOption(cmd[0])
     shares = [_parse_volume(i, v) for i, v in enumerate(volumes)]
+    _preflight(backend)
     code = run_command(
         rootfs_dir,
         list(cmd),
@@ -155,6 +272,26 @@ def vm_run(
         shares=shares,
     )
     sys.exit(code)
+
+
+def _preflight(backend: str) -> None:
+    """Everything cheap that can refuse the run, before the disk is built or a VM boots.
+
+    A missing or forced-but-broken backend exits 125 (one line); a bad
+    ``MICROVM_KERNEL`` is a usage error.
+    """
+    from microvm.backends import get_backend
+    from microvm.kernel import find_kernel
+
+    try:
+        find_kernel()
+    except MicrovmError as e:
+        raise click.UsageError(str(e))
+    try:
+        get_backend(backend).check()
+    except MicrovmError as e:
+        click.echo(f"microvm: {type(e).__name__}: {_one_line(str(e))}", err=True)
+        sys.exit(EXIT_VM)
 
 
 def _parse_volume(i: int, spec: str) -> Share:
@@ -192,25 +329,67 @@ def run_command(
         run_command(Path("rootfs"), ["/bin/echo", "hi"])
     """
     from microvm.agent import agent_binary
+    from microvm.backends.rundir import owned_tempdir, remove_owned, sweep_stale
     from microvm.guestdisk import build_ext4
     from microvm.machine import Machine
 
-    with tempfile.TemporaryDirectory(prefix="microvm-run-") as tmp:
+    sweep_stale()  # run dirs of `vm run`s that were SIGKILLed
+    with _signals_unwind():
+        tmp = owned_tempdir("microvm-run-")
         try:
-            img = build_ext4(rootfs_dir, Path(tmp) / "root.img", agent=agent_binary())
+            img = build_ext4(rootfs_dir, tmp / "root.img", agent=agent_binary())
             with Machine(
                 backend,
                 disks=[img],
                 cpus=cpus,
                 memory=memory,
                 boot_timeout=boot_timeout,
-                rundir=Path(tmp) / "run",
+                rundir=tmp / "run",
                 shares=shares,
             ) as m:
                 return _stream(m, cmd, env or {}, workdir, timeout)
         except MicrovmError as e:
             click.echo(f"microvm: {type(e).__name__}: {e}", err=True)
-            return 125
+            return EXIT_VM
+        except _Stopped as e:
+            return 128 + e.signum
+        except KeyboardInterrupt:
+            return 130
+        finally:
+            remove_owned(tmp)
+    raise AssertionError("unreachable")
+
+
+class _Stopped(BaseException):
+    """Raised in the main thread by SIGTERM/SIGHUP so ``with`` blocks and ``finally`` run."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_unwind() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise :class:`_Stopped` while inside (main thread only).
+
+    Only the first one raises; later ones are ignored so the cleanup it starts runs to the end.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = (signal.SIGTERM, signal.SIGHUP)
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        for s in signals:
+            signal.signal(s, signal.SIG_IGN)
+        raise _Stopped(signum)
+
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _stream(

@@ -45,6 +45,7 @@ __all__ = [
     "WHEEL_PIN",
     "Kernel",
     "KernelPayload",
+    "check_dest",
     "default_kernel_dir",
     "ensure_kernel",
     "fetch_kernel",
@@ -432,6 +433,30 @@ def fetch_wheel(dest: Path, work: Path) -> Path:
     return _install_lib(src, WHEEL_PIN.lib_sha256, dest)
 
 
+def check_dest(dest: Path) -> Path:
+    """Create ``dest`` if needed and make sure files can be written there; return it absolute.
+
+    Raises :class:`microvm.KernelError` with one line naming the directory and why
+    (for example ``/proc/x``, a path under a regular file, a read-only mount),
+    before anything is downloaded.
+
+    Example::
+
+        check_dest(Path("vendor"))   # PosixPath('/work/main/vendor')
+    """
+    dest = dest.absolute()
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=dest):
+            pass
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise KernelError(
+            f"cannot use {str(dest)!r} as the kernel directory ({why}): give a writable directory"
+        ) from None
+    return dest
+
+
 @contextlib.contextmanager
 def _locked(dest: Path) -> Iterator[None]:
     import filelock
@@ -453,7 +478,7 @@ def fetch_kernel(dest: Path | None = None, *, source: str = "auto", force: bool 
     """
     if source not in ("auto", "system", "debian", "wheel"):
         raise KernelError(f"unknown kernel source {source!r}: use auto, system, debian or wheel")
-    dest = (dest or default_kernel_dir()).absolute()
+    dest = check_dest(dest or default_kernel_dir())
     with _locked(dest):
         if not force:
             existing = _from_dir(dest)

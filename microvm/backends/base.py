@@ -26,9 +26,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from microvm.errors import BootError, MicrovmError
+from microvm.errors import BackendUnavailable, BootError, MicrovmError
 
 __all__ = [
+    "ACCEL_CHOICES",
     "Backend",
     "Disk",
     "ProcessGroup",
@@ -36,6 +37,7 @@ __all__ = [
     "SpawnedVm",
     "VmHandle",
     "VmSpec",
+    "accel_override",
     "console_tail",
     "kvm_usable",
 ]
@@ -305,17 +307,43 @@ def prepare_rundir(spec: VmSpec) -> None:
     spec.console_log.touch()
 
 
+ACCEL_CHOICES = ("tcg", "kvm")
+
+
+def accel_override() -> str | None:
+    """``MICROVM_ACCEL`` validated: ``"tcg"``, ``"kvm"`` or None when unset/empty.
+
+    Raises :class:`microvm.BackendUnavailable` naming the bad value and the allowed ones.
+
+    Example::
+
+        os.environ["MICROVM_ACCEL"] = "tcg"
+        accel_override()  # 'tcg'
+    """
+    raw = os.environ.get("MICROVM_ACCEL", "")
+    value = raw.strip().lower()
+    if not value:
+        return None
+    if value not in ACCEL_CHOICES:
+        raise BackendUnavailable(
+            f"MICROVM_ACCEL={raw!r} is not valid: use 'tcg' or 'kvm' (or leave it unset)"
+        )
+    return value
+
+
 def kvm_usable() -> bool:
     """True when /dev/kvm is real hardware virtualization (vmx/svm, not nested PVM).
 
-    ``MICROVM_ACCEL=tcg`` forces False; ``MICROVM_ACCEL=kvm`` forces True.
+    ``MICROVM_ACCEL=tcg`` forces False; ``MICROVM_ACCEL=kvm`` forces True (the QEMU
+    backend still probes that KVM can run a guest before using it); any other value
+    raises :class:`microvm.BackendUnavailable`.
 
     Example::
 
         accel = "kvm" if kvm_usable() else "tcg"
     """
-    forced = os.environ.get("MICROVM_ACCEL", "").lower()
-    if forced in ("tcg", "kvm"):
+    forced = accel_override()
+    if forced is not None:
         return forced == "kvm"
     if os.path.exists("/sys/module/kvm_pvm"):
         return False

@@ -9,9 +9,13 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import struct
 import subprocess
+import tempfile
 from pathlib import Path
 
 from microvm.backends.base import (
@@ -20,6 +24,7 @@ from microvm.backends.base import (
     Share,
     SpawnedVm,
     VmSpec,
+    accel_override,
     kvm_usable,
     prepare_rundir,
     wait_for_path,
@@ -27,7 +32,7 @@ from microvm.backends.base import (
 from microvm.backends.console import ConsoleSink
 from microvm.errors import BackendUnavailable, BootError
 
-__all__ = ["QEMU_INSTALL_HINTS", "QemuBackend", "QemuHandle"]
+__all__ = ["QEMU_INSTALL_HINTS", "KvmProbe", "QemuBackend", "QemuHandle", "kvm_probe"]
 
 VIRTIOFSD_CANDIDATES = ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd", "/usr/lib/virtiofsd")
 
@@ -57,6 +62,130 @@ def _find_virtiofsd() -> str | None:
         if os.access(p, os.X_OK):
             return p
     return shutil.which("virtiofsd")
+
+
+# The KVM probe guest: PVH entry in 32-bit protected mode at 0x1000000, then
+# `mov al, 0x31; out 0xf4, al; hlt; jmp hlt`. isa-debug-exit turns the write into
+# QEMU's exit status (0x31 << 1) | 1 = 99.
+_PROBE_LOAD = 0x1000000
+_PROBE_CODE = bytes([0xB0, 0x31, 0xE6, 0xF4, 0xF4, 0xEB, 0xFD])
+_PROBE_EXIT = (0x31 << 1) | 1
+_PROBE_TIMEOUT = 10.0
+_PROBE_CACHE_NAME = "kvm-probe.json"
+_PROBE_MEMO: dict[str, tuple[bool, str]] = {}
+
+
+class KvmProbe:
+    """Result of :func:`kvm_probe`: ``ok`` when KVM ran the probe guest, ``reason`` when not.
+
+    Example::
+
+        p = kvm_probe(QemuBackend().qemu_binary())
+        print(p.ok, p.reason)
+    """
+
+    __slots__ = ("cached", "ok", "reason")
+
+    def __init__(self, ok: bool, reason: str, cached: bool = False) -> None:
+        self.ok = ok
+        self.reason = reason
+        self.cached = cached
+
+    def __repr__(self) -> str:
+        return f"KvmProbe(ok={self.ok!r}, reason={self.reason!r}, cached={self.cached!r})"
+
+
+def _probe_elf() -> bytes:
+    from microvm.kernel import KernelPayload, pvh_elf_bytes
+
+    note = struct.pack("<III", 4, 4, 18) + b"Xen\x00" + struct.pack("<I", _PROBE_LOAD)
+    data = _PROBE_CODE + bytes(16 - len(_PROBE_CODE)) + note
+    return pvh_elf_bytes(KernelPayload(_PROBE_LOAD, _PROBE_LOAD, data, 0))
+
+
+def _probe_key(qemu: str) -> str:
+    """What the probe's answer depends on: this boot, this QEMU binary, this /dev/kvm."""
+    parts = []
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    real = os.path.realpath(qemu)
+    try:
+        st = os.stat(real)
+        parts.append(f"{real}:{st.st_size}:{st.st_mtime_ns}")
+    except OSError:
+        parts.append(real)
+    try:
+        parts.append(f"kvm:{os.stat('/dev/kvm').st_rdev}")
+    except OSError:
+        parts.append("kvm:none")
+    return "|".join(parts)
+
+
+def _probe_cache_path() -> Path:
+    from rootfs._fs import microvm_home
+
+    return microvm_home() / "cache" / _PROBE_CACHE_NAME
+
+
+def _run_probe(qemu: str, timeout: float, accel: str = "kvm") -> tuple[bool, str, bool]:
+    """Boot the probe guest under ``-accel kvm`` (tests use tcg): (ok, reason, definitive)."""
+    with tempfile.TemporaryDirectory(prefix="microvm-kvmprobe-") as tmp:
+        elf = Path(tmp) / "probe.elf"
+        elf.write_bytes(_probe_elf())
+        argv = [
+            qemu, "-M", "microvm,acpi=off", "-accel", accel,
+            "-cpu", "host" if accel == "kvm" else "max", "-m", "32",
+            "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none",
+            "-device", "isa-debug-exit,iobase=0xf4,iosize=1", "-kernel", str(elf),
+        ]  # fmt: skip
+        try:
+            r = subprocess.run(
+                argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout
+            )
+        except subprocess.TimeoutExpired:
+            return False, f"the probe guest did not finish within {timeout:g} s", False
+        except OSError as e:
+            return False, f"cannot run {qemu}: {e.strerror}", False
+    if r.returncode == _PROBE_EXIT:
+        return True, "", True
+    lines = [ln.strip() for ln in (r.stderr + r.stdout).splitlines() if ln.strip()]
+    first = lines[0] if lines else f"exit status {r.returncode}"
+    return False, first[:160], True
+
+
+def kvm_probe(qemu: str, *, timeout: float = _PROBE_TIMEOUT, refresh: bool = False) -> KvmProbe:
+    """Can KVM run a guest here? Boots a one-instruction guest under ``qemu -accel kvm``.
+
+    ``/dev/kvm`` can exist without being able to run a stock guest (nested PVM,
+    a broken module): the probe catches that in well under a second instead of a
+    boot timeout. The answer is cached in ``$MICROVM_HOME/cache/kvm-probe.json``
+    per boot and QEMU binary (and in memory); ``refresh`` probes again.
+
+    Example::
+
+        if not kvm_probe("/usr/bin/qemu-system-x86_64").ok:
+            print("use TCG")
+    """
+    key = _probe_key(qemu)
+    if not refresh and key in _PROBE_MEMO:
+        ok, reason = _PROBE_MEMO[key]
+        return KvmProbe(ok, reason, cached=True)
+    cache = _probe_cache_path()
+    if not refresh:
+        with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+            data = json.loads(cache.read_text())
+            if data["key"] == key:
+                _PROBE_MEMO[key] = (bool(data["ok"]), str(data["reason"]))
+                return KvmProbe(bool(data["ok"]), str(data["reason"]), cached=True)
+    ok, reason, definitive = _run_probe(qemu, timeout)
+    if definitive:
+        _PROBE_MEMO[key] = (ok, reason)
+        with contextlib.suppress(OSError):
+            from rootfs._fs import atomic_write
+
+            body = {"key": key, "ok": ok, "reason": reason}
+            atomic_write(cache, json.dumps(body).encode())
+    return KvmProbe(ok, reason)
 
 
 def _opt(value: str) -> str:
@@ -113,7 +242,12 @@ class QemuBackend:
             QemuBackend().resolved_accel()  # "tcg" without real KVM
         """
         if self.accel == "auto":
-            return "kvm" if kvm_usable() else "tcg"
+            forced = accel_override()
+            if forced is not None:
+                return forced
+            if kvm_usable() and kvm_probe(self.qemu_binary()).ok:
+                return "kvm"
+            return "tcg"
         return self.accel
 
     def qemu_binary(self) -> str:
@@ -131,18 +265,32 @@ class QemuBackend:
         return q
 
     def check(self) -> None:
-        """Raise :class:`BackendUnavailable` when QEMU is missing or KVM was forced but is not real.
+        """Raise :class:`BackendUnavailable` when QEMU is missing, ``MICROVM_ACCEL`` is bad, or KVM was forced but cannot run a guest.
+
+        Forced KVM (``accel="kvm"`` or ``MICROVM_ACCEL=kvm``) is checked with
+        :func:`kvm_probe` (cached), so a ``/dev/kvm`` that cannot run a guest fails
+        here in one line instead of at the boot timeout.
 
         Example::
 
             QemuBackend(accel="kvm").check()
         """
-        self.qemu_binary()
+        q = self.qemu_binary()
+        accel_override()  # a bad MICROVM_ACCEL fails here, whatever accel says
         if self.accel == "kvm" and not kvm_usable():
             raise BackendUnavailable(
                 "accel='kvm' asked but /dev/kvm is missing or not real VMX/SVM (nested PVM cannot "
                 "boot a stock kernel); use accel='tcg' or 'auto'"
             )
+        if self.resolved_accel() == "kvm":
+            probe = kvm_probe(q)
+            if not probe.ok:
+                how = "accel='kvm'" if self.accel == "kvm" else "MICROVM_ACCEL=kvm"
+                raise BackendUnavailable(
+                    f"{how} asked but KVM cannot run a guest on this host (probe under "
+                    f"`{os.path.basename(q)} -accel kvm`: {probe.reason}); use MICROVM_ACCEL=tcg "
+                    "or leave it unset"
+                )
 
     def argv(self, spec: VmSpec, vfs_sockets: list[Path] | None = None) -> list[str]:
         """The full QEMU command line for ``spec`` (virtio-fs sockets given per share).
