@@ -40,6 +40,7 @@ from netstack.gateway import (
     PcapWriter,
     SlotLease,
     TapUplink,
+    Uplink,
     allocate_slot,
     cleanup_stale,
 )
@@ -80,6 +81,7 @@ __all__ = [
     "SlotLease",
     "StreamResult",
     "TapUplink",
+    "Uplink",
     "Verdict",
     "allocate_slot",
     "allow_dns_rule",

@@ -170,6 +170,8 @@ typedef struct ns_gw_config {
     uint16_t uplink_mtu;
     uint8_t npublished_udp;
     uint16_t published_udp[16];
+    uint8_t gateway_ip6[16];
+    uint8_t dns_tcp_reset;
 } ns_gw_config;
 typedef struct ns_gw_event {
     uint8_t kind, verdict, direction, pad;
@@ -185,6 +187,7 @@ typedef struct ns_gw_stats {
     uint64_t verdicts[8];
     uint64_t too_big;
     uint64_t mss_raised;
+    uint64_t frag_needed, fragmented, oversize_dropped;
 } ns_gw_stats;
 ns_gw *ns_gw_new(ns_ctx *ctx, const ns_gw_config *cfg);
 int ns_gw_start(ns_gw *gw);
@@ -199,6 +202,8 @@ size_t ns_gw_build_udp(const uint8_t *dst_mac, const uint8_t *src_mac, const uin
                        uint16_t sport, const uint8_t *dst16, uint16_t dport,
                        const uint8_t *payload, size_t len, uint8_t *out, size_t cap);
 size_t ns_gw_build_reject(const uint8_t *frame, size_t len, uint8_t *out, size_t cap);
+size_t ns_gw_build_too_big(const uint8_t *frame, size_t len, uint32_t mtu, const uint8_t *src16,
+                           uint8_t *out, size_t cap);
 void ns_gw_stats_get(ns_gw *gw, ns_gw_stats *out);
 uint32_t ns_gw_pending(ns_gw *gw);
 """

@@ -11,13 +11,17 @@
  *      DENY_ICMP         answered with ICMP / ICMPv6 port unreachable;
  *      DENY, MALFORMED   dropped;
  *      TO_DNS            UDP: queued to the owner (NS_EV_DNS), TCP: to the uplink
- *                        (its namespace DNATs it to the forwarder's listener);
+ *                        (its namespace DNATs it to the forwarder's listener;
+ *                        with dns_tcp_reset: a RST);
  *      NEED_MORE         segments without payload (the handshake) pass, data
  *                        segments are held (bounded) until the classifier
  *                        decides; then released in order, or dropped with a
  *                        RST to the guest and one to the server.  A pending
  *                        flow that stays undecided past hello_timeout is
  *                        re-classified from the loop's timer (which decides).
+ *    A frame larger than the uplink's MTU leaves as a GSO packet (TCP on a vnet
+ *    uplink), as IPv4 fragments (no DF), or not at all: ICMP "fragmentation
+ *    needed" / ICMPv6 "packet too big" with the uplink's MTU goes to the guest.
  *  - uplink -> guest: only replies of allowed flows (ns_ctx_reply_lookup) and
  *    ARP pass; replies of pending flows pass only without payload.
  *  - injected frames (DNS answers) go to the guest.
@@ -469,13 +473,176 @@ static int big_tcp_vnet(const ns_gw *g, uint8_t *frame, size_t len, uint8_t *h) 
     return 1;
 }
 
-static void to_uplink(ns_gw *g, const uint8_t *frame, size_t len) {
+/* ------------------------------------------------------------ too big for the uplink */
+
+/* Whether an oversize guest packet may be answered with an ICMP error (RFC 1122
+ * 3.2.2, RFC 1812 4.3.2.7, RFC 4443 2.4): never about an ICMP error or a non-first
+ * fragment; for IPv4 never about a packet from an unspecified, multicast or
+ * broadcast source or to a multicast or broadcast destination (IPv6's Packet Too
+ * Big is the one error also sent about multicast). */
+static int too_big_answerable(const uint8_t *buf, size_t len, const ns_frame *fr) {
+    if (fr->frag == 2) return 0;
+    int icmp_error;
+    if (fr->family == 4) {
+        const uint8_t *s = fr->src + 12, *d = fr->dst + 12;
+        if (s[0] == 0 || s[0] >= 224 || d[0] >= 224) return 0;
+        uint8_t t = fr->l4_off < len ? buf[fr->l4_off] : 0;
+        icmp_error = fr->ipproto == 1 && (t == 3 || t == 4 || t == 5 || t == 11 || t == 12);
+    } else {
+        static const uint8_t unspec[16];
+        if (fr->src[0] == 0xff || memcmp(fr->src, unspec, 16) == 0) return 0;
+        icmp_error = fr->ipproto == 58 && fr->l4_off < len && buf[fr->l4_off] < 128;
+    }
+    return !icmp_error;
+}
+
+/* ICMP "fragmentation needed" (type 3 code 4, next-hop MTU = mtu; quoting as much
+ * of the packet as fits in 576 bytes, RFC 1812) or ICMPv6 Packet Too Big (type 2,
+ * MTU = mtu; quoting as much as fits in 1280 bytes) answering the guest frame
+ * `frame`, sent from `src16` (the gateway's address; all-zero or NULL, or of the
+ * other family: from the packet's destination).  0 when the frame deserves none. */
+size_t ns_gw_build_too_big(const uint8_t *frame, size_t len, uint32_t mtu, const uint8_t *src16,
+                           uint8_t *out, size_t cap) {
+    static const uint8_t zero[16];
+    uint8_t l4[8 + 1232];
+    ns_frame fr;
+    if (ns_parse_frame(frame, len, &fr) != NS_PARSE_OK) return 0;
+    if (fr.l3 != NS_L3_IPV4 && fr.l3 != NS_L3_IPV6) return 0;
+    if (!too_big_answerable(frame, len, &fr)) return 0;
+    size_t l3 = fr.vlan ? 18 : 14;
+    if (len <= l3) return 0;
+    int v4 = fr.family == 4;
+    size_t quote = len - l3, maxq = v4 ? 548 : 1232;
+    if (quote > maxq) quote = maxq;
+    memset(l4, 0, 8);
+    if (mtu > 0xffff) mtu = 0xffff;
+    if (v4) {
+        l4[0] = 3; /* destination unreachable */
+        l4[1] = 4; /* fragmentation needed and DF set */
+        wr16(l4 + 6, (uint16_t)mtu);
+    } else {
+        l4[0] = 2; /* packet too big */
+        wr16(l4 + 6, (uint16_t)mtu);
+    }
+    memcpy(l4 + 8, frame + l3, quote);
+    const uint8_t *src = fr.dst;
+    if (src16 && memcmp(src16, zero, 16) != 0 && ns_is_v4mapped(src16) == v4) src = src16;
+    return finish_ip(out, cap, frame + 6, frame, src, fr.src, v4 ? 1 : 58, l4, 8 + quote, 2);
+}
+
+static void uplink_write(ns_gw *g, struct iovec *iov, int n) {
+    /* iov[0] is the virtio-net header: skipped on a plain TAP */
+    ssize_t w = g->cfg.uplink_vnet ? writev(g->cfg.uplink_fd, iov, n)
+                                   : writev(g->cfg.uplink_fd, iov + 1, n - 1);
+    if (w < 0) g->st.write_errors++;
+    else g->st.to_uplink++;
+}
+
+/* Cut an IPv4 packet without DF (untagged or tagged: the link header is kept) into
+ * fragments that fit the uplink (RFC 791): the first keeps every option, the others
+ * only those with the copy flag; a fragment's own offset and MF bit are respected.
+ * Returns the number of fragments written, 0 if it cannot be fragmented (DF set,
+ * malformed options or lengths). */
+static int fragment_v4(ns_gw *g, const uint8_t *buf, size_t len, size_t l3) {
+    const uint8_t *ip = buf + l3;
+    size_t ihl = (size_t)(ip[0] & 15) * 4, tot = (size_t)((ip[2] << 8) | ip[3]);
+    uint16_t fo = (uint16_t)((ip[6] << 8) | ip[7]);
+    uint32_t mtu = g->cfg.uplink_mtu;
+    if (ihl < 20 || tot <= ihl || l3 + tot > len || (fo & 0x4000) || mtu < 68 + 8) return 0;
+    size_t base = (size_t)(fo & 0x1fff) * 8, data = tot - ihl;
+    if (base + data > 65535) return 0;
+    uint8_t later[60], hdr[18 + 60];
+    size_t lhl = 20;
+    memcpy(later, ip, 20);
+    for (size_t i = 20; i < ihl;) {
+        uint8_t t = ip[i];
+        if (t == 0) break;        /* end of options */
+        if (t == 1) {             /* NOP: not copied */
+            i++;
+            continue;
+        }
+        if (i + 1 >= ihl || ip[i + 1] < 2 || i + ip[i + 1] > ihl) return 0;
+        if (t & 0x80) {
+            memcpy(later + lhl, ip + i, ip[i + 1]);
+            lhl += ip[i + 1];
+        }
+        i += ip[i + 1];
+    }
+    while (lhl & 3) later[lhl++] = 0;
+    int n = 0;
+    for (size_t off = 0; off < data;) {
+        const uint8_t *h = off ? later : ip;
+        size_t hl = off ? lhl : ihl;
+        size_t room = (mtu - hl) & ~(size_t)7, chunk = data - off;
+        int more = (fo & 0x2000) != 0;
+        if (chunk > room) {
+            chunk = room;
+            more = 1;
+        }
+        memcpy(hdr, buf, l3);
+        uint8_t *p = hdr + l3;
+        memcpy(p, h, hl);
+        p[0] = (uint8_t)(0x40 | (hl / 4));
+        wr16(p + 2, (uint16_t)(hl + chunk));
+        wr16(p + 6, (uint16_t)(((base + off) / 8) | (more ? 0x2000u : 0u)));
+        p[10] = p[11] = 0;
+        wr16(p + 10, csum_fold(csum_add(0, p, hl)));
+        struct iovec iov[3] = {{(void *)zero_vnet, 10}, {hdr, l3 + hl},
+                               {(void *)(ip + ihl + off), chunk}};
+        uplink_write(g, iov, 3);
+        off += chunk;
+        n++;
+    }
+    return n;
+}
+
+/* A guest frame larger than the uplink's MTU that cannot leave as a GSO packet
+ * (IPv4 non-TCP, TCP on a plain TAP, IPv6 with extension headers, ...): IPv4
+ * without DF is fragmented; IPv4 with DF and IPv6 are answered with ICMP
+ * "fragmentation needed" / ICMPv6 "packet too big" carrying the uplink's MTU, so
+ * the guest lowers its path MTU (nothing vanishes: what deserves no ICMP error is
+ * counted in oversize_dropped).  Returns 0 if the frame fits after all. */
+static int too_big(ns_gw *g, const uint8_t *buf, size_t len, double now) {
+    ns_frame fr;
+    if (ns_parse_frame(buf, len, &fr) != NS_PARSE_OK ||
+        (fr.l3 != NS_L3_IPV4 && fr.l3 != NS_L3_IPV6)) {
+        g->st.oversize_dropped++;
+        return 1;
+    }
+    size_t l3 = fr.vlan ? 18 : 14;
+    if (len - l3 <= g->cfg.uplink_mtu) return 0;
+    if (fr.family == 4 && !(buf[l3 + 6] & 0x40)) {
+        int n = fragment_v4(g, buf, len, l3);
+        if (n > 0) {
+            g->st.fragmented++;
+            return 1;
+        }
+    }
+    uint8_t out[REJECT_CAP];
+    size_t n = ns_gw_build_too_big(buf, len, g->cfg.uplink_mtu,
+                                   fr.family == 4 ? g->cfg.gateway_ip : g->cfg.gateway_ip6, out,
+                                   sizeof(out));
+    if (n) {
+        g->st.frag_needed++;
+        to_guest(g, out, n, now);
+    } else {
+        g->st.oversize_dropped++;
+    }
+    return 1;
+}
+
+static void to_uplink(ns_gw *g, const uint8_t *frame, size_t len, double now) {
     ssize_t w;
-    if (g->cfg.uplink_vnet) {
-        uint8_t h[10];
-        co_flush(g);
+    uint8_t h[10];
+    int gso = 0;
+    if (g->cfg.uplink_vnet) co_flush(g);
+    if (len > 14u + g->cfg.uplink_mtu) {
         /* our own buffers (read buffer, held copies): writable */
-        const uint8_t *vh = big_tcp_vnet(g, (uint8_t *)frame, len, h) ? h : zero_vnet;
+        if (g->cfg.uplink_vnet) gso = big_tcp_vnet(g, (uint8_t *)frame, len, h);
+        if (!gso && too_big(g, frame, len, now)) return;
+    }
+    if (g->cfg.uplink_vnet) {
+        const uint8_t *vh = gso ? h : zero_vnet;
         struct iovec iov[2] = {{(void *)vh, 10}, {(void *)frame, len}};
         w = writev(g->cfg.uplink_fd, iov, 2);
     } else {
@@ -488,13 +655,13 @@ static void to_uplink(ns_gw *g, const uint8_t *frame, size_t len) {
 /* An allowed frame: coalesced with the previous ones when it continues the same
  * TCP run (IPv4 without options, ACK or ACK|PSH, contiguous, identical headers
  * but for the sequence number), else written as is. */
-static void to_uplink_allowed(ns_gw *g, const uint8_t *buf, size_t len) {
+static void to_uplink_allowed(ns_gw *g, const uint8_t *buf, size_t len, double now) {
     ns_frame fr;
     if (!g->cfg.uplink_vnet || len < 54 || buf[12] != 0x08 || buf[13] != 0x00 || buf[14] != 0x45 ||
         buf[23] != 6 || ns_parse_frame(buf, len, &fr) != NS_PARSE_OK || fr.frag != 0 ||
         (fr.tcp_flags & ~0x08) != 0x10 || fr.payload_len == 0 || fr.l4_off != 34 ||
         fr.payload_off + fr.payload_len != len || len - 14 > g->cfg.uplink_mtu) {
-        to_uplink(g, buf, len); /* large-MTU frames go as they are (GSO), no copy */
+        to_uplink(g, buf, len, now); /* large-MTU frames go as they are (GSO), no copy */
         return;
     }
     uint32_t hl = fr.payload_off, plen = fr.payload_len;
@@ -516,7 +683,7 @@ static void to_uplink_allowed(ns_gw *g, const uint8_t *buf, size_t len) {
     }
     co_flush(g);
     if (hl + 10 > CO_HDR) { /* cannot happen (l4_off == 34 above, TCP header <= 60): be safe */
-        to_uplink(g, buf, len);
+        to_uplink(g, buf, len, now);
         return;
     }
     memcpy(f, buf, hl);
@@ -607,7 +774,7 @@ static void pend_resolve(ns_gw *g, pending *p, uint8_t v, const uint8_t *buf, co
     uint8_t out[REJECT_CAP];
     if (v == NS_ALLOW) {
         for (held_frame *h = p->head; h; h = h->next) {
-            to_uplink(g, h->data, h->len);
+            to_uplink(g, h->data, h->len, now);
             g->st.released++;
         }
     } else {
@@ -618,7 +785,7 @@ static void pend_resolve(ns_gw *g, pending *p, uint8_t v, const uint8_t *buf, co
         if (p->head && ns_parse_frame(p->head->data, p->head->len, &f0) == NS_PARSE_OK)
             seq = f0.seq;
         size_t n = build_rst_upstream(buf, fr, seq, out, sizeof(out));
-        if (n) to_uplink(g, out, n);
+        if (n) to_uplink(g, out, n, now);
     }
     pend_free(g, p);
 }
@@ -650,7 +817,7 @@ static void handle_egress(ns_gw *g, const uint8_t *buf, size_t len, uint8_t v, i
         parsed = ns_parse_frame(buf, len, &fr);
     if (anypub && v != NS_ALLOW && parsed == NS_PARSE_OK && fr.frag == 0 &&
         published_proto(g, fr.pbit, fr.sport) && ns_ctx_ingress_reply(g->ctx, buf, len, now) == 1) {
-        to_uplink(g, buf, len); /* the guest answering a published-port flow */
+        to_uplink(g, buf, len, now); /* the guest answering a published-port flow */
         return;
     }
     pending *p = NULL;
@@ -658,7 +825,7 @@ static void handle_egress(ns_gw *g, const uint8_t *buf, size_t len, uint8_t v, i
     if (p) pend_resolve(g, p, v == NS_TO_PROXY ? NS_DENY_RST : v, buf, &fr, now);
     switch (v) {
     case NS_ALLOW:
-        to_uplink_allowed(g, buf, len);
+        to_uplink_allowed(g, buf, len, now);
         return;
     case NS_NEED_MORE:
         if (parsed != NS_PARSE_OK) return;
@@ -670,7 +837,7 @@ static void handle_egress(ns_gw *g, const uint8_t *buf, size_t len, uint8_t v, i
                 return;
             }
         }
-        if (fr.payload_len == 0) to_uplink(g, buf, len); /* handshake segments pass */
+        if (fr.payload_len == 0) to_uplink(g, buf, len, now); /* handshake segments pass */
         else pend_hold(g, p, buf, len);
         return;
     case NS_TO_DNS:
@@ -679,14 +846,14 @@ static void handle_egress(ns_gw *g, const uint8_t *buf, size_t len, uint8_t v, i
             push_event(g, NS_EV_DNS, v, NS_DIR_EGRESS, rule, now, buf, len);
             return;
         }
-        if (parsed == NS_PARSE_OK && fr.pbit == NS_P_TCP) {
+        if (parsed == NS_PARSE_OK && fr.pbit == NS_P_TCP && !g->cfg.dns_tcp_reset) {
             /* DNS over TCP to any address: the uplink namespace DNATs port 53 to the
              * forwarder's listener on the gateway address, which judges every query
              * (and, for another resolver, the egress policy towards it) */
-            to_uplink(g, buf, len);
+            to_uplink(g, buf, len, now);
             return;
         }
-        break; /* not parseable: rejected */
+        break; /* not parseable, or TCP without the uplink's DNAT: rejected */
     case NS_DENY_RST:
     case NS_DENY_ICMP:
     case NS_TO_PROXY:

@@ -155,6 +155,9 @@ typedef struct ns_gw_config {
     uint16_t uplink_mtu;       /* the uplink TAP's MTU (0: 1500); GSO segments to fit it */
     uint8_t npublished_udp;    /* published guest UDP ports (ingress from the uplink) */
     uint16_t published_udp[16];
+    uint8_t gateway_ip6[16];   /* the gateway's IPv6 address (all-zero: none); ICMPv6 errors it sends */
+    uint8_t dns_tcp_reset;     /* 1: guest DNS over TCP is answered with a RST (an uplink
+                                  without a DNAT to the forwarder's listener) */
 } ns_gw_config;
 
 typedef struct ns_gw_event {
@@ -172,6 +175,10 @@ typedef struct ns_gw_stats {
     uint64_t verdicts[8];
     uint64_t too_big;          /* uplink frames larger than the guest MTU (dropped) */
     uint64_t mss_raised;       /* SYNs towards the guest whose MSS option was raised */
+    uint64_t frag_needed;      /* guest packets too big for the uplink answered with ICMP
+                                  frag-needed / ICMPv6 packet-too-big */
+    uint64_t fragmented;       /* guest IPv4 packets without DF cut into fragments */
+    uint64_t oversize_dropped; /* too big for the uplink and deserving no ICMP error */
 } ns_gw_stats;
 
 ns_gw *ns_gw_new(ns_ctx *ctx, const ns_gw_config *cfg);
@@ -187,6 +194,8 @@ size_t ns_gw_build_udp(const uint8_t *dst_mac, const uint8_t *src_mac, const uin
                        uint16_t sport, const uint8_t *dst16, uint16_t dport,
                        const uint8_t *payload, size_t len, uint8_t *out, size_t cap);
 size_t ns_gw_build_reject(const uint8_t *frame, size_t len, uint8_t *out, size_t cap);
+size_t ns_gw_build_too_big(const uint8_t *frame, size_t len, uint32_t mtu, const uint8_t *src16,
+                           uint8_t *out, size_t cap);
 void ns_gw_stats_get(ns_gw *gw, ns_gw_stats *out);
 uint32_t ns_gw_pending(ns_gw *gw);
 

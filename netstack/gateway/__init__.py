@@ -1,9 +1,11 @@
 """netstack.gateway: the parts of a sandbox's network around the C frame loop.
 
-* :class:`AddressPlan` / :func:`allocate_slot`: per-sandbox addresses, MACs, MTU and
-  the guest's bootstrap network config.
-* :class:`TapUplink`: netns + TAP + veth + nftables NAT (root); :func:`cleanup_stale`
-  removes what a crashed process left behind.
+* :class:`AddressPlan` / :func:`allocate_slot`: per-sandbox addresses, MACs, MTU
+  (default :data:`SANDBOX_GUEST_MTU`, 65520) and the guest's bootstrap network config.
+* :class:`Uplink` / :class:`RedirectingUplink`: what a gateway needs from its uplink
+  (a ``typing.Protocol``; bring your own).
+* :class:`TapUplink`: netns + TAP + veth + nftables NAT (root), the root uplink;
+  :func:`cleanup_stale` removes what a crashed process left behind.
 * :class:`DnsForwarder`: the policy-enforcing asyncio DNS forwarder.
 * :class:`Gateway`: the C frame loop + classifier + DNS forwarder of one sandbox.
 * :class:`PcapWriter`: a thread-safe, size-bounded pcap/pcapng writer.
@@ -13,7 +15,13 @@
 '172.16.0.1'
 """
 
-from netstack.gateway.addressing import AddressPlan, SlotLease, allocate_slot, microvm_home
+from netstack.gateway.addressing import (
+    SANDBOX_GUEST_MTU,
+    AddressPlan,
+    SlotLease,
+    allocate_slot,
+    microvm_home,
+)
 from netstack.gateway.dns_forwarder import (
     DnsForwarder,
     ForwarderThread,
@@ -24,21 +32,32 @@ from netstack.gateway.gateway import Gateway
 from netstack.gateway.pcap import PcapWriter
 from netstack.gateway.published import PublishedPort
 from netstack.gateway.state import cleanup_stale
+from netstack.gateway.uplink import (
+    RedirectingUplink,
+    Uplink,
+    has_redirects,
+    missing_uplink_members,
+)
 from netstack.gateway.uplink_tap import TapUplink, uplink_names
 
 __all__ = [
+    "SANDBOX_GUEST_MTU",
     "AddressPlan",
     "DnsForwarder",
     "ForwarderThread",
     "Gateway",
     "PcapWriter",
     "PublishedPort",
+    "RedirectingUplink",
     "SlotLease",
     "TapUplink",
+    "Uplink",
     "allocate_slot",
     "cleanup_stale",
+    "has_redirects",
     "is_rebind_address",
     "microvm_home",
+    "missing_uplink_members",
     "pin_cache_callback",
     "uplink_names",
 ]

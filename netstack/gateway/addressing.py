@@ -9,7 +9,9 @@ addressing (reference: microsandbox ``network.rs``):
   big-endian).
 * IPv6 (optional): one /64 in ``fd42:6d73:62::/48`` per slot (slot << 64);
   guest ``...::2``, gateway ``...::1``.
-* MTU 1500 and a host alias name that resolves to the gateway.
+* the guest link's MTU, by default :data:`SANDBOX_GUEST_MTU` (65520: large guest TCP
+  frames, which the gateway sends on as GSO packets; chosen by measurement, see
+  ``benchmarks/gateway.py``), and a host alias name that resolves to the gateway.
 
 Slots are handed out by :func:`allocate_slot`, which holds an exclusive
 ``flock`` on ``$MICROVM_HOME/net/slots/<slot>.lock`` for as long as the lease
@@ -41,8 +43,16 @@ IPV4_POOL: Final = ipaddress.IPv4Network("172.16.0.0/12")
 IPV6_POOL: Final = ipaddress.IPv6Network("fd42:6d73:62::/48")
 #: Default name the guest can use to reach the gateway (the ``host`` group).
 DEFAULT_HOST_ALIAS: Final = "host.microvm.internal"
-#: Default guest interface MTU.
-DEFAULT_MTU: Final = 1500
+#: The guest link MTU a sandbox gets: 65520 (passt's and QEMU's largest virtio-net
+#: MTU). The guest then sends TCP segments of up to 64 KiB, which the gateway hands to a
+#: ``vnet_hdr`` uplink as GSO packets cut to the uplink's MSS: ``python -m
+#: benchmarks.gateway --quick`` measured 0.62-0.75 of the direct veth's TCP throughput at
+#: 65520 against 0.42-0.51 at 1500 (the gateway loop is CPU-bound per frame). Other
+#: packets larger than the uplink's 1500 are fragmented (IPv4 without DF) or answered
+#: with ICMP "fragmentation needed" / "packet too big" by the gateway.
+SANDBOX_GUEST_MTU: Final = 65520
+#: Default guest interface MTU (:data:`SANDBOX_GUEST_MTU`).
+DEFAULT_MTU: Final = SANDBOX_GUEST_MTU
 
 
 def microvm_home() -> Path:
@@ -67,7 +77,9 @@ def _check_slot(slot: object) -> int:
 class AddressPlan:
     """The addresses, MACs and MTU of one sandbox slot.
 
-    ``ipv6=True`` adds the slot's ULA /64. ``mtu`` must be 576..65520.
+    ``ipv6=True`` adds the slot's ULA /64. ``mtu`` must be 576..65520 (default
+    :data:`SANDBOX_GUEST_MTU`, 65520; above the uplink's 1500 the gateway needs a
+    ``vnet_hdr`` uplink, the :class:`~netstack.TapUplink` default).
 
     >>> p = AddressPlan(0, ipv6=True)
     >>> p.guest_config()["ipv4"]
@@ -194,7 +206,7 @@ class AddressPlan:
         alias to the gateway's IPv4 address.
 
         >>> AddressPlan(0).guest_config()  # doctest: +NORMALIZE_WHITESPACE
-        {'interface': 'eth0', 'mac': '02:6d:73:00:00:02', 'mtu': 1500,
+        {'interface': 'eth0', 'mac': '02:6d:73:00:00:02', 'mtu': 65520,
          'ipv4': {'address': '172.16.0.2', 'prefix_len': 30, 'gateway': '172.16.0.1',
                   'dns': ['172.16.0.1']},
          'hosts': {'host.microvm.internal': '172.16.0.1'}}

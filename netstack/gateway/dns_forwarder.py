@@ -738,10 +738,31 @@ class ForwarderThread:
         """
         if self.loop.is_closed():
             return
-        asyncio.run_coroutine_threadsafe(self.forwarder.stop(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
+        if self._thread.is_alive():
+            try:
+                asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(10)
+            finally:
+                self.loop.call_soon_threadsafe(self.loop.stop)
+                self._thread.join(10)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+    async def _shutdown(self) -> None:
+        """Stop the listeners, then cancel and await every other task on the loop
+        (queries in flight, TCP connections, upstream waits), so that nothing is left
+        pending when the loop stops ("Task was destroyed but it is pending!") and no
+        transport closes itself on a closed loop ("Event loop is closed")."""
+        await self.forwarder.stop()
+        me = asyncio.current_task()
+        for _ in range(3):   # a cancelled task may start a cleanup task of its own
+            tasks = [t for t in asyncio.all_tasks() if t is not me]
+            if not tasks:
+                break
+            for t in tasks:
+                t.cancel()
+            await asyncio.wait(tasks, timeout=5)
+        await asyncio.sleep(0)   # let transports run their connection_lost callbacks
+        await self.loop.shutdown_asyncgens()
 
     def __enter__(self) -> ForwarderThread:
         return self

@@ -8,9 +8,15 @@ which runs in its own pthread without the GIL:
   ``"stream"`` (u32 big-endian length + frame: QEMU ``-netdev stream``, libkrun
   unixstream), ``"dgram"`` (one frame per datagram, an optional leading ``VFKT``
   handshake is consumed) or ``"tap"`` (a TAP fd);
-* allowed frames go to the uplink TAP (:class:`~netstack.TapUplink`), replies of
-  allowed flows (and ICMP errors about them) come back; anything else arriving on the
-  uplink is dropped, except connections to published ports;
+* allowed frames go to the uplink (any object implementing :class:`~netstack.Uplink`;
+  :class:`~netstack.TapUplink` is the root one), replies of allowed flows (and ICMP
+  errors about them) come back; anything else arriving on the uplink is dropped, except
+  connections to published ports;
+* a guest packet larger than the uplink's MTU leaves as a GSO packet (TCP on a
+  ``vnet_hdr`` uplink), as IPv4 fragments (IPv4 without DF), or is answered with ICMP
+  "fragmentation needed" (IPv4 with DF) / ICMPv6 "packet too big" (IPv6) carrying the
+  uplink's MTU, so the guest lowers its path MTU; nothing vanishes silently
+  (:meth:`Gateway.stats`: ``frag_needed``, ``fragmented``, ``oversize_dropped``);
 * ``published_ports`` (TCP and UDP, :class:`PublishedPort`): a host listener (127.0.0.1 by
   default) per mapping; each connection (UDP: each datagram) is checked with the ingress policy (the real
   peer address), then relayed through a connection the gateway opens to the guest from
@@ -23,7 +29,8 @@ which runs in its own pthread without the GIL:
   answers feed the pin cache the classifier uses for domain rules. DNS over TCP to any
   address is served by the same forwarder (the uplink namespace DNATs it to a listener
   on the gateway address; a resolver the guest picked is judged by the egress policy
-  for ``resolver:53/tcp``, deny -> NXDOMAIN, allow -> forwarded there);
+  for ``resolver:53/tcp``, deny -> NXDOMAIN, allow -> forwarded there); with an uplink
+  without the :class:`~netstack.gateway.RedirectingUplink` capability it gets a RST;
 * IPv4 and, with an IPv6 plan and an uplink with ``ipv6_egress``, IPv6 (NAT66); IPv6
   neighbour discovery between the guest and the gateway passes like ARP;
 * :meth:`Gateway.intercept_tls` steers allowed TCP on the TLS ports to a transparent
@@ -57,7 +64,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from netstack._fastpath import ffi, lib
 from netstack._ipbytes import ip16
@@ -68,7 +75,12 @@ from netstack.gateway.addressing import AddressPlan
 from netstack.gateway.dns_forwarder import DnsForwarder, ForwarderThread, pin_cache_callback
 from netstack.gateway.pcap import PcapWriter
 from netstack.gateway.published import PortPublisher, PublishedPort
-from netstack.gateway.uplink_tap import TapUplink
+from netstack.gateway.uplink import (
+    RedirectingUplink,
+    Uplink,
+    has_redirects,
+    missing_uplink_members,
+)
 from netstack.pincache import PinCache
 from netstack.policy import NetworkPolicy
 from netstack.verdict import Verdict
@@ -82,7 +94,8 @@ _IP_FREEBIND = 15
 _STAT_FIELDS = ("guest_frames", "guest_bytes", "uplink_frames", "uplink_bytes", "to_uplink",
                 "to_guest", "not_reply", "rst_sent", "icmp_sent", "dns_queries",
                 "events_dropped", "injected", "held", "released", "hold_dropped",
-                "guest_overflow", "write_errors", "loops", "too_big", "mss_raised")
+                "guest_overflow", "write_errors", "loops", "too_big", "mss_raised",
+                "frag_needed", "fragmented", "oversize_dropped")
 
 
 def _mac(text: str) -> bytes:
@@ -101,7 +114,7 @@ class _Resources:
     own_pcap: bool = False
     classifier: Classifier | None = None
     guest: socket.socket | None = None
-    uplink: TapUplink | None = None
+    uplink: Uplink | None = None
     own_uplink: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
     closed: bool = False
@@ -136,9 +149,9 @@ class _Resources:
             self.guest.close()
         if self.uplink is not None and self.own_uplink:
             self.uplink.close()
-        elif self.uplink is not None:
+        elif self.uplink is not None and has_redirects(self.uplink):
             try:
-                self.uplink.clear_redirects()
+                cast(RedirectingUplink, self.uplink).clear_redirects()
             except Exception as e:  # pragma: no cover - best effort at exit
                 log.warning("removing the gateway's redirects from the uplink failed: %s", e)
 
@@ -168,8 +181,10 @@ def _size_socket_buffers(fd: int) -> None:
 class Gateway:
     """The policy-enforcing gateway of one sandbox (see the module docstring).
 
-    ``uplink``: a :class:`~netstack.TapUplink` (closed with the gateway only if
-    ``own_uplink``). Exactly one of ``guest_socket`` (a socket object; the gateway
+    ``uplink``: any object implementing :class:`~netstack.Uplink` (e.g. a
+    :class:`~netstack.TapUplink`; closed with the gateway only if ``own_uplink``);
+    DNS over TCP, ``published_ports`` and :meth:`intercept_tls` need its
+    :class:`~netstack.gateway.RedirectingUplink` capability. Exactly one of ``guest_socket`` (a socket object; the gateway
     takes it over and closes it) or ``guest_fd`` (an fd the caller keeps owning) is the
     VMM side, framed as ``transport``. ``dns_upstreams``: resolvers for the forwarder
     (default: the host's resolv.conf). ``pcap``: a path or a :class:`PcapWriter`.
@@ -178,10 +193,13 @@ class Gateway:
     ``published_ports``: ``"host:guest"``, ``(host, guest)`` or :class:`PublishedPort`
     (TCP), ``"host:guest/udp"`` or ``PublishedPort(h, g, "udp")`` (UDP, checked per
     datagram; see :attr:`published_udp`); host port 0 = any free one. ``mtu``: the guest
-    link's MTU (default: the uplink plan's, 1500); above the uplink's 1500 it needs a
-    ``vnet_hdr`` uplink: large guest TCP frames leave as GSO packets cut to the
-    uplink's MSS, and the MSS option of SYNs towards the guest is raised to the guest
-    link's when the peer accepts full-size segments (:meth:`guest_config` reports it).
+    link's MTU (default: the uplink plan's, :data:`~netstack.gateway.SANDBOX_GUEST_MTU` =
+    65520 for a default :class:`~netstack.AddressPlan`); above the uplink's MTU (1500)
+    it needs a ``vnet_hdr`` uplink (the :class:`~netstack.TapUplink` default): large
+    guest TCP frames leave as GSO packets cut to the uplink's MSS, and the MSS option of
+    SYNs towards the guest is raised to the guest link's when the peer accepts
+    full-size segments (:meth:`guest_config` reports the MTU); other packets too big
+    for the uplink are fragmented or answered with ICMP (see the module docstring).
     ``block_dns_bypass`` (default on): DNS over TLS/QUIC (853), mDNS, LLMNR and NetBIOS
     name service are refused whatever the policy says (RST / ICMP unreachable / drop), so
     every name lookup goes through the forwarder (see :class:`~netstack.Classifier`).
@@ -189,10 +207,10 @@ class Gateway:
     >>> Gateway(NetworkPolicy.none(), uplink=None, guest_fd=0)   # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    netstack.errors.GatewayError: uplink must be a TapUplink, got NoneType
+    netstack.errors.GatewayError: uplink must implement netstack.Uplink (missing: plan, mtu, vnet_hdr, ipv6_egress, tap_fd, set_mtu, close), got NoneType
     """
 
-    def __init__(self, policy: NetworkPolicy, *, uplink: TapUplink | None,
+    def __init__(self, policy: NetworkPolicy, *, uplink: Uplink,
                  guest_socket: socket.socket | None = None, guest_fd: int | None = None,
                  transport: Transport = "stream",
                  dns_upstreams: Sequence[str | tuple[str, int]] | None = None,
@@ -205,8 +223,10 @@ class Gateway:
                  mtu: int | None = None, block_dns_bypass: bool = True) -> None:
         if not isinstance(policy, NetworkPolicy):
             raise GatewayError(f"policy must be a NetworkPolicy, got {type(policy).__name__}")
-        if not isinstance(uplink, TapUplink):
-            raise GatewayError(f"uplink must be a TapUplink, got {type(uplink).__name__}")
+        missing = missing_uplink_members(uplink)
+        if missing:
+            raise GatewayError(f"uplink must implement netstack.Uplink (missing: "
+                               f"{', '.join(missing)}), got {type(uplink).__name__}")
         if transport not in _MODES:
             raise GatewayError(f"transport must be 'stream', 'dgram' or 'tap', got {transport!r}")
         if (guest_socket is None) == (guest_fd is None):
@@ -230,6 +250,11 @@ class Gateway:
                 or not 16 <= event_slots <= 65536:
             raise GatewayError(f"event_slots must be an int in 16..65536, got {event_slots!r}")
         plan = uplink.plan
+        if not isinstance(plan, AddressPlan):
+            raise GatewayError(f"uplink.plan must be an AddressPlan, got {type(plan).__name__}")
+        if isinstance(uplink.mtu, bool) or not isinstance(uplink.mtu, int) \
+                or not 576 <= uplink.mtu <= 65535:
+            raise GatewayError(f"uplink.mtu must be an int in 576..65535, got {uplink.mtu!r}")
         if mtu is not None:
             try:
                 plan = dataclasses.replace(plan, mtu=mtu)
@@ -237,8 +262,13 @@ class Gateway:
                 raise GatewayError(f"mtu must be an int in 576..65520, got {mtu!r}") from e
         if plan.mtu > uplink.mtu and not uplink.vnet_hdr:
             raise GatewayError(f"a guest link MTU of {plan.mtu} (above the uplink's "
-                               f"{uplink.mtu}) needs TapUplink(vnet_hdr=True): the loop cuts "
+                               f"{uplink.mtu}) needs an uplink with vnet_hdr (e.g. "
+                               f"TapUplink(vnet_hdr=True), the default): the loop cuts "
                                f"large TCP frames back to the uplink's MSS with GSO")
+        if self._mappings and not has_redirects(uplink):
+            raise GatewayError(f"published_ports need an uplink with socket() and redirects "
+                               f"(netstack.gateway.RedirectingUplink), got "
+                               f"{type(uplink).__name__}")
         if plan.mtu < uplink.mtu:
             uplink.set_mtu(plan.mtu)
         self.policy = policy
@@ -294,8 +324,12 @@ class Gateway:
         cfg.hello_timeout = float(hello_timeout)
         cfg.capture = 1 if res.pcap is not None else 0
         cfg.log_denied = 1 if log_denied else 0
-        cfg.uplink_vnet = 1 if getattr(self.uplink, "vnet_hdr", False) else 0
+        cfg.uplink_vnet = 1 if self.uplink.vnet_hdr else 0
         ffi.memmove(cfg.gateway_ip, ip16(plan.gateway_ipv4), 16)
+        if plan.gateway_ipv6 is not None:
+            ffi.memmove(cfg.gateway_ip6, ip16(plan.gateway_ipv6), 16)
+        redirects = has_redirects(self.uplink)
+        cfg.dns_tcp_reset = 0 if redirects else 1
         cfg.guest_mtu = plan.mtu
         cfg.uplink_mtu = self.uplink.mtu
         guest_ports = sorted({m.guest_port for m in self._mappings if m.protocol == "tcp"})
@@ -317,12 +351,22 @@ class Gateway:
         res.thread.start()
         if lib.ns_gw_start(gw) != 0:
             raise GatewayError("could not start the gateway thread")
-        self._serve_dns_tcp()
+        if redirects:
+            self._serve_dns_tcp()
         if self._mappings:
-            res.publisher = PortPublisher(self.uplink.names["netns"], str(plan.guest_ipv4),
+            res.publisher = PortPublisher(self._redirecting("published_ports").socket,
+                                          str(plan.guest_ipv4),
                                           self._mappings, policy.evaluate)
-        log.info("gateway for %s up: guest %s (%s), uplink %s", plan.guest_ipv4,
-                 cfg.guest_fd, self.transport, self.uplink.names["tap"])
+        log.info("gateway for %s up: guest %s (%s), uplink %r, guest MTU %d, uplink MTU %d",
+                 plan.guest_ipv4, cfg.guest_fd, self.transport, self.uplink, plan.mtu,
+                 self.uplink.mtu)
+
+    def _redirecting(self, what: str) -> RedirectingUplink:
+        if not has_redirects(self.uplink):
+            raise GatewayError(f"{what} needs an uplink with socket() and redirects "
+                               f"(netstack.gateway.RedirectingUplink), got "
+                               f"{type(self.uplink).__name__}")
+        return cast(RedirectingUplink, self.uplink)
 
     def _serve_dns_tcp(self) -> None:
         """DNS over TCP: listeners on gateway:53 (IPv4, and IPv6 with an IPv6 plan) inside
@@ -332,8 +376,9 @@ class Gateway:
         addrs = [(socket.AF_INET, str(self.plan.gateway_ipv4))]
         if self.plan.gateway_ipv6 is not None:
             addrs.append((socket.AF_INET6, str(self.plan.gateway_ipv6)))
+        uplink = self._redirecting("DNS over TCP")
         for family, addr in addrs:
-            sock = self.uplink.socket(family)
+            sock = uplink.socket(family)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if family == socket.AF_INET6:
@@ -348,7 +393,7 @@ class Gateway:
             except BaseException:
                 sock.close()
                 raise
-        self.uplink.redirect_dns()
+        uplink.redirect_dns()
 
     def intercept_tls(self, ports: Iterable[int] = (443,), *,
                       block_quic: bool = True) -> socket.socket:
@@ -367,13 +412,14 @@ class Gateway:
         """
         if self.closed:
             raise GatewayError("this Gateway is closed")
-        sock = self.uplink.socket(socket.AF_INET6)
+        uplink = self._redirecting("intercept_tls")
+        sock = uplink.socket(socket.AF_INET6)
         try:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind(("::", 0))
             sock.listen(1024)
             sock.setblocking(False)
-            self.uplink.redirect_tcp(ports, int(sock.getsockname()[1]), block_udp=block_quic)
+            uplink.redirect_tcp(ports, int(sock.getsockname()[1]), block_udp=block_quic)
         except BaseException as e:
             sock.close()
             if isinstance(e, Exception) and not isinstance(e, GatewayError | UplinkError):
@@ -456,6 +502,8 @@ class Gateway:
         fut = dns.submit(wire, "udp", (str(dst), dport))
 
         def done(f: Any) -> None:
+            if f.cancelled():   # the gateway is closing
+                return
             try:
                 answer = f.result()
             except Exception as e:

@@ -3,7 +3,8 @@
 For each mapping a listener on the host (``127.0.0.1`` by default) accepts connections;
 each one is checked with ``policy.evaluate(Flow("ingress", "tcp", peer, guest_port))``
 (denied: closed with a RST and logged), then relayed over a connection opened *inside
-the uplink's network namespace* to the guest's address. Its frames leave that namespace
+the uplink's network namespace* (a socket from the uplink's ``socket()``, see
+:class:`~netstack.gateway.RedirectingUplink`) to the guest's address. Its frames leave that namespace
 through the uplink TAP, where the C gateway loop admits only TCP to published guest
 ports (classified as ingress) and lets the guest answer only flows it admitted.
 
@@ -39,6 +40,8 @@ from netstack.flow import Decision, Flow
 log = logging.getLogger("netstack.gateway")
 
 IngressCheck = Callable[[Flow], Decision]
+#: ``socket(family, kind)``: a new socket in the uplink's network (namespace)
+SocketFactory = Callable[[int, int], socket.socket]
 
 
 @dataclass(frozen=True)
@@ -110,16 +113,17 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
 class PortPublisher:
     """The listeners and relays of a gateway's published ports.
 
-    ``netns``: the uplink's namespace (connections to the guest are opened there).
+    ``socket_factory``: the uplink's ``socket(family, kind)`` (connections to the guest
+    are opened with it, in the uplink's namespace).
 
-    >>> PortPublisher("ns", "172.16.0.2", [], lambda f: None).ports   # doctest: +SKIP
+    >>> PortPublisher(uplink.socket, "172.16.0.2", [], policy.evaluate).ports  # doctest: +SKIP
     {}
     """
 
-    def __init__(self, netns: str, guest_ip: str, mappings: list[PublishedPort],
-                 check: IngressCheck, connect_timeout: float = 5.0,
-                 udp_idle_timeout: float = 60.0) -> None:
-        self.netns = netns
+    def __init__(self, socket_factory: SocketFactory, guest_ip: str,
+                 mappings: list[PublishedPort], check: IngressCheck,
+                 connect_timeout: float = 5.0, udp_idle_timeout: float = 60.0) -> None:
+        self.socket_factory = socket_factory
         self.guest_ip = guest_ip
         self.check = check
         self.connect_timeout = connect_timeout
@@ -207,7 +211,7 @@ class PortPublisher:
                 if relay is None:
                     try:
                         sock = self._udp_socket(m.guest_port)
-                    except OSError as e:
+                    except (OSError, GatewayError) as e:   # GatewayError: uplink closed
                         self.stats["failed"] += 1
                         log.info("published port -> guest %s/udp: %s", m.guest_port, e)
                         continue
@@ -225,13 +229,7 @@ class PortPublisher:
                 sock.close()
 
     def _udp_socket(self, port: int) -> socket.socket:
-        from pyroute2 import netns as pr_netns
-
-        pr_netns.pushns(self.netns)
-        try:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        finally:
-            pr_netns.popns()
+        sock = self.socket_factory(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             sock.connect((self.guest_ip, port))
         except OSError:
@@ -279,7 +277,7 @@ class PortPublisher:
             return
         try:
             guest = self._connect(m.guest_port)
-        except OSError as e:
+        except (OSError, GatewayError) as e:   # GatewayError: the uplink is closed
             self.stats["failed"] += 1
             log.info("published port -> guest %s: cannot reach the guest: %s", m.guest_port, e)
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -298,15 +296,7 @@ class PortPublisher:
         guest.close()
 
     def _connect(self, port: int) -> socket.socket:
-        from pyroute2 import netns as pr_netns
-
-        # setns() is per thread: this thread enters the namespace just to create the
-        # socket, which stays bound to it
-        pr_netns.pushns(self.netns)
-        try:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        finally:
-            pr_netns.popns()
+        sock = self.socket_factory(socket.AF_INET, socket.SOCK_STREAM)
         sock.settimeout(self.connect_timeout)
         try:
             sock.connect((self.guest_ip, port))

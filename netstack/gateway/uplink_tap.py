@@ -42,8 +42,9 @@ address, where the forwarder listens (:func:`netns_ruleset`); :meth:`TapUplink.r
 ports (e.g. 443) to a transparent proxy listening in the namespace
 (:meth:`TapUplink.socket`).
 
-For the gateway loop: ``tap_fd`` is a non-persistent TAP (IFF_TAP | IFF_NO_PI, no
-virtio-net header, MTU = the plan's): one read = one Ethernet frame; the TAP itself
+For the gateway loop: ``tap_fd`` is a non-persistent TAP (IFF_TAP | IFF_NO_PI, plus
+IFF_VNET_HDR by default: a 10-byte virtio-net header before each frame; MTU = the
+plan's, at most :data:`UPLINK_MTU`): one read = one Ethernet frame; the TAP itself
 vanishes when the fd is closed. Its MAC is the plan's gateway MAC and it owns the
 gateway IPv4 address, so guest frames can be written unchanged (dst MAC = gateway
 MAC); the namespace ARPs for the guest address through ``tap_fd`` (relay the request
@@ -336,9 +337,12 @@ class TapUplink:
 
     Creating it needs root. ``tap_fd`` is the TAP's file descriptor (IFF_TAP |
     IFF_NO_PI: bare Ethernet frames, one per read/write); the TAP vanishes when it is
-    closed, the rest by :meth:`close`. ``vnet_hdr=True`` adds IFF_VNET_HDR: every read
-    and write carries a 10-byte virtio-net header first; the gateway then writes runs of
-    guest TCP segments as one GSO packet (no offloads are enabled for reads).
+    closed, the rest by :meth:`close`. ``vnet_hdr=True`` (the default) adds
+    IFF_VNET_HDR: every read and write carries a 10-byte virtio-net header first; the
+    gateway then writes runs of guest TCP segments, and guest frames larger than the
+    uplink's MTU (the default guest link MTU is 65520), as GSO packets (no offloads are
+    enabled for reads). ``vnet_hdr=False`` gives bare frames (a guest link MTU of at
+    most 1500). Implements :class:`~netstack.gateway.RedirectingUplink`.
 
     >>> from netstack.gateway import AddressPlan, TapUplink
     >>> with TapUplink("doc-sbx", AddressPlan(4000)) as up:   # doctest: +SKIP
@@ -347,7 +351,7 @@ class TapUplink:
 
     def __init__(self, sandbox: str, plan: AddressPlan, *, host_loopback: bool = False,
                  home: str | os.PathLike[str] | None = None, nonblocking: bool = False,
-                 vnet_hdr: bool = False, ipv6_egress: bool | None = None) -> None:
+                 vnet_hdr: bool = True, ipv6_egress: bool | None = None) -> None:
         if not isinstance(plan, AddressPlan):
             raise UplinkError(f"plan must be an AddressPlan, got {type(plan).__name__}")
         if ipv6_egress is not None and not isinstance(ipv6_egress, bool):

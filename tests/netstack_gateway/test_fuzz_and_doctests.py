@@ -13,7 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 MODULES = ["netstack.gateway", "netstack.gateway.addressing", "netstack.gateway.state",
            "netstack.gateway.uplink_tap", "netstack.gateway.dns_forwarder",
-           "netstack.gateway.pcap", "netstack.gateway.gateway", "netstack.gateway.published"]
+           "netstack.gateway.pcap", "netstack.gateway.gateway", "netstack.gateway.published",
+           "netstack.gateway.uplink"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -124,8 +124,9 @@ class Loop:
 @contextmanager
 def loop(policy: NetworkPolicy, mode: str = "stream", pins: PinCache | None = None,
          hello_timeout: float = 5.0, capture: bool = False, vnet: bool = False,
-         guest_mtu: int = 0, uplink_mtu: int = 0, udp_published: tuple[int, ...] = ()
-         ) -> Iterator[Loop]:
+         guest_mtu: int = 0, uplink_mtu: int = 0, udp_published: tuple[int, ...] = (),
+         gateway_ip: str | None = None, gateway_ip6: str | None = None,
+         dns_tcp_reset: bool = False) -> Iterator[Loop]:
     kind = socket.SOCK_STREAM if mode == "stream" else socket.SOCK_DGRAM
     vmm, mine = socket.socketpair(socket.AF_UNIX, kind)
     ns_end, tap_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -147,6 +148,11 @@ def loop(policy: NetworkPolicy, mode: str = "stream", pins: PinCache | None = No
     for i, port in enumerate(udp_published):
         cfg.published_udp[i] = port
     cfg.npublished_udp = len(udp_published)
+    if gateway_ip is not None:
+        ffi.memmove(cfg.gateway_ip, socket.inet_pton(socket.AF_INET6, "::ffff:" + gateway_ip), 16)
+    if gateway_ip6 is not None:
+        ffi.memmove(cfg.gateway_ip6, socket.inet_pton(socket.AF_INET6, gateway_ip6), 16)
+    cfg.dns_tcp_reset = 1 if dns_tcp_reset else 0
     gw = lib.ns_gw_new(classifier.handle, cfg)
     assert gw != ffi.NULL
     assert lib.ns_gw_start(gw) == 0
@@ -411,11 +417,14 @@ def test_large_guest_frame_leaves_as_gso_cut_to_the_uplink_mss(mode: str) -> Non
         assert len(out) == len(frame) and out[66:] == payload and out[:50] == frame[:50]
         pseudo = out[26:34] + struct.pack("!BBH", 0, 6, len(tcp) + len(payload))
         assert struct.unpack("!H", out[50:52])[0] == _sum(pseudo)
-        # the largest frame the link can carry (65,549 bytes) passes the stream framing too
-        big = build_frame(GUEST, REMOTE, "udp", 5000, 6000, bytes(65549 - 42))
+        # the largest frame the link can carry (65,549 bytes) passes the stream framing
+        # too; UDP with DF that large cannot leave: ICMP "fragmentation needed" comes back
+        big = _df(build_frame(GUEST, REMOTE, "udp", 5000, 6000, bytes(65549 - 42)))
         lp.send(big)
-        assert lp.recv_uplink() == bytes(10) + big   # UDP: not segmented, IP fragments it
-        assert lp.counter("to_uplink", 2) == 2
+        icmp = lp.recv_guest()
+        assert icmp[34:36] == b"\x03\x04" and icmp[42:] == big[14:14 + 548]
+        assert lp.counter("frag_needed", 1) == 1
+        assert lp.counter("to_uplink", 1) == 1 and lp.no_uplink(0.1)
 
 
 def test_syn_towards_a_large_mtu_guest_gets_its_mss_raised() -> None:
@@ -490,3 +499,199 @@ def test_published_port_specs() -> None:
             PublishedPort.parse(bad)
     with pytest.raises(GatewayError, match="'tcp' or 'udp'"):
         PublishedPort(1, 2, "icmp")
+
+
+# -- packets too big for the uplink: fragments or ICMP, never silence ------------------------
+def _df(frame: bytes, df: bool = True) -> bytes:
+    """``frame`` (IPv4, untagged) with the DF bit set (or cleared) and its IP checksum."""
+    ip = bytearray(frame[14:14 + (frame[14] & 15) * 4])
+    ip[6] = (ip[6] & ~0x40 & 0xFF) | (0x40 if df else 0)
+    ip[10:12] = b"\0\0"
+    ip[10:12] = struct.pack("!H", 0xFFFF - _sum(bytes(ip)))
+    return frame[:14] + bytes(ip) + frame[14 + len(ip):]
+
+
+def _udp4_with_options(payload: bytes, options: bytes) -> bytes:
+    udp = struct.pack("!HHHH", 5000, 6000, 8 + len(payload), 0) + payload
+    ihl = 20 + len(options)
+    ip = struct.pack("!BBHHHBBH", 0x40 | ihl // 4, 0, ihl + len(udp), 77, 0, 64, 17, 0) + \
+        socket.inet_aton(GUEST) + socket.inet_aton(REMOTE) + options
+    ip = ip[:10] + struct.pack("!H", 0xFFFF - _sum(ip)) + ip[12:]
+    return GW_MAC + GUEST_MAC + b"\x08\x00" + ip + udp
+
+
+def _reassemble(frags: list[bytes]) -> tuple[bytes, list[tuple[int, int, bool, int]]]:
+    """The IP payload of IPv4 fragments (Ethernet frames), and (offset, length, MF, header
+    length) per fragment; every header checksum is checked."""
+    data = bytearray()
+    shape = []
+    for f in frags:
+        ip = f[14:]
+        ihl = (ip[0] & 15) * 4
+        assert _sum(ip[:ihl]) == 0xFFFF
+        total, flags_off = struct.unpack("!H", ip[2:4])[0], struct.unpack("!H", ip[6:8])[0]
+        assert len(f) == 14 + total <= 14 + 1500 and not flags_off & 0x4000
+        off = (flags_off & 0x1FFF) * 8
+        assert off == len(data)
+        data += ip[ihl:total]
+        shape.append((off, total - ihl, bool(flags_off & 0x2000), ihl))
+    return bytes(data), shape
+
+
+@pytest.mark.parametrize("vnet", [False, True])
+def test_ipv4_without_df_larger_than_the_uplink_is_fragmented(vnet: bool) -> None:
+    payload = bytes(range(256)) * 15 + b"tail"                    # 3,844 bytes
+    with loop(NetworkPolicy.allow_all(), mode="dgram", vnet=vnet, guest_mtu=9000,
+              uplink_mtu=1500) as lp:
+        frame = build_frame(GUEST, REMOTE, "udp", 5000, 6000, payload)
+        lp.send(frame)
+        frags = [lp.recv_uplink() for _ in range(3)]
+        if vnet:
+            assert all(f[:10] == bytes(10) for f in frags)
+            frags = [f[10:] for f in frags]
+        data, shape = _reassemble(frags)
+        assert data == frame[34:]
+        assert shape == [(0, 1480, True, 20), (1480, 1480, True, 20), (2960, 892, False, 20)]
+        assert all(f[:14] == frame[:14] and f[18:20] == frame[18:20] for f in frags)  # same id
+        assert lp.no_uplink(0.1)
+        assert lp.counter("fragmented", 1) == 1 and lp.counter("to_uplink", 3) == 3
+        # options: the first fragment keeps them all, the others only the copied ones
+        # (router alert 0x94 is copied, record route 0x07 is not)
+        options = b"\x94\x04\x00\x00" + b"\x07\x07\x04" + bytes(4) + b"\x00"
+        framed = _udp4_with_options(payload[:2000], options)
+        lp.send(framed)
+        frags = [lp.recv_uplink()[10 if vnet else 0:] for _ in range(2)]
+        data, shape = _reassemble(frags)
+        assert data == framed[14 + 32:]
+        assert shape == [(0, 1464, True, 32), (1464, 544, False, 24)]
+        assert frags[0][34:46] == options and frags[1][34:38] == b"\x94\x04\x00\x00"
+        # a first fragment (MF set) is cut further: its last piece keeps MF
+        frag = bytearray(build_frame(GUEST, REMOTE, "udp", 1, 2, bytes(2000)))
+        frag[20:22] = b"\x20\x00"
+        lp.send(bytes(frag))
+        data, shape = _reassemble([lp.recv_uplink()[10 if vnet else 0:] for _ in range(2)])
+        assert data == frag[34:] and shape == [(0, 1480, True, 20), (1480, 528, True, 20)]
+        assert lp.counter("fragmented", 3) == 3
+
+
+def _icmp4_ok(icmp: bytes) -> None:
+    assert icmp[:6] == GUEST_MAC and checksums_ok(icmp) and icmp[23] == 1
+    assert icmp[20] & 0x40  # the ICMP error itself has DF (it is small)
+
+
+@pytest.mark.parametrize(("proto", "vnet"), [("udp", True), ("udp", False), ("icmpv4", True),
+                                             ("tcp", False)])
+def test_ipv4_with_df_larger_than_the_uplink_gets_frag_needed(proto: str, vnet: bool) -> None:
+    """DF set: ICMP type 3 code 4 with next-hop MTU = the uplink's, quoting the packet's
+    first 548 bytes (RFC 1812), from the gateway's address; TCP too when the uplink
+    cannot take GSO packets (a plain TAP)."""
+    with loop(NetworkPolicy.allow_all(), vnet=vnet, guest_mtu=9000, uplink_mtu=1400,
+              gateway_ip=GW) as lp:
+        kw: dict[str, Any] = {"flags": 0x10} if proto == "tcp" else {}
+        frame = _df(build_frame(GUEST, REMOTE, proto, 5000, 6000, bytes(range(256)) * 16,
+                                **kw))
+        lp.send(frame)
+        icmp = lp.recv_guest()
+        _icmp4_ok(icmp)
+        assert socket.inet_ntoa(icmp[26:30]) == GW and socket.inet_ntoa(icmp[30:34]) == GUEST
+        typ, code, _csum, unused, mtu = struct.unpack("!BBHHH", icmp[34:42])
+        assert (typ, code, unused, mtu) == (3, 4, 0, 1400)
+        assert icmp[42:] == frame[14:14 + 548] and len(icmp) == 14 + 576
+        assert lp.no_uplink(0.1)
+        assert lp.counter("frag_needed", 1) == 1 and lp.stats().fragmented == 0
+        # a packet that fits still leaves as it is
+        small = _df(build_frame(GUEST, REMOTE, proto, 5000, 6000, bytes(1000), **kw))
+        lp.send(small)
+        assert lp.recv_uplink()[10 if vnet else 0:] == small
+
+
+def test_frag_needed_without_a_gateway_address_comes_from_the_destination() -> None:
+    with loop(NetworkPolicy.allow_all(), guest_mtu=9000, uplink_mtu=1500) as lp:
+        frame = _df(build_frame(GUEST, REMOTE, "udp", 5000, 6000, bytes(2000)))
+        lp.send(frame)
+        icmp = lp.recv_guest()
+        _icmp4_ok(icmp)
+        assert socket.inet_ntoa(icmp[26:30]) == REMOTE and icmp[34:36] == b"\x03\x04"
+
+
+def _icmp6_sum_ok(frame: bytes) -> bool:
+    plen = struct.unpack("!H", frame[18:20])[0]
+    pseudo = frame[22:54] + struct.pack("!IxxxB", plen, 58)
+    return _sum(pseudo + frame[54:54 + plen]) == 0xFFFF
+
+
+@pytest.mark.parametrize("gw6", [None, "fd42:6d73:62::1"])
+def test_ipv6_larger_than_the_uplink_gets_packet_too_big(gw6: str | None) -> None:
+    """IPv6 is never fragmented on the way: ICMPv6 type 2 with MTU = the uplink's, the
+    whole error within 1280 bytes (quoting 1232 of the packet)."""
+    guest6, remote6 = "fd42:6d73:62::2", "2001:db8::10"
+    with loop(NetworkPolicy.allow_all(), mode="dgram", vnet=True, guest_mtu=9000,
+              uplink_mtu=1500, gateway_ip6=gw6) as lp:
+        frame = build_frame(guest6, remote6, "udp", 5000, 6000, bytes(range(256)) * 12)
+        lp.send(frame)
+        err = lp.recv_guest()
+        assert len(err) == 14 + 1280 and err[12:14] == b"\x86\xdd" and err[20] == 58
+        assert err[22:38] == socket.inet_pton(socket.AF_INET6, gw6 or remote6)
+        assert err[38:54] == socket.inet_pton(socket.AF_INET6, guest6)
+        typ, code, _csum, mtu = struct.unpack("!BBHI", err[54:62])
+        assert (typ, code, mtu) == (2, 0, 1500) and _icmp6_sum_ok(err)
+        assert err[62:] == frame[14:14 + 1232]
+        # TCP with an extension header cannot be a GSO packet: packet too big as well
+        tcp = build_frame(guest6, remote6, "tcp", 5000, 443, bytes(3000), flags=0x10)
+        hop = bytearray(tcp[:14] + tcp[14:54] + b"\x06\x00" + bytes(6) + tcp[54:])
+        hop[20] = 0                                          # next header: hop-by-hop
+        hop[18:20] = struct.pack("!H", len(hop) - 54)
+        lp.send(bytes(hop))
+        err = lp.recv_guest()
+        assert err[54] == 2 and _icmp6_sum_ok(err) and err[62:] == bytes(hop[14:14 + 1232])
+        assert lp.no_uplink(0.1) and lp.counter("frag_needed", 2) == 2
+
+
+def test_oversize_packets_that_deserve_no_icmp_are_counted_not_answered() -> None:
+    """No ICMP error about an ICMP(v6) error or an IPv4 multicast/broadcast destination
+    (RFC 1122, 1812, 4443): dropped and counted."""
+    with loop(NetworkPolicy.allow_all(), vnet=True, guest_mtu=9000, uplink_mtu=1500) as lp:
+        error = build_frame(GUEST, REMOTE, "icmpv4", payload=bytes(3000), icmp_type=3)
+        mcast = build_frame(GUEST, "239.1.2.3", "udp", 5000, 6000, bytes(3000))
+        bcast = build_frame(GUEST, "255.255.255.255", "udp", 5000, 6000, bytes(3000))
+        for frame in (error, mcast, bcast):
+            lp.send(_df(frame))
+        assert lp.counter("oversize_dropped", 3) == 3
+        assert lp.stats().frag_needed == 0
+        lp.send(build_frame("fd42:6d73:62::2", "2001:db8::10", "icmpv6", payload=bytes(3000),
+                            icmp_type=1))           # an ICMPv6 error (destination unreachable)
+        assert lp.counter("oversize_dropped", 4) == 4
+        with pytest.raises(TimeoutError):
+            lp.recv_guest(0.2)
+        assert lp.no_uplink(0.1)
+
+
+def test_build_too_big_directly() -> None:
+    out = ffi.new("uint8_t[]", 1500)
+    gw16 = socket.inet_pton(socket.AF_INET6, "::ffff:" + GW)
+    frame = _df(build_frame(GUEST, REMOTE, "udp", 1, 2, bytes(100)))
+    n = lib.ns_gw_build_too_big(frame, len(frame), 576, gw16, out, 1500)
+    icmp = bytes(out[0:n])
+    assert checksums_ok(icmp) and icmp[34:36] == b"\x03\x04" and icmp[40:42] == b"\x02\x40"
+    assert icmp[42:] == frame[14:] and socket.inet_ntoa(icmp[26:30]) == GW
+    # a v6 source for a v4 packet (or none) falls back to the packet's destination
+    v6 = socket.inet_pton(socket.AF_INET6, "fd00::1")
+    for src in (v6, ffi.NULL, bytes(16)):
+        n = lib.ns_gw_build_too_big(frame, len(frame), 1500, src, out, 1500)
+        assert socket.inet_ntoa(bytes(out[26:30])) == REMOTE
+    # nothing for junk, ARP-sized frames, or a buffer too small
+    assert lib.ns_gw_build_too_big(b"junk", 4, 1500, ffi.NULL, out, 1500) == 0
+    assert lib.ns_gw_build_too_big(frame, len(frame), 1500, ffi.NULL, out, 60) == 0
+
+
+def test_dns_over_tcp_without_the_uplinks_dnat_is_reset() -> None:
+    """An uplink without redirects (dns_tcp_reset): guest TCP/53 gets a RST instead of
+    leaving past the forwarder; UDP DNS still goes to the owner."""
+    with loop(NetworkPolicy.allow_all(), dns_tcp_reset=True) as lp:
+        lp.send(syn(dst=REMOTE, dport=53))
+        rst = lp.recv_guest()
+        assert checksums_ok(rst) and rst[47] & 0x04
+        assert lp.no_uplink(0.1)
+    with loop(NetworkPolicy.allow_all()) as lp:
+        lp.send(syn(dst=REMOTE, dport=53))
+        assert lp.recv_uplink() == syn(dst=REMOTE, dport=53)

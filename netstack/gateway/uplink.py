@@ -1,0 +1,179 @@
+"""The ``Uplink`` protocol: what a :class:`~netstack.Gateway` needs from the network
+its allowed traffic leaves through.
+
+An uplink carries Ethernet frames between the gateway's C loop and the outside world,
+addressed as the sandbox's :class:`~netstack.AddressPlan` says (the uplink side owns the
+gateway's addresses and MAC). :class:`~netstack.TapUplink` (netns + TAP + NAT, root)
+implements it; a rootless uplink (e.g. passt behind a socket pair) implements the same
+members. The gateway never asks which kind it got.
+
+**Core members** (:class:`Uplink`, every uplink):
+
+* ``plan``: the :class:`~netstack.AddressPlan` the uplink was built for;
+* ``mtu``: the largest IP packet (bytes after the Ethernet header) the uplink carries;
+  larger guest packets are sent as GSO packets (TCP, with ``vnet_hdr``), fragmented
+  (IPv4 without DF) or answered with ICMP "fragmentation needed" / ICMPv6 "packet too
+  big" carrying this MTU;
+* ``vnet_hdr``: every frame on ``tap_fd`` is preceded by a 10-byte virtio-net header
+  and GSO packets are accepted (needed for a guest link MTU above ``mtu``);
+* ``ipv6_egress``: the guest's IPv6 leaves (else AAAA answers are withheld);
+* ``tap_fd``: a file descriptor with TAP semantics: one ``read()``/``write()`` is one
+  frame (a ``SOCK_DGRAM``/``SOCK_SEQPACKET`` socket works); the gateway makes it
+  non-blocking and keeps it open only as long as the uplink;
+* ``set_mtu(mtu)``: called once when the guest link's MTU is below ``mtu`` (the
+  uplink must then carry at most that);
+* ``close()``: release everything (called by the gateway only with ``own_uplink``).
+
+**Optional capability** (:class:`RedirectingUplink`: a local network stack on the
+uplink side, such as the TAP uplink's namespace, whose sockets the guest reaches at the
+gateway's addresses):
+
+* ``socket(family, kind)``: a new socket in that network (DNS-over-TCP listeners, the
+  TLS interception listener, connections to published guest ports);
+* ``redirect_dns()``: guest TCP to port 53 at *any* address goes to the listener on the
+  gateway's address port 53 (original destination from ``SO_ORIGINAL_DST``);
+* ``redirect_tcp(ports, to_port, *, block_udp=True)``: guest TCP to ``ports`` goes to a
+  listener on ``to_port`` (transparent TLS proxy), UDP to them is dropped if asked;
+* ``clear_redirects()``: undo both (the gateway calls it when it closes).
+
+Without the capability, the gateway answers the guest's DNS over TCP with a RST (DNS
+over UDP still goes to the forwarder), and ``published_ports`` and
+:meth:`~netstack.Gateway.intercept_tls` are refused with a :class:`~netstack.errors.GatewayError`.
+
+>>> from netstack.gateway import Uplink, missing_uplink_members
+>>> missing_uplink_members(object())
+['plan', 'mtu', 'vnet_hdr', 'ipv6_egress', 'tap_fd', 'set_mtu', 'close']
+"""
+
+from __future__ import annotations
+
+import inspect
+import socket
+from collections.abc import Iterable
+from typing import Protocol, runtime_checkable
+
+from netstack.gateway.addressing import AddressPlan
+
+__all__ = ["RedirectingUplink", "Uplink", "has_redirects", "missing_uplink_members"]
+
+_CORE = ("plan", "mtu", "vnet_hdr", "ipv6_egress", "tap_fd", "set_mtu", "close")
+_CORE_METHODS = ("set_mtu", "close")
+_REDIRECT_METHODS = ("socket", "redirect_dns", "redirect_tcp", "clear_redirects")
+
+
+@runtime_checkable
+class Uplink(Protocol):
+    """The core of an uplink (see the module docstring). A minimal one, for tests or a
+    user-space network, over a datagram socket pair:
+
+    >>> import socket
+    >>> from netstack import AddressPlan
+    >>> class PairUplink:
+    ...     def __init__(self, plan: AddressPlan) -> None:
+    ...         self.plan, self.mtu, self.vnet_hdr, self.ipv6_egress = plan, 1500, False, False
+    ...         self.outside, inside = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ...         self._inside = inside
+    ...         self.tap_fd = inside.fileno()
+    ...     def set_mtu(self, mtu: int) -> None:
+    ...         self.mtu = mtu
+    ...     def close(self) -> None:
+    ...         self._inside.close(); self.outside.close()
+    >>> up = PairUplink(AddressPlan(5, mtu=1500))
+    >>> isinstance(up, Uplink), missing_uplink_members(up)
+    (True, [])
+    >>> up.close()
+    """
+
+    @property
+    def plan(self) -> AddressPlan:
+        """The sandbox's address plan (the uplink side owns the gateway's addresses)."""
+        ...
+
+    @property
+    def mtu(self) -> int:
+        """The largest IP packet the uplink carries."""
+        ...
+
+    @property
+    def vnet_hdr(self) -> bool:
+        """Frames on ``tap_fd`` carry a 10-byte virtio-net header (GSO accepted)."""
+        ...
+
+    @property
+    def ipv6_egress(self) -> bool:
+        """Whether the guest's IPv6 traffic leaves."""
+        ...
+
+    @property
+    def tap_fd(self) -> int:
+        """The frame descriptor: one read/write = one frame."""
+        ...
+
+    def set_mtu(self, mtu: int) -> None:
+        """Carry at most ``mtu``-byte packets (the guest link is smaller)."""
+        ...
+
+    def close(self) -> None:
+        """Release everything (idempotent)."""
+        ...
+
+
+@runtime_checkable
+class RedirectingUplink(Uplink, Protocol):
+    """An uplink with a local network stack the gateway serves the guest from (DNS over
+    TCP, TLS interception, published ports). :class:`~netstack.TapUplink` is one.
+
+    >>> from netstack import TapUplink
+    >>> has_redirects(TapUplink)
+    True
+    """
+
+    def socket(self, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM
+               ) -> socket.socket:
+        """A new socket in the uplink's local network."""
+        ...
+
+    def redirect_dns(self) -> None:
+        """Guest TCP/53 to any address -> the listener on gateway:53."""
+        ...
+
+    def redirect_tcp(self, ports: Iterable[int], to_port: int, *,
+                     block_udp: bool = True) -> None:
+        """Guest TCP to ``ports`` -> the listener on ``to_port``."""
+        ...
+
+    def clear_redirects(self) -> None:
+        """Remove the redirects."""
+        ...
+
+
+def _has(obj: object, name: str, method: bool) -> bool:
+    try:
+        value = inspect.getattr_static(obj, name)
+    except AttributeError:
+        return False
+    if method:
+        return callable(value) or isinstance(value, staticmethod | classmethod)
+    return True
+
+
+def missing_uplink_members(obj: object) -> list[str]:
+    """The core :class:`Uplink` members ``obj`` lacks (empty: it is an uplink).
+
+    Looked up without calling properties (``isinstance(x, Uplink)`` on Python 3.11
+    evaluates them, and a closed uplink's ``tap_fd`` raises).
+
+    >>> missing_uplink_members(None)[:2]
+    ['plan', 'mtu']
+    """
+    return [name for name in _CORE if not _has(obj, name, name in _CORE_METHODS)]
+
+
+def has_redirects(obj: object) -> bool:
+    """Whether ``obj`` (an uplink or its class) offers the :class:`RedirectingUplink`
+    capability.
+
+    >>> has_redirects(object())
+    False
+    """
+    return all(_has(obj, name, True) for name in _REDIRECT_METHODS)
