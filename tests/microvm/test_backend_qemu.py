@@ -244,3 +244,50 @@ def test_console_sink_unit(tmp_path: Path) -> None:
     assert data.startswith(f"[microvm: {sink.dropped} bytes".encode())
     with pytest.raises(ValueError, match="too small"):
         ConsoleSink(tmp_path / "d.sock", tmp_path / "d.log", limit=10)
+
+
+def test_bad_microvm_accel_is_refused(monkeypatch) -> None:
+    """MICROVM_ACCEL is tcg or kvm (any case, or unset); anything else is a one-line typed error."""
+    monkeypatch.setenv("MICROVM_ACCEL", "bogus")
+    with pytest.raises(BackendUnavailable, match=r"MICROVM_ACCEL='bogus' is not valid: use 'tcg' or 'kvm'"):
+        kvm_usable()
+    with pytest.raises(BackendUnavailable, match="MICROVM_ACCEL='bogus'"):
+        QemuBackend(accel="tcg").check()
+    monkeypatch.setenv("MICROVM_ACCEL", " TCG ")
+    assert kvm_usable() is False and QemuBackend().resolved_accel() == "tcg"
+    monkeypatch.setenv("MICROVM_ACCEL", "")
+    QemuBackend(accel="tcg").check()
+
+
+def test_kvm_probe_guest_is_sound_under_tcg() -> None:
+    """The probe's one-instruction guest really runs and exits 99 (shown under TCG, which always works)."""
+    from microvm.backends.qemu import _run_probe
+
+    require_binaries("qemu-system-x86_64")
+    assert _run_probe(QemuBackend().qemu_binary(), 60, accel="tcg") == (True, "", True)
+
+
+def test_kvm_probe_is_cached_and_forced_kvm_fails_fast(monkeypatch, tmp_path: Path) -> None:
+    """Probe once per boot and QEMU (cached under MICROVM_HOME); forced KVM that cannot run is refused."""
+    from microvm.backends import qemu as qemu_mod
+    from microvm.backends.qemu import kvm_probe
+
+    require_binaries("qemu-system-x86_64")
+    monkeypatch.setenv("MICROVM_HOME", str(tmp_path / "home"))
+    q = QemuBackend().qemu_binary()
+    first = kvm_probe(q, refresh=True)
+    assert not first.cached and (tmp_path / "home" / "cache" / "kvm-probe.json").is_file()
+    monkeypatch.setattr(qemu_mod, "_PROBE_MEMO", {})  # as a new process: read from the file
+    second = kvm_probe(q)
+    assert second.cached and (second.ok, second.reason) == (first.ok, first.reason)
+    if not os.path.exists("/dev/kvm") or os.path.exists("/sys/module/kvm_pvm"):
+        assert not first.ok and first.reason  # nested PVM / no KVM: the probe says why
+    monkeypatch.setenv("MICROVM_ACCEL", "kvm")
+    if first.ok:
+        QemuBackend().check()
+        assert QemuBackend().resolved_accel() == "kvm"
+    else:
+        with pytest.raises(BackendUnavailable, match="KVM cannot run a guest on this host"):
+            QemuBackend().check()
+        monkeypatch.delenv("MICROVM_ACCEL")
+        assert QemuBackend().resolved_accel() == "tcg"  # auto falls back to TCG

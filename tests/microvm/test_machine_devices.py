@@ -4,6 +4,7 @@ the boot config; plus `microvm vm run` and host-kill hygiene for a whole Machine
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -135,6 +136,7 @@ def test_killing_host_process_leaves_nothing(
     own = tmp_path / "own.img"  # a writable disk is locked by its QEMU: use a private copy
     subprocess.run(["cp", "--reflink=auto", "--sparse=always", str(root_img), str(own)], check=True)
     pids = tmp_path / "pids"
+    run = tmp_path / "run"  # SIGKILL skips the Machine's cleanup: keep its rundir where we remove it
     script = textwrap.dedent(
         f"""
         import time
@@ -142,6 +144,7 @@ def test_killing_host_process_leaves_nothing(
         from microvm import Machine
         from microvm.backends import Share
         m = Machine("qemu", disks=[Path({str(own)!r})], memory=256,
+                    rundir=Path({str(run)!r}),
                     shares=[Share("s", Path({str(tmp_path / "s")!r}))]).start()
         m.agent.exec("/bin/true")
         Path({str(pids)!r}).write_text(" ".join(map(str, m.handle.helper_pids)))
@@ -165,6 +168,8 @@ def test_killing_host_process_leaves_nothing(
     finally:
         p.kill()
         p.wait()
+        shutil.rmtree(run, ignore_errors=True)
+        own.unlink(missing_ok=True)
 
 
 def test_vm_run_cli_libkrun_unavailable(busybox_root: Path) -> None:
