@@ -176,6 +176,32 @@ class AgentClient:
         """
         await self._send_bytes(data)
 
+    def pause_reading(self) -> None:
+        """Stop reading from the agent until :meth:`resume_reading` (backpressure for a relay).
+
+        Frames already received stay queued; the agent blocks writing once the
+        channel's buffers are full, so pause only briefly.
+
+        Example::
+
+            client.pause_reading()      # a downstream consumer is full
+            client.resume_reading()     # it drained
+        """
+        transport = self._writer.transport
+        if isinstance(transport, asyncio.ReadTransport) and not transport.is_closing():
+            transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Undo :meth:`pause_reading`.
+
+        Example::
+
+            client.resume_reading()
+        """
+        transport = self._writer.transport
+        if isinstance(transport, asyncio.ReadTransport) and not transport.is_closing():
+            transport.resume_reading()
+
     async def recv_frame(self, rid: int, timeout: float | None = None) -> Frame:
         """Next frame for an allocated id; raises :class:`AgentError` if the channel closed.
 
@@ -215,13 +241,17 @@ class AgentClient:
                 if not data:
                     break
                 for frame in dec.feed(data):
+                    q = self._routes.get(frame.id)
                     if frame.type == "core.exec.stdin.ack":
+                        # Our own exec sessions count their stdin credit here; an id without a
+                        # credit handler (a relay's raw route) gets the ack like any frame.
                         handler = self._stdin_credit.get(frame.id)
                         acked = frame.payload.get("bytes") if isinstance(frame.payload, dict) else None
                         if handler is not None and isinstance(acked, int):
                             handler(acked)
+                        elif handler is None and q is not None:
+                            q.put_nowait(frame)
                         continue
-                    q = self._routes.get(frame.id)
                     if frame.terminal and frame.id in self._stdin_credit:
                         self._stdin_credit[frame.id](-2)  # the process is gone: stop writing stdin
                     if q is not None:
