@@ -6,9 +6,13 @@ mitmproxy runs from a private venv (``vendor/mitmproxy-venv``, created on first 
 with an equivalent header-rewriting addon; if that venv cannot be created the
 mitmproxy comparison is skipped with a message.
 
-Run: ``python -m benchmarks.tls_proxy [--quick]`` (last line: one JSON object; keys
-ending in ``_ratio`` are ours/mitmproxy, > 1 = we are better). As a pytest-benchmark
-module: ``pytest benchmarks/tls_proxy.py``.
+Run: ``python -m benchmarks.tls_proxy [--quick] [--no-mitmproxy]`` (last line: one JSON
+object; keys ending in ``_ratio`` are ours/mitmproxy, > 1 = we are better). As a
+pytest-benchmark module: ``pytest benchmarks/tls_proxy.py``.
+
+Every CA and leaf private key the run creates (ours, mitmproxy's, the upstream's) lives
+in one private temporary directory that is removed when the run ends, also on SIGTERM,
+SIGHUP or Ctrl-C: no private key outlives the benchmark process.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import socket
 import ssl
 import statistics
@@ -83,10 +88,18 @@ class Rig:
     """Upstream + our proxy + (optionally) mitmdump, each in its own process."""
 
     def __init__(self, work: Path, with_mitm: bool = True) -> None:
-        import trustme
-
         self.work = work
         self.procs: list[subprocess.Popen[str]] = []
+        try:
+            self._start(with_mitm)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, with_mitm: bool) -> None:
+        import trustme
+
+        work = self.work
         ca = trustme.CA()
         leaf = ca.issue_cert(HOST)
         self.up_ca = str(work / "upca.pem")
@@ -227,7 +240,7 @@ def keepalive_rps(rig: Rig, proxy: int | None, cafile: str, conns: int, seconds:
         counts[k] = n
         s.close()
 
-    ts = [threading.Thread(target=worker, args=(k,)) for k in range(conns)]
+    ts = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(conns)]
     for t in ts:
         t.start()
     start_evt.wait()
@@ -266,7 +279,7 @@ def handshakes(rig: Rig, proxy: int | None, cafile: str, conns: int, seconds: fl
         counts[k] = n
 
     t0 = time.monotonic()
-    ts = [threading.Thread(target=worker, args=(k,)) for k in range(conns)]
+    ts = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(conns)]
     for t in ts:
         t.start()
     for t in ts:
@@ -299,10 +312,10 @@ def ours_minting(seconds: float) -> tuple[float, float]:
 
 
 MITM_MINT = """
-import sys, time, tempfile
+import sys, time
 from cryptography import x509
 from mitmproxy.certs import CertStore
-store = CertStore.from_store(tempfile.mkdtemp(), "mitmproxy", 2048)
+store = CertStore.from_store(sys.argv[2], "mitmproxy", 2048)
 secs = float(sys.argv[1]); n = 0; t0 = time.perf_counter()
 while time.perf_counter() - t0 < secs:
     name = f"h{n}.example.test"
@@ -312,12 +325,15 @@ print(n / (time.perf_counter() - t0))
 """
 
 
-def mitm_minting(seconds: float) -> float | None:
+def mitm_minting(seconds: float, confdir: Path) -> float | None:
+    """mitmproxy's leaf minting rate; its CA (with private key) goes into ``confdir``,
+    which the caller owns and removes."""
     py = VENV / "bin" / "python"
     if not py.exists():
         return None
-    out = subprocess.run([str(py), "-c", MITM_MINT, str(seconds)], capture_output=True,
-                         text=True, timeout=120)
+    confdir.mkdir(mode=0o700, exist_ok=True)
+    out = subprocess.run([str(py), "-c", MITM_MINT, str(seconds), str(confdir)],
+                         capture_output=True, text=True, timeout=120)
     try:
         return float(out.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
@@ -328,42 +344,50 @@ def mitm_minting(seconds: float) -> float | None:
 # ----- driver ----------------------------------------------------------------------
 
 
-def run(quick: bool) -> dict[str, Any]:
+def run(quick: bool, with_mitm: bool = True) -> dict[str, Any]:
     secs = 2.0 if quick else 8.0
     nlat = 300 if quick else 2000
     conns = 4
     res: dict[str, Any] = {"quick": quick, "connections": conns, "seconds_per_figure": secs}
+    # one private directory holds every key of the run; removed on exit and on signals
     with tempfile.TemporaryDirectory(prefix="tlsbench-") as d:
-        rig = Rig(Path(d))
-        try:
-            paths = rig.paths()
-            if "mitmproxy" not in paths:
-                log("mitmproxy comparison skipped (no venv); ratios omitted")
-            for name, (port, ca) in paths.items():
-                if name != "direct":
-                    res[f"{name}_substitutes"] = check_substitution(rig, port, ca)
-            lat: dict[str, list[float]] = {}
-            for name, (port, ca) in paths.items():
-                log(f"{name}: keep-alive requests/s")
-                res[f"{name}_keepalive_rps"] = round(keepalive_rps(rig, port, ca, conns, secs), 1)
-                lat[name] = latencies(rig, port, ca, nlat)
-                res[f"{name}_p50_ms"] = round(statistics.median(lat[name]) * 1e3, 3)
-                res[f"{name}_p99_ms"] = round(pct(lat[name], 99) * 1e3, 3)
-                log(f"{name}: new-connection handshakes/s")
-                res[f"{name}_handshakes_per_s"] = round(handshakes(rig, port, ca, conns, secs), 1)
-            for name in paths:
-                if name == "direct":
-                    continue
-                for p in ("p50", "p99"):
-                    res[f"{name}_added_{p}_ms"] = round(
-                        max(res[f"{name}_{p}_ms"] - res[f"direct_{p}_ms"], 0.001), 3)
-        finally:
-            rig.close()
+        _measure(Path(d), res, secs, nlat, conns, with_mitm)
+    return res
+
+
+def _measure(work: Path, res: dict[str, Any], secs: float, nlat: int, conns: int,
+             with_mitm: bool) -> None:
+    (work / "rig").mkdir()
+    rig = Rig(work / "rig", with_mitm=with_mitm)
+    try:
+        paths = rig.paths()
+        if "mitmproxy" not in paths:
+            log("mitmproxy comparison skipped (no venv); ratios omitted")
+        for name, (port, ca) in paths.items():
+            if name != "direct":
+                res[f"{name}_substitutes"] = check_substitution(rig, port, ca)
+        lat: dict[str, list[float]] = {}
+        for name, (port, ca) in paths.items():
+            log(f"{name}: keep-alive requests/s")
+            res[f"{name}_keepalive_rps"] = round(keepalive_rps(rig, port, ca, conns, secs), 1)
+            lat[name] = latencies(rig, port, ca, nlat)
+            res[f"{name}_p50_ms"] = round(statistics.median(lat[name]) * 1e3, 3)
+            res[f"{name}_p99_ms"] = round(pct(lat[name], 99) * 1e3, 3)
+            log(f"{name}: new-connection handshakes/s")
+            res[f"{name}_handshakes_per_s"] = round(handshakes(rig, port, ca, conns, secs), 1)
+        for name in paths:
+            if name == "direct":
+                continue
+            for p in ("p50", "p99"):
+                res[f"{name}_added_{p}_ms"] = round(
+                    max(res[f"{name}_{p}_ms"] - res[f"direct_{p}_ms"], 0.001), 3)
+    finally:
+        rig.close()
     log("leaf minting")
     mint, ctx_rate = ours_minting(secs / 2)
     res["ours_leaf_mint_per_s"] = round(mint, 1)
     res["ours_leaf_context_per_s"] = round(ctx_rate, 1)
-    mm = mitm_minting(secs / 2)
+    mm = mitm_minting(secs / 2, work / "mitm-mint") if with_mitm else None
     if mm:
         res["mitmproxy_leaf_mint_per_s"] = round(mm, 1)
         res["leaf_mint_ratio"] = round(mint / mm, 2)
@@ -377,14 +401,30 @@ def run(quick: bool) -> dict[str, Any]:
                 res[f"mitmproxy_added_{p}_ms"] / res[f"ours_added_{p}_ms"], 2)
     res["ours_vs_direct_rps_fraction"] = round(res["ours_keepalive_rps"]
                                                / res["direct_keepalive_rps"], 3)
-    return res
+
+
+def exit_on_signals() -> None:
+    """Turn SIGTERM/SIGHUP into ``SystemExit`` so ``finally`` blocks and temporary
+    directories clean up (Ctrl-C already raises ``KeyboardInterrupt``); a second signal
+    during the clean-up is ignored rather than cutting it short."""
+
+    def handler(signum: int, _frame: object) -> None:
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, handler)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="short run (under a minute)")
+    ap.add_argument("--no-mitmproxy", action="store_true",
+                    help="measure ours and the direct path only")
     a = ap.parse_args()
-    res = run(a.quick)
+    exit_on_signals()
+    res = run(a.quick, with_mitm=not a.no_mitmproxy)
     print(json.dumps(res))
 
 
@@ -407,16 +447,18 @@ def test_server_context_cached(benchmark: Any) -> None:
     benchmark(lambda: ca.server_context("a.example.test"))
 
 
-def test_keepalive_request_through_ours(benchmark: Any, tmp_path: Path) -> None:
-    rig = Rig(tmp_path, with_mitm=False)
-    try:
-        s = open_conn(rig, rig.ours_port, client_ctx(rig.ours_ca))
-        buf = bytearray()
-        assert b"bench-real-value" in roundtrip(s, buf)
-        benchmark(lambda: roundtrip(s, buf))
-        s.close()
-    finally:
-        rig.close()
+def test_keepalive_request_through_ours(benchmark: Any) -> None:
+    # not tmp_path: pytest keeps those after the run, with the keys inside
+    with tempfile.TemporaryDirectory(prefix="tlsbench-") as d:
+        rig = Rig(Path(d), with_mitm=False)
+        try:
+            s = open_conn(rig, rig.ours_port, client_ctx(rig.ours_ca))
+            buf = bytearray()
+            assert b"bench-real-value" in roundtrip(s, buf)
+            benchmark(lambda: roundtrip(s, buf))
+            s.close()
+        finally:
+            rig.close()
 
 
 if __name__ == "__main__":

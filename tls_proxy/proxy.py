@@ -20,6 +20,8 @@ import contextlib
 import inspect
 import ipaddress
 import logging
+import math
+import os
 import socket
 import ssl
 import struct
@@ -53,11 +55,19 @@ class ProxyConfig:
     names to IPs (tests, pinned DNS); ``hello_parser`` is the injected ClientHello
     reader (``netstack.parse_client_hello`` behind the gateway).
 
+    Every field is checked at construction (types, ranges, host patterns, addresses,
+    CA files), so a wrong value raises :class:`~tls_proxy.errors.ConfigError` here
+    instead of failing every connection later.
+
     Example::
 
         >>> cfg = ProxyConfig(ca=CertificateAuthority.generate(), bypass=["*.bank.example"])
         >>> cfg.handshake_timeout
         10.0
+        >>> ProxyConfig(ca=None)
+        Traceback (most recent call last):
+        ...
+        tls_proxy.errors.ConfigError: ProxyConfig.ca must be a CertificateAuthority (e.g. CertificateAuthority.load_or_create(dir)), got None
     """
 
     ca: CertificateAuthority
@@ -78,6 +88,73 @@ class ProxyConfig:
     max_connect_head: int = 8192
     max_connections: int = 4096
     http2: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ca, CertificateAuthority):
+            raise ConfigError(
+                "ProxyConfig.ca must be a CertificateAuthority (e.g. "
+                f"CertificateAuthority.load_or_create(dir)), got {_shown(self.ca)}")
+        secrets: list[Secret] = []
+        for s in _sequence("secrets", self.secrets):
+            if not isinstance(s, Secret):
+                raise ConfigError(f"ProxyConfig.secrets must hold Secret objects, got {_shown(s)}")
+            secrets.append(s)
+        SecretPolicy(secrets)  # duplicate env names / placeholders
+        for name in ("bypass", "no_verify"):
+            for pat in _sequence(name, getattr(self, name)):
+                if not isinstance(pat, str):
+                    raise ConfigError(
+                        f"ProxyConfig.{name} must hold host patterns (str), got {_shown(pat)}")
+                HostList([pat])
+        for path in _sequence("upstream_ca_files", self.upstream_ca_files):
+            if not isinstance(path, str | os.PathLike):
+                raise ConfigError("ProxyConfig.upstream_ca_files must hold file paths, got "
+                                  f"{_shown(path)}")
+        for name, mapping in (("scoped_upstream_ca", self.scoped_upstream_ca),
+                              ("resolve", self.resolve)):
+            if not isinstance(mapping, Mapping):
+                raise ConfigError(f"ProxyConfig.{name} must be a mapping, got {_shown(mapping)}")
+            for k, v in mapping.items():
+                if not isinstance(k, str) or not isinstance(v, str | os.PathLike):
+                    raise ConfigError(f"ProxyConfig.{name} must map host names (str) to "
+                                      f"{'IP addresses' if name == 'resolve' else 'file paths'}"
+                                      f" (str), got {_shown(k)}: {_shown(v)}")
+        for k, v in self.resolve.items():
+            try:
+                ipaddress.ip_address(str(v))
+            except ValueError:
+                raise ConfigError(f"invalid --resolve address {v!r} for {k!r}") from None
+        if not callable(self.hello_parser):
+            raise ConfigError("ProxyConfig.hello_parser must be callable(bytes), got "
+                              f"{_shown(self.hello_parser)}")
+        for name in ("handshake_timeout", "connect_timeout", "header_timeout", "idle_timeout"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not (
+                    math.isfinite(v) and v > 0):
+                raise ConfigError(f"ProxyConfig.{name} must be a finite number of seconds > 0, "
+                                  f"got {_shown(v)}")
+        for name in ("max_body_buffer", "max_connect_head", "max_connections"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"ProxyConfig.{name} must be an integer >= 1, got {_shown(v)}")
+        for name in ("verify_upstream", "enforce_authority", "http2"):
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                raise ConfigError(f"ProxyConfig.{name} must be True or False, got {_shown(v)}")
+
+
+def _shown(value: object) -> str:
+    """A short description of a bad value for an error message (never a secret: a
+    :class:`Secret`'s repr hides its value)."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"a {type(value).__name__}"
+
+
+def _sequence(name: str, value: object) -> Sequence[object]:
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence | set | frozenset):
+        raise ConfigError(
+            f"ProxyConfig.{name} must be a list or tuple, got {_shown(value)}")
+    return list(value)
 
 
 def original_dst(sock: socket.socket) -> Address:

@@ -5,6 +5,14 @@ with only their framing tracked, so keep-alive, pipelining and ``101`` upgrades 
 A blocked request is answered ``403`` with a JSON body naming the reason, in order
 after any earlier pipelined responses, and the connection is closed.
 
+Every violation gets that answer without waiting for the upstream: a request whose
+head was already forwarded (its body is streamed) is answered in place of its
+response the moment the violation is seen; only when the upstream's response to it
+has already started (its status line reached the client) is no answer possible, and
+then the connection is closed at once. After a proxy answer the rest of what the
+client is still sending is read and discarded for a bounded time (a lingering close),
+so the client reads the answer instead of a connection reset.
+
 Example::
 
     >>> from tls_proxy.session import blocked_body
@@ -97,11 +105,22 @@ class SessionLimits:
     enforce_authority: bool = True
 
 
+LINGER_IDLE = 2.0
+"""Seconds without client bytes that end a lingering close."""
+LINGER_MAX = 10.0
+"""Upper bound in seconds of a lingering close."""
+
+
 @dataclass
 class _Pending:
     method: bytes
     upgrade: asyncio.Future[bool] | None = None
     replaced_by: bytes | None = None
+    # set once the request is answered by the proxy (``replaced_by``) while its head is
+    # upstream: the response side stops waiting for the upstream's response
+    replaced: asyncio.Event = field(default_factory=asyncio.Event)
+    started: bool = False  # the upstream's final response head reached the client
+    streaming: bool = False  # the head is upstream, the body is still being relayed
 
 
 @dataclass
@@ -150,6 +169,8 @@ class Http1Session:
         self.ureader = BufferedReader(upstream, idle_timeout=limits.idle_timeout)
         self.queue: asyncio.Queue[_Pending | bytes | None] = asyncio.Queue()
         self.outstanding = 0
+        self.answered = False  # a proxy reply (Connection: close) was sent to the client
+        self.aborted = False  # a violation came too late to answer: connection dropped
 
     async def run(self) -> None:
         """Serve until either side closes, then close both.
@@ -162,7 +183,7 @@ class Http1Session:
         try:
             done, _ = await asyncio.wait({req, resp}, return_when=asyncio.FIRST_COMPLETED)
             client_failed = req in done and not req.cancelled() and req.exception() is not None
-            if resp not in done and not client_failed:
+            if resp not in done and not client_failed and not self.aborted:
                 await asyncio.wait({resp}, timeout=self.limits.idle_timeout)
         finally:
             for t in (req, resp):
@@ -174,8 +195,23 @@ class Http1Session:
                     if e is not None and not isinstance(e, ConnectionError | OSError | HttpError):
                         log.error("internal error in session for %s: %s", self.sni,
                                   e.__class__.__name__)
-            self.client.close()
             self.upstream.close()
+            if self.answered and not self.aborted:
+                with contextlib.suppress(Exception):
+                    await self._linger()
+            self.client.close()
+
+    async def _linger(self) -> None:
+        """After a proxy answer: signal the end, then discard what the client still sends
+        (bounded), so an unread request body does not turn our answer into a reset."""
+        self.client.shutdown_write()
+        await self.client.drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LINGER_MAX
+        while (left := deadline - loop.time()) > 0:
+            data = await asyncio.wait_for(self.client.recv(), min(LINGER_IDLE, left))
+            if not data:
+                return
 
     # ----- request direction -------------------------------------------------
 
@@ -332,6 +368,7 @@ class Http1Session:
             decoder = BodyDecoder.for_coding(codings[0])
         self._expect_continue(head)
         self.outstanding += 1
+        p.streaming = framing[0] != "none"
         self.queue.put_nowait(p)
         self.upstream.send(head.serialize())
         if framing[0] == "none":
@@ -340,10 +377,27 @@ class Http1Session:
         try:
             return await self._stream_body(head, framing, p, decoder)
         except HttpError as e:
-            # the head is already upstream: answer in its place and drop the upstream
-            p.replaced_by = error_response(e.status, "bad_request", e.reason)
-            self.upstream.close()
+            # the head is already upstream: answer in its place
+            self._answer_in_place(p, error_response(e.status, "bad_request", e.reason))
             return True
+        finally:
+            p.streaming = False
+
+    def _answer_in_place(self, p: _Pending, reply: bytes) -> None:
+        """Answer ``p`` (whose head is upstream) with ``reply`` instead of its response.
+
+        The response side sends ``reply`` as soon as the earlier responses are relayed,
+        without waiting for the upstream; if the upstream's response to ``p`` already
+        started, no answer is possible and the connection is dropped now.
+        """
+        if p.started:
+            log.warning("closing connection to %s: the response had already started", self.sni)
+            self.aborted = True
+            self.upstream.close()
+            self.client.close()
+            return
+        p.replaced_by = reply
+        p.replaced.set()
 
     async def _stream_body(
         self, head: Head, framing: tuple[str, int], p: _Pending, decoder: BodyDecoder | None
@@ -360,8 +414,7 @@ class Http1Session:
                     if v:
                         break
             if v:
-                p.replaced_by = self._block(v, head)
-                self.upstream.close()
+                self._answer_in_place(p, self._block(v, head))
                 return True
             self.upstream.send(chunk(piece) if chunked else piece)
             await self.upstream.drain()
@@ -396,6 +449,7 @@ class Http1Session:
             if item is None:
                 return
             if isinstance(item, bytes):
+                self.answered = True
                 self.client.send(item)
                 await self.client.drain()
                 return
@@ -407,15 +461,18 @@ class Http1Session:
         """Relay the response(s) for one request; False when the connection must end."""
         try:
             while True:
-                head = await read_head(self.ureader, request=False)
+                head = await self._response_head(p)
                 if p.replaced_by is not None:
+                    self.answered = True
                     self.client.send(p.replaced_by)
                     await self.client.drain()
                     return False
                 if head is None:
                     return False
-                self.client.send(head.serialize())
                 st = head.status
+                if st >= 200 or st == 101:
+                    p.started = True
+                self.client.send(head.serialize())
                 if st == 101:
                     if p.upgrade is None:
                         return False
@@ -442,7 +499,8 @@ class Http1Session:
                     p.upgrade.set_result(False)
                 return b"close" not in head.tokens(b"connection")
         except HttpError as e:
-            if p.replaced_by is not None:
+            if p.replaced_by is not None and not p.started:
+                self.answered = True
                 self.client.send(p.replaced_by)
             else:
                 log.info("bad response from upstream %s: %s", self.sni, e.reason)
@@ -450,6 +508,27 @@ class Http1Session:
         finally:
             if p.upgrade is not None and not p.upgrade.done():
                 p.upgrade.set_result(False)
+
+    async def _response_head(self, p: _Pending) -> Head | None:
+        """The upstream's next response head for ``p``, unless the proxy answers ``p``
+        first (then None, with ``p.replaced_by`` set)."""
+        if p.replaced.is_set():
+            return None
+        if not p.streaming:  # nothing more of p's request to inspect: no answer can come
+            return await read_head(self.ureader, request=False)
+        reading = asyncio.ensure_future(read_head(self.ureader, request=False))
+        replaced = asyncio.ensure_future(p.replaced.wait())
+        try:
+            await asyncio.wait({reading, replaced}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            replaced.cancel()
+            if not reading.done():
+                reading.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reading
+        if p.replaced.is_set():
+            return None
+        return reading.result()
 
     @staticmethod
     async def _pump_raw(src: BufferedReader, dst: Duplex) -> None:
