@@ -4,7 +4,11 @@ Wires ``rootfs``, ``netstack`` and ``tls_proxy`` together.
 
 Example::
 
-    from microvm import Machine
+    from microvm import Sandbox
+    with Sandbox.create("demo", image="busybox:1.36", network="none") as sb:
+        print(sb.shell("echo hi").stdout_text)
+
+    from microvm import Machine                  # the low-level VM API
     with Machine("qemu", disks=[Path("root.img")]) as m:
         print(m.agent.exec("/bin/echo", ["hi"]).stdout)
 """
@@ -16,15 +20,45 @@ from microvm.errors import (
     ExecTimeout,
     KernelError,
     MicrovmError,
+    NoUplinkError,
+    SandboxConfigError,
+    SandboxError,
+    SandboxExists,
+    SandboxNotFound,
+    SandboxNotRunning,
 )
 from microvm.machine import Machine
 
+# ``Sandbox`` pulls in netstack, tls_proxy and rootfs: imported on first use
+_LAZY = {"Sandbox", "AsyncSandbox", "ExecOutput", "SandboxInfo", "DnsOptions", "TlsOptions"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import microvm.sandbox as _sb
+
+        return getattr(_sb, name)
+    raise AttributeError(f"module 'microvm' has no attribute {name!r}")
+
+
 __all__ = [
     "AgentError",
+    "AsyncSandbox",
     "BackendUnavailable",
     "BootError",
+    "DnsOptions",
+    "ExecOutput",
     "ExecTimeout",
     "KernelError",
     "Machine",
     "MicrovmError",
+    "NoUplinkError",
+    "Sandbox",
+    "SandboxConfigError",
+    "SandboxError",
+    "SandboxExists",
+    "SandboxInfo",
+    "SandboxNotFound",
+    "SandboxNotRunning",
+    "TlsOptions",
 ]

@@ -74,3 +74,76 @@ class ExecTimeout(AgentError):
     def __init__(self, message: str, result: ExecResult | None = None) -> None:
         super().__init__(message, kind="timeout")
         self.result = result
+
+
+class SandboxError(MicrovmError):
+    """A sandbox operation failed (base of the ``Sandbox`` errors below).
+
+    Example::
+
+        try:
+            Sandbox.get("nope")
+        except SandboxError as e:
+            print(e)
+    """
+
+
+class SandboxConfigError(SandboxError, ValueError):
+    """An argument of ``Sandbox.create`` (or ``exec``) is invalid; raised before anything starts.
+
+    Example::
+
+        try:
+            Sandbox.create("x", image="busybox", volumes={"/proc": "/tmp"})
+        except SandboxConfigError as e:
+            print(e)   # volume guest path '/proc' would shadow the system ...
+    """
+
+
+class SandboxNotFound(SandboxError, LookupError):
+    """No sandbox of that name exists in ``$MICROVM_HOME/sandboxes.db``.
+
+    Example::
+
+        try:
+            Sandbox.get("missing")
+        except SandboxNotFound:
+            pass
+    """
+
+
+class SandboxExists(SandboxError):
+    """A sandbox of that name already exists (pass ``replace=True`` to stop and replace it).
+
+    Example::
+
+        Sandbox.create("web", image=img, replace=True)
+    """
+
+
+class SandboxNotRunning(SandboxError):
+    """The sandbox is not running (stopped or crashed), so it cannot exec or serve files.
+
+    ``state`` is its state; ``console_tail`` the last guest console lines when it crashed.
+
+    Example::
+
+        try:
+            sb.exec("/bin/true")
+        except SandboxNotRunning as e:
+            print(e.state, e.console_tail)
+    """
+
+    def __init__(self, message: str, state: str = "", console_tail: str = "") -> None:
+        super().__init__(message)
+        self.state = state
+        self.console_tail = console_tail
+
+
+class NoUplinkError(SandboxError):
+    """The sandbox's policy allows egress but this process cannot build an uplink.
+
+    Example::
+
+        Sandbox.create("x", image=img, network="none")   # works without one
+    """

@@ -34,7 +34,10 @@ from microvm.kernel import Kernel, ensure_kernel
 if TYPE_CHECKING:
     from microvm.agent import AgentClient, SyncAgentClient
 
-__all__ = ["Machine", "map_root_plan"]
+__all__ = ["ROOT_SHARE_TAG", "Machine", "map_root_plan"]
+
+#: virtio-fs tag of a ``bind`` root (a host directory served as the guest's root)
+ROOT_SHARE_TAG = "microvm-root"
 
 
 def _resolve_backend(backend: Backend | str) -> Backend:
@@ -66,6 +69,7 @@ def map_root_plan(plan: Mapping[str, Any], first_index: int) -> tuple[list[Disk]
     """
     kind = plan.get("kind")
     disks: list[Disk] = []
+    mapped: dict[str, Any]
 
     def attach(entry: Mapping[str, Any], readonly: bool, what: str) -> dict[str, Any]:
         if not isinstance(entry, Mapping) or not isinstance(entry.get("disk"), str):
@@ -88,9 +92,16 @@ def map_root_plan(plan: Mapping[str, Any], first_index: int) -> tuple[list[Disk]
         root = plan.get("root")
         readonly = bool(isinstance(root, Mapping) and root.get("readonly", False))
         mapped = {"kind": "disk", **attach(root, readonly, "root")}  # type: ignore[arg-type]
+    elif kind == "bind":
+        # served by virtio-fs: the caller adds the share (see ROOT_SHARE_TAG)
+        if not isinstance(plan.get("dir"), str):
+            raise MicrovmError(f"bind root plan needs a 'dir' path, got {plan.get('dir')!r}")
+        mapped = {"kind": "virtiofs", "tag": ROOT_SHARE_TAG,
+                  "readonly": bool(plan.get("readonly", False))}
     else:
         raise MicrovmError(
-            f"root plan kind {kind!r} is not supported by the guest agent: use 'overlay' or 'disk'"
+            f"root plan kind {kind!r} is not supported by the guest agent: use 'overlay', "
+            f"'disk' or 'bind'"
         )
     if first_index + len(disks) > 8:
         raise MicrovmError(f"root plan needs {len(disks)} disks: more than 8 in total")
@@ -155,6 +166,9 @@ class Machine:
             extra, plan = map_root_plan(root, len(self._disks))
             self._disks += extra
             self.bootstrap_extra["root"] = plan
+            if plan["kind"] == "virtiofs":
+                shares = [*shares, Share(ROOT_SHARE_TAG, Path(root["dir"]).resolve(),
+                                         readonly=plan["readonly"])]
         self.boot_timeout = boot_timeout
         self.boot_seconds: float | None = None
         #: The exit code the agent acknowledged on shutdown (None before a clean shutdown).
@@ -246,7 +260,7 @@ class Machine:
             "env": {},
             "mounts": [
                 {"tag": s.tag, "path": s.mount_point, "readonly": s.readonly}
-                for s in self.spec.shares
+                for s in self.spec.shares if s.tag != ROOT_SHARE_TAG
             ],
         }
         cfg.update(self.bootstrap_extra)

@@ -257,8 +257,13 @@ int mounts_root(struct agent *a, int64_t plan, char *err, size_t errlen) {
         int m = checked_mount("overlay", "/.microvm/root", "overlay", 0, (char *)opts.p, err, errlen);
         buf_free(&opts);
         if (m < 0) goto out;
+    } else if (!strcmp(kind, "virtiofs")) {
+        bool ro = false;
+        if (need_str(d, plan, "tag", &dev, "virtiofs root", err, errlen) < 0) goto out;
+        cbor_get_bool(d, plan, "readonly", &ro);
+        if (checked_mount(dev, "/.microvm/root", "virtiofs", ro ? MS_RDONLY : 0, NULL, err, errlen) < 0) goto out;
     } else {
-        snprintf(err, errlen, "unknown root kind \"%.32s\" (allowed: overlay, disk, or null)", kind);
+        snprintf(err, errlen, "unknown root kind \"%.32s\" (allowed: overlay, disk, virtiofs, or null)", kind);
         goto out;
     }
     rc = switch_root("/.microvm/root", err, errlen); /* submounts (pts, shm, cgroup) move along */

@@ -1,0 +1,286 @@
+"""The network of one sandbox, as its supervisor builds it: slot lease, uplink, gateway,
+and the TLS proxy that injects secrets.
+
+Every piece is a seam: ``uplink_factory(sandbox_name, plan) -> netstack.gateway.Uplink``
+(default :class:`netstack.TapUplink`, root only) and ``proxy_factory(config) ->
+SecretProxy`` (default :class:`tls_proxy.TlsProxy`). A sandbox with secrets whose uplink
+cannot steer TLS to the proxy refuses to start (:class:`~microvm.errors.SandboxError`):
+a placeholder must never reach an origin un-substituted.
+
+Example::
+
+    net = await SandboxNet.start("web", policy, secrets=[...], ports=[PortMapping(8080, 80)],
+                                 listen=Path("/run/x/net.sock"))
+    guest_cfg = net.guest_config()          # into the bootstrap's "network"
+    await net.accept()                      # once QEMU connected its -netdev stream
+    ...
+    await net.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import socket
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from microvm.errors import NoUplinkError, SandboxError
+from microvm.sandbox.config import DnsOptions, PortMapping, TlsOptions
+from netstack import NetworkPolicy
+from netstack.gateway import (
+    SANDBOX_GUEST_MTU,
+    AddressPlan,
+    Gateway,
+    SlotLease,
+    TapUplink,
+    allocate_slot,
+)
+from tls_proxy import CertificateAuthority, ProxyConfig, Secret, TlsProxy
+
+log = logging.getLogger("microvm.sandbox.net")
+
+__all__ = ["SandboxNet", "SecretProxy", "can_create_tap", "default_uplink", "tls_home"]
+
+#: The guest link MTU a sandbox gets (netstack's measured default; the uplink stays 1500)
+GUEST_MTU: int = SANDBOX_GUEST_MTU
+
+
+@runtime_checkable
+class SecretProxy(Protocol):
+    """What the sandbox needs of a secret-injecting proxy (``tls_proxy.TlsProxy`` has it).
+
+    Example::
+
+        proxy: SecretProxy = TlsProxy(ProxyConfig(ca=ca, secrets=secrets))
+        await proxy.listen_transparent(sock=listening_socket)
+    """
+
+    async def listen_transparent(self, host: str = ..., port: int = ..., *,
+                                 sock: socket.socket | None = ...) -> Any:
+        """Serve intercepted TLS connections accepted on ``sock``."""
+        ...
+
+    async def close(self) -> None:
+        """Stop serving and close every connection."""
+        ...
+
+
+def can_create_tap() -> bool:
+    """True when this process may build a TAP uplink (root: namespaces, TAP, nftables).
+
+    Example::
+
+        >>> isinstance(can_create_tap(), bool)
+        True
+    """
+    return os.geteuid() == 0 and os.path.exists("/dev/net/tun")
+
+
+def default_uplink(name: str, plan: AddressPlan, host_loopback: bool) -> TapUplink:
+    """The uplink a sandbox gets by default: a TAP uplink with virtio-net headers (GSO).
+
+    Raises :class:`~microvm.errors.NoUplinkError` when this process may not create one.
+
+    Example::
+
+        up = default_uplink("web", AddressPlan(3), host_loopback=False)
+    """
+    if not can_create_tap():
+        raise NoUplinkError(
+            "this sandbox's network policy allows traffic, but no uplink can be built: the TAP "
+            "uplink needs root (or CAP_NET_ADMIN) and /dev/net/tun; run as root, or use "
+            "network='none'")
+    return TapUplink(name, plan, vnet_hdr=True, host_loopback=host_loopback)
+
+
+def tls_home() -> Path:
+    """Where the sandboxes' interception CA lives: ``$MICROVM_HOME/tls``.
+
+    Example::
+
+        >>> tls_home().name
+        'tls'
+    """
+    from rootfs._fs import microvm_home
+
+    return microvm_home() / "tls"
+
+
+def _wants_host_loopback(policy: NetworkPolicy) -> bool:
+    d = policy.to_dict()
+    if d["default_egress"] == "allow":
+        return True
+    for r in d["rules"]:
+        dest = r["destination"]
+        if r["action"] == "allow" and r["direction"] in ("egress", "any") and (
+                dest == "any" or (isinstance(dest, dict) and dest.get("group") == "host")) \
+                and r["ports"] != [{"start": 53, "end": 53}]:
+            return True
+    return False
+
+
+class SandboxNet:
+    """The running network of one sandbox (see the module docstring)."""
+
+    def __init__(self, name: str, policy: NetworkPolicy, lease: SlotLease, plan: AddressPlan,
+                 listener: socket.socket) -> None:
+        self.name = name
+        self.policy = policy
+        self.lease = lease
+        self.plan = plan
+        self.listener = listener
+        self.uplink: Any = None
+        self.gateway: Gateway | None = None
+        self.proxy: SecretProxy | None = None
+        self.ca: CertificateAuthority | None = None
+
+    @classmethod
+    def prepare(cls, name: str, policy: NetworkPolicy, listen: Path, *,
+                secrets: Sequence[Secret] = (),
+                uplink_factory: Callable[[str, AddressPlan], Any] | None = None) -> SandboxNet:
+        """Lease a slot, build the uplink and listen on ``listen`` for the VMM's frames.
+
+        Example::
+
+            net = SandboxNet.prepare("web", policy, Path("/run/web/net.sock"))
+        """
+        lease = allocate_slot()
+        listener: socket.socket | None = None
+        try:
+            plan = AddressPlan(lease.slot, mtu=GUEST_MTU)
+            self = cls(name, policy, lease, plan, socket.socket(socket.AF_UNIX,
+                                                               socket.SOCK_STREAM))
+            listener = self.listener
+            with contextlib.suppress(FileNotFoundError):
+                listen.unlink()
+            listener.bind(str(listen))
+            listener.listen(1)
+            factory = uplink_factory or (lambda n, p: default_uplink(
+                n, p, _wants_host_loopback(policy)))
+            self.uplink = factory(name, plan)
+            if secrets and not hasattr(self.uplink, "redirect_tcp"):
+                raise SandboxError(
+                    "this sandbox has secrets, but its uplink cannot steer TLS to the "
+                    "interception proxy: refusing to start (a placeholder must never reach an "
+                    "origin un-substituted)")
+            if secrets:
+                self.ca = CertificateAuthority.load_or_create(tls_home())
+            return self
+        except BaseException:
+            if listener is not None:
+                listener.close()
+            lease.release()
+            raise
+
+    def guest_config(self) -> dict[str, Any]:
+        """The bootstrap's ``network`` entry (addresses, gateway, DNS, MTU).
+
+        Example::
+
+            cfg = net.guest_config(); cfg["mtu"]
+        """
+        return self.plan.guest_config()
+
+    def ca_pem(self) -> str | None:
+        """The interception CA's certificate (installed in the guest) when secrets are set.
+
+        Example::
+
+            pem = net.ca_pem()
+        """
+        if self.ca is None or self.ca.cert_path is None:
+            return None
+        return self.ca.cert_path.read_text()
+
+    async def accept(self, *, ports: Sequence[PortMapping], dns: DnsOptions, tls: TlsOptions,
+                     secrets: Sequence[Secret], pcap: str | None,
+                     proxy_factory: Callable[[ProxyConfig], SecretProxy] | None = None,
+                     timeout: float = 60.0) -> None:
+        """Accept the VMM's connection, start the gateway and (with secrets) the proxy.
+
+        Example::
+
+            await net.accept(ports=[], dns=DnsOptions(), tls=TlsOptions(), secrets=[], pcap=None)
+        """
+        loop = asyncio.get_running_loop()
+        self.listener.setblocking(False)
+        conn, _ = await asyncio.wait_for(loop.sock_accept(self.listener), timeout)
+        conn.setblocking(True)
+        self.listener.close()
+        self.gateway = await asyncio.to_thread(
+            Gateway, self.policy, uplink=self.uplink, guest_socket=conn, transport="stream",
+            dns_upstreams=list(dns.nameservers) or None, dns_timeout=dns.timeout,
+            rebind_protection=dns.rebind_protection, pcap=pcap,
+            published_ports=[p.to_str() for p in ports], own_uplink=True, mtu=self.plan.mtu)
+        if secrets:
+            assert self.ca is not None
+            sock = self.gateway.intercept_tls(list(tls.ports))
+            cfg = ProxyConfig(ca=self.ca, secrets=list(secrets), bypass=list(tls.bypass),
+                              upstream_ca_files=list(tls.upstream_ca_certs))
+            self.proxy = (proxy_factory or TlsProxy)(cfg)
+            await self.proxy.listen_transparent(sock=sock)
+        log.info("network of %s up: guest %s, mtu %d, %d published port(s), %s",
+                 self.name, self.plan.guest_ipv4, self.plan.mtu, len(ports),
+                 "TLS interception on" if secrets else "no TLS interception")
+
+    def stats(self) -> dict[str, Any]:
+        """The gateway's counters (empty before it started).
+
+        Example::
+
+            net.stats()["guest_frames"]
+        """
+        return {} if self.gateway is None else self.gateway.stats()
+
+    def rule_counters(self) -> list[dict[str, Any]]:
+        """Per-rule hit counters as plain dicts.
+
+        Example::
+
+            net.rule_counters()[0]["frames"]
+        """
+        if self.gateway is None:
+            return []
+        return [dataclasses.asdict(c) if dataclasses.is_dataclass(c) else dict(vars(c))
+                for c in self.gateway.rule_counters()]
+
+    def published(self) -> dict[str, int]:
+        """Published ports as ``{"tcp:GUEST" | "udp:GUEST": host_port}``.
+
+        Example::
+
+            net.published()["tcp:80"]
+        """
+        if self.gateway is None:
+            return {}
+        out = {f"tcp:{g}": h for g, h in self.gateway.published.items()}
+        out.update({f"udp:{g}": h for g, h in self.gateway.published_udp.items()})
+        return out
+
+    async def close(self) -> None:
+        """Stop the proxy, the gateway and the uplink; release the slot (idempotent).
+
+        Example::
+
+            await net.close()
+        """
+        if self.proxy is not None:
+            proxy, self.proxy = self.proxy, None
+            try:
+                await proxy.close()
+            except Exception as e:  # pragma: no cover - best effort
+                log.warning("closing the TLS proxy failed: %s", e)
+        if self.gateway is not None:
+            gw, self.gateway = self.gateway, None
+            await asyncio.to_thread(gw.close)
+        elif self.uplink is not None:
+            up, self.uplink = self.uplink, None
+            await asyncio.to_thread(up.close)
+        with contextlib.suppress(OSError):
+            self.listener.close()
+        self.lease.release()

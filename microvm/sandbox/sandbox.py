@@ -1,0 +1,650 @@
+"""``Sandbox``: the blocking twin of :class:`~microvm.sandbox.asandbox.AsyncSandbox`.
+
+Same names, same parameters, same results, without ``await``: each handle runs the async
+core on a private event loop in a daemon thread (the pattern of the agent's
+``SyncAgentClient``). Signatures are written out so that type checkers see every
+parameter.
+
+Example::
+
+    from microvm import Sandbox
+    from rootfs import Patch
+
+    with Sandbox.create("demo", image="localhost:5000/busybox:1", registry_insecure=True,
+                        patches=[Patch.text("/etc/motd", "hi\\n")],
+                        network={"default_egress": "deny", "rules": []}) as sb:
+        print(sb.exec("/bin/cat", ["/etc/motd"]).stdout_text)      # hi
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import os
+import threading
+from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+from microvm.agent import ExecEvent, FileStat
+from microvm.backends.base import Backend
+from microvm.sandbox.asandbox import AsyncSandbox, PortsArg, Rlimits, SandboxInfo
+from microvm.sandbox.config import DnsOptions, TlsOptions
+from microvm.sandbox.exec import AsyncExecHandle, ExecOutput
+from netstack import Decision, Flow, NetworkPolicy
+from rootfs import Image, Patch, RegistryAuth, RootProvider
+from tls_proxy import Secret
+
+__all__ = ["ExecHandle", "Sandbox", "SandboxFs", "SandboxNetwork"]
+
+T = TypeVar("T")
+
+
+class _Loop:
+    """A private event loop in a daemon thread; ``run`` blocks on one coroutine."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="microvm-sandbox",
+                                       daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return fut.result()
+
+    def close(self) -> None:
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)
+        if not self.loop.is_running():
+            self.loop.close()
+
+
+async def _anext(agen: AsyncIterator[ExecEvent]) -> ExecEvent:
+    return await agen.__anext__()
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a class-level coroutine to completion on a throwaway loop thread."""
+    loop = _Loop()
+    try:
+        return loop.run(coro)
+    finally:
+        loop.close()
+
+
+class ExecHandle:
+    """Blocking twin of :class:`~microvm.sandbox.exec.AsyncExecHandle`.
+
+    Example::
+
+        h = sb.exec_stream("/bin/cat")
+        h.stdin.write(b"hi"); h.stdin.close()
+        print(h.wait().stdout)
+    """
+
+    def __init__(self, loop: _Loop, handle: AsyncExecHandle) -> None:
+        self._loop = loop
+        self._h = handle
+        self.stdin = ExecStdin(loop, handle)
+
+    @property
+    def pid(self) -> int:
+        """The process id in the guest.
+
+        Example::
+
+            print(h.pid)
+        """
+        return self._h.pid
+
+    def events(self) -> Iterator[ExecEvent]:
+        """Events as they come (``started``, ``stdout``, ``stderr``, ``exited``, ...).
+
+        Example::
+
+            for ev in h.events():
+                print(ev.kind, ev.data)
+        """
+        agen = self._h.events()
+        while True:
+            try:
+                yield self._loop.run(_anext(agen))
+            except StopAsyncIteration:
+                return
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the process group.
+
+        Example::
+
+            h.signal(15)
+        """
+        self._loop.run(self._h.signal(sig))
+
+    def kill(self) -> None:
+        """SIGKILL the process group.
+
+        Example::
+
+            h.kill()
+        """
+        self._loop.run(self._h.kill())
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Resize a ``tty=True`` exec's terminal.
+
+        Example::
+
+            h.resize(40, 120)
+        """
+        self._loop.run(self._h.resize(rows, cols))
+
+    def wait(self, timeout: float | None = None) -> ExecOutput:
+        """Wait for the exit and collect what :meth:`events` did not consume.
+
+        Example::
+
+            out = h.wait()
+        """
+        return self._loop.run(self._h.wait(timeout))
+
+
+class ExecStdin:
+    """Blocking stdin writer of an :class:`ExecHandle`.
+
+    Example::
+
+        h.stdin.write("line\\n"); h.stdin.close()
+    """
+
+    def __init__(self, loop: _Loop, handle: AsyncExecHandle) -> None:
+        self._loop = loop
+        self._h = handle
+
+    def write(self, data: bytes | str) -> None:
+        """Send bytes (a str is UTF-8 encoded).
+
+        Example::
+
+            h.stdin.write(b"x")
+        """
+        self._loop.run(self._h.stdin.write(data))
+
+    def close(self) -> None:
+        """Send EOF.
+
+        Example::
+
+            h.stdin.close()
+        """
+        self._loop.run(self._h.stdin.close())
+
+
+class SandboxFs:
+    """Blocking twin of :class:`~microvm.sandbox.fs.AsyncSandboxFs`.
+
+    Example::
+
+        sb.fs.write("/tmp/x", "hi"); assert sb.fs.read_text("/tmp/x") == "hi"
+    """
+
+    def __init__(self, loop: _Loop, sb: AsyncSandbox) -> None:
+        self._loop = loop
+        self._fs = sb.fs
+
+    def read(self, path: str) -> bytes:
+        """The whole file.
+
+        Example::
+
+            sb.fs.read("/etc/hostname")
+        """
+        return self._loop.run(self._fs.read(path))
+
+    def read_text(self, path: str, encoding: str = "utf-8") -> str:
+        """The whole file, decoded.
+
+        Example::
+
+            sb.fs.read_text("/etc/hostname")
+        """
+        return self._loop.run(self._fs.read_text(path, encoding))
+
+    def write(self, path: str, data: bytes | str, *, mode: int = 0o644,
+              mkdirs: bool = False) -> int:
+        """Create or replace ``path``.
+
+        Example::
+
+            sb.fs.write("/tmp/a", b"x", mkdirs=True)
+        """
+        return self._loop.run(self._fs.write(path, data, mode=mode, mkdirs=mkdirs))
+
+    def list(self, path: str) -> builtins.list[FileStat]:
+        """Directory entries.
+
+        Example::
+
+            [e.name for e in sb.fs.list("/")]
+        """
+        return self._loop.run(self._fs.list(path))
+
+    def stat(self, path: str, *, follow: bool = True) -> FileStat:
+        """Metadata of ``path``.
+
+        Example::
+
+            sb.fs.stat("/bin/sh").size
+        """
+        return self._loop.run(self._fs.stat(path, follow=follow))
+
+    def exists(self, path: str) -> bool:
+        """True when ``path`` exists.
+
+        Example::
+
+            sb.fs.exists("/etc")
+        """
+        return self._loop.run(self._fs.exists(path))
+
+    def mkdir(self, path: str, *, mode: int = 0o755, parents: bool = False) -> None:
+        """Create a directory.
+
+        Example::
+
+            sb.fs.mkdir("/data/x", parents=True)
+        """
+        self._loop.run(self._fs.mkdir(path, mode=mode, parents=parents))
+
+    def remove(self, path: str, *, recursive: bool = False) -> None:
+        """Remove a file or (``recursive``) a tree.
+
+        Example::
+
+            sb.fs.remove("/tmp/x")
+        """
+        self._loop.run(self._fs.remove(path, recursive=recursive))
+
+    def rename(self, src: str, dst: str) -> None:
+        """Rename within the guest.
+
+        Example::
+
+            sb.fs.rename("/tmp/a", "/tmp/b")
+        """
+        self._loop.run(self._fs.rename(src, dst))
+
+    def copy(self, src: str, dst: str, *, recursive: bool = False) -> None:
+        """Copy within the guest.
+
+        Example::
+
+            sb.fs.copy("/etc/hosts", "/tmp/hosts")
+        """
+        self._loop.run(self._fs.copy(src, dst, recursive=recursive))
+
+    def copy_from_host(self, host_path: str | os.PathLike[str], guest_path: str, *,
+                       mode: int | None = None, mkdirs: bool = False) -> int:
+        """Stream a host file into the guest.
+
+        Example::
+
+            sb.fs.copy_from_host("app.py", "/app/app.py", mkdirs=True)
+        """
+        return self._loop.run(self._fs.copy_from_host(host_path, guest_path, mode=mode,
+                                                      mkdirs=mkdirs))
+
+    def copy_to_host(self, guest_path: str, host_path: str | os.PathLike[str]) -> int:
+        """Stream a guest file to the host.
+
+        Example::
+
+            sb.fs.copy_to_host("/var/log/app.log", "app.log")
+        """
+        return self._loop.run(self._fs.copy_to_host(guest_path, host_path))
+
+
+class SandboxNetwork:
+    """Blocking twin of :class:`~microvm.sandbox.asandbox.AsyncSandboxNetwork`.
+
+    Example::
+
+        print(sb.network.explain(Flow("egress", "tcp", "169.254.169.254", 80)))
+    """
+
+    def __init__(self, loop: _Loop, sb: AsyncSandbox) -> None:
+        self._loop = loop
+        self._net = sb.network
+        #: the policy the gateway enforces
+        self.policy: NetworkPolicy = sb.network.policy
+        #: the pcap file, when asked for with ``pcap=``
+        self.pcap: Path | None = sb.network.pcap
+
+    def evaluate(self, flow: Flow) -> Decision:
+        """The policy's decision for ``flow``.
+
+        Example::
+
+            sb.network.evaluate(Flow("egress", "tcp", "203.0.113.7", 443)).action
+        """
+        return self._net.evaluate(flow)
+
+    def explain(self, flow: Flow) -> str:
+        """Why ``flow`` is allowed or denied.
+
+        Example::
+
+            print(sb.network.explain(Flow("egress", "tcp", "10.0.0.1", 22)))
+        """
+        return self._net.explain(flow)
+
+    def stats(self) -> dict[str, Any]:
+        """The gateway's counters.
+
+        Example::
+
+            sb.network.stats()["rst_sent"]
+        """
+        return self._loop.run(self._net.stats())
+
+    def rule_counters(self) -> builtins.list[dict[str, Any]]:
+        """Per-rule hits/packets/bytes.
+
+        Example::
+
+            [c["hits"] for c in sb.network.rule_counters()]
+        """
+        return self._loop.run(self._net.rule_counters())
+
+
+class Sandbox:
+    """One sandbox, blocking API (see :class:`~microvm.sandbox.asandbox.AsyncSandbox`).
+
+    Example::
+
+        sb = Sandbox.create("web", image="busybox:1.36", detached=True)
+        print(sb.shell("uname -r").stdout_text)
+        sb.stop()
+    """
+
+    def __init__(self, inner: AsyncSandbox, loop: _Loop | None = None) -> None:
+        self._loop = loop or _Loop()
+        self._sb = inner
+        self.name = inner.name
+        self.config = inner.config
+        self.paths = inner.paths
+        self.fs = SandboxFs(self._loop, inner)
+        self.network = SandboxNetwork(self._loop, inner)
+
+    @classmethod
+    def _wrap(cls, coro: Coroutine[Any, Any, AsyncSandbox]) -> Sandbox:
+        loop = _Loop()
+        try:
+            return cls(loop.run(coro), loop)
+        except BaseException:
+            loop.close()
+            raise
+
+    @classmethod
+    def create(
+        cls,
+        name: str,
+        *,
+        image: str | Image | os.PathLike[str],
+        cpus: int = 1,
+        memory: int = 512,
+        env: Mapping[str, str] | None = None,
+        workdir: str | None = None,
+        shell: str | None = None,
+        user: str | None = None,
+        hostname: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        entrypoint: str | Sequence[str] | None = None,
+        cmd: str | Sequence[str] | None = None,
+        scripts: Mapping[str, str] | None = None,
+        ports: PortsArg | None = None,
+        volumes: Mapping[str, Any] | None = None,
+        network: object = None,
+        patches: Sequence[Patch] = (),
+        secrets: Sequence[Secret | Mapping[str, Any]] | None = None,
+        pull_policy: str = "if-missing",
+        registry_auth: RegistryAuth | tuple[str, str] | Mapping[str, str] | None = None,
+        registry_insecure: bool = False,
+        registry_ca_certs: str | Sequence[str] | None = None,
+        upper_size_mib: int = 4096,
+        max_duration: float | str | None = None,
+        idle_timeout: float | str | None = None,
+        rlimits: Rlimits | None = None,
+        log_level: str = "info",
+        detached: bool = False,
+        replace: bool = False,
+        replace_with_timeout: float = 10.0,
+        backend: str | Backend = "qemu",
+        dns: DnsOptions | None = None,
+        tls: TlsOptions | None = None,
+        pcap: str | os.PathLike[str] | None = None,
+        root_provider: RootProvider | None = None,
+        uplink: Any = None,
+        secret_proxy: Any = None,
+        boot_timeout: float = 120.0,
+    ) -> Sandbox:
+        """Create and start a sandbox (see :meth:`AsyncSandbox.create`).
+
+        Example::
+
+            sb = Sandbox.create("web", image="busybox:1.36", network="none")
+        """
+        return cls._wrap(AsyncSandbox.create(
+            name, image=image, cpus=cpus, memory=memory, env=env, workdir=workdir, shell=shell,
+            user=user, hostname=hostname, labels=labels, entrypoint=entrypoint, cmd=cmd,
+            scripts=scripts, ports=ports, volumes=volumes, network=network, patches=patches,
+            secrets=secrets, pull_policy=pull_policy, registry_auth=registry_auth,
+            registry_insecure=registry_insecure, registry_ca_certs=registry_ca_certs,
+            upper_size_mib=upper_size_mib, max_duration=max_duration, idle_timeout=idle_timeout,
+            rlimits=rlimits, log_level=log_level, detached=detached, replace=replace,
+            replace_with_timeout=replace_with_timeout, backend=backend, dns=dns, tls=tls,
+            pcap=pcap, root_provider=root_provider, uplink=uplink, secret_proxy=secret_proxy,
+            boot_timeout=boot_timeout))
+
+    @classmethod
+    def start(cls, name: str, *, secrets: Sequence[Secret | Mapping[str, Any]] | None = None,
+              detached: bool | None = None, boot_timeout: float = 120.0) -> Sandbox:
+        """Start a stopped sandbox again (see :meth:`AsyncSandbox.start`).
+
+        Example::
+
+            sb = Sandbox.start("web")
+        """
+        return cls._wrap(AsyncSandbox.start(name, secrets=secrets, detached=detached,
+                                            boot_timeout=boot_timeout))
+
+    @classmethod
+    def get(cls, name: str) -> Sandbox:
+        """A handle on an existing sandbox.
+
+        Example::
+
+            sb = Sandbox.get("web")
+        """
+        return cls._wrap(AsyncSandbox.get(name))
+
+    @classmethod
+    def list(cls, labels: Mapping[str, str] | None = None) -> builtins.list[SandboxInfo]:
+        """Every sandbox (or those carrying all ``labels``).
+
+        Example::
+
+            [i.name for i in Sandbox.list(labels={"team": "a"})]
+        """
+        return _run(AsyncSandbox.list(labels=labels))
+
+    @classmethod
+    def remove(cls, name: str, *, timeout: float = 10.0) -> None:
+        """Stop ``name`` if needed and delete everything it owns (named volumes stay).
+
+        Example::
+
+            Sandbox.remove("web")
+        """
+        _run(AsyncSandbox.remove(name, timeout=timeout))
+
+    def info(self) -> SandboxInfo:
+        """The current record.
+
+        Example::
+
+            sb.info().state
+        """
+        return self._sb.info()
+
+    @property
+    def state(self) -> str:
+        """``created``, ``running``, ``stopped`` or ``crashed``.
+
+        Example::
+
+            sb.state
+        """
+        return self._sb.state
+
+    def exec(self, cmd: str, args: Sequence[str] = (), *, cwd: str | None = None,
+             user: str | int | None = None, env: Mapping[str, str] | None = None,
+             timeout: float | None = None, stdin: bytes | str | None = None,
+             tty: bool = False, rlimits: Rlimits | None = None) -> ExecOutput:
+        """Run a command to completion (see :meth:`AsyncSandbox.exec`).
+
+        Example::
+
+            sb.exec("/bin/echo", ["hi"]).stdout_text
+        """
+        return self._loop.run(self._sb.exec(cmd, args, cwd=cwd, user=user, env=env,
+                                            timeout=timeout, stdin=stdin, tty=tty,
+                                            rlimits=rlimits))
+
+    def exec_stream(self, cmd: str, args: Sequence[str] = (), *, cwd: str | None = None,
+                    user: str | int | None = None, env: Mapping[str, str] | None = None,
+                    timeout: float | None = None, stdin: bool = True, tty: bool = False,
+                    rows: int = 24, cols: int = 80, rlimits: Rlimits | None = None) -> ExecHandle:
+        """Start a command and return its handle (see :meth:`AsyncSandbox.exec_stream`).
+
+        Example::
+
+            h = sb.exec_stream("/bin/cat"); h.stdin.close(); h.wait()
+        """
+        return ExecHandle(self._loop, self._loop.run(self._sb.exec_stream(
+            cmd, args, cwd=cwd, user=user, env=env, timeout=timeout, stdin=stdin, tty=tty,
+            rows=rows, cols=cols, rlimits=rlimits)))
+
+    def shell(self, script: str, *, cwd: str | None = None, user: str | int | None = None,
+              env: Mapping[str, str] | None = None, timeout: float | None = None,
+              stdin: bytes | str | None = None) -> ExecOutput:
+        """Run a script with the sandbox's shell.
+
+        Example::
+
+            sb.shell("echo $((1+1))").stdout_text
+        """
+        return self._loop.run(self._sb.shell(script, cwd=cwd, user=user, env=env,
+                                             timeout=timeout, stdin=stdin))
+
+    def default_command(self) -> builtins.list[str]:
+        """``entrypoint + cmd`` (the sandbox's overrides, else the image's).
+
+        Example::
+
+            sb.default_command()
+        """
+        return self._sb.default_command()
+
+    def exec_default(self, *, timeout: float | None = None,
+                     stdin: bytes | str | None = None) -> ExecOutput:
+        """Run the image's entrypoint + cmd.
+
+        Example::
+
+            sb.exec_default().exit_code
+        """
+        return self._loop.run(self._sb.exec_default(timeout=timeout, stdin=stdin))
+
+    def metrics(self) -> dict[str, Any]:
+        """The guest's figures.
+
+        Example::
+
+            sb.metrics()["uptime_ms"]
+        """
+        return self._loop.run(self._sb.metrics())
+
+    def logs(self, *, tail: int | None = None, source: str = "console") -> str:
+        """The guest console or the supervisor log.
+
+        Example::
+
+            print(sb.logs(tail=20))
+        """
+        return self._sb.logs(tail=tail, source=source)
+
+    def published_ports(self) -> dict[str, int]:
+        """Host ports actually bound (``{"tcp:80": 8080}``).
+
+        Example::
+
+            sb.published_ports()["tcp:80"]
+        """
+        return self._loop.run(self._sb.published_ports())
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Shut the guest down; killed if not gone within ``timeout``.
+
+        Example::
+
+            sb.stop()
+        """
+        self._loop.run(self._sb.stop(timeout))
+
+    def kill(self) -> None:
+        """Stop at once.
+
+        Example::
+
+            sb.kill()
+        """
+        self._loop.run(self._sb.kill())
+
+    def wait(self, timeout: float | None = None) -> str:
+        """Wait until it is no longer running; the final state.
+
+        Example::
+
+            sb.wait(60)
+        """
+        return self._loop.run(self._sb.wait(timeout))
+
+    def close(self) -> None:
+        """Drop this handle (the sandbox keeps running).
+
+        Example::
+
+            sb.close()
+        """
+        try:
+            self._loop.run(self._sb.close())
+        finally:
+            self._loop.close()
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        try:
+            self._loop.run(self._sb.__aexit__(exc_type, exc, tb))
+        finally:
+            self._loop.close()
+
+    def __repr__(self) -> str:
+        return f"Sandbox({self.name!r})"

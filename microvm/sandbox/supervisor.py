@@ -1,0 +1,340 @@
+"""The per-sandbox supervisor process: ``python -m microvm.sandbox.supervisor SANDBOX_DIR``.
+
+One supervisor per sandbox owns the VMM (a :class:`~microvm.Machine`), the network
+(:class:`~microvm.sandbox.netwiring.SandboxNet`: uplink, gateway, TLS proxy), and the
+timers (``max_duration``, ``idle_timeout``). Library callers and the CLI talk to it over
+two unix sockets in its runtime directory:
+
+* ``agent.sock``: the guest agent protocol, relayed (:class:`~microvm.sandbox.relay.AgentRelay`),
+  so any number of ordinary ``AgentClient`` s exec and move files concurrently;
+* ``control.sock``: one JSON object per line, answered by one JSON line
+  (:mod:`microvm.sandbox.control`): ``status``, ``stop``, ``kill``, ``net_stats``,
+  ``rule_counters``, ``touch``.
+
+Start-up contract with the creator (:mod:`microvm.sandbox.launch`): ``launch.json`` in the
+sandbox directory holds the config and the root plan; the first line on stdin holds the
+secrets (values never touch the disk); in attached mode stdin then stays open and its EOF
+(the creator died) stops the sandbox. When everything is up, one JSON line on stdout says
+``{"ok": true}`` (or ``{"ok": false, "error": CLASS, "message": ...}``) and stdout is closed.
+State transitions go to ``$MICROVM_HOME/sandboxes.db``; a guest that dies unasked is
+``crashed`` with the console tail.
+
+Example::
+
+    python -m microvm.sandbox.supervisor ~/.microvm/sandboxes/web   # started by Sandbox.create
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import pickle
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from microvm.backends.base import Share, console_tail
+from microvm.errors import MicrovmError
+from microvm.machine import Machine
+from microvm.sandbox import control
+from microvm.sandbox.config import SandboxConfig
+from microvm.sandbox.netwiring import SandboxNet
+from microvm.sandbox.paths import SandboxPaths
+from microvm.sandbox.state import StateDB
+from tls_proxy import Secret
+
+log = logging.getLogger("microvm.sandbox.supervisor")
+
+__all__ = ["Supervisor", "main"]
+
+
+class Supervisor:
+    """Brings one sandbox up, serves it, and tears it down (see the module docstring)."""
+
+    def __init__(self, paths: SandboxPaths, launch: dict[str, Any], secrets: list[Secret]) -> None:
+        self.paths = paths
+        self.cfg = SandboxConfig.from_json(launch["config"])
+        self.root_plan: dict[str, Any] | None = launch.get("root_plan")
+        self.launch = launch
+        self.boot_env: dict[str, str] = launch.get("boot_env", {})
+        self.plugins: dict[str, Any] = {}
+        if (paths.dir / "plugins.pickle").exists():
+            self.plugins = pickle.loads((paths.dir / "plugins.pickle").read_bytes())
+        self.secrets = secrets
+        self.db = StateDB(Path(launch["db"]))
+        self.machine: Machine | None = None
+        self.net: SandboxNet | None = None
+        self.relay: Any = None
+        self.control: asyncio.AbstractServer | None = None
+        self.stop_requested: asyncio.Event | None = None
+        self.stop_mode = "stop"          # "stop" (graceful) or "kill"
+        self.stop_timeout = 10.0
+        self.stop_reason = ""
+        self.started = time.monotonic()
+        self.last_touch = time.monotonic()
+
+    # -- bring-up ------------------------------------------------------------------
+    def _shares(self) -> list[Share]:
+        shares = []
+        for i, v in enumerate(self.cfg.volumes):
+            if v.host is not None:
+                src = Path(v.host)
+            else:
+                assert v.named is not None
+                src = self.paths.volume(v.named)
+                src.mkdir(parents=True, exist_ok=True)
+            shares.append(Share(f"vol{i}", src, readonly=v.readonly, guest_path=v.guest_path))
+        return shares
+
+    async def up(self) -> None:
+        """Network first (the guest config goes into the boot config), then the machine."""
+        cfg = self.cfg
+        self.stop_requested = asyncio.Event()
+        bootstrap: dict[str, Any] = {"hostname": cfg.hostname or cfg.name, "env": self.boot_env}
+        net_sock = None
+        if cfg.network is not None:
+            net_sock = self.paths.run / "net.sock"
+            self.net = await asyncio.to_thread(
+                SandboxNet.prepare, cfg.name, cfg.policy(), net_sock, secrets=self.secrets,
+                uplink_factory=self.plugins.get("uplink"))
+            bootstrap["network"] = self.net.guest_config()
+            pem = self.net.ca_pem()
+            if pem:
+                bootstrap["ca_certs"] = [pem]
+        backend = self.plugins.get("backend") or cfg.backend
+        self.machine = Machine(
+            backend, cpus=cfg.cpus, memory=cfg.memory, net_socket=net_sock,
+            shares=self._shares(), bootstrap=bootstrap, rundir=self.paths.run,
+            mac=self.net.plan.guest_mac if self.net else "02:00:00:00:00:02",
+            root=self.root_plan, boot_timeout=float(self.launch.get("boot_timeout", 120.0)))
+        boot = asyncio.ensure_future(self.machine.astart())
+        if self.net is not None:
+            try:
+                await self.net.accept(ports=cfg.ports, dns=cfg.dns, tls=cfg.tls,
+                                      secrets=self.secrets, pcap=cfg.pcap,
+                                      proxy_factory=self.plugins.get("secret_proxy"))
+            except BaseException:
+                boot.cancel()
+                with contextlib.suppress(BaseException):
+                    await boot
+                raise
+        client = await boot
+        from microvm.sandbox.relay import AgentRelay
+
+        assert client.ready is not None
+        self.relay = AgentRelay(client, client.ready, on_activity=self._touch)
+        await self.relay.serve_unix(self.paths.agent_sock)
+        await self._install_scripts(client)
+        self.control = await asyncio.start_unix_server(self._control_client,
+                                                       path=str(self.paths.control_sock))
+        os.chmod(self.paths.control_sock, 0o600)
+
+    async def _install_scripts(self, client: Any) -> None:
+        for name, body in self.cfg.scripts.items():
+            await client.write_file(f"/.microvm/scripts/{name}", body.encode(), mode=0o755,
+                                    mkdirs=True)
+
+    def _touch(self) -> None:
+        self.last_touch = time.monotonic()
+
+    # -- control socket ------------------------------------------------------------
+    async def _control_client(self, reader: asyncio.StreamReader,
+                              writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    break
+                try:
+                    req = json.loads(line)
+                    result = await self._control(req)
+                    reply: dict[str, Any] = {"ok": True, "result": result}
+                except Exception as e:
+                    reply = {"ok": False, "error": type(e).__name__, "message": str(e)}
+                writer.write(json.dumps(reply).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+            pass
+        finally:
+            writer.close()
+
+    async def _control(self, req: dict[str, Any]) -> Any:
+        op = req.get("op")
+        if op == "status":
+            return {"state": "running", "pid": os.getpid(),
+                    "uptime": time.monotonic() - self.started,
+                    "published": self.net.published() if self.net else {},
+                    "guest": str(self.net.plan.guest_ipv4) if self.net else None}
+        if op in ("stop", "kill"):
+            self.request_stop(op, float(req.get("timeout", 10.0)), "requested")
+            return {"stopping": True}
+        if op == "net_stats":
+            return self.net.stats() if self.net else {}
+        if op == "rule_counters":
+            return self.net.rule_counters() if self.net else []
+        if op == "touch":
+            self._touch()
+            return {}
+        raise control.ControlError(f"unknown control op {op!r}")
+
+    def request_stop(self, mode: str, timeout: float, reason: str) -> None:
+        """Ask the serve loop to stop (``stop``: graceful within ``timeout``; ``kill``)."""
+        if self.stop_requested is None or self.stop_requested.is_set():
+            if mode == "kill":
+                self.stop_mode = "kill"
+            return
+        self.stop_mode, self.stop_timeout, self.stop_reason = mode, timeout, reason
+        self.stop_requested.set()
+
+    # -- serve -----------------------------------------------------------------------
+    async def serve(self, lifeline: asyncio.StreamReader | None) -> str:
+        """Run until a stop request, a timer, the creator's death or the guest's exit.
+
+        Returns the final state (``stopped`` or ``crashed``).
+        """
+        assert self.machine is not None and self.stop_requested is not None
+        vm_exit = asyncio.ensure_future(asyncio.to_thread(self.machine.wait))
+        stop = asyncio.ensure_future(self.stop_requested.wait())
+        waits: set[asyncio.Future[Any]] = {vm_exit, stop}
+        if lifeline is not None:
+            waits.add(asyncio.ensure_future(lifeline.read()))
+        timers = asyncio.ensure_future(self._timers())
+        waits.add(timers)
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        if vm_exit in done and not self.stop_requested.is_set():
+            tail = console_tail(self.paths.console_log, 40)
+            panicked = "Kernel panic" in tail or "panic" in tail.lower()
+            state = "crashed" if panicked else "stopped"
+            why = "the guest kernel panicked" if panicked else "the guest powered off"
+            await self._teardown(kill=True)
+            self.db.set_state(self.cfg.name, state,  # type: ignore[arg-type]
+                              error=f"{why}; guest console tail:\n{tail}")
+            return state
+        if not self.stop_requested.is_set():
+            self.request_stop("stop", 10.0, "the creating process exited")
+        await self._teardown(kill=self.stop_mode == "kill")
+        self.db.set_state(self.cfg.name, "stopped", error=self.stop_reason)
+        for w in waits:
+            w.cancel()
+        return "stopped"
+
+    async def _timers(self) -> None:
+        cfg = self.cfg
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            if cfg.max_duration is not None and now - self.started >= cfg.max_duration:
+                self.request_stop("stop", 10.0, f"max_duration of {cfg.max_duration:g}s reached")
+                return
+            if cfg.idle_timeout is not None and self.relay is not None:
+                busy = self.relay.sessions > 0
+                last = max(self.last_touch, self.relay.last_activity)
+                if busy:
+                    self._touch()
+                elif now - last >= cfg.idle_timeout:
+                    self.request_stop("stop", 10.0,
+                                      f"idle for {cfg.idle_timeout:g}s (idle_timeout)")
+                    return
+
+    async def _teardown(self, kill: bool) -> None:
+        if self.control is not None:
+            self.control.close()
+        if self.relay is not None:
+            with contextlib.suppress(Exception):
+                await self.relay.close()
+        if self.machine is not None:
+            if kill:
+                await asyncio.to_thread(self.machine.kill)
+            else:
+                try:
+                    await asyncio.wait_for(self.machine.ashutdown(timeout=self.stop_timeout),
+                                           self.stop_timeout + 5)
+                except (TimeoutError, MicrovmError, OSError):
+                    pass
+                await asyncio.to_thread(self.machine.kill)
+        if self.net is not None:
+            await self.net.close()
+        for p in (self.paths.agent_sock, self.paths.control_sock):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+
+def _read_secrets(stdin: Any) -> list[Secret]:
+    line = stdin.readline()
+    if not line.strip():
+        return []
+    return [Secret(d["env"], d["value"], d["hosts"], placeholder=d["placeholder"],
+                   inject=tuple(d["inject"])) for d in json.loads(line)]
+
+
+def _report(msg: dict[str, Any]) -> None:
+    try:
+        sys.stdout.write(json.dumps(msg) + "\n")
+        sys.stdout.flush()
+        sys.stdout.close()
+        os.close(1)
+    except OSError:
+        pass
+    # anything later written to stdout goes to the log instead
+    with contextlib.suppress(OSError):
+        os.dup2(2, 1)
+
+
+async def _amain(paths: SandboxPaths) -> int:
+    launch = json.loads((paths.dir / "launch.json").read_text())
+    secrets = _read_secrets(sys.stdin)
+    sup = Supervisor(paths, launch, secrets)
+    db, name = sup.db, sup.cfg.name
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, sup.request_stop, "stop", 10.0, f"signal {sig.name}")
+    lifeline: asyncio.StreamReader | None = None
+    if not sup.cfg.detached:
+        lifeline = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(lifeline), sys.stdin)
+    try:
+        await sup.up()
+    except BaseException as e:
+        log.error("sandbox %s did not start: %s", name, e)
+        tail = getattr(e, "console_tail", "")
+        with contextlib.suppress(BaseException):
+            await sup._teardown(kill=True)
+        db.set_state(name, "crashed", error=str(e))
+        _report({"ok": False, "error": type(e).__name__, "message": str(e),
+                 "console_tail": tail})
+        return 1
+    db.set_state(name, "running", pid=os.getpid())
+    _report({"ok": True, "pid": os.getpid(),
+             "published": sup.net.published() if sup.net else {}})
+    state = await sup.serve(lifeline)
+    log.info("sandbox %s %s (%s)", name, state, sup.stop_reason)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the supervisor process (see the module docstring).
+
+    Example::
+
+        python -m microvm.sandbox.supervisor /root/.microvm/sandboxes/web
+    """
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m microvm.sandbox.supervisor SANDBOX_DIR", file=sys.stderr)
+        return 2
+    paths = SandboxPaths(Path(args[0]))
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        return asyncio.run(_amain(paths))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
