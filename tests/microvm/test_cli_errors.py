@@ -59,7 +59,7 @@ CASES: list[tuple[str, list[str], dict[str, str], int, str]] = [
 ]  # fmt: skip
 
 
-def _run(argv: list[str], env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+def _cli(argv: list[str], env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
     temp = tmp_path / "tmpdir"
     temp.mkdir(exist_ok=True)
     full_env = {**os.environ, "TMPDIR": str(temp), **env}
@@ -96,7 +96,7 @@ def test_bad_input_is_one_line(
     def fill(s: str) -> str:
         return s.replace("{R}", str(rootfs)).replace("{F}", str(afile))
 
-    r = _run([fill(a) for a in argv], {k: fill(v) for k, v in env.items()}, tmp_path)
+    r = _cli([fill(a) for a in argv], {k: fill(v) for k, v in env.items()}, tmp_path)
     _check_one_line(r, status, fill(needle))
     assert r.stdout == ""
     # nothing was built or booted: no run directory, no disk image
@@ -119,7 +119,7 @@ def test_forced_kvm_that_cannot_run_fails_fast(tmp_path: Path) -> None:
         finally:
             del os.environ["MICROVM_ACCEL"]
         return
-    r = _run(["vm", "run", "--rootfs-dir", str(tmp_path / "rootfs"), "--", "/bin/true"],
+    r = _cli(["vm", "run", "--rootfs-dir", str(tmp_path / "rootfs"), "--", "/bin/true"],
              {"MICROVM_ACCEL": "kvm", "MICROVM_HOME": str(home)}, tmp_path)  # fmt: skip
     line = _check_one_line(r, VM, "BackendUnavailable")
     assert "KVM cannot run a guest" in line and "MICROVM_ACCEL=tcg" in line

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -110,7 +111,7 @@ def test_default_policy_public_allowed_private_and_metadata_fail_fast(rig: Rig) 
             rc, out, took = rig.curl(f"http://{ip}/")
             assert rc == 7, (ip, out)  # RST: "Failed to connect ... after 0 ms"
             assert took < 5, took
-        r = rig.run(["python3", "-c", _UDP_PROBE, "10.9.9.9", "5000"])
+        r = rig.run([sys.executable, "-c", _UDP_PROBE, "10.9.9.9", "5000"])
         assert r.stdout.strip() == "refused", r.stdout + r.stderr  # ICMP port unreachable
         stats = gw.stats()
         assert stats["rst_sent"] >= 3 and stats["icmp_sent"] >= 1, stats
@@ -135,7 +136,7 @@ def test_icmp_errors_of_allowed_flows_reach_the_guest(rig: Rig) -> None:
     # nothing listens on UDP 9 upstream: its kernel's port unreachable comes back through
     # the uplink and is matched to the guest's allowed flow by the quoted packet
     with rig.gateway(NetworkPolicy.public_only()) as gw:
-        r = rig.run(["python3", "-c", _UDP_PROBE, UPSTREAM_IP, "9"])
+        r = rig.run([sys.executable, "-c", _UDP_PROBE, UPSTREAM_IP, "9"])
         assert r.stdout.strip() == "refused", r.stdout + r.stderr
         assert gw.stats()["icmp_sent"] == 0  # not ours: the upstream's
 
@@ -360,7 +361,7 @@ srv.serve_forever()
 
 @pytest.fixture
 def guest_server(rig: Rig) -> Iterator[None]:
-    proc = subprocess.Popen(["ip", "netns", "exec", rig.topo.guest_ns, "python3", "-c",
+    proc = subprocess.Popen(["ip", "netns", "exec", rig.topo.guest_ns, sys.executable, "-c",
                              _GUEST_SERVER, str(rig.topo.plan.guest_ipv4)],
                             stdout=subprocess.PIPE, text=True)
     try:
@@ -428,7 +429,7 @@ def test_published_udp_port_per_datagram_ingress_check(rig: Rig) -> None:
     """Host 127.0.0.1:port/udp -> guest UDP echo: an allowed peer gets its echo back (and
     only its own), a peer denied by an ingress rule gets nothing and the guest sees
     nothing of it."""
-    proc = subprocess.Popen(["ip", "netns", "exec", rig.topo.guest_ns, "python3", "-c",
+    proc = subprocess.Popen(["ip", "netns", "exec", rig.topo.guest_ns, sys.executable, "-c",
                              _GUEST_UDP_ECHO, str(rig.topo.plan.guest_ipv4)],
                             stdout=subprocess.PIPE, text=True)
     policy = NetworkPolicy.custom(rules=[
@@ -579,7 +580,7 @@ print("up", flush=True)
 def test_gateway_is_closed_at_interpreter_exit(tmp_path: Path) -> None:
     require_root()
     before = snapshot()
-    r = subprocess.run(["python3", "-c", _EXIT_SCRIPT, str(tmp_path / "home")],
+    r = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT, str(tmp_path / "home")],
                        capture_output=True, text=True, timeout=30, check=False,
                        cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 0 and r.stdout == "up\n", r.stderr[-2000:]
