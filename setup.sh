@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Install everything this project needs on a fresh Debian/Ubuntu machine (run as root):
-# the Debian packages in deps/apt.txt, the Python package with its test extras
-# (compiling the cffi extensions and the static guest agent), and the guest kernel into vendor/.
+# the Debian packages in deps/apt.txt, a virtual environment in .venv/ (in this checkout)
+# holding the Python package installed editable with its test extras (compiling the cffi
+# extensions and the static guest agent), and the guest kernel into vendor/.
+# The system Python is left alone. Afterwards: `. .venv/bin/activate` (or run
+# .venv/bin/microvm / .venv/bin/python directly); ./run-tests.sh uses .venv by itself.
+# PYTHON=/path/to/python3.11+ picks the interpreter the venv is made from.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -10,22 +14,31 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
-mapfile -t APT_PACKAGES < <(grep -vE '^\s*(#|$)' deps/apt.txt)
+mapfile -t APT_PACKAGES < <(grep -vE '^\s*(#|$)' deps/apt.txt | sed 's/#.*//; s/[[:space:]]//g')
 export DEBIAN_FRONTEND=noninteractive
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup.sh: installing ${missing[*]}"
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-python3 -m pip install -q --upgrade pip setuptools wheel cffi
-python3 -m pip install -q -e '.[test]'
+# One virtual environment per checkout: two checkouts never re-point each other's
+# editable install, and the system interpreter is not touched.
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+if ! "$VENV/bin/python" -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null; then
+  "$PYTHON" -m venv --clear "$VENV"
+fi
+VPY="$VENV/bin/python"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+# setuptools >= 77 reads the SPDX `license = "..."` string without deprecation warnings.
+"$VPY" -m pip install -q --upgrade pip 'setuptools>=77' wheel 'cffi>=1.16'
+"$VPY" -m pip install -q --no-build-isolation -e '.[test]'
 
 # Guest kernel (libkrunfw) into vendor/, verified against pinned sha256s.
-if python3 -c 'import microvm.kernel' 2>/dev/null; then
-  python3 -m microvm kernel fetch --dest vendor
-fi
-echo "setup.sh: done"
+"$VPY" -m microvm kernel fetch --dest vendor
+echo "setup.sh: done; use it with: . $VENV/bin/activate   (or $VENV/bin/microvm, $VENV/bin/python)"
