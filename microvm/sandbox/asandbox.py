@@ -30,7 +30,7 @@ import contextlib
 import json
 import os
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -55,14 +55,20 @@ from microvm.sandbox.config import (
 from microvm.sandbox.control import ControlError, control_call
 from microvm.sandbox.exec import AsyncExecHandle, ExecOutput
 from microvm.sandbox.fs import AsyncSandboxFs
+from microvm.sandbox.netwiring import SecretProxy
 from microvm.sandbox.paths import SandboxPaths
 from microvm.sandbox.state import SandboxRecord, StateDB
 from netstack import Decision, Flow, NetworkPolicy
+from netstack.gateway import AddressPlan, Uplink
 from rootfs import Image, Patch, RegistryAuth, RootProvider
-from tls_proxy import Secret
+from tls_proxy import ProxyConfig, Secret
 
 __all__ = ["AsyncSandbox", "AsyncSandboxNetwork", "SandboxInfo"]
 
+#: ``(sandbox_name, plan) -> Uplink``: builds the sandbox's uplink in the supervisor
+UplinkFactory = Callable[[str, AddressPlan], Uplink]
+#: ``(ProxyConfig) -> SecretProxy``: builds the secret-injecting proxy in the supervisor
+ProxyFactory = Callable[[ProxyConfig], SecretProxy]
 Rlimits = Mapping[str, int | tuple[int | None, int | None] | None]
 PortsArg = Mapping[int, int] | Sequence[str | tuple[int, int] | PortMapping]
 
@@ -205,8 +211,8 @@ class AsyncSandbox:
         tls: TlsOptions | None = None,
         pcap: str | os.PathLike[str] | None = None,
         root_provider: RootProvider | None = None,
-        uplink: Any = None,
-        secret_proxy: Any = None,
+        uplink: UplinkFactory | None = None,
+        secret_proxy: ProxyFactory | None = None,
         boot_timeout: float = 120.0,
     ) -> AsyncSandbox:
         """Create and start a sandbox; returns once its guest agent answers.

@@ -38,8 +38,10 @@ from netstack.gateway import (
     Gateway,
     SlotLease,
     TapUplink,
+    Uplink,
     allocate_slot,
 )
+from netstack.gateway.uplink import has_redirects
 from tls_proxy import CertificateAuthority, ProxyConfig, Secret, TlsProxy
 
 log = logging.getLogger("microvm.sandbox.net")
@@ -134,7 +136,7 @@ class SandboxNet:
         self.lease = lease
         self.plan = plan
         self.listener = listener
-        self.uplink: Any = None
+        self.uplink: Uplink | None = None
         self.gateway: Gateway | None = None
         self.proxy: SecretProxy | None = None
         self.ca: CertificateAuthority | None = None
@@ -142,7 +144,8 @@ class SandboxNet:
     @classmethod
     def prepare(cls, name: str, policy: NetworkPolicy, listen: Path, *,
                 secrets: Sequence[Secret] = (),
-                uplink_factory: Callable[[str, AddressPlan], Any] | None = None) -> SandboxNet:
+                uplink_factory: Callable[[str, AddressPlan], Uplink] | None = None
+                ) -> SandboxNet:
         """Lease a slot, build the uplink and listen on ``listen`` for the VMM's frames.
 
         Example::
@@ -163,7 +166,7 @@ class SandboxNet:
             factory = uplink_factory or (lambda n, p: default_uplink(
                 n, p, _wants_host_loopback(policy)))
             self.uplink = factory(name, plan)
-            if secrets and not hasattr(self.uplink, "redirect_tcp"):
+            if secrets and not has_redirects(self.uplink):
                 raise SandboxError(
                     "this sandbox has secrets, but its uplink cannot steer TLS to the "
                     "interception proxy: refusing to start (a placeholder must never reach an "
@@ -212,14 +215,16 @@ class SandboxNet:
         conn, _ = await asyncio.wait_for(loop.sock_accept(self.listener), timeout)
         conn.setblocking(True)
         self.listener.close()
-        self.gateway = await asyncio.to_thread(
+        assert self.uplink is not None
+        gateway = await asyncio.to_thread(
             Gateway, self.policy, uplink=self.uplink, guest_socket=conn, transport="stream",
             dns_upstreams=list(dns.nameservers) or None, dns_timeout=dns.timeout,
             rebind_protection=dns.rebind_protection, pcap=pcap,
             published_ports=[p.to_str() for p in ports], own_uplink=True, mtu=self.plan.mtu)
+        self.gateway = gateway
         if secrets:
             assert self.ca is not None
-            sock = self.gateway.intercept_tls(list(tls.ports))
+            sock = gateway.intercept_tls(list(tls.ports))
             cfg = ProxyConfig(ca=self.ca, secrets=list(secrets), bypass=list(tls.bypass),
                               upstream_ca_files=list(tls.upstream_ca_certs))
             self.proxy = (proxy_factory or TlsProxy)(cfg)

@@ -19,9 +19,12 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import atexit
 import builtins
+import contextlib
 import os
 import threading
+import weakref
 from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
@@ -30,7 +33,14 @@ from typing import Any, TypeVar
 
 from microvm.agent import ExecEvent, FileStat
 from microvm.backends.base import Backend
-from microvm.sandbox.asandbox import AsyncSandbox, PortsArg, Rlimits, SandboxInfo
+from microvm.sandbox.asandbox import (
+    AsyncSandbox,
+    PortsArg,
+    ProxyFactory,
+    Rlimits,
+    SandboxInfo,
+    UplinkFactory,
+)
 from microvm.sandbox.config import DnsOptions, TlsOptions
 from microvm.sandbox.exec import AsyncExecHandle, ExecOutput
 from netstack import Decision, Flow, NetworkPolicy
@@ -40,6 +50,17 @@ from tls_proxy import Secret
 __all__ = ["ExecHandle", "Sandbox", "SandboxFs", "SandboxNetwork"]
 
 T = TypeVar("T")
+
+#: open sync handles: their agent connections are closed at interpreter exit (a daemon
+#: loop thread would otherwise die with pending tasks and warnings)
+_LIVE: weakref.WeakSet[Sandbox] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_handles() -> None:
+    for sb in list(_LIVE):
+        with contextlib.suppress(Exception):
+            sb.close()
 
 
 class _Loop:
@@ -379,6 +400,7 @@ class Sandbox:
         self.paths = inner.paths
         self.fs = SandboxFs(self._loop, inner)
         self.network = SandboxNetwork(self._loop, inner)
+        _LIVE.add(self)
 
     @classmethod
     def _wrap(cls, coro: Coroutine[Any, Any, AsyncSandbox]) -> Sandbox:
@@ -428,8 +450,8 @@ class Sandbox:
         tls: TlsOptions | None = None,
         pcap: str | os.PathLike[str] | None = None,
         root_provider: RootProvider | None = None,
-        uplink: Any = None,
-        secret_proxy: Any = None,
+        uplink: UplinkFactory | None = None,
+        secret_proxy: ProxyFactory | None = None,
         boot_timeout: float = 120.0,
     ) -> Sandbox:
         """Create and start a sandbox (see :meth:`AsyncSandbox.create`).
@@ -631,10 +653,13 @@ class Sandbox:
 
             sb.close()
         """
+        if self._loop.loop.is_closed():
+            return
         try:
             self._loop.run(self._sb.close())
         finally:
             self._loop.close()
+            _LIVE.discard(self)
 
     def __enter__(self) -> Sandbox:
         return self
@@ -645,6 +670,7 @@ class Sandbox:
             self._loop.run(self._sb.__aexit__(exc_type, exc, tb))
         finally:
             self._loop.close()
+            _LIVE.discard(self)
 
     def __repr__(self) -> str:
         return f"Sandbox({self.name!r})"
