@@ -53,6 +53,14 @@ Messages (``t``: payload), host -> guest unless marked "guest":
   unknown_type, bad_request, version, bootstrap_failed, internal. Errors
   about a frame whose id could not be read use id 0.
 
+Bodies are decoded by a strict CBOR reader limited to what the guest agent's encoder
+(``csrc/cbor.c``) emits: integers, byte and text strings (valid UTF-8), arrays and
+maps of definite length (non-minimal heads allowed), false/true/null and float64,
+nested at most :data:`MAX_DEPTH` deep, one item per body. Tags (e.g. the shared-value
+tags that can build a self-containing list), indefinite lengths, undefined, other
+simple values, half/single floats, duplicate or container map keys and trailing bytes
+are refused with :class:`ProtocolError`: the guest is untrusted.
+
 Example::
 
     >>> data = encode_frame(Frame(7, TERMINAL, "core.ping", {}))
@@ -77,8 +85,11 @@ TERMINAL = 0x01
 SESSION_START = 0x02
 SHUTDOWN = 0x04
 MAX_ID = 0xFFFFFFFF
+MAX_DEPTH = 32
+"""Deepest array/map nesting accepted in a body (the guest agent's own limit)."""
 
 _HDR = struct.Struct(">IIB")
+_F64 = struct.Struct(">d")
 
 
 class ProtocolError(AgentError):
@@ -159,17 +170,125 @@ def encode_frame(frame: Frame) -> bytes:
     return encode_raw(frame.id, frame.flags, encode_body(frame.type, frame.payload, frame.version))
 
 
+class _Cbor:
+    """The strict CBOR reader behind :func:`decode_cbor` (one body, one pass)."""
+
+    __slots__ = ("b", "n", "off")
+
+    def __init__(self, data: bytes) -> None:
+        self.b = data
+        self.n = len(data)
+        self.off = 0
+
+    def _fail(self, what: str) -> ProtocolError:
+        return ProtocolError(f"{what} at byte {self.off}")
+
+    def _arg(self, info: int) -> int:
+        if info < 24:
+            return info
+        if info > 27:
+            if info == 31:
+                raise self._fail("indefinite-length item (the agent sends definite lengths only)")
+            raise self._fail(f"reserved CBOR additional info {info}")
+        size = 1 << (info - 24)
+        end = self.off + size
+        if end > self.n:
+            raise self._fail("truncated CBOR head")
+        v = int.from_bytes(self.b[self.off:end], "big")
+        self.off = end
+        return v
+
+    def item(self, depth: int) -> Any:
+        if self.off >= self.n:
+            raise self._fail("truncated CBOR")
+        ib = self.b[self.off]
+        self.off += 1
+        major, info = ib >> 5, ib & 0x1F
+        if major == 7:
+            if info == 20:
+                return False
+            if info == 21:
+                return True
+            if info == 22:
+                return None
+            if info == 27:
+                end = self.off + 8
+                if end > self.n:
+                    raise self._fail("truncated float64")
+                (f,) = _F64.unpack_from(self.b, self.off)
+                self.off = end
+                return f
+            raise self._fail(f"CBOR simple/float 0x{ib:02x} (only false, true, null and "
+                             "float64 are accepted)")
+        arg = self._arg(info)
+        if major == 0:
+            return arg
+        if major == 1:
+            return -1 - arg
+        if major == 2 or major == 3:
+            end = self.off + arg
+            if end > self.n:
+                raise self._fail(f"string of {arg} bytes runs past the end")
+            raw = self.b[self.off:end]
+            self.off = end
+            if major == 2:
+                return raw
+            try:
+                return raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise self._fail("text string is not valid UTF-8") from None
+        if major == 6:
+            raise self._fail(f"CBOR tag {arg} (the agent never sends tags)")
+        if depth >= MAX_DEPTH:  # a container here could hold items deeper than MAX_DEPTH
+            raise self._fail(f"nesting deeper than {MAX_DEPTH}")
+        if major == 4:
+            if arg > self.n - self.off:  # every item takes at least one byte
+                raise self._fail(f"array of {arg} items runs past the end")
+            return [self.item(depth + 1) for _ in range(arg)]
+        if arg > (self.n - self.off) // 2:
+            raise self._fail(f"map of {arg} pairs runs past the end")
+        out: dict[Any, Any] = {}
+        for _ in range(arg):
+            key = self.item(depth + 1)
+            if isinstance(key, list | dict):
+                raise self._fail("map key is an array or a map")
+            if key in out:
+                raise self._fail(f"duplicate map key {str(key)[:40]!r}")
+            out[key] = self.item(depth + 1)
+        return out
+
+
+def decode_cbor(data: bytes) -> Any:
+    """Decode exactly one CBOR item from ``data`` with the strict agent subset (see the
+    module notes); anything else raises :class:`ProtocolError`.
+
+    Example::
+
+        >>> decode_cbor(bytes.fromhex("a2616101616282f5f6"))
+        {'a': 1, 'b': [True, None]}
+        >>> decode_cbor(bytes.fromhex("d81c81d81d00"))   # shared-value tags: self-containing
+        Traceback (most recent call last):
+        ...
+        microvm.agent.protocol.ProtocolError: CBOR tag 28 (the agent never sends tags) at byte 2
+    """
+    r = _Cbor(bytes(data))
+    obj = r.item(0)
+    if r.off != r.n:
+        raise ProtocolError(f"{r.n - r.off} trailing bytes after the CBOR item")
+    return obj
+
+
 def decode_body(id_: int, flags: int, body: bytes) -> Frame:
-    """Decode a CBOR envelope into a :class:`Frame`.
+    """Decode a CBOR envelope into a :class:`Frame` (strict: see :func:`decode_cbor`).
 
     Example::
 
         f = decode_body(1, 0, encode_body("core.pong", {}))
     """
     try:
-        obj = cbor2.loads(body)
-    except Exception as e:
-        raise ProtocolError(f"frame {id_}: body is not valid CBOR: {e}") from None
+        obj = decode_cbor(body)
+    except ProtocolError as e:
+        raise ProtocolError(f"frame {id_}: body is not valid agent CBOR: {e}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"frame {id_}: body is {type(obj).__name__}, expected a map")
     v, t = obj.get("v"), obj.get("t")

@@ -7,6 +7,7 @@ import os
 import socket
 import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from hypothesis import strategies as st
 from microvm.agent import AgentClient, Frame, FrameDecoder, ProtocolError, encode_frame
 from microvm.agent.protocol import MAX_FRAME, TERMINAL, encode_body, encode_raw
 from tests.microvm.agent.conftest import host_agent
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @given(
@@ -59,6 +62,87 @@ def test_python_codec_rejects() -> None:
         FrameDecoder().feed(encode_raw(1, 0, b"\xff\xff"))
     with pytest.raises(ProtocolError, match="map"):
         FrameDecoder().feed(encode_raw(1, 0, cbor2.dumps([1, 2])))
+
+
+# What a hostile guest could send that the agent's encoder (csrc/cbor.c) never emits.
+HOSTILE_BODIES = {
+    "shared-value self reference": bytes.fromhex("d81c81d81d00"),
+    "tag in payload": cbor2.dumps({"v": 1, "t": "core.pong", "p": {"x": 0}})[:-1] + b"\xc1\x00",
+    "tagged envelope": b"\xd9\xd9\xf7" + cbor2.dumps({"v": 1, "t": "core.pong", "p": {}}),
+    "bignum": cbor2.dumps({"v": 1, "t": "core.pong", "p": 2**70}),
+    "indefinite array": b"\xa3\x61v\x01\x61t\x69core.pong\x61p\x9f\xff",
+    "indefinite text": b"\xa3\x61v\x01\x61t\x7f\x69core.pong\xff\x61p\xa0",
+    "lone break": b"\xff",
+    "undefined": b"\xa3\x61v\x01\x61t\x69core.pong\x61p\xf7",
+    "simple value": b"\xa3\x61v\x01\x61t\x69core.pong\x61p\xf8\x20",
+    "half float": b"\xa3\x61v\x01\x61t\x69core.pong\x61p\xf9\x3c\x00",
+    "single float": b"\xa3\x61v\x01\x61t\x69core.pong\x61p\xfa\x3f\x80\x00\x00",
+    "reserved info": b"\x1c",
+    "deep nesting": b"\xa3\x61v\x01\x61t\x69core.pong\x61p" + b"\x81" * 40 + b"\x00",
+    "huge array": b"\xa3\x61v\x01\x61t\x69core.pong\x61p\x9b" + b"\xff" * 8,
+    "huge map": b"\xa3\x61v\x01\x61t\x69core.pong\x61p\xbb" + b"\x7f" + b"\xff" * 7,
+    "huge bytes": b"\xa3\x61v\x01\x61t\x69core.pong\x61p\x5b" + b"\xff" * 8,
+    "bad utf-8": b"\xa3\x61v\x01\x61t\x62\xc3\x28\x61p\xa0",
+    "duplicate key": b"\xa4\x61v\x01\x61t\x69core.pong\x61p\xa0\x61v\x02",
+    "array key": b"\xa4\x61v\x01\x61t\x69core.pong\x61p\xa0\x80\x00",
+    "trailing byte": cbor2.dumps({"v": 1, "t": "core.pong", "p": {}}) + b"\x00",
+    "truncated": cbor2.dumps({"v": 1, "t": "core.pong", "p": {"data": b"abc"}})[:-2],
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_BODIES))
+def test_host_decoder_rejects_what_the_agent_never_sends(name: str) -> None:
+    body = HOSTILE_BODIES[name]
+    with pytest.raises(ProtocolError, match="frame 7: body is not valid agent CBOR"):
+        FrameDecoder().feed(encode_raw(7, 0, body))
+
+
+def test_host_decoder_accepts_the_agents_encodings() -> None:
+    # float64 (metrics), non-minimal 4-byte counts (cbor_put_map_open), 64-bit ints, bytes
+    body = (b"\xba\x00\x00\x00\x03\x61v\x01\x61t\x75core.metrics.response\x61p"
+            b"\xa4\x64load\x9a\x00\x00\x00\x01\xfb\x3f\xf8\x00\x00\x00\x00\x00\x00"
+            b"\x61n\x3b\x7f\xff\xff\xff\xff\xff\xff\xff\x61b\x43\x00\xff\x01"
+            b"\x61m\x1b\xff\xff\xff\xff\xff\xff\xff\xff")
+    (f,) = FrameDecoder().feed(encode_raw(3, TERMINAL, body))
+    assert f.type == "core.metrics.response"
+    assert f.payload == {"load": [1.5], "n": -(2**63), "b": b"\x00\xff\x01", "m": 2**64 - 1}
+    deep: object = 0
+    for _ in range(31):  # the envelope map is level 1: 31 more levels reach the limit of 32
+        deep = [deep]
+    (f,) = FrameDecoder().feed(encode_raw(1, 0, cbor2.dumps({"v": 1, "t": "x", "p": deep})))
+    assert f.payload == deep
+
+
+@pytest.mark.fuzz
+def test_short_host_decoder_fuzz_run(tmp_path: Path) -> None:
+    """A few seconds of tests/fuzz/fuzz_agent_frames.py over its hostile-guest seeds."""
+    pytest.importorskip("atheris")
+    target = ROOT / "tests" / "fuzz" / "fuzz_agent_frames.py"
+    corpus = tmp_path / "corpus"
+    subprocess.run([sys.executable, str(target), "--write-seeds", str(corpus)], check=True,
+                   timeout=60, cwd=tmp_path)
+    assert len(list(corpus.iterdir())) > 30
+    proc = subprocess.run(
+        [sys.executable, str(target), "-max_total_time=4", "-rss_limit_mb=1024",
+         f"-artifact_prefix={tmp_path}/", str(corpus)],
+        capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Done" in proc.stderr
+
+
+def test_fuzz_seeds_decode_or_fail_typed() -> None:
+    sys.path.insert(0, str(ROOT / "tests" / "fuzz"))
+    try:
+        import fuzz_agent_frames  # type: ignore[import-not-found]
+    finally:
+        sys.path.pop(0)
+    ok = 0
+    for s in fuzz_agent_frames.seeds():
+        try:
+            ok += len(FrameDecoder().feed(s))
+        except ProtocolError:
+            pass
+    assert ok >= 17  # every valid guest message type decodes
 
 
 async def _expect(client: AgentClient, raw: bytes, rid: int) -> Frame:
