@@ -310,7 +310,7 @@ class AgentRelay:
         if self._closing:
             refusal = _error(0, "connection_lost", "the sandbox supervisor is closing")
         elif self._lost is not None:
-            refusal = _error(0, "connection_lost", f"agent connection lost: {self._lost}")
+            refusal = _error(0, "connection_lost", self._lost)
         elif len(self._conns) >= self._max_clients:
             refusal = _error(0, "resource_limit", f"the sandbox supervisor serves at most {self._max_clients} clients")
         if refusal is not None:
@@ -431,7 +431,7 @@ class AgentRelay:
         writer.close()
         try:
             await asyncio.wait_for(writer.wait_closed(), 2.0)
-        except (TimeoutError, Exception):
+        except Exception:  # TimeoutError included
             writer.transport.abort()
 
     async def _read_frame(self, reader: asyncio.StreamReader) -> tuple[bytes, bytes] | None:
@@ -488,7 +488,7 @@ class AgentRelay:
             if t in _CONTROL:
                 return  # for a request that already ended: dropped, as the agent does
             if self._lost is not None:
-                conn.send(_error(cid, "connection_lost", f"agent connection lost: {self._lost}"))
+                conn.send(_error(cid, "connection_lost", self._lost))
                 return
             if len(conn.streams) >= MAX_STREAMS:
                 conn.send(_error(cid, "resource_limit", f"at most {MAX_STREAMS} requests in flight per client"))

@@ -182,16 +182,18 @@ def test_two_clients_with_overlapping_ids(guest: Guest) -> None:
     async def main() -> None:
         async with client(guest.sock) as a, client(guest.sock) as b:
             # both allocate ids 1, 2, 3, ... independently
-            outs = await asyncio.gather(
-                *(a.exec("/bin/echo", [f"a{i}"]) for i in range(8)),
-                *(b.exec("/bin/echo", [f"b{i}"]) for i in range(8)),
-                a.exec("/bin/sh", ["-c", "echo slow-a; sleep 0.3; echo done-a"]),
+            runs, passwd = await asyncio.gather(
+                asyncio.gather(
+                    *(a.exec("/bin/echo", [f"a{i}"]) for i in range(8)),
+                    *(b.exec("/bin/echo", [f"b{i}"]) for i in range(8)),
+                    a.exec("/bin/sh", ["-c", "echo slow-a; sleep 0.3; echo done-a"]),
+                ),
                 b.read_file("/etc/passwd"),
             )
-            assert [r.stdout for r in outs[:8]] == [f"a{i}\n".encode() for i in range(8)]  # type: ignore[union-attr]
-            assert [r.stdout for r in outs[8:16]] == [f"b{i}\n".encode() for i in range(8)]  # type: ignore[union-attr]
-            assert outs[16].stdout == b"slow-a\ndone-a\n"  # type: ignore[union-attr]
-            assert outs[17].startswith(b"root:x:0:0")  # type: ignore[union-attr]
+            assert [r.stdout for r in runs[:8]] == [f"a{i}\n".encode() for i in range(8)]
+            assert [r.stdout for r in runs[8:16]] == [f"b{i}\n".encode() for i in range(8)]
+            assert runs[16].stdout == b"slow-a\ndone-a\n"
+            assert passwd.startswith(b"root:x:0:0")
             assert guest.relay.clients >= 2
 
     asyncio.run(main())
