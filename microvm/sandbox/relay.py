@@ -30,7 +30,10 @@ and is drained to its exit; a file it was still streaming into the guest is
 ended (an empty TERMINAL ``core.fs.data``) and, when the agent reports the
 partial file written, removed with an fs ``remove`` (appends are ended, not
 removed: the bytes appended so far stay); any other request is drained to its
-answer. An abandoned stream that does not end within 30 s is forgotten.
+answer. An abandoned stream that does not end within 30 s is forgotten. The
+same happens to a running exec whose id the agent ends with ``core.error``
+(e.g. a bad ``core.exec.resize``): the client's id is over, so its process is
+killed rather than left running unreachable.
 
 When the agent connection is lost, every open stream of every client gets a
 TERMINAL ``core.error {kind: "connection_lost"}`` and every client is

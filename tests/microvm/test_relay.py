@@ -504,3 +504,33 @@ def test_stalled_client_is_dropped_and_others_carry_on(tmp_path: Path) -> None:
                 await w.wait_closed()
 
     asyncio.run(main())
+
+
+def test_error_ending_a_running_exec_kills_it(tmp_path: Path) -> None:
+    """A bad resize makes the agent end the id with core.error: the relay kills the orphan."""
+
+    async def main() -> None:
+        async with host_relay(tmp_path) as (relay, _, path):
+            r, w = await asyncio.open_unix_connection(str(path))
+            req = {"cmd": "/bin/sleep", "args": ["30"], "tty": True, "rows": 24, "cols": 80}
+            w.write(encode_frame(Frame(5, 0x02, "core.exec.request", req)))
+            await w.drain()
+            dec, frames = FrameDecoder(), list[Frame]()
+            while not frames:
+                frames = dec.feed(await r.read(4096))
+            assert frames[0].type == "core.exec.started"
+            pid = frames[0].payload["pid"]
+            w.write(encode_frame(Frame(5, 0, "core.exec.resize", {"rows": 0, "cols": 80})))
+            await w.drain()
+            while not any(f.terminal for f in frames):
+                frames += dec.feed(await r.read(4096))
+            assert (frames[-1].type, frames[-1].payload["kind"]) == ("core.error", "bad_request")
+            for _ in range(400):
+                if relay.sessions == 0 and not os.path.exists(f"/proc/{pid}"):
+                    break
+                await asyncio.sleep(0.05)
+            assert relay.sessions == 0 and not os.path.exists(f"/proc/{pid}")
+            w.close()
+            await w.wait_closed()
+
+    asyncio.run(main())
