@@ -101,6 +101,8 @@ class Destination:
         text = value.strip() if isinstance(value, str) else value
         if isinstance(text, str) and text.startswith("*."):
             text = text[2:]
+            if not text.strip(". "):
+                raise PolicyError(f"domain suffix {value!r} is empty (no name after '*.')")
         return Destination("domain_suffix", normalize_domain(text, what="domain suffix"))
 
     @staticmethod

@@ -81,6 +81,27 @@ def _deny_rules(deny_domains: Iterable[str] | None, deny_suffixes: Iterable[str]
     return tuple(out)
 
 
+def _parse_rules(rules: object, what: str = "rules") -> tuple[Rule, ...]:
+    """Each element a :class:`Rule` or a rule dict; an error names the element and its index."""
+    if isinstance(rules, Rule | Mapping):
+        raise PolicyError(f"{what} must be a list of rules, not a single rule: {rules!r}")
+    if isinstance(rules, str | bytes) or not isinstance(rules, Iterable):
+        raise PolicyError(f"{what} must be a list of rules (Rule objects or dicts), got {rules!r}")
+    out: list[Rule] = []
+    for i, item in enumerate(rules):
+        if isinstance(item, Rule):
+            out.append(item)
+            continue
+        if not isinstance(item, Mapping):
+            raise PolicyError(f"{what}[{i}] must be a Rule or a rule dict, got "
+                              f"{type(item).__name__} {item!r}")
+        try:
+            out.append(Rule.from_dict(dict(item)))
+        except PolicyError as e:
+            raise PolicyError(f"{what}[{i}]: {e}") from None
+    return tuple(out)
+
+
 @dataclass(frozen=True, slots=True)
 class NetworkPolicy:
     """A sandbox network policy: ordered rules plus a default per direction.
@@ -200,12 +221,17 @@ class NetworkPolicy:
     ) -> NetworkPolicy:
         """A custom policy; deny lists are prepended so they outrank later allows.
 
+        ``rules`` holds :class:`~netstack.Rule` objects or rule dicts; anything else
+        raises :class:`~netstack.PolicyError` naming the element and its index.
+
         >>> NetworkPolicy.custom(default_egress="allow", deny_domains=["x.test"]).rules[0].describe()
         'deny egress domain x.test'
+        >>> NetworkPolicy.custom(rules=[Rule.allow("public"), 5])
+        Traceback (most recent call last):
+        ...
+        netstack.errors.PolicyError: rules[1] must be a Rule or a rule dict, got int 5
         """
-        if isinstance(rules, Rule | Mapping):
-            raise PolicyError("rules must be a list of rules, not a single rule")
-        parsed = tuple(r if isinstance(r, Rule) else Rule.from_dict(dict(r)) for r in rules)
+        parsed = _parse_rules(rules)
         return cls(parse_action(default_egress), parse_action(default_ingress),
                    _deny_rules(deny_domains, deny_domain_suffixes) + parsed)
 
@@ -306,7 +332,7 @@ class NetworkPolicy:
             raise PolicyError(f"policy rules must be a list, got {type(rules).__name__}")
         return cls(parse_action(data.get("default_egress", "deny")),
                    parse_action(data.get("default_ingress", "deny")),
-                   tuple(Rule.from_dict(r) for r in rules))
+                   _parse_rules(rules))
 
     # -- queries ---------------------------------------------------------------------
     @property

@@ -113,6 +113,35 @@ def _listify(one: Any, many: Any, *, ports: bool = False) -> list[Any]:
     return out
 
 
+def _one_of(name: str, one: object, many: object) -> None:
+    """Refuse ``port`` together with ``ports`` (or ``protocol`` with ``protocols``)."""
+    if one is not None and many is not None:
+        raise PolicyError(f"give {name} or {name}s, not both (got {name}={one!r}, "
+                          f"{name}s={many!r}); list every value in {name}s")
+
+
+ICMP_PROTOCOLS: Final[frozenset[str]] = frozenset({"icmpv4", "icmpv6"})
+
+
+def _check_icmp(action: str, direction: str, protocols: frozenset[str],
+                ports: tuple[PortRange, ...]) -> None:
+    """Refuse ICMP rules that could never match (they would silently do nothing)."""
+    icmp = sorted(ICMP_PROTOCOLS & protocols)
+    if not icmp:
+        return
+    named = ",".join(icmp)
+    if ports:
+        rng = ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ports)
+        raise PolicyError(
+            f"{action} rule for {named} with ports {rng} can never match: ICMP has no ports "
+            "(give ICMP its own rule without ports)")
+    if direction != "egress":
+        raise PolicyError(
+            f"{action} rule for {named} with direction {direction!r} can never match inbound "
+            "ICMP: the gateway relays no inbound ICMP, so ICMP rules are egress-only "
+            "(use direction='egress')")
+
+
 def _merge_ranges(ranges: Iterable[PortRange]) -> tuple[PortRange, ...]:
     # Keep the caller's ranges (sorted, duplicates dropped); merging is only a
     # representation change, so it never widens the set of ports.
@@ -137,6 +166,14 @@ class Rule:
 
     ``protocols`` empty means any protocol; ``ports`` empty means any port. Ports are
     always the guest-side port (destination port on egress, listening port on ingress).
+    A rule that names ``icmpv4``/``icmpv6`` must be an egress rule without ports (ICMP
+    has no ports and the gateway relays no inbound ICMP); anything else could never
+    match and raises :class:`~netstack.PolicyError`.
+
+    >>> Rule.allow(protocol="icmpv4", port=80)
+    Traceback (most recent call last):
+    ...
+    netstack.errors.PolicyError: allow rule for icmpv4 with ports 80 can never match: ICMP has no ports (give ICMP its own rule without ports)
     """
 
     action: Action
@@ -150,10 +187,14 @@ class Rule:
         parse_direction(self.direction)
         if not isinstance(self.destination, Destination):
             raise PolicyError(f"rule destination must be a Destination, got {self.destination!r}")
-        for p in self.protocols:
-            parse_protocol(p)
+        if not isinstance(self.protocols, frozenset):
+            raise PolicyError(f"rule protocols must be a frozenset, got {self.protocols!r}")
+        protos = frozenset(parse_protocol(p) for p in self.protocols)
+        if not isinstance(self.ports, tuple):
+            raise PolicyError(f"rule ports must be a tuple of (start, end), got {self.ports!r}")
         for r in self.ports:
             parse_port_range(r)
+        _check_icmp(self.action, parse_direction(self.direction), protos, self.ports)
 
     @classmethod
     def build(
@@ -169,9 +210,13 @@ class Rule:
     ) -> Rule:
         """Validate and build a rule (``allow``/``deny`` are the usual entry points).
 
+        Give ``port`` or ``ports`` (and ``protocol`` or ``protocols``), not both.
+
         >>> Rule.build("deny", destination=".ads.example").destination.kind
         'domain_suffix'
         """
+        _one_of("port", port, ports)
+        _one_of("protocol", protocol, protocols)
         protos = frozenset(parse_protocol(p) for p in _listify(protocol, protocols))
         port_ranges = _merge_ranges(parse_port_range(p) for p in _listify(port, ports, ports=True))
         return cls(

@@ -33,7 +33,8 @@ PINS.pin("example.com", ["192.0.2.9", "2001:db8::9"], ttl=1e6, now=0.0)
 POLICY = NetworkPolicy(default_egress="deny", default_ingress="allow", rules=(
     Rule.deny(destination=".blocked.example"),
     Rule.allow(destination="example.com", protocol="tcp", port=443),
-    Rule.allow(destination="192.0.2.0/24", protocols=["udp", "icmpv4"], ports=[(1, 1000)]),
+    Rule.allow(destination="192.0.2.0/24", protocol="udp", ports=[(1, 1000)]),
+    Rule.allow(destination="192.0.2.0/24", protocol="icmpv4"),
     Rule.allow(destination="public", direction="any"),
     Rule.deny(destination="2001:db8::/32"),
 ))

@@ -55,13 +55,19 @@ def random_ports(rng: random.Random) -> list[tuple[int, int]]:
 
 def random_rule(rng: random.Random) -> Rule:
     protos = rng.sample(PROTOCOLS, rng.choice((0, 0, 1, 1, 2, 3)))
-    return Rule.build(
-        rng.choice(("allow", "deny")),
-        destination=random_destination(rng),
-        direction=rng.choice(("egress", "egress", "ingress", "any")),
-        protocols=protos or None,
-        ports=random_ports(rng) or None,
-    )
+    action = rng.choice(("allow", "deny"))
+    destination = random_destination(rng)
+    direction = rng.choice(("egress", "egress", "ingress", "any"))
+    ports = random_ports(rng)
+    icmp = [p for p in protos if p.startswith("icmp")]
+    if icmp and (ports or direction != "egress"):
+        # ICMP rules are egress-only and port-less: drop ICMP, or the ports and direction
+        if len(icmp) < len(protos) and rng.random() < 0.5:
+            protos = [p for p in protos if not p.startswith("icmp")]
+        else:
+            direction, ports = "egress", []
+    return Rule.build(action, destination=destination, direction=direction,
+                      protocols=protos or None, ports=ports or None)
 
 
 def random_policy(rng: random.Random, max_rules: int = 12) -> NetworkPolicy:

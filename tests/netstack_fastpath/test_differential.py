@@ -134,10 +134,12 @@ def test_ipv4_slash16_buckets_small_and_overfull() -> None:
                 f"{top}.{rng.randrange(4)}.{rng.randrange(256)}/{rng.randrange(16, 33)}",
                 strict=False))
         ports = rng.choice((None, 443, (1000, 2000), [(1, 10), (20, 30), (440, 450), (1500, 1600)]))
+        direction = rng.choice(("egress", "egress", "ingress", "any"))
+        protocols = rng.choice((None, "tcp", "udp", ["tcp", "icmpv4"]))
+        if protocols == ["tcp", "icmpv4"] and (ports is not None or direction != "egress"):
+            protocols = ["tcp", "udp"]   # ICMP rules are egress-only and port-less
         rules.append(Rule.build(rng.choice(("allow", "deny")), destination=dest,
-                                direction=rng.choice(("egress", "egress", "ingress", "any")),
-                                protocols=rng.choice((None, "tcp", "udp", ["tcp", "icmpv4"])),
-                                ports=ports))
+                                direction=direction, protocols=protocols, ports=ports))
     policy = NetworkPolicy(default_egress="deny", default_ingress="allow", rules=tuple(rules))
     ev = CompiledEvaluator(policy)
     tops = crowded + sparse + ["100.200", "8.8"]

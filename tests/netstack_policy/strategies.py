@@ -52,14 +52,19 @@ port_ranges = st.tuples(st.integers(1, 65535), st.integers(1, 65535)).map(
 
 @st.composite
 def rules(draw: st.DrawFn) -> Rule:
+    protocols = draw(st.lists(st.sampled_from(("tcp", "udp", "icmpv4", "icmpv6")), max_size=2))
+    direction = draw(st.sampled_from(("egress", "ingress", "any")))
+    ports = draw(st.lists(st.one_of(port_ranges, st.sampled_from([(53, 53), (443, 443)])),
+                          max_size=2))
+    if {"icmpv4", "icmpv6"} & set(protocols):
+        # an ICMP rule is egress-only and port-less (anything else is refused)
+        direction, ports = "egress", []
     return Rule.build(
         draw(st.sampled_from(("allow", "deny"))),
         destination=draw(destinations),
-        direction=draw(st.sampled_from(("egress", "ingress", "any"))),
-        protocols=draw(st.lists(st.sampled_from(("tcp", "udp", "icmpv4", "icmpv6")),
-                                max_size=2)),
-        ports=draw(st.lists(st.one_of(port_ranges, st.sampled_from([(53, 53), (443, 443)])),
-                            max_size=2)),
+        direction=direction,
+        protocols=protocols,
+        ports=ports,
     )
 
 

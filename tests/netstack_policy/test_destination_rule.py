@@ -184,8 +184,10 @@ def test_rule_factories() -> None:
     assert r2.ports == ((22, 22), (8000, 9000))
     assert r2.protocols == frozenset({"tcp", "udp"})
     assert Rule.allow().destination.kind == "any"
-    merged = Rule.allow(ports=["80", "81", "82-90"], port=79)
+    merged = Rule.allow(ports=["80", "81", "82-90", 79])
     assert merged.ports == ((79, 90),)
+    with pytest.raises(PolicyError, match=r"give port or ports, not both \(got port=79"):
+        Rule.allow(ports=["80"], port=79)
 
 
 @pytest.mark.parametrize(
@@ -224,9 +226,11 @@ def test_rule_from_seed_hash() -> None:
 
 
 def test_rule_wire_roundtrip() -> None:
-    r = Rule.deny(direction="ingress", destination=".corp.example", protocols=["icmpv6", "tcp"],
+    r = Rule.deny(direction="ingress", destination=".corp.example", protocols=["udp", "tcp"],
                   ports=["1-5", 9])
     assert Rule.from_dict(r.to_dict()) == r
+    icmp = Rule.deny(destination=".corp.example", protocols=["icmpv6", "icmpv4"])
+    assert Rule.from_dict(icmp.to_dict()) == icmp
 
 
 def test_direct_construction_validates() -> None:
