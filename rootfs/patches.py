@@ -4,8 +4,10 @@ Patches are applied in order. For OCI roots they go into the sandbox's overlay
 *upper* tree (later baked into the upper disk) and are checked against the image
 (the *lower* tree); for bind roots they modify the host directory in place.
 Guest paths must be absolute and normalised; symlinks in parent paths are
-resolved with guest semantics (absolute targets restart at the guest root, ``..``
-is clamped at the root), never by the host kernel.
+resolved inside the root by :func:`rootfs._walk.walk_parents`, never by the host
+kernel: absolute targets restart at the guest root, and a ``..`` that would climb
+above the root is refused with :class:`~rootfs.errors.PatchError` (the same rule
+layer unpacking uses).
 
 Example::
 
@@ -29,10 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rootfs._walk import walk_parents
 from rootfs.errors import PatchError
 
 OPAQUE_XATTR = "trusted.overlay.opaque"
-_MAX_HOPS = 40
 KINDS = ("text", "file", "append", "copy_file", "copy_dir", "symlink", "mkdir", "remove")
 
 
@@ -332,41 +334,29 @@ class PatchTarget:
         return None
 
     def _resolve_parent(self, patch: Patch, comps: list[str]) -> list[str]:
-        """Canonical components of the parent of ``comps`` (guest symlink semantics)."""
-        resolved: list[str] = []
-        queue = list(comps[:-1])
-        hops = 0
-        while queue:
-            c = queue.pop(0)
-            if c in ("", "."):
-                continue
-            if c == "..":
-                if resolved:
-                    resolved.pop()
-                continue
-            node = self._lookup([*resolved, c])
+        """Canonical components of the parent of ``comps`` (see :mod:`rootfs._walk`)."""
+
+        def probe(c: list[str]) -> tuple[str, str]:
+            node = self._lookup(c)
             if node is None:
-                resolved.append(c)
-                # Everything below a missing directory is missing too; keep going
-                # so later '..' from nothing can only come from the patch path.
-                continue
+                return "missing", ""
             if stat.S_ISDIR(node.st.st_mode):
-                resolved.append(c)
-            elif stat.S_ISLNK(node.st.st_mode):
-                hops += 1
-                if hops > _MAX_HOPS:
-                    raise PatchError(f"{patch.kind} patch for {patch.path!r}: too many symlinks")
-                target = os.readlink(node.host)
-                if target.startswith("/"):
-                    resolved = []
-                queue = target.split("/") + queue
-            else:
-                where = "/" + "/".join([*resolved, c])
-                raise PatchError(
-                    f"{patch.kind} patch for {patch.path!r}: parent {where!r} is a "
-                    f"{_kind(node.st)}, not a directory"
-                )
-        return resolved
+                return "dir", ""
+            if stat.S_ISLNK(node.st.st_mode):
+                return "link", os.readlink(node.host)
+            return "other", _kind(node.st)
+
+        def settle(c: list[str], kind: str, info: str) -> None:
+            # Below a missing directory everything is missing too: keep going (the
+            # directories are made later); anything else cannot be a parent.
+            if kind != "missing":
+                raise PatchError(f"{patch.kind} patch for {patch.path!r}: parent "
+                                 f"{'/' + '/'.join(c)!r} is a {info}, not a directory")
+
+        def fail(reason: str) -> PatchError:
+            return PatchError(f"{patch.kind} patch for {patch.path!r}: {reason}")
+
+        return walk_parents(comps[:-1], probe, settle, fail)
 
     def _ensure_dirs(self, comps: list[str], mode: int = 0o755) -> None:
         """Make ``comps`` a directory chain in the upper tree (copying up lower dirs)."""

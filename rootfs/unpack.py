@@ -1,8 +1,10 @@
 """Safe application of OCI layer tarballs onto a directory.
 
 Every entry is checked before anything is written: no ``..`` components, no
-absolute names, parents are resolved component by component (a parent symlink is
-only followed when it is relative and stays inside the destination), hardlinks
+absolute names, parents are resolved component by component inside the destination
+by :func:`rootfs._walk.walk_parents` (the same rule patches use: an absolute symlink
+target restarts at the destination's root, a ``..`` climbing above it is refused;
+the host kernel never follows a layer's symlink), hardlinks
 must point at an existing non-directory inside the destination, device nodes are
 refused unless allowed, and the total size and entry count are capped. OCI
 whiteouts (``.wh.NAME``) and opaque markers (``.wh..wh..opq``) remove what lower
@@ -35,11 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, BinaryIO, cast
 
+from rootfs._walk import walk_parents
 from rootfs.errors import ImageFormatError, UnsafeLayerError
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
-_MAX_SYMLINK_HOPS = 40
 _CHUNK = 1 << 20
 
 
@@ -169,54 +171,37 @@ class _MissingParent(UnsafeLayerError):
 
 
 def _resolve_parent(root: str, parts: list[str], entry: str, create: bool) -> str:
-    """Host path of the directory ``parts`` under ``root``, following only safe symlinks.
+    """Host path of the directory ``parts`` under ``root`` (see :mod:`rootfs._walk`).
 
-    Relative symlinks are followed when they stay inside ``root``; an absolute
-    target or one climbing above ``root`` raises. Missing directories are created
-    (mode 0755) when ``create``, otherwise raise.
+    Missing directories are created (mode 0755) and a non-directory in the way is
+    replaced by one when ``create``; otherwise both raise :class:`_MissingParent`.
     """
-    resolved: list[str] = []
-    queue = list(parts)
-    hops = 0
-    while queue:
-        comp = queue.pop(0)
-        if comp in ("", "."):
-            continue
-        if comp == "..":
-            if not resolved:
-                raise UnsafeLayerError(entry, "a parent symlink climbs above the root")
-            resolved.pop()
-            continue
-        path = os.path.join(root, *resolved, comp)
-        where = "/".join([*resolved, comp])
+
+    def probe(c: list[str]) -> tuple[str, str]:
+        path = os.path.join(root, *c)
         try:
             st = os.lstat(path)
         except FileNotFoundError:
-            if not create:
-                raise _MissingParent(entry, f"parent {where!r} is missing")
-            os.mkdir(path, 0o755)
-            resolved.append(comp)
-            continue
+            return "missing", ""
         if stat.S_ISDIR(st.st_mode):
-            resolved.append(comp)
-        elif stat.S_ISLNK(st.st_mode):
-            hops += 1
-            if hops > _MAX_SYMLINK_HOPS:
-                raise UnsafeLayerError(entry, "too many symlinks in the parent path")
-            target = os.readlink(path)
-            if target.startswith("/"):
-                raise UnsafeLayerError(
-                    entry, f"parent {where!r} is a symlink to an absolute path"
-                )
-            queue = target.split("/") + queue
-        else:
-            if not create:
-                raise _MissingParent(entry, f"parent {where!r} is not a directory")
-            # A layer replacing a file with a directory: the file goes.
+            return "dir", ""
+        if stat.S_ISLNK(st.st_mode):
+            return "link", os.readlink(path)
+        return "other", "not a directory"
+
+    def settle(c: list[str], kind: str, info: str) -> None:
+        path = os.path.join(root, *c)
+        if not create:
+            raise _MissingParent(entry, f"parent {'/'.join(c)!r} is "
+                                 f"{'missing' if kind == 'missing' else info}")
+        if kind != "missing":  # a layer replacing a file with a directory: the file goes
             os.unlink(path)
-            os.mkdir(path, 0o755)
-            resolved.append(comp)
-    return os.path.join(root, *resolved)
+        os.mkdir(path, 0o755)
+
+    def fail(reason: str) -> UnsafeLayerError:
+        return UnsafeLayerError(entry, reason)
+
+    return os.path.join(root, *walk_parents(parts, probe, settle, fail))
 
 
 def _remove_node(path: str) -> None:

@@ -328,14 +328,15 @@ def test_bind_root_patched_in_place(tmp_path: Path) -> None:
         rootfs.prepare_bind_root(root, patches=[Patch.text("/etc/new", "again")])
 
 
-def test_bind_root_dotdot_symlink_is_clamped(tmp_path: Path) -> None:
+def test_bind_root_dotdot_symlink_is_refused(tmp_path: Path) -> None:
+    # one rule with layer unpacking (rootfs._walk): a '..' above the root is refused
     root = tmp_path / "bind"
     root.mkdir()
     (tmp_path / "victim").mkdir()
     os.symlink("../../../../victim", root / "up")
-    rootfs.prepare_bind_root(root, patches=[Patch.text("/up/x", "clamped")])
-    assert (root / "victim/x").read_text() == "clamped"
-    assert not (tmp_path / "victim/x").exists()
+    with pytest.raises(PatchError, match=r"climbs above the root .*'/up' -> '\.\./\.\./\.\./\.\./victim'"):
+        rootfs.prepare_bind_root(root, patches=[Patch.text("/up/x", "refused")])
+    assert not (tmp_path / "victim/x").exists() and not (root / "victim").exists()
 
 
 def test_disk_root_rejects_patches_and_detects_format(tmp_path: Path) -> None:

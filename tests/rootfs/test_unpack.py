@@ -100,9 +100,6 @@ HOSTILE = {
     "dotdot-nested": ([layer(E("a/../../outside/target", data=b"pwned"))],
                       "a/../../outside/target", "'..'"),
     "absolute": ([layer(E("/etc/passwd", data=b"pwned"))], "/etc/passwd", "absolute"),
-    "symlink-then-file-abs": (
-        [layer(E("evil", "symlink", link="/etc"), E("evil/passwd", data=b"pwned"))],
-        "evil/passwd", "symlink to an absolute path"),
     "symlink-then-file-rel": (
         [layer(E("evil", "symlink", link="../outside"), E("evil/target", data=b"pwned"))],
         "evil/target", "climbs above the root"),
@@ -112,9 +109,12 @@ HOSTILE = {
     "hardlink-abs": ([layer(E("shadow", "hardlink", link="/etc/shadow"))], "shadow", "absolute"),
     "hardlink-dotdot": ([layer(E("shadow", "hardlink", link="../../../../etc/shadow"))],
                         "shadow", "'..'"),
-    "hardlink-through-symlink": (
+    "hardlink-through-symlink-loop": (
         [layer(E("etc", "symlink", link="/etc"), E("shadow", "hardlink", link="etc/shadow"))],
-        "shadow", "absolute"),
+        "shadow", "symlinks in the parent path"),
+    "hardlink-through-symlink-abs": (
+        [layer(E("etc", "symlink", link="/real"), E("shadow", "hardlink", link="etc/shadow"))],
+        "shadow", "parent 'real' is missing"),
     "chr-device": ([layer(E("dev/mem", "chr", dev=(1, 1)))], "dev/mem", "character device"),
     "blk-device": ([layer(E("dev/sda", "blk", dev=(8, 0)))], "dev/sda", "block device"),
     "10GB-claim": ([layer(E("big", size=10 << 30))], "big", "max_bytes"),
