@@ -334,7 +334,8 @@ def test_bind_root_dotdot_symlink_is_refused(tmp_path: Path) -> None:
     root.mkdir()
     (tmp_path / "victim").mkdir()
     os.symlink("../../../../victim", root / "up")
-    with pytest.raises(PatchError, match=r"climbs above the root .*'/up' -> '\.\./\.\./\.\./\.\./victim'"):
+    with pytest.raises(PatchError,
+                       match=r"climbs above the root .*'/up' -> '\.\./\.\./\.\./\.\./victim'"):
         rootfs.prepare_bind_root(root, patches=[Patch.text("/up/x", "refused")])
     assert not (tmp_path / "victim/x").exists() and not (root / "victim").exists()
 
