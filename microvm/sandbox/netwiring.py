@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import os
 import socket
@@ -32,6 +33,7 @@ from typing import Any, Protocol, runtime_checkable
 from microvm.errors import NoUplinkError, SandboxError
 from microvm.sandbox.config import DnsOptions, PortMapping, TlsOptions
 from netstack import NetworkPolicy
+from netstack.errors import UplinkError
 from netstack.gateway import (
     SANDBOX_GUEST_MTU,
     AddressPlan,
@@ -152,33 +154,54 @@ class SandboxNet:
 
             net = SandboxNet.prepare("web", policy, Path("/run/web/net.sock"))
         """
-        lease = allocate_slot()
-        listener: socket.socket | None = None
+        factory = uplink_factory or (lambda n, p: default_uplink(
+            n, p, _wants_host_loopback(policy)))
+        # kernel objects are host-wide while slot leases are per $MICROVM_HOME: a slot whose
+        # addresses another home's sandbox holds is skipped (its lease kept until we are up)
+        skipped: list[SlotLease] = []
+        uplink_name = f"{name}-{hashlib.sha256(str(listen).encode()).hexdigest()[:8]}"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            plan = AddressPlan(lease.slot, mtu=GUEST_MTU)
-            self = cls(name, policy, lease, plan, socket.socket(socket.AF_UNIX,
-                                                               socket.SOCK_STREAM))
-            listener = self.listener
             with contextlib.suppress(FileNotFoundError):
                 listen.unlink()
             listener.bind(str(listen))
             listener.listen(1)
-            factory = uplink_factory or (lambda n, p: default_uplink(
-                n, p, _wants_host_loopback(policy)))
-            self.uplink = factory(name, plan)
-            if secrets and not has_redirects(self.uplink):
-                raise SandboxError(
-                    "this sandbox has secrets, but its uplink cannot steer TLS to the "
-                    "interception proxy: refusing to start (a placeholder must never reach an "
-                    "origin un-substituted)")
-            if secrets:
-                self.ca = CertificateAuthority.load_or_create(tls_home())
+            for _ in range(64):
+                lease = allocate_slot()
+                plan = AddressPlan(lease.slot, mtu=GUEST_MTU)
+                try:
+                    uplink = factory(uplink_name, plan)
+                except UplinkError as e:
+                    if "already has an uplink" not in str(e):
+                        lease.release()
+                        raise
+                    skipped.append(lease)
+                    continue
+                break
+            else:
+                raise SandboxError("no free network slot: 64 slots in a row are used by "
+                                   "other sandboxes on this host")
+            self = cls(name, policy, lease, plan, listener)
+            self.uplink = uplink
+            try:
+                if secrets and not has_redirects(uplink):
+                    raise SandboxError(
+                        "this sandbox has secrets, but its uplink cannot steer TLS to the "
+                        "interception proxy: refusing to start (a placeholder must never "
+                        "reach an origin un-substituted)")
+                if secrets:
+                    self.ca = CertificateAuthority.load_or_create(tls_home())
+            except BaseException:
+                uplink.close()
+                lease.release()
+                raise
             return self
         except BaseException:
-            if listener is not None:
-                listener.close()
-            lease.release()
+            listener.close()
             raise
+        finally:
+            for held in skipped:
+                held.release()
 
     def guest_config(self) -> dict[str, Any]:
         """The bootstrap's ``network`` entry (addresses, gateway, DNS, MTU).
@@ -225,8 +248,11 @@ class SandboxNet:
         if secrets:
             assert self.ca is not None
             sock = gateway.intercept_tls(list(tls.ports))
+            # the gateway's address (and its name) is the host's loopback, as the uplink's
+            # DNAT makes it for plain traffic; the proxy connects from the host itself
+            host_lo = {self.plan.host_alias: "127.0.0.1", str(self.plan.gateway_ipv4): "127.0.0.1"}
             cfg = ProxyConfig(ca=self.ca, secrets=list(secrets), bypass=list(tls.bypass),
-                              upstream_ca_files=list(tls.upstream_ca_certs))
+                              upstream_ca_files=list(tls.upstream_ca_certs), resolve=host_lo)
             self.proxy = (proxy_factory or TlsProxy)(cfg)
             await self.proxy.listen_transparent(sock=sock)
         log.info("network of %s up: guest %s, mtu %d, %d published port(s), %s",
