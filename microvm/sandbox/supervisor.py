@@ -52,6 +52,10 @@ log = logging.getLogger("microvm.sandbox.supervisor")
 
 __all__ = ["Supervisor", "main"]
 
+#: ``log_level`` of the sandbox -> the supervisor's logging level (``trace`` = debug)
+_LOG_LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "info": logging.INFO,
+               "debug": logging.DEBUG, "trace": logging.DEBUG}
+
 
 class Supervisor:
     """Brings one sandbox up, serves it, and tears it down (see the module docstring)."""
@@ -328,7 +332,11 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m microvm.sandbox.supervisor SANDBOX_DIR", file=sys.stderr)
         return 2
     paths = SandboxPaths(Path(args[0]))
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+    level = "info"
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        level = json.loads(json.loads((paths.dir / "launch.json").read_text())["config"]
+                           )["log_level"]
+    logging.basicConfig(level=_LOG_LEVELS.get(level, logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         return asyncio.run(_amain(paths))
