@@ -294,7 +294,7 @@ class AsyncSandbox:
         db = StateDB()
         if replace:
             with contextlib.suppress(SandboxError):
-                await cls.remove(name, timeout=float(replace_with_timeout), db=db)
+                await cls._remove(name, timeout=float(replace_with_timeout), db=db)
         paths = SandboxPaths.of(name)
         db.insert(name, config_json=cfg.to_json(), labels=cfg.labels, sandbox_dir=paths.dir)
         ok = False
@@ -382,7 +382,7 @@ class AsyncSandbox:
         return [SandboxInfo(r) for r in StateDB().list(labels=labels)]
 
     @classmethod
-    async def remove(cls, name: str, *, timeout: float = 10.0, db: StateDB | None = None) -> None:
+    async def remove(cls, name: str, *, timeout: float = 10.0) -> None:
         """Stop ``name`` if it runs (gracefully, then killed after ``timeout``) and delete
         everything it owns: processes, network objects, sockets, its disk, its record.
         Named volumes stay.
@@ -391,7 +391,10 @@ class AsyncSandbox:
 
             await AsyncSandbox.remove("web")
         """
-        db = db or StateDB()
+        await cls._remove(name, timeout=timeout, db=StateDB())
+
+    @classmethod
+    async def _remove(cls, name: str, *, timeout: float, db: StateDB) -> None:
         rec = db.get(name)
         sb = cls(name, db=db)
         if rec.supervisor_alive:
@@ -676,7 +679,7 @@ class AsyncSandbox:
         await self.stop()
         if not self.config.detached:
             with contextlib.suppress(SandboxError):
-                await AsyncSandbox.remove(self.name, db=self.db)
+                await AsyncSandbox._remove(self.name, timeout=10.0, db=self.db)
 
     def __repr__(self) -> str:
         return f"AsyncSandbox({self.name!r})"
