@@ -289,14 +289,26 @@ def _report(msg: dict[str, Any]) -> None:
         os.dup2(2, 1)
 
 
+def _forget_stop_signals(signals: tuple[signal.Signals, ...]) -> None:
+    """In a forked child (pyroute2 forks one per namespace operation, and SIGTERMs it when
+    done): default dispositions and no wakeup fd, else the child's signal would be written
+    into the loop's self-pipe it shares with us and stop the sandbox ("signal SIGTERM")."""
+    with contextlib.suppress(ValueError, OSError):
+        signal.set_wakeup_fd(-1)
+        for sig in signals:
+            signal.signal(sig, signal.SIG_DFL)
+
+
 async def _amain(paths: SandboxPaths) -> int:
     launch = json.loads((paths.dir / "launch.json").read_text())
     secrets = _read_secrets(sys.stdin)
     sup = Supervisor(paths, launch, secrets)
     db, name = sup.db, sup.cfg.name
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    for sig in stop_signals:
         loop.add_signal_handler(sig, sup.request_stop, "stop", 10.0, f"signal {sig.name}")
+    os.register_at_fork(after_in_child=lambda: _forget_stop_signals(stop_signals))
     lifeline: asyncio.StreamReader | None = None
     if not sup.cfg.detached:
         lifeline = asyncio.StreamReader()
