@@ -15,6 +15,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -31,6 +32,91 @@ if TYPE_CHECKING:
 
 _CONFIG_KEYS = ("Env", "Cmd", "Entrypoint", "WorkingDir", "User", "Labels", "ExposedPorts",
                 "Volumes", "StopSignal")
+_STR_LISTS = ("Cmd", "Entrypoint", "Env")
+_STRS = ("WorkingDir", "User", "StopSignal")
+_EMPTY_OBJECT_MAPS = ("ExposedPorts", "Volumes")
+_PORT = re.compile(r"^([0-9]{1,5})(/(tcp|udp|sctp))?$")
+_ENV_NAME = re.compile(r"^[^=\x00]+$")
+
+
+def _short(v: object) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def validate_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Check build-time OCI config fields against the image-spec types; return a copy.
+
+    ``Cmd``/``Entrypoint``/``Env``: lists of strings (``Env`` entries ``KEY=VALUE``);
+    ``WorkingDir``/``User``/``StopSignal``: strings; ``Labels``: string -> string;
+    ``ExposedPorts``: ``"port[/tcp|udp|sctp]"`` -> ``{}``; ``Volumes``: path -> ``{}``.
+    ``None`` means unset (dropped). No string may contain NUL. Anything else raises
+    :class:`~rootfs.errors.ImageFormatError` naming the key and what is allowed.
+
+    Example::
+
+        >>> validate_config({"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"], "User": None})
+        {'Cmd': ['/bin/sh'], 'Env': ['PATH=/bin']}
+        >>> validate_config({"Cmd": "notalist"})
+        Traceback (most recent call last):
+        ...
+        rootfs.errors.ImageFormatError: image config Cmd must be a list of strings, got 'notalist'
+    """
+    if config is None:
+        return {}
+    if not isinstance(config, Mapping):
+        raise ImageFormatError(f"image config must be a mapping of OCI config fields, got "
+                               f"{_short(config)}")
+    bad = [k for k in config if k not in _CONFIG_KEYS]
+    if bad:
+        raise ImageFormatError(f"unknown image config key(s) {bad}: use {', '.join(_CONFIG_KEYS)}")
+    out: dict[str, Any] = {}
+    for key, v in config.items():
+        if v is None:
+            continue
+        if key in _STR_LISTS:
+            if not isinstance(v, list | tuple) or not all(isinstance(x, str) for x in v):
+                raise ImageFormatError(f"image config {key} must be a list of strings, got "
+                                       f"{_short(v)}")
+            if any("\x00" in x for x in v):
+                raise ImageFormatError(f"image config {key} must not contain NUL characters")
+            if key == "Env":
+                for e in v:
+                    name, eq, _ = e.partition("=")
+                    if not eq or not _ENV_NAME.match(name):
+                        raise ImageFormatError(
+                            f"image config Env entry {_short(e)} must be KEY=VALUE with a "
+                            "non-empty KEY")
+            out[key] = list(v)
+        elif key in _STRS:
+            if not isinstance(v, str) or "\x00" in v:
+                raise ImageFormatError(f"image config {key} must be a string without NUL, got "
+                                       f"{_short(v)}")
+            if key == "WorkingDir" and v and not v.startswith("/"):
+                raise ImageFormatError(f"image config WorkingDir must be an absolute path, got "
+                                       f"{_short(v)}")
+            out[key] = v
+        elif key == "Labels":
+            if not isinstance(v, Mapping) or not all(
+                    isinstance(k, str) and isinstance(x, str) for k, x in v.items()):
+                raise ImageFormatError(f"image config Labels must map strings to strings, got "
+                                       f"{_short(v)}")
+            out[key] = dict(v)
+        else:  # ExposedPorts, Volumes: keys -> {}
+            what = "ports like '80/tcp'" if key == "ExposedPorts" else "absolute paths"
+            if not isinstance(v, Mapping) or not all(
+                    isinstance(k, str) and isinstance(x, Mapping) and not x for k, x in v.items()):
+                raise ImageFormatError(f"image config {key} must map {what} to {{}}, got "
+                                       f"{_short(v)}")
+            for k in v:
+                m = _PORT.match(k) if key == "ExposedPorts" else None
+                ok = (m is not None and 0 < int(m.group(1)) < 65536) if key == "ExposedPorts" \
+                    else (k.startswith("/") and "\x00" not in k)
+                if not ok:
+                    raise ImageFormatError(f"image config {key} key {_short(k)} is not one of "
+                                           f"the {what}")
+            out[key] = {k: {} for k in v}
+    return out
 
 
 def _hash_file(path: Path) -> str:
@@ -85,6 +171,14 @@ def _gzip(src: Path, out: Path, level: int) -> None:
         shutil.copyfileobj(fi, gz, 1 << 20)
 
 
+def _platform(platform: str) -> tuple[str, str, str]:
+    os_name, _, arch = platform.partition("/") if isinstance(platform, str) else ("", "", "")
+    arch, _, variant = arch.partition("/")
+    if not os_name or not arch:
+        raise ImageFormatError(f"bad platform {platform!r}: use os/arch like linux/amd64")
+    return os_name, arch, variant
+
+
 def image_from_layers(
     store: ImageStore,
     ref: str,
@@ -104,14 +198,8 @@ def image_from_layers(
         image_from_layers(store, "local/t:1", [Path("base.tar"), Path("top.tar")])
     """
     r = parse_reference(ref)
-    cfg = dict(config or {})
-    bad = [k for k in cfg if k not in _CONFIG_KEYS]
-    if bad:
-        raise ImageFormatError(f"unknown image config key(s) {bad}: use {', '.join(_CONFIG_KEYS)}")
-    os_name, _, arch = platform.partition("/")
-    arch, _, variant = arch.partition("/")
-    if not os_name or not arch:
-        raise ImageFormatError(f"bad platform {platform!r}: use os/arch like linux/amd64")
+    cfg = validate_config(config)
+    os_name, arch, variant = _platform(platform)
     diff_ids: list[str] = []
     descs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(dir=store.home / "tmp") as td:
@@ -172,7 +260,12 @@ def build_image(
         img = rootfs.build_image(src, "local/busybox:latest", store,
                                  config={"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]})
     """
+    parse_reference(ref)  # bad input is refused before the (slow) tar of the whole tree
+    validate_config(config)
+    _platform(platform)
     src = Path(src_dir)
+    if not src.is_dir():
+        raise RootfsError(f"image source {str(src)!r} is not a directory")
     with tempfile.TemporaryDirectory(dir=store.home / "tmp") as td:
         tar_path = Path(td) / "layer.tar"
         tar_directory(src, tar_path, owner=owner)

@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from rootfs.build import build_image
-from rootfs.errors import RootfsError
+from rootfs.errors import RegistryError, RootfsError
 from rootfs.registry import RegistryAuth
 from rootfs.store import ImageStore
 
@@ -46,16 +46,20 @@ class RichProgress:
                                   console=None, transient=False)
         self._tasks: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self._started = False
 
     def __enter__(self) -> RichProgress:
-        self._progress.start()
-        return self
+        return self  # the display starts with the first layer: no output before that
 
     def __exit__(self, *exc: object) -> None:
-        self._progress.stop()
+        if self._started:
+            self._progress.stop()
 
     def __call__(self, digest: str, done: int, total: int) -> None:
         with self._lock:
+            if not self._started:
+                self._progress.start()
+                self._started = True
             task = self._tasks.get(digest)
             if task is None:
                 task = self._progress.add_task(digest[7:19], total=total or None)
@@ -122,10 +126,10 @@ def rm(ctx: click.Context, ref: str) -> None:
               help="keep content younger than this many seconds")
 @click.pass_context
 def prune(ctx: click.Context, grace: float) -> None:
-    """Delete content no tag or prepared root uses."""
+    """Free prepared roots whose owner is gone, then content no tag or prepared root uses."""
     r = _store(ctx).prune(grace_seconds=grace)
-    click.echo(f"removed {r.blobs} blobs, {r.trees} trees, {r.disks} disks; "
-               f"freed {r.bytes_freed / 1e6:.1f} MB")
+    click.echo(f"removed {r.prepared} prepared roots, {r.blobs} blobs, {r.trees} trees, "
+               f"{r.disks} disks; freed {r.bytes_freed / 1e6:.1f} MB")
 
 
 @main.command()
@@ -178,18 +182,32 @@ def save(ctx: click.Context, refs: tuple[str, ...], dest: Path) -> None:
 @click.argument("ref")
 @click.option("--upper-size-mib", default=4096, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["erofs", "ext4"]), default="erofs")
+@click.option("--dest", type=click.Path(path_type=Path), default=None,
+              help="per-sandbox directory for the upper disk; the prepared root lives "
+                   "until DEST is removed (without it, the next prune frees it)")
 @click.pass_context
-def prepare(ctx: click.Context, ref: str, upper_size_mib: int, fmt: str) -> None:
+def prepare(ctx: click.Context, ref: str, upper_size_mib: int, fmt: str,
+            dest: Path | None) -> None:
     """Build the disks for REF and print the guest mount plan (JSON)."""
     root = _store(ctx).prepare(ref, upper_size_mib=upper_size_mib,
-                               image_format=fmt)  # type: ignore[arg-type]
+                               image_format=fmt, dest=dest)  # type: ignore[arg-type]
     click.echo(json.dumps(root.mount_plan()))
 
 
 def run() -> None:
-    """Entry point: typed errors become a one-line message and exit status 1."""
+    """Entry point: errors become one line on stderr and exit status 1 (no traceback).
+
+    Registry hints name the command's options (``--insecure``), not API arguments.
+    """
     try:
         main(standalone_mode=True)
+    except RegistryError as exc:
+        click.echo(f"error: {exc.cli_message}", err=True)
+        sys.exit(1)
     except RootfsError as exc:
         click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except OSError as exc:  # a path the store did not wrap: still one line
+        where = f" {exc.filename!r}" if exc.filename else ""
+        click.echo(f"error:{where} {exc.strerror or exc}", err=True)
         sys.exit(1)

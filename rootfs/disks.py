@@ -10,6 +10,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -73,15 +74,31 @@ class PreparedRoot:
         return {"kind": "bind", "dir": str(self.bind_dir)}
 
     def remove(self) -> None:
-        """Delete the per-sandbox state (upper disk); shared image disks stay.
+        """Free this prepared root now: delete its upper disk and its record in the store
+        (``prepared/<id>/``); the shared image disk stays (``prune`` frees it once no
+        tag or prepared root uses it). A ``dest`` directory given to ``prepare`` is
+        removed too if nothing else is left in it. Idempotent; a bind or disk root has
+        nothing to free.
+
+        Without ``remove()``, :meth:`rootfs.ImageStore.prune` frees the root once its
+        owner is gone (the ``dest`` directory, or else the process that prepared it).
 
         Example::
 
-            root.remove()
+            root = store.prepare(img, upper_size_mib=64)
+            try:
+                boot(root.mount_plan())
+            finally:
+                root.remove()
         """
-        for d in (self.sandbox_dir, self.record_dir):
-            if d is not None:
-                shutil.rmtree(d, ignore_errors=True)
+        if self.upper_disk is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.upper_disk.unlink()
+        if self.record_dir is not None:
+            shutil.rmtree(self.record_dir, ignore_errors=True)
+        if self.sandbox_dir is not None and self.sandbox_dir != self.record_dir:
+            with contextlib.suppress(OSError):
+                self.sandbox_dir.rmdir()  # only when empty: it is the caller's directory
 
 
 def _run(argv: list[str], what: str) -> None:

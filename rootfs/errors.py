@@ -41,10 +41,17 @@ class DigestError(RootfsError, ValueError):
 class RegistryError(RootfsError):
     """A registry request failed (HTTP error, bad manifest, network failure).
 
+    ``cli_message`` is the same message with its hints spelled as ``python -m rootfs``
+    options (``--insecure``) instead of API arguments (``insecure=True``).
+
     Example::
 
         store.pull("127.0.0.1:1/none:1", insecure=True)  # raises
     """
+
+    def __init__(self, message: str, *, cli_message: str | None = None) -> None:
+        super().__init__(message)
+        self.cli_message = cli_message if cli_message is not None else message
 
 
 class AuthError(RegistryError):

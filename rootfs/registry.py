@@ -137,6 +137,11 @@ class _Response:
         self.conn = conn
 
 
+def _named(repository: str, selector: str) -> str:
+    """``repo:tag`` or ``repo@sha256:...`` (a digest selector is pinned with ``@``)."""
+    return f"{repository}@{selector}" if ":" in selector else f"{repository}:{selector}"
+
+
 class RegistryClient:
     """Talks to one registry host; thread-safe (one connection per thread).
 
@@ -279,13 +284,18 @@ class RegistryClient:
             except (OSError, http.client.HTTPException) as exc:
                 self._drop(scheme, host)
                 if isinstance(exc, ssl.SSLCertVerificationError):
+                    what = f"TLS verification of {host} failed: {exc.verify_message}"
                     raise RegistryError(
-                        f"TLS verification of {host} failed: {exc.verify_message} "
-                        "(pass ca_certs=, or insecure=True for plain HTTP)") from None
+                        f"{what} (pass ca_certs=, or insecure=True for plain HTTP)",
+                        cli_message=f"{what} (pass --ca-certs, or --insecure for plain HTTP)",
+                    ) from None
                 if isinstance(exc, ssl.SSLError):
+                    what = f"TLS handshake with {host} failed: {exc.reason or exc}"
                     raise RegistryError(
-                        f"TLS handshake with {host} failed: {exc} (is it a plain-HTTP "
-                        "registry? then pass insecure=True)") from None
+                        f"{what} (is it a plain-HTTP registry? then pass insecure=True)",
+                        cli_message=f"{what} (is it a plain-HTTP registry? then pass "
+                                    "--insecure)",
+                    ) from None
                 if attempt >= self.retries:
                     raise RegistryError(f"{method} {scheme}://{host}{target} failed: {exc}") from None
                 time.sleep(self.backoff * (2 ** attempt))
@@ -353,14 +363,14 @@ class RegistryClient:
         resp = self._request("GET", f"/v2/{repository}/manifests/{selector}", scope,
                              {"Accept": ACCEPT_MANIFESTS})
         body = resp.resp.read(_MAX_MANIFEST + 1)
+        shown = _named(repository, selector)
         if resp.status == 404:
-            raise ImageNotFoundError(f"{self.registry}/{repository}:{selector} not found "
-                                     "in the registry")
+            raise ImageNotFoundError(f"{self.registry}/{shown} not found in the registry")
         if resp.status != 200:
-            raise RegistryError(f"registry {self.registry}: manifest {repository}:{selector} "
+            raise RegistryError(f"registry {self.registry}: manifest {shown} "
                                 f"-> HTTP {resp.status}: {body[:200]!r}")
         if len(body) > _MAX_MANIFEST:
-            raise RegistryError(f"manifest {repository}:{selector} larger than {_MAX_MANIFEST}")
+            raise RegistryError(f"manifest {shown} larger than {_MAX_MANIFEST}")
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         if selector.startswith("sha256:") and digest != selector:
             raise DigestError(f"manifest {repository}@{selector} has digest {digest}")

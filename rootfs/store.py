@@ -6,8 +6,15 @@ Layout under ``home`` (default ``$MICROVM_HOME/images``)::
     refs/<key>.json           reference -> manifest digest
     rootfs/<config-hex>/      flattened root tree (built once, read-only use)
     disks/<config-hex>.erofs  read-only image disk shared by every sandbox
-    prepared/<id>/upper.ext4  per-sandbox upper disk (patches baked in)
+    prepared/<id>/meta.json   one prepared root: its image, owner and upper disk
+    prepared/<id>/upper.ext4  its upper disk (patches baked in) when no ``dest`` was given
     locks/, tmp/
+
+Prepared roots have an owner and a lifetime: with ``dest`` the owner is that
+directory (the root lives while it exists); without, it is the process that called
+:meth:`ImageStore.prepare` (pid + start time from ``/proc/PID/stat``).
+:meth:`PreparedRoot.remove` frees one at once; :meth:`ImageStore.prune` frees every
+prepared root whose owner is gone, then the image content nothing uses any more.
 
 Writes go to ``tmp/`` and are renamed into place; file locks make concurrent
 pulls of the same image share the work.
@@ -23,6 +30,7 @@ Example::
 from __future__ import annotations
 
 import builtins
+import contextlib
 import hashlib
 import json
 import os
@@ -38,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from rootfs._fs import atomic_write, lock, microvm_home
+from rootfs._fs import atomic_write, lock, microvm_home, process_start_time
 from rootfs.disks import PreparedRoot, build_erofs, build_ext4, ext4_size_for
 from rootfs.errors import (
     AuthError,
@@ -79,7 +87,7 @@ def host_platform() -> str:
 
 @dataclass(frozen=True)
 class PruneResult:
-    """What :meth:`ImageStore.prune` deleted.
+    """What :meth:`ImageStore.prune` deleted (``prepared``: prepared roots of gone owners).
 
     Example::
 
@@ -90,6 +98,7 @@ class PruneResult:
     trees: int
     disks: int
     bytes_freed: int
+    prepared: int = 0
 
 
 class ImageStore:
@@ -116,8 +125,11 @@ class ImageStore:
                 self.staging_dir = shm
         elif staging_dir is not None:
             self.staging_dir = Path(staging_dir)
-        for sub in ("blobs/sha256", "refs", "rootfs", "disks", "prepared", "locks", "tmp"):
-            (self.home / sub).mkdir(parents=True, exist_ok=True)
+        try:
+            for sub in ("blobs/sha256", "refs", "rootfs", "disks", "prepared", "locks", "tmp"):
+                (self.home / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RootfsError(_home_problem(self.home, home is None, exc)) from None
 
     # -- blobs ---------------------------------------------------------------
     def blob_path(self, digest: str) -> Path:
@@ -404,20 +416,30 @@ class ImageStore:
         as_tar = out.suffix == ".tar"
         if out.exists():
             raise RootfsError(f"save destination {str(out)!r} already exists")
+        parent = out.absolute().parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise RootfsError(f"cannot save to {str(out)!r}: {str(parent)!r} is not a "
+                              "writable directory")
         work = Path(tempfile.mkdtemp(dir=self.home / "tmp", prefix="save-")) if as_tar else out
+        tmp = out.with_name(f".{out.name}.tmp")
         try:
             write_oci_layout(self, work, {img.ref: img for img in images})
             if as_tar:
                 import tarfile
 
-                tmp = out.with_name(f".{out.name}.tmp")
                 with tarfile.open(tmp, "w") as tar:
                     for name in sorted(os.listdir(work)):
                         tar.add(work / name, arcname=name)
                 os.replace(tmp, out)
+        except OSError as exc:
+            if not as_tar:
+                shutil.rmtree(out, ignore_errors=True)
+            raise RootfsError(f"cannot save to {str(out)!r}: {exc.strerror or exc}") from None
         finally:
             if as_tar:
                 shutil.rmtree(work, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
         return out
 
     # -- unpack --------------------------------------------------------------
@@ -531,10 +553,15 @@ class ImageStore:
         The upper disk's root holds ``upper/`` (overlay upperdir) and ``work/``.
         ``dest`` is the per-sandbox directory (default ``prepared/<random id>``).
 
+        Lifetime: call :meth:`PreparedRoot.remove` when done. Otherwise the root lives
+        while its owner does: the ``dest`` directory if given, else the calling process
+        (its pid and start time are recorded); :meth:`prune` frees the rest.
+
         Example::
 
             root = store.prepare(img, patches=[Patch.remove("/etc/motd")], upper_size_mib=512)
             root.mount_plan()["upper"]["disk"]
+            root.remove()
         """
         img = self.get(image) if isinstance(image, str) else image
         if isinstance(upper_size_mib, bool) or not isinstance(upper_size_mib, int) \
@@ -545,9 +572,20 @@ class ImageStore:
         lower = self.rootfs_dir(img)
         record = self.home / "prepared" / uuid.uuid4().hex
         sandbox = Path(dest).absolute() if dest is not None else record
-        sandbox.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            sandbox.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DiskError(f"cannot create prepare dest {str(sandbox)!r}: "
+                            f"{exc.strerror or exc}") from None
         record.mkdir(mode=0o700, parents=True, exist_ok=True)
         upper = sandbox / "upper.ext4"
+        meta: dict[str, Any] = {"image": img.ref, "image_id": img.id, "digest": img.digest,
+                                "image_disk": str(disk), "sandbox_dir": str(sandbox),
+                                "upper_disk": str(upper), "created": time.time()}
+        if dest is None:
+            meta["owner"] = {"pid": os.getpid(), "start": process_start_time(os.getpid())}
+        # recorded before the slow work: a prepare killed half-way is still pruned
+        atomic_write(record / "meta.json", json.dumps({**meta, "complete": False}).encode())
         staging = Path(tempfile.mkdtemp(dir=self.staging_dir or sandbox, prefix=".staging-"))
         ok = False
         try:
@@ -564,10 +602,7 @@ class ImageStore:
             PatchTarget(staging / "upper", lower).apply(plist)
             build_ext4(staging, upper, upper_size_mib, label="upper")
             os.chmod(upper, 0o600)  # patches may carry secrets
-            meta = {"image": img.ref, "image_id": img.id, "digest": img.digest,
-                    "image_disk": str(disk), "sandbox_dir": str(sandbox),
-                    "created": time.time()}
-            atomic_write(record / "meta.json", json.dumps(meta).encode())
+            atomic_write(record / "meta.json", json.dumps({**meta, "complete": True}).encode())
             ok = True
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -583,10 +618,15 @@ class ImageStore:
 
     # -- prune ---------------------------------------------------------------
     def prune(self, *, grace_seconds: float = 600.0) -> PruneResult:
-        """Delete blobs, trees and disks not reachable from a tag or a prepared root.
+        """Free prepared roots whose owner is gone, then the blobs, trees and disks no
+        tag or remaining prepared root uses.
 
-        Content younger than ``grace_seconds`` is kept, so a pull or load running
-        in another process (blobs stored, tag not yet written) is never pruned.
+        A prepared root's owner is its ``dest`` directory (gone = removed) or, without
+        ``dest``, the process that prepared it (gone = that pid no longer runs with the
+        recorded start time). Records from before owners were recorded count as gone
+        once older than ``grace_seconds``. Content younger than ``grace_seconds`` is
+        kept, so a pull or load running in another process (blobs stored, tag not yet
+        written) is never pruned.
 
         Example::
 
@@ -595,6 +635,7 @@ class ImageStore:
         cutoff = time.time() - grace_seconds
         keep_blobs: set[str] = set()
         keep_ids: set[str] = set()
+        prepared, freed = self._prune_prepared(cutoff)
         for p in (self.home / "refs").glob("*.json"):
             try:
                 rec = json.loads(p.read_text())
@@ -606,15 +647,12 @@ class ImageStore:
         for meta in (self.home / "prepared").glob("*/meta.json"):
             try:
                 rec = json.loads(meta.read_text())
-                if not Path(rec.get("sandbox_dir") or meta.parent).is_dir():
-                    shutil.rmtree(meta.parent, ignore_errors=True)  # its sandbox is gone
-                    continue
                 img = self._image_from_manifest(rec["image"], rec["digest"])
             except (OSError, ValueError, KeyError, RootfsError):
                 continue
             keep_blobs.update({img.digest, img.config_digest, *(ly.digest for ly in img.layers)})
             keep_ids.add(img.id.partition(":")[2])
-        blobs = trees = disks = freed = 0
+        blobs = trees = disks = 0
         with lock(self.home / "locks", "prune"):
             for p in (self.home / "blobs" / "sha256").iterdir():
                 st = p.stat()
@@ -632,7 +670,70 @@ class ImageStore:
                     freed += p.stat().st_blocks * 512
                     p.unlink()
                     disks += 1
-        return PruneResult(blobs, trees, disks, freed)
+        return PruneResult(blobs, trees, disks, freed, prepared)
+
+    def _prune_prepared(self, cutoff: float) -> tuple[int, int]:
+        """Remove prepared roots whose owner is gone; (count, bytes freed)."""
+        count = freed = 0
+        for record in (self.home / "prepared").iterdir():
+            if not record.is_dir():
+                continue
+            try:
+                rec = json.loads((record / "meta.json").read_text())
+                if not isinstance(rec, dict):
+                    raise ValueError("not a record")
+            except FileNotFoundError:
+                rec = None  # a prepare from before meta.json came first, or a crashed one
+            except (OSError, ValueError):
+                rec = None
+            if not _owner_gone(record, rec, cutoff):
+                continue
+            # without dest the upper disk is in the record; with dest it went with dest
+            freed += sum(_disk_usage(p) for p in record.rglob("*") if p.is_file())
+            shutil.rmtree(record, ignore_errors=True)
+            count += 1
+        return count, freed
+
+
+def _owner_gone(record: Path, rec: dict[str, Any] | None, cutoff: float) -> bool:
+    """Whether the prepared root at ``record`` has lost its owner (see :meth:`prune`)."""
+    if rec is None:  # no readable record: judge by age only
+        try:
+            return record.stat().st_mtime < cutoff
+        except OSError:
+            return False
+    owner = rec.get("owner")
+    if isinstance(owner, dict):
+        pid, start = owner.get("pid"), owner.get("start")
+        if not isinstance(pid, int) or isinstance(pid, bool):
+            return True
+        now = process_start_time(pid)
+        return now is None or (start is not None and now != start)
+    sandbox = Path(str(rec.get("sandbox_dir") or record))
+    if sandbox != record:  # the owner is the dest directory
+        return not sandbox.is_dir()
+    created = rec.get("created")  # a record from before owners were recorded
+    return not isinstance(created, int | float) or created < cutoff
+
+
+def _disk_usage(p: Path) -> int:
+    try:
+        return p.stat().st_blocks * 512
+    except OSError:
+        return 0
+
+
+def _home_problem(home: Path, default: bool, exc: OSError) -> str:
+    """One line saying why the store directory ``home`` cannot be used."""
+    env = os.environ.get("MICROVM_HOME")
+    src = f" (from MICROVM_HOME={env!r})" if default and env else ""
+    for p in (home, *home.parents):
+        if p.is_symlink() or p.exists():
+            if not p.is_dir():
+                return (f"cannot use image store {str(home)!r}{src}: {str(p)!r} is not a "
+                        "directory")
+            break
+    return f"cannot use image store {str(home)!r}{src}: {exc.strerror or exc}"
 
 
 def _choose_platform(index: dict[str, Any], plat: str, what: str) -> Descriptor:

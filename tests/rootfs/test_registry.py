@@ -286,8 +286,9 @@ def test_hostile_image_from_registry_is_refused_and_leaves_nothing(
     src = rootfs.ImageStore(tmp_path / "src")
     evil = rootfs.image_from_layers(src, "local/evil:1", [
         layer(E("etc", "dir"), E("etc/ok", data=b"fine")),
-        layer(E("escape", "symlink", link="/"), E("escape/root/.ssh/authorized_keys",
-                                                   data=b"ssh-ed25519 AAAA attacker")),
+        # (an absolute "/" link would resolve inside the image root: rootfs._walk)
+        layer(E("escape", "symlink", link="../../../../../.."),
+              E("escape/root/.ssh/authorized_keys", data=b"ssh-ed25519 AAAA attacker")),
     ])
     rootfs.write_oci_layout(src, tmp_path / "evil-layout", {"evil": evil})
     ref = registry.push(tmp_path / "evil-layout", "evil", "evil/img")
