@@ -435,5 +435,10 @@ def _stream(
     raise MicrovmError(f"agent connection ended before {cmd[0]!r} exited")
 
 
+from microvm.ssh.cli import ssh as _ssh_group  # noqa: E402  (microvm ssh ...)
+
+cli.add_command(_ssh_group)
+
+
 if __name__ == "__main__":
     main()

@@ -33,7 +33,7 @@ import signal
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from microvm.agent import AgentClient
 from microvm.backends.base import Backend, console_tail
@@ -62,6 +62,9 @@ from netstack import Decision, Flow, NetworkPolicy
 from netstack.gateway import AddressPlan, Uplink
 from rootfs import Image, Patch, RegistryAuth, RootProvider
 from tls_proxy import ProxyConfig, Secret
+
+if TYPE_CHECKING:
+    from microvm.ssh.client import SshClient
 
 __all__ = ["AsyncSandbox", "AsyncSandboxNetwork", "SandboxInfo"]
 
@@ -683,6 +686,20 @@ class AsyncSandbox:
 
     def __repr__(self) -> str:
         return f"AsyncSandbox({self.name!r})"
+
+    async def ssh(self, *, idle_timeout: float | None = None) -> SshClient:
+        """A connected paramiko client into the guest over a socket pair (no TCP port, no
+        sshd in the guest): ``exec(cmd) -> (status, stdout, stderr)``, ``shell()``,
+        ``sftp()``; see :mod:`microvm.ssh`. The client itself is blocking.
+
+        Example::
+
+            with await sb.ssh() as ssh:
+                print(ssh.exec("uname -r"))
+        """
+        from microvm.ssh.client import connect
+
+        return await asyncio.to_thread(connect, self, idle_timeout=idle_timeout)
 
 
 def _registry_auth(value: object) -> RegistryAuth | tuple[str, str] | None:

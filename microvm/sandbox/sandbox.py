@@ -29,7 +29,7 @@ from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping, Sequenc
 from concurrent.futures import Future
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from microvm.agent import ExecEvent, FileStat
 from microvm.backends.base import Backend
@@ -46,6 +46,9 @@ from microvm.sandbox.exec import AsyncExecHandle, ExecOutput
 from netstack import Decision, Flow, NetworkPolicy
 from rootfs import Image, Patch, RegistryAuth, RootProvider
 from tls_proxy import Secret
+
+if TYPE_CHECKING:
+    from microvm.ssh.client import SshClient
 
 __all__ = ["ExecHandle", "Sandbox", "SandboxFs", "SandboxNetwork"]
 
@@ -674,3 +677,17 @@ class Sandbox:
 
     def __repr__(self) -> str:
         return f"Sandbox({self.name!r})"
+
+    def ssh(self, *, idle_timeout: float | None = None) -> SshClient:
+        """A connected paramiko client into the guest over a socket pair (no TCP port, no
+        sshd in the guest): ``exec(cmd) -> (status, stdout, stderr)``, ``shell()``,
+        ``sftp()``; see :mod:`microvm.ssh`.
+
+        Example::
+
+            with sb.ssh() as ssh:
+                status, out, err = ssh.exec("uname -r")
+        """
+        from microvm.ssh.client import connect
+
+        return connect(self._sb, idle_timeout=idle_timeout)
