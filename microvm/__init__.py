@@ -13,6 +13,8 @@ Example::
         print(m.agent.exec("/bin/echo", ["hi"]).stdout)
 """
 
+from typing import TYPE_CHECKING
+
 from microvm.errors import (
     AgentError,
     BackendUnavailable,
@@ -29,7 +31,18 @@ from microvm.errors import (
 )
 from microvm.machine import Machine
 
-# ``Sandbox`` pulls in netstack, tls_proxy and rootfs: imported on first use
+# ``Sandbox`` pulls in netstack, tls_proxy and rootfs: imported on first use (type checkers
+# see the real classes, not the ``object`` that ``__getattr__`` is declared to return)
+if TYPE_CHECKING:
+    from microvm.sandbox import (
+        AsyncSandbox,
+        DnsOptions,
+        ExecOutput,
+        Sandbox,
+        SandboxInfo,
+        TlsOptions,
+    )
+
 _LAZY = {"Sandbox", "AsyncSandbox", "ExecOutput", "SandboxInfo", "DnsOptions", "TlsOptions"}
 
 
