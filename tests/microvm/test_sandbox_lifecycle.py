@@ -170,7 +170,8 @@ def assert_gone(sb_name: str, pid: int | None, kids: list[int]) -> None:
     """The supervisor ``pid`` and its children (QEMU, virtiofsd) are gone."""
     for p in [pid, *kids]:
         if p:
-            wait_until(lambda p=p: not process_alive(p, None), 20, f"pid {p} of {sb_name} to exit")
+            wait_until(lambda p=p: not process_alive(p, None),  # type: ignore[misc]
+                       20, f"pid {p} of {sb_name} to exit")
 
 
 def run_child(env: Env, code: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -641,6 +642,7 @@ def test_sync_twin_has_the_async_signatures(sync_cls: type, async_cls: type) -> 
         assert type(s_attr) is type(a_attr), (s_name, type(s_attr), type(a_attr))
         if isinstance(s_attr, property):
             assert isinstance(a_attr, property)
+            assert s_attr.fget is not None and a_attr.fget is not None
             s_fn, a_fn = s_attr.fget, a_attr.fget
         else:
             s_fn, a_fn = getattr(sync_cls, s_name), getattr(async_cls, a_name)
