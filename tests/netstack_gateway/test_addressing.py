@@ -22,7 +22,7 @@ pytestmark = pytest.mark.timeout(60)
 def test_slot_zero_plan_matches_reference() -> None:
     p = AddressPlan(0)
     assert p.guest_config() == {
-        "interface": "eth0", "mac": "02:6d:73:00:00:02", "mtu": 1500,
+        "interface": "eth0", "mac": "02:6d:73:00:00:02", "mtu": 65520,  # SANDBOX_GUEST_MTU (upstream: 1500)
         "ipv4": {"address": "172.16.0.2", "prefix_len": 30, "gateway": "172.16.0.1",
                  "dns": ["172.16.0.1"]},
         "hosts": {"host.microvm.internal": "172.16.0.1"},

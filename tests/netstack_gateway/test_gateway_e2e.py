@@ -141,6 +141,84 @@ def test_icmp_errors_of_allowed_flows_reach_the_guest(rig: Rig) -> None:
         assert gw.stats()["icmp_sent"] == 0  # not ours: the upstream's
 
 
+# -- the default guest link (MTU 65520) and packets too big for the uplink (1500) ----------
+_BIG_UDP = r"""
+import errno, socket, sys
+IP_MTU_DISCOVER, IP_PMTUDISC_DONT, IP_PMTUDISC_DO, IP_MTU = 10, 0, 2, 14
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER,
+             IP_PMTUDISC_DO if sys.argv[3] == "df" else IP_PMTUDISC_DONT)
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.settimeout(0.5)
+for _ in range(6):
+    try:
+        s.send(b"x" * 4000)
+        s.recv(100)
+        print("answered")
+        break
+    except TimeoutError:
+        continue
+    except OSError as e:
+        print(errno.errorcode[e.errno], s.getsockopt(socket.IPPROTO_IP, IP_MTU))
+        break
+else:
+    print("vanished")
+"""
+
+
+def _flush_pmtu(rig: Rig) -> None:
+    """Forget the path MTUs the guest learnt (other tests expect a fresh route)."""
+    rig.run(["ip", "route", "flush", "cache"])
+
+
+def test_the_default_guest_link_and_uplink_are_the_fast_configuration(rig: Rig) -> None:
+    from netstack.gateway import SANDBOX_GUEST_MTU, RedirectingUplink, Uplink
+
+    assert isinstance(rig.uplink, Uplink) and isinstance(rig.uplink, RedirectingUplink)
+    assert rig.topo.plan.mtu == SANDBOX_GUEST_MTU == 65520
+    assert rig.uplink.vnet_hdr and rig.uplink.mtu == 1500
+    with rig.gateway(NetworkPolicy.public_only()) as gw:
+        assert gw.guest_config()["mtu"] == 65520
+        assert "mtu 65520 " in rig.run(["ip", "-o", "link", "show", "eth0"]).stdout
+
+
+def test_udp_with_df_too_big_for_the_uplink_gets_emsgsize_not_silence(rig: Rig) -> None:
+    """A 4000-byte datagram with DF (IP_PMTUDISC_DO) fits the guest link but not the
+    uplink: the gateway's ICMP "fragmentation needed" makes the guest kernel report
+    EMSGSIZE and learn the path MTU 1500. Without DF the gateway fragments it and it
+    arrives (the upstream's port unreachable comes back: ECONNREFUSED)."""
+    _flush_pmtu(rig)
+    try:
+        with rig.gateway(NetworkPolicy.public_only()) as gw:
+            r = rig.run([sys.executable, "-c", _BIG_UDP, UPSTREAM_IP, "9", "df"])
+            assert r.stdout.split() == ["EMSGSIZE", "1500"], r.stdout + r.stderr
+            assert gw.stats()["frag_needed"] >= 1
+            _flush_pmtu(rig)
+            r = rig.run([sys.executable, "-c", _BIG_UDP, UPSTREAM_IP, "9", "nodf"])
+            assert r.stdout.split()[0] == "ECONNREFUSED", r.stdout + r.stderr
+            stats = gw.stats()
+            assert stats["fragmented"] >= 1 and stats["oversize_dropped"] == 0, stats
+    finally:
+        _flush_pmtu(rig)
+
+
+def test_ping_with_df_too_big_for_the_uplink_reports_frag_needed(rig: Rig) -> None:
+    _flush_pmtu(rig)
+    try:
+        with rig.gateway(NetworkPolicy.public_only()) as gw:
+            r = rig.run(["ping", "-c", "1", "-W", "3", "-s", "3000", "-M", "do", UPSTREAM_IP])
+            out = r.stdout + r.stderr
+            assert "Frag needed" in out and "mtu = 1500" in out, out
+            assert gw.stats()["frag_needed"] == 1
+            # the guest learnt the path MTU: the next one fails locally, at once
+            r = rig.run(["ping", "-c", "1", "-W", "3", "-s", "3000", "-M", "do", UPSTREAM_IP])
+            out = r.stdout + r.stderr
+            assert "message too long, mtu=1500" in out, out
+            assert gw.stats()["frag_needed"] == 1
+    finally:
+        _flush_pmtu(rig)
+
+
 def test_icmp_echo_to_allowed_destination_only(rig: Rig) -> None:
     with rig.gateway(NetworkPolicy.public_only()):
         r = rig.run(["ping", "-c", "1", "-W", "3", UPSTREAM_IP])
@@ -462,7 +540,7 @@ def test_published_udp_port_per_datagram_ingress_check(rig: Rig) -> None:
             assert pub["udp_forwarded"] == 5 and pub["udp_replies"] == 5
             assert pub["udp_denied"] == 1
             # an idle peer loses its relay socket (60 s in a Gateway; short here)
-            idle = PortPublisher(rig.uplink.names["netns"], str(rig.topo.plan.guest_ipv4),
+            idle = PortPublisher(rig.uplink.socket, str(rig.topo.plan.guest_ipv4),
                                  [PublishedPort(0, 5300, "udp")], policy.evaluate,
                                  udp_idle_timeout=0.5)
             try:

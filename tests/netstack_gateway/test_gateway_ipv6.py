@@ -78,6 +78,24 @@ def test_icmpv6_echo_to_allowed_destination(rig: Rig6) -> None:
         assert r.returncode != 0
 
 
+def test_ipv6_too_big_for_the_uplink_gets_packet_too_big(rig: Rig6) -> None:
+    """The default guest link (65520) is larger than the uplink (1500): ICMPv6 Packet Too
+    Big from the gateway's address, and the guest learns the path MTU."""
+    rig.topo.run_in_guest(["ip", "-6", "route", "flush", "cache"])
+    try:
+        with rig.gateway(NetworkPolicy.public_only()) as gw:
+            r = rig.topo.run_in_guest(["ping", "-6", "-c", "1", "-W", "3", "-s", "3000", "-M",
+                                       "do", UPSTREAM_IP6])
+            out = r.stdout + r.stderr
+            assert "Packet too big: mtu=1500" in out, out
+            assert f"From {rig.topo.plan.gateway_ipv6}" in out, out
+            assert gw.stats()["frag_needed"] == 1
+            r = rig.topo.run_in_guest(["ip", "-6", "route", "get", UPSTREAM_IP6])
+            assert "mtu 1500" in r.stdout, r.stdout + r.stderr
+    finally:
+        rig.topo.run_in_guest(["ip", "-6", "route", "flush", "cache"])
+
+
 def test_dns_over_ipv6_udp_and_tcp(rig: Rig6) -> None:
     with rig.gateway(NetworkPolicy.public_only(), rebind_protection=False):
         assert rig.dig6(UPSTREAM_NAME6, "+short").strip() == UPSTREAM_IP6

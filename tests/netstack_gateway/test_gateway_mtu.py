@@ -65,12 +65,14 @@ def test_multi_mb_transfers_through_the_guest_link(tmp_path: Path, mtu: int, mod
 def test_large_mtu_needs_a_vnet_uplink_and_bad_mtus_are_typed_errors(tmp_path: Path) -> None:
     require_root()
     home = tmp_path / "home"
-    with TapUplink("gw-mtu-plain", AddressPlan(3210), home=home) as up:
+    with TapUplink("gw-mtu-plain", AddressPlan(3210), home=home, vnet_hdr=False) as up:
+        assert up.mtu == 1500 and up.plan.mtu == 65520
         for bad in (70000, 100, "9000", True):
             with pytest.raises(GatewayError, match="mtu"):
                 Gateway(NetworkPolicy.none(), uplink=up, guest_fd=0, mtu=bad)  # type: ignore[arg-type]
-        with pytest.raises(GatewayError, match="vnet_hdr"):
-            Gateway(NetworkPolicy.none(), uplink=up, guest_fd=0, mtu=9000)
+        for big in (9000, None):   # None: the plan's default 65520
+            with pytest.raises(GatewayError, match="vnet_hdr"):
+                Gateway(NetworkPolicy.none(), uplink=up, guest_fd=0, mtu=big)
         # a guest link below 1500 lowers the uplink TAP's MTU with it
         a, b = socket.socketpair()
         with Gateway(NetworkPolicy.none(), uplink=up, guest_socket=a, mtu=1280,

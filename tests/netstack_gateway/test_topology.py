@@ -44,8 +44,10 @@ def build_rig(tmp: Path, name: str, slot: int, host_loopback: bool, upstream: bo
               ) -> Iterator[Rig]:
     require_root()
     require_binaries("ip", "nft", "curl", "dig")
-    with uplink_and_topology(name, AddressPlan(slot), tmp, f"{slot % 16:x}", upstream=upstream,
-                             host_loopback=host_loopback) as (uplink, topo):
+    # a Python relay of bare frames: a 1500-byte guest link and a TAP without vnet headers
+    with uplink_and_topology(name, AddressPlan(slot, mtu=1500), tmp, f"{slot % 16:x}",
+                             upstream=upstream, host_loopback=host_loopback,
+                             vnet_hdr=False) as (uplink, topo):
         assert topo.vmm_socket is not None
         relay = StreamTapPump(topo.vmm_socket, uplink.tap_fd, name="relay")
         try:
@@ -153,11 +155,11 @@ def transport_rig(tmp: Path, name: str, slot: int, mode: str, vfkit: bool = Fals
     require_binaries("ip", "nft", "curl")
     before = snapshot()
     home = tmp / "home"
-    plan = AddressPlan(slot)
+    plan = AddressPlan(slot, mtu=1500)   # a Python relay of bare frames
     uplink = topo = relay = None
     server: socket.socket | None = None
     try:
-        uplink = TapUplink(name, plan, host_loopback=True, home=home)
+        uplink = TapUplink(name, plan, host_loopback=True, home=home, vnet_hdr=False)
         kind = socket.SOCK_STREAM if mode == "stream" else socket.SOCK_DGRAM
         path = tmp / "gateway.sock"
         if listen:  # the gateway listens, the VMM connects (QEMU server=off, libkrun)

@@ -73,7 +73,7 @@ def read_frame(fd: int, want: bytes, timeout: float = 5.0) -> bytes:
 
 def test_create_and_close(home: Path, baseline: Snapshot) -> None:
     plan = AddressPlan(4001)
-    up = TapUplink("gw-test-a", plan)
+    up = TapUplink("gw-test-a", plan, vnet_hdr=False)   # bare frames on tap_fd
     n = uplink_names("gw-test-a")
     now = snapshot()
     assert now.counts() == {k: v + 1 for k, v in baseline.counts().items()}
@@ -235,7 +235,7 @@ def test_unwritable_home(baseline: Snapshot, tmp_path: Path) -> None:
 
 
 def test_forked_child_exit_leaves_parents_uplink(baseline: Snapshot) -> None:
-    with TapUplink("gw-test-fork", AddressPlan(4013)) as up:
+    with TapUplink("gw-test-fork", AddressPlan(4013), vnet_hdr=False) as up:
         pid = os.fork()
         if pid == 0:  # child: a normal interpreter exit runs atexit finalizers
             try:
