@@ -6,7 +6,7 @@ Stable names other test modules may import (keep them):
   every applet linked under ``/bin``, ``/etc/passwd`` ...) and a ``rootfs.Image`` of it;
 * :func:`add_dynamic_binary`: copy a host executable and the shared libraries ``ldd``
   names into a root (e.g. ``/usr/bin/openssl``);
-* fixture ``sandbox_home`` (module scope): a private ``$MICROVM_HOME`` for the module,
+* fixture ``sandbox_home`` (module scope; import ``sandbox_home_fixture`` to use it): a private ``$MICROVM_HOME`` for the module,
   and on teardown every sandbox still recorded there is removed, then the module must
   have left nothing behind: no process running from that home, no network namespace,
   link or nft table of a sandbox it created (:func:`assert_nothing_left`);
@@ -14,7 +14,7 @@ Stable names other test modules may import (keep them):
 
 Example::
 
-    from tests.microvm.sandbox_fixtures import busybox_image, sandbox_home  # noqa: F401
+    from tests.microvm.sandbox_fixtures import busybox_image, sandbox_home_fixture  # noqa: F401
 
     def test_x(sandbox_home: Path) -> None:
         img = busybox_image(rootfs.ImageStore())
@@ -30,7 +30,7 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ __all__ = [
     "leftover_kernel_objects",
     "owned_processes",
     "sandbox_home",
+    "sandbox_home_fixture",
 ]
 
 BUSYBOX = "/bin/busybox"
@@ -156,25 +157,31 @@ def owned_processes(home: Path, extra_markers: tuple[str, ...] = ()) -> list[str
     return found
 
 
-def leftover_kernel_objects(names: list[str] | set[str]) -> list[str]:
+def leftover_kernel_objects(names: Iterable[str]) -> list[str]:
     """The network namespaces, host links and nft tables of the TAP uplinks of sandboxes
     ``names`` that still exist.
 
+    A sandbox's uplink objects are named ``<prefix><token>`` with a token that starts
+    with the first six lowercase letters/digits of the sandbox name (then a hash of a
+    per-run suffix): give sandboxes distinctive names of six or more such characters.
+
     Example::
 
-        assert leftover_kernel_objects({"web"}) == []
+        assert leftover_kernel_objects({"sbweb1"}) == []
     """
-    from netstack.gateway.uplink_tap import uplink_names
     from tests.netstack_gateway.kernel_objects import snapshot
 
+    heads = {re.sub(r"[^a-z0-9]", "", n.lower())[:6] for n in names}
+    heads.discard("")
     snap = snapshot()
     left = []
-    for n in names:
-        u = uplink_names(n)
-        left += [f"netns {u['netns']}"] if u["netns"] in snap.netns else []
-        left += [f"link {u[k]}" for k in ("tap", "host_veth") if u[k] in snap.links]
-        left += [f"nft {u['nft_table']}"] if u["nft_table"] in snap.nft_tables else []
-    return left
+    for kind, objs in (("netns", snap.netns), ("link", snap.links),
+                       ("nft table", snap.nft_tables)):
+        for obj in objs:
+            m = re.match(r"^(microvm-|microvm_|mvt|mvp|mvh)(.*)$", obj)
+            if m and any(m.group(2).startswith(h) for h in heads):
+                left.append(f"{kind} {obj}")
+    return sorted(left)
 
 
 def assert_nothing_left(home: Path, names: set[str]) -> None:
@@ -196,8 +203,8 @@ def assert_nothing_left(home: Path, names: set[str]) -> None:
     assert not root.exists() or list(root.iterdir()) == [], list(root.iterdir())
 
 
-@pytest.fixture(scope="module")
-def sandbox_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+@pytest.fixture(scope="module", name="sandbox_home")
+def sandbox_home_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A private ``$MICROVM_HOME`` for the whole module (sandboxes there may be shared by
     its tests). Teardown removes whatever sandbox is still recorded, then asserts that
     nothing is left (:func:`assert_nothing_left`, for every sandbox name seen under
@@ -227,3 +234,9 @@ def sandbox_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
                 with contextlib.suppress(Exception):
                     Sandbox.remove(info.name, timeout=5)
             assert_nothing_left(home, seen)
+
+
+#: the fixture under its stable name; a test module imports ``sandbox_home_fixture``
+#: (with a noqa F401 comment) so that its tests can take a ``sandbox_home`` argument
+#: without a lint clash
+sandbox_home = sandbox_home_fixture
