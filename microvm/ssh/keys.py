@@ -213,7 +213,11 @@ def authorize(keyfile: str | os.PathLike[str], *,
     src = Path(keyfile).expanduser()
     if not src.is_file():
         raise SshConfigError(f"key file {str(keyfile)!r} does not exist (give a .pub file)")
-    lines = [ln for ln in src.read_text(errors="replace").splitlines() if ln.strip()]
+    text = src.read_text(errors="replace")
+    if "PRIVATE KEY" in text:
+        raise SshConfigError(f"key file {str(keyfile)!r} is a private key: give the public key "
+                             f"(the .pub file)")
+    lines = [ln for ln in text.splitlines() if ln.strip()]
     if len(lines) != 1:
         raise SshConfigError(f"key file {str(keyfile)!r} must hold one public key line, "
                              f"found {len(lines)} lines")

@@ -46,7 +46,7 @@ __all__ = ["SftpInterface", "SftpServer"]
 
 WINDOW = 1 << 20
 FLUSH = 1 << 20
-_QUEUE = 4
+_QUEUE = 2
 _TYPES = {"file": stat_mod.S_IFREG, "dir": stat_mod.S_IFDIR, "symlink": stat_mod.S_IFLNK}
 _OK: int = paramiko.SFTP_OK
 _FAIL: int = paramiko.SFTP_FAILURE
@@ -77,13 +77,19 @@ def _attrs(st: FileStat, name: str | None = None) -> paramiko.SFTPAttributes:
 
 
 class SftpServer(SFTPServer):  # type: ignore[misc]
-    """paramiko's SFTP server, with ``close`` reporting the handle's final status and
-    every request counting as activity for the idle timeout.
+    """paramiko's SFTP server, with ``close`` reporting the handle's final status, every
+    request counting as activity for the idle timeout, and an exit status at the end.
 
     Example::
 
         transport.set_subsystem_handler("sftp", SftpServer, SftpInterface)
     """
+
+    def finish_subsystem(self) -> None:
+        # OpenSSH clients (scp in SFTP mode) want an exit status, as sftp-server gives
+        with contextlib.suppress(Exception):
+            self.sock.send_exit_status(0)
+        super().finish_subsystem()
 
     def _process(self, t: int, request_number: int, msg: paramiko.Message) -> None:
         iface = self.server

@@ -157,7 +157,7 @@ def test_pty_session_in_tmux_follows_resize(env: Env) -> None:
         raise AssertionError(f"{pattern!r} never appeared:\n{s}")
 
     try:
-        wait_for(r"(?m)^/\S* # $")                       # busybox ash's root prompt
+        wait_for(r"(?m)^/\S* #\s*$")                     # busybox ash's root prompt
         subprocess.run([*tmux, "send-keys", "-t", "t", "stty size", "Enter"], timeout=30)
         wait_for(r"(?m)^30 100\s*$")
         subprocess.run([*tmux, "resize-window", "-t", "t", "-x", "120", "-y", "40"],
@@ -199,7 +199,10 @@ def test_sftp_20mb_put_get_sha256_bounded_memory(env: Env) -> None:
     assert hashlib.sha256(back.read_bytes()).hexdigest() == want
     assert env.sb.exec("/bin/sha256sum", ["/tmp/big.bin"]).stdout_text.split()[0] == want
     grown = peak - before
-    assert grown < 12 * 1024 * 1024, f"serve grew by {grown >> 20} MiB for a 20 MiB file"
+    print(f"serve peak growth: {grown / (1 << 20):.1f} MiB")
+    # windows, queues and paramiko's 2 MiB channel window: a few MiB, never the file (a
+    # server holding it would grow by 20 MiB or more, usually twice that)
+    assert grown < 16 * 1024 * 1024, f"serve grew by {grown >> 20} MiB for a 20 MiB file"
     env.sb.fs.remove("/tmp/big.bin")
 
 
@@ -217,8 +220,8 @@ def test_sftp_metadata_ops(env: Env) -> None:
         assert sftp.readlink("/tmp/m/l") == "/tmp/m/a"
         assert sftp.lstat("/tmp/m/l").st_mode & 0o170000 == 0o120000
         sftp.chmod("/tmp/m/a", 0o600)
-        sftp.utime("/tmp/m/a", (1_000_000_000, 1_000_000_000))
         sftp.truncate("/tmp/m/a", 5)
+        sftp.utime("/tmp/m/a", (1_000_000_000, 1_000_000_000))
         st = sftp.stat("/tmp/m/a")
         assert (st.st_mode & 0o7777, st.st_mtime, st.st_size) == (0o600, 1_000_000_000, 5)
         sftp.rename("/tmp/m/a", "/tmp/m/b")
