@@ -211,6 +211,8 @@ def test_registry_pull_exec_default_and_no_nic(sandbox_home: Path, registry: obj
 # -- 2. the domain allowlist, from inside the guest -------------------------------------------
 def test_allowlisted_name_resolves_and_answers(net_sb: tuple[Sandbox, int]) -> None:
     sb, _ = net_sb
+    # -type=a: busybox nslookup sends A and AAAA with the same query id and pairs the
+    # answers up wrongly when AAAA's comes first (the gateway answers both correctly)
     rc, out = _sh(sb, f"cat /etc/resolv.conf; nslookup -type=a {WEB}")
     assert rc == 0 and re.search(rf"Name:\s+{re.escape(WEB)}\s+Address: {UPSTREAM_IP}", out), out
     server = re.search(r"nameserver (\S+)", out)
