@@ -396,6 +396,33 @@ def test_in_process_client_exec_shell_sftp_signal(env: Env) -> None:
                                              ("127.0.0.1", 40000))
 
 
+def test_direct_tcpip_follows_the_ingress_policy(env: Env) -> None:
+    from netstack import NetworkPolicy
+
+    with connect(NAME) as ssh:           # its own handle: the policy below stays local
+        assert ssh._server is not None
+        ssh._server.sandbox.network.policy = NetworkPolicy.coerce(
+            {"default_egress": "deny", "default_ingress": "deny", "rules": [
+                {"action": "allow", "direction": "ingress", "protocol": "tcp", "port": 7000}]})
+        listener = ssh.get_transport().open_session()
+        listener.exec_command("echo hello-fwd | nc -l -p 7000")
+        t = ssh.get_transport()
+        for _ in range(100):
+            ch = t.open_channel("direct-tcpip", ("127.0.0.1", 7000), ("127.0.0.1", 40000))
+            got = ch.recv(100)
+            if got:
+                break
+            ch.close()                     # nc was not listening yet
+            time.sleep(0.1)
+        assert got == b"hello-fwd\n"
+        ch.close()
+        with pytest.raises(paramiko.ChannelException):    # a port the policy denies
+            t.open_channel("direct-tcpip", ("127.0.0.1", 7001), ("127.0.0.1", 40000))
+        with pytest.raises(paramiko.ChannelException):    # not the guest's own loopback
+            t.open_channel("direct-tcpip", ("192.0.2.1", 7000), ("127.0.0.1", 40000))
+        listener.close()
+
+
 def test_cli_one_command_and_bad_input(env: Env) -> None:
     r = _microvm("ssh", NAME, "echo", "via-cli;", "exit", "5")
     assert (r.returncode, r.stdout) == (5, "via-cli\n"), r.stderr
