@@ -147,3 +147,16 @@ class NoUplinkError(SandboxError):
 
         Sandbox.create("x", image=img, network="none")   # works without one
     """
+
+
+class SnapshotError(MicrovmError):
+    """A snapshot cannot be taken, restored, exported or imported (missing, corrupted,
+    made for another kernel or image, or a machine that cannot be snapshotted).
+
+    Example::
+
+        try:
+            Machine.restore(Path("snap"))
+        except SnapshotError as e:
+            print(e)     # snapshot 'snap': memory is 1048576 bytes, the manifest says 268435456
+    """

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import os
 import shutil
 import tempfile
 import time
@@ -27,7 +29,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from microvm.backends.base import Backend, Disk, Share, VmHandle, VmSpec, console_tail
+from microvm.backends.base import (
+    Backend,
+    Disk,
+    Share,
+    SnapshotBackend,
+    VmHandle,
+    VmSpec,
+    console_tail,
+)
 from microvm.errors import BootError, MicrovmError
 from microvm.kernel import Kernel, ensure_kernel
 
@@ -108,6 +118,11 @@ def map_root_plan(plan: Mapping[str, Any], first_index: int) -> tuple[list[Disk]
     return disks, mapped
 
 
+def _close_fd(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
 class Machine:
     """One guest: ``start()``, then ``agent`` (a ``SyncAgentClient``), ``shutdown()``/``kill()``/``wait()``.
 
@@ -143,6 +158,7 @@ class Machine:
         init: str = "/.microvm/agent",
         cmdline_extra: str = "",
         root: Mapping[str, Any] | None = None,
+        snapshots: bool | None = None,
     ) -> None:
         if boot_timeout <= 0:
             raise MicrovmError(f"bad boot_timeout {boot_timeout!r}: must be > 0 seconds")
@@ -191,6 +207,17 @@ class Machine:
         self._handle: VmHandle | None = None
         self._agent: SyncAgentClient | None = None
         self._aagent: AgentClient | None = None
+        #: guest RAM (snapshots; see microvm.snapshot) and, for a restore, what to load
+        self._memfd: int | None = None
+        self._restore: tuple[Path, bool, dict[str, Any]] | None = None
+        if snapshots or (snapshots is None and isinstance(self.backend, SnapshotBackend)):
+            from microvm.snapshot import memfd_for, snapshot_backend
+
+            snapshot_backend(self.backend)
+            fd, mem = memfd_for(memory)
+            self._memfd = fd
+            weakref.finalize(self, _close_fd, fd)
+            self.spec = dataclasses.replace(self.spec, memory_file=mem, qmp=True)
 
     @staticmethod
     def _kernel_paths(kernel: Kernel | Path | None) -> tuple[Path, Path | None]:
@@ -286,10 +313,16 @@ class Machine:
             raise
         deadline = t0 + self.boot_timeout
         try:
+            if self._restore is not None:
+                self.backend.load_state(self._handle, self._restore[0],  # type: ignore[attr-defined]
+                                        include_ram=self._restore[1])
             self._agent = self._connect(SyncAgentClient, deadline)
             remaining = max(0.1, deadline - time.monotonic())
             self._agent.hello(timeout=remaining)
-            self._agent.bootstrap(self.boot_config())
+            if self._restore is not None:
+                self._agent.reconfigure(self._restore[2])
+            else:
+                self._agent.bootstrap(self.boot_config())
         except BaseException as e:
             self._fail_boot(e)
         self.boot_seconds = time.monotonic() - t0
@@ -371,6 +404,10 @@ class Machine:
         deadline = t0 + self.boot_timeout
         client: AgentClient | None = None
         try:
+            if self._restore is not None:
+                await asyncio.to_thread(self.backend.load_state,  # type: ignore[attr-defined]
+                                        self._handle, self._restore[0],
+                                        include_ram=self._restore[1])
             while client is None:
                 code = self._handle.poll()
                 if code is not None:
@@ -384,7 +421,10 @@ class Machine:
                     raise BootError(f"agent socket did not appear within {self.boot_timeout}s")
                 await asyncio.sleep(0.005)
             await client.hello(timeout=max(0.1, deadline - loop.time()))
-            await client.bootstrap(self.boot_config())
+            if self._restore is not None:
+                await client.reconfigure(self._restore[2])
+            else:
+                await client.bootstrap(self.boot_config())
         except BaseException as e:
             if client is not None:
                 with contextlib.suppress(Exception):
@@ -486,6 +526,122 @@ class Machine:
             self._handle.kill()
         if self._own_rundir:
             shutil.rmtree(self.rundir, ignore_errors=True)
+
+    # -- snapshots (QEMU; see microvm.snapshot) -----------------------------------------
+    def pause(self) -> None:
+        """Stop the guest's vCPUs (QMP ``stop``); raises ``BackendUnavailable`` off QEMU.
+
+        Example::
+
+            m.pause(); m.resume()
+        """
+        from microvm.snapshot import snapshot_backend
+
+        snapshot_backend(self.backend).pause(self.handle)
+
+    def resume(self) -> None:
+        """Let a paused guest run again (QMP ``cont``).
+
+        Example::
+
+            m.resume()
+        """
+        from microvm.snapshot import snapshot_backend
+
+        snapshot_backend(self.backend).resume(self.handle)
+
+    def snapshot(self, path: Path, *, extra: Mapping[str, Any] | None = None,
+                 checksums: bool = True) -> dict[str, Any]:
+        """Save this running guest (RAM, device state, writable disks, manifest) to the new
+        directory ``path``; the guest pauses only for the copies. Returns the manifest.
+
+        Raises :class:`~microvm.errors.SnapshotError` (``path`` exists, shares, not
+        running) or ``BackendUnavailable`` (not QEMU) before pausing anything.
+
+        Example::
+
+            m.snapshot(Path("snap"), extra={"note": "warm"})
+        """
+        from microvm.snapshot import take
+
+        return take(self, Path(path), extra=extra, checksums=checksums)
+
+    @classmethod
+    def from_snapshot(cls, path: Path, *, backend: Backend | str = "qemu",
+                      kernel: Kernel | Path | None = None, rundir: Path | None = None,
+                      disk_dir: Path | None = None, net_socket: Path | None = None,
+                      hostname: str | None = None, network: Mapping[str, Any] | None = None,
+                      boot_timeout: float = 60.0) -> Machine:
+        """An unstarted machine that ``start()``/``astart()`` restores from snapshot ``path``
+        (its own copies of the writable disks in ``disk_dir``, default the rundir), then
+        tells the agent its new identity (entropy, clock, ``hostname``, ``network``).
+
+        Raises :class:`~microvm.errors.SnapshotError` for a missing, corrupted or
+        mismatched snapshot (kernel, accelerator, image disks) before anything starts.
+
+        Example::
+
+            m = Machine.from_snapshot(Path("snap"), hostname="fork-1").start()
+        """
+        from microvm.snapshot import (
+            check_compatible,
+            load_manifest,
+            memfd_for,
+            reconfig_payload,
+            snapshot_backend,
+            sparse_copy,
+        )
+
+        path = Path(path)
+        be = snapshot_backend(_resolve_backend(backend))
+        manifest = load_manifest(path)
+        cfg = manifest["config"]
+        kernel_elf, _ = cls._kernel_paths(kernel)
+        check_compatible(path, manifest, be, kernel_elf)
+        m = cls(be, kernel=kernel, disks=[Path("/")], cpus=cfg["cpus"], memory=cfg["memory_mib"],
+                net_socket=net_socket, rundir=rundir, mac=cfg["mac"], init=cfg["init"],
+                cmdline_extra=cfg["cmdline_extra"], boot_timeout=boot_timeout, snapshots=False)
+        target = Path(disk_dir) if disk_dir is not None else m.rundir
+        target.mkdir(parents=True, exist_ok=True)
+        disks: list[Disk] = []
+        for d in cfg["disks"]:
+            if d["readonly"]:
+                disks.append(Disk(Path(d["path"]), readonly=True))
+            else:
+                dst = target / f"disk{d['index']}.img"
+                with contextlib.suppress(FileNotFoundError):
+                    dst.unlink()
+                sparse_copy(path / d["file"], dst)
+                disks.append(Disk(dst))
+        stream = manifest["memory"] == "stream"
+        if stream:
+            fd, mem = memfd_for(cfg["memory_mib"])
+            m._memfd = fd
+            weakref.finalize(m, _close_fd, fd)
+        else:
+            mem = path / "memory"
+        m._disks = disks
+        m.spec = dataclasses.replace(m.spec, disks=disks, memory_file=mem, memory_shared=stream,
+                                     incoming=True, qmp=True)
+        m._restore = (path / "state", stream, reconfig_payload(hostname, network))
+        return m
+
+    @classmethod
+    def restore(cls, path: Path, *, backend: Backend | str = "qemu",
+                kernel: Kernel | Path | None = None, rundir: Path | None = None,
+                disk_dir: Path | None = None, net_socket: Path | None = None,
+                hostname: str | None = None, network: Mapping[str, Any] | None = None,
+                boot_timeout: float = 60.0) -> Machine:
+        """:meth:`from_snapshot` then :meth:`start`: a running machine carrying on from
+        the snapshot, independent of every other restore of it.
+
+        Example::
+
+            a = Machine.restore(Path("snap")); b = Machine.restore(Path("snap"))
+        """
+        return cls.from_snapshot(path, backend=backend, kernel=kernel, rundir=rundir,
+                                 disk_dir=disk_dir, net_socket=net_socket, hostname=hostname,
+                                 network=network, boot_timeout=boot_timeout).start()
 
     def __enter__(self) -> Machine:
         if self._handle is None:

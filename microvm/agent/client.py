@@ -321,6 +321,23 @@ class AgentClient:
         f = await self._request("core.bootstrap", dict(config), "bootstrap", timeout)
         return dict(f.payload) if isinstance(f.payload, dict) else {}
 
+    async def reconfigure(self, config: Mapping[str, Any], timeout: float | None = 30.0) -> list[str]:
+        """Give a restored/forked guest a new identity (``core.reconfigure``); returns what
+        was applied (``entropy``, ``clock``, ``network``, ``hostname``).
+
+        Raises :class:`AgentError` (kind ``bad_request``/``bootstrap_failed``).
+
+        Example::
+
+            await client.reconfigure({"hostname": "fork-1", "entropy": os.urandom(64),
+                                      "clock": {"realtime_ns": time.time_ns()}})
+        """
+        if not isinstance(config, Mapping):
+            raise TypeError(f"reconfigure config must be a mapping, got {type(config).__name__}")
+        f = await self._request("core.reconfigure", dict(config), "reconfigure", timeout)
+        applied = f.payload.get("applied", []) if isinstance(f.payload, dict) else []
+        return [str(x) for x in applied]
+
     async def ping(self, timeout: float | None = 10.0) -> float:
         """Round-trip ``core.ping``; returns seconds.
 
@@ -1035,6 +1052,15 @@ class SyncAgentClient:
             c.bootstrap({"hostname": "box"})
         """
         return self.run(self.client.bootstrap(config, timeout))
+
+    def reconfigure(self, config: Mapping[str, Any], timeout: float | None = 30.0) -> list[str]:
+        """See :meth:`AgentClient.reconfigure`.
+
+        Example::
+
+            c.reconfigure({"hostname": "fork-1"})
+        """
+        return self.run(self.client.reconfigure(config, timeout))
 
     def ping(self, timeout: float | None = 10.0) -> float:
         """See :meth:`AgentClient.ping`.

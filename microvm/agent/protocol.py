@@ -25,6 +25,16 @@ Messages (``t``: payload), host -> guest unless marked "guest":
   ip}}``. ``mounts``: ``[{"tag", "path", "readonly"?}]`` (virtio-fs). In host
   mode root/hostname/network/mounts are skipped and files go under ``--sysroot``.
 * ``core.ping {}`` -> guest ``core.pong {}``.
+* ``core.reconfigure {hostname?, network?, clock?: {realtime_ns}, entropy?: bytes}``
+  -> guest ``core.reconfigure.ack {applied: [str]}`` or ``core.error``
+  (``bad_request``, ``bootstrap_failed``): a new identity for a guest restored from a
+  snapshot or forked (any number of times, unlike the one-shot bootstrap). In order:
+  ``entropy`` (16-512 host random bytes) is credited to the kernel's input pool
+  (``RNDADDENTROPY``) and the CRNG reseeded (``RNDRESEEDCRNG``); ``CLOCK_REALTIME`` is
+  stepped to ``realtime_ns``; the interface (``network.interface``, default eth0) is
+  taken down (its IPv6 addresses, routes and neighbours go) and configured as in
+  ``core.bootstrap`` (MAC, MTU, addresses, routes, ``/etc/hosts``, ``resolv.conf``);
+  ``hostname`` is set. Host mode applies none of these.
 * ``core.exec.request {cmd, args?, env? ({K: V} or ["K=V"]), cwd?, user? (name,
   uid or "uid:gid"), tty?, rows?, cols?, stdin? (false: /dev/null), rlimits?:
   [{resource, soft, hard}] (-1/null = unlimited), timeout_ms?}`` with

@@ -34,6 +34,7 @@ __all__ = [
     "Disk",
     "ProcessGroup",
     "Share",
+    "SnapshotBackend",
     "SpawnedVm",
     "VmHandle",
     "VmSpec",
@@ -117,6 +118,14 @@ class VmSpec:
     shares: Sequence[Share] = ()
     kernel_library: Path | None = None
     console_limit: int = 4 << 20
+    #: guest RAM in this file (QEMU ``memory-backend-file``): snapshots need it
+    memory_file: Path | None = None
+    #: map ``memory_file`` shared (the VM owns it) or private (copy on write of a snapshot)
+    memory_shared: bool = True
+    #: start paused, waiting for device state (``-incoming defer``): a snapshot restore
+    incoming: bool = False
+    #: open a QMP monitor at :attr:`qmp_socket` (pause, resume, snapshot)
+    qmp: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.cpus, int) or not 1 <= self.cpus <= 32:
@@ -164,6 +173,16 @@ class VmSpec:
             spec.console_socket  # <rundir>/console.sock
         """
         return self.rundir / "console.sock"
+
+    @property
+    def qmp_socket(self) -> Path:
+        """Unix socket of the VMM's QMP monitor (when :attr:`qmp` is set).
+
+        Example::
+
+            QmpClient.connect(spec.qmp_socket)
+        """
+        return self.rundir / "qmp.sock"
 
     @property
     def agent_socket(self) -> Path:
@@ -283,6 +302,57 @@ class Backend(Protocol):
         Example::
 
             handle = QemuBackend().launch(spec)
+        """
+        ...
+
+
+@runtime_checkable
+class SnapshotBackend(Protocol):
+    """A backend that can pause a guest and save/restore it (QEMU; libkrun cannot).
+
+    :class:`microvm.Machine` checks for it and raises :class:`BackendUnavailable`
+    ("snapshots need the QEMU backend") otherwise.
+
+    Example::
+
+        if isinstance(backend, SnapshotBackend):
+            backend.save_state(handle, state_file)
+    """
+
+    def pause(self, handle: VmHandle) -> None:
+        """Stop the guest's vCPUs (the VMM keeps running).
+
+        Example::
+
+            backend.pause(handle)
+        """
+        ...
+
+    def resume(self, handle: VmHandle) -> None:
+        """Let a paused guest run again.
+
+        Example::
+
+            backend.resume(handle)
+        """
+        ...
+
+    def save_state(self, handle: VmHandle, state: Path, *, include_ram: bool) -> None:
+        """Pause the guest and write its device state (and RAM when ``include_ram``:
+        a guest whose RAM is not in a shared ``memory_file``) to ``state``; it stays paused.
+
+        Example::
+
+            backend.save_state(handle, Path("snap/state"), include_ram=False)
+        """
+        ...
+
+    def load_state(self, handle: VmHandle, state: Path, *, include_ram: bool) -> None:
+        """Feed ``state`` to a VMM launched with ``spec.incoming`` and let it run.
+
+        Example::
+
+            backend.load_state(backend.launch(spec), Path("snap/state"), include_ram=False)
         """
         ...
 

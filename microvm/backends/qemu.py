@@ -23,6 +23,7 @@ from microvm.backends.base import (
     ProcessGroup,
     Share,
     SpawnedVm,
+    VmHandle,
     VmSpec,
     accel_override,
     kvm_usable,
@@ -30,6 +31,7 @@ from microvm.backends.base import (
     wait_for_path,
 )
 from microvm.backends.console import ConsoleSink
+from microvm.backends.qmp import QmpClient
 from microvm.errors import BackendUnavailable, BootError
 
 __all__ = ["QEMU_INSTALL_HINTS", "KvmProbe", "QemuBackend", "QemuHandle", "kvm_probe"]
@@ -306,7 +308,14 @@ class QemuBackend:
         accel = self.resolved_accel()
         machine = "microvm,acpi=off"
         args = [self.qemu_binary()]
-        if spec.shares or accel == "tcg":
+        if spec.memory_file is not None:
+            # guest RAM in a file (snapshots): shared while this VM owns it, private (copy on
+            # write) when it is a snapshot's frozen memory
+            machine += ",memory-backend=mem"
+            shared = "on" if spec.memory_shared else "off"
+            args += ["-object", f"memory-backend-file,id=mem,size={spec.memory_mib}M,"
+                                f"mem-path={_opt(str(spec.memory_file))},share={shared}"]
+        elif spec.shares or accel == "tcg":
             # shares need shared guest RAM; under TCG a memfd also keeps guest RAM off
             # transparent huge pages (QEMU asks for them on anonymous RAM), so an idle guest
             # costs the host what it touched, not whole 2 MiB pages (~8 MiB less at 256 MiB)
@@ -323,6 +332,10 @@ class QemuBackend:
             "-append", spec.kernel_cmdline(),
             "-global", "virtio-mmio.force-legacy=off",
         ]  # fmt: skip
+        if spec.qmp:
+            args += ["-qmp", f"unix:{_opt(str(spec.qmp_socket))},server=on,wait=off"]
+        if spec.incoming:
+            args += ["-incoming", "defer"]
         if self.seccomp and self.supports_seccomp():
             # QEMU may not spawn, setuid, change resource controls or use obsolete syscalls.
             args += ["-sandbox", SECCOMP_POLICY]
@@ -373,6 +386,67 @@ class QemuBackend:
             raise
         return QemuHandle(spec, group, proc, [sink.close])
 
+    # -- snapshots (SnapshotBackend) ---------------------------------------------------
+    def pause(self, handle: VmHandle) -> None:
+        """QMP ``stop`` (the spec needs ``qmp=True``).
+
+        Example::
+
+            QemuBackend().pause(handle)
+        """
+        with QmpClient.connect(handle.spec.qmp_socket) as q:
+            q.execute("stop")
+
+    def resume(self, handle: VmHandle) -> None:
+        """QMP ``cont``.
+
+        Example::
+
+            QemuBackend().resume(handle)
+        """
+        with QmpClient.connect(handle.spec.qmp_socket) as q:
+            q.execute("cont")
+
+    def save_state(self, handle: VmHandle, state: Path, *, include_ram: bool) -> None:
+        """``stop``, then migrate to an fd on ``state`` (RAM skipped unless ``include_ram``:
+        ``x-ignore-shared``); the guest stays paused. An fd, not ``exec:``: QEMU runs
+        under ``-sandbox spawn=deny``.
+
+        Example::
+
+            QemuBackend().save_state(handle, Path("snap/state"), include_ram=False)
+        """
+        with QmpClient.connect(handle.spec.qmp_socket) as q:
+            q.execute("stop")
+            _ignore_shared(q, not include_ram)
+            fd = os.open(state, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                q.execute("getfd", {"fdname": "snapshot"}, fd=fd)
+            finally:
+                os.close(fd)
+            q.execute("migrate", {"uri": "fd:snapshot"})
+            q.wait_migration()
+
+    def load_state(self, handle: VmHandle, state: Path, *, include_ram: bool) -> None:
+        """Feed ``state`` to a VMM started with ``spec.incoming``; returns once it runs.
+
+        Example::
+
+            QemuBackend().load_state(handle, Path("snap/state"), include_ram=False)
+        """
+        with QmpClient.connect(handle.spec.qmp_socket) as q:
+            _ignore_shared(q, not include_ram)
+            fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                q.execute("getfd", {"fdname": "snapshot"}, fd=fd)
+            finally:
+                os.close(fd)
+            q.execute("migrate-incoming", {"uri": "fd:snapshot"})
+            q.wait_migration()
+            status = q.execute("query-status")
+            if status.get("status") != "running":
+                q.execute("cont")
+
     def _start_virtiofsd(self, group: ProcessGroup, spec: VmSpec, i: int, share: Share) -> Path:
         vfsd = _find_virtiofsd()
         if not vfsd:
@@ -419,3 +493,8 @@ def _disk_args(i: int, d: Disk) -> list[str]:
         "-drive", f"id=d{i},file={_opt(str(d.path))},format=raw,if=none{ro}",
         "-device", f"virtio-blk-device,drive=d{i}",
     ]  # fmt: skip
+
+
+def _ignore_shared(q: QmpClient, on: bool) -> None:
+    q.execute("migrate-set-capabilities",
+              {"capabilities": [{"capability": "x-ignore-shared", "state": on}]})

@@ -224,6 +224,8 @@ int write_file_at(const struct agent *a, const char *path, const char *data, siz
 
 /* net.c */
 int net_configure(struct agent *a, int64_t net, const char *hostname, char *err, size_t errlen);
+/* core.reconfigure (reconfig.c): new identity after a snapshot restore or fork */
+void on_reconfigure(struct agent *a, uint32_t id, int64_t p);
 
 /* fuzz entry (frame.c): run the frame decoder and request parsers over a byte stream. */
 int agent_fuzz_stream(const uint8_t *data, size_t len);

@@ -319,6 +319,7 @@ static void dispatch(struct agent *a, const struct frame *f) {
         agent_send(a, id, FLAG_TERMINAL);
     } else if (cbor_text_eq(t, "core.hello")) on_hello(a, id, env.p);
     else if (cbor_text_eq(t, "core.bootstrap")) on_bootstrap(a, id, env.p);
+    else if (cbor_text_eq(t, "core.reconfigure")) on_reconfigure(a, id, env.p);
     else if (cbor_text_eq(t, "core.metrics.request")) metrics_request(a, id);
     else if (cbor_text_eq(t, "core.shutdown")) do_shutdown(a, id, env.p);
     else {
