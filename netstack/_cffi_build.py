@@ -80,6 +80,7 @@ size_t ns_pin_lookup(ns_pincache *pc, const uint8_t *ip, double now, uint8_t *bl
 size_t ns_pin_count(ns_pincache *pc);
 void ns_pin_expire(ns_pincache *pc, double now);
 uint64_t ns_pin_evictions(ns_pincache *pc);
+uint32_t ns_pin_max_chain(ns_pincache *pc);
 
 typedef struct ns_rule_spec {
     uint8_t action, dirmask, protomask, kind, family, prefix, group, pad;
@@ -125,6 +126,7 @@ typedef struct ns_flow_info {
 typedef struct ns_ctx_stats {
     uint64_t flows_created, flows_evicted, flows_expired, malformed, hello_denied;
     uint64_t live_flows, hello_bytes;
+    uint64_t max_probe;
 } ns_ctx_stats;
 
 ns_ctx *ns_ctx_new(uint32_t max_flows, ns_pincache *pins);

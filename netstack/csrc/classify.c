@@ -3,7 +3,9 @@
  *
  * Flow table: open addressing (linear probing, backward-shift deletion),
  * capacity 2 x max_flows so the load factor stays <= 0.5.  Key = direction,
- * IP protocol, source/destination address and ports as seen in the frame.
+ * IP protocol, source/destination address and ports as seen in the frame,
+ * hashed with SipHash-1-3 under a secret drawn per context (guests choose
+ * those keys: with a fixed hash they could pile them into one probe chain).
  *  - idle expiry: a flow not seen for tcp_idle (TCP) / udp_idle (UDP, ICMP)
  *    seconds is treated as new on its next frame (re-evaluated, counters
  *    reset) and removed by ns_ctx_expire();
@@ -22,6 +24,7 @@
 #include <sys/mman.h>
 
 #include "ns_internal.h"
+#include "siphash.h"
 
 #define EVICT_SAMPLE 16
 
@@ -69,6 +72,7 @@ struct ns_ctx {
     ns_policy *retired;
     ns_pincache *pins;          /* borrowed; the owner keeps it alive */
     flow *tab;
+    uint64_t hkey[2];           /* this table's SipHash secret (getrandom, at creation) */
     uint32_t mask, max_flows, count, cursor;
     double tcp_idle, udp_idle, hello_timeout;
     uint32_t hello_cap;
@@ -109,6 +113,10 @@ ns_ctx *ns_ctx_new(uint32_t max_flows, ns_pincache *pins) {
     if (max_flows > (1u << 24)) max_flows = 1u << 24;
     ns_ctx *c = (ns_ctx *)calloc(1, sizeof(*c));
     if (!c) return NULL;
+    if (ns_random_key(c->hkey) != 0) {
+        free(c);
+        return NULL;
+    }
     uint32_t cap = 32;
     while (cap < 2 * max_flows) cap <<= 1;
     c->tab = (flow *)table_alloc((size_t)cap * sizeof(flow));
@@ -210,18 +218,56 @@ static void leave(ns_ctx *c) { __atomic_sub_fetch(&c->active, 1, __ATOMIC_SEQ_CS
 
 /* ------------------------------------------------------------ table */
 
-static inline uint32_t key_hash(const flow_key *k) {
-    uint64_t w[5];
-    memcpy(w, k, sizeof(w));
-    uint64_t h = w[0] * 0x9e3779b97f4a7c15ull;
-    h ^= w[1] + 0x632be59bd9b4e019ull + (h << 6) + (h >> 2);
-    h ^= w[2] * 0xc2b2ae3d27d4eb4full + (h << 6) + (h >> 2);
-    h ^= w[3] * 0x165667b19e3779f9ull + (h << 6) + (h >> 2);
-    h ^= w[4] * 0x27d4eb2f165667c5ull + (h << 6) + (h >> 2);
-    h ^= h >> 29;
-    h *= 0xbf58476d1ce4e5b9ull;
-    h ^= h >> 32;
-    return (uint32_t)h;
+/* SipHash-1-3 of the key's addresses, ports and protocol under the context's
+ * secret, tweaked by direction and kind (a guest cannot aim its 5-tuples at
+ * one bucket, see siphash.h).  Two v4-mapped addresses (every IPv4 frame) are
+ * hashed as the 13 bytes src4 dst4 sport dport proto, anything else as the 37
+ * bytes src16 dst16 sport dport proto: the lengths differ, so the encodings
+ * never meet.  The words are built from fields, never loaded across the
+ * narrow stores that wrote them (a store-forwarding stall per frame). */
+static inline uint64_t key_tail(uint16_t sport, uint16_t dport, uint8_t proto) {
+    return (uint64_t)sport | (uint64_t)dport << 16 | (uint64_t)proto << 32;
+}
+
+NS_SIP_INLINE uint32_t hash_v4(const ns_ctx *c, const uint8_t *src16, const uint8_t *dst16,
+                               uint64_t tail, unsigned dir, unsigned kind) {
+    uint32_t s4, d4;
+    memcpy(&s4, src16 + 12, 4);
+    memcpy(&d4, dst16 + 12, 4);
+    const uint64_t key[2] = {c->hkey[0] ^ (dir | kind << 8), c->hkey[1]};
+    ns_sip_state st;
+    ns_sip_init(&st, key);
+    ns_sip_word(&st, (uint64_t)s4 | (uint64_t)d4 << 32);
+    return (uint32_t)ns_sip_finish(&st, tail | (uint64_t)13 << 56);
+}
+
+NS_SIP_INLINE uint32_t hash_v6(const ns_ctx *c, const uint8_t *src16, const uint8_t *dst16,
+                               uint64_t tail, unsigned dir, unsigned kind) {
+    uint64_t w[4];
+    memcpy(w, src16, 16);
+    memcpy(w + 2, dst16, 16);
+    const uint64_t key[2] = {c->hkey[0] ^ (dir | kind << 8), c->hkey[1]};
+    ns_sip_state st;
+    ns_sip_init(&st, key);
+    for (int i = 0; i < 4; i++) ns_sip_word(&st, w[i]);
+    return (uint32_t)ns_sip_finish(&st, tail | (uint64_t)37 << 56);
+}
+
+NS_SIP_INLINE uint32_t key_hash(const ns_ctx *c, const flow_key *k) {
+    uint64_t tail = key_tail(k->sport, k->dport, k->proto);
+    if (ns_is_v4mapped(k->src) && ns_is_v4mapped(k->dst))
+        return hash_v4(c, k->src, k->dst, tail, k->dir, k->kind);
+    return hash_v6(c, k->src, k->dst, tail, k->dir, k->kind);
+}
+
+/* key_hash of the flow key of a parsed frame (direction dir, kind 0), from its fields. */
+NS_SIP_INLINE uint32_t frame_hash(const ns_ctx *c, const ns_frame *fr, int dir) {
+    uint16_t sport = fr->has_ports ? fr->sport : 0, dport = fr->has_ports ? fr->dport : 0;
+    uint64_t tail = key_tail(sport, dport, fr->ipproto);
+    /* an IPv4 frame's addresses are v4-mapped; an IPv6 frame's may be too */
+    if (fr->l3 == NS_L3_IPV4 || (ns_is_v4mapped(fr->src) && ns_is_v4mapped(fr->dst)))
+        return hash_v4(c, fr->src, fr->dst, tail, (unsigned)dir, 0);
+    return hash_v6(c, fr->src, fr->dst, tail, (unsigned)dir, 0);
 }
 
 static inline int key_eq(const flow_key *a, const flow_key *b) {
@@ -282,9 +328,11 @@ static void evict_one(ns_ctx *c, double now) {
 
 static flow *tab_insert(ns_ctx *c, const flow_key *k, uint32_t h, double now) {
     if (c->count >= c->max_flows) evict_one(c, now);
-    for (uint32_t i = h & c->mask;; i = (i + 1) & c->mask) {
+    for (uint32_t i = h & c->mask, probe = 1;; i = (i + 1) & c->mask, probe++) {
         flow *f = &c->tab[i];
         if (!f->used) {
+            /* the longest walk an insert (= a miss from this home slot) took */
+            if (probe > c->st.max_probe) c->st.max_probe = probe;
             memset(f, 0, sizeof(*f));
             f->k = *k;
             f->hash = h;
@@ -457,7 +505,7 @@ static void record_fragment(ns_ctx *c, const ns_policy *p, const flow_key *k, co
     fk.kind = 1;
     fk.sport = (uint16_t)(fr->frag_id >> 16);
     fk.dport = (uint16_t)fr->frag_id;
-    uint32_t fh = key_hash(&fk);
+    uint32_t fh = key_hash(c, &fk);
     flow *ff = tab_find(c, &fk, fh);
     if (!ff) {
         ff = tab_insert(c, &fk, fh, now);
@@ -500,7 +548,7 @@ static uint8_t classify_one(ns_ctx *c, ns_policy *p, const uint8_t *buf, size_t 
         k.kind = 1;
         k.sport = (uint16_t)(fr.frag_id >> 16);
         k.dport = (uint16_t)fr.frag_id;
-        flow *ff = tab_find(c, &k, key_hash(&k));
+        flow *ff = tab_find(c, &k, key_hash(c, &k));
         if (!ff || expired(c, ff, now)) return NS_DENY;
         ff->last_seen = now;
         ff->packets++;
@@ -508,7 +556,7 @@ static uint8_t classify_one(ns_ctx *c, ns_policy *p, const uint8_t *buf, size_t 
         *rule_out = ff->rule;
         return ff->verdict;
     }
-    uint32_t h = key_hash(&k);
+    uint32_t h = frame_hash(c, &fr, dir); /* == key_hash(c, &k), from the fields */
     flow *f = tab_find(c, &k, h);
 
     name_buf nb;
@@ -535,7 +583,11 @@ static uint8_t classify_one(ns_ctx *c, ns_policy *p, const uint8_t *buf, size_t 
         }
         f->pbit = fr.pbit;
         fill_query(c, p, &q, &fr, dir, now, &nb);
-        if (f->state == ST_PENDING) {
+        if (f->state == ST_PENDING && f->gen != p->gen && !needs_sni(p, &q, dir)) {
+            /* policy swapped while waiting for the hello, and the new tables
+             * decide this flow without an SNI: decide now */
+            decide(c, p, f, &q, dir);
+        } else if (f->state == ST_PENDING) {
             f->gen = p->gen;
             if (!feed_pending(c, p, f, &fr, buf, &q, now)) {
                 f->last_seen = now;
@@ -646,7 +698,7 @@ int ns_ctx_flow_info(ns_ctx *c, const uint8_t *buf, size_t len, int dir, ns_flow
     if (ns_parse_frame(buf, len, &fr) != NS_PARSE_OK) return -1;
     flow_key k;
     flow_key_of(&fr, dir, 0, &k);
-    flow *f = tab_find(c, &k, key_hash(&k));
+    flow *f = tab_find(c, &k, key_hash(c, &k));
     if (!f) return 0;
     out->found = 1;
     out->state = f->state;
@@ -749,12 +801,12 @@ static int reply_lookup(ns_ctx *c, const uint8_t *buf, size_t len, double now, i
     if ((fr.l3 != NS_L3_IPV4 && fr.l3 != NS_L3_IPV6) || fr.frag == 2 || fr.pbit == 0) return 0;
     flow_key k;
     if (dir == NS_DIR_EGRESS && icmp_error_key(buf, len, &fr, &k)) { /* ICMP error (PMTU ...) */
-        flow *f = tab_find(c, &k, key_hash(&k));
+        flow *f = tab_find(c, &k, key_hash(c, &k));
         if (!f || expired(c, f, now)) return 0;
         return (f->state == ST_PENDING || f->verdict == NS_ALLOW) ? 1 : 0;
     }
     flow_key_of(&fr, dir, 1, &k);
-    flow *f = tab_find(c, &k, key_hash(&k));
+    flow *f = tab_find(c, &k, key_hash(c, &k));
     if (!f || expired(c, f, now)) return 0;
     if (f->state == ST_PENDING) return 2;
     if (f->verdict != NS_ALLOW) return 0;

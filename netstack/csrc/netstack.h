@@ -59,6 +59,7 @@ typedef struct ns_flow_info {
 typedef struct ns_ctx_stats {
     uint64_t flows_created, flows_evicted, flows_expired, malformed, hello_denied;
     uint64_t live_flows, hello_bytes;
+    uint64_t max_probe;   /* longest probe sequence an insert walked (slots examined) */
 } ns_ctx_stats;
 
 /* Context lifecycle.  `pins` (may be NULL) is borrowed: keep it alive. */
@@ -78,6 +79,8 @@ void ns_ctx_stats_get(ns_ctx *ctx, ns_ctx_stats *out);
 uint32_t ns_ctx_flow_count(const ns_ctx *ctx);
 /* Flow-table entry of the flow `buf` (a frame) belongs to; 1 found, 0 not, -1 bad frame. */
 int ns_ctx_flow_info(ns_ctx *ctx, const uint8_t *buf, size_t len, int dir, ns_flow_info *out);
+/* Pin cache: the longest hash chain a lookup or insert has walked (entries examined). */
+uint32_t ns_pin_max_chain(ns_pincache *pc);
 
 /*
  * Classify `count` frames given as pointer/length pairs.  Writes verdicts[i]

@@ -22,13 +22,15 @@
  * lookups copy the names out.
  *
  * Storage: stable pools (names, IPs, bindings) with free lists, indexed by
- * two chained hash tables; each binding sits on its IP's list and its name's
- * list, so both "IP -> names" and "replace the name's set" cost O(bindings).
+ * two chained hash tables (SipHash-1-3 under a per-cache random secret); each
+ * binding sits on its IP's list and its name's list, so both "IP -> names"
+ * and "replace the name's set" cost O(bindings).
  */
 #include <pthread.h>
 #include <stdlib.h>
 
 #include "ns_internal.h"
+#include "siphash.h"
 
 #define NIL 0xffffffffu
 #define EVICT_SAMPLE 16
@@ -59,6 +61,7 @@ typedef struct pin_bind {
 struct ns_pincache {
     uint32_t cap;          /* max bindings == pool sizes */
     uint32_t mask;         /* hash buckets - 1 */
+    uint64_t hkey[2];      /* this cache's SipHash secret (getrandom, at creation) */
     double ceiling;
     pin_name *names;
     pin_ip *ips;
@@ -68,16 +71,24 @@ struct ns_pincache {
     uint32_t nbinds, nnames;
     uint32_t cursor;
     uint64_t evictions;
+    uint32_t max_chain;    /* longest hash chain walked (introspection) */
     pthread_mutex_t mu;
 };
 
-static uint32_t hash_bytes(const uint8_t *p, size_t n, uint32_t seed) {
-    uint32_t h = 2166136261u ^ seed;
-    for (size_t i = 0; i < n; i++) {
-        h ^= p[i];
-        h *= 16777619u;
-    }
-    return h ^ (h >> 15);
+/* Bucket hashes: SipHash-1-3 under the cache's own secret (names and the
+ * addresses of answers are chosen by the guest or by a DNS server it
+ * controls, see siphash.h).  The family is folded into the key, so (name, 4)
+ * and (name, 6) are hashed independently. */
+static inline uint32_t name_hash(const ns_pincache *pc, const uint8_t *name, size_t len,
+                                 int family) {
+    const uint64_t key[2] = {pc->hkey[0] ^ (uint64_t)family, pc->hkey[1]};
+    return (uint32_t)ns_sip13_bytes(key, name, len);
+}
+
+static inline uint32_t ip_hash(const ns_pincache *pc, const uint8_t *ip) {
+    uint64_t w[2];
+    memcpy(w, ip, 16);
+    return (uint32_t)ns_sip13_words(pc->hkey, w, 2);
 }
 
 ns_pincache *ns_pin_new(uint32_t max_bindings, double ttl_ceiling) {
@@ -85,6 +96,10 @@ ns_pincache *ns_pin_new(uint32_t max_bindings, double ttl_ceiling) {
     if (max_bindings > (1u << 24)) max_bindings = 1u << 24;
     ns_pincache *pc = (ns_pincache *)calloc(1, sizeof(*pc));
     if (!pc) return NULL;
+    if (ns_random_key(pc->hkey) != 0) {
+        free(pc);
+        return NULL;
+    }
     uint32_t b = 16;
     while (b < max_bindings) b <<= 1;
     pc->cap = max_bindings;
@@ -123,25 +138,42 @@ void ns_pin_free(ns_pincache *pc) {
     free(pc);
 }
 
-static uint32_t find_name(const ns_pincache *pc, const uint8_t *name, size_t len, int family) {
-    uint32_t h = hash_bytes(name, len, (uint32_t)family) & pc->mask;
+static inline void note_chain(ns_pincache *pc, uint32_t walked) {
+    if (walked > pc->max_chain) pc->max_chain = walked;
+}
+
+static uint32_t find_name(ns_pincache *pc, const uint8_t *name, size_t len, int family) {
+    uint32_t h = name_hash(pc, name, len, family) & pc->mask;
+    uint32_t walked = 0;
     for (uint32_t i = pc->nbucket[h]; i != NIL; i = pc->names[i].hnext) {
         const pin_name *n = &pc->names[i];
-        if (n->family == family && n->len == len && memcmp(n->name, name, len) == 0) return i;
+        walked++;
+        if (n->family == family && n->len == len && memcmp(n->name, name, len) == 0) {
+            note_chain(pc, walked);
+            return i;
+        }
     }
+    note_chain(pc, walked);
     return NIL;
 }
 
-static uint32_t find_ip(const ns_pincache *pc, const uint8_t *ip) {
-    uint32_t h = hash_bytes(ip, 16, 0x9e37) & pc->mask;
-    for (uint32_t i = pc->ibucket[h]; i != NIL; i = pc->ips[i].hnext)
-        if (memcmp(pc->ips[i].ip, ip, 16) == 0) return i;
+static uint32_t find_ip(ns_pincache *pc, const uint8_t *ip) {
+    uint32_t h = ip_hash(pc, ip) & pc->mask;
+    uint32_t walked = 0;
+    for (uint32_t i = pc->ibucket[h]; i != NIL; i = pc->ips[i].hnext) {
+        walked++;
+        if (memcmp(pc->ips[i].ip, ip, 16) == 0) {
+            note_chain(pc, walked);
+            return i;
+        }
+    }
+    note_chain(pc, walked);
     return NIL;
 }
 
 static void drop_ip(ns_pincache *pc, uint32_t idx) {
     pin_ip *r = &pc->ips[idx];
-    uint32_t h = hash_bytes(r->ip, 16, 0x9e37) & pc->mask;
+    uint32_t h = ip_hash(pc, r->ip) & pc->mask;
     uint32_t *pp = &pc->ibucket[h];
     while (*pp != idx) pp = &pc->ips[*pp].hnext;
     *pp = r->hnext;
@@ -173,7 +205,7 @@ static void unbind_name(ns_pincache *pc, uint32_t idx) {
 static void drop_name(ns_pincache *pc, uint32_t idx) {
     pin_name *n = &pc->names[idx];
     unbind_name(pc, idx);
-    uint32_t h = hash_bytes(n->name, n->len, n->family) & pc->mask;
+    uint32_t h = name_hash(pc, n->name, n->len, n->family) & pc->mask;
     uint32_t *pp = &pc->nbucket[h];
     while (*pp != idx) pp = &pc->names[*pp].hnext;
     *pp = n->hnext;
@@ -230,7 +262,7 @@ static int pin_set(ns_pincache *pc, const uint8_t *name, size_t name_len, int fa
         nr->family = (uint8_t)family;
         nr->live = 1;
         nr->head = NIL;
-        uint32_t h = hash_bytes(copy, name_len, (uint32_t)family) & pc->mask;
+        uint32_t h = name_hash(pc, copy, name_len, family) & pc->mask;
         nr->hnext = pc->nbucket[h];
         pc->nbucket[h] = idx;
         pc->nnames++;
@@ -256,7 +288,7 @@ static int pin_set(ns_pincache *pc, const uint8_t *name, size_t name_len, int fa
             memcpy(r->ip, ip, 16);
             r->live = 1;
             r->head = NIL;
-            uint32_t h = hash_bytes(ip, 16, 0x9e37) & pc->mask;
+            uint32_t h = ip_hash(pc, ip) & pc->mask;
             r->hnext = pc->ibucket[h];
             pc->ibucket[h] = ipi;
         }
@@ -324,6 +356,13 @@ size_t ns_pin_lookup(ns_pincache *pc, const uint8_t *ip, double now, uint8_t *bl
 size_t ns_pin_count(ns_pincache *pc) {
     pthread_mutex_lock(&pc->mu);
     size_t n = pc->nbinds;
+    pthread_mutex_unlock(&pc->mu);
+    return n;
+}
+
+uint32_t ns_pin_max_chain(ns_pincache *pc) {
+    pthread_mutex_lock(&pc->mu);
+    uint32_t n = pc->max_chain;
     pthread_mutex_unlock(&pc->mu);
     return n;
 }

@@ -358,3 +358,29 @@ def test_fragmented_dns_query_stays_to_dns() -> None:
     later = bytearray(first)
     later[14 + 6:14 + 8] = (9).to_bytes(2, "big")
     assert V(c, [bytes(first), bytes(later)]) == ["to-dns", "to-dns"]
+
+
+def test_pending_flow_is_decided_once_a_new_policy_needs_no_sni() -> None:
+    # a flow waiting for its ClientHello under a policy with a domain deny rule,
+    # then a recompile to tables that decide it without an SNI: its next frame is
+    # decided by the new tables (was: stuck on NEED_MORE until the hello came)
+    waiting = NetworkPolicy(default_egress="allow", default_ingress="allow",
+                            rules=(Rule.deny(destination=".blocked.example"),))
+    c = Classifier(waiting)
+    first = syn("192.0.2.9", 443)
+    assert c.classify([first], now=1.0) == bytes([Verdict.NEED_MORE])
+    c.recompile(NetworkPolicy.custom(default_egress="deny",
+                                     rules=[Rule.allow(destination="192.0.2.0/24")]))
+    ack = build_frame(GUEST, "192.0.2.9", "tcp", 40000, 443, flags=0x10)
+    verdicts, rules = c.classify_with_rules([ack], now=1.5)
+    assert verdicts == bytes([Verdict.ALLOW]) and rules == [0]
+    info = c.flow_info(ack)
+    assert info is not None and not info.pending and c.stats().hello_bytes == 0
+    # still pending when the new tables need the SNI too
+    c.recompile(waiting)
+    other = syn("192.0.2.10", 443)
+    assert c.classify([other], now=2.0) == bytes([Verdict.NEED_MORE])
+    c.recompile(NetworkPolicy(default_egress="allow", default_ingress="allow",
+                              rules=(Rule.deny(destination="x.blocked.example"),)))
+    again = build_frame(GUEST, "192.0.2.10", "tcp", 40000, 443, flags=0x10)
+    assert c.classify([again], now=2.5) == bytes([Verdict.NEED_MORE])
