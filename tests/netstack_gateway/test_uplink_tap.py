@@ -18,8 +18,20 @@ import pytest
 from netstack import AddressPlan, TapUplink, cleanup_stale
 from netstack.errors import UplinkError
 from netstack.gateway.uplink_tap import uplink_names
-from tests.netstack_gateway.kernel_objects import Snapshot, netns_links, snapshot
+from tests.netstack_gateway.kernel_objects import Snapshot, netns_links
+from tests.netstack_gateway.kernel_objects import snapshot as host_snapshot
 from tests.support import require_binaries, require_root
+
+#: every uplink of this module is named "gw-test-*": its objects carry this token prefix
+_MINE = "gwtest"
+
+
+def snapshot() -> Snapshot:
+    """This module's kernel objects only: objects that tests or sandboxes in other
+    processes create meanwhile are neither counted nor deleted by the cleanup below."""
+    s = host_snapshot()
+    return Snapshot(*(frozenset(n for n in names if _MINE in n)
+                      for names in (s.netns, s.links, s.nft_tables)))
 
 pytestmark = pytest.mark.timeout(60)
 

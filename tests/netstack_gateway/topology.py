@@ -41,6 +41,7 @@ import trustme
 from pyroute2 import IPRoute, NetNS, netns
 
 from netstack import AddressPlan, TapUplink, cleanup_stale
+from netstack.gateway.uplink_tap import uplink_names
 from tests.netstack_gateway.kernel_objects import snapshot
 
 _TUNSETIFF = 0x400454CA
@@ -378,6 +379,11 @@ def host_loopback_http() -> Iterator[int]:
         server.server_close()
 
 
+def topology_token(suffix: str) -> str:
+    """The :class:`Topology` token of this process's rig ``suffix``."""
+    return f"{os.getpid() % 0xFFFF:04x}{suffix}"
+
+
 @contextmanager
 def uplink_and_topology(name: str, plan: AddressPlan, tmp: Path, token_suffix: str, *,
                         upstream: bool = True, mode: str = "stream", vfkit: bool = False,
@@ -386,13 +392,19 @@ def uplink_and_topology(name: str, plan: AddressPlan, tmp: Path, token_suffix: s
     for one test rig. Both are removed afterwards (also on errors), stale records are
     cleaned, and the host's namespaces, links and nft tables of ours must then be
     exactly as before."""
-    before = snapshot()
+    tokens = (uplink_names(name)["token"], topology_token(token_suffix))
+
+    def mine() -> dict[str, set[str]]:  # objects of other processes' rigs do not count
+        return {k: {n for n in v if any(t in n for t in tokens)}
+                for k, v in snapshot().ours().items()}
+
+    before = mine()
     home = tmp / "home"
     uplink = topo = None
     try:
         uplink = TapUplink(name, plan, home=home, **uplink_kw)
-        topo = Topology(plan, tmp, token=f"{os.getpid() % 0xFFFF:04x}{token_suffix}",
-                        upstream=upstream, mode=mode, vfkit=vfkit)
+        topo = Topology(plan, tmp, token=topology_token(token_suffix), upstream=upstream,
+                        mode=mode, vfkit=vfkit)
         yield uplink, topo
     finally:
         if topo is not None:
@@ -400,4 +412,4 @@ def uplink_and_topology(name: str, plan: AddressPlan, tmp: Path, token_suffix: s
         if uplink is not None:
             uplink.close()
         cleanup_stale(home)
-        assert snapshot().ours() == before.ours()
+        assert mine() == before
