@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from microvm.errors import SandboxError, SandboxExists, SandboxNotFound
-from rootfs._fs import microvm_home
+from rootfs._fs import microvm_home, process_start_time
 
 __all__ = ["SandboxRecord", "State", "StateDB", "pid_start_time", "process_alive"]
 
@@ -53,7 +53,7 @@ CREATE TABLE IF NOT EXISTS sandboxes (
 
 
 def pid_start_time(pid: int) -> int | None:
-    """The start time (clock ticks since boot) of ``pid`` from /proc, None if it is gone.
+    """The start time (clock ticks since boot) of ``pid``, None if it is gone.
 
     Example::
 
@@ -61,17 +61,7 @@ def pid_start_time(pid: int) -> int | None:
         >>> pid_start_time(os.getpid()) is not None
         True
     """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    # the command name may hold spaces and parentheses: fields start after the last ')'
-    fields = data[data.rfind(b")") + 2:].split()
-    try:
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
+    return process_start_time(pid)
 
 
 def process_alive(pid: int | None, start: int | None) -> bool:
