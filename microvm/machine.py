@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -379,15 +379,22 @@ class Machine:
             raise MicrovmError("machine not started with astart()")
         return self._aagent
 
-    async def astart(self) -> AgentClient:
+    async def astart(
+        self, more_bootstrap: Awaitable[Mapping[str, Any]] | None = None
+    ) -> AgentClient:
         """asyncio variant of :meth:`start`: boot, hello, bootstrap; returns the ``AgentClient``.
 
-        Raises :class:`BootError` (with the console tail) on any failure.
+        ``more_bootstrap`` is awaited once the agent said hello and merged into the boot
+        config: what the caller prepares while the guest boots (a sandbox's network).
+        Raises :class:`BootError` (with the console tail) on any failure, also when
+        ``more_bootstrap`` raises (the cause is chained).
 
         Example::
 
             async with Machine(disks=[img]) as m:     # or: client = await m.astart()
                 print((await m.aagent.exec("/bin/uname")).stdout)
+            # network config built while the guest boots (a future set later):
+            client = await Machine(disks=[img], net_socket=sock).astart(network_ready)
         """
         if self._handle is not None:
             raise MicrovmError("machine already started")
@@ -424,6 +431,8 @@ class Machine:
             if self._restore is not None:
                 await client.reconfigure(self._restore[2])
             else:
+                if more_bootstrap is not None:
+                    self.bootstrap_extra.update(await more_bootstrap)
                 await client.bootstrap(self.boot_config())
         except BaseException as e:
             if client is not None:

@@ -23,12 +23,53 @@ Example::
         print(sb.shell("echo hi").stdout_text)
 """
 
-from microvm.sandbox.asandbox import AsyncSandbox, AsyncSandboxNetwork, SandboxInfo
-from microvm.sandbox.config import DnsOptions, PortMapping, SandboxConfig, TlsOptions, Volume
-from microvm.sandbox.exec import AsyncExecHandle, ExecOutput
-from microvm.sandbox.fs import AsyncSandboxFs
-from microvm.sandbox.netwiring import SecretProxy
-from microvm.sandbox.sandbox import ExecHandle, Sandbox, SandboxFs, SandboxNetwork
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from microvm.sandbox.asandbox import AsyncSandbox, AsyncSandboxNetwork, SandboxInfo
+    from microvm.sandbox.config import (
+        DnsOptions,
+        PortMapping,
+        SandboxConfig,
+        TlsOptions,
+        Volume,
+    )
+    from microvm.sandbox.exec import AsyncExecHandle, ExecOutput
+    from microvm.sandbox.fs import AsyncSandboxFs
+    from microvm.sandbox.netwiring import SecretProxy
+    from microvm.sandbox.sandbox import ExecHandle, Sandbox, SandboxFs, SandboxNetwork
+
+#: public name -> the submodule defining it; imported on first use, so a process that
+#: needs one submodule (the supervisor starts the VMM first) does not load them all
+_EXPORTS = {
+    "AsyncSandbox": "asandbox", "AsyncSandboxNetwork": "asandbox", "SandboxInfo": "asandbox",
+    "DnsOptions": "config", "PortMapping": "config", "SandboxConfig": "config",
+    "TlsOptions": "config", "Volume": "config",
+    "AsyncExecHandle": "exec", "ExecOutput": "exec", "AsyncSandboxFs": "fs",
+    "SecretProxy": "netwiring",
+    "ExecHandle": "sandbox", "Sandbox": "sandbox", "SandboxFs": "sandbox",
+    "SandboxNetwork": "sandbox",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the submodule defining ``name`` on first use (PEP 562).
+
+    Example::
+
+        >>> import microvm.sandbox
+        >>> microvm.sandbox.Sandbox.__name__
+        'Sandbox'
+    """
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'microvm.sandbox' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"microvm.sandbox.{mod}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "AsyncExecHandle",

@@ -26,12 +26,13 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from microvm.errors import SandboxConfigError
-from netstack import NetworkPolicy
-from tls_proxy import Secret
-from tls_proxy.errors import TlsProxyError
+
+if TYPE_CHECKING:  # imported where used: the supervisor starts the VMM before loading them
+    from netstack import NetworkPolicy
+    from tls_proxy import Secret
 
 __all__ = [
     "DnsOptions",
@@ -257,6 +258,7 @@ class SecretSpec:
 
         Example::
 
+            >>> from tls_proxy import Secret
             >>> SecretSpec.of(Secret("T", "v", "a.example")).hosts
             ('a.example',)
         """
@@ -277,6 +279,9 @@ def parse_secrets(secrets: object) -> list[Secret]:
     """
     if secrets is None:
         return []
+    from tls_proxy import Secret
+    from tls_proxy.errors import TlsProxyError
+
     if isinstance(secrets, Secret | Mapping | str | bytes):
         raise SandboxConfigError("secrets must be a list of tls_proxy.Secret or dicts")
     out: list[Secret] = []
@@ -541,6 +546,8 @@ class SandboxConfig:
                 raise SandboxConfigError(f"two volumes on the same guest path: {sorted(paths)}")
             if len(vols) > _MAX_VOLUMES:
                 raise SandboxConfigError(f"at most {_MAX_VOLUMES} volumes, got {len(vols)}")
+        from netstack import NetworkPolicy
+
         policy = NetworkPolicy.coerce("public_only" if network is None
                                       else network)  # type: ignore[arg-type]
         no_nic = _is_none_policy(policy)
@@ -598,6 +605,8 @@ class SandboxConfig:
             >>> SandboxConfig.build("p", image="x").policy().to_dict()["default_egress"]
             'deny'
         """
+        from netstack import NetworkPolicy
+
         if self.network is None:
             return NetworkPolicy.coerce("none")
         return NetworkPolicy.from_dict(self.network)

@@ -144,11 +144,13 @@ class SandboxNet:
         self.ca: CertificateAuthority | None = None
 
     @classmethod
-    def prepare(cls, name: str, policy: NetworkPolicy, listen: Path, *,
+    def prepare(cls, name: str, policy: NetworkPolicy, listen: Path | socket.socket, *,
                 secrets: Sequence[Secret] = (),
                 uplink_factory: Callable[[str, AddressPlan], Uplink] | None = None
                 ) -> SandboxNet:
-        """Lease a slot, build the uplink and listen on ``listen`` for the VMM's frames.
+        """Lease a slot, build the uplink and listen on ``listen`` for the VMM's frames
+        (a unix socket path, or a socket already listening there: the VMM may then be
+        started first and connect while the network is built).
 
         Example::
 
@@ -159,13 +161,17 @@ class SandboxNet:
         # kernel objects are host-wide while slot leases are per $MICROVM_HOME: a slot whose
         # addresses another home's sandbox holds is skipped (its lease kept until we are up)
         skipped: list[SlotLease] = []
-        uplink_name = f"{name}-{hashlib.sha256(str(listen).encode()).hexdigest()[:8]}"
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if isinstance(listen, socket.socket):
+            listener, path = listen, str(listen.getsockname())
+        else:
+            listener, path = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM), str(listen)
+        uplink_name = f"{name}-{hashlib.sha256(path.encode()).hexdigest()[:8]}"
         try:
-            with contextlib.suppress(FileNotFoundError):
-                listen.unlink()
-            listener.bind(str(listen))
-            listener.listen(1)
+            if not isinstance(listen, socket.socket):
+                with contextlib.suppress(FileNotFoundError):
+                    listen.unlink()
+                listener.bind(path)
+                listener.listen(1)
             for _ in range(64):
                 lease = allocate_slot()
                 plan = AddressPlan(lease.slot, mtu=GUEST_MTU)
