@@ -720,6 +720,7 @@ class ExecProcess:
         self._rid: int | None = None
         self._started: asyncio.Future[None] | None = None
         self._done = False
+        self._exit_event: ExecEvent | None = None
         self._pending: list[ExecEvent] = []
         self._inflight = 0  # stdin bytes sent but not yet acknowledged by the agent
         self._ended = False  # the agent reported the end of the process (stdin is moot)
@@ -826,6 +827,7 @@ class ExecProcess:
             if ev is None:
                 continue
             if ev.kind == "exited":
+                self._exit_event = ev   # wait() after the events were consumed needs it
                 self._finish()
             return ev
 
@@ -945,7 +947,8 @@ class ExecProcess:
                     await self.kill()
                 deadline = loop.time() + 5
                 continue
-            if ev is None:
+            if ev is None:   # the events were consumed elsewhere: their exit stands
+                exited = self._exit_event
                 break
             if ev.kind == "stdout":
                 out += ev.data

@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from microvm.agent import ExecEvent, ExecProcess, ExecResult
-from microvm.errors import ExecTimeout
 
 __all__ = ["AsyncExecHandle", "AsyncExecStdin", "ExecOutput"]
 
@@ -131,7 +130,6 @@ class AsyncExecHandle:
     def __init__(self, proc: ExecProcess) -> None:
         self._proc = proc
         self.stdin = AsyncExecStdin(proc)
-        self._exited: ExecEvent | None = None   # seen by events(): wait() must not re-read it
 
     @property
     def pid(self) -> int:
@@ -152,8 +150,6 @@ class AsyncExecHandle:
                 print(ev.kind, ev.data)
         """
         async for ev in self._proc:
-            if ev.kind == "exited":
-                self._exited = ev
             yield ev
 
     async def signal(self, sig: int) -> None:
@@ -190,13 +186,4 @@ class AsyncExecHandle:
 
             out = await h.wait()
         """
-        ev = self._exited
-        if ev is not None and self._proc.result is None:
-            # events() already consumed the exit: everything was delivered there
-            result = ExecResult(ev.exit_code if ev.exit_code is not None else -1, b"", b"",
-                                ev.signal, ev.timed_out, self._proc.pid)
-            self._proc.result = result
-            if result.timed_out:
-                raise ExecTimeout(f"exec (pid {result.pid}) timed out; process group killed",
-                                  result)
         return ExecOutput.of(await self._proc.wait(timeout))

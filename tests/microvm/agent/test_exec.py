@@ -151,6 +151,20 @@ def test_event_iteration(agent_bin: Path) -> None:
     asyncio.run(main())
 
 
+def test_wait_after_the_events_were_consumed(agent_bin: Path) -> None:
+    """wait() after iterating every event returns the exit the iteration saw (it used to
+    wait for an exit that had already been delivered, then raise ExecTimeout)."""
+    async def main() -> None:
+        async with host_agent(agent_bin) as (client, _):
+            proc = await client.exec_stream("sh", ["-c", "echo a; exit 5"], stdin=False)
+            kinds = [ev.kind async for ev in proc]
+            assert kinds[-1] == "exited"
+            result = await proc.wait(timeout=5)
+            assert result.exit_code == 5 and not result.timed_out
+
+    asyncio.run(main())
+
+
 def test_tty_with_resize(agent_bin: Path) -> None:
     async def main() -> None:
         async with host_agent(agent_bin) as (client, _):
