@@ -183,3 +183,34 @@ def pss_by_process(root_pid: int) -> dict[str, float]:
         label = process_label(pid, root_pid)
         out[label] = out.get(label, 0.0) + pss_kib(pid) / 1024
     return {k: round(v, 1) for k, v in sorted(out.items())}
+
+
+def qemu_pss_detail(pid: int) -> dict[str, float]:
+    """MiB of QEMU's PSS by what it holds: ``guest_ram`` (the RAM memfd/file or the big
+    anonymous block), ``tcg_cache`` (the rwx translation buffer), ``kernel_image`` (the
+    mapped guest kernel, page cache shared by every QEMU booting it), ``other``."""
+    try:
+        text = Path(f"/proc/{pid}/smaps").read_text()
+    except OSError:
+        return {}
+    out = {"guest_ram": 0.0, "tcg_cache": 0.0, "kernel_image": 0.0, "other": 0.0}
+    head = ""
+    for line in text.splitlines():
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            head = line
+        elif line.startswith("Pss:"):
+            kib = int(line.split()[1])
+            fields = head.split()
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            path = fields[5] if len(fields) > 5 else ""
+            if "memfd:" in head or "microvm-ram" in head or (not path and hi - lo >= 64 << 20
+                                                              and "x" not in fields[1]):
+                key = "guest_ram"
+            elif not path and "x" in fields[1]:
+                key = "tcg_cache"
+            elif path.endswith(".elf"):
+                key = "kernel_image"
+            else:
+                key = "other"
+            out[key] += kib / 1024
+    return {k: round(v, 1) for k, v in out.items()}

@@ -17,7 +17,10 @@ the three start paths interleaved so background load hits them alike:
   (TEST-NET address) through the gateway, the uplink and the host (root only);
 * ``idle_host_pss_mib``: summed PSS of every process of one idle sandbox with a 256 MiB
   guest (the supervisor, which runs the gateway and proxy, QEMU, virtiofsd if any) after
-  it settled; per process in ``pss_mib_by_process`` (target <= 128 MiB).
+  it settled; per process in ``pss_mib_by_process``, QEMU's by use (guest RAM, TCG
+  cache, kernel image, other) in ``qemu_pss_mib_by_use`` (target <= 128 MiB). File pages
+  (the kernel image, QEMU's binary) are shared by every QEMU on the host, so PSS is lower
+  while other VMs run.
 
     python -m benchmarks.sandbox [--quick]     # needs root; last line: one JSON object
     python -m pytest benchmarks/sandbox.py     # pytest-benchmark
@@ -43,7 +46,10 @@ from benchmarks._sandbox_rig import (
     UPSTREAM_IP,
     Upstream,
     build_bench_image,
+    descendants,
+    process_label,
     pss_by_process,
+    qemu_pss_detail,
 )
 from microvm.kernel import Kernel, ensure_kernel
 
@@ -76,14 +82,16 @@ class Rig:
         self._n = 0
 
     def name(self) -> str:
-        """A fresh sandbox name per start (a name reused at once can race its old teardown)."""
+        """A fresh sandbox name per start (no start waits on a same-name teardown)."""
         self._n += 1
         return f"bench{os.getpid() % 100000}-{self._n}"
 
     # -- the three start paths ---------------------------------------------------------
-    def sandbox_first_exec(self, settle: float = 0.0) -> tuple[float, dict[str, float]]:
+    def sandbox_first_exec(self, settle: float = 0.0
+                           ) -> tuple[float, dict[str, dict[str, float]]]:
         """Seconds from ``Sandbox.create`` to the first exec result; with ``settle`` > 0,
-        also the PSS per process after the sandbox idled that long (else ``{}``)."""
+        also the PSS per process (``by_process``) and of QEMU by use (``qemu``) after the
+        sandbox idled that long (else ``{}``)."""
         from microvm import Sandbox
 
         t0 = time.perf_counter()
@@ -93,13 +101,16 @@ class Rig:
             dt = time.perf_counter() - t0
             if r.exit_code != 0:
                 raise RuntimeError(f"/bin/true exited {r.exit_code} in the sandbox")
-            pss: dict[str, float] = {}
+            pss: dict[str, dict[str, float]] = {}
             if settle > 0:
                 time.sleep(settle)
                 pid = sb.info().pid
                 if pid is None:
                     raise RuntimeError("the sandbox has no supervisor pid")
-                pss = pss_by_process(pid)
+                pss["by_process"] = pss_by_process(pid)
+                for p in descendants(pid):
+                    if process_label(p, pid) == "qemu":
+                        pss["qemu"] = qemu_pss_detail(p)
         return dt, pss
 
     def machine_first_exec(self) -> float:
@@ -172,7 +183,7 @@ def run(quick: bool) -> dict[str, Any]:
                            "secrets": len(SECRETS), "network": "public_only"}
     with rig() as r:
         sandbox, machine, bare = [], [], []
-        pss: dict[str, float] = {}
+        pss: dict[str, dict[str, float]] = {}
         for i in range(rounds):
             # rotate the order so a burst of background load does not always hit one path
             order = ["bare", "machine", "sandbox"]
@@ -196,8 +207,9 @@ def run(quick: bool) -> dict[str, Any]:
         res["sandbox_vs_machine_ratio"] = res["machine_first_exec_s"] / res["sandbox_first_exec_s"]
         res["sandbox_vs_bare_ratio"] = res["bare_boot_s"] / res["sandbox_first_exec_s"]
         res["idle_settle_s"] = settle
-        res["pss_mib_by_process"] = pss
-        res["idle_host_pss_mib"] = round(sum(pss.values()), 1)
+        res["pss_mib_by_process"] = pss.get("by_process", {})
+        res["qemu_pss_mib_by_use"] = pss.get("qemu", {})
+        res["idle_host_pss_mib"] = round(sum(res["pss_mib_by_process"].values()), 1)
         try:
             res["guest_tcp_gbit_s"] = r.guest_tcp_gbit_s(3 if quick else 10)
         except Exception as e:  # no root / no iperf3: report the rest
