@@ -14,7 +14,7 @@ from microvm import Machine
 from microvm.errors import MicrovmError
 from microvm.guestdisk import build_ext4
 from microvm.kernel import Kernel
-from microvm.machine import map_root_plan
+from microvm.machine import ROOT_SHARE_TAG, map_root_plan
 from tests.support import require_binaries
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(120)]
@@ -47,8 +47,13 @@ def test_map_root_plan() -> None:
     assert (
         mapped == {"kind": "disk", "device": "/dev/vdc", "fstype": "ext4"} and not disks[0].readonly
     )
-    with pytest.raises(MicrovmError, match="'bind' is not supported"):
-        map_root_plan({"kind": "bind", "dir": "/srv"}, 1)
+    disks, mapped = map_root_plan({"kind": "bind", "dir": "/srv"}, 1)
+    assert disks == [] and mapped == {"kind": "virtiofs", "tag": ROOT_SHARE_TAG,
+                                      "readonly": False}
+    with pytest.raises(MicrovmError, match="'tmpfs' is not supported"):
+        map_root_plan({"kind": "tmpfs"}, 1)
+    with pytest.raises(MicrovmError, match="needs a 'dir' path"):
+        map_root_plan({"kind": "bind"}, 1)
     with pytest.raises(MicrovmError, match="needs a 'disk' path"):
         map_root_plan({"kind": "overlay", "lower": [{"device": "/dev/vdb"}], "upper": {}}, 1)
     with pytest.raises(MicrovmError, match="more than 8"):
@@ -62,8 +67,8 @@ def test_bad_plan_leaves_no_rundir(kernel: Kernel, tmp_path: Path, monkeypatch) 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "t"))
     img = tmp_path / "r.img"
     img.write_bytes(b"")
-    with pytest.raises(MicrovmError, match="'bind'"):
-        Machine("qemu", kernel=kernel, disks=[img], root={"kind": "bind", "dir": "/srv"})
+    with pytest.raises(MicrovmError, match="'tmpfs'"):
+        Machine("qemu", kernel=kernel, disks=[img], root={"kind": "tmpfs"})
     gc.collect()
     assert list((tmp_path / "t").iterdir()) == []
 
