@@ -28,8 +28,10 @@ from microvm.errors import (
     SandboxExists,
     SandboxNotFound,
     SandboxNotRunning,
+    SnapshotError,
 )
 from microvm.machine import Machine
+from microvm.pool import Pool
 
 # ``Sandbox`` pulls in netstack, tls_proxy and rootfs: imported on first use (type checkers
 # see the real classes, not the ``object`` that ``__getattr__`` is declared to return)
@@ -66,6 +68,7 @@ __all__ = [
     "Machine",
     "MicrovmError",
     "NoUplinkError",
+    "Pool",
     "Sandbox",
     "SandboxConfigError",
     "SandboxError",
@@ -73,5 +76,6 @@ __all__ = [
     "SandboxInfo",
     "SandboxNotFound",
     "SandboxNotRunning",
+    "SnapshotError",
     "TlsOptions",
 ]

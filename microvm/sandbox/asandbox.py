@@ -64,6 +64,7 @@ from rootfs import Image, Patch, RegistryAuth, RootProvider
 from tls_proxy import ProxyConfig, Secret
 
 if TYPE_CHECKING:
+    from microvm.sandbox.snapshots import SnapshotInfo
     from microvm.ssh.client import SshClient
 
 __all__ = ["AsyncSandbox", "AsyncSandboxNetwork", "SandboxInfo"]
@@ -700,6 +701,93 @@ class AsyncSandbox:
         from microvm.ssh.client import connect
 
         return await asyncio.to_thread(connect, self, idle_timeout=idle_timeout)
+
+    # -- snapshots, fork, pause (QEMU; microvm.sandbox.snapshots) -------------------------
+    async def snapshot(self, name: str, *, checksums: bool = True) -> SnapshotInfo:
+        """Save this running sandbox (RAM, device state, its disk; the image pinned by
+        digest) as ``$MICROVM_HOME/snapshots/<name>``; it pauses only for the copies.
+
+        Raises :class:`~microvm.errors.SnapshotError` (name taken, volumes or a directory
+        root: virtio-fs cannot be snapshotted), ``BackendUnavailable`` (not QEMU).
+
+        Example::
+
+            info = await sb.snapshot("warm"); print(info.path)
+        """
+        from microvm.sandbox import snapshots as _snap
+
+        path = await _snap.take(self, _snap.snapshot_target(name), checksums=checksums)
+        return await asyncio.to_thread(_snap.SnapshotInfo.of, path)
+
+    @classmethod
+    async def restore(cls, snapshot: str | os.PathLike[str], *, name: str,
+                      secrets: Sequence[Secret | Mapping[str, Any]] | None = None,
+                      detached: bool = False, labels: Mapping[str, str] | None = None,
+                      boot_timeout: float = 120.0) -> AsyncSandbox:
+        """A new, independent sandbox ``name`` carrying on from ``snapshot`` (a name or a
+        directory): its own supervisor, network slot, MAC/IP, disk copy, fresh entropy,
+        the host's clock. Secret values are never stored: pass them again.
+
+        Raises :class:`~microvm.errors.SnapshotError` (missing, corrupted, other kernel or
+        image), :class:`SandboxConfigError`, :class:`SandboxExists` before starting.
+
+        Example::
+
+            a = await AsyncSandbox.restore("warm", name="a")
+        """
+        from microvm.sandbox import snapshots as _snap
+
+        return await _snap.restore(cls, snapshot, name=name, secrets=secrets,
+                                   detached=detached, labels=labels, boot_timeout=boot_timeout)
+
+    async def fork(self, *, name: str | None = None,
+                   secrets: Sequence[Secret | Mapping[str, Any]] | None = None,
+                   detached: bool = False) -> AsyncSandbox:
+        """A copy of this running sandbox as it is now (default name ``<name>-fork-<k>``);
+        this one pauses for tens of milliseconds and carries on.
+
+        Example::
+
+            child = await sb.fork()
+        """
+        forks = await self.fork_many(1, names=None if name is None else [name],
+                                     secrets=secrets, detached=detached)
+        return forks[0]
+
+    async def fork_many(self, n: int, *, names: Sequence[str] | None = None,
+                        secrets: Sequence[Secret | Mapping[str, Any]] | None = None,
+                        detached: bool = False) -> builtins.list[AsyncSandbox]:
+        """``n`` forks of this running sandbox from one frozen template (1..64).
+
+        Example::
+
+            forks = await sb.fork_many(5)
+        """
+        from microvm.sandbox import snapshots as _snap
+
+        return await _snap.fork_many(self, n, names=names, secrets=secrets, detached=detached)
+
+    async def pause(self) -> None:
+        """Freeze the guest (its processes stop; network, timers and record stay).
+
+        Example::
+
+            await sb.pause(); await sb.resume()
+        """
+        from microvm.sandbox import snapshots as _snap
+
+        await _snap.pause(self)
+
+    async def resume(self) -> None:
+        """Run a paused guest again, its clock stepped to the host's.
+
+        Example::
+
+            await sb.resume()
+        """
+        from microvm.sandbox import snapshots as _snap
+
+        await _snap.resume(self)
 
 
 def _registry_auth(value: object) -> RegistryAuth | tuple[str, str] | None:

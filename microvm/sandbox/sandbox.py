@@ -48,6 +48,7 @@ from rootfs import Image, Patch, RegistryAuth, RootProvider
 from tls_proxy import Secret
 
 if TYPE_CHECKING:
+    from microvm.sandbox.snapshots import SnapshotInfo
     from microvm.ssh.client import SshClient
 
 __all__ = ["ExecHandle", "Sandbox", "SandboxFs", "SandboxNetwork"]
@@ -677,6 +678,73 @@ class Sandbox:
 
     def __repr__(self) -> str:
         return f"Sandbox({self.name!r})"
+
+    def snapshot(self, name: str, *, checksums: bool = True) -> SnapshotInfo:
+        """Save this running sandbox as snapshot ``name`` (see :meth:`AsyncSandbox.snapshot`).
+
+        Example::
+
+            sb.snapshot("warm")
+        """
+        return self._loop.run(self._sb.snapshot(name, checksums=checksums))
+
+    @classmethod
+    def restore(cls, snapshot: str | os.PathLike[str], *, name: str,
+                secrets: Sequence[Secret | Mapping[str, Any]] | None = None,
+                detached: bool = False, labels: Mapping[str, str] | None = None,
+                boot_timeout: float = 120.0) -> Sandbox:
+        """A new sandbox from a snapshot (see :meth:`AsyncSandbox.restore`).
+
+        Example::
+
+            a = Sandbox.restore("warm", name="a")
+        """
+        return cls._wrap(AsyncSandbox.restore(snapshot, name=name, secrets=secrets,
+                                              detached=detached, labels=labels,
+                                              boot_timeout=boot_timeout))
+
+    def fork(self, *, name: str | None = None,
+             secrets: Sequence[Secret | Mapping[str, Any]] | None = None,
+             detached: bool = False) -> Sandbox:
+        """A copy of this running sandbox (see :meth:`AsyncSandbox.fork`).
+
+        Example::
+
+            child = sb.fork()
+        """
+        inner = self._loop.run(self._sb.fork(name=name, secrets=secrets, detached=detached))
+        return Sandbox._wrap(AsyncSandbox.get(inner.name))
+
+    def fork_many(self, n: int, *, names: Sequence[str] | None = None,
+                  secrets: Sequence[Secret | Mapping[str, Any]] | None = None,
+                  detached: bool = False) -> builtins.list[Sandbox]:
+        """``n`` forks of this running sandbox (see :meth:`AsyncSandbox.fork_many`).
+
+        Example::
+
+            forks = sb.fork_many(5)
+        """
+        inner = self._loop.run(self._sb.fork_many(n, names=names, secrets=secrets,
+                                                  detached=detached))
+        return [Sandbox._wrap(AsyncSandbox.get(f.name)) for f in inner]
+
+    def pause(self) -> None:
+        """Freeze the guest (see :meth:`AsyncSandbox.pause`).
+
+        Example::
+
+            sb.pause()
+        """
+        self._loop.run(self._sb.pause())
+
+    def resume(self) -> None:
+        """Run a paused guest again, clock stepped (see :meth:`AsyncSandbox.resume`).
+
+        Example::
+
+            sb.resume()
+        """
+        self._loop.run(self._sb.resume())
 
     def ssh(self, *, idle_timeout: float | None = None) -> SshClient:
         """A connected paramiko client into the guest over a socket pair (no TCP port, no

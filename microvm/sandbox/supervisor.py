@@ -9,7 +9,8 @@ two unix sockets in its runtime directory:
   so any number of ordinary ``AgentClient`` s exec and move files concurrently;
 * ``control.sock``: one JSON object per line, answered by one JSON line
   (:mod:`microvm.sandbox.control`): ``status``, ``stop``, ``kill``, ``net_stats``,
-  ``rule_counters``, ``touch``.
+  ``rule_counters``, ``touch``, and (QEMU) ``pause``, ``resume``, ``snapshot``
+  (:mod:`microvm.sandbox.snapshots`).
 
 Start-up contract with the creator (:mod:`microvm.sandbox.launch`): ``launch.json`` in the
 sandbox directory holds the config and the root plan; the first line on stdin holds the
@@ -81,6 +82,7 @@ class Supervisor:
         self.stop_reason = ""
         self.started = time.monotonic()
         self.last_touch = time.monotonic()
+        self.paused = False
 
     # -- bring-up ------------------------------------------------------------------
     def _shares(self) -> list[Share]:
@@ -111,11 +113,19 @@ class Supervisor:
             if pem:
                 bootstrap["ca_certs"] = [pem]
         backend = self.plugins.get("backend") or cfg.backend
-        self.machine = Machine(
-            backend, cpus=cfg.cpus, memory=cfg.memory, net_socket=net_sock,
-            shares=self._shares(), bootstrap=bootstrap, rundir=self.paths.run,
-            mac=self.net.plan.guest_mac if self.net else "02:00:00:00:00:02",
-            root=self.root_plan, boot_timeout=float(self.launch.get("boot_timeout", 120.0)))
+        restore = self.launch.get("restore")
+        if restore:   # a snapshot restore or fork (microvm.sandbox.snapshots)
+            self.machine = await asyncio.to_thread(
+                Machine.from_snapshot, Path(restore["snapshot"]), backend=backend,
+                rundir=self.paths.run, disk_dir=self.paths.root, net_socket=net_sock,
+                hostname=bootstrap["hostname"], network=bootstrap.get("network"),
+                boot_timeout=float(self.launch.get("boot_timeout", 120.0)))
+        else:
+            self.machine = Machine(
+                backend, cpus=cfg.cpus, memory=cfg.memory, net_socket=net_sock,
+                shares=self._shares(), bootstrap=bootstrap, rundir=self.paths.run,
+                mac=self.net.plan.guest_mac if self.net else "02:00:00:00:00:02",
+                root=self.root_plan, boot_timeout=float(self.launch.get("boot_timeout", 120.0)))
         boot = asyncio.ensure_future(self.machine.astart())
         if self.net is not None:
             try:
@@ -184,7 +194,28 @@ class Supervisor:
         if op == "touch":
             self._touch()
             return {}
+        if op in ("pause", "resume", "snapshot"):
+            return await self._snapshot_op(op, req)
         raise control.ControlError(f"unknown control op {op!r}")
+
+    async def _snapshot_op(self, op: str, req: dict[str, Any]) -> Any:
+        """``pause``/``resume`` the guest, or ``snapshot {path, extra?, checksums?}`` it
+        (a paused guest stays paused); see microvm.sandbox.snapshots."""
+        assert self.machine is not None
+        if op == "pause":
+            await asyncio.to_thread(self.machine.pause)
+            self.paused = True
+            return {"paused": True}
+        if op == "resume":
+            await asyncio.to_thread(self.machine.resume)
+            self.paused = False
+            return {"paused": False}
+        manifest = await asyncio.to_thread(
+            self.machine.snapshot, Path(str(req["path"])), extra=req.get("extra"),
+            checksums=bool(req.get("checksums", True)))
+        if self.paused:
+            await asyncio.to_thread(self.machine.pause)
+        return {"paused_s": manifest["paused_s"]}
 
     def request_stop(self, mode: str, timeout: float, reason: str) -> None:
         """Ask the serve loop to stop (``stop``: graceful within ``timeout``; ``kill``)."""

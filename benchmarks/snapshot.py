@@ -1,0 +1,157 @@
+"""Snapshot benchmark: time to a first exec in a cold sandbox vs a restore vs a fork vs a
+warm pool, and the host memory of each extra fork.
+
+Same run, same image (busybox), 256 MiB guests, network ``none`` (a network adds the same
+slot/TAP set-up to every path), the paths interleaved per round:
+
+* ``cold_s``: ``Sandbox.create`` + first ``exec("/bin/true")``, median;
+* ``restore_s``: ``Sandbox.restore(snapshot)`` + first exec, median;
+* ``fork_s``: ``sb.fork()`` of a running sandbox + first exec in the fork, median;
+* ``pool_acquire_s``: ``pool.acquire()`` (pool of 2, refilled) + first exec, median;
+* ``*_vs_cold_ratio`` = ``cold_s`` / that path (targets: restore, fork >= 20, pool >= 50);
+* ``fork_pss_mib``: the rise in summed PSS (QEMU + supervisor of every sandbox) per extra
+  fork, over 3 forks of one source.
+
+    python -m benchmarks.snapshot [--quick]     # last line: one JSON object
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import rootfs
+
+MEMORY_MIB = 256
+
+
+def _image() -> rootfs.Image:
+    import shutil
+    import subprocess
+
+    root = Path(tempfile.mkdtemp(prefix="snapbench-root-"))
+    try:
+        for d in ("bin", "etc", "tmp", "proc", "sys", "dev", "root"):
+            (root / d).mkdir()
+        shutil.copy2("/bin/busybox", root / "bin" / "busybox")
+        for a in subprocess.run(["/bin/busybox", "--list"], capture_output=True, text=True,
+                                check=True).stdout.split():
+            if a != "busybox":
+                (root / "bin" / a).symlink_to("busybox")
+        return rootfs.build_image(root, "local/snapbench:1", rootfs.ImageStore(),
+                                  config={"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]})
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _pss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _tree_pss_mib(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        total += _pss_kib(pid)
+        for child in Path("/proc").iterdir():
+            if child.name.isdigit():
+                try:
+                    stat = (child / "stat").read_text()
+                except OSError:
+                    continue
+                if int(stat[stat.rfind(")") + 2:].split()[1]) == pid:
+                    total += _pss_kib(int(child.name))
+    return total / 1024
+
+
+def run(quick: bool) -> dict[str, Any]:
+    """All paths, interleaved; returns the result keys (see the module docstring)."""
+    from microvm import Pool, Sandbox
+
+    rounds = 3 if quick else 7
+    home = tempfile.mkdtemp(prefix="snapbench-home-")
+    os.environ["MICROVM_HOME"] = home
+    img = _image()
+    cold, restore, fork, pool_t = [], [], [], []
+    base = Sandbox.create("base", image=img, memory=MEMORY_MIB, network="none")
+    base.shell("echo warm > /tmp/warm")
+    base.snapshot("warm")
+    pool = Pool("warm", size=2, name="bp")
+    try:
+        for r in range(rounds):
+            t0 = time.monotonic()
+            c = Sandbox.create(f"cold{r}", image=img, memory=MEMORY_MIB, network="none")
+            c.exec("/bin/true")
+            cold.append(time.monotonic() - t0)
+            c.stop()
+            Sandbox.remove(c.name)
+
+            t0 = time.monotonic()
+            s = Sandbox.restore("warm", name=f"rest{r}")
+            s.exec("/bin/true")
+            restore.append(time.monotonic() - t0)
+            s.stop()
+            Sandbox.remove(s.name)
+
+            t0 = time.monotonic()
+            f = base.fork(name=f"fork{r}")
+            f.exec("/bin/true")
+            fork.append(time.monotonic() - t0)
+            f.stop()
+            Sandbox.remove(f.name)
+
+            pool.wait_ready(timeout=300)
+            t0 = time.monotonic()
+            p = pool.acquire()
+            p.exec("/bin/true")
+            pool_t.append(time.monotonic() - t0)
+            pool.release(p)
+        pool.close()
+        # memory per extra fork: summed PSS of every sandbox's processes, 1 vs 4 forks
+        forks = [base.fork(name=f"mem{k}") for k in range(3)]
+        time.sleep(3)
+        pids = [i.pid for i in Sandbox.list() if i.pid]
+        total = _tree_pss_mib(pids)
+        one = _tree_pss_mib([i.pid for i in Sandbox.list() if i.pid and i.name == "mem0"])
+        for f in forks:
+            f.stop()
+            Sandbox.remove(f.name)
+    finally:
+        pool.close()
+        base.stop()
+        Sandbox.remove("base")
+    med = {k: statistics.median(v) for k, v in
+           (("cold_s", cold), ("restore_s", restore), ("fork_s", fork),
+            ("pool_acquire_s", pool_t))}
+    return {
+        **{k: round(v, 4) for k, v in med.items()},
+        "restore_vs_cold_ratio": round(med["cold_s"] / med["restore_s"], 2),
+        "fork_vs_cold_ratio": round(med["cold_s"] / med["fork_s"], 2),
+        "pool_vs_cold_ratio": round(med["cold_s"] / med["pool_acquire_s"], 2),
+        "fork_pss_mib": round(one, 1),
+        "all_sandboxes_pss_mib": round(total, 1),
+        "rounds": rounds,
+    }
+
+
+def main() -> None:
+    """``python -m benchmarks.snapshot [--quick]``: the last line printed is the JSON result."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="3 rounds")
+    ns = ap.parse_args()
+    print(json.dumps(run(ns.quick)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,401 @@
+"""Sandbox snapshots, restore and fork (QEMU): the machinery behind ``AsyncSandbox.snapshot``,
+``AsyncSandbox.restore``, ``fork``/``fork_many`` and ``pause``/``resume``.
+
+A sandbox snapshot is a machine snapshot (:mod:`microvm.snapshot`: RAM, device state,
+the writable disks, the image's read-only disks pinned by sha256) taken by the sandbox's
+supervisor (control op ``snapshot``) into ``$MICROVM_HOME/snapshots/<name>``; its manifest
+carries the sandbox's config and launch data (image defaults, boot environment; never
+secret values) under ``extra``.
+
+A restore is a new, independent sandbox: its own record, directory, supervisor, network
+slot (gateway, addresses, MAC) and copies of the writable disks; the guest carries on from
+the snapshot and is told its new identity (``core.reconfigure``: fresh host entropy and a
+CRNG reseed, the host's clock, MAC/IP of its own slot, hostname). A sandbox created with
+secrets needs their values again (``secrets=``), as for ``start``.
+
+``fork`` snapshots a running sandbox into a hidden template (no checksums: it lives only
+for the fork), restores it once per fork, and deletes it: each fork maps the template's
+RAM privately (copy on write), and the mapping outlives the file. The source pauses only
+while its RAM and disks are copied (tens of milliseconds for a small guest) and carries
+on running on its own RAM; no VM ever maps a file another VM still writes.
+
+Example::
+
+    sb = await AsyncSandbox.create("base", image=img, network="none")
+    await sb.shell("echo warm > /tmp/state")
+    snap = await sb.snapshot("warm")
+    a = await AsyncSandbox.restore("warm", name="a")
+    forks = await sb.fork_many(3)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from microvm.errors import SandboxConfigError, SandboxError, SandboxNotFound, SnapshotError
+from microvm.sandbox import launch as _launch
+from microvm.sandbox.config import SandboxConfig, parse_secrets, validate_name
+from microvm.sandbox.paths import SandboxPaths
+from microvm.sandbox.state import StateDB
+from microvm.snapshot import load_manifest, verify
+from tls_proxy import Secret
+
+if TYPE_CHECKING:
+    from microvm.sandbox.asandbox import AsyncSandbox
+
+__all__ = ["SnapshotInfo", "export_snapshot", "import_snapshot", "list_snapshots",
+           "remove_snapshot", "resolve", "snapshots_root"]
+
+SANDBOX_KIND = "sandbox"
+_LAUNCH_KEYS = ("root_plan", "boot_env", "image")
+
+
+def snapshots_root() -> Path:
+    """``$MICROVM_HOME/snapshots``.
+
+    Example::
+
+        >>> snapshots_root().name
+        'snapshots'
+    """
+    from rootfs._fs import microvm_home
+
+    return microvm_home() / "snapshots"
+
+
+def resolve(snapshot: str | os.PathLike[str]) -> Path:
+    """A snapshot name (``$MICROVM_HOME/snapshots/<name>``) or a directory path.
+
+    Example::
+
+        >>> resolve("/tmp/snap").name
+        'snap'
+    """
+    if isinstance(snapshot, str) and "/" not in snapshot:
+        validate_name(snapshot)
+        return snapshots_root() / snapshot
+    if isinstance(snapshot, str | os.PathLike):
+        return Path(snapshot).absolute()
+    raise SnapshotError(f"bad snapshot {snapshot!r}: a name or a directory path")
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapshotInfo:
+    """One stored sandbox snapshot: ``name``, ``path``, ``source`` sandbox, ``created``
+    (epoch seconds), ``image``, ``size`` (bytes of data on disk), ``memory_mib``.
+
+    Example::
+
+        for s in list_snapshots():
+            print(s.name, s.source, s.size)
+    """
+
+    name: str
+    path: Path
+    source: str
+    created: float
+    image: str
+    size: int
+    memory_mib: int
+
+    @classmethod
+    def of(cls, path: Path) -> SnapshotInfo:
+        """Read (and check) the snapshot at ``path``; raises :class:`SnapshotError`.
+
+        Example::
+
+            SnapshotInfo.of(resolve("warm")).source
+        """
+        man = load_manifest(path)
+        extra = man.get("extra", {})
+        if extra.get("kind") != SANDBOX_KIND:
+            raise SnapshotError(f"snapshot {str(path)!r} is a machine snapshot, not a "
+                                f"sandbox's (restore it with Machine.restore)")
+        cfg = SandboxConfig.from_json(extra["config"])
+        size = sum(f.stat().st_blocks * 512 for f in path.iterdir() if f.is_file())
+        return cls(path.name, path, str(extra.get("source", "")), float(man["created"]),
+                   cfg.image, size, int(man["config"]["memory_mib"]))
+
+
+def list_snapshots() -> list[SnapshotInfo]:
+    """Every valid snapshot under ``$MICROVM_HOME/snapshots``, oldest first.
+
+    Example::
+
+        [s.name for s in list_snapshots()]
+    """
+    root = snapshots_root()
+    out = []
+    for p in sorted(root.iterdir()) if root.is_dir() else []:
+        if p.name.startswith("."):
+            continue
+        with contextlib.suppress(SnapshotError, OSError, KeyError, ValueError):
+            out.append(SnapshotInfo.of(p))
+    return sorted(out, key=lambda s: s.created)
+
+
+def remove_snapshot(snapshot: str | os.PathLike[str]) -> None:
+    """Delete a snapshot (sandboxes restored from it keep running: they have their own
+    disks, and their RAM mapping outlives the file).
+
+    Example::
+
+        remove_snapshot("warm")
+    """
+    path = resolve(snapshot)
+    if not (path / "manifest.json").exists():
+        raise SnapshotError(f"snapshot {str(snapshot)!r} does not exist")
+    shutil.rmtree(path)
+
+
+def export_snapshot(snapshot: str | os.PathLike[str], archive: str | os.PathLike[str]) -> Path:
+    """Write the snapshot as one ``tar`` + ``zstd`` archive (sparse files kept sparse).
+
+    Example::
+
+        export_snapshot("warm", "/tmp/warm.tar.zst")
+    """
+    path = resolve(snapshot)
+    verify(path, full=False)
+    out = Path(archive).absolute()
+    if out.exists():
+        raise SnapshotError(f"archive {str(out)!r} already exists")
+    if not out.parent.is_dir():
+        raise SnapshotError(f"archive {str(out)!r}: parent directory does not exist")
+    _need("tar")
+    _need("zstd")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        r = subprocess.run(["tar", "--sparse", "-I", "zstd -T0 -3", "-cf", str(tmp), "-C",
+                            str(path), "."], capture_output=True, text=True, timeout=3600)
+        if r.returncode != 0:
+            raise SnapshotError(f"exporting {str(path)!r}: tar failed: {r.stderr.strip()}")
+        tmp.rename(out)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return out
+
+
+def import_snapshot(archive: str | os.PathLike[str], name: str) -> SnapshotInfo:
+    """Unpack an archive from :func:`export_snapshot` as snapshot ``name``, verified in
+    full (manifest checksum, every file's size and sha256) before it is kept.
+
+    Example::
+
+        import_snapshot("/tmp/warm.tar.zst", "warm2")
+    """
+    validate_name(name)
+    src = Path(archive)
+    if not src.is_file():
+        raise SnapshotError(f"archive {str(archive)!r} does not exist")
+    dest = snapshots_root() / name
+    if dest.exists():
+        raise SnapshotError(f"snapshot {name!r} already exists")
+    _need("tar")
+    _need("zstd")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.import-", dir=dest.parent))
+    try:
+        r = subprocess.run(["tar", "-I", "zstd", "-xf", str(src.absolute()), "-C", str(tmp),
+                            "--no-same-owner"], capture_output=True, text=True, timeout=3600)
+        if r.returncode != 0:
+            raise SnapshotError(f"importing {str(archive)!r}: not a snapshot archive "
+                                f"({r.stderr.strip().splitlines()[-1:] or 'tar failed'})")
+        verify(tmp, full=True)
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return SnapshotInfo.of(dest)
+
+
+def _need(tool: str) -> None:
+    if shutil.which(tool) is None:
+        raise SnapshotError(f"{tool} is not installed (apt-get install {tool})")
+
+
+# -- sandbox operations --------------------------------------------------------------------
+async def take(sb: AsyncSandbox, target: Path, *, checksums: bool = True) -> Path:
+    """Ask ``sb``'s supervisor to snapshot its machine into ``target`` (see module doc).
+
+    Example::
+
+        await take(sb, snapshots_root() / "warm")
+    """
+    from microvm.snapshot import check_target
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    check_target(target)
+    if sb.config.volumes:
+        raise SnapshotError(f"sandbox {sb.name!r} has volumes: virtio-fs shares cannot be "
+                            f"snapshotted")
+    if sb.config.image_kind == "dir":
+        raise SnapshotError(f"sandbox {sb.name!r} serves a directory as its root (virtio-fs): "
+                            f"it cannot be snapshotted")
+    extra = {"kind": SANDBOX_KIND, "source": sb.name, "config": sb.config.to_json(),
+             "launch": {k: sb._launch[k] for k in _LAUNCH_KEYS if k in sb._launch}}
+    await sb._control({"op": "snapshot", "path": str(target), "extra": extra,
+                       "checksums": checksums}, timeout=600.0)
+    plugins = sb.paths.dir / "plugins.pickle"
+    if plugins.exists():
+        shutil.copyfile(plugins, target / "plugins.pickle")
+    return target
+
+
+async def restore(cls: type[AsyncSandbox], snapshot: str | os.PathLike[str], *, name: str,
+                  secrets: Sequence[Secret | Mapping[str, Any]] | None, detached: bool,
+                  labels: Mapping[str, str] | None, boot_timeout: float) -> AsyncSandbox:
+    """A new sandbox ``name`` from ``snapshot`` (see :meth:`AsyncSandbox.restore`).
+
+    Example::
+
+        sb = await restore(AsyncSandbox, "warm", name="a", secrets=None, detached=False,
+                           labels=None, boot_timeout=120)
+    """
+    validate_name(name)
+    if not isinstance(boot_timeout, int | float) or boot_timeout <= 0:
+        raise SandboxConfigError(f"bad boot_timeout {boot_timeout!r}: seconds > 0")
+    path = resolve(snapshot)
+    info = await asyncio.to_thread(SnapshotInfo.of, path)
+    extra = load_manifest(path)["extra"]
+    src_cfg = SandboxConfig.from_json(extra["config"])
+    secret_list = parse_secrets(secrets)
+    want = {s.env for s in src_cfg.secrets}
+    if want != {s.env for s in secret_list}:
+        raise SandboxConfigError(
+            f"snapshot {info.name!r} is of a sandbox with secrets {sorted(want)}: their values "
+            f"are never stored, pass them with secrets=")
+    merged = dict(src_cfg.labels)
+    merged.update(labels or {})
+    cfg = dataclasses.replace(src_cfg, name=name, detached=detached, labels=merged)
+    db = StateDB()
+    paths = SandboxPaths.of(name)
+    db.insert(name, config_json=cfg.to_json(), labels=cfg.labels, sandbox_dir=paths.dir)
+    ok = False
+    try:
+        if paths.dir.exists():
+            _launch.remove_files(paths, None)
+        paths.dir.mkdir(parents=True, mode=0o700)
+        paths.root.mkdir(mode=0o700)
+        launch = dict(extra.get("launch", {}))
+        launch.update({"config": cfg.to_json(), "db": str(db.path),
+                       "boot_timeout": float(boot_timeout),
+                       "prepared": {"record_dir": None, "upper_disk": None},
+                       "restore": {"snapshot": str(path)}})
+        plugins = {}
+        if (path / "plugins.pickle").exists():
+            import pickle
+
+            plugins = pickle.loads((path / "plugins.pickle").read_bytes())
+        _launch.write_launch(paths, launch, plugins)
+        await asyncio.to_thread(_launch.spawn_supervisor, paths, name, secret_list,
+                                detached=detached, timeout=float(boot_timeout) + 30)
+        ok = True
+    finally:
+        if not ok:
+            _launch.remove_files(paths, None)
+            db.delete(name)
+    return cls(name, db=db)
+
+
+def _free_names(base: str, n: int, db: StateDB) -> list[str]:
+    out: list[str] = []
+    k = 1
+    while len(out) < n:
+        cand = f"{base}-fork-{k}"
+        k += 1
+        try:
+            db.get(cand)
+        except SandboxNotFound:
+            out.append(cand)
+    return out
+
+
+async def fork_many(sb: AsyncSandbox, n: int, *, names: Sequence[str] | None,
+                    secrets: Sequence[Secret | Mapping[str, Any]] | None,
+                    detached: bool) -> list[AsyncSandbox]:
+    """``n`` forks of a running sandbox through one hidden template (see module doc).
+
+    Example::
+
+        forks = await fork_many(sb, 3, names=None, secrets=None, detached=False)
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 64:
+        raise SandboxConfigError(f"bad fork count {n!r}: an integer from 1 to 64")
+    if names is not None:
+        names = list(names)
+        if len(names) != n or len(set(names)) != n:
+            raise SandboxConfigError(f"fork names {names!r}: need {n} distinct names")
+        for x in names:
+            validate_name(x)
+    want = {s.env for s in sb.config.secrets}
+    if want != {s.env for s in parse_secrets(secrets)}:
+        raise SandboxConfigError(
+            f"sandbox {sb.name!r} has secrets {sorted(want)}: a fork's proxy holds its own "
+            f"copy, pass their values with secrets=")
+    chosen = names if names is not None else _free_names(sb.name, n, sb.db)
+    template = snapshots_root() / f".fork-{sb.name}-{time.time_ns()}"
+    out: list[AsyncSandbox] = []
+    try:
+        await take(sb, template, checksums=False)
+        for nm in chosen:
+            out.append(await restore(type(sb), template, name=nm, secrets=secrets,
+                                     detached=detached, labels=None, boot_timeout=120.0))
+    except BaseException:
+        for f in out:
+            with contextlib.suppress(SandboxError):
+                await type(sb)._remove(f.name, timeout=5.0, db=f.db)
+        raise
+    finally:
+        # the forks map the template's RAM privately: the mapping outlives the file
+        shutil.rmtree(template, ignore_errors=True)
+    return out
+
+
+async def pause(sb: AsyncSandbox) -> None:
+    """Freeze the guest's vCPUs (the supervisor, network and timers stay up).
+
+    Example::
+
+        await pause(sb)
+    """
+    await sb._control({"op": "pause"})
+
+
+async def resume(sb: AsyncSandbox) -> None:
+    """Run a paused guest again and step its clock to the host's (it stood still).
+
+    Example::
+
+        await resume(sb)
+    """
+    await sb._control({"op": "resume"})
+    client = await sb._agent()
+    await client.reconfigure({"clock": {"realtime_ns": time.time_ns()}})
+
+
+def snapshot_target(name: str) -> Path:
+    """Where snapshot ``name`` goes; raises :class:`SnapshotError` when it exists.
+
+    Example::
+
+        snapshot_target("warm")
+    """
+    validate_name(name)
+    path = snapshots_root() / name
+    if path.exists():
+        raise SnapshotError(f"snapshot {name!r} already exists: remove it first or pick "
+                            f"another name")
+    return path
+

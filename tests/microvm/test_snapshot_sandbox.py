@@ -1,0 +1,188 @@
+"""Sandbox snapshots, restore, fork, pause/resume, export/import and the warm pool end to
+end (QEMU TCG, real network: root). One source sandbox for the module."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import rootfs
+from microvm import Sandbox
+from microvm.errors import SandboxConfigError, SnapshotError
+from microvm.sandbox.netwiring import can_create_tap
+from microvm.sandbox.snapshots import (
+    export_snapshot,
+    import_snapshot,
+    list_snapshots,
+    remove_snapshot,
+    snapshots_root,
+)
+from tests.microvm.sandbox_fixtures import busybox_image, sandbox_home_fixture  # noqa: F401
+from tests.support import require_binaries
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
+
+COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.1; done"
+
+
+def _counter(sb: Sandbox) -> int:
+    return int(sb.shell("cat /tmp/counter").stdout_text.strip() or 0)
+
+
+def _identity(sb: Sandbox) -> tuple[str, str]:
+    out = sb.shell("cat /sys/class/net/eth0/address; ip -4 addr show eth0").stdout_text
+    mac = out.splitlines()[0].strip()
+    ip = re.search(r"inet (\S+)", out)
+    assert ip, out
+    return mac, ip.group(1)
+
+
+def _carries_on(sb: Sandbox) -> bool:
+    first = _counter(sb)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if _counter(sb) > first:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.fixture(scope="module")
+def source(sandbox_home: Path) -> Iterator[Sandbox]:
+    require_binaries("qemu-system-x86_64", "tar", "zstd")
+    if not can_create_tap():
+        pytest.skip("needs root for the sandbox network (TAP uplink)")
+    img = busybox_image(rootfs.ImageStore())
+    sb = Sandbox.create("src", image=img, memory=256, network="public_only")
+    sb.shell(f"({COUNTER}) >/dev/null 2>&1 &")
+    sb.shell("echo in-tmp > /tmp/file && echo on-disk > /root/file && sync")
+    yield sb
+    sb.stop()
+    Sandbox.remove("src")
+
+
+@pytest.fixture(scope="module")
+def warm(source: Sandbox) -> str:
+    assert _carries_on(source)
+    info = source.snapshot("warm")
+    assert info.source == "src" and info.memory_mib == 256
+    assert [s.name for s in list_snapshots()] == ["warm"]
+    return "warm"
+
+
+def test_restore_twice_diverges_with_own_identity(source: Sandbox, warm: str) -> None:
+    a = Sandbox.restore(warm, name="ra")
+    b = Sandbox.restore(warm, name="rb")
+    try:
+        for sb in (a, b):
+            assert sb.shell("cat /tmp/file /root/file").stdout_text == "in-tmp\non-disk\n"
+            assert _carries_on(sb), "the background process did not survive the restore"
+        assert a.shell("hostname").stdout_text.strip() == "ra"
+        a.shell("echo only-a > /root/a && sync")
+        assert not b.fs.exists("/root/a") and not source.fs.exists("/root/a")
+        ids = {_identity(s) for s in (source, a, b)}
+        assert len({m for m, _ in ids}) == 3 and len({ip for _, ip in ids}) == 3, ids
+        rnd = {s.shell("head -c 64 /dev/urandom | od -An -tx1").stdout_text for s in (a, b)}
+        assert len(rnd) == 2
+        # each restore's own gateway carries its DNS
+        for sb in (a, b):
+            out = sb.shell("nslookup -type=a host.microvm.internal").stdout_text
+            assert "Address" in out, out
+            assert sb.network.stats()["guest_frames"] > 0
+    finally:
+        for sb in (a, b):
+            sb.stop()
+            Sandbox.remove(sb.name)
+
+
+def test_fork_five_running_sandbox(source: Sandbox) -> None:
+    source.shell("echo before-fork > /tmp/forked")
+    forks = source.fork_many(5)
+    try:
+        assert [f.name for f in forks] == [f"src-fork-{k}" for k in range(1, 6)]
+        macs = set()
+        for f in forks:
+            assert f.shell("cat /tmp/forked").stdout_text == "before-fork\n"
+            assert f.shell("hostname").stdout_text.strip() == f.name
+            macs.add(_identity(f))
+            assert "Address" in f.shell("nslookup -type=a host.microvm.internal").stdout_text
+        assert len(macs) == 5
+        assert _carries_on(source)
+        assert not [p for p in snapshots_root().iterdir() if p.name.startswith(".fork-")]
+    finally:
+        for f in forks:
+            f.stop()
+            Sandbox.remove(f.name)
+
+
+def test_pause_resume_keeps_processes_and_clock(source: Sandbox) -> None:
+    h = source.exec_stream("/bin/sleep", ["3"])
+    source.pause()
+    time.sleep(2)
+    source.resume()
+    assert abs(int(source.shell("date +%s").stdout_text) - time.time()) < 5
+    assert h.wait(30).exit_code == 0
+    assert _carries_on(source)
+
+
+def test_export_import_and_refusals(source: Sandbox, warm: str, tmp_path: Path) -> None:
+    archive = export_snapshot(warm, tmp_path / "warm.tar.zst")
+    info = import_snapshot(archive, "imported")
+    assert info.name == "imported"
+    c = Sandbox.restore("imported", name="rc")
+    try:
+        assert c.shell("cat /root/file").stdout_text == "on-disk\n"
+    finally:
+        c.stop()
+        Sandbox.remove("rc")
+    remove_snapshot("imported")
+    # a corrupted archive is refused on import, nothing kept
+    bad = tmp_path / "bad"
+    shutil.copytree(snapshots_root() / warm, bad)
+    (bad / "disk0.img").chmod(0o600)
+    with open(bad / "disk0.img", "r+b") as f:
+        f.seek(4096)
+        f.write(b"corrupt!")
+    import subprocess
+
+    subprocess.run(["tar", "-I", "zstd", "-cf", str(tmp_path / "bad.tar.zst"), "-C", str(bad),
+                    "."], check=True)
+    with pytest.raises(SnapshotError, match=r"disk0\.img's sha256 does not match"):
+        import_snapshot(tmp_path / "bad.tar.zst", "bad")
+    assert not (snapshots_root() / "bad").exists()
+    # a snapshot of another image digest is refused before anything starts
+    man = json.loads((snapshots_root() / warm / "manifest.json").read_text())
+    lower = [d for d in man["config"]["disks"] if d["readonly"]]
+    assert lower, "the image's lower disk is pinned, not copied"
+    with pytest.raises(SnapshotError, match="already exists"):
+        source.snapshot(warm)
+    with pytest.raises(SnapshotError, match="does not exist"):
+        Sandbox.restore("no-such-snapshot", name="x")
+    with pytest.raises(SandboxConfigError):
+        source.fork_many(0)
+    assert [i.name for i in Sandbox.list()] == ["src"]
+
+
+def test_pool_hands_out_and_refills(source: Sandbox, warm: str) -> None:
+    from microvm import Pool
+
+    with Pool(warm, size=2) as pool:
+        pool.wait_ready(timeout=120)
+        a = pool.acquire()
+        b = pool.acquire()
+        assert a.name != b.name
+        assert a.shell("cat /tmp/file").stdout_text == "in-tmp\n"
+        pool.release(a)
+        pool.wait_ready(timeout=120)
+        assert pool.ready == 2
+        names = {i.name for i in Sandbox.list()}
+        assert b.name in names and a.name not in names
+    assert [i.name for i in Sandbox.list()] == ["src"]
+    remove_snapshot(warm)
+    assert list_snapshots() == []
