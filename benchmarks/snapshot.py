@@ -128,9 +128,12 @@ def run(quick: bool) -> dict[str, Any]:
             f.stop()
             Sandbox.remove(f.name)
     finally:
+        import shutil
+
         pool.close()
         base.stop()
         Sandbox.remove("base")
+        shutil.rmtree(home, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in
            (("cold_s", cold), ("restore_s", restore), ("fork_s", fork),
             ("pool_acquire_s", pool_t))}
