@@ -38,15 +38,21 @@ def test_quick_start_has_examples() -> None:
 def test_quick_start_runs_twice(tmp_path: Path) -> None:
     env = dict(os.environ, MICROVM_HOME=str(tmp_path / "home"),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    for round_ in (1, 2):
-        for i, (lang, code) in enumerate(quick_start_blocks()):
-            argv = [sys.executable, "-c", code] if lang == "python" else ["bash", "-c", code]
-            r = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
-                               timeout=300)
-            assert r.returncode == 0, (f"round {round_}, block {i} ({lang}) failed "
-                                       f"({r.returncode}):\n{code}\n--- stdout\n{r.stdout}"
-                                       f"\n--- stderr\n{r.stderr}")
-            if lang == "python" and "secret" in code:
-                assert "upstream saw: Bearer sk-real" in r.stdout
-                assert "secret_policy_denied" in r.stdout
-                assert "$MSB_API_KEY" in r.stdout
+    blocks = quick_start_blocks()
+    cleanups = [code for lang, code in blocks if lang == "sh" and "kill " in code]
+    try:
+        for round_ in (1, 2):
+            for i, (lang, code) in enumerate(blocks):
+                argv = [sys.executable, "-c", code] if lang == "python" else ["bash", "-c", code]
+                r = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True,
+                                   timeout=300)
+                assert r.returncode == 0, (f"round {round_}, block {i} ({lang}) failed "
+                                           f"({r.returncode}):\n{code}\n--- stdout\n{r.stdout}"
+                                           f"\n--- stderr\n{r.stderr}")
+                if lang == "python" and "secret" in code:
+                    assert "upstream saw: Bearer sk-real" in r.stdout
+                    assert "secret_policy_denied" in r.stdout
+                    assert "$MSB_API_KEY" in r.stdout
+    finally:   # the HTTPS test server the README starts must not outlive a failed run
+        for code in cleanups:
+            subprocess.run(["bash", "-c", code], cwd=tmp_path, env=env, timeout=60)
