@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final, Literal, cast
@@ -269,6 +270,33 @@ class Rule:
             protocols=protocols, port=port, ports=ports,
         )
 
+    @classmethod
+    def parse(cls, text: str) -> Rule:
+        """Parse upstream's CLI rule token ``<action>[:<direction>]@<target>[:<proto>[:<ports>]]``.
+
+        ``target``: ``any``/``*``, ``dns`` (the gateway's resolver: udp+tcp port 53), a
+        group (``public private loopback link-local meta(data) multicast host``), an IPv4
+        address or CIDR, ``[IPv6]`` or ``[IPv6/len]`` (brackets only around IPv6), a
+        domain with a dot, ``domain=NAME``, ``suffix=NAME``, ``*.NAME`` or ``.NAME``;
+        ``proto``: ``any tcp udp icmpv4 icmpv6``; ``ports``: ``any``, ``N`` or ``lo-hi``.
+        Refused with :class:`~netstack.PolicyError`: ICMP with ports, ICMP not egress, a
+        bare word without a dot (with a suggestion), a suffix that is a bare TLD,
+        ``example.com:443`` (write ``example.com:tcp:443``), ``dns`` with a port other
+        than 53, unbracketed IPv6, brackets around anything else.
+
+        >>> Rule.parse("allow@api.example.com:tcp:443").describe()
+        'allow egress domain api.example.com tcp port 443'
+        >>> Rule.parse("deny:any@10.0.0.0/8").describe()
+        'deny any cidr 10.0.0.0/8'
+        >>> Rule.parse("allow@dns").describe()
+        'allow egress group host tcp,udp port 53'
+        >>> Rule.parse("allow@example.com:443")
+        Traceback (most recent call last):
+        ...
+        netstack.errors.PolicyError: rule 'allow@example.com:443': '443' is not a protocol; write the protocol before the port, e.g. 'allow@example.com:tcp:443'
+        """
+        return _parse_rule_token(cls, text)
+
     # -- matching helpers ------------------------------------------------------------
     def applies_to(self, direction: str) -> bool:
         """Whether this rule is consulted for traffic in ``direction``.
@@ -371,3 +399,124 @@ class Rule:
             port=ports_of(d.get("port")),
             ports=ports_of(d.get("ports")),
         )
+
+
+_GROUP_WORDS: Final[dict[str, str]] = {
+    "public": "public", "private": "private", "loopback": "loopback", "host": "host",
+    "link-local": "link_local", "link_local": "link_local", "meta": "metadata",
+    "metadata": "metadata", "multicast": "multicast",
+}
+_TARGET_WORDS: Final[tuple[str, ...]] = ("any", "dns", *_GROUP_WORDS)
+
+
+def _suffix(text: str, token: str) -> Destination:
+    name = text.strip(".")
+    if name and "." not in name:
+        raise PolicyError(f"rule {token!r}: suffix {text!r} is a bare top-level domain (would "
+                          f"match every name under it); name a registrable domain like "
+                          f"'example.{name}'")
+    return Destination.domain_suffix(text)
+
+
+def _target(text: str, token: str) -> tuple[Destination, bool]:
+    """The destination of a rule token, and whether it was ``dns``."""
+    low = text.lower()
+    if not text:
+        raise PolicyError(f"rule {token!r}: no target after '@' (any, dns, a group, an IP, "
+                          f"a CIDR, a domain, suffix=NAME)")
+    if low in ("any", "*"):
+        return Destination.any(), False
+    if low == "dns":
+        return Destination.group("host"), True
+    if low in _GROUP_WORDS:
+        return Destination.group(_GROUP_WORDS[low]), False
+    if low.startswith("domain="):
+        return Destination.domain(text[7:]), False
+    if low.startswith("suffix="):
+        return _suffix(text[7:], token), False
+    if text.startswith("*.") or text.startswith("."):
+        return _suffix(text[2:] if text.startswith("*.") else text[1:], token), False
+    if "/" in text:
+        net = text.split("/", 1)[0]
+        if ":" in net:
+            raise PolicyError(f"rule {token!r}: put an IPv6 CIDR in brackets, e.g. '[{text}]'")
+        return Destination.cidr(text), False
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        addr = None
+    if addr is not None:
+        return Destination.ip(text), False
+    if "." not in text:
+        import difflib
+
+        near = difflib.get_close_matches(low, _TARGET_WORDS, n=1, cutoff=0.6)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise PolicyError(f"rule {token!r}: unknown target {text!r}: {hint}targets are any, "
+                          f"dns, a group ({', '.join(g for g in _GROUP_WORDS if g != 'link_local')}"
+                          f"), an IP, a CIDR, a domain with a dot, domain=NAME or suffix=NAME")
+    return Destination.domain(text), False
+
+
+def _parse_rule_token(cls: type[Rule], text: str) -> Rule:
+    if not isinstance(text, str):
+        raise PolicyError(f"rule must be a string like 'allow@example.com:tcp:443', got {text!r}")
+    token = text.strip()
+    head, at, tail = token.partition("@")
+    if not at:
+        raise PolicyError(f"rule {text!r} has no '@': write <action>[:<direction>]@<target>"
+                          f"[:<proto>[:<ports>]], e.g. 'allow@example.com:tcp:443'")
+    action, _, direction = head.partition(":")
+    try:
+        act = parse_action(action)
+        dirn = parse_direction(direction or "egress")
+    except PolicyError as e:
+        raise PolicyError(f"rule {text!r}: {e}") from None
+    if tail.startswith("["):
+        end = tail.find("]")
+        if end < 0:
+            raise PolicyError(f"rule {text!r}: '[' without a closing ']'")
+        inner, rest = tail[1:end], tail[end + 1:]
+        if ":" not in inner.split("/", 1)[0]:
+            raise PolicyError(f"rule {text!r}: brackets go only around IPv6 addresses, not "
+                              f"{inner!r} (write it without brackets)")
+        if rest and not rest.startswith(":"):
+            raise PolicyError(f"rule {text!r}: expected ':' after ']', got {rest[:1]!r}")
+        fields = rest[1:].split(":") if rest else []
+        try:
+            dest = (Destination.cidr(inner) if "/" in inner else Destination.ip(inner))
+        except PolicyError as e:
+            raise PolicyError(f"rule {text!r}: {e}") from None
+        is_dns = False
+    else:
+        target, *fields = tail.split(":")
+        if len(fields) > 2:
+            raise PolicyError(f"rule {text!r}: too many ':' after the target (an IPv6 address "
+                              f"goes in brackets, e.g. 'allow@[2001:db8::1]:tcp:443')")
+        try:
+            dest, is_dns = _target(target, text)
+        except PolicyError as e:
+            msg = str(e)
+            raise PolicyError(msg if msg.startswith("rule ") else f"rule {text!r}: {msg}") from None
+    if len(fields) > 2:
+        raise PolicyError(f"rule {text!r}: too many fields after the target "
+                          f"(<target>[:<proto>[:<ports>]])")
+    proto = fields[0].lower() if fields else "any"
+    ports = fields[1].lower() if len(fields) > 1 else "any"
+    if proto and proto[0].isdigit():
+        raise PolicyError(f"rule {text!r}: {fields[0]!r} is not a protocol; write the protocol "
+                          f"before the port, e.g. '{act}@{tail.split(':')[0]}:tcp:{fields[0]}'")
+    protos: list[str] = [] if proto == "any" else [proto]
+    if is_dns:
+        if ports not in ("any", "53"):
+            raise PolicyError(f"rule {text!r}: the dns target is port 53 only, got port "
+                              f"{fields[1]!r}")
+        if protos and protos[0] not in ("tcp", "udp"):
+            raise PolicyError(f"rule {text!r}: the dns target is udp or tcp, got {proto!r}")
+        return cls.build(act, destination=dest, direction=dirn,
+                         protocols=protos or ["udp", "tcp"], ports=[53])
+    try:
+        return cls.build(act, destination=dest, direction=dirn, protocols=protos,
+                         ports=[] if ports == "any" else [ports])
+    except PolicyError as e:
+        raise PolicyError(f"rule {text!r}: {e}") from None
