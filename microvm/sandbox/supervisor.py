@@ -34,20 +34,23 @@ import logging
 import os
 import pickle
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from microvm.backends.base import Share, console_tail
 from microvm.errors import MicrovmError
 from microvm.machine import Machine
 from microvm.sandbox import control
 from microvm.sandbox.config import SandboxConfig
-from microvm.sandbox.netwiring import SandboxNet
 from microvm.sandbox.paths import SandboxPaths
 from microvm.sandbox.state import StateDB
-from tls_proxy import Secret
+
+if TYPE_CHECKING:  # the network stack is imported while the guest boots (see ``up``)
+    from microvm.sandbox.netwiring import SandboxNet
+    from tls_proxy import Secret
 
 log = logging.getLogger("microvm.sandbox.supervisor")
 
@@ -61,7 +64,8 @@ _LOG_LEVELS = {"error": logging.ERROR, "warn": logging.WARNING, "info": logging.
 class Supervisor:
     """Brings one sandbox up, serves it, and tears it down (see the module docstring)."""
 
-    def __init__(self, paths: SandboxPaths, launch: dict[str, Any], secrets: list[Secret]) -> None:
+    def __init__(self, paths: SandboxPaths, launch: dict[str, Any],
+                 secrets: list[dict[str, Any]]) -> None:
         self.paths = paths
         self.cfg = SandboxConfig.from_json(launch["config"])
         self.root_plan: dict[str, Any] | None = launch.get("root_plan")
@@ -70,7 +74,8 @@ class Supervisor:
         self.plugins: dict[str, Any] = {}
         if (paths.dir / "plugins.pickle").exists():
             self.plugins = pickle.loads((paths.dir / "plugins.pickle").read_bytes())
-        self.secrets = secrets
+        self._secret_items = secrets
+        self._secrets: list[Secret] | None = None
         self.db = StateDB(Path(launch["db"]))
         self.machine: Machine | None = None
         self.net: SandboxNet | None = None
@@ -97,11 +102,43 @@ class Supervisor:
             shares.append(Share(f"vol{i}", src, readonly=v.readonly, guest_path=v.guest_path))
         return shares
 
+    @property
+    def secrets(self) -> list[Secret]:
+        """The secrets as ``tls_proxy.Secret`` (built, and tls_proxy imported, on first use)."""
+        if self._secrets is None:
+            from tls_proxy import Secret
+
+            self._secrets = [Secret(d["env"], d["value"], d["hosts"],
+                                    placeholder=d["placeholder"], inject=tuple(d["inject"]))
+                             for d in self._secret_items]
+        return self._secrets
+
     async def up(self) -> None:
-        """Network first (the guest config goes into the boot config), then the machine."""
+        """Boot the machine with its network (see :meth:`_start_with_network`), then serve
+        the agent relay and the control socket."""
         cfg = self.cfg
         self.stop_requested = asyncio.Event()
         bootstrap: dict[str, Any] = {"hostname": cfg.hostname or cfg.name, "env": self.boot_env}
+        if cfg.network is not None and not self.launch.get("restore"):
+            client = await self._start_with_network(bootstrap)
+        else:
+            client = await self._start(bootstrap)
+        from microvm.sandbox.relay import AgentRelay
+
+        assert client.ready is not None
+        self.relay = AgentRelay(client, client.ready, on_activity=self._touch)
+        await self.relay.serve_unix(self.paths.agent_sock)
+        await self._install_scripts(client)
+        self.control = await asyncio.start_unix_server(self._control_client,
+                                                       path=str(self.paths.control_sock))
+        os.chmod(self.paths.control_sock, 0o600)
+
+    async def _start(self, bootstrap: dict[str, Any]) -> Any:
+        """Network first (the guest config goes into the boot config), then the machine:
+        the order of a restore (its machine takes the network config) and of no network."""
+        from microvm.sandbox.netwiring import SandboxNet
+
+        cfg = self.cfg
         net_sock = None
         if cfg.network is not None:
             net_sock = self.paths.run / "net.sock"
@@ -137,16 +174,88 @@ class Supervisor:
                 with contextlib.suppress(BaseException):
                     await boot
                 raise
-        client = await boot
-        from microvm.sandbox.relay import AgentRelay
+        return await boot
 
-        assert client.ready is not None
-        self.relay = AgentRelay(client, client.ready, on_activity=self._touch)
-        await self.relay.serve_unix(self.paths.agent_sock)
-        await self._install_scripts(client)
-        self.control = await asyncio.start_unix_server(self._control_client,
-                                                       path=str(self.paths.control_sock))
-        os.chmod(self.paths.control_sock, 0o600)
+    async def _start_with_network(self, bootstrap: dict[str, Any]) -> Any:
+        """Start the VMM at once and build the network (slot, uplink, gateway, TLS proxy)
+        while the guest boots: its config goes with the boot config, after the agent's
+        hello. A network failure stops the boot and fails the start with its own error."""
+        cfg = self.cfg
+        net_sock = self.paths.run / "net.sock"
+        with contextlib.suppress(FileNotFoundError):
+            net_sock.unlink()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(str(net_sock))   # the VMM connects when it starts
+            listener.listen(1)
+            # the guest's MAC is its address plan's: the agent sets it from the network config
+            self.machine = Machine(
+                self.plugins.get("backend") or cfg.backend, cpus=cfg.cpus, memory=cfg.memory,
+                net_socket=net_sock, shares=self._shares(), bootstrap=bootstrap,
+                rundir=self.paths.run, root=self.root_plan,
+                boot_timeout=float(self.launch.get("boot_timeout", 120.0)))
+        except BaseException:
+            listener.close()
+            raise
+        net_config: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        net = asyncio.ensure_future(self._network(listener, net_config))
+        boot = asyncio.ensure_future(self.machine.astart(net_config))
+        try:
+            await asyncio.wait({boot, net}, return_when=asyncio.FIRST_EXCEPTION)
+            if net.done() and not net.cancelled() and net.exception() is not None:
+                boot.cancel()  # fail now, not at the guest's hello
+            client = await boot
+            await net
+            return client
+        except BaseException:
+            if not boot.done():
+                boot.cancel()
+            with contextlib.suppress(BaseException):
+                await boot
+            if self.net is None and not net.done():
+                # building the uplink cannot be interrupted: let it finish, so that the
+                # teardown removes what it made
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(net)
+            if not net.done():
+                net.cancel()
+                with contextlib.suppress(BaseException):
+                    await net
+            if net_config.done() and not net_config.cancelled():
+                net_config.exception()  # retrieved: the network task raises it
+            exc = net.exception() if net.done() and not net.cancelled() else None
+            if exc is not None:
+                raise exc from None
+            raise
+
+    async def _network(self, listener: socket.socket,
+                       config: asyncio.Future[dict[str, Any]]) -> None:
+        """Slot, uplink and CA (their guest config resolves ``config``), then the gateway
+        and the TLS proxy once the VMM connected."""
+        cfg = self.cfg
+
+        def prepare() -> SandboxNet:
+            from microvm.sandbox.netwiring import SandboxNet
+
+            return SandboxNet.prepare(cfg.name, cfg.policy(), listener, secrets=self.secrets,
+                                      uplink_factory=self.plugins.get("uplink"))
+
+        try:
+            self.net = await asyncio.to_thread(prepare)
+        except BaseException as e:
+            listener.close()
+            if isinstance(e, Exception):
+                config.set_exception(e)
+            else:
+                config.cancel()
+            raise
+        extra: dict[str, Any] = {"network": self.net.guest_config()}
+        pem = self.net.ca_pem()
+        if pem:
+            extra["ca_certs"] = [pem]
+        config.set_result(extra)
+        await self.net.accept(ports=cfg.ports, dns=cfg.dns, tls=cfg.tls, secrets=self.secrets,
+                              pcap=cfg.pcap, proxy_factory=self.plugins.get("secret_proxy"))
 
     async def _install_scripts(self, client: Any) -> None:
         for name, body in self.cfg.scripts.items():
@@ -299,12 +408,13 @@ class Supervisor:
                 p.unlink()
 
 
-def _read_secrets(stdin: Any) -> list[Secret]:
+def _read_secrets(stdin: Any) -> list[dict[str, Any]]:
+    """The secrets line as dicts (``Supervisor.secrets`` builds them once tls_proxy loads)."""
     line = stdin.readline()
     if not line.strip():
         return []
-    return [Secret(d["env"], d["value"], d["hosts"], placeholder=d["placeholder"],
-                   inject=tuple(d["inject"])) for d in json.loads(line)]
+    items: list[dict[str, Any]] = json.loads(line)
+    return items
 
 
 def _report(msg: dict[str, Any]) -> None:
