@@ -100,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 
 
 @click.group()
+@click.version_option(package_name="microvm-sandbox", prog_name="microvm",
+                      message="%(prog)s %(version)s")
 def cli() -> None:
     """Boot microVMs and run commands in them.
 
@@ -438,6 +440,12 @@ def _stream(
 from microvm.ssh.cli import ssh as _ssh_group  # noqa: E402  (microvm ssh ...)
 
 cli.add_command(_ssh_group)
+
+from microvm import cli_manage as _cli_manage  # noqa: E402
+from microvm import cli_sandbox as _cli_sandbox  # noqa: E402
+
+_cli_sandbox.register(cli)
+_cli_manage.register(cli)
 
 
 if __name__ == "__main__":
