@@ -182,21 +182,23 @@ def bench_rig(mtu: int | None = None) -> Iterator[Bench]:
             subprocess.run(["sleep", "0.1"], check=True)
         yield Bench(topo, uplink, gateway, servers, pump)
     finally:
-        for proc in servers:
-            proc.kill()
-            proc.wait(10)
-            if proc.stdout is not None:
-                proc.stdout.close()
-        if gateway is not None:
-            gateway.close()
-        if pump is not None:
-            pump.stop()
-        if topo is not None:
-            topo.close()  # deleting the namespaces deletes the direct veth too
-        if uplink is not None:
-            uplink.close()
-        cleanup_stale(home)
+        # a forked helper (pyroute2's NetNS) inherits this frame: should it ever unwind,
+        # it must not tear down the parent's rig
         if os.getpid() == owner:
+            for proc in servers:
+                proc.kill()
+                proc.wait(10)
+                if proc.stdout is not None:
+                    proc.stdout.close()
+            if gateway is not None:
+                gateway.close()
+            if pump is not None:
+                pump.stop()
+            if topo is not None:
+                topo.close()  # deleting the namespaces deletes the direct veth too
+            if uplink is not None:
+                uplink.close()
+            cleanup_stale(home)
             shutil.rmtree(tmp, ignore_errors=True)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
@@ -207,7 +209,13 @@ def _unwind_on_signals() -> dict[int, Any]:
     if threading.current_thread() is not threading.main_thread():
         return {}
 
+    owner = os.getpid()
+
     def handler(signum: int, frame: object) -> None:
+        if os.getpid() != owner:
+            # a forked helper (pyroute2's NetNS is one) inherits this handler: unwinding
+            # there would run the parent's cleanups (Topology deleting its namespaces)
+            os._exit(128 + signum)
         raise SystemExit(128 + signum)
 
     return {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
