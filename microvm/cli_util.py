@@ -89,7 +89,7 @@ def exec_error_status(err: BaseException) -> int:
     kind = getattr(err, "kind", "")
     if kind == "not_found":
         return EXIT_NOT_FOUND
-    if kind in ("permission_denied", "not_executable"):
+    if kind in ("permission_denied", "not_executable", "bad_cwd"):
         return EXIT_CANNOT_RUN
     return EXIT_OURS
 
