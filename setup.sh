@@ -38,7 +38,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # setuptools >= 77 reads the SPDX `license = "..."` string without deprecation warnings.
 "$VPY" -m pip install -q --upgrade pip 'setuptools>=77' wheel 'cffi>=1.16'
 # -qq: errors only (setuptools' informational "Editable installation" note is not one)
-"$VPY" -m pip install -qq --no-build-isolation -e '.[test]'
+"$VPY" -m pip install -qq --no-build-isolation -e '.[test,ray]'
 
 # Guest kernel (libkrunfw) into vendor/, verified against pinned sha256s.
 "$VPY" -m microvm kernel fetch --dest vendor

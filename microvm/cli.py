@@ -440,12 +440,18 @@ def _stream(
 from microvm.ssh.cli import ssh as _ssh_group  # noqa: E402  (microvm ssh ...)
 
 cli.add_command(_ssh_group)
+from microvm.fleet.cli import fleet as _fleet_group  # noqa: E402  (microvm fleet ...)
+
+cli.add_command(_fleet_group)
 
 from microvm import cli_manage as _cli_manage  # noqa: E402
 from microvm import cli_sandbox as _cli_sandbox  # noqa: E402
 
+from microvm.cli_doctor import doctor_cmd as _doctor_cmd  # noqa: E402
+
 _cli_sandbox.register(cli)
 _cli_manage.register(cli)
+cli.add_command(_doctor_cmd)
 
 
 if __name__ == "__main__":
