@@ -446,7 +446,6 @@ cli.add_command(_fleet_group)
 
 from microvm import cli_manage as _cli_manage  # noqa: E402
 from microvm import cli_sandbox as _cli_sandbox  # noqa: E402
-
 from microvm.cli_doctor import doctor_cmd as _doctor_cmd  # noqa: E402
 
 _cli_sandbox.register(cli)
