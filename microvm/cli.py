@@ -444,6 +444,7 @@ from microvm.fleet.cli import fleet as _fleet_group  # noqa: E402  (microvm flee
 
 cli.add_command(_fleet_group)
 
+from microvm import cli_images as _cli_images  # noqa: E402
 from microvm import cli_manage as _cli_manage  # noqa: E402
 from microvm import cli_sandbox as _cli_sandbox  # noqa: E402
 from microvm.cli_doctor import doctor_cmd as _doctor_cmd  # noqa: E402
@@ -451,6 +452,7 @@ from microvm.cli_doctor import doctor_cmd as _doctor_cmd  # noqa: E402
 _cli_sandbox.register(cli)
 _cli_manage.register(cli)
 cli.add_command(_doctor_cmd)
+_cli_images.register(cli)
 
 
 if __name__ == "__main__":
