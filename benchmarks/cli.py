@@ -1,0 +1,113 @@
+"""CLI benchmark: what the ``microvm`` command adds on top of the library.
+
+Same image (busybox), 512 MiB guests, network ``none``, in a private ``$MICROVM_HOME``;
+the two paths interleaved per round:
+
+* ``cli_run_s``: wall time of ``microvm run --rm --net none IMAGE true`` (a new Python
+  process: imports, create, exec, stop, remove), median;
+* ``library_run_s``: ``Sandbox.create`` + ``exec("true")`` + ``Sandbox.remove`` in this
+  process, median;
+* ``cli_vs_library_ratio`` = ``library_run_s / cli_run_s`` (target >= 0.9: the command
+  adds little);
+* ``exec_ms``: ``microvm exec NAME true`` round trip on a running sandbox (a new process
+  each time), median; ``library_exec_ms`` the same exec in-process.
+
+    python -m benchmarks.cli [--quick]     # last line: one JSON object
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import rootfs
+from benchmarks._sandbox_rig import busybox_root
+
+IMAGE = "local/clibench:1"
+
+
+def _cli(*argv: str) -> float:
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "microvm", *argv], check=True,
+                   stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
+def run(quick: bool) -> dict[str, Any]:
+    """Measure (see the module docstring); returns the result dict.
+
+    Example::
+
+        print(run(quick=True)["cli_vs_library_ratio"])
+    """
+    from microvm import Sandbox
+
+    rounds = 3 if quick else 7
+    execs = 10 if quick else 30
+    home = Path(tempfile.mkdtemp(prefix="clibench-home-"))
+    old = os.environ.get("MICROVM_HOME")
+    os.environ["MICROVM_HOME"] = str(home)
+    try:
+        work = Path(tempfile.mkdtemp(prefix="clibench-root-", dir=home))
+        rootfs.build_image(busybox_root(work / "root"), IMAGE, rootfs.ImageStore(),
+                           config={"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]})
+        shutil.rmtree(work)
+        cli_s: list[float] = []
+        lib_s: list[float] = []
+        for i in range(rounds + 1):          # round 0 warms caches (prepared root, kvm probe)
+            c = _cli("run", "--rm", "--name", f"clib{i}", "--net", "none", IMAGE, "true")
+            t = time.perf_counter()
+            sb = Sandbox.create(f"libb{i}", image=IMAGE, network="none")
+            sb.exec("true")
+            sb.close()
+            Sandbox.remove(f"libb{i}")
+            lib = time.perf_counter() - t
+            if i:
+                cli_s.append(c)
+                lib_s.append(lib)
+        sb = Sandbox.create("clibexec", image=IMAGE, network="none", detached=True)
+        try:
+            exec_cli = [_cli("exec", "clibexec", "true") for _ in range(execs)]
+            exec_lib = []
+            for _ in range(execs):
+                t = time.perf_counter()
+                sb.exec("true")
+                exec_lib.append(time.perf_counter() - t)
+        finally:
+            sb.close()
+            Sandbox.remove("clibexec")
+        cli_run, lib_run = statistics.median(cli_s), statistics.median(lib_s)
+        return {
+            "benchmark": "cli", "quick": quick, "rounds": rounds,
+            "cli_run_s": round(cli_run, 3), "library_run_s": round(lib_run, 3),
+            "cli_vs_library_ratio": round(lib_run / cli_run, 3),
+            "exec_ms": round(statistics.median(exec_cli) * 1000, 1),
+            "library_exec_ms": round(statistics.median(exec_lib) * 1000, 1),
+        }
+    finally:
+        if old is None:
+            os.environ.pop("MICROVM_HOME", None)
+        else:
+            os.environ["MICROVM_HOME"] = old
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def main() -> None:
+    """``python -m benchmarks.cli [--quick]``: the last line printed is the JSON result."""
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="3 rounds, 10 execs")
+    ns = ap.parse_args()
+    print(json.dumps(run(ns.quick)))
+
+
+if __name__ == "__main__":
+    main()
