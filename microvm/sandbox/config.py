@@ -357,8 +357,12 @@ class TlsOptions:
 
     Example::
 
-        >>> TlsOptions(upstream_ca_certs=("/etc/ssl/private-ca.pem",)).ports
+        >>> TlsOptions(bypass=("*.bank.example",)).ports
         (443,)
+        >>> TlsOptions(upstream_ca_certs=("/no/such-ca.pem",))   # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        microvm.errors.SandboxConfigError: tls upstream CA file '/no/such-ca.pem' does not exist
     """
 
     upstream_ca_certs: tuple[str, ...] = ()
