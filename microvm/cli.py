@@ -455,5 +455,18 @@ cli.add_command(_doctor_cmd)
 _cli_images.register(cli)
 
 
+def _add_version(group: click.Group) -> None:
+    """``--version`` on every command and subcommand (as on the group)."""
+    for cmd in group.commands.values():
+        if not any(p.name == "version" for p in cmd.params):
+            click.version_option(package_name="microvm-sandbox", prog_name="microvm",
+                                 message="%(prog)s %(version)s")(cmd)
+        if isinstance(cmd, click.Group):
+            _add_version(cmd)
+
+
+_add_version(cli)
+
+
 if __name__ == "__main__":
     main()

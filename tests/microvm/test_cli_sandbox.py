@@ -200,6 +200,8 @@ def test_stop_start_rm(home: Path) -> None:
 def test_version_and_help_examples() -> None:
     r = cli("--version", check=0)
     assert r.stdout.decode().startswith("microvm ")
+    for cmd in (["run"], ["exec"], ["image", "ls"], ["net", "explain"], ["doctor"]):
+        assert cli(*cmd, "--version", check=0).stdout == r.stdout
     for cmd in ("run", "create", "exec", "ls", "cp", "attach", "net"):
         h = cli(cmd, "--help", check=0).stdout.decode()
         assert "microvm " in h.split("Example", 1)[-1], cmd
