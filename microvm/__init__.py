@@ -30,12 +30,13 @@ from microvm.errors import (
     SandboxNotRunning,
     SnapshotError,
 )
-from microvm.machine import Machine
-from microvm.pool import Pool
 
-# ``Sandbox`` pulls in netstack, tls_proxy and rootfs: imported on first use (type checkers
-# see the real classes, not the ``object`` that ``__getattr__`` is declared to return)
+# Everything but the errors is imported on first use (``Machine`` pulls in rootfs and the
+# kernel module, ``Sandbox`` netstack and tls_proxy): ``import microvm`` stays cheap for
+# the CLI and the supervisor. Type checkers see the real classes.
 if TYPE_CHECKING:
+    from microvm.machine import Machine
+    from microvm.pool import Pool
     from microvm.sandbox import (
         AsyncSandbox,
         DnsOptions,
@@ -45,14 +46,20 @@ if TYPE_CHECKING:
         TlsOptions,
     )
 
-_LAZY = {"Sandbox", "AsyncSandbox", "ExecOutput", "SandboxInfo", "DnsOptions", "TlsOptions"}
+_LAZY = {"Sandbox": "microvm.sandbox", "AsyncSandbox": "microvm.sandbox",
+         "ExecOutput": "microvm.sandbox", "SandboxInfo": "microvm.sandbox",
+         "DnsOptions": "microvm.sandbox", "TlsOptions": "microvm.sandbox",
+         "Machine": "microvm.machine", "Pool": "microvm.pool"}
 
 
 def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        import microvm.sandbox as _sb
+    module = _LAZY.get(name)
+    if module is not None:
+        import importlib
 
-        return getattr(_sb, name)
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'microvm' has no attribute {name!r}")
 
 
