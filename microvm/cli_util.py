@@ -54,7 +54,8 @@ class Failure(click.ClickException):
 
     def __init__(self, message: str, code: int = EXIT_OURS) -> None:
         super().__init__(one_line(message))
-        self.exit_code = code
+        # click >= 8.2 declares exit_code a ClassVar; this instance's code shadows it
+        vars(self)["exit_code"] = code
 
 
 def one_line(text: object) -> str:
