@@ -65,6 +65,8 @@ __all__ = ["MapResult", "PooledSandbox", "RaySandboxPool"]
 DRIVER_GRACE = 15.0
 #: consecutive failed sandbox starts after which the pool stops trying
 MAX_START_FAILURES = 6
+#: a node where Ray lost a sandbox actor gets no new sandbox for this long (seconds)
+SUSPECT_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -270,6 +272,7 @@ class RaySandboxPool:
             raise FleetConfigError(f"bad boot_timeout {boot_timeout!r}: seconds > 0")
         self._boot_timeout = float(boot_timeout)
         self._own_ray = False
+        self._suspect: dict[str, float] = {}
         if not ray.is_initialized():
             try:
                 ray.init(address=address or "auto", logging_level=logging.WARNING,
@@ -315,8 +318,11 @@ class RaySandboxPool:
     def _capacity(self) -> dict[str, int]:
         """Alive node id -> the sandbox slots it advertises (capped by ``per_node``)."""
         out: dict[str, int] = {}
+        now = time.monotonic()
         for n in ray.nodes():
             slots = int(n.get("Resources", {}).get("microvm", 0))
+            if self._suspect.get(str(n["NodeID"]), 0.0) > now:
+                continue            # a sandbox there just died: maybe the node did
             if n.get("Alive") and slots >= 1:
                 out[str(n["NodeID"])] = min(slots, self.per_node or slots)
         return out
@@ -363,14 +369,19 @@ class RaySandboxPool:
                         _first_line(e))
             self._last_error = _first_line(e)
             self._start_failures += 1
-            self._retire(slot)
+            self._retire(slot, suspect=isinstance(e, _ray_errors()))
             return
         slot.start_ref = None
         self._start_failures = 0
         slot.state = "idle" if not self._closed else slot.state
 
-    def _retire(self, slot: _Slot, *, replace: bool = True) -> None:
-        """Forget a sandbox that died or stopped answering (killed); start a new one."""
+    def _retire(self, slot: _Slot, *, replace: bool = True, suspect: bool = False) -> None:
+        """Forget a sandbox that died or stopped answering (killed); start a new one.
+        ``suspect``: Ray lost the actor, so its node may be dying too: place nothing
+        there for :data:`SUSPECT_SECONDS` (Ray marks a dead node only after its health
+        checks time out)."""
+        if suspect:
+            self._suspect[slot.node_id] = time.monotonic() + SUSPECT_SECONDS
         slot.state = "dead"
         slot.start_ref = None
         with contextlib.suppress(Exception):
@@ -612,7 +623,7 @@ class RaySandboxPool:
                         try:
                             status, value = ray.get(ref)
                         except errors as e:
-                            self._retire(slot)
+                            self._retire(slot, suspect=True)
                             yield from failed(i, slot, f"sandbox {slot.name} or its node "
                                                        f"died: {_first_line(e)}")
                             continue
@@ -625,7 +636,7 @@ class RaySandboxPool:
                                                         sandbox=slot.name))
                             continue
                         if status == "dead":
-                            self._retire(slot)
+                            self._retire(slot, suspect=True)
                             yield from failed(i, slot, value)
                             continue
                         if slot.state == "busy":
