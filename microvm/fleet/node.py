@@ -1,9 +1,10 @@
 """Node set-up for a fleet: check this machine can run sandboxes, then join Ray.
 
 ``microvm fleet node --slots N [--address HEAD]`` (:mod:`microvm.fleet.cli`) runs
-:func:`node_problems` (QEMU installed, a guest kernel fetched, and for networked
-sandboxes ``/dev/net/tun`` plus root or CAP_NET_ADMIN for the TAP uplink, Ray
-installed); the first problem refuses the join in one line (:class:`NodeRefused`).
+:func:`node_problems` (Ray installed, then ``microvm doctor``'s checks: QEMU, the
+accelerator, a guest kernel, the guest agent, ``$MICROVM_HOME``, and for networked
+sandboxes the TAP uplink's ``/dev/net/tun`` plus root or CAP_NET_ADMIN); the first
+problem refuses the join in one line (:class:`NodeRefused`).
 Otherwise it sweeps this ``$MICROVM_HOME`` for stopped leftovers of fleet sandboxes
 (:func:`sweep_home`: a node that died keeps its stopped records) and runs
 ``ray start`` (:func:`ray_start_argv`) with ``--resources '{"microvm": N}'`` (one unit per
@@ -37,41 +38,25 @@ POOL_LABEL = "microvm.fleet.pool"
 
 
 def node_problems(*, network: bool = True) -> list[str]:
-    """Why this machine cannot run fleet sandboxes (empty: it can), checked in order:
-    Ray, QEMU, the guest kernel, and with ``network`` the TAP uplink's needs.
+    """Why this machine cannot run fleet sandboxes (empty: it can): Ray installed, then
+    ``microvm doctor``'s required checks (QEMU, accelerator, kernel, guest agent,
+    ``$MICROVM_HOME``), and with ``network`` its TAP uplink check (``/dev/net/tun`` and
+    root or CAP_NET_ADMIN), each as ``"<check>: <found>; fix: <fix>"``.
 
     Example::
 
-        for why in node_problems():
+        for why in node_problems(network=False):
             print(why)
     """
     problems: list[str] = []
     if importlib.util.find_spec("ray") is None:
-        problems.append(f"Ray is not installed: {INSTALL_HINT}")
-    from microvm.backends import get_backend
-    from microvm.errors import BackendUnavailable, KernelError
+        problems.append(f"Ray is not installed; fix: {INSTALL_HINT}")
+    from microvm.cli_doctor import doctor_checks
 
-    try:
-        get_backend("qemu").check()
-    except BackendUnavailable as e:
-        problems.append(f"QEMU cannot run here: {str(e).splitlines()[0]}")
-    from microvm.kernel import find_kernel
-
-    try:
-        if find_kernel() is None:
-            problems.append("no guest kernel fetched: run `microvm kernel fetch`")
-    except KernelError as e:
-        problems.append(f"guest kernel: {e}")
-    if network:
-        if not os.path.exists("/dev/net/tun"):
-            problems.append("/dev/net/tun is missing (networked sandboxes need a TAP "
-                            "uplink; load the tun module, or use --no-network)")
-        else:
-            from microvm.sandbox.netwiring import can_create_tap
-
-            if not can_create_tap():
-                problems.append("networked sandboxes need root or CAP_NET_ADMIN for their "
-                                "TAP uplink (run as root, or use --no-network)")
+    for c in doctor_checks():
+        if c.ok or not (c.required or (network and c.name == "tap uplink")):
+            continue
+        problems.append(f"{c.name}: {c.detail}" + (f"; fix: {c.fix}" if c.fix else ""))
     return problems
 
 

@@ -228,8 +228,9 @@ def test_node_that_cannot_run_sandboxes_refuses_to_join(tmp_path: Path) -> None:
                        text=True, timeout=120, env=env)
     assert r.returncode == 1, r
     assert r.stderr.strip().splitlines() == [
-        f"microvm: NodeRefused: this node cannot run sandboxes: guest kernel: "
-        f"MICROVM_KERNEL={str(tmp_path / 'no-kernel')!r} is not a file"], r.stderr
+        f"microvm: NodeRefused: this node cannot run sandboxes: kernel: "
+        f"MICROVM_KERNEL={str(tmp_path / 'no-kernel')!r} is not a file; fix: unset "
+        f"MICROVM_KERNEL or point it at a file"], r.stderr
     r = subprocess.run([sys.executable, "-m", "microvm", "fleet", "node", "--slots", "0"],
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "bad --slots 0: an integer from 1 to 4096" in r.stderr, r
