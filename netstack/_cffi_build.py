@@ -174,6 +174,7 @@ typedef struct ns_gw_config {
     uint16_t published_udp[16];
     uint8_t gateway_ip6[16];
     uint8_t dns_tcp_reset;
+    uint8_t uplink_stream;
 } ns_gw_config;
 typedef struct ns_gw_event {
     uint8_t kind, verdict, direction, pad;

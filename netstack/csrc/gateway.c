@@ -25,6 +25,10 @@
  *  - uplink -> guest: only replies of allowed flows (ns_ctx_reply_lookup) and
  *    ARP pass; replies of pending flows pass only without payload.
  *  - injected frames (DNS answers) go to the guest.
+ * The uplink is a TAP fd (one read/write = one frame, optionally with a virtio-net
+ * header) or, with uplink_stream, a stream socket carrying u32-BE length-prefixed
+ * frames (passt --fd): read in large chunks with partial frames carried over,
+ * written through a buffer flushed when it fills and at the end of every round.
  * Events to the owner: a single-producer/single-consumer ring of fixed slots;
  * when it is full the event is dropped and counted (the loop never waits).
  */
@@ -114,6 +118,12 @@ struct ns_gw {
     size_t co_len;                /* frame bytes (headers + payloads); 0 = empty */
     uint32_t co_next_seq, co_mss, co_segs, co_hl;
     int co_closed;
+    /* a stream uplink (uplink_stream: passt --fd): u32-BE framed both ways */
+    int uplink_alive;
+    uint8_t *uin;                 /* carry-over of partial frames read */
+    size_t uin_len;
+    uint8_t *uout;                /* framed output not yet written */
+    size_t uout_off, uout_len;
     ns_gw_stats st;               /* written by the loop; read racily by stats_get */
 };
 
@@ -530,10 +540,61 @@ size_t ns_gw_build_too_big(const uint8_t *frame, size_t len, uint32_t mtu, const
     return finish_ip(out, cap, frame + 6, frame, src, fr.src, v4 ? 1 : 58, l4, 8 + quote, 2);
 }
 
+static void flush_uplink(ns_gw *g) {
+    while (g->uout_len > g->uout_off) {
+        ssize_t w = write(g->cfg.uplink_fd, g->uout + g->uout_off, g->uout_len - g->uout_off);
+        if (w > 0) {
+            g->uout_off += (size_t)w;
+            continue;
+        }
+        if (w < 0 && errno == EINTR) continue;
+        if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+        g->st.write_errors++;
+        g->uout_off = g->uout_len = 0; /* the uplink is gone */
+        g->uplink_alive = 0;
+        return;
+    }
+    g->uout_off = g->uout_len = 0;
+}
+
+/* One frame (the concatenation of iov[0..n)) to a stream uplink: framed into the
+ * output buffer, written when the buffer fills or at the end of the loop's round.
+ * Returns -1 (and counts a write error) when it does not fit or the uplink died. */
+static ssize_t uplink_stream_put(ns_gw *g, const struct iovec *iov, int n) {
+    size_t len = 0;
+    for (int i = 0; i < n; i++) len += iov[i].iov_len;
+    if (!g->uplink_alive) return -1;
+    if (g->uout_len + 4 + len > STREAM_OUT_CAP / 2) flush_uplink(g);
+    if (g->uout_off > 0 && g->uout_len + 4 + len > STREAM_OUT_CAP) {
+        memmove(g->uout, g->uout + g->uout_off, g->uout_len - g->uout_off);
+        g->uout_len -= g->uout_off;
+        g->uout_off = 0;
+    }
+    if (g->uout_len + 4 + len > STREAM_OUT_CAP) return -1;
+    uint8_t *p = g->uout + g->uout_len;
+    p[0] = (uint8_t)(len >> 24);
+    p[1] = (uint8_t)(len >> 16);
+    p[2] = (uint8_t)(len >> 8);
+    p[3] = (uint8_t)len;
+    p += 4;
+    for (int i = 0; i < n; i++) {
+        memcpy(p, iov[i].iov_base, iov[i].iov_len);
+        p += iov[i].iov_len;
+    }
+    g->uout_len += 4 + len;
+    return (ssize_t)len;
+}
+
+/* A frame without virtio-net header to the uplink (TAP or stream). */
+static ssize_t uplink_plain(ns_gw *g, const struct iovec *iov, int n) {
+    if (g->cfg.uplink_stream) return uplink_stream_put(g, iov, n);
+    return writev(g->cfg.uplink_fd, iov, n);
+}
+
 static void uplink_write(ns_gw *g, struct iovec *iov, int n) {
     /* iov[0] is the virtio-net header: skipped on a plain TAP */
     ssize_t w = g->cfg.uplink_vnet ? writev(g->cfg.uplink_fd, iov, n)
-                                   : writev(g->cfg.uplink_fd, iov + 1, n - 1);
+                                   : uplink_plain(g, iov + 1, n - 1);
     if (w < 0) g->st.write_errors++;
     else g->st.to_uplink++;
 }
@@ -646,7 +707,8 @@ static void to_uplink(ns_gw *g, const uint8_t *frame, size_t len, double now) {
         struct iovec iov[2] = {{(void *)vh, 10}, {(void *)frame, len}};
         w = writev(g->cfg.uplink_fd, iov, 2);
     } else {
-        w = write(g->cfg.uplink_fd, frame, len);
+        struct iovec iov[1] = {{(void *)frame, len}};
+        w = uplink_plain(g, iov, 1);
     }
     if (w < 0) g->st.write_errors++;
     else g->st.to_uplink++;
@@ -1065,25 +1127,70 @@ static void raise_mss(ns_gw *g, uint8_t *d, size_t len) {
     }
 }
 
+static void uplink_frame(ns_gw *g, uint8_t *d, size_t len, double now);
+
 static void read_uplink(ns_gw *g, double now) {
     uint8_t *d = g->rx; /* the guest reader is done with rx by now */
     for (int i = 0; i < BATCH; i++) {
         ssize_t r = read(g->cfg.uplink_fd, d, RX_FRAME);
         if (r < 0 && errno == EINTR) continue;
-        if (r <= 0) return;
-        size_t len = (size_t)r;
+        if (r == 0 || (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) {
+            g->uplink_alive = 0; /* a TAP does not hang up; a socket did */
+            return;
+        }
+        if (r < 0) return;
+        uplink_frame(g, d, (size_t)r, now);
+    }
+}
+
+/* A stream uplink: one large read, then every complete u32-BE framed frame (handled
+ * in place: the buffer is ours), partial frames carried over.  A frame length out of
+ * range means the stream is broken: the uplink is dropped (nothing more is read). */
+static void read_uplink_stream(ns_gw *g, double now) {
+    for (int round = 0; round < 4; round++) {
+        size_t room = STREAM_IN_CAP - g->uin_len;
+        ssize_t r = read(g->cfg.uplink_fd, g->uin + g->uin_len, room < STREAM_READ ? room : STREAM_READ);
+        if (r < 0 && errno == EINTR) continue;
+        if (r == 0 || (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) {
+            g->uplink_alive = 0;
+            return;
+        }
+        if (r < 0) return;
+        g->uin_len += (size_t)r;
+        size_t off = 0;
+        while (g->uin_len - off >= 4) {
+            uint32_t fl = ns_rd32(g->uin + off);
+            if (fl < 14 || fl > NS_MAX_FRAME) {
+                g->uplink_alive = 0;
+                g->uin_len = 0;
+                return;
+            }
+            if (g->uin_len - off < 4 + (size_t)fl) break;
+            uplink_frame(g, g->uin + off + 4, fl, now);
+            off += 4 + (size_t)fl;
+        }
+        if (off) {
+            memmove(g->uin, g->uin + off, g->uin_len - off);
+            g->uin_len -= off;
+        }
+        if ((size_t)r < 65536) return; /* drained for now */
+    }
+}
+
+static void uplink_frame(ns_gw *g, uint8_t *d, size_t len, double now) {
+    {
         if (g->cfg.uplink_vnet) {
             /* no offloads are negotiated (TUNSETOFFLOAD), so the kernel segments and
              * checksums before the TAP; a header that still asks for a checksum
              * gets one, a GSO packet too large for the guest is dropped below */
-            if (len < 10 + 14) continue;
+            if (len < 10 + 14) return;
             uint8_t vh[10];
             memcpy(vh, d, 10);
             memmove(d, d + 10, len - 10);
             len -= 10;
             if (vh[0] & 1) {
                 size_t cs = (size_t)(vh[6] | (vh[7] << 8)), co = (size_t)(vh[8] | (vh[9] << 8));
-                if (cs + co + 2 > len) continue;
+                if (cs + co + 2 > len) return;
                 uint16_t c = csum_fold(csum_add(0, d + cs, len - cs));
                 /* the field held the pseudo-header sum: fold it in */
                 wr16(d + cs + co, c);
@@ -1092,7 +1199,7 @@ static void read_uplink(ns_gw *g, double now) {
         if (g->cfg.guest_mtu && len > 14u + g->cfg.guest_mtu +
                                           ((d[12] == 0x81 && d[13] == 0x00) ? 4u : 0u)) {
             g->st.too_big++; /* never truncated: larger than the guest link carries */
-            continue;
+            return;
         }
         g->st.uplink_frames++;
         g->st.uplink_bytes += len;
@@ -1101,8 +1208,8 @@ static void read_uplink(ns_gw *g, double now) {
         ns_frame fr;
         if (k == 2) { /* flow still waiting for its hello: handshake only */
             pass = ns_parse_frame(d, len, &fr) == NS_PARSE_OK && fr.payload_len == 0;
-        } else if (k == 0 && ns_parse_frame(d, len, &fr) == NS_PARSE_OK && fr.pbit == NS_P_TCP &&
-                   fr.sport == 53 && fr.frag == 0) {
+        } else if (k == 0 && !g->cfg.dns_tcp_reset && ns_parse_frame(d, len, &fr) == NS_PARSE_OK &&
+                   fr.pbit == NS_P_TCP && fr.sport == 53 && fr.frag == 0) {
             /* the forwarder's DNS-over-TCP answers: guest TCP/53 never leaves the
              * uplink namespace (DNATed to the forwarder), so the namespace's conntrack
              * un-NATs only these towards the guest, with the address it asked */
@@ -1231,8 +1338,8 @@ static void *gw_main(void *arg) {
         pfd[1].events = POLLIN;
         pfd[2].fd = guest_events ? g->cfg.guest_fd : -1;
         pfd[2].events = (short)guest_events;
-        pfd[3].fd = g->cfg.uplink_fd;
-        pfd[3].events = POLLIN;
+        pfd[3].fd = g->uplink_alive ? g->cfg.uplink_fd : -1;
+        pfd[3].events = (short)(POLLIN | (g->uout_len > g->uout_off ? POLLOUT : 0));
         for (int i = 0; i < 4; i++) pfd[i].revents = 0;
         int timeout = g->npending ? 100 : 1000;
         int r = poll(pfd, 4, timeout);
@@ -1255,7 +1362,11 @@ static void *gw_main(void *arg) {
             }
         }
         co_flush(g);
-        if (pfd[3].revents & POLLIN) read_uplink(g, now);
+        if (pfd[3].revents & (POLLIN | POLLHUP | POLLERR)) {
+            if (g->cfg.uplink_stream) read_uplink_stream(g, now);
+            else read_uplink(g, now);
+        }
+        if (g->cfg.uplink_stream && g->uout_len > g->uout_off) flush_uplink(g);
         if (g->cfg.guest_mode == NS_GW_STREAM && g->out_len > g->out_off) flush_guest(g);
         if (now - g->last_timer > 0.05) {
             timer(g, now);
@@ -1282,6 +1393,8 @@ static void gw_release(ns_gw *g) {
     free(g->co);
     free(g->in);
     free(g->out);
+    free(g->uin);
+    free(g->uout);
     free(g);
 }
 
@@ -1311,16 +1424,22 @@ ns_gw *ns_gw_new(ns_ctx *ctx, const ns_gw_config *cfg) {
         g->in = (uint8_t *)malloc(STREAM_IN_CAP);
         g->out = (uint8_t *)malloc(STREAM_OUT_CAP);
     }
+    if (cfg->uplink_stream) {
+        g->uin = (uint8_t *)malloc(STREAM_IN_CAP);
+        g->uout = (uint8_t *)malloc(STREAM_OUT_CAP);
+    }
     g->stop_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     g->inject_efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     g->event_efd = eventfd(0, EFD_CLOEXEC);
     if (!g->ring || !g->inject || !g->rx || !g->co || (cfg->guest_mode == NS_GW_STREAM && (!g->in || !g->out)) ||
+        (cfg->uplink_stream && (!g->uin || !g->uout)) || (cfg->uplink_stream && cfg->uplink_vnet) ||
         g->stop_efd < 0 || g->inject_efd < 0 || g->event_efd < 0 ||
         pthread_mutex_init(&g->inject_mu, NULL) != 0) {
         gw_release(g);
         return NULL;
     }
     g->guest_alive = 1;
+    g->uplink_alive = 1;
     return g;
 }
 

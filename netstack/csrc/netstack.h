@@ -161,6 +161,8 @@ typedef struct ns_gw_config {
     uint8_t gateway_ip6[16];   /* the gateway's IPv6 address (all-zero: none); ICMPv6 errors it sends */
     uint8_t dns_tcp_reset;     /* 1: guest DNS over TCP is answered with a RST (an uplink
                                   without a DNAT to the forwarder's listener) */
+    uint8_t uplink_stream;     /* 1: the uplink fd is a stream socket with u32-BE length
+                                  framing (passt --fd, QEMU -netdev stream), not a TAP */
 } ns_gw_config;
 
 typedef struct ns_gw_event {

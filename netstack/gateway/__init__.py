@@ -38,6 +38,7 @@ from netstack.gateway.uplink import (
     has_redirects,
     missing_uplink_members,
 )
+from netstack.gateway.uplink_passt import PasstUplink
 from netstack.gateway.uplink_tap import TapUplink, uplink_names
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "DnsForwarder",
     "ForwarderThread",
     "Gateway",
+    "PasstUplink",
     "PcapWriter",
     "PublishedPort",
     "RedirectingUplink",

@@ -265,6 +265,10 @@ class Gateway:
                                f"{uplink.mtu}) needs an uplink with vnet_hdr (e.g. "
                                f"TapUplink(vnet_hdr=True), the default): the loop cuts "
                                f"large TCP frames back to the uplink's MSS with GSO")
+        forwarded = getattr(uplink, "forwarded_ports", ())
+        if self._mappings and forwarded:
+            raise GatewayError(f"{type(uplink).__name__} forwards published ports itself "
+                               f"(forwarded_ports); give them to the uplink, not the gateway")
         if self._mappings and not has_redirects(uplink):
             raise GatewayError(f"published_ports need an uplink with socket() and redirects "
                                f"(netstack.gateway.RedirectingUplink), got "
@@ -294,6 +298,11 @@ class Gateway:
                hello_timeout: float, event_slots: int, log_denied: bool,
                block_dns_bypass: bool) -> None:
         res, plan = self._res, self.plan
+        #: the uplink frames with a u32-BE length prefix on a stream (passt --fd)
+        self._uplink_stream = bool(getattr(self.uplink, "stream_framing", False))
+        #: published ports the uplink forwards itself (passt's listeners): ingress-checked
+        self._forwarded = tuple(PublishedPort.parse(m) for m in
+                                getattr(self.uplink, "forwarded_ports", ()))
         self.pins = PinCache()
         self.classifier = res.classifier = Classifier(
             policy, gateway=plan.gateway_addresses, pins=self.pins, max_flows=max_flows,
@@ -325,6 +334,9 @@ class Gateway:
         cfg.capture = 1 if res.pcap is not None else 0
         cfg.log_denied = 1 if log_denied else 0
         cfg.uplink_vnet = 1 if self.uplink.vnet_hdr else 0
+        cfg.uplink_stream = 1 if self._uplink_stream else 0
+        if self._uplink_stream:
+            _size_socket_buffers(cfg.uplink_fd)
         ffi.memmove(cfg.gateway_ip, ip16(plan.gateway_ipv4), 16)
         if plan.gateway_ipv6 is not None:
             ffi.memmove(cfg.gateway_ip6, ip16(plan.gateway_ipv6), 16)
@@ -332,11 +344,12 @@ class Gateway:
         cfg.dns_tcp_reset = 0 if redirects else 1
         cfg.guest_mtu = plan.mtu
         cfg.uplink_mtu = self.uplink.mtu
-        guest_ports = sorted({m.guest_port for m in self._mappings if m.protocol == "tcp"})
+        ingress = [*self._mappings, *self._forwarded]
+        guest_ports = sorted({m.guest_port for m in ingress if m.protocol == "tcp"})
         cfg.npublished = len(guest_ports)
         for i, port in enumerate(guest_ports):
             cfg.published[i] = port
-        udp_ports = sorted({m.guest_port for m in self._mappings if m.protocol == "udp"})
+        udp_ports = sorted({m.guest_port for m in ingress if m.protocol == "udp"})
         cfg.npublished_udp = len(udp_ports)
         for i, port in enumerate(udp_ports):
             cfg.published_udp[i] = port
@@ -553,7 +566,8 @@ class Gateway:
         {80: 41234}
         """
         pub = self._res.publisher
-        return dict(pub.ports) if pub is not None else {}
+        return {**{m.guest_port: m.host_port for m in self._forwarded if m.protocol == "tcp"},
+                **(pub.ports if pub is not None else {})}
 
     @property
     def published_udp(self) -> dict[int, int]:
@@ -563,7 +577,8 @@ class Gateway:
         {53: 41235}
         """
         pub = self._res.publisher
-        return dict(pub.udp_ports) if pub is not None else {}
+        return {**{m.guest_port: m.host_port for m in self._forwarded if m.protocol == "udp"},
+                **(pub.udp_ports if pub is not None else {})}
 
     def guest_config(self) -> dict[str, Any]:
         """What the guest needs to configure eth0, resolv.conf and the host alias.

@@ -24,6 +24,15 @@ members. The gateway never asks which kind it got.
   uplink must then carry at most that);
 * ``close()``: release everything (called by the gateway only with ``own_uplink``).
 
+**Optional members** (looked up with ``getattr``; :class:`~netstack.PasstUplink` has both):
+
+* ``stream_framing`` (default False): ``tap_fd`` is a stream socket carrying frames
+  with a 4-byte big-endian length prefix (passt's ``--fd``, QEMU's ``-netdev stream``),
+  read and written as such by the C loop;
+* ``forwarded_ports`` (default ``()``): :class:`~netstack.gateway.PublishedPort` mappings
+  the uplink forwards to the guest itself (e.g. passt's listeners); the C loop
+  ingress-checks their frames like the gateway's own published ports.
+
 **Optional capability** (:class:`RedirectingUplink`: a local network stack on the
 uplink side, such as the TAP uplink's namespace, whose sockets the guest reaches at the
 gateway's addresses):

@@ -21,7 +21,15 @@ from pathlib import Path
 
 import pytest
 
-from netstack import AddressPlan, Gateway, NetworkPolicy, Rule, TapUplink, cleanup_stale
+from netstack import (
+    AddressPlan,
+    Gateway,
+    NetworkPolicy,
+    PasstUplink,
+    Rule,
+    TapUplink,
+    cleanup_stale,
+)
 from netstack.errors import GatewayError, UplinkError
 from netstack.gateway import PublishedPort
 from netstack.gateway.published import PortPublisher
@@ -40,8 +48,25 @@ pytestmark = pytest.mark.timeout(60)
 
 
 class Rig:
-    def __init__(self, topo: Topology, uplink: TapUplink, tmp: Path) -> None:
+    def __init__(self, topo: Topology, uplink: TapUplink | PasstUplink, tmp: Path) -> None:
         self.topo, self.uplink, self.tmp = topo, uplink, tmp
+        self.kind = "passt" if isinstance(uplink, PasstUplink) else "tap"
+
+    def needs_redirects(self, what: str) -> None:
+        """Skip on an uplink without the redirect capability (passt)."""
+        if self.kind == "passt":
+            pytest.skip(f"{what} needs a RedirectingUplink; the passt uplink has none")
+
+    def skip_on_passt(self, why: str, *, only_without_ping: bool = False) -> None:
+        """Skip a TAP-uplink-only scenario on passt (``why``: what passt does not do)."""
+        if self.kind != "passt":
+            return
+        if only_without_ping:
+            lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ping_group_range")
+                      .read_text().split())
+            if lo <= 65534 <= hi:  # nogroup may open ping sockets
+                return
+        pytest.skip(why)
 
     def gateway(self, policy: NetworkPolicy, **kw: object) -> Gateway:
         assert self.topo.vmm_socket is not None
@@ -62,13 +87,20 @@ class Rig:
         return r.stdout + r.stderr
 
 
-@pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
+@pytest.fixture(scope="module", params=["tap", "passt"])
+def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+        ) -> Iterator[Rig]:
+    """The same scenarios over each uplink: the TAP uplink (root) and the passt uplink
+    (passt drops to nobody here; the unprivileged gateway itself is in
+    test_uplink_passt.py)."""
     require_root()
     require_binaries("ip", "nft", "curl", "dig", "ping")
+    if request.param == "passt":
+        require_binaries("passt")
     tmp = tmp_path_factory.mktemp("gwe2e")
+    kw = {"vnet_hdr": True} if request.param == "tap" else {}
     with uplink_and_topology("gw-e2e", AddressPlan(3220), tmp, "e", host_loopback=True,
-                             vnet_hdr=True) as (uplink, topo):
+                             kind=request.param, **kw) as (uplink, topo):
         yield Rig(topo, uplink, tmp)
 
 
@@ -126,6 +158,8 @@ def test_dns_side_doors_refused_even_to_allowed_hosts(rig: Rig) -> None:
         rc, out, took = rig.curl(f"https://{UPSTREAM_IP}:853/")  # DNS over TLS: RST
         assert rc == 7 and took < 5, out
         assert gw.stats()["rst_sent"] >= 1
+    if rig.kind == "passt":
+        return  # passt does not turn a refused host connection into a RST (it times out)
     with rig.gateway(NetworkPolicy.allow_all(), block_dns_bypass=False) as gw:
         rc, out, took = rig.curl(f"https://{UPSTREAM_IP}:853/")  # no server there: refused
         assert rc == 7, out                                     # by the upstream itself
@@ -133,6 +167,7 @@ def test_dns_side_doors_refused_even_to_allowed_hosts(rig: Rig) -> None:
 
 
 def test_icmp_errors_of_allowed_flows_reach_the_guest(rig: Rig) -> None:
+    rig.skip_on_passt("passt does not relay ICMP errors of its sockets' flows to the guest")
     # nothing listens on UDP 9 upstream: its kernel's port unreachable comes back through
     # the uplink and is matched to the guest's allowed flow by the quoted packet
     with rig.gateway(NetworkPolicy.public_only()) as gw:
@@ -172,6 +207,7 @@ def _flush_pmtu(rig: Rig) -> None:
 
 
 def test_the_default_guest_link_and_uplink_are_the_fast_configuration(rig: Rig) -> None:
+    rig.skip_on_passt("passt carries 65520-byte packets: no vnet_hdr/GSO configuration to check")
     from netstack.gateway import SANDBOX_GUEST_MTU, RedirectingUplink, Uplink
 
     assert isinstance(rig.uplink, Uplink) and isinstance(rig.uplink, RedirectingUplink)
@@ -187,6 +223,7 @@ def test_udp_with_df_too_big_for_the_uplink_gets_emsgsize_not_silence(rig: Rig) 
     uplink: the gateway's ICMP "fragmentation needed" makes the guest kernel report
     EMSGSIZE and learn the path MTU 1500. Without DF the gateway fragments it and it
     arrives (the upstream's port unreachable comes back: ECONNREFUSED)."""
+    rig.skip_on_passt("passt's MTU is the guest link's (65520): nothing is too big for it")
     _flush_pmtu(rig)
     try:
         with rig.gateway(NetworkPolicy.public_only()) as gw:
@@ -203,6 +240,7 @@ def test_udp_with_df_too_big_for_the_uplink_gets_emsgsize_not_silence(rig: Rig) 
 
 
 def test_ping_with_df_too_big_for_the_uplink_reports_frag_needed(rig: Rig) -> None:
+    rig.skip_on_passt("passt's MTU is the guest link's (65520): nothing is too big for it")
     _flush_pmtu(rig)
     try:
         with rig.gateway(NetworkPolicy.public_only()) as gw:
@@ -220,6 +258,7 @@ def test_ping_with_df_too_big_for_the_uplink_reports_frag_needed(rig: Rig) -> No
 
 
 def test_icmp_echo_to_allowed_destination_only(rig: Rig) -> None:
+    rig.skip_on_passt("passt (as nobody) needs ping sockets: net.ipv4.ping_group_range", only_without_ping=True)
     with rig.gateway(NetworkPolicy.public_only()):
         r = rig.run(["ping", "-c", "1", "-W", "3", UPSTREAM_IP])
         assert r.returncode == 0, r.stdout + r.stderr
@@ -240,6 +279,7 @@ def test_rebinding_answer_is_nxdomain(rig: Rig) -> None:
 
 
 def test_dns_over_tcp_to_the_gateway(rig: Rig) -> None:
+    rig.needs_redirects("DNS over TCP to the forwarder")
     with rig.gateway(_domain_policy(), rebind_protection=False) as gw:
         out = rig.dig(UPSTREAM_NAME, "+tcp", "+short")
         assert out.strip() == UPSTREAM_IP, out
@@ -255,6 +295,7 @@ def test_dns_over_tcp_to_the_gateway(rig: Rig) -> None:
 
 
 def test_dns_over_tcp_to_another_resolver_goes_there_when_allowed(rig: Rig) -> None:
+    rig.needs_redirects("DNS over TCP to the forwarder")
     # the gateway's own upstream is dead (no server on that TEST-NET address): an answer
     # can only come from the resolver the guest named, reached through the forwarder
     dead = "203.0.113.53"
@@ -369,6 +410,7 @@ def _tls_proxy(gw: Gateway, tmp: Path, ca_file: Path) -> Iterator[str]:
 
 
 def test_tls_interception_injects_secrets_only_for_their_host(rig: Rig) -> None:
+    rig.needs_redirects("intercept_tls")
     policy = NetworkPolicy.custom(rules=[Rule.allow(UPSTREAM_NAME, protocol="tcp"),
                                          Rule.allow("alias.upstream.test", protocol="tcp")])
     with rig.gateway(policy, rebind_protection=False) as gw, \
@@ -401,6 +443,7 @@ def test_tls_interception_injects_secrets_only_for_their_host(rig: Rig) -> None:
 
 
 def test_intercept_tls_bad_ports(rig: Rig) -> None:
+    rig.needs_redirects("intercept_tls")
     with rig.gateway(NetworkPolicy.public_only()) as gw:
         for bad in ([], [0], [70000], [53], "443"):
             with pytest.raises(UplinkError, match="port"):
@@ -459,6 +502,7 @@ def _host_get(port: int) -> tuple[int, str]:
 
 
 def test_published_port_reaches_the_guest(rig: Rig, guest_server: None) -> None:
+    rig.skip_on_passt("passt forwards published ports itself: tests/netstack_gateway/test_uplink_passt.py")
     with rig.gateway(NetworkPolicy.public_only(), published_ports=["0:8000"]) as gw:
         port = gw.published[8000]
         for _ in range(3):
@@ -471,6 +515,7 @@ def test_published_port_reaches_the_guest(rig: Rig, guest_server: None) -> None:
 
 
 def test_published_port_with_an_ingress_deny_rule(rig: Rig, guest_server: None) -> None:
+    rig.skip_on_passt("passt forwards published ports itself: tests/netstack_gateway/test_uplink_passt.py")
     policy = NetworkPolicy.custom(rules=[
         Rule.deny(direction="ingress", protocol="tcp", port=8000),
         Rule.allow(destination="198.51.100.0/24")])
@@ -507,6 +552,7 @@ def test_published_udp_port_per_datagram_ingress_check(rig: Rig) -> None:
     """Host 127.0.0.1:port/udp -> guest UDP echo: an allowed peer gets its echo back (and
     only its own), a peer denied by an ingress rule gets nothing and the guest sees
     nothing of it."""
+    rig.skip_on_passt("passt forwards published ports itself: tests/netstack_gateway/test_uplink_passt.py")
     proc = subprocess.Popen(["ip", "netns", "exec", rig.topo.guest_ns, sys.executable, "-c",
                              _GUEST_UDP_ECHO, str(rig.topo.plan.guest_ipv4)],
                             stdout=subprocess.PIPE, text=True)
@@ -562,6 +608,7 @@ def test_published_udp_port_per_datagram_ingress_check(rig: Rig) -> None:
 
 def test_uplink_frames_to_unpublished_guest_ports_are_dropped(rig: Rig,
                                                              guest_server: None) -> None:
+    rig.skip_on_passt("no uplink namespace to connect from; see test_uplink_passt.py")
     # a connection opened inside the uplink namespace to a guest port that is not
     # published never reaches the guest
     ns = rig.uplink.names["netns"]

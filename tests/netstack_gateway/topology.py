@@ -40,7 +40,7 @@ from pathlib import Path
 import trustme
 from pyroute2 import IPRoute, NetNS, netns
 
-from netstack import AddressPlan, TapUplink, cleanup_stale
+from netstack import AddressPlan, PasstUplink, TapUplink, cleanup_stale
 from netstack.gateway.uplink_tap import uplink_names
 from tests.netstack_gateway.kernel_objects import snapshot
 
@@ -387,11 +387,14 @@ def topology_token(suffix: str) -> str:
 @contextmanager
 def uplink_and_topology(name: str, plan: AddressPlan, tmp: Path, token_suffix: str, *,
                         upstream: bool = True, mode: str = "stream", vfkit: bool = False,
-                        **uplink_kw: bool) -> Iterator[tuple[TapUplink, Topology]]:
-    """A :class:`~netstack.TapUplink` (state under ``tmp/home``) and a :class:`Topology`
-    for one test rig. Both are removed afterwards (also on errors), stale records are
-    cleaned, and the host's namespaces, links and nft tables of ours must then be
-    exactly as before."""
+                        kind: str = "tap", **uplink_kw: bool
+                        ) -> Iterator[tuple[TapUplink | PasstUplink, Topology]]:
+    """A :class:`~netstack.TapUplink` (state under ``tmp/home``; ``kind="passt"``: a
+    :class:`~netstack.PasstUplink`, whose passt leaves the upstream through the host's
+    routes like the TAP uplink's NAT) and a :class:`Topology` for one test rig. Both are
+    removed afterwards (also on errors), stale records are cleaned, and the host's
+    namespaces, links and nft tables of ours must then be exactly as before (and no
+    passt process of the rig may be left)."""
     tokens = (uplink_names(name)["token"], topology_token(token_suffix))
 
     def mine() -> dict[str, set[str]]:  # objects of other processes' rigs do not count
@@ -400,9 +403,13 @@ def uplink_and_topology(name: str, plan: AddressPlan, tmp: Path, token_suffix: s
 
     before = mine()
     home = tmp / "home"
-    uplink = topo = None
+    uplink: TapUplink | PasstUplink | None = None
+    topo = None
     try:
-        uplink = TapUplink(name, plan, home=home, **uplink_kw)
+        if kind == "passt":
+            uplink = PasstUplink(plan, host_loopback=bool(uplink_kw.get("host_loopback")))
+        else:
+            uplink = TapUplink(name, plan, home=home, **uplink_kw)
         topo = Topology(plan, tmp, token=topology_token(token_suffix), upstream=upstream,
                         mode=mode, vfkit=vfkit)
         yield uplink, topo
@@ -411,5 +418,7 @@ def uplink_and_topology(name: str, plan: AddressPlan, tmp: Path, token_suffix: s
             topo.close()
         if uplink is not None:
             uplink.close()
+            if isinstance(uplink, PasstUplink):
+                assert not Path(f"/proc/{uplink.pid}").exists(), "passt left running"
         cleanup_stale(home)
         assert mine() == before
