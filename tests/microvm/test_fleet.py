@@ -280,6 +280,30 @@ def test_map_collects_every_items_output(pool: Any, cluster: Cluster) -> None:
     assert ordered == list(range(6))
 
 
+def test_map_runs_callables_on_the_sandboxes_node(pool: Any, cluster: Cluster) -> None:
+    def sync_fn(sb: Any, x: int) -> tuple[str, str]:      # a blocking Sandbox, in a thread
+        return sb.shell(f"echo $(({x} * 2))").stdout_text, ray.get_runtime_context(
+        ).get_node_id()
+
+    async def async_fn(sb: Any, x: int) -> str:           # the AsyncSandbox itself
+        return (await sb.exec("/bin/echo", [f"a{x}"])).stdout_text
+
+    def boom(sb: Any, x: int) -> None:
+        raise ValueError(f"bad item {x}")
+
+    got = sorted((r.index, r.unwrap()) for r in pool.map(sync_fn, range(4)))
+    assert [v[0] for _, v in got] == ["0\n", "2\n", "4\n", "6\n"]
+    assert {v[1] for _, v in got} <= set(cluster.node_ids.values())
+    assert sorted(r.unwrap() for r in pool.map(async_fn, [1, 2])) == ["a1\n", "a2\n"]
+    [failed] = list(pool.map(boom, [7]))
+    assert not failed.ok and failed.attempts == 1          # its own exception: no retry
+    assert failed.error == "ValueError: bad item 7"
+    from microvm.fleet import ItemFailed
+
+    with pytest.raises(ItemFailed, match=r"item 0 failed after 1 attempt\(s\): ValueError"):
+        failed.unwrap()
+
+
 def test_allowlist_is_enforced_in_every_sandbox(pool: Any, cluster: Cluster) -> None:
     script = (f"wget -q -O - http://{WEB}/allowed; echo rc=$?; "
               f"nslookup -type=a {OTHER} 2>&1; echo rc=$?")
