@@ -362,6 +362,8 @@ class RaySandboxPool:
 
     def _finish_start(self, slot: _Slot) -> None:
         """Collect a finished start: the slot becomes idle, or dead (and is replaced)."""
+        if slot.state != "starting" or slot.start_ref is None:
+            return                  # already collected (by map and acquire both waiting)
         try:
             ray.get(slot.start_ref)
         except Exception as e:
@@ -554,29 +556,33 @@ class RaySandboxPool:
         inflight: dict[Any, _Attempt] = {}
         done: set[int] = set()
         held: dict[int, MapResult] = {}
+        out: list[MapResult] = []           # ready to yield (never yielded under the lock)
         next_out = 0
         errors = _ray_errors()
 
-        def finish(res: MapResult) -> Iterator[MapResult]:
+        def finish(res: MapResult) -> None:
             nonlocal next_out
             if res.index in done:            # a late duplicate: never reported twice
                 return
             done.add(res.index)
             if not ordered:
-                yield res
+                out.append(res)
                 return
             held[res.index] = res
             while next_out in held:
-                yield held.pop(next_out)
+                out.append(held.pop(next_out))
                 next_out += 1
 
-        def failed(i: int, slot: _Slot | None, why: str) -> Iterator[MapResult]:
+        def result(i: int, slot: _Slot, value: Any = None, error: str | None = None
+                   ) -> None:
+            finish(MapResult(i, items[i], value=value, error=error, attempts=attempts[i],
+                             node_id=slot.node_id, sandbox=slot.name))
+
+        def failed(i: int, slot: _Slot, why: str) -> None:
             if attempts[i] <= retries:
-                pending.appendleft(i)
-                return iter(())
-            return finish(MapResult(i, items[i], error=why, attempts=attempts[i],
-                                    node_id=slot.node_id if slot else "",
-                                    sandbox=slot.name if slot else ""))
+                pending.appendleft(i)        # retried first, on another sandbox
+            else:
+                result(i, slot, error=why)
 
         try:
             while len(done) < len(items):
@@ -594,22 +600,31 @@ class RaySandboxPool:
                         ref = slot.actor.run_item.remote(payload, items[i], timeout)
                         inflight[ref] = _Attempt(slot, i, time.monotonic() + timeout +
                                                  DRIVER_GRACE)
-                    starting = {s.start_ref: s for s in self._starting()}
-                    if pending and not inflight and not starting:
+                    if pending and not inflight and not self._starting():
                         self._refill(force=True)
-                        starting = {s.start_ref: s for s in self._starting()}
-                        if not starting and not [s for s in self._slots.values()
-                                                 if s.state == "idle"]:
+                        now = time.monotonic()
+                        waiting = any(t > now for t in self._suspect.values())
+                        if not self._starting() and not waiting and not [
+                                s for s in self._slots.values() if s.state == "idle"]:
                             why = ("no sandbox left to run on"
                                    + (f" (last start error: {self._last_error})"
                                       if self._last_error else ""))
                             while pending:
                                 i = pending.popleft()
-                                yield from finish(MapResult(i, items[i], error=why,
-                                                            attempts=attempts[i]))
-                            continue
+                                finish(MapResult(i, items[i], error=why,
+                                                 attempts=attempts[i]))
+                    starting = {s.start_ref: s for s in self._starting()}
+                yield from out
+                out.clear()
+                if len(done) >= len(items):
+                    break
                 now = time.monotonic()
                 wait_for = list(inflight) + list(starting)
+                if not wait_for:             # nothing to wait on yet: a node is suspect
+                    time.sleep(0.5)
+                    with self._lock:
+                        self._refill()
+                    continue
                 nearest = min((a.deadline for a in inflight.values()), default=now + 1.0)
                 ready, _ = ray.wait(wait_for, num_returns=1,
                                     timeout=max(0.0, min(nearest - now, 1.0)))
@@ -624,46 +639,39 @@ class RaySandboxPool:
                             status, value = ray.get(ref)
                         except errors as e:
                             self._retire(slot, suspect=True)
-                            yield from failed(i, slot, f"sandbox {slot.name} or its node "
-                                                       f"died: {_first_line(e)}")
+                            failed(i, slot, f"sandbox {slot.name} or its node died: "
+                                            f"{_first_line(e)}")
                             continue
                         except Exception as e:    # the actor method itself failed
                             if slot.state == "busy":
                                 slot.state = "idle"
-                            yield from finish(MapResult(i, items[i], error=_first_line(e),
-                                                        attempts=attempts[i],
-                                                        node_id=slot.node_id,
-                                                        sandbox=slot.name))
+                            result(i, slot, error=_first_line(e))
                             continue
                         if status == "dead":
                             self._retire(slot, suspect=True)
-                            yield from failed(i, slot, value)
+                            failed(i, slot, value)
                             continue
                         if slot.state == "busy":
                             slot.state = "idle"
                         if status == "timeout":
-                            yield from failed(i, slot, value)
+                            failed(i, slot, value)
                         elif status == "error":
-                            yield from finish(MapResult(i, items[i], error=value,
-                                                        attempts=attempts[i],
-                                                        node_id=slot.node_id,
-                                                        sandbox=slot.name))
+                            result(i, slot, error=value)
                         else:
-                            yield from finish(MapResult(i, items[i], value=value,
-                                                        attempts=attempts[i],
-                                                        node_id=slot.node_id,
-                                                        sandbox=slot.name))
+                            result(i, slot, value=value)
                     now = time.monotonic()
                     for ref, att in list(inflight.items()):
                         if now >= att.deadline:    # wedged sandbox or unreachable node
                             del inflight[ref]
                             with contextlib.suppress(Exception):
                                 ray.cancel(ref, force=False)
-                            self._retire(att.slot)
-                            yield from failed(att.index, att.slot,
-                                              f"no answer from sandbox {att.slot.name} within "
-                                              f"{timeout + DRIVER_GRACE:g}s")
+                            self._retire(att.slot, suspect=True)
+                            failed(att.index, att.slot,
+                                   f"no answer from sandbox {att.slot.name} within "
+                                   f"{timeout + DRIVER_GRACE:g}s")
                     self._refill()
+                yield from out
+                out.clear()
         finally:
             with self._lock:
                 for att in inflight.values():       # abandoned (generator closed early)

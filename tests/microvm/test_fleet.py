@@ -304,6 +304,15 @@ def test_map_runs_callables_on_the_sandboxes_node(pool: Any, cluster: Cluster) -
         failed.unwrap()
 
 
+def test_an_item_that_times_out_is_retried_then_reported(pool: Any) -> None:
+    results = list(pool.map("[ $1 = slow ] && sleep 30; echo $1", ["slow", "fast"],
+                            timeout=2, max_retries=1))
+    by_item = {r.item: r for r in results}
+    assert len(results) == 2 and by_item["fast"].unwrap().stdout_text == "fast\n"
+    slow = by_item["slow"]
+    assert not slow.ok and slow.attempts == 2 and "timed out after 2" in str(slow.error), slow
+
+
 def test_allowlist_is_enforced_in_every_sandbox(pool: Any, cluster: Cluster) -> None:
     script = (f"wget -q -O - http://{WEB}/allowed; echo rc=$?; "
               f"nslookup -type=a {OTHER} 2>&1; echo rc=$?")
