@@ -286,15 +286,16 @@ class AsyncSandbox:
             be_check = be
         await asyncio.to_thread(be_check.check)
         if cfg.network is not None and uplink is None:
-            from microvm.sandbox.netwiring import can_create_tap
+            from microvm.sandbox.netwiring import can_build_uplink
 
-            if not can_create_tap():
+            if not can_build_uplink():
                 from microvm.errors import NoUplinkError
 
                 raise NoUplinkError(
                     f"sandbox {name!r}: the network policy allows traffic but no uplink can "
                     f"be built here (the TAP uplink needs root or CAP_NET_ADMIN and "
-                    f"/dev/net/tun); run as root, or pass network='none'")
+                    f"/dev/net/tun, the rootless one Debian's passt); run as root, install "
+                    f"passt, or pass network='none'")
         db = StateDB()
         if replace:
             with contextlib.suppress(SandboxError):

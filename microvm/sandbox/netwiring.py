@@ -2,7 +2,8 @@
 and the TLS proxy that injects secrets.
 
 Every piece is a seam: ``uplink_factory(sandbox_name, plan) -> netstack.gateway.Uplink``
-(default :class:`netstack.TapUplink`, root only) and ``proxy_factory(config) ->
+(default: :class:`netstack.TapUplink` when this process may create a TAP (root), else
+:class:`netstack.PasstUplink` (rootless, Debian's passt)) and ``proxy_factory(config) ->
 SecretProxy`` (default :class:`tls_proxy.TlsProxy`). A sandbox with secrets whose uplink
 cannot steer TLS to the proxy refuses to start (:class:`~microvm.errors.SandboxError`):
 a placeholder must never reach an origin un-substituted.
@@ -38,17 +39,20 @@ from netstack.gateway import (
     SANDBOX_GUEST_MTU,
     AddressPlan,
     Gateway,
+    PasstUplink,
     SlotLease,
     TapUplink,
     Uplink,
     allocate_slot,
 )
 from netstack.gateway.uplink import has_redirects
+from netstack.gateway.uplink_passt import find_passt
 from tls_proxy import CertificateAuthority, ProxyConfig, Secret, TlsProxy
 
 log = logging.getLogger("microvm.sandbox.net")
 
-__all__ = ["SandboxNet", "SecretProxy", "can_create_tap", "default_uplink", "tls_home"]
+__all__ = ["SandboxNet", "SecretProxy", "can_build_uplink", "can_create_tap", "default_uplink",
+           "tls_home"]
 
 #: The guest link MTU a sandbox gets (netstack's measured default; the uplink stays 1500)
 GUEST_MTU: int = SANDBOX_GUEST_MTU
@@ -85,21 +89,43 @@ def can_create_tap() -> bool:
     return os.geteuid() == 0 and os.path.exists("/dev/net/tun")
 
 
-def default_uplink(name: str, plan: AddressPlan, host_loopback: bool) -> TapUplink:
-    """The uplink a sandbox gets by default: a TAP uplink with virtio-net headers (GSO).
+def can_build_uplink() -> bool:
+    """True when a sandbox here can get an uplink: a TAP (root) or passt (any user).
 
-    Raises :class:`~microvm.errors.NoUplinkError` when this process may not create one.
+    Example::
+
+        >>> isinstance(can_build_uplink(), bool)
+        True
+    """
+    return can_create_tap() or find_passt() is not None
+
+
+def default_uplink(name: str, plan: AddressPlan, host_loopback: bool) -> Uplink:
+    """The uplink a sandbox gets by default: a TAP uplink with virtio-net headers (GSO)
+    when this process may create one (root), else a rootless passt uplink.
+
+    ``MICROVM_UPLINK=tap|passt`` in the environment forces one kind (e.g. the rootless
+    uplink as root, to try what unprivileged users get). Raises
+    :class:`~microvm.errors.NoUplinkError` when none can be built.
 
     Example::
 
         up = default_uplink("web", AddressPlan(3), host_loopback=False)
     """
-    if not can_create_tap():
-        raise NoUplinkError(
-            "this sandbox's network policy allows traffic, but no uplink can be built: the TAP "
-            "uplink needs root (or CAP_NET_ADMIN) and /dev/net/tun; run as root, or use "
-            "network='none'")
-    return TapUplink(name, plan, vnet_hdr=True, host_loopback=host_loopback)
+    forced = os.environ.get("MICROVM_UPLINK", "")
+    if forced not in ("", "tap", "passt"):
+        raise NoUplinkError(f"MICROVM_UPLINK must be 'tap' or 'passt' (or unset), "
+                            f"got {forced!r}")
+    if forced == "passt":
+        return PasstUplink(plan, host_loopback=host_loopback)
+    if forced == "tap" or can_create_tap():
+        return TapUplink(name, plan, vnet_hdr=True, host_loopback=host_loopback)
+    if find_passt() is not None:
+        return PasstUplink(plan, host_loopback=host_loopback)
+    raise NoUplinkError(
+        "this sandbox's network policy allows traffic, but no uplink can be built: the TAP "
+        "uplink needs root (or CAP_NET_ADMIN) and /dev/net/tun, the rootless one Debian's "
+        "passt (apt-get install passt); or use network='none'")
 
 
 def tls_home() -> Path:

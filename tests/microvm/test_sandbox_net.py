@@ -165,6 +165,7 @@ def test_no_uplink_is_refused_unless_network_none(sandbox_home: Path,
     import microvm.sandbox.netwiring as nw
 
     monkeypatch.setattr(nw, "can_create_tap", lambda: False)  # as an unprivileged process
+    monkeypatch.setattr(nw, "find_passt", lambda *a: None)    # without passt
     with pytest.raises(NoUplinkError, match="network='none'"):
         Sandbox.create("sberr5", image="local/none:1", network="public_only")
     _nothing_started(sandbox_home, "sberr5")

@@ -1,0 +1,77 @@
+"""A real guest on the rootless uplink: ``Sandbox`` with ``network="public_only"`` over
+passt (``MICROVM_UPLINK=passt`` forces the uplink an unprivileged user gets, since this
+test process is root), reaching a host-side test server; a private address is refused
+by the gateway; nothing of passt is left after the sandbox is removed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import rootfs
+from microvm import Sandbox
+from tests.microvm.sandbox_fixtures import (
+    assert_nothing_left,
+    busybox_image,
+    sandbox_home_fixture,  # noqa: F401
+)
+from tests.microvm.sandbox_upstream import UPSTREAM_IP, Upstream
+from tests.support import require_binaries, require_root
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
+NAME = "sbpasst"
+
+
+def _passt_pids() -> set[int]:
+    out = set()
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if Path(f"/proc/{d}/comm").read_text().startswith("passt"):
+                    out.add(int(d))
+            except OSError:
+                continue
+    return out
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
+    require_root()
+    require_binaries("ip", "nft", "passt", "qemu-system-x86_64")
+    with Upstream(tmp_path_factory.mktemp("upstream")) as up:
+        yield up
+
+
+def test_public_only_guest_reaches_a_host_server_through_passt(
+        sandbox_home: Path, upstream: Upstream, kernel: object,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MICROVM_UPLINK", "passt")
+    before = _passt_pids()
+    img = busybox_image(rootfs.ImageStore(), "local/passtbox:1",
+                        config={"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]})
+    sb = Sandbox.create(NAME, image=img, network="public_only")
+    try:
+        assert _passt_pids() - before, "the sandbox's uplink is not passt"
+        r = sb.shell(f"wget -q -O - http://{UPSTREAM_IP}/through-passt")
+        out = r.stdout_text + r.stderr_text
+        assert r.exit_code == 0 and out.startswith("hello from upstream /through-passt"), \
+            out + sb.logs(tail=15, source="supervisor")
+        t0 = time.monotonic()
+        r = sb.shell("nc -w 20 10.1.2.3 80 </dev/null; echo rc=$?")
+        out = r.stdout_text + r.stderr_text
+        assert "Connection refused" in out and time.monotonic() - t0 < 15, out
+        stats = sb.network.stats()
+        assert stats["rst_sent"] >= 1 and stats["to_guest"] > 0, stats
+    finally:
+        sb.stop()
+        Sandbox.remove(NAME)
+    deadline = time.monotonic() + 5
+    while _passt_pids() - before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _passt_pids() - before, "passt left running"
+    assert_nothing_left(sandbox_home, {NAME})
