@@ -21,7 +21,7 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(HERE, "csrc")
 SOURCES = ["frame.c", "hello.c", "dns.c", "pincache.c", "policy.c", "classify.c",
-           "gateway.c"]
+           "frag.c", "gateway.c"]
 
 CDEF = r"""
 enum ns_verdict { NS_ALLOW = 0, NS_DENY = 1, NS_DENY_RST = 2, NS_DENY_ICMP = 3,
@@ -128,6 +128,11 @@ typedef struct ns_ctx_stats {
     uint64_t live_flows, hello_bytes;
     uint64_t max_probe;
 } ns_ctx_stats;
+typedef struct ns_frag_stats {
+    uint64_t recorded, followed, unmatched, bad, evicted, live, capacity;
+} ns_frag_stats;
+int ns_ctx_set_frag_limits(ns_ctx *ctx, uint32_t max_records, double lifetime);
+void ns_ctx_frag_stats(ns_ctx *ctx, ns_frag_stats *out);
 
 ns_ctx *ns_ctx_new(uint32_t max_flows, ns_pincache *pins);
 void ns_ctx_free(ns_ctx *ctx);

@@ -37,6 +37,13 @@ index found so far.  Lookup cost therefore does not grow with the rule count.
   forwarder applies ``policy.evaluate_dns`` per query.  Allowed TLS flows whose
   SNI matches an ``intercept`` suffix on an ``intercept_ports`` port get
   ``TO_PROXY``.  Denied TCP gets ``DENY_RST``, denied UDP ``DENY_ICMP``.
+* **IP fragments**: a first fragment is classified like any packet (one too
+  short for its L4 header is ``MALFORMED``); a later fragment (no L4 header)
+  gets the verdict recorded for its datagram's first fragment, and ``DENY``
+  when there is none (arrived first, expired, other tables), when it overlaps
+  the bytes of the first fragment or ends past 65,535 bytes.  At most
+  ``max_fragments`` records, each ``fragment_lifetime`` seconds (see
+  ``netstack/csrc/frag.c``).
 
 The decision for a flow equals ``policy.evaluate(Flow(...))`` (action and
 rule index); :meth:`evaluate` exposes the C evaluator directly for that check.
@@ -120,6 +127,13 @@ class ClassifierStats:
     secret (SipHash-1-3), so a guest cannot craft 5-tuples that pile up in one
     bucket and this stays small (a handful at the table's load factor <= 0.5).
 
+    ``fragments_*`` count the fragment table (both sides: guest frames and reply
+    lookups of uplink frames): first fragments ``recorded``, later fragments that
+    ``followed`` their first fragment's verdict, later fragments dropped as
+    ``unmatched`` (no live record under the current tables) or ``bad`` (overlapping
+    their first fragment, ending past 65,535 bytes, a bad header chain), live records
+    ``evicted`` from a full bucket, and the ``live`` records.
+
     >>> ClassifierStats(0, 0, 0, 0, 0, 0, 0).live_flows
     0
     """
@@ -132,6 +146,12 @@ class ClassifierStats:
     live_flows: int
     hello_bytes: int
     max_probe: int = 0
+    fragments_recorded: int = 0
+    fragments_followed: int = 0
+    fragments_unmatched: int = 0
+    fragments_bad: int = 0
+    fragments_evicted: int = 0
+    fragments_live: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +251,8 @@ class Classifier:
     ``block_dns_bypass``: refuse the DNS side doors whatever the policy says (egress TCP
     853 -> ``DENY_RST``, UDP 853 -> ``DENY_ICMP``, UDP 5353/5355/137 -> ``DENY``), so name
     lookups can only go through the DNS forwarder; the gateway turns it on.
+    ``max_fragments`` (16..1048576) / ``fragment_lifetime`` (seconds, at most 3600):
+    the fragment table's bound and how long a first fragment's verdict is kept.
     See the module docstring for flow-table eviction, expiry and SNI rules.
 
     One classifier is driven by one packet loop at a time (calls from several
@@ -258,6 +280,8 @@ class Classifier:
         intercept: Iterable[str] = (),
         intercept_ports: Iterable[int] = (443,),
         block_dns_bypass: bool = False,
+        max_fragments: int = 4096,
+        fragment_lifetime: float = 30.0,
     ) -> None:
         if isinstance(max_flows, bool) or not isinstance(max_flows, int) or not (
                 16 <= max_flows <= 1 << 24):
@@ -270,6 +294,11 @@ class Classifier:
         tcp_idle = _check_range("tcp_idle", tcp_idle, 0.001, 1e9)
         udp_idle = _check_range("udp_idle", udp_idle, 0.001, 1e9)
         hello_timeout = _check_range("hello_timeout", hello_timeout, 0.001, 1e9)
+        if isinstance(max_fragments, bool) or not isinstance(max_fragments, int) or not (
+                16 <= max_fragments <= 1 << 20):
+            raise FastPathError(
+                f"max_fragments must be an integer 16..1048576, got {max_fragments!r}")
+        fragment_lifetime = _check_range("fragment_lifetime", fragment_lifetime, 0.001, 3600)
         self.pins = pins if pins is not None else PinCache()
         if not isinstance(self.pins, PinCache):
             raise FastPathError(f"pins must be a PinCache, got {type(pins).__name__}")
@@ -283,6 +312,8 @@ class Classifier:
         if lib.ns_ctx_configure(self._ctx, tcp_idle, udp_idle, hello_cap, hello_timeout,
                                 hello_budget) != 0:
             raise FastPathError("invalid flow-table configuration")
+        if lib.ns_ctx_set_frag_limits(self._ctx, max_fragments, fragment_lifetime) != 0:
+            raise FastPathError("invalid fragment-table configuration")
         if not isinstance(block_dns_bypass, bool):
             raise FastPathError(f"block_dns_bypass must be a bool, got {block_dns_bypass!r}")
         lib.ns_ctx_set_block_dns_bypass(self._ctx, int(block_dns_bypass))
@@ -513,11 +544,15 @@ class Classifier:
         0
         """
         out = ffi.new("ns_ctx_stats *")
+        fs = ffi.new("ns_frag_stats *")
         with self._lock:
             lib.ns_ctx_stats_get(self._c, out)
+            lib.ns_ctx_frag_stats(self._c, fs)
         return ClassifierStats(int(out.flows_created), int(out.flows_evicted),
                                int(out.flows_expired), int(out.malformed), int(out.hello_denied),
-                               int(out.live_flows), int(out.hello_bytes), int(out.max_probe))
+                               int(out.live_flows), int(out.hello_bytes), int(out.max_probe),
+                               int(fs.recorded), int(fs.followed), int(fs.unmatched),
+                               int(fs.bad), int(fs.evicted), int(fs.live))
 
     def __len__(self) -> int:
         """Number of flows in the table."""

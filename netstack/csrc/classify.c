@@ -18,11 +18,16 @@
  * into a per-flow buffer of at most hello_cap bytes; the total of those
  * buffers is bounded by hello_budget bytes, and a flow that would exceed it
  * is denied (fail closed, rule -1).
+ * IP fragments: a first fragment is classified like any packet (it has the L4
+ * header; one too short for it does not parse: malformed); a later fragment gets
+ * the verdict recorded for its first fragment in the context's fragment table
+ * (frag.c), or NS_DENY.  Reply lookups do the same for fragments from the uplink.
  */
 #define _DEFAULT_SOURCE /* posix_memalign, madvise */
 #include <stdlib.h>
 #include <sys/mman.h>
 
+#include "frag.h"
 #include "ns_internal.h"
 #include "siphash.h"
 
@@ -77,6 +82,7 @@ struct ns_ctx {
     double tcp_idle, udp_idle, hello_timeout;
     uint32_t hello_cap;
     uint64_t hello_budget, hello_bytes;
+    ns_fragtab *frags;          /* later fragments' verdicts (frag.c) */
     int stream_broken;
     int block_dns_bypass;
     ns_ctx_stats st;
@@ -120,7 +126,10 @@ ns_ctx *ns_ctx_new(uint32_t max_flows, ns_pincache *pins) {
     uint32_t cap = 32;
     while (cap < 2 * max_flows) cap <<= 1;
     c->tab = (flow *)table_alloc((size_t)cap * sizeof(flow));
-    if (!c->tab) {
+    c->frags = ns_frag_new();
+    if (!c->tab || !c->frags) {
+        free(c->tab);
+        ns_frag_free(c->frags);
         free(c);
         return NULL;
     }
@@ -152,6 +161,7 @@ void ns_ctx_free(ns_ctx *c) {
     for (uint32_t i = 0; i <= c->mask; i++)
         if (c->tab[i].used) flow_release(c, &c->tab[i]);
     free(c->tab);
+    ns_frag_free(c->frags);
     ns_policy_free(c->pol);
     while (c->retired) {
         ns_policy *n = c->retired->next_retired;
@@ -173,6 +183,12 @@ int ns_ctx_configure(ns_ctx *c, double tcp_idle, double udp_idle, uint32_t hello
     c->hello_budget = hello_budget;
     return 0;
 }
+
+int ns_ctx_set_frag_limits(ns_ctx *c, uint32_t max_records, double lifetime) {
+    return ns_frag_configure(c->frags, max_records, lifetime);
+}
+
+void ns_ctx_frag_stats(ns_ctx *c, ns_frag_stats *out) { ns_frag_stats_get(c->frags, out); }
 
 int ns_ctx_set_block_dns_bypass(ns_ctx *c, int on) {
     c->block_dns_bypass = on ? 1 : 0;
@@ -353,6 +369,7 @@ void ns_ctx_expire(ns_ctx *c, double now) {
         }
         i++;
     }
+    ns_frag_expire(c->frags, now);
 }
 
 /* ------------------------------------------------------------ decisions */
@@ -498,65 +515,43 @@ static inline int needs_sni(const ns_policy *p, const ns_flowq *q, int dir) {
     return 0;
 }
 
-/* Remember a first fragment's verdict for the later fragments of its datagram. */
-static void record_fragment(ns_ctx *c, const ns_policy *p, const flow_key *k, const ns_frame *fr,
-                            uint8_t verdict, int32_t rule, double now) {
-    flow_key fk = *k;
-    fk.kind = 1;
-    fk.sport = (uint16_t)(fr->frag_id >> 16);
-    fk.dport = (uint16_t)fr->frag_id;
-    uint32_t fh = key_hash(c, &fk);
-    flow *ff = tab_find(c, &fk, fh);
-    if (!ff) {
-        ff = tab_insert(c, &fk, fh, now);
-        ff->created = now;
-    }
-    ff->last_seen = now;
-    ff->pbit = fr->pbit;
-    ff->verdict = verdict;
-    ff->rule = rule;
-    ff->gen = p->gen;
+static inline int frag_side(int dir) {
+    return dir == NS_DIR_EGRESS ? NS_FRAG_FROM_GUEST : NS_FRAG_FROM_UPLINK;
 }
 
-static uint8_t classify_one(ns_ctx *c, ns_policy *p, const uint8_t *buf, size_t len, int dir,
-                            double now, int32_t *rule_out) {
-    ns_frame fr;
-    *rule_out = -1;
-    if (ns_parse_frame(buf, len, &fr) != NS_PARSE_OK) {
-        c->st.malformed++;
-        return NS_MALFORMED;
+/* A later fragment (no L4 header): the verdict recorded for its datagram's first
+ * fragment under these tables, else NS_DENY. */
+static uint8_t later_fragment(ns_ctx *c, ns_policy *p, const uint8_t *buf, size_t len,
+                              const ns_frame *fr, int dir, double now, int32_t *rule_out) {
+    uint8_t v;
+    int32_t r;
+    int acct;
+    if (!ns_frag_follow(c->frags, buf, len, fr, frag_side(dir), p->gen, now, &v, &r, &acct))
+        return NS_DENY;
+    if (acct) { /* the rule (or default) the first fragment's flow was decided by */
+        uint32_t ci = r >= 0 ? (uint32_t)r : p->nrules + (dir == NS_DIR_INGRESS ? 1u : 0u);
+        p->counters[ci].packets++;
+        p->counters[ci].bytes += len;
     }
-    if (fr.l3 == NS_L3_ARP || ns_is_ndp(buf, len, &fr)) return NS_ALLOW;
-    if (fr.l3 != NS_L3_IPV4 && fr.l3 != NS_L3_IPV6) return NS_DENY;
-    if (fr.pbit == 0) return NS_DENY;
+    *rule_out = r;
+    return v;
+}
+
+/* The verdict for a parsed IP frame with an L4 header (not a later fragment).  *acct is
+ * set when the verdict comes from a flow of the table (counted per rule). */
+static inline uint8_t classify_l4(ns_ctx *c, ns_policy *p, const ns_frame *fr, const uint8_t *buf,
+                                  size_t len, int dir, double now, int32_t *rule_out, int *acct) {
     flow_key k;
-    flow_key_of(&fr, dir, 0, &k);
-    if (dir == NS_DIR_EGRESS && fr.has_ports && (fr.pbit & (NS_P_TCP | NS_P_UDP)) && fr.dport == 53 &&
-        fr.frag != 2) {
-        if (fr.frag == 1) record_fragment(c, p, &k, &fr, NS_TO_DNS, -1, now);
+    flow_key_of(fr, dir, 0, &k);
+    *acct = 0;
+    if (dir == NS_DIR_EGRESS && fr->has_ports && (fr->pbit & (NS_P_TCP | NS_P_UDP)) && fr->dport == 53)
         return NS_TO_DNS;
+    if (c->block_dns_bypass && dir == NS_DIR_EGRESS && fr->has_ports) {
+        uint8_t bv = dns_bypass_verdict(fr);
+        if (bv) return bv;
     }
-    if (c->block_dns_bypass && dir == NS_DIR_EGRESS && fr.has_ports && fr.frag != 2) {
-        uint8_t bv = dns_bypass_verdict(&fr);
-        if (bv) {
-            if (fr.frag == 1) record_fragment(c, p, &k, &fr, bv, -1, now);
-            return bv;
-        }
-    }
-    if (fr.frag == 2) {
-        /* non-first fragment: follows the verdict of its first fragment */
-        k.kind = 1;
-        k.sport = (uint16_t)(fr.frag_id >> 16);
-        k.dport = (uint16_t)fr.frag_id;
-        flow *ff = tab_find(c, &k, key_hash(c, &k));
-        if (!ff || expired(c, ff, now)) return NS_DENY;
-        ff->last_seen = now;
-        ff->packets++;
-        ff->bytes += len;
-        *rule_out = ff->rule;
-        return ff->verdict;
-    }
-    uint32_t h = frame_hash(c, &fr, dir); /* == key_hash(c, &k), from the fields */
+    *acct = 1;
+    uint32_t h = frame_hash(c, fr, dir); /* == key_hash(c, &k), from the fields */
     flow *f = tab_find(c, &k, h);
 
     name_buf nb;
@@ -581,15 +576,15 @@ static uint8_t classify_one(ns_ctx *c, ns_policy *p, const uint8_t *buf, size_t 
             f = tab_insert(c, &k, h, now);
             f->created = now;
         }
-        f->pbit = fr.pbit;
-        fill_query(c, p, &q, &fr, dir, now, &nb);
+        f->pbit = fr->pbit;
+        fill_query(c, p, &q, fr, dir, now, &nb);
         if (f->state == ST_PENDING && f->gen != p->gen && !needs_sni(p, &q, dir)) {
             /* policy swapped while waiting for the hello, and the new tables
              * decide this flow without an SNI: decide now */
             decide(c, p, f, &q, dir);
         } else if (f->state == ST_PENDING) {
             f->gen = p->gen;
-            if (!feed_pending(c, p, f, &fr, buf, &q, now)) {
+            if (!feed_pending(c, p, f, fr, buf, &q, now)) {
                 f->last_seen = now;
                 f->packets++;
                 f->bytes += len;
@@ -605,7 +600,7 @@ static uint8_t classify_one(ns_ctx *c, ns_policy *p, const uint8_t *buf, size_t 
         } else if (needs_sni(p, &q, dir)) {
             f->state = ST_PENDING;
             f->gen = p->gen;
-            if (!feed_pending(c, p, f, &fr, buf, &q, now)) {
+            if (!feed_pending(c, p, f, fr, buf, &q, now)) {
                 f->last_seen = now;
                 f->packets++;
                 f->bytes += len;
@@ -613,17 +608,6 @@ static uint8_t classify_one(ns_ctx *c, ns_policy *p, const uint8_t *buf, size_t 
             }
         } else {
             decide(c, p, f, &q, dir);
-        }
-        if (fr.frag == 1) {
-            uint8_t v = f->verdict;
-            int32_t r = f->rule;
-            record_fragment(c, p, &k, &fr, v, r, now);
-            /* the insert may have evicted and shifted entries: f is stale now */
-            f = tab_find(c, &k, h);
-            if (!f) {
-                *rule_out = r;
-                return v;
-            }
         }
     }
     if (f->last_seen != now) f->last_seen = now;
@@ -634,6 +618,34 @@ static uint8_t classify_one(ns_ctx *c, ns_policy *p, const uint8_t *buf, size_t 
     p->counters[ci].bytes += len;
     *rule_out = f->rule;
     return f->verdict;
+}
+
+static uint8_t classify_one(ns_ctx *c, ns_policy *p, const uint8_t *buf, size_t len, int dir,
+                            double now, int32_t *rule_out) {
+    ns_frame fr;
+    *rule_out = -1;
+    if (ns_parse_frame(buf, len, &fr) != NS_PARSE_OK) {
+        c->st.malformed++;
+        return NS_MALFORMED;
+    }
+    if (fr.l3 == NS_L3_ARP || ns_is_ndp(buf, len, &fr)) return NS_ALLOW;
+    if (fr.l3 != NS_L3_IPV4 && fr.l3 != NS_L3_IPV6) return NS_DENY;
+    /* (before the protocol test: an IPv6 later fragment's Next Header may name an
+     * extension header; its first fragment was judged by its L4 protocol) */
+    if (__builtin_expect(fr.frag == 2, 0)) return later_fragment(c, p, buf, len, &fr, dir, now, rule_out);
+    if (fr.pbit == 0) return NS_DENY;
+    int acct;
+    uint8_t v = classify_l4(c, p, &fr, buf, len, dir, now, rule_out, &acct);
+    if (__builtin_expect(fr.frag == 1, 0)) {
+        /* denied (or pending: that datagram is not let through) first fragments only
+         * revoke a record of the same key, they take no slot; a later fragment is
+         * never answered (no L4 header to quote): NS_DENY */
+        int deny = v == NS_DENY || v == NS_DENY_RST || v == NS_DENY_ICMP || v == NS_NEED_MORE;
+        ns_frag_record(c->frags, buf, len, &fr, frag_side(dir), deny ? NS_DENY : v,
+                       *rule_out, p->gen,
+                       deny ? NS_FRAG_REPLACE_ONLY : acct ? NS_FRAG_ACCT : 0, now);
+    }
+    return v;
 }
 
 /* ------------------------------------------------------------ batch API */
@@ -734,8 +746,9 @@ uint32_t ns_ctx_flow_count(const ns_ctx *c) { return c->count; }
  * returns 1 for a flow decided NS_ALLOW (refreshing its idle timer) or an ICMP
  * error quoting a packet of an allowed or pending flow, 2 for a
  * flow still waiting for its ClientHello (NS_NEED_MORE), 3 for ARP, 0 when
- * there is no such live flow (or it was denied, or the frame is a non-first
- * fragment), -1 for an unparseable frame.  Same threading rule as the batch
+ * there is no such live flow (or it was denied), -1 for an unparseable frame.  A
+ * later IP fragment gets 1 when its first fragment did (or was classified
+ * NS_ALLOW as ingress), else 0 (frag.c).  Same threading rule as the batch
  * calls: only the thread driving the context may call it. */
 /* For an ICMP(v6) error (unreachable, time exceeded, parameter problem, packet
  * too big) whose quoted packet was sent by the frame's destination: the egress
@@ -794,22 +807,50 @@ int ns_ctx_ingress_reply(ns_ctx *c, const uint8_t *buf, size_t len, double now) 
     return r == 1 ? 1 : r < 0 ? -1 : 0;
 }
 
-static int reply_lookup(ns_ctx *c, const uint8_t *buf, size_t len, double now, int dir) {
-    ns_frame fr;
-    if (ns_parse_frame(buf, len, &fr) != NS_PARSE_OK) return -1;
-    if (fr.l3 == NS_L3_ARP || ns_is_ndp(buf, len, &fr)) return 3;
-    if ((fr.l3 != NS_L3_IPV4 && fr.l3 != NS_L3_IPV6) || fr.frag == 2 || fr.pbit == 0) return 0;
+/* The generation of the tables installed now (0: none yet). */
+static uint32_t current_gen(ns_ctx *c) {
+    ns_policy *p = enter(c);
+    uint32_t g = p ? p->gen : 0;
+    leave(c);
+    return g;
+}
+
+/* reply_lookup of a frame with an L4 header. */
+static int reply_match(ns_ctx *c, const uint8_t *buf, size_t len, const ns_frame *fr, double now,
+                       int dir) {
     flow_key k;
-    if (dir == NS_DIR_EGRESS && icmp_error_key(buf, len, &fr, &k)) { /* ICMP error (PMTU ...) */
+    if (dir == NS_DIR_EGRESS && icmp_error_key(buf, len, fr, &k)) { /* ICMP error (PMTU ...) */
         flow *f = tab_find(c, &k, key_hash(c, &k));
         if (!f || expired(c, f, now)) return 0;
         return (f->state == ST_PENDING || f->verdict == NS_ALLOW) ? 1 : 0;
     }
-    flow_key_of(&fr, dir, 1, &k);
+    flow_key_of(fr, dir, 1, &k);
     flow *f = tab_find(c, &k, key_hash(c, &k));
     if (!f || expired(c, f, now)) return 0;
     if (f->state == ST_PENDING) return 2;
     if (f->verdict != NS_ALLOW) return 0;
     f->last_seen = now;
     return 1;
+}
+
+static int reply_lookup(ns_ctx *c, const uint8_t *buf, size_t len, double now, int dir) {
+    ns_frame fr;
+    if (ns_parse_frame(buf, len, &fr) != NS_PARSE_OK) return -1;
+    if (fr.l3 == NS_L3_ARP || ns_is_ndp(buf, len, &fr)) return 3;
+    if (fr.l3 != NS_L3_IPV4 && fr.l3 != NS_L3_IPV6) return 0;
+    /* frames from the uplink (egress replies) or from the guest (ingress replies) */
+    int side = dir == NS_DIR_EGRESS ? NS_FRAG_FROM_UPLINK : NS_FRAG_FROM_GUEST;
+    if (fr.frag == 2) {
+        uint8_t v;
+        int32_t r;
+        int acct;
+        return ns_frag_follow(c->frags, buf, len, &fr, side, current_gen(c), now, &v, &r, &acct) &&
+               v == NS_ALLOW;
+    }
+    if (fr.pbit == 0) return 0;
+    int res = reply_match(c, buf, len, &fr, now, dir);
+    if (fr.frag == 1) /* a pending flow's datagram (res 2) is not let through */
+        ns_frag_record(c->frags, buf, len, &fr, side, res == 1 ? NS_ALLOW : NS_DENY, -1,
+                       current_gen(c), res == 1 ? 0 : NS_FRAG_REPLACE_ONLY, now);
+    return res;
 }

@@ -62,6 +62,18 @@ typedef struct ns_ctx_stats {
     uint64_t max_probe;   /* longest probe sequence an insert walked (slots examined) */
 } ns_ctx_stats;
 
+/* Later IP fragments (no L4 header) get the verdict recorded for their datagram's
+ * first fragment, or are dropped (frag.c: keys, bounds, overlap rules). */
+typedef struct ns_frag_stats {
+    uint64_t recorded;    /* first fragments whose verdict was recorded */
+    uint64_t followed;    /* later fragments that got their first fragment's verdict */
+    uint64_t unmatched;   /* later fragments without a live record (dropped) */
+    uint64_t bad;         /* later fragments overlapping their first fragment, ending past
+                             65,535 bytes or with a bad header chain (dropped) */
+    uint64_t evicted;     /* live records replaced in a full bucket */
+    uint64_t live, capacity;
+} ns_frag_stats;
+
 /* Context lifecycle.  `pins` (may be NULL) is borrowed: keep it alive. */
 ns_ctx *ns_ctx_new(uint32_t max_flows, ns_pincache *pins);
 void ns_ctx_free(ns_ctx *ctx);
@@ -81,6 +93,10 @@ uint32_t ns_ctx_flow_count(const ns_ctx *ctx);
 int ns_ctx_flow_info(ns_ctx *ctx, const uint8_t *buf, size_t len, int dir, ns_flow_info *out);
 /* Pin cache: the longest hash chain a lookup or insert has walked (entries examined). */
 uint32_t ns_pin_max_chain(ns_pincache *pc);
+/* At most max_records fragment records (16 .. 1 << 20), each living `lifetime` seconds
+ * (0 .. 3600) after its first fragment; drops the current records.  0, or -1 if invalid. */
+int ns_ctx_set_frag_limits(ns_ctx *ctx, uint32_t max_records, double lifetime);
+void ns_ctx_frag_stats(ns_ctx *ctx, ns_frag_stats *out);
 
 /*
  * Classify `count` frames given as pointer/length pairs.  Writes verdicts[i]
@@ -110,7 +126,9 @@ int ns_stream_broken(const ns_ctx *ctx);
 
 /* Reply check for frames arriving from an uplink (reversed 5-tuple lookup among
  * egress flows): 1 allowed flow, 2 flow pending its ClientHello, 3 ARP, 0 no
- * such flow / denied, -1 unparseable.  Called by the packet-loop thread only. */
+ * such flow / denied, -1 unparseable.  A later IP fragment gets 1 when its first
+ * fragment got 1 (or was admitted as ingress), else 0.  Called by the packet-loop
+ * thread only. */
 int ns_ctx_reply_lookup(ns_ctx *ctx, const uint8_t *buf, size_t len, double now);
 /* 1 if a frame from the guest answers an allowed ingress flow (published port). */
 int ns_ctx_ingress_reply(ns_ctx *ctx, const uint8_t *buf, size_t len, double now);
