@@ -26,6 +26,12 @@ used during the TCP run (near 1.0 = the loop is the bottleneck; the user-mode pa
 our code, the rest is mostly the kernel forwarding each frame written to the TAP); ``*_ratio`` = gateway / direct (> 1 would
 mean the gateway path is faster than the kernel's).
 
+Rootless section (when ``passt`` is installed; :func:`measure_rootless`): the same C
+pump feeding passt's ``--fd`` directly (``passt_tcp_gbit_s``, ``passt_connects_per_s``)
+vs the gateway with a 100-rule policy in front of a :class:`~netstack.PasstUplink`
+(``rootless_tcp_gbit_s``, ``rootless_connects_per_s``); ``rootless_vs_passt_ratio``
+(target >= 0.9) and ``rootless_connect_vs_passt_ratio`` = gateway+passt / passt alone.
+
     python -m benchmarks.gateway [--quick]      # needs root, iperf3
 """
 
@@ -36,6 +42,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -49,7 +56,17 @@ import pytest
 from pyroute2 import IPRoute, NetNS
 
 from benchmarks._netstack_gateway_pump import CPump
-from netstack import AddressPlan, Classifier, Gateway, NetworkPolicy, TapUplink, cleanup_stale
+from netstack import (
+    AddressPlan,
+    Classifier,
+    Gateway,
+    NetworkPolicy,
+    PasstUplink,
+    Rule,
+    TapUplink,
+    cleanup_stale,
+)
+from netstack.gateway.uplink_passt import STREAM_BUFFER, passt_argv
 from tests.netstack_gateway.topology import UPSTREAM_IP, Topology
 
 DIRECT_GUEST, DIRECT_UPSTREAM = "10.214.0.1", "10.214.0.2"
@@ -236,6 +253,88 @@ def _thread_cpu(name: str, user_only: bool = False) -> float:
     return total
 
 
+def hundred_rule_policy() -> NetworkPolicy:
+    """99 deny rules that do not match the upstream, then the allow that does (100 rules)."""
+    rules = [Rule.deny(destination=f"10.{i // 250}.{i % 250}.0/24") for i in range(99)]
+    return NetworkPolicy.custom(rules=[*rules, Rule.allow(destination="198.51.100.0/24")])
+
+
+def _upstream_servers(topo: Topology) -> list[subprocess.Popen[bytes]]:
+    servers = [subprocess.Popen(["ip", "netns", "exec", topo.upstream_ns, "iperf3", "-s"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    acceptor = subprocess.Popen(["ip", "netns", "exec", topo.upstream_ns, sys.executable,
+                                 "-c", _ACCEPTOR], stdout=subprocess.PIPE)
+    servers.append(acceptor)
+    assert acceptor.stdout is not None and acceptor.stdout.readline() == b"ready\n"
+    for _ in range(50):
+        if subprocess.run(["ip", "netns", "exec", topo.upstream_ns, "ss", "-ltn",
+                           "sport = :5201"], capture_output=True, text=True
+                          ).stdout.count("LISTEN"):
+            break
+        subprocess.run(["sleep", "0.1"], check=True)
+    return servers
+
+
+def measure_rootless(seconds: int) -> dict[str, Any]:
+    """The rootless path, same run, same VMM stand-in (the C pump): the VMM's stream
+    straight into passt (``passt --fd``), then the gateway (100-rule policy) in front of
+    a :class:`~netstack.PasstUplink` on the same stream. The namespaces are the test
+    topology's (built as root); passt and the gateway need no privilege."""
+    tmp = Path(tempfile.mkdtemp(prefix="gwbench-rl-"))
+    plan = AddressPlan(3302)
+    topo = None
+    pump: CPump | None = None
+    servers: list[subprocess.Popen[bytes]] = []
+    try:
+        topo = Topology(plan, tmp, token=f"r{os.getpid() % 0xFFFF:04x}",
+                        guest_vnet_hdr=GUEST_OFFLOAD)
+        assert topo.vmm_socket is not None
+        vmm_sock, guest_tap = topo.detach_vmm()
+        pump = CPump(vmm_sock.fileno(), guest_tap, vnet_hdr=GUEST_OFFLOAD, mtu=plan.mtu)
+        servers = _upstream_servers(topo)
+        b = Bench(topo, None, None, servers, pump)  # type: ignore[arg-type]
+        fd = topo.vmm_socket.fileno()
+        for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):  # as the Gateway sizes them
+            topo.vmm_socket.setsockopt(socket.SOL_SOCKET, opt, STREAM_BUFFER)
+        passt = subprocess.Popen(passt_argv(plan, fd), pass_fds=(fd,), start_new_session=True,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            b.tcp_mbps(UPSTREAM_IP, 1)  # warm up (and the guest's ARP)
+            passt_tcp = b.tcp_mbps(UPSTREAM_IP, seconds)
+            passt_conn = b.connect_rate(UPSTREAM_IP, seconds / 2)
+        finally:
+            os.killpg(passt.pid, signal.SIGKILL)
+            passt.wait(10)
+        with PasstUplink(plan) as up, Gateway(hundred_rule_policy(), uplink=up, guest_fd=fd,
+                                              dns_upstreams=["198.51.100.53"],
+                                              log_denied=False) as gw:
+            b.tcp_mbps(UPSTREAM_IP, 1)
+            rl_tcp = b.tcp_mbps(UPSTREAM_IP, seconds)
+            rl_conn = b.connect_rate(UPSTREAM_IP, seconds / 2)
+            st = gw.stats()
+    finally:
+        for proc in servers:
+            proc.kill()
+            proc.wait(10)
+            if proc.stdout is not None:
+                proc.stdout.close()
+        if pump is not None:
+            pump.stop()
+        if topo is not None:
+            topo.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "rootless_tcp_gbit_s": round(rl_tcp / 1000, 3),
+        "passt_tcp_gbit_s": round(passt_tcp / 1000, 3),
+        "rootless_vs_passt_ratio": round(rl_tcp / passt_tcp, 4),
+        "rootless_connects_per_s": round(rl_conn, 1),
+        "passt_connects_per_s": round(passt_conn, 1),
+        "rootless_connect_vs_passt_ratio": round(rl_conn / passt_conn, 4),
+        "rootless_policy_rules": len(hundred_rule_policy().rules),
+        "rootless_write_errors": st["write_errors"],
+    }
+
+
 def measure(quick: bool) -> dict[str, Any]:
     """Run every figure through the gateway path and the direct path."""
     seconds = 3 if quick else 10
@@ -258,7 +357,9 @@ def measure(quick: bool) -> dict[str, Any]:
         pump = b.pump.stats()
         guest_mtu = b.gateway.plan.mtu
     per_flow = flow_table_bytes_per_flow()
+    rootless = measure_rootless(seconds) if shutil.which("passt") else {}
     return {
+        **rootless,
         "gateway": "c-gateway (netstack.Gateway, policy public_only)",
         "seconds_per_run": seconds,
         "gateway_tcp_mbps": round(gw_tcp, 1),
