@@ -8,8 +8,8 @@ problem refuses the join in one line (:class:`NodeRefused`).
 Otherwise it sweeps this ``$MICROVM_HOME`` for stopped leftovers of fleet sandboxes
 (:func:`sweep_home`: a node that died keeps its stopped records) and runs
 ``ray start`` (:func:`ray_start_argv`) with ``--resources '{"microvm": N}'`` (one unit per
-sandbox slot) and ``--num-cpus`` defaulting to 0 extra (sandbox actors ask for no CPU).
-Nothing here imports Ray.
+sandbox slot); sandbox actors ask Ray for no CPU, so ``--num-cpus`` only sizes Ray's
+own tasks. Nothing here imports Ray.
 
 Example::
 
@@ -93,6 +93,9 @@ def ray_start_argv(slots: int, *, address: str | None = None, num_cpus: int | No
         raise FleetConfigError(f"bad --port {port!r}: 1-65535")
     if address is not None and (not address or any(c.isspace() for c in address)):
         raise FleetConfigError(f"bad --address {address!r}: HOST:PORT of the head node")
+    if address is not None and (port is not None or temp_dir is not None):
+        raise FleetConfigError("--port and --temp-dir are for a head node (no --address): "
+                               "a joining node uses the head's")
     argv = [sys.executable, "-m", "ray.scripts.scripts", "start", "--disable-usage-stats"]
     if address is None:
         argv += ["--head", "--include-dashboard=false"]
