@@ -13,8 +13,11 @@ frames take the GSO path, the IPv4 fragmenter or the ICMP "fragmentation needed"
 ICMPv6 "packet too big" builder (also called directly, ``ns_gw_build_too_big``, with an
 MTU and a source address taken from the input); a second loop on a plain uplink of MTU
 576 fragments into many pieces. Seeds for those paths (oversize IPv4 with and without
-DF, with options, a first fragment, IPv6 with an extension header, an ICMP error) are
-written into the output corpus directory (a scratch one by default). Runs against the
+DF, with options, a first fragment, IPv6 with an extension header, an ICMP error) and
+for the fragment table (first and later fragments of one datagram from the guest and as
+replies from the uplink, IPv4 and IPv6, overlapping, stray and tiny ones: consecutive
+inputs share the loops' and the lookup context's tables) are written into the output
+corpus directory (a scratch one by default). Runs against the
 ASan+UBSan build (see _netstack_asan.py): a memory error in the loop thread aborts the
 run.
 """
@@ -118,16 +121,52 @@ def too_big_seeds() -> list[bytes]:
     ]
 
 
+def _frag4(src: str, dst: str, proto: int, ident: int, off: int, more: bool,
+           piece: bytes) -> bytes:
+    ip = struct.pack("!BBHHHBBH", 0x45, 0, 20 + len(piece), ident,
+                     (0x2000 if more else 0) | off // 8, 64, proto, 0)
+    return b"\x02\x00\x00\x00\x00\x01\x02\x00\x00\x00\x00\x02\x08\x00" + ip + \
+        socket.inet_aton(src) + socket.inet_aton(dst) + piece
+
+
+def _frag6(src: str, dst: str, nxt: int, ident: int, off: int, more: bool,
+           piece: bytes) -> bytes:
+    return _ip6(src, dst, 44, struct.pack("!BBHI", nxt, 0, off | int(more), ident) + piece)
+
+
+def fragment_seeds() -> list[bytes]:
+    """First and later fragments of allowed datagrams both ways, and crafted ones."""
+    g, r, g6, r6 = "10.0.2.15", "192.0.2.9", "fd42:6d73:62::2", "2001:db8::9"
+    udp = struct.pack("!HHHH", 5000, 6000, 8 + 3000, 0) + bytes(3000)
+    back = struct.pack("!HHHH", 6000, 5000, 8 + 3000, 0) + bytes(3000)
+    ping = struct.pack("!BBHHH", 8, 0, 0, 1, 1) + bytes(3000)
+    return [
+        _frag4(g, r, 17, 40, 0, True, udp[:1480]),          # guest: first fragment
+        _frag4(g, r, 17, 40, 1480, False, udp[1480:]),      # ... and the rest
+        _frag4(g, r, 1, 41, 0, True, ping[:1480]),          # a fragmented ping
+        _frag4(r, g, 17, 42, 0, True, back[:1480]),         # uplink: a reply's first
+        _frag4(r, g, 17, 42, 1480, False, back[1480:]),     # ... and the rest
+        _frag4(r, g, 17, 42, 8, False, bytes(64)),          # overlapping the first
+        _frag4(r, g, 17, 43, 65528, False, bytes(64)),      # past 65,535
+        _frag4(g, r, 6, 44, 0, True, bytes(8)),             # tiny TCP first fragment
+        _frag6(g6, r6, 17, 45, 0, True, udp[:1448]),        # IPv6 first and rest
+        _frag6(g6, r6, 17, 45, 1448, False, udp[1448:]),
+        _frag6(r6, g6, 60, 46, 0, True, b"\x11\x00" + bytes(6) + back[:1440]),
+        _frag6(r6, g6, 60, 46, 1448, False, back[1440:]),   # Next Header: dest options
+    ]
+
+
 def _with_seeds(args: list[str]) -> list[str]:
-    """Write the too-big seeds into the output corpus (the first directory argument: a
+    """Write the too-big and fragment seeds into the output corpus (the first directory argument: a
     scratch or caller-given directory, never the checked-in corpus)."""
     dirs = [a for a in args[1:] if not a.startswith("-")]
     corpus_root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
     if dirs and os.path.isdir(dirs[0]) and \
             not os.path.abspath(dirs[0]).startswith(corpus_root + os.sep):
-        for i, seed in enumerate(too_big_seeds()):
-            with open(os.path.join(dirs[0], f"too-big-{i}"), "wb") as f:
-                f.write(seed)
+        for name, seeds in (("too-big", too_big_seeds()), ("fragment", fragment_seeds())):
+            for i, seed in enumerate(seeds):
+                with open(os.path.join(dirs[0], f"{name}-{i}"), "wb") as f:
+                    f.write(seed)
     return args
 
 
