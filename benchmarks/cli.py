@@ -10,7 +10,16 @@ the two paths interleaved per round:
 * ``cli_vs_library_ratio`` = ``library_run_s / cli_run_s`` (target >= 0.9: the command
   adds little);
 * ``exec_ms``: ``microvm exec NAME true`` round trip on a running sandbox (a new process
-  each time), median; ``library_exec_ms`` the same exec in-process.
+  each time), median; ``library_exec_ms`` the same exec in-process;
+* ``cli_startup_ms``: ``microvm --version`` (interpreter start + the CLI's own imports),
+  median; ``cli_import_stack_ms``: a new interpreter importing ``microvm.Sandbox`` and
+  what ``run`` needs (``rootfs``, ``netstack``, ``tls_proxy``), median: the part of
+  ``cli_run_s`` the in-process path has already paid.
+
+Bytecode: every process here (the CLI, and the sandbox supervisors of both paths) runs with
+a private ``PYTHONPYCACHEPREFIX`` and bytecode writing on (``PYTHONDONTWRITEBYTECODE`` is
+dropped), as an installed package has its ``.pyc`` files; warm-up round 0 fills that cache.
+Without it every CLI start recompiles the whole stack from source.
 
     python -m benchmarks.cli [--quick]     # last line: one JSON object
 """
@@ -35,11 +44,18 @@ from benchmarks._sandbox_rig import busybox_root
 IMAGE = "local/clibench:1"
 
 
-def _cli(*argv: str) -> float:
+def _timed(argv: list[str]) -> float:
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "microvm", *argv], check=True,
-                   stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     return time.perf_counter() - t
+
+
+def _cli(*argv: str) -> float:
+    return _timed([sys.executable, "-m", "microvm", *argv])
+
+
+_STACK = ("from microvm import Sandbox; import microvm.sandbox.sandbox, microvm.cli_sandbox, "
+          "rootfs, netstack.gateway, tls_proxy")
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -54,8 +70,11 @@ def run(quick: bool) -> dict[str, Any]:
     rounds = 3 if quick else 7
     execs = 10 if quick else 30
     home = Path(tempfile.mkdtemp(prefix="clibench-home-"))
-    old = os.environ.get("MICROVM_HOME")
+    saved = {k: os.environ.get(k)
+             for k in ("MICROVM_HOME", "PYTHONPYCACHEPREFIX", "PYTHONDONTWRITEBYTECODE")}
     os.environ["MICROVM_HOME"] = str(home)
+    os.environ["PYTHONPYCACHEPREFIX"] = str(home / "pycache")
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
     try:
         work = Path(tempfile.mkdtemp(prefix="clibench-root-", dir=home))
         rootfs.build_image(busybox_root(work / "root"), IMAGE, rootfs.ImageStore(),
@@ -85,6 +104,9 @@ def run(quick: bool) -> dict[str, Any]:
         finally:
             sb.close()
             Sandbox.remove("clibexec")
+        _timed([sys.executable, "-c", _STACK])   # fills the bytecode cache
+        startup = [_cli("--version") for _ in range(execs)]
+        stack = [_timed([sys.executable, "-c", _STACK]) for _ in range(rounds)]
         cli_run, lib_run = statistics.median(cli_s), statistics.median(lib_s)
         return {
             "benchmark": "cli", "quick": quick, "rounds": rounds,
@@ -92,12 +114,15 @@ def run(quick: bool) -> dict[str, Any]:
             "cli_vs_library_ratio": round(lib_run / cli_run, 3),
             "exec_ms": round(statistics.median(exec_cli) * 1000, 1),
             "library_exec_ms": round(statistics.median(exec_lib) * 1000, 1),
+            "cli_startup_ms": round(statistics.median(startup) * 1000, 1),
+            "cli_import_stack_ms": round(statistics.median(stack) * 1000, 1),
         }
     finally:
-        if old is None:
-            os.environ.pop("MICROVM_HOME", None)
-        else:
-            os.environ["MICROVM_HOME"] = old
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         shutil.rmtree(home, ignore_errors=True)
 
 

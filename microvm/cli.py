@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import os
 import signal
@@ -22,14 +23,16 @@ import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from microvm.backends.base import Share
 from microvm.errors import MicrovmError
 
-__all__ = ["EXIT_FAILED", "EXIT_USAGE", "EXIT_VM", "cli", "main", "run_command"]
+if TYPE_CHECKING:
+    from microvm.backends.base import Share
+
+__all__ = ["EXIT_FAILED", "EXIT_USAGE", "EXIT_VM", "LazyGroup", "cli", "main", "run_command"]
 
 EXIT_USAGE = 2
 """Bad command line or environment: detected before anything starts."""
@@ -99,7 +102,58 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     sys.exit(rv if isinstance(rv, int) else 0)
 
 
-@click.group()
+#: which module provides each top-level command (``module:register function`` adds them
+#: all to the group, ``module:attribute`` is one command): only the module of the command
+#: being run is imported (``microvm exec`` never loads the image or doctor commands);
+#: ``--help`` and completion load them all. ``tests/microvm/test_cli_lazy.py`` checks
+#: that this table names exactly what the modules register.
+_LAZY_SOURCES: dict[str, str] = {
+    **dict.fromkeys(("run", "create", "start", "exec", "shell", "attach"),
+                    "microvm.cli_sandbox:register"),
+    **dict.fromkeys(("ls", "ps", "stop", "kill", "rm", "logs", "inspect", "stats", "cp", "net"),
+                    "microvm.cli_manage:register"),
+    **dict.fromkeys(("image", "pull", "images", "rmi", "volume", "system"),
+                    "microvm.cli_images:register"),
+    "doctor": "microvm.cli_doctor:doctor_cmd",
+    "ssh": "microvm.ssh.cli:ssh",
+    "fleet": "microvm.fleet.cli:fleet",
+}
+
+
+class LazyGroup(click.Group):
+    """The ``microvm`` group: a command's module is imported when that command is looked up.
+
+    Example::
+
+        @click.group(cls=LazyGroup)
+        def cli() -> None: ...
+        cli.get_command(ctx, "run")      # imports microvm.cli_sandbox only
+    """
+
+    def _load(self, source: str) -> None:
+        module, _, attr = source.partition(":")
+        obj = getattr(importlib.import_module(module), attr)
+        if isinstance(obj, click.Command):
+            self.add_command(obj)
+        else:
+            obj(self)
+        _add_version(self)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """The command ``cmd_name``, importing its module on first use."""
+        if cmd_name not in self.commands and cmd_name in _LAZY_SOURCES:
+            self._load(_LAZY_SOURCES[cmd_name])
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        """Every command name (imports every command module)."""
+        for source in dict.fromkeys(_LAZY_SOURCES.values()):
+            if not all(n in self.commands for n, s in _LAZY_SOURCES.items() if s == source):
+                self._load(source)
+        return super().list_commands(ctx)
+
+
+@click.group(cls=LazyGroup)
 @click.version_option(package_name="microvm-sandbox", prog_name="microvm",
                       message="%(prog)s %(version)s")
 def cli() -> None:
@@ -435,24 +489,6 @@ def _stream(
         if in_main:
             signal.signal(signal.SIGINT, previous)
     raise MicrovmError(f"agent connection ended before {cmd[0]!r} exited")
-
-
-from microvm.ssh.cli import ssh as _ssh_group  # noqa: E402  (microvm ssh ...)
-
-cli.add_command(_ssh_group)
-from microvm.fleet.cli import fleet as _fleet_group  # noqa: E402  (microvm fleet ...)
-
-cli.add_command(_fleet_group)
-
-from microvm import cli_images as _cli_images  # noqa: E402
-from microvm import cli_manage as _cli_manage  # noqa: E402
-from microvm import cli_sandbox as _cli_sandbox  # noqa: E402
-from microvm.cli_doctor import doctor_cmd as _doctor_cmd  # noqa: E402
-
-_cli_sandbox.register(cli)
-_cli_manage.register(cli)
-cli.add_command(_doctor_cmd)
-_cli_images.register(cli)
 
 
 def _add_version(group: click.Group) -> None:
