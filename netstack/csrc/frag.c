@@ -27,9 +27,10 @@
  *    dropped (RFC 1858's tiny fragment);
  *  - a first fragment seen again with the same key (a retransmission, or the id reused:
  *    16 bits wrap) replaces the record - the newest first fragment decides, so a later
- *    denied one can only shut the rest of a datagram out, never let it in; a first
- *    fragment of a flow still waiting for its ClientHello is recorded as denied (its
- *    datagram is lost; the flow is then decided without that hello);
+ *    denied one can only shut the rest of a datagram out, never let it in.  Denied first
+ *    fragments (and those of a flow still waiting for its ClientHello: that datagram is
+ *    lost, the hello is never read from fragments) take no slot, they only revoke a
+ *    record of the same key: a sender of denied traffic cannot fill the table;
  *  - a record made under other policy tables (a recompile in between) counts as none:
  *    the rest of that datagram is dropped (fail closed, one datagram lost).
  *

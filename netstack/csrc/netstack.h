@@ -94,7 +94,8 @@ int ns_ctx_flow_info(ns_ctx *ctx, const uint8_t *buf, size_t len, int dir, ns_fl
 /* Pin cache: the longest hash chain a lookup or insert has walked (entries examined). */
 uint32_t ns_pin_max_chain(ns_pincache *pc);
 /* At most max_records fragment records (16 .. 1 << 20), each living `lifetime` seconds
- * (0 .. 3600) after its first fragment; drops the current records.  0, or -1 if invalid. */
+ * (0 .. 3600) after its first fragment; drops the current records (call it before a
+ * loop drives the context, like ns_ctx_configure).  0, or -1 if invalid. */
 int ns_ctx_set_frag_limits(ns_ctx *ctx, uint32_t max_records, double lifetime);
 void ns_ctx_frag_stats(ns_ctx *ctx, ns_frag_stats *out);
 
