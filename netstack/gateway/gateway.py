@@ -70,6 +70,7 @@ from netstack._fastpath import ffi, lib
 from netstack._ipbytes import ip16
 from netstack.classifier import Classifier, RuleCounter
 from netstack.errors import AddressPlanError, GatewayError, MalformedFrame, UplinkError
+from netstack.flow import Decision, Flow
 from netstack.frameinfo import parse_frame
 from netstack.gateway.addressing import AddressPlan
 from netstack.gateway.dns_forwarder import DnsForwarder, ForwarderThread, pin_cache_callback
@@ -557,6 +558,42 @@ class Gateway:
             rc = lib.ns_gw_inject(self._res.gw, bytes(frame), len(frame))
         if rc != 0:
             raise GatewayError("the inject queue is full; retry later")
+
+    def reload(self, policy: NetworkPolicy) -> None:
+        """Swap in ``policy`` atomically while the gateway runs (e.g. on SIGHUP).
+
+        The classifier's tables are recompiled and swapped in one step
+        (:meth:`~netstack.Classifier.recompile`); the DNS forwarder's per-query decision,
+        rebind exemptions and resolver check and the published ports' ingress check use
+        the new policy from their next query / connection. Flows already allowed keep
+        their recorded verdict until they expire.
+
+        >>> gw.reload(NetworkPolicy.none())                     # doctest: +SKIP
+        >>> gw.policy.default_egress                             # doctest: +SKIP
+        'deny'
+        """
+        if not isinstance(policy, NetworkPolicy):
+            raise GatewayError(f"policy must be a NetworkPolicy, got {type(policy).__name__}")
+        if self.closed:
+            raise GatewayError("this Gateway is closed")
+        self.classifier.recompile(policy)
+        fwd = self.forwarder
+        gateway_ips = fwd.gateway
+
+        def rebind_exempt(ip: str) -> bool:
+            return bool(policy.rebind_exempt(ip, gateway_ips))
+
+        def egress_decider(ip: str, protocol: str, port: int) -> Decision:
+            return policy.evaluate(Flow("egress", protocol, ip, port))
+
+        fwd.policy_decider = policy.evaluate_dns
+        fwd.rebind_exempt = rebind_exempt
+        fwd.egress_decider = egress_decider
+        if self._res.publisher is not None:
+            self._res.publisher.check = policy.evaluate
+        self.policy = policy
+        log.info("gateway for %s: policy reloaded (%d rules)", self.plan.guest_ipv4,
+                 len(policy.rules))
 
     @property
     def published(self) -> dict[int, int]:
