@@ -40,6 +40,7 @@ from netstack.gateway import (
     AddressPlan,
     Gateway,
     PasstUplink,
+    PublishedPort,
     SlotLease,
     TapUplink,
     Uplink,
@@ -100,12 +101,30 @@ def can_build_uplink() -> bool:
     return can_create_tap() or find_passt() is not None
 
 
-def default_uplink(name: str, plan: AddressPlan, host_loopback: bool) -> Uplink:
+def _passt_forwards(ports: Sequence[PortMapping]) -> list[PublishedPort]:
+    """The sandbox's published ports as passt forwards: passt binds a fixed host port,
+    so host port 0 becomes a port free right now on 127.0.0.1."""
+    out = []
+    for p in ports:
+        host = p.host_port
+        if host == 0:
+            kind = socket.SOCK_STREAM if p.protocol == "tcp" else socket.SOCK_DGRAM
+            with socket.socket(socket.AF_INET, kind) as probe:
+                probe.bind(("127.0.0.1", 0))
+                host = int(probe.getsockname()[1])
+        out.append(PublishedPort(host, p.guest_port, p.protocol))
+    return out
+
+
+def default_uplink(name: str, plan: AddressPlan, host_loopback: bool,
+                   ports: Sequence[PortMapping] = ()) -> Uplink:
     """The uplink a sandbox gets by default: a TAP uplink with virtio-net headers (GSO)
     when this process may create one (root), else a rootless passt uplink.
 
-    ``MICROVM_UPLINK=tap|passt`` in the environment forces one kind (e.g. the rootless
-    uplink as root, to try what unprivileged users get). Raises
+    ``ports``: the sandbox's published ports; the passt uplink forwards them itself
+    (passt's listeners on 127.0.0.1, ingress-checked by the gateway), the TAP uplink
+    leaves them to the gateway. ``MICROVM_UPLINK=tap|passt`` in the environment forces
+    one kind (e.g. the rootless uplink as root, to try what unprivileged users get). Raises
     :class:`~microvm.errors.NoUplinkError` when none can be built.
 
     Example::
@@ -117,11 +136,13 @@ def default_uplink(name: str, plan: AddressPlan, host_loopback: bool) -> Uplink:
         raise NoUplinkError(f"MICROVM_UPLINK must be 'tap' or 'passt' (or unset), "
                             f"got {forced!r}")
     if forced == "passt":
-        return PasstUplink(plan, host_loopback=host_loopback)
+        return PasstUplink(plan, host_loopback=host_loopback,
+                           published_ports=_passt_forwards(ports))
     if forced == "tap" or can_create_tap():
         return TapUplink(name, plan, vnet_hdr=True, host_loopback=host_loopback)
     if find_passt() is not None:
-        return PasstUplink(plan, host_loopback=host_loopback)
+        return PasstUplink(plan, host_loopback=host_loopback,
+                           published_ports=_passt_forwards(ports))
     raise NoUplinkError(
         "this sandbox's network policy allows traffic, but no uplink can be built: the TAP "
         "uplink needs root (or CAP_NET_ADMIN) and /dev/net/tun, the rootless one Debian's "
@@ -171,19 +192,22 @@ class SandboxNet:
 
     @classmethod
     def prepare(cls, name: str, policy: NetworkPolicy, listen: Path | socket.socket, *,
-                secrets: Sequence[Secret] = (),
+                secrets: Sequence[Secret] = (), ports: Sequence[PortMapping] = (),
                 uplink_factory: Callable[[str, AddressPlan], Uplink] | None = None
                 ) -> SandboxNet:
         """Lease a slot, build the uplink and listen on ``listen`` for the VMM's frames
         (a unix socket path, or a socket already listening there: the VMM may then be
-        started first and connect while the network is built).
+        started first and connect while the network is built). ``ports``: the published
+        ports (the same as given to :meth:`accept`); the default uplink factory hands
+        them to an uplink that forwards ports itself (passt); a custom
+        ``uplink_factory`` configures its own.
 
         Example::
 
             net = SandboxNet.prepare("web", policy, Path("/run/web/net.sock"))
         """
         factory = uplink_factory or (lambda n, p: default_uplink(
-            n, p, _wants_host_loopback(policy)))
+            n, p, _wants_host_loopback(policy), ports))
         # kernel objects are host-wide while slot leases are per $MICROVM_HOME: a slot whose
         # addresses another home's sandbox holds is skipped (its lease kept until we are up)
         skipped: list[SlotLease] = []
@@ -271,11 +295,14 @@ class SandboxNet:
         conn.setblocking(True)
         self.listener.close()
         assert self.uplink is not None
+        # an uplink that forwards ports itself (passt) got them from prepare()
+        forwarded = bool(getattr(self.uplink, "forwarded_ports", ()))
         gateway = await asyncio.to_thread(
             Gateway, self.policy, uplink=self.uplink, guest_socket=conn, transport="stream",
             dns_upstreams=list(dns.nameservers) or None, dns_timeout=dns.timeout,
             rebind_protection=dns.rebind_protection, pcap=pcap,
-            published_ports=[p.to_str() for p in ports], own_uplink=True, mtu=self.plan.mtu)
+            published_ports=[] if forwarded else [p.to_str() for p in ports], own_uplink=True,
+            mtu=self.plan.mtu)
         self.gateway = gateway
         if secrets:
             assert self.ca is not None

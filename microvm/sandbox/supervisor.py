@@ -238,7 +238,7 @@ class Supervisor:
             from microvm.sandbox.netwiring import SandboxNet
 
             return SandboxNet.prepare(cfg.name, cfg.policy(), listener, secrets=self.secrets,
-                                      uplink_factory=self.plugins.get("uplink"))
+                                      ports=cfg.ports, uplink_factory=self.plugins.get("uplink"))
 
         try:
             self.net = await asyncio.to_thread(prepare)

@@ -1,13 +1,17 @@
 """A real guest on the rootless uplink: ``Sandbox`` with ``network="public_only"`` over
 passt (``MICROVM_UPLINK=passt`` forces the uplink an unprivileged user gets, since this
 test process is root), reaching a host-side test server; a private address is refused
-by the gateway; nothing of passt is left after the sandbox is removed.
+by the gateway; a published port (passt's listener on 127.0.0.1, ingress-checked by the
+gateway) reaches a server in the guest; nothing of passt is left after the sandbox is
+removed.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,7 +58,10 @@ def test_public_only_guest_reaches_a_host_server_through_passt(
     before = _passt_pids()
     img = busybox_image(rootfs.ImageStore(), "local/passtbox:1",
                         config={"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]})
-    sb = Sandbox.create(NAME, image=img, network="public_only")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    sb = Sandbox.create(NAME, image=img, network="public_only", ports={port: 80})
     try:
         assert _passt_pids() - before, "the sandbox's uplink is not passt"
         r = sb.shell(f"wget -q -O - http://{UPSTREAM_IP}/through-passt")
@@ -67,6 +74,20 @@ def test_public_only_guest_reaches_a_host_server_through_passt(
         assert "Connection refused" in out and time.monotonic() - t0 < 15, out
         stats = sb.network.stats()
         assert stats["rst_sent"] >= 1 and stats["to_guest"] > 0, stats
+        # the published port: passt forwards 127.0.0.1:port to the guest's httpd
+        assert sb.published_ports() == {"tcp:80": port}
+        sb.shell("mkdir -p /tmp/www && echo hello from the guest > /tmp/www/index.html")
+        h = sb.exec_stream("/bin/httpd", ["-f", "-p", "80", "-h", "/tmp/www"])
+        try:
+            deadline = time.monotonic() + 60
+            while ":80 " not in sb.shell("netstat -ltn").stdout_text:
+                assert time.monotonic() < deadline, "httpd did not listen"
+                time.sleep(0.2)
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/index.html", timeout=30) as r:
+                assert r.status == 200 and r.read() == b"hello from the guest\n"
+        finally:
+            h.kill()
+            h.wait(timeout=30)
     finally:
         sb.stop()
         Sandbox.remove(NAME)
