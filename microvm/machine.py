@@ -118,6 +118,17 @@ def map_root_plan(plan: Mapping[str, Any], first_index: int) -> tuple[list[Disk]
     return disks, mapped
 
 
+def _describe(cause: BaseException, step: str) -> str:
+    """A boot failure's cause with the step it interrupted; a bare timeout names itself."""
+    if isinstance(cause, TimeoutError | asyncio.TimeoutError):
+        what = "timed out"
+    elif isinstance(cause, asyncio.CancelledError):
+        what = "cancelled"
+    else:
+        what = str(cause) or type(cause).__name__
+    return f"{step}: {what}"
+
+
 def _close_fd(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.close(fd)
@@ -210,6 +221,7 @@ class Machine:
         #: guest RAM (snapshots; see microvm.snapshot) and, for a restore, what to load
         self._memfd: int | None = None
         self._restore: tuple[Path, bool, dict[str, Any]] | None = None
+        self._step = "launching the VMM"   # what start/astart was doing (for BootError)
         if snapshots or (snapshots is None and isinstance(self.backend, SnapshotBackend)):
             from microvm.snapshot import memfd_for, snapshot_backend
 
@@ -313,20 +325,36 @@ class Machine:
             raise
         deadline = t0 + self.boot_timeout
         try:
-            if self._restore is not None:
-                self.backend.load_state(self._handle, self._restore[0],  # type: ignore[attr-defined]
-                                        include_ram=self._restore[1])
+            self._step = "connecting to the agent port"
             self._agent = self._connect(SyncAgentClient, deadline)
+            if self._restore is not None:   # connected first: see astart
+                self._step = "loading the snapshot's device state"
+                self._load_state()
             remaining = max(0.1, deadline - time.monotonic())
+            self._step = "waiting for the agent's answer to core.hello"
             self._agent.hello(timeout=remaining)
             if self._restore is not None:
+                self._step = "waiting for the agent's answer to core.reconfigure"
                 self._agent.reconfigure(self._restore[2])
             else:
+                self._step = "waiting for the agent's answer to core.bootstrap"
                 self._agent.bootstrap(self.boot_config())
         except BaseException as e:
             self._fail_boot(e)
         self.boot_seconds = time.monotonic() - t0
         return self
+
+    def _load_state(self) -> None:
+        """Feed a restore its device state once the agent port is connected.
+
+        QEMU re-announces the agent port's host connection after loading a snapshot when
+        it differs from the snapshot's: with nobody connected yet the guest would get a
+        stale hang-up that can arrive after the new session's first frames, and the
+        agent's replies would then be dropped (core.reconfigure timed out under load).
+        """
+        assert self._restore is not None
+        self.backend.load_state(self.handle, self._restore[0],  # type: ignore[attr-defined]
+                                include_ram=self._restore[1])
 
     def _connect(self, client_cls: Any, deadline: float) -> SyncAgentClient:
         handle = self.handle
@@ -357,7 +385,8 @@ class Machine:
         state = f"VMM exited with status {code}" if code is not None else "VMM killed"
         if vmm_log:
             state += f"; VMM log: {vmm_log}"
-        raise BootError(f"guest did not boot ({cause}); {state}", tail) from cause
+        raise BootError(f"guest did not boot ({_describe(cause, self._step)}); {state}",
+                        tail) from cause
 
     def _vmm_log_tail(self) -> str:
         parts = []
@@ -385,7 +414,8 @@ class Machine:
         """asyncio variant of :meth:`start`: boot, hello, bootstrap; returns the ``AgentClient``.
 
         ``more_bootstrap`` is awaited once the agent said hello and merged into the boot
-        config: what the caller prepares while the guest boots (a sandbox's network).
+        config: what the caller prepares while the guest boots (a sandbox's network); for
+        a restore (:meth:`from_snapshot`) its ``network`` goes into ``core.reconfigure``.
         Raises :class:`BootError` (with the console tail) on any failure, also when
         ``more_bootstrap`` raises (the cause is chained).
 
@@ -411,10 +441,7 @@ class Machine:
         deadline = t0 + self.boot_timeout
         client: AgentClient | None = None
         try:
-            if self._restore is not None:
-                await asyncio.to_thread(self.backend.load_state,  # type: ignore[attr-defined]
-                                        self._handle, self._restore[0],
-                                        include_ram=self._restore[1])
+            self._step = "connecting to the agent port"
             while client is None:
                 code = self._handle.poll()
                 if code is not None:
@@ -427,12 +454,28 @@ class Machine:
                 if loop.time() > deadline:
                     raise BootError(f"agent socket did not appear within {self.boot_timeout}s")
                 await asyncio.sleep(0.005)
+            if self._restore is not None:
+                # connected before the guest runs again: the restored port's "host
+                # connected" matches the snapshot's, so the guest sees no stale hang-up
+                # (QEMU's post-load notice) racing the new session (see _load_state)
+                self._step = "loading the snapshot's device state"
+                await asyncio.to_thread(self._load_state)
+            self._step = "waiting for the agent's answer to core.hello"
             await client.hello(timeout=max(0.1, deadline - loop.time()))
             if self._restore is not None:
-                await client.reconfigure(self._restore[2])
+                payload = dict(self._restore[2])
+                if more_bootstrap is not None:   # a restore's new network, built meanwhile
+                    self._step = "waiting for the new identity (network)"
+                    extra = await more_bootstrap
+                    if extra.get("network") is not None:
+                        payload["network"] = dict(extra["network"])
+                self._step = "waiting for the agent's answer to core.reconfigure"
+                await client.reconfigure(payload)
             else:
                 if more_bootstrap is not None:
+                    self._step = "waiting for the boot config (network)"
                     self.bootstrap_extra.update(await more_bootstrap)
+                self._step = "waiting for the agent's answer to core.bootstrap"
                 await client.bootstrap(self.boot_config())
         except BaseException as e:
             if client is not None:

@@ -14,8 +14,8 @@ Example::
     root.mount_plan()   # {"kind": "overlay", "lower": [...], "upper": {...}}
 """
 
-from rootfs.build import build_image, image_from_layers
-from rootfs.disks import PreparedRoot, prepare_bind_root, prepare_disk_root
+from typing import TYPE_CHECKING
+
 from rootfs.errors import (
     AuthError,
     DigestError,
@@ -28,14 +28,56 @@ from rootfs.errors import (
     RootfsError,
     UnsafeLayerError,
 )
-from rootfs.image import Descriptor, Image
-from rootfs.layout import load_archive, write_oci_layout
-from rootfs.patches import Patch, apply_patches
-from rootfs.protocols import RootProvider
-from rootfs.reference import Reference, parse_reference
-from rootfs.registry import RegistryAuth, RegistryClient
-from rootfs.store import ImageStore, PruneResult
-from rootfs.unpack import UnpackLimits, UnpackState, apply_layer
+
+# Everything but the errors is imported on first use: ``rootfs._fs`` (what microvm's
+# supervisor and CLI need) stays cheap. Type checkers see the real names.
+if TYPE_CHECKING:
+    from rootfs.build import build_image, image_from_layers
+    from rootfs.disks import PreparedRoot, prepare_bind_root, prepare_disk_root
+    from rootfs.image import Descriptor, Image
+    from rootfs.layout import load_archive, write_oci_layout
+    from rootfs.patches import Patch, apply_patches
+    from rootfs.protocols import RootProvider
+    from rootfs.reference import Reference, parse_reference
+    from rootfs.registry import RegistryAuth, RegistryClient
+    from rootfs.store import ImageStore, PruneResult
+    from rootfs.unpack import UnpackLimits, UnpackState, apply_layer
+
+_LAZY = {
+    "build_image": "rootfs.build",
+    "image_from_layers": "rootfs.build",
+    "PreparedRoot": "rootfs.disks",
+    "prepare_bind_root": "rootfs.disks",
+    "prepare_disk_root": "rootfs.disks",
+    "Descriptor": "rootfs.image",
+    "Image": "rootfs.image",
+    "load_archive": "rootfs.layout",
+    "write_oci_layout": "rootfs.layout",
+    "Patch": "rootfs.patches",
+    "apply_patches": "rootfs.patches",
+    "RootProvider": "rootfs.protocols",
+    "Reference": "rootfs.reference",
+    "parse_reference": "rootfs.reference",
+    "RegistryAuth": "rootfs.registry",
+    "RegistryClient": "rootfs.registry",
+    "ImageStore": "rootfs.store",
+    "PruneResult": "rootfs.store",
+    "UnpackLimits": "rootfs.unpack",
+    "UnpackState": "rootfs.unpack",
+    "apply_layer": "rootfs.unpack",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is not None:
+        import importlib
+
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'rootfs' has no attribute {name!r}")
+
 
 __all__ = [
     "AuthError",

@@ -119,7 +119,7 @@ class Supervisor:
         cfg = self.cfg
         self.stop_requested = asyncio.Event()
         bootstrap: dict[str, Any] = {"hostname": cfg.hostname or cfg.name, "env": self.boot_env}
-        if cfg.network is not None and not self.launch.get("restore"):
+        if cfg.network is not None:
             client = await self._start_with_network(bootstrap)
         else:
             client = await self._start(bootstrap)
@@ -134,52 +134,29 @@ class Supervisor:
         os.chmod(self.paths.control_sock, 0o600)
 
     async def _start(self, bootstrap: dict[str, Any]) -> Any:
-        """Network first (the guest config goes into the boot config), then the machine:
-        the order of a restore (its machine takes the network config) and of no network."""
-        from microvm.sandbox.netwiring import SandboxNet
-
+        """A sandbox without a network: boot (or restore) the machine."""
         cfg = self.cfg
-        net_sock = None
-        if cfg.network is not None:
-            net_sock = self.paths.run / "net.sock"
-            self.net = await asyncio.to_thread(
-                SandboxNet.prepare, cfg.name, cfg.policy(), net_sock, secrets=self.secrets,
-                uplink_factory=self.plugins.get("uplink"))
-            bootstrap["network"] = self.net.guest_config()
-            pem = self.net.ca_pem()
-            if pem:
-                bootstrap["ca_certs"] = [pem]
         backend = self.plugins.get("backend") or cfg.backend
         restore = self.launch.get("restore")
         if restore:   # a snapshot restore or fork (microvm.sandbox.snapshots)
             self.machine = await asyncio.to_thread(
                 Machine.from_snapshot, Path(restore["snapshot"]), backend=backend,
-                rundir=self.paths.run, disk_dir=self.paths.root, net_socket=net_sock,
-                hostname=bootstrap["hostname"], network=bootstrap.get("network"),
+                rundir=self.paths.run, disk_dir=self.paths.root,
+                hostname=bootstrap["hostname"],
                 boot_timeout=float(self.launch.get("boot_timeout", 120.0)))
         else:
             self.machine = Machine(
-                backend, cpus=cfg.cpus, memory=cfg.memory, net_socket=net_sock,
-                shares=self._shares(), bootstrap=bootstrap, rundir=self.paths.run,
-                mac=self.net.plan.guest_mac if self.net else "02:00:00:00:00:02",
-                root=self.root_plan, boot_timeout=float(self.launch.get("boot_timeout", 120.0)))
-        boot = asyncio.ensure_future(self.machine.astart())
-        if self.net is not None:
-            try:
-                await self.net.accept(ports=cfg.ports, dns=cfg.dns, tls=cfg.tls,
-                                      secrets=self.secrets, pcap=cfg.pcap,
-                                      proxy_factory=self.plugins.get("secret_proxy"))
-            except BaseException:
-                boot.cancel()
-                with contextlib.suppress(BaseException):
-                    await boot
-                raise
-        return await boot
+                backend, cpus=cfg.cpus, memory=cfg.memory, shares=self._shares(),
+                bootstrap=bootstrap, rundir=self.paths.run, root=self.root_plan,
+                boot_timeout=float(self.launch.get("boot_timeout", 120.0)))
+        return await self.machine.astart()
 
     async def _start_with_network(self, bootstrap: dict[str, Any]) -> Any:
         """Start the VMM at once and build the network (slot, uplink, gateway, TLS proxy)
         while the guest boots: its config goes with the boot config, after the agent's
-        hello. A network failure stops the boot and fails the start with its own error."""
+        hello. A restore copies its disks and loads its snapshot meanwhile, and gets its
+        new address in ``core.reconfigure``. A network failure stops the boot and fails
+        the start with its own error."""
         cfg = self.cfg
         net_sock = self.paths.run / "net.sock"
         with contextlib.suppress(FileNotFoundError):
@@ -188,19 +165,29 @@ class Supervisor:
         try:
             listener.bind(str(net_sock))   # the VMM connects when it starts
             listener.listen(1)
-            # the guest's MAC is its address plan's: the agent sets it from the network config
-            self.machine = Machine(
-                self.plugins.get("backend") or cfg.backend, cpus=cfg.cpus, memory=cfg.memory,
-                net_socket=net_sock, shares=self._shares(), bootstrap=bootstrap,
-                rundir=self.paths.run, root=self.root_plan,
-                boot_timeout=float(self.launch.get("boot_timeout", 120.0)))
         except BaseException:
             listener.close()
             raise
+        backend = self.plugins.get("backend") or cfg.backend
+        timeout = float(self.launch.get("boot_timeout", 120.0))
+        restore = self.launch.get("restore")
         net_config: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         net = asyncio.ensure_future(self._network(listener, net_config))
-        boot = asyncio.ensure_future(self.machine.astart(net_config))
+        boot: asyncio.Future[Any] | None = None
         try:
+            # the guest's MAC is its address plan's: the agent sets it from the network
+            # config (a restore: in core.reconfigure, with its new address)
+            if restore:   # a snapshot restore or fork: its disks copied meanwhile
+                self.machine = await asyncio.to_thread(
+                    Machine.from_snapshot, Path(restore["snapshot"]), backend=backend,
+                    rundir=self.paths.run, disk_dir=self.paths.root, net_socket=net_sock,
+                    hostname=bootstrap["hostname"], boot_timeout=timeout)
+            else:
+                self.machine = Machine(
+                    backend, cpus=cfg.cpus, memory=cfg.memory, net_socket=net_sock,
+                    shares=self._shares(), bootstrap=bootstrap, rundir=self.paths.run,
+                    root=self.root_plan, boot_timeout=timeout)
+            boot = asyncio.ensure_future(self.machine.astart(net_config))
             await asyncio.wait({boot, net}, return_when=asyncio.FIRST_EXCEPTION)
             if net.done() and not net.cancelled() and net.exception() is not None:
                 boot.cancel()  # fail now, not at the guest's hello
@@ -208,10 +195,11 @@ class Supervisor:
             await net
             return client
         except BaseException:
-            if not boot.done():
+            if boot is not None and not boot.done():
                 boot.cancel()
             with contextlib.suppress(BaseException):
-                await boot
+                if boot is not None:
+                    await boot
             if self.net is None and not net.done():
                 # building the uplink cannot be interrupted: let it finish, so that the
                 # teardown removes what it made
