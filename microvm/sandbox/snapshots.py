@@ -57,6 +57,7 @@ __all__ = ["SnapshotInfo", "export_snapshot", "import_snapshot", "list_snapshots
            "remove_snapshot", "resolve", "snapshots_root"]
 
 SANDBOX_KIND = "sandbox"
+_PARALLEL_RESTORES = 3   # fork_many: restores in flight at once
 _LAUNCH_KEYS = ("root_plan", "boot_env", "image")
 
 
@@ -347,11 +348,21 @@ async def fork_many(sb: AsyncSandbox, n: int, *, names: Sequence[str] | None,
     chosen = names if names is not None else _free_names(sb.name, n, sb.db)
     template = snapshots_root() / f".fork-{sb.name}-{time.time_ns()}"
     out: list[AsyncSandbox] = []
+    gate = asyncio.Semaphore(_PARALLEL_RESTORES)
+
+    async def one(nm: str) -> AsyncSandbox:
+        async with gate:
+            return await restore(type(sb), template, name=nm, secrets=secrets,
+                                 detached=detached, labels=None, boot_timeout=120.0)
+
     try:
         await take(sb, template, checksums=False)
-        for nm in chosen:
-            out.append(await restore(type(sb), template, name=nm, secrets=secrets,
-                                     detached=detached, labels=None, boot_timeout=120.0))
+        # the restores overlap (supervisor start, disk copies, network, QEMU)
+        results = await asyncio.gather(*(one(nm) for nm in chosen), return_exceptions=True)
+        out = [r for r in results if not isinstance(r, BaseException)]
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
     except BaseException:
         for f in out:
             with contextlib.suppress(SandboxError):
