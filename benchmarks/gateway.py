@@ -31,6 +31,10 @@ pump feeding passt's ``--fd`` directly (``passt_tcp_gbit_s``, ``passt_connects_p
 vs the gateway with a 100-rule policy in front of a :class:`~netstack.PasstUplink`
 (``rootless_tcp_gbit_s``, ``rootless_connects_per_s``); ``rootless_vs_passt_ratio``
 (target >= 0.9) and ``rootless_connect_vs_passt_ratio`` = gateway+passt / passt alone.
+The two paths alternate for :data:`ROOTLESS_ROUNDS` rounds (ABBA order, a fresh passt
+each run) and each figure is the median; the single runs are in
+``rootless_tcp_gbit_s_runs`` / ``passt_tcp_gbit_s_runs`` (on a shared 2-core box one run
+of either path ranged 0.14-1.2 Gbit/s within a minute, which made one-shot ratios noise).
 
     python -m benchmarks.gateway [--quick]      # needs root, iperf3
 """
@@ -43,6 +47,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -81,6 +86,8 @@ GUEST_OFFLOAD = os.environ.get("GW_BENCH_GUEST_OFFLOAD", "1") == "1"
 UDP_RATE = "50M"
 #: the guest link MTU measured besides the default (SANDBOX_GUEST_MTU)
 SMALL_MTU = 1500
+#: rounds of the rootless section (passt alone and gateway+passt alternate; medians)
+ROOTLESS_ROUNDS = 4
 
 _CONNECT_RATE = r"""
 import socket, sys, time
@@ -296,22 +303,38 @@ def measure_rootless(seconds: int) -> dict[str, Any]:
         fd = topo.vmm_socket.fileno()
         for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):  # as the Gateway sizes them
             topo.vmm_socket.setsockopt(socket.SOL_SOCKET, opt, STREAM_BUFFER)
-        passt = subprocess.Popen(passt_argv(plan, fd), pass_fds=(fd,), start_new_session=True,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            b.tcp_mbps(UPSTREAM_IP, 1)  # warm up (and the guest's ARP)
-            passt_tcp = b.tcp_mbps(UPSTREAM_IP, seconds)
-            passt_conn = b.connect_rate(UPSTREAM_IP, seconds / 2)
-        finally:
-            os.killpg(passt.pid, signal.SIGKILL)
-            passt.wait(10)
-        with PasstUplink(plan) as up, Gateway(hundred_rule_policy(), uplink=up, guest_fd=fd,
-                                              dns_upstreams=["198.51.100.53"],
-                                              log_denied=False) as gw:
-            b.tcp_mbps(UPSTREAM_IP, 1)
-            rl_tcp = b.tcp_mbps(UPSTREAM_IP, seconds)
-            rl_conn = b.connect_rate(UPSTREAM_IP, seconds / 2)
-            st = gw.stats()
+        def direct() -> tuple[float, float]:
+            passt = subprocess.Popen(passt_argv(plan, fd), pass_fds=(fd,),
+                                     start_new_session=True, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+            try:
+                b.tcp_mbps(UPSTREAM_IP, 1)  # warm up (and the guest's ARP)
+                return b.tcp_mbps(UPSTREAM_IP, seconds), b.connect_rate(UPSTREAM_IP,
+                                                                        seconds / 2)
+            finally:
+                os.killpg(passt.pid, signal.SIGKILL)
+                passt.wait(10)
+
+        def gateway() -> tuple[float, float]:
+            with PasstUplink(plan) as up, Gateway(hundred_rule_policy(), uplink=up,
+                                                  guest_fd=fd,
+                                                  dns_upstreams=["198.51.100.53"],
+                                                  log_denied=False) as gw:
+                b.tcp_mbps(UPSTREAM_IP, 1)
+                got = b.tcp_mbps(UPSTREAM_IP, seconds), b.connect_rate(UPSTREAM_IP,
+                                                                       seconds / 2)
+                errors.append(gw.stats()["write_errors"])
+                return got
+
+        # the two paths alternate (ABBA...): on a shared box a single run of each was
+        # dominated by whatever else ran at the time (runs of one path spread 0.14-1.2
+        # Gbit/s within a minute), so each figure is the median of ROOTLESS_ROUNDS runs
+        errors: list[int] = []
+        runs: dict[str, list[tuple[float, float]]] = {"direct": [], "gateway": []}
+        for i in range(ROOTLESS_ROUNDS):
+            order = ("direct", "gateway") if i % 2 == 0 else ("gateway", "direct")
+            for path in order:
+                runs[path].append(direct() if path == "direct" else gateway())
     finally:
         for proc in servers:
             proc.kill()
@@ -323,6 +346,10 @@ def measure_rootless(seconds: int) -> dict[str, Any]:
         if topo is not None:
             topo.close()
         shutil.rmtree(tmp, ignore_errors=True)
+    passt_tcp = statistics.median(t for t, _ in runs["direct"])
+    passt_conn = statistics.median(c for _, c in runs["direct"])
+    rl_tcp = statistics.median(t for t, _ in runs["gateway"])
+    rl_conn = statistics.median(c for _, c in runs["gateway"])
     return {
         "rootless_tcp_gbit_s": round(rl_tcp / 1000, 3),
         "passt_tcp_gbit_s": round(passt_tcp / 1000, 3),
@@ -331,7 +358,10 @@ def measure_rootless(seconds: int) -> dict[str, Any]:
         "passt_connects_per_s": round(passt_conn, 1),
         "rootless_connect_vs_passt_ratio": round(rl_conn / passt_conn, 4),
         "rootless_policy_rules": len(hundred_rule_policy().rules),
-        "rootless_write_errors": st["write_errors"],
+        "rootless_write_errors": sum(errors),
+        "rootless_rounds": ROOTLESS_ROUNDS,
+        "rootless_tcp_gbit_s_runs": [round(t / 1000, 3) for t, _ in runs["gateway"]],
+        "passt_tcp_gbit_s_runs": [round(t / 1000, 3) for t, _ in runs["direct"]],
     }
 
 
