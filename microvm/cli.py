@@ -114,6 +114,7 @@ _LAZY_SOURCES: dict[str, str] = {
                     "microvm.cli_manage:register"),
     **dict.fromkeys(("image", "pull", "images", "rmi", "volume", "system"),
                     "microvm.cli_images:register"),
+    **dict.fromkeys(("snapshot", "fork", "pause", "resume"), "microvm.cli_snapshot:register"),
     "doctor": "microvm.cli_doctor:doctor_cmd",
     "ssh": "microvm.ssh.cli:ssh",
     "fleet": "microvm.fleet.cli:fleet",

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -149,8 +151,6 @@ def test_export_import_and_refusals(source: Sandbox, warm: str, tmp_path: Path) 
     with open(bad / "disk0.img", "r+b") as f:
         f.seek(4096)
         f.write(b"corrupt!")
-    import subprocess
-
     subprocess.run(["tar", "-I", "zstd", "-cf", str(tmp_path / "bad.tar.zst"), "-C", str(bad),
                     "."], check=True)
     with pytest.raises(SnapshotError, match=r"disk0\.img's sha256 does not match"):
@@ -186,3 +186,39 @@ def test_pool_hands_out_and_refills(source: Sandbox, warm: str) -> None:
     assert [i.name for i in Sandbox.list()] == ["src"]
     remove_snapshot(warm)
     assert list_snapshots() == []
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "microvm", *argv], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_snapshot_fork_pause_resume(source: Sandbox) -> None:
+    r = _cli("snapshot", "create", "src", "clisnap")
+    assert r.returncode == 0 and r.stdout.strip() == "clisnap", r.stderr
+    r = _cli("snapshot", "ls", "--format", "json")
+    assert [s["name"] for s in json.loads(r.stdout)] == ["clisnap"]
+    assert [s["source"] for s in json.loads(r.stdout)] == ["src"]
+    r = _cli("snapshot", "create", "src", "clisnap")
+    assert r.returncode == 125 and "already exists" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = _cli("fork", "src", "-n", "2")
+    assert r.returncode == 0, r.stderr
+    names = r.stdout.split()
+    try:
+        assert len(names) == 2
+        for n in names:
+            f = Sandbox.get(n)
+            assert f.shell("hostname").stdout_text.strip() == n
+            f.close()
+    finally:
+        for n in names:
+            Sandbox.get(n).stop()
+            Sandbox.remove(n)
+    assert _cli("pause", "src").stdout.strip() == "src"
+    assert _cli("resume", "src").returncode == 0
+    assert _carries_on(source)
+    r = _cli("snapshot", "rm", "clisnap", "no-such")
+    assert r.returncode == 125 and "'no-such'" in r.stderr and r.stdout.strip() == "clisnap"
+    assert _cli("snapshot", "ls", "-q").stdout == ""
+    assert [i.name for i in Sandbox.list()] == ["src"]
