@@ -1,4 +1,4 @@
-"""``microvm snapshot create|ls|rm|export|import``, ``microvm fork``, ``pause``, ``resume``:
+"""``microvm snapshot create|ls|rm|restore|export|import``, ``microvm fork``, ``pause``, ``resume``:
 the command line of :mod:`microvm.sandbox.snapshots` (QEMU sandboxes).
 
 Forks made here are detached (they outlive the command, like ``run -d``); stop and
@@ -10,6 +10,7 @@ Example::
 
     microvm snapshot create web warm
     microvm fork web -n 3
+    microvm snapshot restore warm --name w1
     microvm snapshot export warm /tmp/warm.tar.zst
     microvm pause web && microvm resume web
 """
@@ -167,6 +168,33 @@ def snapshot_import(archive: Path, name: str) -> None:
     from microvm.sandbox.snapshots import import_snapshot
 
     click.echo(import_snapshot(archive, name).name)
+
+
+@snapshot_group.command("restore")
+@click.option("--name", default=None, help="the new sandbox's name (default SNAPSHOT-K)")
+@click.argument("snapshot")
+@guarded
+def snapshot_restore(snapshot: str, name: str | None) -> None:
+    """Start a new detached sandbox from SNAPSHOT; prints its name.
+
+    \b
+    Example:
+      microvm snapshot restore warm --name w1
+    """
+    from microvm import Sandbox
+    from microvm.sandbox.config import validate_name
+    from microvm.sandbox.snapshots import resolve
+    from microvm.sandbox.state import StateDB
+
+    path = resolve(snapshot)   # a bad name fails here
+    if name is None:
+        taken = {i.name for i in StateDB().list()}
+        name = next(f"{path.name}-{k}" for k in range(1, 10_000)
+                    if f"{path.name}-{k}" not in taken)
+    validate_name(name)
+    sb = Sandbox.restore(snapshot, name=name, detached=True)
+    click.echo(sb.name)
+    sb.close()
 
 
 @click.command("fork")

@@ -215,6 +215,10 @@ def test_cli_snapshot_fork_pause_resume(source: Sandbox) -> None:
         for n in names:
             Sandbox.get(n).stop()
             Sandbox.remove(n)
+    r = _cli("snapshot", "restore", "clisnap")
+    assert r.returncode == 0 and r.stdout.strip() == "clisnap-1", r.stderr
+    Sandbox.get("clisnap-1").stop()
+    Sandbox.remove("clisnap-1")
     assert _cli("pause", "src").stdout.strip() == "src"
     assert _cli("resume", "src").returncode == 0
     assert _carries_on(source)
