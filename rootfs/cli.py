@@ -71,7 +71,7 @@ def _store(ctx: click.Context) -> ImageStore:
     return ImageStore(ctx.obj["home"])
 
 
-@click.group()
+@click.group(epilog="\b\nExample:\n  rootfs pull busybox:1.36 && rootfs list\n  rootfs --home /srv/images build ./root local/app:1 --cmd /bin/sh")
 @click.option("--home", type=click.Path(path_type=Path), default=None,
               help="store directory (default $MICROVM_HOME/images)")
 @click.pass_context
@@ -80,14 +80,17 @@ def main(ctx: click.Context, home: Path | None) -> None:
     ctx.obj = {"home": home}
 
 
-@main.command()
+@main.command(epilog="\b\nExample:\n  rootfs pull busybox:1.36\n  rootfs pull 127.0.0.1:5000/app:1 --insecure --policy always")
 @click.argument("ref")
 @click.option("--insecure", is_flag=True, help="plain HTTP registry")
 @click.option("--ca-certs", type=click.Path(exists=True), default=None, help="extra CA PEM")
-@click.option("--username", default=None)
+@click.option("--username", default=None,
+              help="registry user (password prompted for, or read with --password-stdin)")
 @click.option("--password-stdin", is_flag=True, help="read the password from stdin")
 @click.option("--policy", type=click.Choice(["if-missing", "always", "never"]),
-              default="if-missing")
+              default="if-missing", show_default=True,
+              help="if-missing: the stored image when there is one; always: ask the "
+                   "registry; never: stored only")
 @click.option("--platform", default=None, help="os/arch (default: this host)")
 @click.pass_context
 def pull(ctx: click.Context, ref: str, insecure: bool, ca_certs: str | None,
@@ -104,7 +107,7 @@ def pull(ctx: click.Context, ref: str, insecure: bool, ca_certs: str | None,
     click.echo(f"{img.ref} {img.digest}")
 
 
-@main.command(name="list")
+@main.command(name="list", epilog="\b\nExample:\n  rootfs list")
 @click.pass_context
 def list_(ctx: click.Context) -> None:
     """List stored images."""
@@ -113,7 +116,7 @@ def list_(ctx: click.Context) -> None:
         click.echo(f"{img.ref}\t{img.digest[:19]}\t{img.platform}\t{size / 1e6:.1f} MB")
 
 
-@main.command()
+@main.command(epilog="\b\nExample:\n  rootfs rm busybox:1.36 && rootfs prune --grace 0")
 @click.argument("ref")
 @click.pass_context
 def rm(ctx: click.Context, ref: str) -> None:
@@ -121,7 +124,7 @@ def rm(ctx: click.Context, ref: str) -> None:
     _store(ctx).remove(ref)
 
 
-@main.command()
+@main.command(epilog="\b\nExample:\n  rootfs prune --grace 0")
 @click.option("--grace", default=600.0, show_default=True,
               help="keep content younger than this many seconds")
 @click.pass_context
@@ -132,7 +135,7 @@ def prune(ctx: click.Context, grace: float) -> None:
                f"{r.disks} disks; freed {r.bytes_freed / 1e6:.1f} MB")
 
 
-@main.command()
+@main.command(epilog="\b\nExample:\n  rootfs unpack busybox:1.36 ./bb-root")
 @click.argument("ref")
 @click.argument("dest", type=click.Path(path_type=Path))
 @click.pass_context
@@ -141,11 +144,11 @@ def unpack(ctx: click.Context, ref: str, dest: Path) -> None:
     _store(ctx).unpack(ref, dest)
 
 
-@main.command()
+@main.command(epilog="\b\nExample:\n  rootfs build ./root local/app:1 --cmd /bin/echo --cmd hi --env PATH=/bin")
 @click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("ref")
 @click.option("--cmd", multiple=True, help="Cmd entry (repeat for arguments)")
-@click.option("--env", multiple=True, help="KEY=VALUE")
+@click.option("--env", multiple=True, help="KEY=VALUE in the image config (repeatable)")
 @click.pass_context
 def build(ctx: click.Context, src: Path, ref: str, cmd: tuple[str, ...],
           env: tuple[str, ...]) -> None:
@@ -159,7 +162,7 @@ def build(ctx: click.Context, src: Path, ref: str, cmd: tuple[str, ...],
     click.echo(f"{img.ref} {img.digest}")
 
 
-@main.command()
+@main.command(epilog="\b\nExample:\n  rootfs load app.tar --ref local/app:1")
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 @click.option("--ref", default=None, help="tag for the (single) image")
 @click.pass_context
@@ -169,7 +172,7 @@ def load(ctx: click.Context, path: Path, ref: str | None) -> None:
         click.echo(f"{img.ref} {img.digest}")
 
 
-@main.command()
+@main.command(epilog="\b\nExample:\n  rootfs save local/app:1 app.tar")
 @click.argument("refs", nargs=-1, required=True)
 @click.argument("dest", type=click.Path(path_type=Path))
 @click.pass_context
@@ -178,10 +181,12 @@ def save(ctx: click.Context, refs: tuple[str, ...], dest: Path) -> None:
     click.echo(str(_store(ctx).save(list(refs), dest)))
 
 
-@main.command()
+@main.command(epilog="\b\nExample:\n  rootfs prepare busybox:1.36 --upper-size-mib 512 --dest ./sb1")
 @click.argument("ref")
-@click.option("--upper-size-mib", default=4096, show_default=True)
-@click.option("--format", "fmt", type=click.Choice(["erofs", "ext4"]), default="erofs")
+@click.option("--upper-size-mib", default=4096, show_default=True,
+              help="size of the writable upper disk in MiB")
+@click.option("--format", "fmt", type=click.Choice(["erofs", "ext4"]), default="erofs",
+              show_default=True, help="file system of the read-only lower disk")
 @click.option("--dest", type=click.Path(path_type=Path), default=None,
               help="per-sandbox directory for the upper disk; the prepared root lives "
                    "until DEST is removed (without it, the next prune frees it)")

@@ -48,21 +48,38 @@ def build_parser() -> argparse.ArgumentParser:
         >>> build_parser().parse_args(["--listen", "127.0.0.1:0"]).listen
         ('127.0.0.1', 0)
     """
-    p = argparse.ArgumentParser(prog="python -m tls_proxy", description=__doc__.splitlines()[0])
-    p.add_argument("--listen", type=_listen, help="explicit CONNECT proxy on HOST:PORT (0 = any)")
+    prog = "tls_proxy" if os.path.basename(sys.argv[0]) == "tls_proxy" else "python -m tls_proxy"
+    p = argparse.ArgumentParser(
+        prog=prog, description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"example:\n  {prog} --listen 127.0.0.1:8080 \\\n"
+               "      --secret OPENAI_API_KEY=sk-real@api.openai.com\n"
+               "  # then, in the client: HTTPS_PROXY=http://127.0.0.1:8080, trust "
+               "<ca-dir>/ca.crt,\n"
+               "  # and send $MSB_OPENAI_API_KEY: the proxy puts the real key in TLS to "
+               "api.openai.com only")
+    p.add_argument("--listen", type=_listen, metavar="HOST:PORT",
+                   help="explicit CONNECT proxy on HOST:PORT (port 0 = any free port)")
     p.add_argument("--transparent", type=_listen, metavar="HOST:PORT",
                    help="also accept redirected TLS flows here (destination from SO_ORIGINAL_DST)")
     p.add_argument("--ca-dir", default=None,
                    help="directory holding ca.crt/ca.key, created if missing "
                         "(default: $MICROVM_HOME/tls or ~/.microvm/tls)")
-    p.add_argument("--secret", action="append", default=[], metavar="ENV=VALUE@HOST[,HOST...]")
-    p.add_argument("--upstream-ca", action="append", default=[], metavar="PEM")
-    p.add_argument("--resolve", action="append", default=[], type=_resolve, metavar="HOST=IP")
-    p.add_argument("--bypass", action="append", default=[], metavar="HOST")
+    p.add_argument("--secret", action="append", default=[], metavar="ENV=VALUE@HOST[,HOST...]",
+                   help="the client sees the placeholder $MSB_ENV; VALUE replaces it only in "
+                        "TLS to HOST (repeatable)")
+    p.add_argument("--upstream-ca", action="append", default=[], metavar="PEM",
+                   help="extra CA bundle trusted for upstream servers (repeatable)")
+    p.add_argument("--resolve", action="append", default=[], type=_resolve, metavar="HOST=IP",
+                   help="connect to IP for HOST instead of resolving it (repeatable)")
+    p.add_argument("--bypass", action="append", default=[], metavar="HOST",
+                   help="splice TLS to HOST untouched, no interception (exact or *.suffix; "
+                        "repeatable)")
     p.add_argument("--no-verify", action="append", default=[], metavar="HOST",
                    help="skip upstream certificate verification for HOST (exact or *.suffix)")
-    p.add_argument("--validity-hours", type=float, default=24.0)
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--validity-hours", type=float, default=24.0, metavar="HOURS",
+                   help="lifetime of each minted leaf certificate (default 24)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level on stderr")
     return p
 
 
