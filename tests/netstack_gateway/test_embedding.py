@@ -1,6 +1,6 @@
 """The README's "Embedding netstack" examples run as written, and ``python -m netstack
 serve`` beyond them: SIGHUP reloads the policy atomically (a bad file keeps the old
-one), bad arguments are refused with one line before anything starts, nothing is left
+one), ``--pcap`` records, ``--publish`` on passt listens, bad arguments are refused with one line before anything starts, nothing is left
 behind (no passt, no socket file, no TAP).
 
 Each ``###`` subsection's ``sh`` and ``python`` blocks run in order in a fresh directory
@@ -158,21 +158,29 @@ def _query(sock: socket.socket, guest: dict[str, object], name: str) -> str:
             return rcode
 
 
-def test_sighup_reloads_the_policy_and_a_bad_file_keeps_the_old_one(
+def test_sighup_reloads_the_policy_pcap_and_published_port(
         tmp_path: Path, env: dict[str, str], auth: AuthServer) -> None:
     require_binaries("passt")
     policy = tmp_path / "policy.json"
     policy.write_text(json.dumps(NetworkPolicy.none().to_dict()))
     gw_path = tmp_path / "gw.sock"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     proc = subprocess.Popen(
         [sys.executable, "-m", "netstack", "serve", "--socket", str(gw_path), "--policy",
          str(policy), "--uplink", "passt", "--transport", "dgram", "--dns",
-         f"127.0.0.1:{auth.port}"],
+         f"127.0.0.1:{auth.port}", "--pcap", str(tmp_path / "trace.pcapng"),
+         "--publish", f"{port}:80"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     dev = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
         assert proc.stdout is not None and proc.stderr is not None
-        guest = json.loads(proc.stdout.readline())["guest"]
+        info = json.loads(proc.stdout.readline())
+        guest = info["guest"]
+        assert info["published"] == {"tcp:80": port}
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass   # passt listens on the published port
         dev.bind(str(tmp_path / "vm.sock"))
         dev.connect(str(gw_path))
         dev.settimeout(10)
@@ -205,6 +213,7 @@ def test_sighup_reloads_the_policy_and_a_bad_file_keeps_the_old_one(
             proc.kill()
             proc.wait(10)
     assert not gw_path.exists()
+    assert (tmp_path / "trace.pcapng").stat().st_size > 100   # the queries, with verdicts
 
 
 @pytest.mark.parametrize(("args", "message"), [
