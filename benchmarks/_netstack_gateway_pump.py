@@ -48,7 +48,7 @@ _SRC = r"""
 #define FLUSH_AT (256u << 10)   /* bytes per socket write (still in cache when written) */
 
 typedef struct pump {
-    int sock, tap, vnet, mtu;
+    int sock, tap, vnet, mtu, single;   /* single: one frame per socket write */
     volatile int stop;
     pthread_t t1, t2;
     uint64_t packets, frames, dropped;   /* read from the TAP, written to the stream */
@@ -124,7 +124,8 @@ typedef struct batch {
 
 static int writev_all(pump *p, struct iovec *iov, int n) {
     while (n > 0 && !p->stop) {
-        ssize_t w = writev(p->sock, iov, n > 1024 ? 1024 : n);
+        int most = p->single ? 2 : 1024;   /* a frame is two iovecs (hdr, payload) */
+        ssize_t w = writev(p->sock, iov, n > most ? most : n);
         if (w < 0) {
             if (errno == EAGAIN || errno == EINTR) {
                 struct pollfd q = {p->sock, POLLOUT, 0};
@@ -293,7 +294,7 @@ static void *tap_to_sock(void *a) {
             continue;
         }
         /* up to 64 frames or FLUSH_AT bytes per socket write */
-        for (int i = 0; i < 64 && len < FLUSH_AT; i++) {
+        for (int i = 0; i < (p->single ? 1 : 64) && len < FLUSH_AT; i++) {
             ssize_t r = read(p->tap, out + len + 4, 65600);
             if (r <= 0) break;
             out[len] = (uint8_t)(r >> 24); out[len + 1] = (uint8_t)(r >> 16);
@@ -342,9 +343,9 @@ static void *sock_to_tap(void *a) {
     return NULL;
 }
 
-pump *pump_start(int sock, int tap, int vnet, int mtu, int *err) {
+pump *pump_start(int sock, int tap, int vnet, int mtu, int single, int *err) {
     pump *p = (pump *)calloc(1, sizeof(pump));
-    p->sock = sock; p->tap = tap; p->vnet = vnet; p->mtu = mtu;
+    p->sock = sock; p->tap = tap; p->vnet = vnet; p->mtu = mtu; p->single = single;
     *err = 0;
     if (vnet) {
         /* the guest kernel may now hand over TSO packets with partial checksums */
@@ -378,7 +379,7 @@ void pump_stop(pump *p) {
 
 _CDEF = """
 typedef struct pump pump;
-pump *pump_start(int sock, int tap, int vnet, int mtu, int *err);
+pump *pump_start(int sock, int tap, int vnet, int mtu, int single, int *err);
 void pump_stats(const pump *p, uint64_t *out);
 void pump_stop(pump *p);
 """
@@ -413,14 +414,18 @@ class CPump:
     TAP's checksum and TSO offloads (as a virtio-net device offering them to its guest
     does) and cuts each TSO packet into frames of at most ``mtu`` + 14 bytes with full
     checksums, so the stream carries exactly what a guest link of that MTU carries.
+    ``frame_per_write=True``: one frame (length + frame) per socket write, as QEMU's
+    ``-netdev stream`` sends them, instead of up to 256 KiB of frames per ``writev()``
+    (see :data:`benchmarks.gateway.ROOTLESS_WINDOW` for why passt cares).
     """
 
     def __init__(self, sock_fd: int, tap_fd: int, *, vnet_hdr: bool = False,
-                 mtu: int = 1500) -> None:
+                 mtu: int = 1500, frame_per_write: bool = False) -> None:
         self._mod = _module()
         sock, tap = os.dup(sock_fd), os.dup(tap_fd)
         err = self._mod.ffi.new("int *")
-        self._p = self._mod.lib.pump_start(sock, tap, int(vnet_hdr), mtu, err)
+        self._p = self._mod.lib.pump_start(sock, tap, int(vnet_hdr), mtu,
+                                           int(frame_per_write), err)
         if self._p == self._mod.ffi.NULL:
             os.close(sock)
             os.close(tap)
