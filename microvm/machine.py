@@ -470,7 +470,15 @@ class Machine:
                     if extra.get("network") is not None:
                         payload["network"] = dict(extra["network"])
                 self._step = "waiting for the agent's answer to core.reconfigure"
-                await client.reconfigure(payload)
+                try:
+                    await client.reconfigure(payload)
+                except TimeoutError:
+                    try:   # tell a lost reply from a stuck agent
+                        await client.ping(timeout=3.0)
+                        self._step += " (the agent answers core.ping: the reply was lost)"
+                    except Exception:
+                        self._step += " (the agent does not answer core.ping either)"
+                    raise
             else:
                 if more_bootstrap is not None:
                     self._step = "waiting for the boot config (network)"

@@ -131,6 +131,10 @@ class Pool:
             try:
                 sb = Sandbox.restore(self.snapshot, name=nm, secrets=self._secrets,
                                      labels=self._labels, boot_timeout=self._boot_timeout)
+                # the agent connection (relay hello) is made here, not at the first exec
+                # after acquire()
+                with contextlib.suppress(Exception):
+                    sb._loop.run(sb._sb._agent())
             except BaseException as e:  # surfaced by acquire()
                 with self._cond:
                     self._error = e
