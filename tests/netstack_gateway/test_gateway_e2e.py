@@ -31,7 +31,7 @@ from netstack import (
     cleanup_stale,
 )
 from netstack.errors import GatewayError, UplinkError
-from netstack.gateway import PublishedPort
+from netstack.gateway import PublishedPort, uplink_names
 from netstack.gateway.published import PortPublisher
 from tests.netstack_gateway.kernel_objects import snapshot
 from tests.netstack_gateway.topology import (
@@ -51,22 +51,6 @@ class Rig:
     def __init__(self, topo: Topology, uplink: TapUplink | PasstUplink, tmp: Path) -> None:
         self.topo, self.uplink, self.tmp = topo, uplink, tmp
         self.kind = "passt" if isinstance(uplink, PasstUplink) else "tap"
-
-    def needs_redirects(self, what: str) -> None:
-        """Skip on an uplink without the redirect capability (passt)."""
-        if self.kind == "passt":
-            pytest.skip(f"{what} needs a RedirectingUplink; the passt uplink has none")
-
-    def skip_on_passt(self, why: str, *, only_without_ping: bool = False) -> None:
-        """Skip a TAP-uplink-only scenario on passt (``why``: what passt does not do)."""
-        if self.kind != "passt":
-            return
-        if only_without_ping:
-            lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ping_group_range")
-                      .read_text().split())
-            if lo <= 65534 <= hi:  # nogroup may open ping sockets
-                return
-        pytest.skip(why)
 
     def gateway(self, policy: NetworkPolicy, **kw: object) -> Gateway:
         assert self.topo.vmm_socket is not None
@@ -166,8 +150,8 @@ def test_dns_side_doors_refused_even_to_allowed_hosts(rig: Rig) -> None:
         assert gw.stats()["rst_sent"] == 0
 
 
+@pytest.mark.uplinks("tap", why="passt does not relay ICMP errors of its sockets' flows to the guest")
 def test_icmp_errors_of_allowed_flows_reach_the_guest(rig: Rig) -> None:
-    rig.skip_on_passt("passt does not relay ICMP errors of its sockets' flows to the guest")
     # nothing listens on UDP 9 upstream: its kernel's port unreachable comes back through
     # the uplink and is matched to the guest's allowed flow by the quoted packet
     with rig.gateway(NetworkPolicy.public_only()) as gw:
@@ -206,8 +190,8 @@ def _flush_pmtu(rig: Rig) -> None:
     rig.run(["ip", "route", "flush", "cache"])
 
 
+@pytest.mark.uplinks("tap", why="passt carries 65520-byte packets: no vnet_hdr/GSO configuration to check")
 def test_the_default_guest_link_and_uplink_are_the_fast_configuration(rig: Rig) -> None:
-    rig.skip_on_passt("passt carries 65520-byte packets: no vnet_hdr/GSO configuration to check")
     from netstack.gateway import SANDBOX_GUEST_MTU, RedirectingUplink, Uplink
 
     assert isinstance(rig.uplink, Uplink) and isinstance(rig.uplink, RedirectingUplink)
@@ -218,12 +202,12 @@ def test_the_default_guest_link_and_uplink_are_the_fast_configuration(rig: Rig) 
         assert "mtu 65520 " in rig.run(["ip", "-o", "link", "show", "eth0"]).stdout
 
 
+@pytest.mark.uplinks("tap", why="passt's MTU is the guest link's (65520): nothing is too big for it")
 def test_udp_with_df_too_big_for_the_uplink_gets_emsgsize_not_silence(rig: Rig) -> None:
     """A 4000-byte datagram with DF (IP_PMTUDISC_DO) fits the guest link but not the
     uplink: the gateway's ICMP "fragmentation needed" makes the guest kernel report
     EMSGSIZE and learn the path MTU 1500. Without DF the gateway fragments it and it
     arrives (the upstream's port unreachable comes back: ECONNREFUSED)."""
-    rig.skip_on_passt("passt's MTU is the guest link's (65520): nothing is too big for it")
     _flush_pmtu(rig)
     try:
         with rig.gateway(NetworkPolicy.public_only()) as gw:
@@ -239,8 +223,8 @@ def test_udp_with_df_too_big_for_the_uplink_gets_emsgsize_not_silence(rig: Rig) 
         _flush_pmtu(rig)
 
 
+@pytest.mark.uplinks("tap", why="passt's MTU is the guest link's (65520): nothing is too big for it")
 def test_ping_with_df_too_big_for_the_uplink_reports_frag_needed(rig: Rig) -> None:
-    rig.skip_on_passt("passt's MTU is the guest link's (65520): nothing is too big for it")
     _flush_pmtu(rig)
     try:
         with rig.gateway(NetworkPolicy.public_only()) as gw:
@@ -257,8 +241,8 @@ def test_ping_with_df_too_big_for_the_uplink_reports_frag_needed(rig: Rig) -> No
         _flush_pmtu(rig)
 
 
+@pytest.mark.uplinks("tap", why="passt (as nobody) needs ping sockets: net.ipv4.ping_group_range")
 def test_icmp_echo_to_allowed_destination_only(rig: Rig) -> None:
-    rig.skip_on_passt("passt (as nobody) needs ping sockets: net.ipv4.ping_group_range", only_without_ping=True)
     with rig.gateway(NetworkPolicy.public_only()):
         r = rig.run(["ping", "-c", "1", "-W", "3", UPSTREAM_IP])
         assert r.returncode == 0, r.stdout + r.stderr
@@ -278,8 +262,8 @@ def test_rebinding_answer_is_nxdomain(rig: Rig) -> None:
         assert UPSTREAM_IP in rig.dig(UPSTREAM_NAME, "+short")
 
 
+@pytest.mark.uplinks("tap", why="DNS over TCP to the forwarder needs a RedirectingUplink; the passt uplink has none")
 def test_dns_over_tcp_to_the_gateway(rig: Rig) -> None:
-    rig.needs_redirects("DNS over TCP to the forwarder")
     with rig.gateway(_domain_policy(), rebind_protection=False) as gw:
         out = rig.dig(UPSTREAM_NAME, "+tcp", "+short")
         assert out.strip() == UPSTREAM_IP, out
@@ -294,8 +278,8 @@ def test_dns_over_tcp_to_the_gateway(rig: Rig) -> None:
         assert stats["forwarded"] == 1 and stats["denied"] == 2, stats
 
 
+@pytest.mark.uplinks("tap", why="DNS over TCP to the forwarder needs a RedirectingUplink; the passt uplink has none")
 def test_dns_over_tcp_to_another_resolver_goes_there_when_allowed(rig: Rig) -> None:
-    rig.needs_redirects("DNS over TCP to the forwarder")
     # the gateway's own upstream is dead (no server on that TEST-NET address): an answer
     # can only come from the resolver the guest named, reached through the forwarder
     dead = "203.0.113.53"
@@ -409,8 +393,8 @@ def _tls_proxy(gw: Gateway, tmp: Path, ca_file: Path) -> Iterator[str]:
         sock.close()
 
 
+@pytest.mark.uplinks("tap", why="intercept_tls needs a RedirectingUplink; the passt uplink has none")
 def test_tls_interception_injects_secrets_only_for_their_host(rig: Rig) -> None:
-    rig.needs_redirects("intercept_tls")
     policy = NetworkPolicy.custom(rules=[Rule.allow(UPSTREAM_NAME, protocol="tcp"),
                                          Rule.allow("alias.upstream.test", protocol="tcp")])
     with rig.gateway(policy, rebind_protection=False) as gw, \
@@ -442,8 +426,8 @@ def test_tls_interception_injects_secrets_only_for_their_host(rig: Rig) -> None:
         assert rc == 0 and out.startswith("hello from upstream /tls"), out
 
 
+@pytest.mark.uplinks("tap", why="intercept_tls needs a RedirectingUplink; the passt uplink has none")
 def test_intercept_tls_bad_ports(rig: Rig) -> None:
-    rig.needs_redirects("intercept_tls")
     with rig.gateway(NetworkPolicy.public_only()) as gw:
         for bad in ([], [0], [70000], [53], "443"):
             with pytest.raises(UplinkError, match="port"):
@@ -501,8 +485,8 @@ def _host_get(port: int) -> tuple[int, str]:
     return r.returncode, r.stdout + r.stderr
 
 
+@pytest.mark.uplinks("tap", why="passt forwards published ports itself: tests/netstack_gateway/test_uplink_passt.py")
 def test_published_port_reaches_the_guest(rig: Rig, guest_server: None) -> None:
-    rig.skip_on_passt("passt forwards published ports itself: tests/netstack_gateway/test_uplink_passt.py")
     with rig.gateway(NetworkPolicy.public_only(), published_ports=["0:8000"]) as gw:
         port = gw.published[8000]
         for _ in range(3):
@@ -514,8 +498,8 @@ def test_published_port_reaches_the_guest(rig: Rig, guest_server: None) -> None:
         assert rc == 7 and took < 5, out
 
 
+@pytest.mark.uplinks("tap", why="passt forwards published ports itself: tests/netstack_gateway/test_uplink_passt.py")
 def test_published_port_with_an_ingress_deny_rule(rig: Rig, guest_server: None) -> None:
-    rig.skip_on_passt("passt forwards published ports itself: tests/netstack_gateway/test_uplink_passt.py")
     policy = NetworkPolicy.custom(rules=[
         Rule.deny(direction="ingress", protocol="tcp", port=8000),
         Rule.allow(destination="198.51.100.0/24")])
@@ -548,11 +532,11 @@ def _udp_ask(source: str, port: int, payload: bytes, timeout: float = 2.0) -> by
             return None
 
 
+@pytest.mark.uplinks("tap", why="passt forwards published ports itself: tests/netstack_gateway/test_uplink_passt.py")
 def test_published_udp_port_per_datagram_ingress_check(rig: Rig) -> None:
     """Host 127.0.0.1:port/udp -> guest UDP echo: an allowed peer gets its echo back (and
     only its own), a peer denied by an ingress rule gets nothing and the guest sees
     nothing of it."""
-    rig.skip_on_passt("passt forwards published ports itself: tests/netstack_gateway/test_uplink_passt.py")
     proc = subprocess.Popen(["ip", "netns", "exec", rig.topo.guest_ns, sys.executable, "-c",
                              _GUEST_UDP_ECHO, str(rig.topo.plan.guest_ipv4)],
                             stdout=subprocess.PIPE, text=True)
@@ -606,9 +590,9 @@ def test_published_udp_port_per_datagram_ingress_check(rig: Rig) -> None:
             proc.stdout.close()
 
 
+@pytest.mark.uplinks("tap", why="no uplink namespace to connect from; see test_uplink_passt.py")
 def test_uplink_frames_to_unpublished_guest_ports_are_dropped(rig: Rig,
                                                              guest_server: None) -> None:
-    rig.skip_on_passt("no uplink namespace to connect from; see test_uplink_passt.py")
     # a connection opened inside the uplink namespace to a guest port that is not
     # published never reaches the guest
     ns = rig.uplink.names["netns"]
@@ -704,9 +688,10 @@ print("up", flush=True)
 
 def test_gateway_is_closed_at_interpreter_exit(tmp_path: Path) -> None:
     require_root()
-    before = snapshot()
-    r = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT, str(tmp_path / "home")],
-                       capture_output=True, text=True, timeout=30, check=False,
+    token = uplink_names("gw-e2e-exit")["token"]   # only this uplink's objects: other
+    r = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT, str(tmp_path / "home")],  # processes
+                       capture_output=True, text=True, timeout=30, check=False,  # may run theirs
                        cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 0 and r.stdout == "up\n", r.stderr[-2000:]
-    assert snapshot().ours() == before.ours()
+    left = {kind: {n for n in names if token in n} for kind, names in snapshot().ours().items()}
+    assert left == {"netns": set(), "links": set(), "nft_tables": set()}
