@@ -12,6 +12,8 @@ The policy model (this module's first layer) is pure Python:
 Never imports ``rootfs``, ``tls_proxy`` or ``microvm``.
 """
 
+from typing import TYPE_CHECKING
+
 from netstack.addresses import GROUPS, classify_group, normalize_ip, parse_network
 from netstack.classifier import (
     Classifier,
@@ -33,24 +35,42 @@ from netstack.errors import (
 )
 from netstack.flow import Decision, Flow
 from netstack.frameinfo import FrameInfo, parse_frame
-from netstack.gateway import (
-    AddressPlan,
-    DnsForwarder,
-    Gateway,
-    PasstUplink,
-    PcapWriter,
-    SlotLease,
-    TapUplink,
-    Uplink,
-    allocate_slot,
-    cleanup_stale,
-)
 from netstack.hello import ClientHelloInfo, parse_client_hello
 from netstack.names import normalize_domain
 from netstack.pincache import PinCache
 from netstack.policy import PRESET_ALIASES, NetworkPolicy, allow_dns_rule, canonical_preset
 from netstack.rule import Rule, parse_port_range
 from netstack.verdict import Verdict
+
+# The gateway (asyncio DNS forwarder, pyroute2, nftables plumbing) loads on first use:
+# the policy model stays cheap to import. Type checkers see the real names.
+if TYPE_CHECKING:
+    from netstack.gateway import (
+        AddressPlan,
+        DnsForwarder,
+        Gateway,
+        PasstUplink,
+        PcapWriter,
+        SlotLease,
+        TapUplink,
+        Uplink,
+        allocate_slot,
+        cleanup_stale,
+    )
+
+_GATEWAY_NAMES = frozenset({"AddressPlan", "DnsForwarder", "Gateway", "PasstUplink",
+                            "PcapWriter", "SlotLease", "TapUplink", "Uplink",
+                            "allocate_slot", "cleanup_stale"})
+
+
+def __getattr__(name: str) -> object:
+    if name in _GATEWAY_NAMES:
+        import netstack.gateway as _gateway
+
+        value = getattr(_gateway, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'netstack' has no attribute {name!r}")
 
 __all__ = [
     "GROUPS",

@@ -55,24 +55,26 @@ from microvm.sandbox.config import (
 from microvm.sandbox.control import ControlError, control_call
 from microvm.sandbox.exec import AsyncExecHandle, ExecOutput
 from microvm.sandbox.fs import AsyncSandboxFs
-from microvm.sandbox.netwiring import SecretProxy
 from microvm.sandbox.paths import SandboxPaths
 from microvm.sandbox.state import SandboxRecord, StateDB
-from netstack import Decision, Flow, NetworkPolicy
-from netstack.gateway import AddressPlan, Uplink
 from rootfs import Image, Patch, RegistryAuth, RootProvider
-from tls_proxy import ProxyConfig, Secret
 
+# netstack's gateway and tls_proxy (cryptography, h2, dnspython, pyroute2) are needed by
+# the supervisor, not by a handle: here they are types only, so `microvm exec` stays light
 if TYPE_CHECKING:
+    from microvm.sandbox.netwiring import SecretProxy
     from microvm.sandbox.snapshots import SnapshotInfo
     from microvm.ssh.client import SshClient
+    from netstack import Decision, Flow, NetworkPolicy
+    from netstack.gateway import AddressPlan, Uplink
+    from tls_proxy import ProxyConfig, Secret
 
 __all__ = ["AsyncSandbox", "AsyncSandboxNetwork", "SandboxInfo"]
 
 #: ``(sandbox_name, plan) -> Uplink``: builds the sandbox's uplink in the supervisor
-UplinkFactory = Callable[[str, AddressPlan], Uplink]
+UplinkFactory = Callable[[str, "AddressPlan"], "Uplink"]
 #: ``(ProxyConfig) -> SecretProxy``: builds the secret-injecting proxy in the supervisor
-ProxyFactory = Callable[[ProxyConfig], SecretProxy]
+ProxyFactory = Callable[["ProxyConfig"], "SecretProxy"]
 Rlimits = Mapping[str, int | tuple[int | None, int | None] | None]
 PortsArg = Mapping[int, int] | Sequence[str | tuple[int, int] | PortMapping]
 

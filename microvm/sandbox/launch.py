@@ -23,7 +23,7 @@ import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from microvm import errors
 from microvm.sandbox.config import SandboxConfig
@@ -38,7 +38,9 @@ from rootfs import (
     RootProvider,
     prepare_bind_root,
 )
-from tls_proxy import Secret
+
+if TYPE_CHECKING:
+    from tls_proxy import Secret
 
 __all__ = ["ImageDefaults", "PreparedLaunch", "prepare_launch", "spawn_supervisor"]
 
