@@ -43,13 +43,13 @@ from microvm.sandbox.asandbox import (
 )
 from microvm.sandbox.config import DnsOptions, TlsOptions
 from microvm.sandbox.exec import AsyncExecHandle, ExecOutput
-from netstack import Decision, Flow, NetworkPolicy
-from rootfs import Image, Patch, RegistryAuth, RootProvider
-from tls_proxy import Secret
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:   # types only: a handle never needs the gateway or the proxy
     from microvm.sandbox.snapshots import SnapshotInfo
     from microvm.ssh.client import SshClient
+    from netstack import Decision, Flow, NetworkPolicy
+    from rootfs import Image, Patch, RegistryAuth, RootProvider
+    from tls_proxy import Secret
 
 __all__ = ["ExecHandle", "Sandbox", "SandboxFs", "SandboxNetwork"]
 
