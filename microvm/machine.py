@@ -469,9 +469,22 @@ class Machine:
                     extra = await more_bootstrap
                     if extra.get("network") is not None:
                         payload["network"] = dict(extra["network"])
-                self._step = "waiting for the agent's answer to core.reconfigure"
+                # with a network, two steps, so that a hang names its part: entropy and
+                # clock, then the identity (hostname, network: eth0 down, new MAC and
+                # address, up), where a restore under load was seen to hang (README)
+                first: dict[str, Any] = dict(payload)
+                rest: dict[str, Any] = {}
+                if payload.get("network") is not None:
+                    first = {k: payload[k] for k in ("entropy", "clock") if k in payload}
+                    rest = {k: v for k, v in payload.items() if k not in first}
                 try:
-                    await client.reconfigure(payload)
+                    self._step = ("waiting for the agent's answer to core.reconfigure "
+                                  f"({', '.join(sorted(first))})")
+                    await client.reconfigure(first)
+                    if rest:
+                        self._step = ("waiting for the agent's answer to core.reconfigure "
+                                      f"({', '.join(sorted(rest))})")
+                        await client.reconfigure(rest)
                 except TimeoutError:
                     try:   # tell a lost reply from a stuck agent
                         await client.ping(timeout=3.0)
