@@ -38,19 +38,31 @@ typedef struct flow_key {
     uint16_t sport, dport;
     uint8_t proto, dir, kind, pad;
 } flow_key; /* 40 bytes */
+_Static_assert(sizeof(flow_key) == 40 && offsetof(flow_key, sport) == 32, "flow_key layout");
 
 /* The flow key of a parsed frame in direction `dir`; `reply`: of the flow the frame
  * answers (addresses and ports swapped). */
 static inline void flow_key_of(const ns_frame *fr, int dir, int reply, flow_key *k) {
     memcpy(k->src, reply ? fr->dst : fr->src, 16);
     memcpy(k->dst, reply ? fr->src : fr->dst, 16);
+    uint16_t sport = fr->has_ports ? fr->sport : 0, dport = fr->has_ports ? fr->dport : 0;
+    uint16_t ks = reply ? dport : sport, kd = reply ? sport : dport;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    /* the last 8 bytes (ports, protocol, direction, kind 0, pad 0) in one store:
+     * key_eq() loads them as one word, and a load spanning several narrow stores is
+     * not forwarded from them - a store-forwarding stall per frame (~15% of an
+     * established frame), which the compiler's store merging avoids only sometimes */
+    uint64_t tail = (uint64_t)ks | (uint64_t)kd << 16 | (uint64_t)fr->ipproto << 32 |
+                    (uint64_t)(uint8_t)dir << 40;
+    memcpy(&k->sport, &tail, 8);
+#else
+    k->sport = ks;
+    k->dport = kd;
     k->proto = fr->ipproto;
     k->dir = (uint8_t)dir;
     k->kind = 0;
     k->pad = 0;
-    uint16_t sport = fr->has_ports ? fr->sport : 0, dport = fr->has_ports ? fr->dport : 0;
-    k->sport = reply ? dport : sport;
-    k->dport = reply ? sport : dport;
+#endif
 }
 
 enum { ST_DECIDED = 0, ST_PENDING = 1 };
@@ -537,21 +549,48 @@ static uint8_t later_fragment(ns_ctx *c, ns_policy *p, const uint8_t *buf, size_
     return v;
 }
 
-/* The verdict for a parsed IP frame with an L4 header (not a later fragment).  *acct is
- * set when the verdict comes from a flow of the table (counted per rule). */
-static inline uint8_t classify_l4(ns_ctx *c, ns_policy *p, const ns_frame *fr, const uint8_t *buf,
-                                  size_t len, int dir, double now, int32_t *rule_out, int *acct) {
-    flow_key k;
-    flow_key_of(fr, dir, 0, &k);
-    *acct = 0;
-    if (dir == NS_DIR_EGRESS && fr->has_ports && (fr->pbit & (NS_P_TCP | NS_P_UDP)) && fr->dport == 53)
-        return NS_TO_DNS;
-    if (c->block_dns_bypass && dir == NS_DIR_EGRESS && fr->has_ports) {
-        uint8_t bv = dns_bypass_verdict(fr);
-        if (bv) return bv;
+/* Record first fragment `fr`'s verdict v for the later fragments of its datagram.
+ * Denied (or pending: that datagram is not let through) first fragments only revoke a
+ * record of the same key, they take no slot; a later fragment is never answered (no
+ * L4 header to quote): NS_DENY.  `acct`: v comes from a flow (counted per rule). */
+__attribute__((noinline, cold)) static void first_fragment(ns_ctx *c, const ns_policy *p,
+                                                          const uint8_t *buf, size_t len,
+                                                          const ns_frame *fr, int dir,
+                                                          uint8_t v, int32_t rule, int acct,
+                                                          double now) {
+    int deny = v == NS_DENY || v == NS_DENY_RST || v == NS_DENY_ICMP || v == NS_NEED_MORE;
+    ns_frag_record(c->frags, buf, len, fr, frag_side(dir), deny ? NS_DENY : v, rule, p->gen,
+                   deny ? NS_FRAG_REPLACE_ONLY : acct ? NS_FRAG_ACCT : 0, now);
+}
+
+static uint8_t classify_one(ns_ctx *c, ns_policy *p, const uint8_t *buf, size_t len, int dir,
+                            double now, int32_t *rule_out) {
+    ns_frame fr;
+    *rule_out = -1;
+    if (ns_parse_frame(buf, len, &fr) != NS_PARSE_OK) {
+        c->st.malformed++;
+        return NS_MALFORMED;
     }
-    *acct = 1;
-    uint32_t h = frame_hash(c, fr, dir); /* == key_hash(c, &k), from the fields */
+    if (fr.l3 == NS_L3_ARP || ns_is_ndp(buf, len, &fr)) return NS_ALLOW;
+    if (fr.l3 != NS_L3_IPV4 && fr.l3 != NS_L3_IPV6) return NS_DENY;
+    /* (before the protocol test: an IPv6 later fragment's Next Header may name an
+     * extension header; its first fragment was judged by its L4 protocol) */
+    if (__builtin_expect(fr.frag == 2, 0)) return later_fragment(c, p, buf, len, &fr, dir, now, rule_out);
+    if (fr.pbit == 0) return NS_DENY;
+    flow_key k;
+    flow_key_of(&fr, dir, 0, &k);
+    if (dir == NS_DIR_EGRESS && fr.has_ports && (fr.pbit & (NS_P_TCP | NS_P_UDP)) && fr.dport == 53) {
+        if (fr.frag == 1) first_fragment(c, p, buf, len, &fr, dir, NS_TO_DNS, -1, 0, now);
+        return NS_TO_DNS;
+    }
+    if (c->block_dns_bypass && dir == NS_DIR_EGRESS && fr.has_ports) {
+        uint8_t bv = dns_bypass_verdict(&fr);
+        if (bv) {
+            if (fr.frag == 1) first_fragment(c, p, buf, len, &fr, dir, bv, -1, 0, now);
+            return bv;
+        }
+    }
+    uint32_t h = frame_hash(c, &fr, dir); /* == key_hash(c, &k), from the fields */
     flow *f = tab_find(c, &k, h);
 
     name_buf nb;
@@ -576,20 +615,16 @@ static inline uint8_t classify_l4(ns_ctx *c, ns_policy *p, const ns_frame *fr, c
             f = tab_insert(c, &k, h, now);
             f->created = now;
         }
-        f->pbit = fr->pbit;
-        fill_query(c, p, &q, fr, dir, now, &nb);
+        f->pbit = fr.pbit;
+        fill_query(c, p, &q, &fr, dir, now, &nb);
+        int pending = 0;
         if (f->state == ST_PENDING && f->gen != p->gen && !needs_sni(p, &q, dir)) {
             /* policy swapped while waiting for the hello, and the new tables
              * decide this flow without an SNI: decide now */
             decide(c, p, f, &q, dir);
         } else if (f->state == ST_PENDING) {
             f->gen = p->gen;
-            if (!feed_pending(c, p, f, fr, buf, &q, now)) {
-                f->last_seen = now;
-                f->packets++;
-                f->bytes += len;
-                return NS_NEED_MORE;
-            }
+            pending = !feed_pending(c, p, f, &fr, buf, &q, now);
         } else if (f->gen != 0 && f->gen != p->gen) {
             /* policy swapped: re-evaluate with the SNI the flow had */
             if (f->has_sni) {
@@ -600,14 +635,16 @@ static inline uint8_t classify_l4(ns_ctx *c, ns_policy *p, const ns_frame *fr, c
         } else if (needs_sni(p, &q, dir)) {
             f->state = ST_PENDING;
             f->gen = p->gen;
-            if (!feed_pending(c, p, f, fr, buf, &q, now)) {
-                f->last_seen = now;
-                f->packets++;
-                f->bytes += len;
-                return NS_NEED_MORE;
-            }
+            pending = !feed_pending(c, p, f, &fr, buf, &q, now);
         } else {
             decide(c, p, f, &q, dir);
+        }
+        if (pending) {
+            f->last_seen = now;
+            f->packets++;
+            f->bytes += len;
+            if (fr.frag == 1) first_fragment(c, p, buf, len, &fr, dir, NS_NEED_MORE, -1, 0, now);
+            return NS_NEED_MORE;
         }
     }
     if (f->last_seen != now) f->last_seen = now;
@@ -617,35 +654,10 @@ static inline uint8_t classify_l4(ns_ctx *c, ns_policy *p, const ns_frame *fr, c
     p->counters[ci].packets++;
     p->counters[ci].bytes += len;
     *rule_out = f->rule;
+    /* (the fragment table is apart from the flow table: f stays valid) */
+    if (__builtin_expect(fr.frag == 1, 0))
+        first_fragment(c, p, buf, len, &fr, dir, f->verdict, f->rule, 1, now);
     return f->verdict;
-}
-
-static uint8_t classify_one(ns_ctx *c, ns_policy *p, const uint8_t *buf, size_t len, int dir,
-                            double now, int32_t *rule_out) {
-    ns_frame fr;
-    *rule_out = -1;
-    if (ns_parse_frame(buf, len, &fr) != NS_PARSE_OK) {
-        c->st.malformed++;
-        return NS_MALFORMED;
-    }
-    if (fr.l3 == NS_L3_ARP || ns_is_ndp(buf, len, &fr)) return NS_ALLOW;
-    if (fr.l3 != NS_L3_IPV4 && fr.l3 != NS_L3_IPV6) return NS_DENY;
-    /* (before the protocol test: an IPv6 later fragment's Next Header may name an
-     * extension header; its first fragment was judged by its L4 protocol) */
-    if (__builtin_expect(fr.frag == 2, 0)) return later_fragment(c, p, buf, len, &fr, dir, now, rule_out);
-    if (fr.pbit == 0) return NS_DENY;
-    int acct;
-    uint8_t v = classify_l4(c, p, &fr, buf, len, dir, now, rule_out, &acct);
-    if (__builtin_expect(fr.frag == 1, 0)) {
-        /* denied (or pending: that datagram is not let through) first fragments only
-         * revoke a record of the same key, they take no slot; a later fragment is
-         * never answered (no L4 header to quote): NS_DENY */
-        int deny = v == NS_DENY || v == NS_DENY_RST || v == NS_DENY_ICMP || v == NS_NEED_MORE;
-        ns_frag_record(c->frags, buf, len, &fr, frag_side(dir), deny ? NS_DENY : v,
-                       *rule_out, p->gen,
-                       deny ? NS_FRAG_REPLACE_ONLY : acct ? NS_FRAG_ACCT : 0, now);
-    }
-    return v;
 }
 
 /* ------------------------------------------------------------ batch API */
