@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from microvm.cli_util import Failure, guarded, parse_labels
+from microvm.cli_util import Failure, for_each, for_each_sandbox, guarded, parse_labels
 
 if TYPE_CHECKING:
     from microvm.sandbox.asandbox import SandboxInfo
@@ -95,22 +95,6 @@ def ls_cmd(all_: bool, filters: tuple[str, ...], fmt: str, quiet: bool) -> None:
             click.echo("  ".join(v.ljust(w) for v, w in zip(t, widths, strict=True)).rstrip())
 
 
-def _each(names: tuple[str, ...], verb: str, fn: Any) -> None:
-    """Apply ``fn`` to every name; report each failure, exit 125 if any failed."""
-    from microvm.cli_util import _library_errors
-
-    failed = 0
-    for n in names:
-        try:
-            fn(n)
-            click.echo(n)
-        except _library_errors() as e:
-            failed += 1
-            click.echo(f"microvm: {verb} {n!r}: {type(e).__name__}: {e}", err=True)
-    if failed:
-        sys.exit(125)
-
-
 @click.command("stop")
 @click.option("-t", "--time", "timeout", type=click.FloatRange(0, 3600), default=10.0,
               show_default=True, help="seconds to wait before killing")
@@ -122,16 +106,7 @@ def stop_cmd(names: tuple[str, ...], timeout: float) -> None:
     Example:
       microvm stop -t 5 web
     """
-    from microvm import Sandbox
-
-    def stop(n: str) -> None:
-        sb = Sandbox.get(n)
-        try:
-            sb.stop(timeout)
-        finally:
-            sb.close()
-
-    _each(names, "stop", stop)
+    for_each_sandbox(names, "stop", lambda sb: sb.stop(timeout))
 
 
 @click.command("kill")
@@ -143,16 +118,7 @@ def kill_cmd(names: tuple[str, ...]) -> None:
     Example:
       microvm kill web
     """
-    from microvm import Sandbox
-
-    def kill(n: str) -> None:
-        sb = Sandbox.get(n)
-        try:
-            sb.kill()
-        finally:
-            sb.close()
-
-    _each(names, "kill", kill)
+    for_each_sandbox(names, "kill", lambda sb: sb.kill())
 
 
 @click.command("rm")
@@ -176,7 +142,7 @@ def rm_cmd(names: tuple[str, ...], force: bool) -> None:
             raise SandboxError(f"sandbox is {state}: stop it first or use rm -f")
         Sandbox.remove(n)
 
-    _each(names, "rm", rm)
+    for_each(names, "rm", rm)
 
 
 @click.command("logs")

@@ -19,31 +19,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import click
 
-from microvm.cli_util import guarded
+from microvm.cli_util import for_each, for_each_sandbox, guarded
 
 __all__ = ["fork_cmd", "pause_cmd", "register", "resume_cmd", "snapshot_group"]
-
-
-def _each(names: tuple[str, ...], verb: str, fn: Callable[[str], None]) -> None:
-    """Apply ``fn`` to every name; one line per failure, exit 125 if any failed."""
-    from microvm.cli_util import _library_errors
-
-    failed = 0
-    for n in names:
-        try:
-            fn(n)
-            click.echo(n)
-        except _library_errors() as e:
-            failed += 1
-            click.echo(f"microvm: {verb} {n!r}: {type(e).__name__}: {e}", err=True)
-    if failed:
-        sys.exit(125)
 
 
 def _size(n: int) -> str:
@@ -135,7 +117,7 @@ def snapshot_rm(names: tuple[str, ...]) -> None:
     """
     from microvm.sandbox.snapshots import remove_snapshot
 
-    _each(names, "snapshot rm", remove_snapshot)
+    for_each(names, "snapshot rm", remove_snapshot)
 
 
 @snapshot_group.command("export")
@@ -237,16 +219,7 @@ def pause_cmd(names: tuple[str, ...]) -> None:
     Example:
       microvm pause web
     """
-    from microvm import Sandbox
-
-    def pause(n: str) -> None:
-        sb = Sandbox.get(n)
-        try:
-            sb.pause()
-        finally:
-            sb.close()
-
-    _each(names, "pause", pause)
+    for_each_sandbox(names, "pause", lambda sb: sb.pause())
 
 
 @click.command("resume")
@@ -258,16 +231,7 @@ def resume_cmd(names: tuple[str, ...]) -> None:
     Example:
       microvm resume web
     """
-    from microvm import Sandbox
-
-    def resume(n: str) -> None:
-        sb = Sandbox.get(n)
-        try:
-            sb.resume()
-        finally:
-            sb.close()
-
-    _each(names, "resume", resume)
+    for_each_sandbox(names, "resume", lambda sb: sb.resume())
 
 
 def register(group: click.Group) -> None:

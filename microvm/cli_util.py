@@ -14,11 +14,15 @@ from __future__ import annotations
 import functools
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
+
+if TYPE_CHECKING:
+    from microvm.sandbox.sandbox import Sandbox
 
 __all__ = [
     "EXIT_CANNOT_RUN",
@@ -26,6 +30,8 @@ __all__ = [
     "EXIT_OURS",
     "Failure",
     "exec_error_status",
+    "for_each",
+    "for_each_sandbox",
     "guarded",
     "one_line",
     "parse_env",
@@ -223,3 +229,42 @@ def parse_patch(spec: str) -> Any:
     except (PatchError, ValueError, OSError) as e:
         raise click.BadParameter(f"{spec!r}: {one_line(e)}", param_hint="--patch") from None
     raise click.BadParameter(f"{spec!r}: {usage}", param_hint="--patch")
+
+
+def for_each(names: Iterable[str], verb: str, fn: Callable[[str], None]) -> None:
+    """Apply ``fn`` to every name and echo it; one line per failure, exit 125 if any failed.
+
+    Example::
+
+        for_each(("a", "b"), "rm", Sandbox.remove)
+    """
+    failed = 0
+    for n in names:
+        try:
+            fn(n)
+            click.echo(n)
+        except _library_errors() as e:
+            failed += 1
+            click.echo(f"microvm: {verb} {n!r}: {type(e).__name__}: {e}", err=True)
+    if failed:
+        sys.exit(EXIT_OURS)
+
+
+def for_each_sandbox(names: Iterable[str], verb: str,
+                     action: Callable[[Sandbox], None]) -> None:
+    """:func:`for_each` over ``Sandbox.get(name)`` handles (each closed after ``action``).
+
+    Example::
+
+        for_each_sandbox(("web",), "kill", lambda sb: sb.kill())
+    """
+    from microvm import Sandbox
+
+    def one(name: str) -> None:
+        sb = Sandbox.get(name)
+        try:
+            action(sb)
+        finally:
+            sb.close()
+
+    for_each(names, verb, one)
