@@ -363,6 +363,8 @@ def _parse_volume(i: int, spec: str) -> Share:
         raise click.BadParameter(f"{parts[0]!r} is not a directory", param_hint="--volume")
     if not guest.startswith("/"):
         raise click.BadParameter(f"guest path {guest!r} must be absolute", param_hint="--volume")
+    from microvm.backends.base import Share
+
     return Share(f"vol{i}", host, readonly=ro, guest_path=guest)
 
 
