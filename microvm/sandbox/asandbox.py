@@ -28,6 +28,7 @@ import asyncio
 import builtins
 import contextlib
 import json
+import logging
 import os
 import signal
 from collections.abc import Callable, Mapping, Sequence
@@ -39,6 +40,7 @@ from microvm.agent import AgentClient
 from microvm.backends.base import Backend, console_tail
 from microvm.errors import (
     AgentError,
+    BootError,
     SandboxConfigError,
     SandboxError,
     SandboxNotRunning,
@@ -68,6 +70,8 @@ if TYPE_CHECKING:
     from netstack import Decision, Flow, NetworkPolicy
     from netstack.gateway import AddressPlan, Uplink
     from tls_proxy import ProxyConfig, Secret
+
+log = logging.getLogger("microvm.sandbox")
 
 __all__ = ["AsyncSandbox", "AsyncSandboxNetwork", "SandboxInfo"]
 
@@ -315,8 +319,17 @@ class AsyncSandbox:
                 db_path=db.path, boot_timeout=float(boot_timeout))
             _launch.write_launch(paths, prepared.launch,
                                  {"backend": be, "uplink": uplink, "secret_proxy": secret_proxy})
-            await asyncio.to_thread(_launch.spawn_supervisor, paths, name, secret_list,
-                                    detached=detached, timeout=float(boot_timeout) + 30)
+            for attempt in (1, 2):
+                try:
+                    await asyncio.to_thread(_launch.spawn_supervisor, paths, name, secret_list,
+                                            detached=detached, timeout=float(boot_timeout) + 30)
+                    break
+                except BootError as e:
+                    if attempt == 2 or not _launch.boot_panicked(e):
+                        raise
+                    log.warning("sandbox %s: the guest kernel panicked while booting (%s); "
+                                "booting once more", name, str(e).splitlines()[0])
+                    db.set_state(name, "created")
             ok = True
         finally:
             if not ok:

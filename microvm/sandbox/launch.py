@@ -259,6 +259,22 @@ def spawn_supervisor(paths: SandboxPaths, name: str, secrets: Sequence[Secret], 
     return report
 
 
+def boot_panicked(error: BaseException) -> bool:
+    """True when a start failed because the guest kernel panicked before its agent answered.
+
+    Under QEMU TCG the emulator now and then crashes a booting guest kernel (seen about once
+    in a few hundred boots on our 2-core machines: "Fatal exception in interrupt" in code
+    the kernel patches at boot); nothing of the user's has run yet, so ``create`` boots
+    once more. A kernel that panics every time still fails, on the second boot.
+
+    Example::
+
+        >>> boot_panicked(errors.BootError("guest did not boot", "Kernel panic - not syncing"))
+        True
+    """
+    return isinstance(error, errors.BootError) and "Kernel panic" in error.console_tail
+
+
 def release_attached(name: str) -> None:
     """Forget the lifeline of an attached sandbox that stopped (closes its pipe).
 
