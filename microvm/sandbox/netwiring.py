@@ -149,6 +149,20 @@ def default_uplink(name: str, plan: AddressPlan, host_loopback: bool,
         "passt (apt-get install passt); or use network='none'")
 
 
+def slot_home() -> Path | None:
+    """Where network slot leases live: host-wide (``/run/microvm``) for root, whose TAP
+    uplinks' addresses are host-wide too, so sandboxes of different ``$MICROVM_HOME`` s
+    (two users of the library, two fleet nodes on one host) never race for a slot; else
+    ``$MICROVM_HOME`` (``None``).
+
+    Example::
+
+        >>> slot_home() in (None, Path("/run/microvm"))
+        True
+    """
+    return Path("/run/microvm") if os.geteuid() == 0 else None
+
+
 def tls_home() -> Path:
     """Where the sandboxes' interception CA lives: ``$MICROVM_HOME/tls``.
 
@@ -223,7 +237,7 @@ class SandboxNet:
                 listener.bind(path)
                 listener.listen(1)
             for _ in range(64):
-                lease = allocate_slot()
+                lease = allocate_slot(home=slot_home())
                 plan = AddressPlan(lease.slot, mtu=GUEST_MTU)
                 try:
                     uplink = factory(uplink_name, plan)
