@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Install everything this project needs on a fresh Debian/Ubuntu machine (run as root):
 # the Debian packages in deps/apt.txt, a virtual environment in .venv/ (in this checkout)
-# holding the Python package installed editable with its test extras (compiling the cffi
-# extensions and the static guest agent), and the guest kernel into vendor/.
+# holding the Python package installed editable (compiling the cffi extensions and the
+# static guest agent) with its extras: test (pytest and the reference libraries), dev
+# (ruff, mypy and type stubs, which ./run-tests.sh runs) and ray, and the guest kernel
+# into vendor/.
 # The system Python is left alone. Afterwards: `. .venv/bin/activate` (or run
 # .venv/bin/microvm / .venv/bin/python directly); ./run-tests.sh uses .venv by itself.
 # PYTHON=/path/to/python3.11+ picks the interpreter the venv is made from.
@@ -38,7 +40,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # setuptools >= 77 reads the SPDX `license = "..."` string without deprecation warnings.
 "$VPY" -m pip install -q --upgrade pip 'setuptools>=77' wheel 'cffi>=1.16'
 # -qq: errors only (setuptools' informational "Editable installation" note is not one)
-"$VPY" -m pip install -qq --no-build-isolation -e '.[test,ray]'
+"$VPY" -m pip install -qq --no-build-isolation -e '.[test,dev,ray]'
 
 # Guest kernel (libkrunfw) into vendor/, verified against pinned sha256s.
 "$VPY" -m microvm kernel fetch --dest vendor
