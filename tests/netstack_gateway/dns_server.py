@@ -1,6 +1,7 @@
-"""A small authoritative DNS server for tests (dnslib parsing, UDP + TCP, in a thread).
+"""A small authoritative DNS server for tests (dnspython messages, UDP + TCP, in a thread).
 
-Serves a zone given as dnslib zone text. Follows CNAME chains inside the zone (like an
+Serves a zone given as master-file text with absolute names (``name ttl IN type rdata``
+lines). Follows CNAME chains inside the zone (like an
 authoritative server with the targets in-zone), answers NXDOMAIN for unknown names,
 and has knobs for misbehaviour: ``rcode`` (answer every query with e.g. SERVFAIL),
 ``blackhole`` (never answer), ``truncate_udp`` (answer UDP with TC=1 and no records).
@@ -20,7 +21,11 @@ import struct
 import threading
 import time
 
-from dnslib import QTYPE, RCODE, RR, DNSRecord
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
 
 ZONE = """
 a.example.test.       300 IN A     93.184.216.34
@@ -40,11 +45,11 @@ class AuthServer:
     def __init__(self, zone: str = ZONE, address: str = "127.0.0.1", port: int = 0, *,
                  rcode: str | None = None, blackhole: bool = False,
                  truncate_udp: bool = False, extra_answer: str | None = None) -> None:
-        self.records = RR.fromZone(zone)
+        self.records = _parse_zone(zone)
         self.rcode = rcode
         self.blackhole = blackhole
         self.truncate_udp = truncate_udp
-        self.extra = RR.fromZone(extra_answer) if extra_answer else []
+        self.extra = _parse_zone(extra_answer) if extra_answer else []
         self.queries: list[tuple[str, str, str]] = []
         self.lock = threading.Lock()
         outer = self
@@ -108,44 +113,63 @@ class AuthServer:
             else f"{self.address}:{self.port}"
 
     def answer(self, data: bytes, transport: str) -> bytes | None:
-        request = DNSRecord.parse(data)
-        qname = str(request.q.qname).rstrip(".").lower()
+        request = dns.message.from_wire(data)
+        question = request.question[0]
+        qname = question.name.to_text(omit_final_dot=True).lower()
+        qtype = question.rdtype
         with self.lock:
-            self.queries.append((qname, QTYPE[request.q.qtype], transport))
+            self.queries.append((qname, dns.rdatatype.to_text(qtype), transport))
         if self.blackhole:
             return None
-        reply = request.reply()
+        reply = dns.message.make_response(request)
         if self.rcode is not None:
-            reply.header.rcode = getattr(RCODE, self.rcode)
-            return bytes(reply.pack())
+            reply.set_rcode(dns.rcode.from_text(self.rcode))
+            return reply.to_wire(want_shuffle=False)
         if transport == "udp" and self.truncate_udp:
-            reply.header.tc = 1
-            return bytes(reply.pack())
+            reply.flags |= dns.flags.TC
+            return reply.to_wire(want_shuffle=False)
         name, seen, found = qname, set(), False
         while name not in seen:
             seen.add(name)
-            step = [rr for rr in self.records if str(rr.rname).rstrip(".").lower() == name]
+            step = [rr for rr in self.records
+                    if rr.name.to_text(omit_final_dot=True).lower() == name]
             if not step:
                 break
             found = True
-            cname = [rr for rr in step if rr.rtype == QTYPE.CNAME]
-            if cname and request.q.qtype != QTYPE.CNAME:
-                reply.add_answer(*cname)
-                name = str(cname[0].rdata).rstrip(".").lower()
+            cname = [rr for rr in step if rr.rdtype == dns.rdatatype.CNAME]
+            if cname and qtype != dns.rdatatype.CNAME:
+                reply.answer += cname
+                name = cname[0][0].target.to_text(omit_final_dot=True).lower()
                 continue
-            reply.add_answer(*[rr for rr in step if rr.rtype == request.q.qtype])
+            reply.answer += [rr for rr in step if rr.rdtype == qtype]
             break
-        for rr in self.extra:
-            reply.add_answer(rr)
+        reply.answer += self.extra
         if not found:
-            reply.header.rcode = RCODE.NXDOMAIN
-        reply.header.aa = 1
-        return bytes(reply.pack())
+            reply.set_rcode(dns.rcode.NXDOMAIN)
+        reply.flags |= dns.flags.AA
+        return reply.to_wire(want_shuffle=False)
 
     def close(self) -> None:
         for s in (self.udp, self.tcp):
             s.shutdown()
             s.server_close()
+
+
+def _parse_zone(text: str) -> list[dns.rrset.RRset]:
+    """One RRset per (name, type) of ``text``'s ``name ttl IN type rdata`` lines, in file order."""
+    sets: dict[tuple[str, str], dns.rrset.RRset] = {}
+    for line in text.splitlines():
+        words = line.split(";", 1)[0].split(None, 4)
+        if not words:
+            continue
+        name, ttl, rdclass, rdtype, rdata = words
+        rr = dns.rrset.from_text(name, int(ttl), rdclass, rdtype, rdata)
+        key = (name.lower(), rdtype.upper())
+        if key in sets:
+            sets[key].union_update(rr)
+        else:
+            sets[key] = rr
+    return list(sets.values())
 
 
 def _recv(conn: socket.socket, n: int) -> bytes:
