@@ -24,10 +24,11 @@ import math
 import os
 import socket
 import ssl
-import struct
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from tls_proxy._sockopt import SO_ORIGINAL_DST as SO_ORIGINAL_DST
+from tls_proxy._sockopt import original_dst as original_dst
 from tls_proxy.ca import CertificateAuthority
 from tls_proxy.errors import ClientHelloError, ConfigError, HttpError
 from tls_proxy.h2session import H2Session
@@ -41,7 +42,6 @@ from tls_proxy.upstream import UpstreamTls
 
 log = logging.getLogger("tls_proxy")
 
-SO_ORIGINAL_DST = 80
 Address = tuple[str, int]
 OriginalDst = Callable[[Address, Address], "Address | Awaitable[Address | None] | None"]
 """``lookup(peer, local) -> (ip, port)``: the gateway's answer for a transparent flow."""
@@ -155,28 +155,6 @@ def _sequence(name: str, value: object) -> Sequence[object]:
         raise ConfigError(
             f"ProxyConfig.{name} must be a list or tuple, got {_shown(value)}")
     return list(value)
-
-
-def original_dst(sock: socket.socket) -> Address:
-    """The pre-NAT destination of a redirected TCP socket (``SO_ORIGINAL_DST``, IPv4 or IPv6).
-
-    Example::
-
-        >>> original_dst(conn)   # doctest: +SKIP
-        ('203.0.113.7', 443)
-    """
-    if sock.family == socket.AF_INET6 and not sock.getsockname()[0].startswith("::ffff:"):
-        raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
-        port, packed = struct.unpack_from("!2xH4x16s", raw)
-        ip6 = socket.inet_ntop(socket.AF_INET6, packed)
-        if ip6.startswith("::ffff:") and "." in ip6:
-            ip6 = ip6[7:]
-        return ip6, int(port)
-    # IPv4, also an IPv4 connection accepted on a dual-stack socket (v4-mapped addresses):
-    # its conntrack entry is IPv4, which SOL_IP asks for
-    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-    port, packed = struct.unpack_from("!2xH4s", raw)
-    return socket.inet_ntoa(packed), int(port)
 
 
 class TlsProxy:
