@@ -2,7 +2,10 @@
 
 Under ``CI=true`` a skipped test is a failure (with the skip's reason), unless its
 node id is in :data:`CI_ALLOWED_SKIPS`, the one place that lists what CI may skip
-and why: a missing binary in CI must fail loudly, not skip. ``./setup.sh``
+and why: a missing binary in CI must fail loudly, not skip. The rule covers the
+packages' docstring examples too (the repository's root ``conftest.py`` hands their
+items to :func:`fail_unlisted_skip`); an example marked ``# doctest: +SKIP`` throughout
+(it needs root or a guest) is the one skip allowed without a listing. ``./setup.sh``
 installs everything else the suite needs (tests/test_dependencies.py keeps it so).
 """
 
@@ -34,8 +37,14 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
-def _allowed(nodeid: str) -> bool:
-    return nodeid.split("[", 1)[0] in CI_ALLOWED_SKIPS
+# The reason pytest gives a docstring example whose every line is ``# doctest: +SKIP``:
+# such an example documents a call that needs root or a guest (it is type-checked and
+# read, not run); the author's explicit marker stands in for an allow-list entry.
+DOCTEST_SKIP_REASON = "all tests skipped by +SKIP option"
+
+
+def _allowed(nodeid: str, reason: str = "") -> bool:
+    return nodeid.split("[", 1)[0] in CI_ALLOWED_SKIPS or reason == DOCTEST_SKIP_REASON
 
 
 def _skip_reason(longrepr: object) -> str:
@@ -44,30 +53,44 @@ def _skip_reason(longrepr: object) -> str:
     return str(longrepr)
 
 
+def fail_unlisted_skip(rep: pytest.TestReport, nodeid: str) -> None:
+    """Under CI, turn ``rep``, a skip that is not allow-listed, into a failure with its reason."""
+    reason = _skip_reason(rep.longrepr)
+    if rep.skipped and in_ci() and not hasattr(rep, "wasxfail") and not _allowed(nodeid, reason):
+        rep.outcome = "failed"
+        rep.longrepr = (
+            f"skipped under CI=true: {reason}\n"
+            f"(CI may skip only the tests in CI_ALLOWED_SKIPS, tests/conftest.py; "
+            f"install what is missing through deps/apt.txt and ./setup.sh)"
+        )
+
+
+def fail_unlisted_module_skip(rep: pytest.CollectReport, nodeid: str) -> None:
+    """Under CI, turn ``rep``, a module skipped at import and not allow-listed, into a failure."""
+    if rep.skipped and in_ci() and not _allowed(nodeid):
+        rep.outcome = "failed"
+        rep.longrepr = (
+            f"module skipped under CI=true: {_skip_reason(rep.longrepr)} "
+            f"(not in CI_ALLOWED_SKIPS, tests/conftest.py)"
+        )
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Iterator[None]:
     """Under CI, turn a skip that is not allow-listed into a failure that keeps the reason."""
     outcome = yield
-    rep = outcome.get_result()  # type: ignore[attr-defined]
-    if rep.skipped and in_ci() and not hasattr(rep, "wasxfail") and not _allowed(item.nodeid):
-        rep.outcome = "failed"
-        rep.longrepr = (
-            f"skipped under CI=true: {_skip_reason(rep.longrepr)}\n"
-            f"(CI may skip only the tests in CI_ALLOWED_SKIPS, tests/conftest.py; "
-            f"install what is missing through deps/apt.txt and ./setup.sh)"
-        )
+    fail_unlisted_skip(outcome.get_result(), item.nodeid)  # type: ignore[attr-defined]
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
     """Under CI, a whole module skipped at import (importorskip, allow_module_level) fails too."""
     outcome = yield
-    rep = outcome.get_result()  # type: ignore[attr-defined]
-    if rep.skipped and in_ci() and not _allowed(collector.nodeid):
-        rep.outcome = "failed"
-        rep.longrepr = (
-            f"module skipped under CI=true: {_skip_reason(rep.longrepr)} "
-            f"(not in CI_ALLOWED_SKIPS, tests/conftest.py)"
-        )
+    fail_unlisted_module_skip(outcome.get_result(), collector.nodeid)  # type: ignore[attr-defined]
+
+
+# tests/fuzz holds atheris targets run as scripts (tests/*/test_*fuzz*.py): importing one
+# re-executes the interpreter under the sanitizer runtime, so --doctest-modules must not.
+collect_ignore = ["fuzz"]

@@ -230,13 +230,3 @@ def test_bad_arguments_are_one_line_and_exit_2(tmp_path: Path, env: dict[str, st
                         *args], env=env, capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "s.sock").exists()
-
-
-def test_serve_doctests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import doctest
-
-    import netstack.serve
-
-    monkeypatch.setenv("MICROVM_HOME", str(tmp_path))
-    result = doctest.testmod(netstack.serve, optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0 and result.attempted > 0
