@@ -17,13 +17,15 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from microvm import errors
 from microvm.sandbox.config import SandboxConfig
@@ -45,7 +47,7 @@ if TYPE_CHECKING:
 __all__ = ["ImageDefaults", "PreparedLaunch", "prepare_launch", "spawn_supervisor"]
 
 #: supervisors of attached sandboxes: their stdin is the lifeline (EOF = the creator died)
-_ATTACHED: dict[str, subprocess.Popen[bytes]] = {}
+_ATTACHED: dict[str, Any] = {}   # Popen or _ForkedSupervisor
 _ATTACHED_LOCK = threading.Lock()
 SCRIPTS_DIR = "/.microvm/scripts"
 
@@ -201,10 +203,74 @@ def _secrets_line(secrets: Iterable[Secret]) -> bytes:
     return (json.dumps(items) if items else "").encode() + b"\n"
 
 
+class _ForkedSupervisor:
+    """A supervisor forked by the zygote (not our child): its stdin pipe and its pid."""
+
+    def __init__(self, pid: int, stdin: IO[bytes]) -> None:
+        self.pid = pid
+        self.stdin: IO[bytes] | None = stdin
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(self.pid, signal.SIGKILL)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """The zygote reaps it; here: wait until the pid is gone (up to ``timeout``)."""
+        deadline = time.monotonic() + (timeout or 0.0)
+        while True:
+            try:
+                os.kill(self.pid, 0)
+            except ProcessLookupError:
+                return 0
+            except PermissionError:
+                return None
+            if time.monotonic() >= deadline:
+                if timeout:
+                    raise subprocess.TimeoutExpired(str(self.pid), timeout)
+                return None
+            time.sleep(0.01)
+
+
+def _start_supervisor(paths: SandboxPaths) -> tuple[Any, IO[bytes], IO[bytes]]:
+    """The supervisor process, its stdin (to write) and its stdout (to read): forked by
+    the warm zygote when it is ready (:mod:`microvm.sandbox.zygote`), else spawned."""
+    from microvm.sandbox import zygote
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log_fd = os.open(paths.supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                     0o600)
+    try:
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        pid = None
+        try:
+            pid = zygote.spawn([str(paths.dir)], stdin=in_r, stdout=out_w, stderr=log_fd,
+                               env=env)
+        finally:
+            if pid is None:
+                for fd in (in_r, in_w, out_r, out_w):
+                    os.close(fd)
+        if pid is not None:
+            os.close(in_r)
+            os.close(out_w)
+            stdin = os.fdopen(in_w, "wb")
+            return _ForkedSupervisor(pid, stdin), stdin, os.fdopen(out_r, "rb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "microvm.sandbox.supervisor", str(paths.dir)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_fd, close_fds=True,
+            start_new_session=True, env=env)
+    finally:
+        os.close(log_fd)
+    assert proc.stdin is not None and proc.stdout is not None
+    return proc, proc.stdin, proc.stdout
+
+
 def spawn_supervisor(paths: SandboxPaths, name: str, secrets: Sequence[Secret], *,
                      detached: bool, timeout: float) -> dict[str, Any]:
     """Start the supervisor, hand it the secrets, wait for its report (blocking).
 
+    The supervisor is forked from this process's warm zygote once that runs (see
+    :mod:`microvm.sandbox.zygote`; the first call starts it), else spawned.
     Raises the error the supervisor reported (``BootError`` with the console tail,
     ``NoUplinkError``, ...); on failure the supervisor has exited.
 
@@ -213,33 +279,28 @@ def spawn_supervisor(paths: SandboxPaths, name: str, secrets: Sequence[Secret], 
         report = spawn_supervisor(paths, "web", [], detached=False, timeout=120)
     """
     paths.run.mkdir(parents=True, exist_ok=True, mode=0o700)
-    log = open(paths.supervisor_log, "ab")  # noqa: SIM115 - handed to the child
+    proc, stdin, stdout = _start_supervisor(paths)
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "microvm.sandbox.supervisor", str(paths.dir)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, close_fds=True,
-            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    finally:
-        log.close()
-    assert proc.stdin is not None and proc.stdout is not None
-    try:
-        proc.stdin.write(_secrets_line(secrets))
-        proc.stdin.flush()
+        stdin.write(_secrets_line(secrets))
+        stdin.flush()
     except BrokenPipeError:
         pass
     if detached:
-        proc.stdin.close()
+        with contextlib.suppress(OSError):
+            stdin.close()
     result: list[bytes] = []
-    reader = threading.Thread(target=lambda: result.append(proc.stdout.readline()),  # type: ignore[union-attr]
-                              daemon=True)
+    reader = threading.Thread(target=lambda: result.append(stdout.readline()), daemon=True)
     reader.start()
     reader.join(timeout)
     line = result[0] if result else b""
-    proc.stdout.close()
+    stdout.close()
     if not line:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
-        proc.wait()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+        with contextlib.suppress(OSError):
+            stdin.close()
         tail = paths.supervisor_log.read_text(errors="replace")[-2000:] \
             if paths.supervisor_log.exists() else ""
         raise errors.SandboxError(
@@ -247,7 +308,10 @@ def spawn_supervisor(paths: SandboxPaths, name: str, secrets: Sequence[Secret], 
             + (f"; its log ends with:\n{tail}" if tail else ""))
     report: dict[str, Any] = json.loads(line)
     if not report.get("ok"):
-        proc.wait(30)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(30)
+        with contextlib.suppress(OSError):
+            stdin.close()
         cls = _ERRORS.get(str(report.get("error")), errors.SandboxError)
         msg = f"sandbox {name!r} did not start: {report.get('message')}"
         if cls is errors.BootError:

@@ -276,6 +276,7 @@ async def restore(cls: type[AsyncSandbox], snapshot: str | os.PathLike[str], *, 
     validate_name(name)
     if not isinstance(boot_timeout, int | float) or boot_timeout <= 0:
         raise SandboxConfigError(f"bad boot_timeout {boot_timeout!r}: seconds > 0")
+    t_call = time.time()
     path = resolve(snapshot)
     info = await asyncio.to_thread(SnapshotInfo.of, path)
     extra = load_manifest(path)["extra"]
@@ -311,8 +312,12 @@ async def restore(cls: type[AsyncSandbox], snapshot: str | os.PathLike[str], *, 
             paths.root.mkdir(mode=0o700)
             _launch.write_launch(paths, launch, plugins)
             try:
-                await asyncio.to_thread(_launch.spawn_supervisor, paths, name, secret_list,
-                                        detached=detached, timeout=float(boot_timeout) + 30)
+                t_spawn = time.time()
+                report = await asyncio.to_thread(
+                    _launch.spawn_supervisor, paths, name, secret_list, detached=detached,
+                    timeout=float(boot_timeout) + 30)
+                _record_phases(name, {"call": t_call, "spawn": t_spawn,
+                                      **report.get("phases", {}), "reported": time.time()})
                 break
             except BootError as e:
                 # Known bug (issue 16): now and then, mostly under load, the restored
@@ -329,6 +334,30 @@ async def restore(cls: type[AsyncSandbox], snapshot: str | os.PathLike[str], *, 
             _launch.remove_files(paths, None)
             db.delete(name)
     return cls(name, db=db)
+
+
+_PHASES: dict[str, dict[str, float]] = {}
+
+
+def _record_phases(name: str, stamps: dict[str, float]) -> None:
+    if len(_PHASES) > 256:
+        _PHASES.clear()
+    _PHASES[name] = stamps
+
+
+def restore_phases(name: str) -> dict[str, float]:
+    """Where the last restore (or fork) named ``name`` in this process spent its time:
+    seconds since the call at each step (``spawn``: the supervisor requested, ``main``:
+    it runs, ``checks_start``/``vmm_start``/``agent_ready``/``serving`` in the supervisor,
+    ``reported``: back in the caller). Empty when unknown.
+
+    Example::
+
+        restore_phases("a").get("agent_ready")
+    """
+    st = _PHASES.get(name, {})
+    t0 = st.get("call")
+    return {k: round(v - t0, 4) for k, v in st.items() if t0 is not None and k != "call"}
 
 
 def _free_names(base: str, n: int, db: StateDB) -> list[str]:

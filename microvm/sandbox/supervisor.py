@@ -88,6 +88,12 @@ class Supervisor:
         self.started = time.monotonic()
         self.last_touch = time.monotonic()
         self.paused = False
+        #: wall-clock time (epoch seconds) of each bring-up step (the report's ``phases``:
+        #: where a start's time goes; benchmarks.snapshot --phases prints them)
+        self.phases: dict[str, float] = {}
+
+    def _phase(self, name: str) -> None:
+        self.phases[name] = time.time()
 
     # -- bring-up ------------------------------------------------------------------
     def _shares(self) -> list[Share]:
@@ -123,6 +129,7 @@ class Supervisor:
             client = await self._start_with_network(bootstrap)
         else:
             client = await self._start(bootstrap)
+        self._phase("agent_ready")
         from microvm.sandbox.relay import AgentRelay
 
         assert client.ready is not None
@@ -132,6 +139,7 @@ class Supervisor:
         self.control = await asyncio.start_unix_server(self._control_client,
                                                        path=str(self.paths.control_sock))
         os.chmod(self.paths.control_sock, 0o600)
+        self._phase("serving")
 
     async def _start(self, bootstrap: dict[str, Any]) -> Any:
         """A sandbox without a network: boot (or restore) the machine."""
@@ -139,6 +147,7 @@ class Supervisor:
         backend = self.plugins.get("backend") or cfg.backend
         restore = self.launch.get("restore")
         if restore:   # a snapshot restore or fork (microvm.sandbox.snapshots)
+            self._phase("checks_start")
             self.machine = await asyncio.to_thread(
                 Machine.from_snapshot, Path(restore["snapshot"]), backend=backend,
                 rundir=self.paths.run, disk_dir=self.paths.root,
@@ -149,6 +158,7 @@ class Supervisor:
                 backend, cpus=cfg.cpus, memory=cfg.memory, shares=self._shares(),
                 bootstrap=bootstrap, rundir=self.paths.run, root=self.root_plan,
                 boot_timeout=float(self.launch.get("boot_timeout", 120.0)))
+        self._phase("vmm_start")
         return await self.machine.astart()
 
     async def _start_with_network(self, bootstrap: dict[str, Any]) -> Any:
@@ -429,9 +439,12 @@ def _forget_stop_signals(signals: tuple[signal.Signals, ...]) -> None:
 
 
 async def _amain(paths: SandboxPaths) -> int:
+    sup_t0 = time.time()
     launch = json.loads((paths.dir / "launch.json").read_text())
     secrets = _read_secrets(sys.stdin)
     sup = Supervisor(paths, launch, secrets)
+    sup.phases["main"] = sup_t0
+    sup._phase("secrets")
     db, name = sup.db, sup.cfg.name
     loop = asyncio.get_running_loop()
     stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -454,7 +467,7 @@ async def _amain(paths: SandboxPaths) -> int:
                  "console_tail": tail})
         return 1
     db.set_state(name, "running", pid=os.getpid())
-    _report({"ok": True, "pid": os.getpid(),
+    _report({"ok": True, "pid": os.getpid(), "phases": sup.phases,
              "published": sup.net.published() if sup.net else {}})
     state = await sup.serve(lifeline)
     log.info("sandbox %s %s (%s)", name, state, sup.stop_reason)
