@@ -291,7 +291,7 @@ def test_truncated_upstream_udp_is_retried_over_tcp() -> None:
 def test_upstream_configuration(tmp_path) -> None:
     conf = tmp_path / "resolv.conf"
     conf.write_text("# c\nsearch x\nnameserver 10.0.0.53\nnameserver fe80::1%eth0\n"
-                    "nameserver bogus\n")
+                    "options rotate\n")
     assert resolv_conf_upstreams(conf) == [Upstream("10.0.0.53"), Upstream("fe80::1")]
     fwd = DnsForwarder(ALLOW_ALL.evaluate_dns, resolv_conf=conf)
     assert fwd.upstreams[0] == Upstream("10.0.0.53", 53)
@@ -299,6 +299,35 @@ def test_upstream_configuration(tmp_path) -> None:
     empty.write_text("")
     with pytest.raises(DnsForwarderError, match="no upstream"):
         DnsForwarder(ALLOW_ALL.evaluate_dns, resolv_conf=empty)
+    assert resolv_conf_upstreams(empty) == []
+
+
+@pytest.mark.parametrize("text", [
+    "nameserver 10.0.0.53\nnameserver bogus\n",     # not an IP address
+    "search " + "a" * 64 + "\nnameserver 10.0.0.53\n",  # not a domain name
+    "nameserver https://dns.example/dns-query\n",   # a DoH URL: not for a forwarder
+])
+def test_bad_resolv_conf_is_a_typed_error_naming_the_file(tmp_path, text: str) -> None:
+    conf = tmp_path / "resolv.conf"
+    conf.write_text(text)
+    with pytest.raises(DnsForwarderError, match=r"resolver configuration .*resolv\.conf"):
+        resolv_conf_upstreams(conf)
+    with pytest.raises(DnsForwarderError, match="pass upstreams="):
+        DnsForwarder(ALLOW_ALL.evaluate_dns, resolv_conf=conf)
+    # explicit upstreams never read the file
+    assert DnsForwarder(ALLOW_ALL.evaluate_dns, ["10.0.0.1"], resolv_conf=conf).upstreams \
+        == [Upstream("10.0.0.1")]
+
+
+def test_undecodable_and_missing_resolv_conf(tmp_path) -> None:
+    conf = tmp_path / "resolv.conf"
+    conf.write_bytes(b"nameserver 10.0.0.53\n\xff\xfe\n")
+    with pytest.raises(DnsForwarderError, match="is not valid"):
+        resolv_conf_upstreams(conf)
+    with pytest.raises(DnsForwarderError, match=r"cannot read resolver configuration .*No such"):
+        resolv_conf_upstreams(tmp_path / "missing")
+    with pytest.raises(DnsForwarderError, match="cannot read resolver configuration"):
+        resolv_conf_upstreams(tmp_path)   # a directory
     for bad in ("dns.example", "1.2.3.4:0", "1.2.3.4:99999", "[::1]:x", ""):
         with pytest.raises(DnsForwarderError):
             DnsForwarder(ALLOW_ALL.evaluate_dns, [bad])

@@ -1,60 +1,26 @@
-"""The sandbox's DNS forwarder: policy per query, rebind protection, pin-cache feed.
+"""The forwarder: policy per query, rebind protection, the pin-cache feed, rendering.
 
-Behaviour (reference: microsandbox DNS interception, §4):
+:class:`DnsForwarder` turns one guest DNS message into one reply (bytes in, bytes out;
+see :mod:`netstack.gateway.dns_forwarder` for the rules); the listeners
+(:mod:`._listeners`), upstream selection (:mod:`._upstream`) and the loop thread
+(:mod:`._thread`) are separate modules. :func:`is_rebind_address` is the rebind set,
+:func:`pin_cache_callback` feeds answers to a pin cache.
 
-* A message that is not a query is dropped; one too short to have a header is dropped;
-  one that does not parse, or that has != 1 question, gets FORMERR; opcodes other
-  than QUERY get NOTIMP. The transaction id (and opcode, RD) is always preserved.
-* ``policy_decider(qname, protocol, port) -> Decision`` (e.g.
-  ``NetworkPolicy.evaluate_dns``) decides each query; deny -> **NXDOMAIN** (never
-  REFUSED: glibc retries REFUSED forever). Every decision is logged on the
-  ``netstack.dns`` logger with its reason (denies at INFO, allows at DEBUG).
-* The host alias (e.g. ``host.microvm.internal``) is answered locally with the
-  gateway addresses (TTL 60); other types for it get an empty NOERROR. A/AAAA queries
-  for an address family the sandbox lacks (``inactive_families``) get an empty NOERROR.
-* Everything else goes to the upstreams (configuration, else the host's
-  ``/etc/resolv.conf``) in order, each with ``timeout`` seconds; a timeout or transport
-  error fails over to the next, an answer (including SERVFAIL/REFUSED) is returned as
-  is; when none answers the client gets SERVFAIL. A truncated UDP answer is retried
-  over TCP at the same upstream.
-* Rebind protection (default on): if any A/AAAA record in a NOERROR answer is a
-  private/reserved address (:func:`is_rebind_address`) and the policy does not exempt
-  it (``NetworkPolicy.rebind_exempt``: an explicit address-only allow rule), the client
-  gets NXDOMAIN.
-* Answers to A/AAAA queries that reach the client are reported to
-  ``on_answer(qname, [(ip, ttl), ...])``: addresses owned by the query name or by a
-  CNAME target reachable from it; each TTL is the minimum over the CNAME links and
-  the address record, floored at ``ttl_floor`` (1 s) and capped at ``ttl_ceiling``.
-  Callback errors are logged, never fatal. Empty answers are not reported.
-* UDP answers larger than the client's EDNS payload size (512 without OPT) become a
-  header-only reply with TC=1, so the client retries over TCP.
-
-Use it bytes-in/bytes-out (``await fwd.handle(wire, "udp")``) from a frame loop, or
-run real listeners with :meth:`DnsForwarder.start` (UDP and TCP on one address).
-
->>> import asyncio
+>>> import asyncio, dns.message
 >>> from netstack import NetworkPolicy
 >>> fwd = DnsForwarder(NetworkPolicy.none().evaluate_dns, upstreams=["192.0.2.1"])
->>> import dns.message
->>> q = dns.message.make_query("example.com", "A")
->>> r = dns.message.from_wire(asyncio.run(fwd.handle(q.to_wire())))
->>> dns.rcode.to_text(r.rcode()), r.id == q.id
-('NXDOMAIN', True)
+>>> r = dns.message.from_wire(asyncio.run(fwd.handle(dns.message.make_query("a.test", "A").to_wire())))
+>>> dns.rcode.to_text(r.rcode())
+'NXDOMAIN'
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import contextlib
 import ipaddress
 import logging
-import re
 import socket
 import struct
-import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol, cast
 
@@ -71,15 +37,14 @@ import dns.rrset
 
 from netstack.errors import DnsForwarderError
 from netstack.flow import Decision, Flow
+from netstack.gateway.dns_forwarder._listeners import Listeners
+from netstack.gateway.dns_forwarder._upstream import Upstream, resolv_conf_upstreams
 
 log = logging.getLogger("netstack.dns")
 
 _HOST_ALIAS_TTL: Final = 60
 _UDP_DEFAULT_SIZE: Final = 512
 _UPSTREAM_PAYLOAD: Final = 1232
-_TCP_IDLE_TIMEOUT: Final = 30.0
-#: getsockopt name of the pre-NAT destination (SO_ORIGINAL_DST = IP6T_SO_ORIGINAL_DST)
-_SO_ORIGINAL_DST: Final = 80
 
 _REBIND_V4: Final = tuple(ipaddress.IPv4Network(n) for n in (
     "0.0.0.0/8", "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
@@ -144,79 +109,6 @@ def pin_cache_callback(pins: PinSink) -> AnswerCallback:
             pins.pin(qname, [ip for ip, _ in answers], min(ttl for _, ttl in answers))
 
     return on_answer
-
-
-@dataclass(frozen=True)
-class Upstream:
-    """One upstream resolver (IP and port).
-
-    >>> Upstream.parse("[2001:db8::53]:5353")
-    Upstream(host='2001:db8::53', port=5353)
-    """
-
-    host: str
-    port: int = 53
-
-    @classmethod
-    def parse(cls, value: str | tuple[str, int] | Upstream) -> Upstream:
-        """Parse ``IP``, ``IP:PORT``, ``[IPv6]:PORT``, a bare IPv6 or an ``(ip, port)`` tuple.
-
-        >>> Upstream.parse("127.0.0.1:5300"), Upstream.parse("::1")
-        (Upstream(host='127.0.0.1', port=5300), Upstream(host='::1', port=53))
-        >>> Upstream.parse("dns.example")
-        Traceback (most recent call last):
-        ...
-        netstack.errors.DnsForwarderError: upstream must be IP, IP:PORT or [IPv6]:PORT, got 'dns.example'
-        """
-        if isinstance(value, Upstream):
-            return value
-        host: object
-        port: object
-        if isinstance(value, tuple) and len(value) == 2:
-            host, port = value
-        elif isinstance(value, str):
-            m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d{1,5}))?", value)
-            if m:
-                host, port = m.group(1), int(m.group(2) or 53)
-            elif value.count(":") == 1:
-                h, _, p = value.partition(":")
-                host, port = h, int(p) if p.isdigit() else -1
-            else:
-                host, port = value, 53
-        else:
-            raise DnsForwarderError(f"upstream must be IP, IP:PORT or [IPv6]:PORT, "
-                                    f"got {value!r}")
-        try:
-            ipaddress.ip_address(str(host))
-        except ValueError:
-            raise DnsForwarderError(f"upstream must be IP, IP:PORT or [IPv6]:PORT, "
-                                    f"got {value!r}")
-        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-            raise DnsForwarderError(f"upstream port must be 1..65535, got {value!r}")
-        return cls(str(ipaddress.ip_address(str(host))), port)
-
-
-def resolv_conf_upstreams(path: str | Path = "/etc/resolv.conf") -> list[Upstream]:
-    """The ``nameserver`` entries of a resolv.conf (unparseable ones are skipped).
-
-    >>> import tempfile, os
-    >>> p = os.path.join(tempfile.mkdtemp(), "r"); _ = open(p, "w").write("nameserver 10.0.0.53\\n")
-    >>> resolv_conf_upstreams(p)
-    [Upstream(host='10.0.0.53', port=53)]
-    """
-    result: list[Upstream] = []
-    try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
-    except OSError as e:
-        raise DnsForwarderError(f"cannot read resolver configuration {str(path)!r}: {e}") from e
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[0] == "nameserver":
-            try:
-                result.append(Upstream.parse(parts[1].split("%", 1)[0]))
-            except DnsForwarderError:
-                log.warning("ignoring nameserver %r in %s", parts[1], path)
-    return result
 
 
 def _addresses(rrset: dns.rrset.RRset) -> list[str]:
@@ -327,7 +219,7 @@ class DnsForwarder:
         self.stats: dict[str, int] = dict.fromkeys(
             ("queries", "denied", "forwarded", "alias", "formerr", "servfail", "truncated",
              "rebind_blocked", "dropped", "failovers"), 0)
-        self._servers: list[asyncio.AbstractServer | asyncio.DatagramTransport] = []
+        self._listeners = Listeners(self.handle, self.timeout)
 
     @classmethod
     def for_plan(cls, policy: Any, plan: Any, **kwargs: Any) -> DnsForwarder:
@@ -561,7 +453,7 @@ class DnsForwarder:
                       protocol)
             return _header_only(query.id, query.flags, response.rcode(), tc=True)
 
-    # -- listener mode -------------------------------------------------------------
+    # -- listener mode (netstack.gateway.dns_forwarder._listeners) -----------------
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         """Serve UDP and TCP on ``host``:``port`` (0 = pick one); returns the address.
 
@@ -575,16 +467,10 @@ class DnsForwarder:
         >>> asyncio.run(demo())
         ('127.0.0.1', True)
         """
-        loop = asyncio.get_running_loop()
-        server = await asyncio.start_server(self._serve_tcp, host, port)
-        self._servers.append(server)
-        bound = server.sockets[0].getsockname()
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: _UdpProtocol(self), local_addr=(host, bound[1]))
-        self._servers.append(transport)
-        return str(bound[0]), int(bound[1])
+        return await self._listeners.start(host, port)
 
-    async def start_tcp_socket(self, sock: Any, *, original_dst: bool = False) -> None:
+    async def start_tcp_socket(self, sock: socket.socket, *,
+                               original_dst: bool = False) -> None:
         """Serve DNS over TCP on an already bound and listening socket (e.g. one created
         inside another network namespace); closed by :meth:`stop`. ``original_dst``:
         connections were DNATed to this listener (guest DNS to any address), so each
@@ -600,15 +486,7 @@ class DnsForwarder:
         ...     await fwd.stop()
         >>> asyncio.run(demo())
         """
-        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            dst = None
-            if original_dst:
-                conn = writer.get_extra_info("socket")
-                dst = original_destination(conn) if conn is not None else None
-            await self._serve_tcp(reader, writer, dst)
-
-        server = await asyncio.start_server(serve, sock=sock)
-        self._servers.append(server)
+        await self._listeners.start_tcp_socket(sock, original_dst=original_dst)
 
     async def stop(self) -> None:
         """Close the listeners started by :meth:`start` (idempotent).
@@ -618,179 +496,4 @@ class DnsForwarder:
         >>> fwd = DnsForwarder(NetworkPolicy.none().evaluate_dns, ["192.0.2.1"])
         >>> asyncio.run(fwd.stop())  # nothing started: a no-op
         """
-        servers, self._servers = self._servers, []
-        for s in servers:
-            s.close()
-            if isinstance(s, asyncio.AbstractServer):
-                await s.wait_closed()
-
-    async def _serve_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                         dst: tuple[str, int] | None = None) -> None:
-        try:
-            while True:
-                header = await asyncio.wait_for(reader.readexactly(2), _TCP_IDLE_TIMEOUT)
-                (length,) = struct.unpack("!H", header)
-                wire = await asyncio.wait_for(reader.readexactly(length), self.timeout)
-                answer = await self.handle(wire, "tcp", dst)
-                if answer is not None:
-                    writer.write(struct.pack("!H", len(answer)) + answer)
-                    await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
-
-def original_destination(sock: Any) -> tuple[str, int] | None:
-    """The pre-NAT destination of an accepted TCP socket (``SO_ORIGINAL_DST``, IPv4 or
-    IPv6), or None when conntrack has no record of it (not NATed, or no conntrack).
-
-    >>> import socket
-    >>> a, b = socket.socketpair()
-    >>> original_destination(a) is None
-    True
-    """
-    try:
-        if sock.family == socket.AF_INET6:
-            raw = sock.getsockopt(socket.IPPROTO_IPV6, _SO_ORIGINAL_DST, 28)
-            port, packed = struct.unpack_from("!2xH4x16s", raw)
-            return str(ipaddress.IPv6Address(packed)), int(port)
-        if sock.family == socket.AF_INET:
-            raw = sock.getsockopt(socket.SOL_IP, _SO_ORIGINAL_DST, 16)
-            port, packed = struct.unpack_from("!2xH4s", raw)
-            return str(ipaddress.IPv4Address(packed)), int(port)
-    except (OSError, struct.error):
-        pass
-    return None
-
-
-class ForwarderThread:
-    """A :class:`DnsForwarder` served by its own event loop in a daemon thread.
-
-    For callers that are not asyncio (the C frame loop's slow path): :meth:`submit`
-    from any thread returns a ``concurrent.futures.Future`` of the reply bytes.
-
-    >>> from netstack import NetworkPolicy
-    >>> fwd = DnsForwarder(NetworkPolicy.none().evaluate_dns, ["192.0.2.1"])
-    >>> with ForwarderThread(fwd) as t:
-    ...     reply = t.submit(bytes.fromhex("abcd01000001000000000000017800000f0001")).result(5)
-    >>> reply[:2].hex(), reply[3] & 0xF   # NXDOMAIN (3), id preserved
-    ('abcd', 3)
-    """
-
-    def __init__(self, forwarder: DnsForwarder) -> None:
-        self.forwarder = forwarder
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True,
-                                        name="netstack-dns")
-        self._thread.start()
-
-    def submit(self, wire: bytes, protocol: str = "udp",
-               dst: str | tuple[str, int] | None = None
-               ) -> concurrent.futures.Future[bytes | None]:
-        """Schedule :meth:`DnsForwarder.handle` on the forwarder's loop.
-
-        >>> from netstack import NetworkPolicy
-        >>> with ForwarderThread(DnsForwarder(NetworkPolicy.none().evaluate_dns,
-        ...                                   ["192.0.2.1"])) as t:
-        ...     t.submit(b"\\x00\\x01").result(5) is None  # too short: no reply
-        True
-        """
-        if self.loop.is_closed():
-            raise DnsForwarderError("the forwarder thread is closed")
-        return asyncio.run_coroutine_threadsafe(self.forwarder.handle(wire, protocol, dst),
-                                                self.loop)
-
-    def start_listener(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
-        """Start the UDP+TCP listeners (:meth:`DnsForwarder.start`) on the thread's loop.
-
-        >>> from netstack import NetworkPolicy
-        >>> with ForwarderThread(DnsForwarder(NetworkPolicy.none().evaluate_dns,
-        ...                                   ["192.0.2.1"])) as t:
-        ...     t.start_listener("127.0.0.1", 0)[1] > 0
-        True
-        """
-        return asyncio.run_coroutine_threadsafe(self.forwarder.start(host, port),
-                                                self.loop).result(10)
-
-    def serve_tcp_socket(self, sock: Any, *, original_dst: bool = False) -> None:
-        """:meth:`DnsForwarder.start_tcp_socket` on the thread's loop.
-
-        >>> import socket
-        >>> from netstack import NetworkPolicy
-        >>> with ForwarderThread(DnsForwarder(NetworkPolicy.none().evaluate_dns,
-        ...                                   ["192.0.2.1"])) as t:
-        ...     t.serve_tcp_socket(socket.create_server(("127.0.0.1", 0)))
-        """
-        asyncio.run_coroutine_threadsafe(
-            self.forwarder.start_tcp_socket(sock, original_dst=original_dst),
-            self.loop).result(10)
-
-    def close(self) -> None:
-        """Stop listeners and the loop, join the thread (idempotent).
-
-        >>> from netstack import NetworkPolicy
-        >>> t = ForwarderThread(DnsForwarder(NetworkPolicy.none().evaluate_dns, ["192.0.2.1"]))
-        >>> t.close(); t.close(); t.loop.is_closed()
-        True
-        """
-        if self.loop.is_closed():
-            return
-        if self._thread.is_alive():
-            try:
-                asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(10)
-            finally:
-                self.loop.call_soon_threadsafe(self.loop.stop)
-                self._thread.join(10)
-        if not self._thread.is_alive():
-            self.loop.close()
-
-    async def _shutdown(self) -> None:
-        """Stop the listeners, then cancel and await every other task on the loop
-        (queries in flight, TCP connections, upstream waits), so that nothing is left
-        pending when the loop stops ("Task was destroyed but it is pending!") and no
-        transport closes itself on a closed loop ("Event loop is closed")."""
-        await self.forwarder.stop()
-        me = asyncio.current_task()
-        for _ in range(3):   # a cancelled task may start a cleanup task of its own
-            tasks = [t for t in asyncio.all_tasks() if t is not me]
-            if not tasks:
-                break
-            for t in tasks:
-                t.cancel()
-            await asyncio.wait(tasks, timeout=5)
-        await asyncio.sleep(0)   # let transports run their connection_lost callbacks
-        await self.loop.shutdown_asyncgens()
-
-    def __enter__(self) -> ForwarderThread:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class _UdpProtocol(asyncio.DatagramProtocol):
-    def __init__(self, forwarder: DnsForwarder) -> None:
-        self.forwarder = forwarder
-        self.transport: asyncio.DatagramTransport | None = None
-        self.tasks: set[asyncio.Task[None]] = set()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
-    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-        task = asyncio.get_running_loop().create_task(self._reply(data, addr))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def _reply(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-        try:
-            answer = await self.forwarder.handle(data, "udp")
-        except Exception:
-            log.exception("DNS forwarder failed on a UDP query from %s", addr)
-            return
-        if answer is not None and self.transport is not None \
-                and not self.transport.is_closing():
-            self.transport.sendto(answer, addr)
+        await self._listeners.stop()
