@@ -1,9 +1,20 @@
 """A small native OCI distribution (registry v2) client: manifests and blobs.
 
-Token (Bearer) and Basic auth, ``~/.docker/config.json`` credentials as a
-fallback, TLS with extra CA certificates, plain HTTP only when ``insecure``,
-retries with exponential backoff on transient failures (connection errors, 429,
-5xx), and every byte verified against its digest.
+The HTTP plumbing is :mod:`httpx`: one connection pool per client shared by the
+pull's worker threads, redirects (a blob redirected to storage on another host
+never carries our ``Authorization`` header there, and an ``https`` registry is
+never redirected to plain ``http``), and the registry auth dance as an
+:class:`httpx.Auth` flow (HTTP 401 with ``WWW-Authenticate: Bearer realm=...,
+service=...,scope=...`` -> a token request, with Basic credentials if we have any
+-> the request again with the token; or plain Basic auth). Retries with exponential
+backoff on transient failures (connection errors and resets, timeouts, 408/425/429,
+5xx; ``Retry-After`` honoured) live in a small transport under the pool.
+
+Ours on top: media-type negotiation for manifests and indexes, credentials from
+``~/.docker/config.json`` as a fallback, TLS with extra CA certificates (the
+system's trust store otherwise), plain HTTP only when ``insecure``, typed one-line
+errors (:mod:`rootfs.errors`), and every byte checked against its digest while a
+blob streams to disk in bounded memory.
 
 Example::
 
@@ -14,29 +25,39 @@ Example::
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
-import http.client
 import json
 import os
 import re
 import ssl
 import threading
 import time
-import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from rootfs.errors import AuthError, DigestError, ImageNotFoundError, RegistryError
+import httpx
+
+from rootfs.errors import (
+    AuthError,
+    DigestError,
+    ImageNotFoundError,
+    InvalidReferenceError,
+    RegistryError,
+    RootfsError,
+)
 from rootfs.image import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
-from rootfs.reference import DEFAULT_REGISTRY
+from rootfs.reference import _COMPONENT, _HOST, _TAG, DEFAULT_REGISTRY, validate_digest
 
 ACCEPT_MANIFESTS = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST])
 USER_AGENT = "microvm-sandbox-rootfs/0.1"
-_CHUNK = 1 << 20
 _MAX_MANIFEST = 4 << 20
+_MAX_REDIRECTS = 5
 _TRANSIENT = {408, 425, 429, 500, 502, 503, 504}
+_REPO_PATH = re.compile(r"/v2/(?P<repo>.+)/(?:manifests|blobs|tags)/[^/]+\Z")
 
 ProgressFn = Callable[[str, int, int], None]
 """``progress(layer_digest, bytes_done, bytes_total)``."""
@@ -48,7 +69,8 @@ class RegistryAuth:
 
     Example::
 
-        RegistryAuth("alice", "s3cret")
+        >>> RegistryAuth("alice", "s3cret")
+        RegistryAuth(username='alice', password=***)
     """
 
     username: str
@@ -56,6 +78,17 @@ class RegistryAuth:
 
     def __repr__(self) -> str:
         return f"RegistryAuth(username={self.username!r}, password=***)"
+
+    def basic(self) -> str:
+        """The ``Authorization`` header value for HTTP Basic auth.
+
+        Example::
+
+            >>> RegistryAuth("a", "b").basic()
+            'Basic YTpi'
+        """
+        raw = f"{self.username}:{self.password}".encode()
+        return "Basic " + base64.b64encode(raw).decode()
 
 
 CaCerts = str | os.PathLike[str] | bytes | Sequence[str | os.PathLike[str] | bytes]
@@ -66,7 +99,8 @@ def docker_config_auth(registry: str, config_dir: Path | None = None) -> Registr
 
     Example::
 
-        docker_config_auth("127.0.0.1:5000")
+        >>> docker_config_auth("127.0.0.1:5000", Path("/nonexistent")) is None
+        True
     """
     base = config_dir or Path(os.environ.get("DOCKER_CONFIG") or Path.home() / ".docker")
     try:
@@ -94,13 +128,21 @@ def docker_config_auth(registry: str, config_dir: Path | None = None) -> Registr
     return None
 
 
+@functools.cache
+def _system_ssl_context() -> ssl.SSLContext:
+    """The system trust store, loaded once per process (it costs ~20 ms)."""
+    return ssl.create_default_context()
+
+
 def _ssl_context(ca_certs: CaCerts | None) -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
     if ca_certs is None:
-        return ctx
+        return _system_ssl_context()
+    ctx = ssl.create_default_context()
     items: Sequence[str | os.PathLike[str] | bytes]
     items = [ca_certs] if isinstance(ca_certs, (str, bytes, os.PathLike)) else ca_certs
     for item in items:
+        if not isinstance(item, (str, bytes, os.PathLike)):
+            raise RegistryError(f"bad CA certificate item {item!r:.80}: use a path or PEM bytes")
         try:
             if isinstance(item, bytes):
                 ctx.load_verify_locations(cadata=item.decode("ascii"))
@@ -128,22 +170,197 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     return scheme.lower(), params
 
 
-class _Response:
-    def __init__(self, status: int, headers: dict[str, str], resp: http.client.HTTPResponse,
-                 conn: http.client.HTTPConnection) -> None:
-        self.status = status
-        self.headers = headers
-        self.resp = resp
-        self.conn = conn
-
-
 def _named(repository: str, selector: str) -> str:
     """``repo:tag`` or ``repo@sha256:...`` (a digest selector is pinned with ``@``)."""
     return f"{repository}@{selector}" if ":" in selector else f"{repository}:{selector}"
 
 
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return url.scheme, url.host, url.port
+
+
+def _tls_cause(exc: BaseException) -> ssl.SSLError | None:
+    """The :class:`ssl.SSLError` under an httpx/httpcore exception chain, if any."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+class _RetryTransport(httpx.BaseTransport):
+    """Sends one request, again on a transient failure (all our requests are GETs).
+
+    Plain-HTTP and TLS connections get their own pools; the TLS one is made on first
+    use (an insecure pull never pays for loading a trust store).
+    """
+
+    def __init__(self, ssl_context: Callable[[], ssl.SSLContext], retries: int,
+                 backoff: float) -> None:
+        self._ssl_context = ssl_context
+        self.retries = retries
+        self.backoff = backoff
+        self._lock = threading.Lock()
+        self._pools: dict[str, httpx.HTTPTransport] = {}
+
+    def _pool(self, scheme: str) -> httpx.HTTPTransport:
+        with self._lock:
+            pool = self._pools.get(scheme)
+            if pool is None:
+                # A plain-HTTP pool never handshakes: an unloaded context costs nothing.
+                ctx = self._ssl_context() if scheme == "https" else \
+                    ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                pool = httpx.HTTPTransport(verify=ctx, trust_env=False)
+                self._pools[scheme] = pool
+            return pool
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        pool = self._pool(request.url.scheme)
+        attempt = 0
+        while True:
+            try:
+                response = pool.handle_request(request)
+            except (httpx.NetworkError, httpx.TimeoutException,
+                    httpx.RemoteProtocolError) as exc:
+                if _tls_cause(exc) is not None or attempt >= self.retries:
+                    raise
+                time.sleep(self.backoff * (2 ** attempt))
+                attempt += 1
+                continue
+            if response.status_code in _TRANSIENT and attempt < self.retries:
+                retry_after = response.headers.get("retry-after", "")
+                response.close()
+                delay = self.backoff * (2 ** attempt)
+                if retry_after.isdigit():
+                    delay = min(float(retry_after), 30.0)
+                time.sleep(delay)
+                attempt += 1
+                continue
+            return response
+
+    def close(self) -> None:
+        with self._lock:
+            pools, self._pools = list(self._pools.values()), {}
+        for pool in pools:
+            pool.close()
+
+
+class _RegistryAuthFlow(httpx.Auth):
+    """The registry auth dance for one client: Bearer tokens per repository scope, or Basic.
+
+    Credentials go only to the registry's own origin (and to its token realm); a
+    response from elsewhere (blob storage after a redirect) is returned untouched.
+    """
+
+    def __init__(self, client: RegistryClient) -> None:
+        self.client = client
+        self._lock = threading.Lock()
+        self._tokens: dict[str, str] = {}
+        self._basic = False
+
+    def _scope(self, url: httpx.URL) -> str:
+        m = _REPO_PATH.match(url.path)
+        return f"repository:{m.group('repo')}:pull" if m else "registry:catalog:*"
+
+    def _cached(self, scope: str) -> str | None:
+        with self._lock:
+            token = self._tokens.get(scope)
+            basic = self._basic
+        if token:
+            return f"Bearer {token}"
+        if basic and self.client.auth is not None:
+            return self.client.auth.basic()
+        return None
+
+    def sync_auth_flow(
+            self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        c = self.client
+        home = _origin(httpx.URL(f"{c.scheme}://{c.host}/"))
+        if _origin(request.url) != home:
+            yield request
+            return
+        scope = self._scope(request.url)
+        cached = self._cached(scope)
+        if cached is not None:
+            request.headers["Authorization"] = cached
+        response = yield request
+        if response.status_code != 401 or _origin(response.request.url) != home:
+            return
+        challenge = response.headers.get("www-authenticate")
+        if not challenge:
+            raise AuthError(f"registry {c.registry}: HTTP 401 without a challenge")
+        scheme, params = parse_challenge(challenge)
+        if scheme == "basic":
+            if c.auth is None:
+                raise AuthError(f"registry {c.registry} requires credentials (Basic auth)")
+            if cached == c.auth.basic():
+                return  # the registry refused them: the caller reports it
+            with self._lock:
+                self._basic = True
+            request.headers["Authorization"] = c.auth.basic()
+            yield request
+            return
+        if scheme != "bearer" or "realm" not in params:
+            raise AuthError(f"registry {c.registry}: unsupported auth challenge {challenge!r:.120}")
+        token = yield from self._token_dance(params, scope)
+        with self._lock:
+            self._tokens[scope] = token
+        request.headers["Authorization"] = f"Bearer {token}"
+        yield request
+
+    def _token_dance(self, params: dict[str, str],
+                     scope: str) -> Generator[httpx.Request, httpx.Response, str]:
+        c = self.client
+        realm = params["realm"]
+        try:
+            url = httpx.URL(realm)
+        except httpx.InvalidURL:
+            url = None
+        if url is None or url.scheme not in ("http", "https") or not url.host:
+            raise AuthError(f"registry {c.registry}: bad token realm {realm!r:.120}")
+        if url.scheme == "http" and c.scheme == "https":
+            raise AuthError(f"registry {c.registry}: refusing a plain-http token realm {realm!r}")
+        query = {"scope": params.get("scope") or scope}
+        if params.get("service"):
+            query["service"] = params["service"]
+        headers = {"Authorization": c.auth.basic()} if c.auth is not None else {}
+        response = yield httpx.Request("GET", url.copy_merge_params(query), headers=headers)
+        length = response.headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > _MAX_MANIFEST:
+            raise RegistryError(f"registry {c.registry}: token response of {length!r:.20} bytes")
+        body = response.read()  # (httpx reads it again after the flow: it must stay whole)
+        if response.status_code in (401, 403):
+            who = f"user {c.auth.username!r}" if c.auth else "anonymous access"
+            raise AuthError(f"registry {c.registry}: token server refused {who} "
+                            f"(HTTP {response.status_code})")
+        if response.status_code != 200:
+            raise RegistryError(f"registry {c.registry}: token server said "
+                                f"HTTP {response.status_code}")
+        try:
+            data = json.loads(body)
+            token = data.get("token") or data.get("access_token")
+        except (ValueError, AttributeError):
+            token = None
+        if not isinstance(token, str) or not token:
+            raise AuthError(f"registry {c.registry}: token server returned no token")
+        return token
+
+
+def _read_capped(response: httpx.Response, limit: int) -> bytes:
+    """Up to ``limit + 1`` body bytes (so the caller can tell "too large")."""
+    buf = bytearray()
+    for chunk in response.iter_bytes():
+        buf += chunk
+        if len(buf) > limit:
+            break
+    return bytes(buf[:limit + 1])
+
+
 class RegistryClient:
-    """Talks to one registry host; thread-safe (one connection per thread).
+    """Talks to one registry host; thread-safe (one connection pool shared by threads).
 
     Example::
 
@@ -164,193 +381,112 @@ class RegistryClient:
         backoff: float = 0.2,
         api_host: str | None = None,
     ) -> None:
+        for what, host in (("registry", registry), ("api_host", api_host)):
+            if host is not None and (not isinstance(host, str) or not _HOST.match(host)):
+                raise InvalidReferenceError(
+                    f"bad {what} {host!r:.80}: use a host name or IP, optionally with :port")
+        if not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:
+            raise RootfsError(f"bad timeout {timeout!r}: use seconds in (0, 3600]")
+        if not isinstance(retries, int) or not 0 <= retries <= 20:
+            raise RootfsError(f"bad retries {retries!r}: use an integer from 0 to 20")
+        if not isinstance(backoff, (int, float)) or not 0 <= backoff <= 60:
+            raise RootfsError(f"bad backoff {backoff!r}: use seconds from 0 to 60")
+        if isinstance(auth, tuple):
+            if len(auth) != 2 or not all(isinstance(a, str) for a in auth):
+                raise AuthError("bad auth tuple: use (username, password) strings")
+            auth = RegistryAuth(*auth)
+        elif auth is not None and not isinstance(auth, RegistryAuth):
+            raise AuthError(f"bad auth {type(auth).__name__}: use RegistryAuth or "
+                            "(username, password)")
         self.registry = registry
         self.host = api_host or registry
-        if isinstance(auth, tuple):
-            auth = RegistryAuth(*auth)
         self.auth = auth if auth is not None else docker_config_auth(registry)
+        self.insecure = insecure
         self.scheme = "http" if insecure else "https"
-        self.ssl = None if insecure else _ssl_context(ca_certs)
+        self.ssl = None if insecure else _ssl_context(ca_certs)  # bad CA files fail here
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
-        self._tokens: dict[str, str] = {}
-        self._basic = False
+        self._flow = _RegistryAuthFlow(self)
         self._lock = threading.Lock()
-        self._local = threading.local()
+        self._http: httpx.Client | None = None
 
-    # -- connections -------------------------------------------------------
-    def _conn(self, scheme: str, host: str) -> http.client.HTTPConnection:
-        pool: dict[tuple[str, str], http.client.HTTPConnection] = getattr(self._local, "pool", {})
-        self._local.pool = pool
-        conn = pool.get((scheme, host))
-        if conn is None:
-            if scheme == "https":
-                ctx = self.ssl or _ssl_context(None)
-                conn = http.client.HTTPSConnection(host, timeout=self.timeout, context=ctx)
-            else:
-                conn = http.client.HTTPConnection(host, timeout=self.timeout)
-            pool[(scheme, host)] = conn
-        return conn
+    # -- the HTTP client ---------------------------------------------------
+    def _client(self) -> httpx.Client:
+        with self._lock:
+            if self._http is None:
+                transport = _RetryTransport(lambda: self.ssl or _ssl_context(None),
+                                            self.retries, self.backoff)
+                self._http = httpx.Client(
+                    base_url=f"{self.scheme}://{self.host}",
+                    auth=self._flow,
+                    transport=transport,
+                    timeout=httpx.Timeout(self.timeout),
+                    follow_redirects=True,
+                    max_redirects=_MAX_REDIRECTS,
+                    trust_env=False,
+                    # identity: digests are over the bytes as stored, never a re-encoding
+                    headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
+                    event_hooks={"response": [self._check_redirect]},
+                )
+            return self._http
 
-    def _drop(self, scheme: str, host: str) -> None:
-        pool = getattr(self._local, "pool", {})
-        conn = pool.pop((scheme, host), None)
-        if conn is not None:
-            conn.close()
+    def _check_redirect(self, response: httpx.Response) -> None:
+        if not response.has_redirect_location:
+            return
+        location = response.headers["location"]
+        try:
+            target = response.url.join(location)
+        except httpx.InvalidURL:
+            raise RegistryError(f"registry {self.registry}: bad redirect to {location!r:.120}")
+        if target.scheme not in ("http", "https") or \
+                (target.scheme == "http" and self.scheme == "https"):
+            raise RegistryError(f"registry {self.registry}: refusing redirect to {location!r:.120}")
 
     def close(self) -> None:
-        """Close this thread's connections.
+        """Close the connection pool (the next request opens a new one).
 
         Example::
 
             client.close()
         """
-        for conn in getattr(self._local, "pool", {}).values():
-            conn.close()
-        self._local.pool = {}
-
-    # -- auth --------------------------------------------------------------
-    def _auth_header(self, scope: str) -> dict[str, str]:
         with self._lock:
-            token = self._tokens.get(scope)
-            basic = self._basic
-        if token:
-            return {"Authorization": f"Bearer {token}"}
-        if basic and self.auth is not None:
-            return {"Authorization": "Basic " + self._basic_value()}
-        return {}
-
-    def _basic_value(self) -> str:
-        assert self.auth is not None
-        raw = f"{self.auth.username}:{self.auth.password}".encode()
-        return base64.b64encode(raw).decode()
-
-    def _authenticate(self, challenge: str, scope: str) -> None:
-        scheme, params = parse_challenge(challenge)
-        if scheme == "basic":
-            if self.auth is None:
-                raise AuthError(f"registry {self.registry} requires credentials (Basic auth)")
-            with self._lock:
-                if self._basic:
-                    raise AuthError(f"registry {self.registry} rejected the credentials of "
-                                    f"user {self.auth.username!r}")
-                self._basic = True
-            return
-        if scheme != "bearer" or "realm" not in params:
-            raise AuthError(f"registry {self.registry}: unsupported auth challenge {challenge!r}")
-        query = {"scope": params.get("scope") or scope}
-        if params.get("service"):
-            query["service"] = params["service"]
-        realm = params["realm"]
-        url = urllib.parse.urlsplit(realm)
-        if url.scheme not in ("http", "https") or not url.netloc:
-            raise AuthError(f"registry {self.registry}: bad token realm {realm!r}")
-        if url.scheme == "http" and self.scheme == "https":
-            raise AuthError(f"registry {self.registry}: refusing a plain-http token realm {realm!r}")
-        target = (url.path or "/") + "?" + (url.query + "&" if url.query else "")
-        target += urllib.parse.urlencode(query)
-        headers = {}
-        if self.auth is not None:
-            headers["Authorization"] = "Basic " + self._basic_value()
-        resp = self._request_raw("GET", url.scheme, url.netloc, target, headers)
-        body = resp.resp.read(_MAX_MANIFEST)
-        if resp.status in (401, 403):
-            who = f"user {self.auth.username!r}" if self.auth else "anonymous access"
-            raise AuthError(f"registry {self.registry}: token server refused {who} "
-                            f"(HTTP {resp.status})")
-        if resp.status != 200:
-            raise RegistryError(f"registry {self.registry}: token server said HTTP {resp.status}")
-        try:
-            data = json.loads(body)
-            token = data.get("token") or data.get("access_token")
-        except (ValueError, AttributeError):
-            token = None
-        if not isinstance(token, str) or not token:
-            raise AuthError(f"registry {self.registry}: token server returned no token")
-        with self._lock:
-            self._tokens[scope] = token
+            http, self._http = self._http, None
+        if http is not None:
+            http.close()
 
     # -- requests ----------------------------------------------------------
-    def _request_raw(self, method: str, scheme: str, host: str, target: str,
-                     headers: dict[str, str]) -> _Response:
-        hdrs = {"User-Agent": USER_AGENT, **headers}
-        attempt = 0
-        while True:
-            conn = self._conn(scheme, host)
-            try:
-                conn.request(method, target, headers=hdrs)
-                resp = conn.getresponse()
-            except (OSError, http.client.HTTPException) as exc:
-                self._drop(scheme, host)
-                if isinstance(exc, ssl.SSLCertVerificationError):
-                    what = f"TLS verification of {host} failed: {exc.verify_message}"
-                    raise RegistryError(
-                        f"{what} (pass ca_certs=, or insecure=True for plain HTTP)",
-                        cli_message=f"{what} (pass --ca-certs, or --insecure for plain HTTP)",
-                    ) from None
-                if isinstance(exc, ssl.SSLError):
-                    what = f"TLS handshake with {host} failed: {exc.reason or exc}"
-                    raise RegistryError(
-                        f"{what} (is it a plain-HTTP registry? then pass insecure=True)",
-                        cli_message=f"{what} (is it a plain-HTTP registry? then pass "
-                                    "--insecure)",
-                    ) from None
-                if attempt >= self.retries:
-                    raise RegistryError(f"{method} {scheme}://{host}{target} failed: {exc}") from None
-                time.sleep(self.backoff * (2 ** attempt))
-                attempt += 1
-                continue
-            if resp.status in _TRANSIENT and attempt < self.retries:
-                resp.read()
-                retry_after = resp.getheader("Retry-After")
-                delay = self.backoff * (2 ** attempt)
-                if retry_after and retry_after.isdigit():
-                    delay = min(float(retry_after), 30.0)
-                time.sleep(delay)
-                attempt += 1
-                continue
-            headers_out = {k.lower(): v for k, v in resp.getheaders()}
-            return _Response(resp.status, headers_out, resp, conn)
+    def _open(self, path: str, headers: dict[str, str] | None = None) -> httpx.Response:
+        request = self._client().build_request("GET", path, headers=headers)
+        try:
+            response = self._client().send(request, stream=True)
+        except httpx.TooManyRedirects:
+            raise RegistryError(f"registry {self.registry}: more than {_MAX_REDIRECTS} "
+                                f"redirects for {path}") from None
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc, request.url) from None
+        if response.status_code in (401, 403):
+            response.close()
+            who = f"user {self.auth.username!r}" if self.auth else "anonymous access"
+            raise AuthError(f"registry {self.registry} denied {who} for {path} "
+                            f"(HTTP {response.status_code})")
+        return response
 
-    def _request(self, method: str, path: str, scope: str,
-                 headers: dict[str, str] | None = None) -> _Response:
-        scheme, host, target = self.scheme, self.host, path
-        tried_auth = False
-        redirects = 0
-        same_origin = True
-        while True:
-            hdrs = dict(headers or {})
-            if same_origin:
-                hdrs.update(self._auth_header(scope))
-            resp = self._request_raw(method, scheme, host, target, hdrs)
-            if resp.status == 401 and same_origin and not tried_auth:
-                resp.resp.read()
-                challenge = resp.headers.get("www-authenticate")
-                if not challenge:
-                    raise AuthError(f"registry {self.registry}: HTTP 401 without a challenge")
-                self._authenticate(challenge, scope)
-                tried_auth = True
-                continue
-            if resp.status in (301, 302, 303, 307, 308):
-                resp.resp.read()
-                loc = resp.headers.get("location")
-                redirects += 1
-                if not loc or redirects > 5:
-                    raise RegistryError(f"registry {self.registry}: bad redirect for {path}")
-                url = urllib.parse.urlsplit(urllib.parse.urljoin(f"{scheme}://{host}{target}", loc))
-                if url.scheme == "http" and self.scheme == "https":
-                    raise RegistryError(f"registry {self.registry}: refusing redirect to {loc!r}")
-                same_origin = (url.scheme, url.netloc) == (self.scheme, self.host)
-                scheme, host = url.scheme, url.netloc
-                target = (url.path or "/") + (f"?{url.query}" if url.query else "")
-                continue
-            if resp.status in (401, 403):
-                resp.resp.read()
-                who = f"user {self.auth.username!r}" if self.auth else "anonymous access"
-                raise AuthError(f"registry {self.registry} denied {who} for {path} "
-                                f"(HTTP {resp.status})")
-            return resp
+    def _transport_error(self, exc: httpx.HTTPError, url: httpx.URL) -> RegistryError:
+        host = url.netloc.decode("ascii", "replace")
+        tls = _tls_cause(exc)
+        if isinstance(tls, ssl.SSLCertVerificationError):
+            what = f"TLS verification of {host} failed: {tls.verify_message}"
+            return RegistryError(
+                f"{what} (pass ca_certs=, or insecure=True for plain HTTP)",
+                cli_message=f"{what} (pass --ca-certs, or --insecure for plain HTTP)")
+        if tls is not None:
+            what = f"TLS handshake with {host} failed: {tls.reason or tls}"
+            return RegistryError(
+                f"{what} (is it a plain-HTTP registry? then pass insecure=True)",
+                cli_message=f"{what} (is it a plain-HTTP registry? then pass --insecure)")
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return RegistryError(f"GET {url} failed: {detail}")
 
     def get_manifest(self, repository: str, selector: str) -> tuple[bytes, str, str]:
         """Fetch a manifest or index; return (body, media type, verified digest).
@@ -359,16 +495,27 @@ class RegistryClient:
 
             body, mt, digest = client.get_manifest("library/alpine", "3.19")
         """
-        scope = f"repository:{repository}:pull"
-        resp = self._request("GET", f"/v2/{repository}/manifests/{selector}", scope,
-                             {"Accept": ACCEPT_MANIFESTS})
-        body = resp.resp.read(_MAX_MANIFEST + 1)
+        _check_repository(repository)
+        if not isinstance(selector, str):
+            raise InvalidReferenceError(f"bad tag or digest {selector!r:.80}")
+        if ":" in selector:
+            validate_digest(selector)
+        elif not _TAG.match(selector):
+            raise InvalidReferenceError(
+                f"bad tag {selector!r:.80}: use up to 128 of [A-Za-z0-9_.-], not starting "
+                "with . or -")
         shown = _named(repository, selector)
-        if resp.status == 404:
+        with closing(self._open(f"/v2/{repository}/manifests/{selector}",
+                                {"Accept": ACCEPT_MANIFESTS})) as resp:
+            try:
+                body = _read_capped(resp, _MAX_MANIFEST)
+            except httpx.HTTPError as exc:
+                raise self._transport_error(exc, resp.request.url) from None
+        if resp.status_code == 404:
             raise ImageNotFoundError(f"{self.registry}/{shown} not found in the registry")
-        if resp.status != 200:
+        if resp.status_code != 200:
             raise RegistryError(f"registry {self.registry}: manifest {shown} "
-                                f"-> HTTP {resp.status}: {body[:200]!r}")
+                                f"-> HTTP {resp.status_code}: {body[:200]!r}")
         if len(body) > _MAX_MANIFEST:
             raise RegistryError(f"manifest {shown} larger than {_MAX_MANIFEST}")
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
@@ -381,49 +528,66 @@ class RegistryClient:
                    progress: ProgressFn | None = None) -> int:
         """Stream blob ``digest`` into ``out``, verifying it; return the byte count.
 
-        Raises :class:`DigestError` on mismatch (the caller discards ``out``).
+        Memory stays bounded (network-sized chunks). Raises :class:`DigestError` on a
+        mismatch and :class:`RegistryError` when the connection breaks mid-blob (the
+        caller discards ``out`` and may try again).
 
         Example::
 
             with open("tmp", "wb") as f:
                 client.fetch_blob("busybox", layer.digest, f, size=layer.size)
         """
-        scope = f"repository:{repository}:pull"
-        resp = self._request("GET", f"/v2/{repository}/blobs/{digest}", scope)
-        if resp.status == 404:
-            resp.resp.read()
-            raise ImageNotFoundError(f"blob {digest} not found in {self.registry}/{repository}")
-        if resp.status != 200:
-            body = resp.resp.read(512)
-            raise RegistryError(f"registry {self.registry}: blob {digest} -> HTTP {resp.status}: "
-                                f"{body[:200]!r}")
+        _check_repository(repository)
+        validate_digest(digest)
+        if size is not None and (not isinstance(size, int) or size < 0):
+            raise RootfsError(f"bad blob size {size!r}: use a byte count >= 0 or None")
+        with closing(self._open(f"/v2/{repository}/blobs/{digest}")) as resp:
+            if resp.status_code == 404:
+                raise ImageNotFoundError(f"blob {digest} not found in {self.registry}/{repository}")
+            if resp.status_code != 200:
+                try:
+                    body = _read_capped(resp, 512)
+                except httpx.HTTPError:
+                    body = b""
+                raise RegistryError(f"registry {self.registry}: blob {digest} -> "
+                                    f"HTTP {resp.status_code}: {body[:200]!r}")
+            length = resp.headers.get("content-length", "")
+            advertised = int(length) if length.isdigit() else None
+            done = self._stream(resp, digest, out, size, advertised, progress)
+        if size is not None and done != size:
+            raise DigestError(f"blob {digest}: {done} bytes, descriptor says {size}")
+        return done
+
+    def _stream(self, resp: httpx.Response, digest: str, out: BinaryIO, size: int | None,
+                advertised: int | None, progress: ProgressFn | None) -> int:
         algo = digest.partition(":")[0]
         sha = hashlib.new(algo)
         done = 0
-        total = size if size is not None else int(resp.headers.get("content-length") or 0)
+        total = size if size is not None else (advertised or 0)
         try:
-            while True:
-                chunk = resp.resp.read(_CHUNK)
-                if not chunk:
-                    break
-                sha.update(chunk)
-                out.write(chunk)
+            for chunk in resp.iter_raw():
                 done += len(chunk)
                 if size is not None and done > size:
                     raise DigestError(f"blob {digest} is larger than its descriptor size {size}")
+                sha.update(chunk)
+                out.write(chunk)
                 if progress is not None:
                     progress(digest, done, total)
-        except (OSError, http.client.HTTPException) as exc:
-            resp.conn.close()  # http.client reopens it on the next request
-            raise RegistryError(f"download of blob {digest} failed: {exc}") from None
-        expected = size if size is not None else int(resp.headers.get("content-length") or -1)
-        if 0 <= done < expected:
-            resp.conn.close()
+        except httpx.HTTPError as exc:
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise RegistryError(f"download of blob {digest} failed: {detail}") from None
+        expected = size if size is not None else advertised
+        if expected is not None and done < expected:
             raise RegistryError(
                 f"download of blob {digest} stopped after {done} of {expected} bytes")
         got = f"{algo}:{sha.hexdigest()}"
         if got != digest:
             raise DigestError(f"blob digest mismatch: expected {digest}, got {got}")
-        if size is not None and done != size:
-            raise DigestError(f"blob {digest}: {done} bytes, descriptor says {size}")
         return done
+
+
+def _check_repository(repository: object) -> None:
+    if not isinstance(repository, str) or not repository or repository.startswith("/") or \
+            any(not _COMPONENT.match(c) for c in repository.split("/")):
+        raise InvalidReferenceError(
+            f"bad repository {repository!r:.80}: use lowercase path components like 'team/app'")
