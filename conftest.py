@@ -4,7 +4,8 @@
 ``tls_proxy`` and ``microvm`` as well as ``tests``: every ``>>>`` example is a test item.
 Each example runs in a fresh temporary directory (:func:`doctest_sandbox`): the current
 directory, ``MICROVM_HOME`` and :func:`tempfile.mkdtemp` all point under pytest's
-``tmp_path``, so examples that mint CA keys or build images leave nothing in ``/tmp``.
+``tmp_path``, so examples that mint CA keys or build images leave nothing in ``/tmp``;
+the environment variables an example sets are restored after it.
 
 The CI skip rule of ``tests/conftest.py`` (a skip under ``CI=true`` is a failure unless
 allow-listed) applies to the doctest items too: the hooks below hand the package items
@@ -39,6 +40,8 @@ def doctest_sandbox(
         return
     tmp = tmp_path_factory.mktemp("doctest")
     monkeypatch.setenv("MICROVM_HOME", str(tmp / "home"))
+    for name in ("MICROVM_KERNEL", "MICROVM_LIBKRUNFW"):  # restored after examples that set them
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))  # the examples' mkdtemp()
 

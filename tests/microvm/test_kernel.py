@@ -17,12 +17,12 @@ from microvm.kernel import (
     WHEEL_PIN,
     Kernel,
     KernelPayload,
-    _install_lib,
     fetch_kernel,
     find_xen_note,
     load_payload,
     pvh_elf_bytes,
 )
+from microvm.kernel.fetch import _install_lib
 
 
 def _note(value: int) -> bytes:
