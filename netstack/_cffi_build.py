@@ -21,7 +21,7 @@ from cffi import FFI
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(HERE, "csrc")
 SOURCES = ["frame.c", "hello.c", "dns.c", "pincache.c", "policy.c", "classify.c",
-           "frag.c", "gateway.c"]
+           "frag.c", "gateway.c", "steer.c"]
 
 CDEF = r"""
 enum ns_verdict { NS_ALLOW = 0, NS_DENY = 1, NS_DENY_RST = 2, NS_DENY_ICMP = 3,
@@ -214,6 +214,28 @@ size_t ns_gw_build_too_big(const uint8_t *frame, size_t len, uint32_t mtu, const
                            uint8_t *out, size_t cap);
 void ns_gw_stats_get(ns_gw *gw, ns_gw_stats *out);
 uint32_t ns_gw_pending(ns_gw *gw);
+
+#define NS_STEER_MAX_PORTS 64
+#define NS_STEER_MAX_POOL 32
+typedef struct ns_gw_steer_config {
+    uint8_t gateway_ip[16];
+    uint8_t gateway_ip6[16];
+    uint8_t allow_gateway;
+    uint8_t dns;
+    uint8_t ndns_pool, ntls_pool, ntls_ports, block_udp;
+    uint16_t dns_pool[32];
+    uint16_t tls_pool[32];
+    uint16_t tls_ports[64];
+} ns_gw_steer_config;
+typedef struct ns_gw_steer_stats {
+    uint64_t flows, claimed, live, pool_busy, table_full, stray, gateway_dropped,
+             udp_dropped, frag_dropped;
+} ns_gw_steer_stats;
+int ns_gw_steer_enable(ns_gw *gw, const ns_gw_steer_config *cfg);
+int ns_gw_steer_tls(ns_gw *gw, const uint16_t *ports, size_t nports, const uint16_t *pool,
+                    size_t npool, int block_udp);
+int ns_gw_steer_claim(ns_gw *gw, uint16_t port, uint8_t *dst16, uint16_t *dport);
+void ns_gw_steer_stats_get(ns_gw *gw, ns_gw_steer_stats *out);
 """
 
 SANITIZE = os.environ.get("NETSTACK_SANITIZE") == "1"
@@ -244,7 +266,7 @@ def make_builder(absolute: bool = False) -> FFI:
     paths = [os.path.join(CSRC, s) for s in SOURCES]
     ffi.set_source(
         "netstack._fastpath",
-        '#include "netstack.h"\n#include "ns_internal.h"\n',
+        '#include "netstack.h"\n#include "ns_internal.h"\n#include "steer.h"\n',
         sources=paths if absolute else [os.path.relpath(p) for p in paths],
         include_dirs=[CSRC],
         extra_compile_args=_cflags,

@@ -46,6 +46,7 @@
 #include <unistd.h>
 
 #include "ns_internal.h"
+#include "steer.h"
 
 #define BATCH 64
 #define RX_FRAME (NS_MAX_FRAME + 64)
@@ -124,6 +125,10 @@ struct ns_gw {
     size_t uin_len;
     uint8_t *uout;                /* framed output not yet written */
     size_t uout_off, uout_len;
+    /* the steering NAT (stream uplinks without a local stack: see steer.c) */
+    ns_steer *steer;
+    int steer_bypass;             /* the frame being sent answers a published-port flow */
+    double now, last_steer_expire;
     ns_gw_stats st;               /* written by the loop; read racily by stats_get */
 };
 
@@ -581,6 +586,9 @@ static ssize_t uplink_stream_put(ns_gw *g, const struct iovec *iov, int n) {
         memcpy(p, iov[i].iov_base, iov[i].iov_len);
         p += iov[i].iov_len;
     }
+    /* the copy is ours: the steering NAT rewrites it in place, or drops it */
+    if (g->steer && !g->steer_bypass && ns_steer_out(g->steer, p - len, len, g->now) < 0)
+        return (ssize_t)len;
     g->uout_len += 4 + len;
     return (ssize_t)len;
 }
@@ -879,7 +887,9 @@ static void handle_egress(ns_gw *g, const uint8_t *buf, size_t len, uint8_t v, i
         parsed = ns_parse_frame(buf, len, &fr);
     if (anypub && v != NS_ALLOW && parsed == NS_PARSE_OK && fr.frag == 0 &&
         published_proto(g, fr.pbit, fr.sport) && ns_ctx_ingress_reply(g->ctx, buf, len, now) == 1) {
+        g->steer_bypass = 1; /* (passt's forwards come from the gateway address) */
         to_uplink(g, buf, len, now); /* the guest answering a published-port flow */
+        g->steer_bypass = 0;
         return;
     }
     pending *p = NULL;
@@ -1203,12 +1213,18 @@ static void uplink_frame(ns_gw *g, uint8_t *d, size_t len, double now) {
         }
         g->st.uplink_frames++;
         g->st.uplink_bytes += len;
-        int k = ns_ctx_reply_lookup(g->ctx, d, len, now);
-        int pass = k == 1 || k == 3;
+        int steered = g->steer ? ns_steer_in(g->steer, d, len, now) : 0;
+        /* a steered DNS flow's answers (the forwarder's, back to the address the guest
+         * asked) pass; a steered TLS flow's are the flow's replies, looked up as such */
+        int k = steered < 0 ? 0 : steered == 2 ? 1 : ns_ctx_reply_lookup(g->ctx, d, len, now);
+        int pass = steered >= 0 && (k == 1 || k == 3);
         ns_frame fr;
-        if (k == 2) { /* flow still waiting for its hello: handshake only */
+        if (steered < 0) {
+            /* from a listener port, of no steered flow: nothing the guest asked for */
+        } else if (k == 2) { /* flow still waiting for its hello: handshake only */
             pass = ns_parse_frame(d, len, &fr) == NS_PARSE_OK && fr.payload_len == 0;
-        } else if (k == 0 && !g->cfg.dns_tcp_reset && ns_parse_frame(d, len, &fr) == NS_PARSE_OK &&
+        } else if (k == 0 && !g->cfg.dns_tcp_reset && !g->steer &&
+                   ns_parse_frame(d, len, &fr) == NS_PARSE_OK &&
                    fr.pbit == NS_P_TCP && fr.sport == 53 && fr.frag == 0) {
             /* the forwarder's DNS-over-TCP answers: guest TCP/53 never leaves the
              * uplink namespace (DNATed to the forwarder), so the namespace's conntrack
@@ -1317,6 +1333,10 @@ static void timer(ns_gw *g, double now) {
             (void)had_data;
         }
     }
+    if (g->steer && now - g->last_steer_expire > 1.0) {
+        ns_steer_expire(g->steer, now);
+        g->last_steer_expire = now;
+    }
     if (now - g->last_expire > 5.0) {
         ns_ctx_expire(g->ctx, now);
         g->last_expire = now;
@@ -1345,6 +1365,7 @@ static void *gw_main(void *arg) {
         int r = poll(pfd, 4, timeout);
         if (r < 0 && errno != EINTR) break;
         double now = mono();
+        g->now = now;
         g->st.loops++;
         if (pfd[0].revents) break;
         if (pfd[1].revents & POLLIN) {
@@ -1395,6 +1416,7 @@ static void gw_release(ns_gw *g) {
     free(g->out);
     free(g->uin);
     free(g->uout);
+    ns_steer_free(g->steer);
     free(g);
 }
 
@@ -1447,7 +1469,7 @@ int ns_gw_start(ns_gw *g) {
     if (g->started) return -1;
     set_nonblock(g->cfg.guest_fd);
     set_nonblock(g->cfg.uplink_fd);
-    g->last_timer = g->last_expire = mono();
+    g->last_timer = g->last_expire = g->last_steer_expire = g->now = mono();
     if (pthread_create(&g->thread, NULL, gw_main, g) != 0) return -1;
     pthread_setname_np(g->thread, "ns-gateway");
     g->started = 1;
@@ -1479,3 +1501,33 @@ int ns_gw_event_fd(const ns_gw *g) { return g->event_efd; }
 void ns_gw_stats_get(ns_gw *g, ns_gw_stats *out) { memcpy(out, &g->st, sizeof(*out)); }
 
 uint32_t ns_gw_pending(ns_gw *g) { return __atomic_load_n(&g->npending, __ATOMIC_RELAXED); }
+
+/* ------------------------------------------------------------ the steering NAT */
+
+/* Turn the steering NAT on (before ns_gw_start; a stream uplink only): see steer.c. */
+int ns_gw_steer_enable(ns_gw *g, const ns_gw_steer_config *cfg) {
+    if (!g || !cfg || g->started || g->steer || !g->cfg.uplink_stream) return -1;
+    g->steer = ns_steer_new(cfg);
+    return g->steer ? 0 : -1;
+}
+
+/* Steer guest TCP to `ports` (any address) to the listener ports `pool` (any thread). */
+int ns_gw_steer_tls(ns_gw *g, const uint16_t *ports, size_t nports, const uint16_t *pool,
+                    size_t npool, int block_udp) {
+    if (!g || !g->steer) return -1;
+    return ns_steer_set_tls(g->steer, ports, nports, pool, npool, block_udp);
+}
+
+/* The original destination of the flow waiting on listener port `port` (any thread). */
+int ns_gw_steer_claim(ns_gw *g, uint16_t port, uint8_t *dst16, uint16_t *dport) {
+    if (!g || !g->steer) return -1;
+    return ns_steer_claim(g->steer, port, mono(), dst16, dport);
+}
+
+void ns_gw_steer_stats_get(ns_gw *g, ns_gw_steer_stats *out) {
+    if (!g || !g->steer) {
+        memset(out, 0, sizeof(*out));
+        return;
+    }
+    ns_steer_stats(g->steer, out);
+}

@@ -76,10 +76,19 @@ from netstack.gateway.addressing import AddressPlan
 from netstack.gateway.dns_forwarder import DnsForwarder, ForwarderThread, pin_cache_callback
 from netstack.gateway.pcap import PcapWriter
 from netstack.gateway.published import PortPublisher, PublishedPort
+from netstack.gateway.steering import (
+    DNS_POOL,
+    TLS_POOL,
+    DnsPoolServer,
+    SteerClaim,
+    TlsInterception,
+    loopback_listeners,
+)
 from netstack.gateway.uplink import (
     RedirectingUplink,
     Uplink,
     has_redirects,
+    has_steering,
     missing_uplink_members,
 )
 from netstack.pincache import PinCache
@@ -99,6 +108,10 @@ _STAT_FIELDS = ("guest_frames", "guest_bytes", "uplink_frames", "uplink_bytes", 
                 "frag_needed", "fragmented", "oversize_dropped")
 
 
+_STEER_FIELDS = ("flows", "claimed", "live", "pool_busy", "table_full", "stray",
+                 "gateway_dropped", "udp_dropped", "frag_dropped")
+
+
 def _mac(text: str) -> bytes:
     return bytes(int(x, 16) for x in text.split(":"))
 
@@ -111,6 +124,7 @@ class _Resources:
     publisher: PortPublisher | None = None
     thread: threading.Thread | None = None
     dns: ForwarderThread | None = None
+    steer_dns: DnsPoolServer | None = None
     pcap: PcapWriter | None = None
     own_pcap: bool = False
     classifier: Classifier | None = None
@@ -129,6 +143,8 @@ class _Resources:
             gw = self.gw
         if self.publisher is not None:
             self.publisher.close()
+        if self.steer_dns is not None:
+            self.steer_dns.close()
         if gw is not None:
             lib.ns_gw_stop(gw)          # joins the C thread, wakes the event reader
         if self.thread is not None and self.thread is not threading.current_thread():
@@ -342,7 +358,10 @@ class Gateway:
         if plan.gateway_ipv6 is not None:
             ffi.memmove(cfg.gateway_ip6, ip16(plan.gateway_ipv6), 16)
         redirects = has_redirects(self.uplink)
-        cfg.dns_tcp_reset = 0 if redirects else 1
+        #: no local stack, but the steering NAT (passt): DNS over TCP and TLS interception
+        #: go to listener pools on the host's loopback (netstack/csrc/steer.c)
+        self._steering = not redirects and self._uplink_stream and has_steering(self.uplink)
+        cfg.dns_tcp_reset = 0 if redirects or self._steering else 1
         cfg.guest_mtu = plan.mtu
         cfg.uplink_mtu = self.uplink.mtu
         ingress = [*self._mappings, *self._forwarded]
@@ -359,6 +378,10 @@ class Gateway:
             raise GatewayError("could not create the gateway loop (out of memory or file "
                                "descriptors)")
         res.gw = gw
+        if self._steering:
+            assert res.dns is not None
+            res.steer_dns = DnsPoolServer(self._enable_steering(gw), self._steer_claim(),
+                                          res.dns.submit)
         self._event_fd = int(lib.ns_gw_event_fd(gw))
         res.thread = threading.Thread(target=self._events, name="netstack-gateway-events",
                                       daemon=True)
@@ -374,6 +397,52 @@ class Gateway:
         log.info("gateway for %s up: guest %s (%s), uplink %r, guest MTU %d, uplink MTU %d",
                  plan.guest_ipv4, cfg.guest_fd, self.transport, self.uplink, plan.mtu,
                  self.uplink.mtu)
+
+    def _steer_v6(self) -> bool:
+        return self.plan.gateway_ipv6 is not None and bool(self.uplink.ipv6_egress)
+
+    def _enable_steering(self, gw: Any) -> list[socket.socket]:
+        """Turn the C loop's steering NAT on, with the DNS-over-TCP listener pool (their
+        sockets: served once the loop runs)."""
+        socks = loopback_listeners(DNS_POOL, ipv6=self._steer_v6())
+        try:
+            scfg = ffi.new("ns_gw_steer_config *")
+            ffi.memmove(scfg.gateway_ip, ip16(self.plan.gateway_ipv4), 16)
+            if self._steer_v6():
+                assert self.plan.gateway_ipv6 is not None
+                ffi.memmove(scfg.gateway_ip6, ip16(self.plan.gateway_ipv6), 16)
+            scfg.allow_gateway = 1 if getattr(self.uplink, "host_loopback", False) else 0
+            scfg.dns = 1
+            ports = sorted({int(s.getsockname()[1]) for s in socks})
+            scfg.ndns_pool = len(ports)
+            for i, port in enumerate(ports):
+                scfg.dns_pool[i] = port
+            if lib.ns_gw_steer_enable(gw, scfg) != 0:
+                raise GatewayError("could not enable the gateway's steering NAT (out of "
+                                   "memory or randomness)")
+        except BaseException:
+            for s in socks:
+                s.close()
+            raise
+        return socks
+
+    def _steer_claim(self) -> SteerClaim:
+        res = self._res
+
+        def claim(port: int) -> tuple[str, int] | None:
+            dst16 = ffi.new("uint8_t[16]")
+            dport = ffi.new("uint16_t *")
+            with res.lock:
+                if res.gw is None:
+                    return None
+                rc = lib.ns_gw_steer_claim(res.gw, port, dst16, dport)
+            if rc != 0:
+                return None
+            ip = ipaddress.IPv6Address(bytes(ffi.buffer(dst16, 16)))
+            return str(ip.ipv4_mapped or ip), int(dport[0])
+
+        uid = getattr(self.uplink, "peer_uid", None)
+        return SteerClaim(claim, uid if isinstance(uid, int) else None)
 
     def _redirecting(self, what: str) -> RedirectingUplink:
         if not has_redirects(self.uplink):
@@ -426,6 +495,9 @@ class Gateway:
         """
         if self.closed:
             raise GatewayError("this Gateway is closed")
+        if self._steering:
+            raise GatewayError(f"{type(self.uplink).__name__} steers TLS to a pool of "
+                               f"listeners: use Gateway.tls_interception()")
         uplink = self._redirecting("intercept_tls")
         sock = uplink.socket(socket.AF_INET6)
         try:
@@ -440,6 +512,58 @@ class Gateway:
                 raise GatewayError(f"could not set up TLS interception: {e}") from e
             raise
         return sock
+
+    def tls_interception(self, ports: Iterable[int] = (443,), *,
+                         block_quic: bool = True) -> TlsInterception:
+        """Steer the guest's TCP to ``ports`` (any destination) to a transparent proxy,
+        with any uplink that can: the listening sockets to serve, and the ``lookup``
+        that tells each accepted connection's original destination.
+
+        With a :class:`~netstack.gateway.RedirectingUplink` (TAP): one socket in the
+        uplink namespace (:meth:`intercept_tls`), ``lookup`` None (``SO_ORIGINAL_DST``).
+        With a steering uplink (passt): a pool of listeners on the host's loopback, to
+        which the C loop's NAT sends each new flow, and ``lookup(peer, local)`` claims
+        the flow's original destination (see :mod:`netstack.gateway.steering`). Serve
+        every socket with the same lookup; the policy is enforced first either way
+        (SNI decisions included). ``block_quic`` drops the guest's UDP to the same ports.
+
+        >>> ti = gw.tls_interception([443])                        # doctest: +SKIP
+        >>> for s in ti.sockets:                                   # doctest: +SKIP
+        ...     await proxy.listen_transparent(sock=s, lookup=ti.lookup)
+        """
+        if isinstance(ports, str | bytes):
+            raise GatewayError(f"ports must be a list of port numbers, got {ports!r}")
+        wanted = tuple(ports)
+        if not wanted or len(wanted) > 64 or any(
+                isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= 65535
+                for p in wanted):
+            raise GatewayError(f"ports must be 1..64 port numbers in 1..65535, got {wanted!r}")
+        if 53 in wanted:
+            raise GatewayError("port 53 is DNS: it always goes to the DNS forwarder")
+        if self.closed:
+            raise GatewayError("this Gateway is closed")
+        if not self._steering:
+            return TlsInterception((self.intercept_tls(wanted, block_quic=block_quic),), None)
+        socks = loopback_listeners(TLS_POOL, ipv6=self._steer_v6())
+        try:
+            pool = sorted({int(s.getsockname()[1]) for s in socks})
+            cports = ffi.new("uint16_t[]", list(wanted))
+            cpool = ffi.new("uint16_t[]", pool)
+            with self._res.lock:
+                if self._res.gw is None:
+                    raise GatewayError("this Gateway is closed")
+                rc = lib.ns_gw_steer_tls(self._res.gw, cports, len(wanted), cpool, len(pool),
+                                         1 if block_quic else 0)
+            if rc != 0:
+                raise GatewayError("could not configure the steering NAT for TLS")
+        except BaseException:
+            for s in socks:
+                s.close()
+            raise
+        log.info("gateway for %s: guest TCP to ports %s steered to listeners %s on the "
+                 "host's loopback%s", self.plan.guest_ipv4, sorted(set(wanted)), pool,
+                 " (UDP to them dropped)" if block_quic else "")
+        return TlsInterception(tuple(socks), self._steer_claim())
 
     # -- slow path ---------------------------------------------------------------------
     def _events(self) -> None:
@@ -648,6 +772,11 @@ class Gateway:
         stats["rule_hits"] = [c.hits for c in self.rule_counters()]
         pub = self._res.publisher
         stats["published"] = dict(pub.stats) if pub is not None else {}
+        steer = ffi.new("ns_gw_steer_stats *")
+        with self._res.lock:
+            if self._res.gw is not None:
+                lib.ns_gw_steer_stats_get(self._res.gw, steer)
+        stats["steering"] = {name: int(getattr(steer, name)) for name in _STEER_FIELDS}
         return stats
 
     def rule_counters(self) -> list[RuleCounter]:

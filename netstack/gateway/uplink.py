@@ -24,14 +24,23 @@ members. The gateway never asks which kind it got.
   uplink must then carry at most that);
 * ``close()``: release everything (called by the gateway only with ``own_uplink``).
 
-**Optional members** (looked up with ``getattr``; :class:`~netstack.PasstUplink` has both):
+**Optional members** (looked up with ``getattr``; :class:`~netstack.PasstUplink` has them all):
 
 * ``stream_framing`` (default False): ``tap_fd`` is a stream socket carrying frames
   with a 4-byte big-endian length prefix (passt's ``--fd``, QEMU's ``-netdev stream``),
   read and written as such by the C loop;
 * ``forwarded_ports`` (default ``()``): :class:`~netstack.gateway.PublishedPort` mappings
   the uplink forwards to the guest itself (e.g. passt's listeners); the C loop
-  ingress-checks their frames like the gateway's own published ports.
+  ingress-checks their frames like the gateway's own published ports;
+* ``steer_to_host`` (default False; with ``stream_framing``): guest TCP/UDP to the
+  gateway's addresses reaches the host's loopback (passt's gateway mapping), so the
+  C loop's steering NAT (``netstack/csrc/steer.c``) can send DNS over TCP and
+  intercepted TLS to listener pools there (:func:`has_steering`);
+* ``host_loopback`` (default False): with ``steer_to_host``, whether the guest itself
+  may reach the host's loopback at the gateway address (the policy's ``host`` group
+  decides first); without it the loop drops such traffic;
+* ``peer_uid`` (default None): the uid owning the uplink's host sockets (passt's); a
+  steered listener hands a flow only to a connection from that uid.
 
 **Optional capability** (:class:`RedirectingUplink`: a local network stack on the
 uplink side, such as the TAP uplink's namespace, whose sockets the guest reaches at the
@@ -45,9 +54,10 @@ gateway's addresses):
   listener on ``to_port`` (transparent TLS proxy), UDP to them is dropped if asked;
 * ``clear_redirects()``: undo both (the gateway calls it when it closes).
 
-Without the capability, the gateway answers the guest's DNS over TCP with a RST (DNS
-over UDP still goes to the forwarder), and ``published_ports`` and
-:meth:`~netstack.Gateway.intercept_tls` are refused with a :class:`~netstack.errors.GatewayError`.
+Without the capability, ``published_ports`` and :meth:`~netstack.Gateway.intercept_tls`
+are refused with a :class:`~netstack.errors.GatewayError`; a steering uplink serves DNS
+over TCP and :meth:`~netstack.Gateway.tls_interception` through the NAT instead, any
+other one gets a RST for DNS over TCP (DNS over UDP still goes to the forwarder).
 
 >>> from netstack.gateway import Uplink, missing_uplink_members
 >>> missing_uplink_members(object())
@@ -63,7 +73,8 @@ from typing import Protocol, runtime_checkable
 
 from netstack.gateway.addressing import AddressPlan
 
-__all__ = ["RedirectingUplink", "Uplink", "has_redirects", "missing_uplink_members"]
+__all__ = ["RedirectingUplink", "Uplink", "can_intercept_tls", "has_redirects",
+           "has_steering", "missing_uplink_members"]
 
 _CORE = ("plan", "mtu", "vnet_hdr", "ipv6_egress", "tap_fd", "set_mtu", "close")
 _CORE_METHODS = ("set_mtu", "close")
@@ -186,3 +197,30 @@ def has_redirects(obj: object) -> bool:
     False
     """
     return all(_has(obj, name, True) for name in _REDIRECT_METHODS)
+
+
+def has_steering(obj: object) -> bool:
+    """Whether ``obj`` (an uplink or its class) lets the gateway steer flows to the host's
+    loopback by NAT (``steer_to_host`` on a ``stream_framing`` uplink: passt).
+
+    >>> from netstack import PasstUplink
+    >>> has_steering(PasstUplink), has_steering(object())
+    (True, False)
+    """
+    try:
+        stream = inspect.getattr_static(obj, "stream_framing")
+        steer = inspect.getattr_static(obj, "steer_to_host")
+    except AttributeError:
+        return False
+    return stream is True and steer is True
+
+
+def can_intercept_tls(obj: object) -> bool:
+    """Whether a gateway on uplink ``obj`` can steer TLS to a proxy
+    (:meth:`~netstack.Gateway.tls_interception`): a redirecting or a steering uplink.
+
+    >>> from netstack import TapUplink, PasstUplink
+    >>> can_intercept_tls(TapUplink), can_intercept_tls(PasstUplink), can_intercept_tls(1)
+    (True, True, False)
+    """
+    return has_redirects(obj) or has_steering(obj)

@@ -10,18 +10,19 @@ Topology for one sandbox (any user)::
 big-endian length before every Ethernet frame), so the gateway's C loop reads and
 writes it itself (``stream_framing``): no relay, no copy in Python. Every guest frame
 is classified first, exactly as with :class:`~netstack.TapUplink`; passt sees only
-allowed traffic and DNS never reaches it (the forwarder answers UDP DNS; DNS over TCP
-gets a RST, see below).
+allowed traffic and DNS never reaches it un-steered (the forwarder answers UDP DNS; DNS
+over TCP is steered to the forwarder, see below).
 
 Addresses: passt is started with the plan's addresses (``-a`` guest, ``-g`` gateway,
 ``-n 30``, ``-M`` gateway MAC), so the guest sees the same address plan as with the
 TAP uplink and no translation is needed between the two: passt answers ARP (and, with
 IPv6 egress, neighbour solicitations) for the gateway with the gateway MAC, and opens
 host sockets for the guest's connections. Its DHCP, DHCPv6, router advertisements and
-DNS information are off (the guest is configured by the sandbox). ``host_loopback``:
-passt's own mapping of TCP/UDP to the gateway address onto the host's 127.0.0.1 is
-left on (the ``host`` group, still decided by the policy first); otherwise
-``--no-map-gw`` turns it off.
+DNS information are off (the guest is configured by the sandbox). passt's own mapping of
+TCP/UDP to the gateway address onto the host's 127.0.0.1 (and ::1) is always on: the
+gateway's steering NAT needs it (below). ``host_loopback`` says whether the guest itself
+may use it (the policy's ``host`` group, still decided by the policy first); without it
+the gateway's C loop drops guest TCP/UDP to the gateway address that it did not steer.
 
 Ownership: passt runs in its own session and process group, inherits only its end of
 the socket pair, and exits when our end closes (``--fd`` implies ``--one-off``), so it
@@ -31,10 +32,14 @@ passt drops to ``nobody`` by itself (``runas`` picks another user); started as a
 other user, it keeps that user. Readiness is proven before the constructor returns: an
 ARP request for the gateway must be answered through the stream.
 
-Capabilities: a core :class:`~netstack.gateway.Uplink` (not a
-:class:`~netstack.gateway.RedirectingUplink`: there is no local network stack to put
-listeners in), so the gateway answers guest DNS over TCP with a RST and refuses
-:meth:`~netstack.Gateway.intercept_tls`. Published ports are passt's own forwards
+Capabilities: a core :class:`~netstack.gateway.Uplink`, not a
+:class:`~netstack.gateway.RedirectingUplink` (there is no local network stack to put
+listeners in), but a *steering* one (``steer_to_host``): the gateway's C loop NATs guest
+DNS over TCP (any address) and the intercepted TLS ports to pools of listeners on the
+host's loopback, which claim each flow's original destination from the loop
+(``netstack/csrc/steer.c``, :mod:`netstack.gateway.steering`,
+:meth:`~netstack.Gateway.tls_interception`); a claim is honoured only for a connection
+from passt's uid (``peer_uid``). Published ports are passt's own forwards
 (``forwarded_ports``: listeners on the host's 127.0.0.1 owned by our passt child),
 ingress-checked by the gateway's C loop like the TAP uplink's.
 
@@ -196,6 +201,8 @@ class PasstUplink:
     stream_framing: Final = True
     #: passt has no virtio-net header; it takes frames of up to :data:`PASST_MTU`.
     vnet_hdr: Final = False
+    #: guest traffic to the gateway address reaches the host's loopback (the steering NAT)
+    steer_to_host: Final = True
 
     def __init__(self, plan: AddressPlan, *, host_loopback: bool = False,
                  ipv6_egress: bool | None = None,
@@ -232,8 +239,10 @@ class PasstUplink:
                     s.setsockopt(socket.SOL_SOCKET, opt, STREAM_BUFFER)
                 except OSError:
                     pass
-        self.argv = passt_argv(plan, theirs.fileno(), binary=path,
-                               host_loopback=self.host_loopback,
+        self._peer_uid: int | None = None
+        # the gateway mapping is always on (the steering NAT's listeners are on the host's
+        # loopback); the C loop enforces host_loopback for the guest's own traffic
+        self.argv = passt_argv(plan, theirs.fileno(), binary=path, host_loopback=True,
                                ipv6_egress=self.ipv6_egress, published_ports=self._forwards,
                                runas=runas, pcap=None if pcap is None else os.fspath(pcap))
         errlog = tempfile.TemporaryFile(prefix="passt-")  # noqa: SIM115 (kept: passt writes it)
@@ -341,6 +350,20 @@ class PasstUplink:
         (PublishedPort(host_port=8080, guest_port=80, protocol='tcp', bind='127.0.0.1'),)
         """
         return self._forwards
+
+    @property
+    def peer_uid(self) -> int | None:
+        """The uid owning passt's host sockets (its effective uid after it dropped
+        privileges: ``nobody`` when started as root), None if it cannot be read.
+
+        >>> up.peer_uid == os.geteuid()                   # doctest: +SKIP
+        True
+        """
+        if self._peer_uid is None and self._proc.poll() is None:
+            from netstack.gateway.steering import passt_uid
+
+            self._peer_uid = passt_uid(self._proc.pid)
+        return self._peer_uid
 
     @property
     def pid(self) -> int:

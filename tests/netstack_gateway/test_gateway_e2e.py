@@ -262,7 +262,6 @@ def test_rebinding_answer_is_nxdomain(rig: Rig) -> None:
         assert UPSTREAM_IP in rig.dig(UPSTREAM_NAME, "+short")
 
 
-@pytest.mark.uplinks("tap", why="DNS over TCP to the forwarder needs a RedirectingUplink; the passt uplink has none")
 def test_dns_over_tcp_to_the_gateway(rig: Rig) -> None:
     with rig.gateway(_domain_policy(), rebind_protection=False) as gw:
         out = rig.dig(UPSTREAM_NAME, "+tcp", "+short")
@@ -278,7 +277,6 @@ def test_dns_over_tcp_to_the_gateway(rig: Rig) -> None:
         assert stats["forwarded"] == 1 and stats["denied"] == 2, stats
 
 
-@pytest.mark.uplinks("tap", why="DNS over TCP to the forwarder needs a RedirectingUplink; the passt uplink has none")
 def test_dns_over_tcp_to_another_resolver_goes_there_when_allowed(rig: Rig) -> None:
     # the gateway's own upstream is dead (no server on that TEST-NET address): an answer
     # can only come from the resolver the guest named, reached through the forwarder
@@ -368,8 +366,10 @@ def test_deny_domains_win_over_allows(rig: Rig) -> None:
 # -- TLS interception -------------------------------------------------------------------------
 @contextmanager
 def _tls_proxy(gw: Gateway, tmp: Path, ca_file: Path) -> Iterator[str]:
-    """A transparent tls_proxy on the socket ``gw.intercept_tls()`` returns, in its own
-    event loop thread, with one secret for the upstream's name; yields the CA's path."""
+    """A transparent tls_proxy on the sockets ``gw.tls_interception()`` returns (TAP: one
+    in the uplink namespace; passt: the steering NAT's loopback pool, each flow's original
+    destination claimed through the lookup), in its own event loop thread, with one secret
+    for the upstream's name; yields the CA's path."""
     import asyncio
 
     from tls_proxy import CertificateAuthority, ProxyConfig, Secret, TlsProxy
@@ -377,23 +377,24 @@ def _tls_proxy(gw: Gateway, tmp: Path, ca_file: Path) -> Iterator[str]:
     ca = CertificateAuthority.load_or_create(tmp / "proxy-ca")
     cfg = ProxyConfig(ca=ca, secrets=[Secret("API_KEY", "s3cret-value", [UPSTREAM_NAME])],
                       upstream_ca_files=[str(ca_file)], no_verify=["alias.upstream.test"])
-    sock = gw.intercept_tls([443])
+    ti = gw.tls_interception([443])
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     proxy = TlsProxy(cfg)
     try:
-        asyncio.run_coroutine_threadsafe(proxy.listen_transparent(sock=sock), loop).result(10)
+        for sock in ti.sockets:
+            asyncio.run_coroutine_threadsafe(
+                proxy.listen_transparent(sock=sock, lookup=ti.lookup), loop).result(10)
         yield str(ca.cert_path)
     finally:
         asyncio.run_coroutine_threadsafe(proxy.close(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
-        sock.close()
+        ti.close()
 
 
-@pytest.mark.uplinks("tap", why="intercept_tls needs a RedirectingUplink; the passt uplink has none")
 def test_tls_interception_injects_secrets_only_for_their_host(rig: Rig) -> None:
     policy = NetworkPolicy.custom(rules=[Rule.allow(UPSTREAM_NAME, protocol="tcp"),
                                          Rule.allow("alias.upstream.test", protocol="tcp")])
@@ -420,18 +421,26 @@ def test_tls_interception_injects_secrets_only_for_their_host(rig: Rig) -> None:
         # without the proxy's CA the guest refuses the minted certificate
         rc, out, _ = _tls(rig, UPSTREAM_NAME, "/auth")
         assert rc == 60, out
+        if rig.kind == "passt":  # every steered flow was claimed by the proxy
+            st = gw.stats()["steering"]
+            assert st["flows"] >= 3 and st["claimed"] == st["flows"], st
     # closing the gateway removed the redirect: TLS goes straight to the upstream again
     with rig.gateway(NetworkPolicy.public_only()):
         rc, out, _ = _tls(rig, UPSTREAM_NAME)
         assert rc == 0 and out.startswith("hello from upstream /tls"), out
 
 
-@pytest.mark.uplinks("tap", why="intercept_tls needs a RedirectingUplink; the passt uplink has none")
 def test_intercept_tls_bad_ports(rig: Rig) -> None:
     with rig.gateway(NetworkPolicy.public_only()) as gw:
         for bad in ([], [0], [70000], [53], "443"):
-            with pytest.raises(UplinkError, match="port"):
-                gw.intercept_tls(bad)  # type: ignore[arg-type]
+            with pytest.raises(GatewayError, match="port"):
+                gw.tls_interception(bad)  # type: ignore[arg-type]
+            if rig.kind == "tap":
+                with pytest.raises(UplinkError, match="port"):
+                    gw.intercept_tls(bad)  # type: ignore[arg-type]
+        if rig.kind == "passt":  # one socket cannot serve the steering pool
+            with pytest.raises(GatewayError, match="tls_interception"):
+                gw.intercept_tls([443])
 
 
 # -- host group -----------------------------------------------------------------------------

@@ -1,0 +1,300 @@
+"""The Python half of the steering NAT (``netstack/csrc/steer.c``): loopback listener
+pools, the original-destination lookup, and DNS over TCP served from a pool.
+
+An uplink without a local network stack (passt) cannot redirect the guest's TLS and
+DNS-over-TCP flows with nftables, and the host sockets it opens for the guest carry
+kernel-chosen source ports, so a listener cannot learn from its peer which guest flow it
+got. The gateway's C loop steers those flows itself: each one gets a port of a small
+pool of listeners on the host's loopback (reached through passt's gateway mapping) on
+which no other flow is waiting, and the listener that accepts it *claims* the flow's
+original destination from the loop by its own port (:class:`SteerClaim`, a
+``lookup(peer, local)`` callback as ``tls_proxy.TlsProxy.listen_transparent`` takes).
+
+A claim also checks that the connection comes from the uplink's process: the peer must
+be a loopback socket owned by the uid ``peer_uid`` (passt's), looked up in
+``/proc/net/tcp``/``tcp6``; a process of another user that connects to a pool port gets
+nothing (``None``), so it can never take a guest's flow, and its secrets, over.
+
+>>> socks = loopback_listeners(2)
+>>> len({s.getsockname()[1] for s in socks}), socks[0].getsockname()[0]
+(2, '127.0.0.1')
+>>> for s in socks: s.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import struct
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from netstack.errors import GatewayError
+
+log = logging.getLogger("netstack.gateway")
+
+__all__ = ["DnsPoolServer", "SteerClaim", "TlsInterception", "loopback_listeners",
+           "socket_uid"]
+
+Address = tuple[str, int]
+#: ``lookup(peer, local) -> (ip, port) | None``: what a transparent listener asks
+Lookup = Callable[[Address, Address], "Address | None"]
+
+#: listener ports of the TLS pool and of the DNS-over-TCP pool
+TLS_POOL = 16
+DNS_POOL = 4
+_TCP_IDLE = 30.0
+
+
+def loopback_listeners(n: int, *, ipv6: bool = False, backlog: int = 1024
+                       ) -> list[socket.socket]:
+    """``n`` listening TCP sockets on 127.0.0.1, on ``n`` distinct ports (non-blocking);
+    with ``ipv6`` also one on ``[::1]`` of each same port (so ``2 * n`` sockets).
+
+    >>> socks = loopback_listeners(1, ipv6=False)
+    >>> socks[0].getsockname()[1] > 0
+    True
+    >>> socks[0].close()
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 32:
+        raise GatewayError(f"listener count must be an int in 1..32, got {n!r}")
+    out: list[socket.socket] = []
+    try:
+        while len(out) < (2 * n if ipv6 else n):
+            s4 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s4.bind(("127.0.0.1", 0))
+            pair = [s4]
+            if ipv6:
+                s6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+                s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    s6.bind(("::1", s4.getsockname()[1]))
+                except OSError:
+                    s4.close()
+                    s6.close()
+                    continue          # that port is taken on ::1: try another one
+                pair.append(s6)
+            for s in pair:
+                s.listen(backlog)
+                s.setblocking(False)
+            out.extend(pair)
+    except BaseException:
+        for s in out:
+            s.close()
+        raise
+    return out
+
+
+def _proc_addr(text: str, v6: bool) -> tuple[str, int]:
+    host, port = text.split(":")
+    raw = bytes.fromhex(host)
+    # /proc/net/tcp prints the address as host-order 32-bit words
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    ip = ipaddress.ip_address(words)
+    if v6 and isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip), int(port, 16)
+
+
+def socket_uid(local: Address, remote: Address) -> int | None:
+    """The uid owning the TCP socket bound to ``local`` and connected to ``remote`` in
+    this network namespace (``/proc/net/tcp``, ``tcp6``), or None if there is none.
+
+    >>> import os
+    >>> srv = socket.create_server(("127.0.0.1", 0))
+    >>> c = socket.create_connection(srv.getsockname())
+    >>> socket_uid(c.getsockname(), srv.getsockname()) == os.geteuid()
+    True
+    >>> c.close(); srv.close()
+    """
+    want = ((ipaddress.ip_address(local[0]), int(local[1])),
+            (ipaddress.ip_address(remote[0]), int(remote[1])))
+    for path, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        try:
+            # bytes, not text: no codec lookup (an import) in a process that dropped
+            # privileges and can no longer read its interpreter's library
+            with open(path, "rb") as f:
+                next(f, None)
+                for raw in f:
+                    parts = raw.decode().split()
+                    if len(parts) < 8:
+                        continue
+                    try:
+                        a, b = _proc_addr(parts[1], v6), _proc_addr(parts[2], v6)
+                    except ValueError:
+                        continue
+                    if ((ipaddress.ip_address(a[0]), a[1]),
+                            (ipaddress.ip_address(b[0]), b[1])) == want:
+                        return int(parts[7])
+        except OSError:
+            continue
+    return None
+
+
+@dataclass
+class SteerClaim:
+    """The ``lookup(peer, local)`` callback of the steered listeners: the original
+    destination of the guest flow waiting on the listener's port, claimed from the C
+    loop (``claim(port)``), if the peer is owned by ``peer_uid`` (None: any peer).
+
+    >>> SteerClaim(lambda port: ("192.0.2.7", 443), None)(("127.0.0.1", 5000),
+    ...                                                   ("127.0.0.1", 41000))
+    ('192.0.2.7', 443)
+    """
+
+    claim: Callable[[int], Address | None]
+    peer_uid: int | None
+    refused: int = field(default=0)
+
+    def __call__(self, peer: Address, local: Address) -> Address | None:
+        if self.peer_uid is not None:
+            uid = socket_uid((str(peer[0]), int(peer[1])), (str(local[0]), int(local[1])))
+            if uid != self.peer_uid:
+                self.refused += 1
+                log.warning("gateway: a connection to steering port %s from %s (uid %s, not "
+                            "the uplink's %d) was refused", local[1], peer, uid,
+                            self.peer_uid)
+                return None
+        return self.claim(int(local[1]))
+
+
+@dataclass
+class TlsInterception:
+    """Where intercepted TLS flows arrive: ``sockets`` (listening, non-blocking) to serve
+    with a transparent proxy, and the ``lookup`` that gives each accepted connection's
+    original destination (None: read it with ``SO_ORIGINAL_DST``, the TAP uplink's
+    nftables redirect). The caller closes the sockets (serving them hands them over).
+
+    >>> ti = TlsInterception((), None)
+    >>> ti.close(); ti.sockets
+    ()
+    """
+
+    sockets: tuple[socket.socket, ...]
+    lookup: Lookup | None
+
+    def close(self) -> None:
+        """Close every socket (idempotent).
+
+        >>> TlsInterception((), None).close()
+        """
+        for s in self.sockets:
+            s.close()
+
+
+class DnsPoolServer:
+    """DNS over TCP on the steering pool's sockets, in its own event loop thread: every
+    connection's original destination comes from ``lookup``, each query is answered by
+    ``submit(wire, "tcp", dst)`` (``ForwarderThread.submit``: the forwarder judges it
+    like a UDP query to that address).
+
+    >>> import concurrent.futures
+    >>> def nothing(wire, protocol, dst):
+    ...     f = concurrent.futures.Future(); f.set_result(None); return f
+    >>> srv = DnsPoolServer(loopback_listeners(1), lambda p, l: None, nothing)
+    >>> srv.close(); srv.closed
+    True
+    """
+
+    def __init__(self, sockets: Sequence[socket.socket], lookup: Lookup,
+                 submit: Callable[[bytes, str, Address | None], Any]) -> None:
+        self._socks = list(sockets)
+        self._lookup = lookup
+        self._submit = submit
+        self._loop = asyncio.new_event_loop()
+        self._servers: list[asyncio.AbstractServer] = []
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="netstack-steer-dns")
+        self._thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        except BaseException:
+            self.close()
+            raise
+
+    async def _start(self) -> None:
+        for s in self._socks:
+            self._servers.append(await asyncio.start_server(self._serve, sock=s))
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            peer, local = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
+            dst = self._lookup((peer[0], peer[1]), (local[0], local[1]))
+            if dst is None:
+                return
+            while True:
+                (n,) = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2),
+                                                                  _TCP_IDLE))
+                wire = await asyncio.wait_for(reader.readexactly(n), _TCP_IDLE)
+                answer = await asyncio.wrap_future(self._submit(wire, "tcp", dst))
+                if answer is not None:
+                    writer.write(struct.pack("!H", len(answer)) + answer)
+                    await writer.drain()
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        except Exception:  # never let one connection take the server down
+            log.exception("gateway: DNS over TCP (steered) failed")
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _shutdown(self) -> None:
+        for srv in self._servers:
+            srv.close()
+        me = asyncio.current_task()
+        tasks = [t for t in asyncio.all_tasks() if t is not me]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran.
+
+        >>> srv.closed                                   # doctest: +SKIP
+        False
+        """
+        return self._loop.is_closed()
+
+    def close(self) -> None:
+        """Stop serving, close the sockets and join the thread (idempotent).
+
+        >>> srv.close()                                  # doctest: +SKIP
+        """
+        if self._loop.is_closed():
+            return
+        if self._thread.is_alive():
+            try:
+                asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
+            except Exception as e:  # pragma: no cover - best effort at exit
+                log.warning("stopping the steered DNS listeners failed: %s", e)
+            finally:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+                self._thread.join(10)
+        for s in self._socks:
+            s.close()
+        if not self._thread.is_alive():
+            self._loop.close()
+
+
+def passt_uid(pid: int) -> int | None:
+    """The effective uid of process ``pid`` (``/proc/PID/status``), None if unknown.
+
+    >>> import os
+    >>> passt_uid(os.getpid()) == os.geteuid()
+    True
+    """
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    return int(line.split()[2])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
