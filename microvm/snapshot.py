@@ -247,7 +247,9 @@ def write_manifest(path: Path, manifest: Manifest) -> None:
 
 def load_manifest(path: Path) -> Manifest:
     """Read and check ``path/manifest.json`` (format, checksum, the files it lists: present,
-    right size; the device state's sha256). Raises :class:`SnapshotError`.
+    right size; the device state's sha256). A disk-only snapshot (``kind: "disk"``: an
+    upper disk and the image it sits on, no memory or device state) has no ``state``.
+    Raises :class:`SnapshotError`.
 
     Example::
 
@@ -269,7 +271,8 @@ def load_manifest(path: Path) -> Manifest:
         raise SnapshotError(f"snapshot {name!r}: the manifest's checksum does not match "
                             f"(corrupted or edited)")
     files = manifest.get("files")
-    if not isinstance(files, dict) or "state" not in files:
+    disk_only = manifest.get("kind") == "disk"
+    if not isinstance(files, dict) or ("state" not in files and not disk_only):
         raise SnapshotError(f"snapshot {name!r}: the manifest lists no device state")
     for fname, info in files.items():
         f = path / fname
@@ -280,7 +283,7 @@ def load_manifest(path: Path) -> Manifest:
         if size != info["size"]:
             raise SnapshotError(f"snapshot {name!r}: {fname} is {size} bytes, the manifest "
                                 f"says {info['size']} (truncated or replaced)")
-    if file_sha256(path / "state") != files["state"]["sha256"]:
+    if not disk_only and file_sha256(path / "state") != files["state"]["sha256"]:
         raise SnapshotError(f"snapshot {name!r}: the device state's sha256 does not match "
                             f"the manifest (corrupted)")
     return manifest

@@ -287,7 +287,7 @@ class Supervisor:
     async def _control(self, req: dict[str, Any]) -> Any:
         op = req.get("op")
         if op == "status":
-            return {"state": "running", "pid": os.getpid(),
+            return {"state": "running", "pid": os.getpid(), "paused": self.paused,
                     "uptime": time.monotonic() - self.started,
                     "published": self.net.published() if self.net else {},
                     "guest": str(self.net.plan.guest_ipv4) if self.net else None}

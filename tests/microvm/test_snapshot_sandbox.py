@@ -20,6 +20,7 @@ from microvm import Sandbox
 from microvm.errors import SandboxConfigError, SnapshotError
 from microvm.sandbox.netwiring import can_create_tap
 from microvm.sandbox.snapshots import (
+    disk_snapshot,
     export_snapshot,
     import_snapshot,
     list_snapshots,
@@ -58,7 +59,7 @@ def _carries_on(sb: Sandbox) -> bool:
 
 @pytest.fixture(scope="module")
 def source(sandbox_home: Path) -> Iterator[Sandbox]:
-    require_binaries("qemu-system-x86_64", "tar", "zstd")
+    require_binaries("qemu-system-x86_64", "tar", "zstd")   # tar, zstd: a foreign archive
     if not can_create_tap():
         pytest.skip("needs root for the sandbox network (TAP uplink)")
     img = busybox_image(rootfs.ImageStore())
@@ -152,11 +153,17 @@ def test_export_import_and_refusals(source: Sandbox, warm: str, tmp_path: Path) 
     with open(bad / "disk0.img", "r+b") as f:
         f.seek(4096)
         f.write(b"corrupt!")
-    subprocess.run(["tar", "-I", "zstd", "-cf", str(tmp_path / "bad.tar.zst"), "-C", str(bad),
-                    "."], check=True)
+    export_snapshot(bad, tmp_path / "bad.tar.zst")   # export checks sizes, not content
     with pytest.raises(SnapshotError, match=r"disk0\.img's sha256 does not match"):
         import_snapshot(tmp_path / "bad.tar.zst", "bad")
     assert not (snapshots_root() / "bad").exists()
+    # a tarball that is not an export (no sparse map first) is refused, nothing kept
+    subprocess.run(["tar", "-I", "zstd", "-cf", str(tmp_path / "plain.tar.zst"), "-C",
+                    str(bad), "."], check=True)
+    with pytest.raises(SnapshotError, match="not a snapshot archive"):
+        import_snapshot(tmp_path / "plain.tar.zst", "plain")
+    assert not (snapshots_root() / "plain").exists()
+    assert [p.name for p in snapshots_root().iterdir()] == [warm]
     # a snapshot of another image digest is refused before anything starts
     man = json.loads((snapshots_root() / warm / "manifest.json").read_text())
     lower = [d for d in man["config"]["disks"] if d["readonly"]]
@@ -168,6 +175,29 @@ def test_export_import_and_refusals(source: Sandbox, warm: str, tmp_path: Path) 
     with pytest.raises(SandboxConfigError):
         source.fork_many(0)
     assert [i.name for i in Sandbox.list()] == ["src"]
+
+
+def test_disk_snapshot_boots_cold_and_moves(source: Sandbox, tmp_path: Path) -> None:
+    """A disk-only snapshot: the upper disk on the pinned image; a restore boots cold from
+    it (files on disk, not /tmp or processes); exported and imported like a full one."""
+    info = disk_snapshot(source, "dsnap")
+    assert info.kind == "disk" and info.source == "src"
+    assert sorted(p.name for p in info.path.iterdir()) == ["manifest.json", "upper.img"]
+    assert _carries_on(source)   # the source was paused for the copy only
+    archive = export_snapshot("dsnap", tmp_path / "d.tar.zst")
+    assert archive.stat().st_size < info.size   # holes stay holes, data compressed
+    assert import_snapshot(archive, "dsnap2").kind == "disk"
+    d = Sandbox.restore("dsnap2", name="rd")
+    try:
+        out = d.shell("cat /root/file; test -e /tmp/file || echo no-tmp; hostname").stdout_text
+        assert out == "on-disk\nno-tmp\nrd\n"
+        assert d.shell("test -e /tmp/counter || echo cold").stdout_text == "cold\n"
+    finally:
+        d.stop()
+        Sandbox.remove("rd")
+    for n in ("dsnap", "dsnap2"):
+        remove_snapshot(n)
+    assert not (snapshots_root() / "dsnap").exists()
 
 
 def test_pool_hands_out_and_refills(source: Sandbox, warm: str) -> None:
