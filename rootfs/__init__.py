@@ -37,11 +37,12 @@ if TYPE_CHECKING:
     from rootfs.image import Descriptor, Image
     from rootfs.layout import load_archive, write_oci_layout
     from rootfs.patches import Patch, apply_patches
-    from rootfs.protocols import RootProvider
+    from rootfs.protocols import BlobStore, RootProvider, Unpacker
     from rootfs.reference import Reference, parse_reference
     from rootfs.registry import RegistryAuth, RegistryClient
     from rootfs.store import ImageStore, PruneResult
-    from rootfs.unpack import UnpackLimits, UnpackState, apply_layer
+    from rootfs.umoci import UmociUnpacker
+    from rootfs.unpack import NativeUnpacker, UnpackLimits, UnpackState, apply_layer
 
 _LAZY = {
     "build_image": "rootfs.build",
@@ -56,12 +57,16 @@ _LAZY = {
     "Patch": "rootfs.patches",
     "apply_patches": "rootfs.patches",
     "RootProvider": "rootfs.protocols",
+    "BlobStore": "rootfs.protocols",
+    "Unpacker": "rootfs.protocols",
     "Reference": "rootfs.reference",
     "parse_reference": "rootfs.reference",
     "RegistryAuth": "rootfs.registry",
     "RegistryClient": "rootfs.registry",
     "ImageStore": "rootfs.store",
     "PruneResult": "rootfs.store",
+    "UmociUnpacker": "rootfs.umoci",
+    "NativeUnpacker": "rootfs.unpack",
     "UnpackLimits": "rootfs.unpack",
     "UnpackState": "rootfs.unpack",
     "apply_layer": "rootfs.unpack",
@@ -81,6 +86,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "AuthError",
+    "BlobStore",
     "Descriptor",
     "DigestError",
     "DiskError",
@@ -89,6 +95,7 @@ __all__ = [
     "ImageNotFoundError",
     "ImageStore",
     "InvalidReferenceError",
+    "NativeUnpacker",
     "Patch",
     "PatchError",
     "PreparedRoot",
@@ -99,9 +106,11 @@ __all__ = [
     "RegistryError",
     "RootProvider",
     "RootfsError",
+    "UmociUnpacker",
     "UnpackLimits",
     "UnpackState",
     "UnsafeLayerError",
+    "Unpacker",
     "apply_layer",
     "apply_patches",
     "build_image",

@@ -9,10 +9,11 @@ Example::
 from __future__ import annotations
 
 import json
+import platform as _platform
 from dataclasses import dataclass, field
 from typing import Any
 
-from rootfs.errors import ImageFormatError
+from rootfs.errors import ImageFormatError, ImageNotFoundError
 from rootfs.reference import validate_digest
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -203,3 +204,51 @@ def parse_config(data: bytes, n_layers: int, what: str = "image config") -> tupl
             f"{what}: {len(diff_ids)} diff_ids but the manifest lists {n_layers} layers"
         )
     return diff_ids
+
+
+def host_platform() -> str:
+    """``linux/amd64`` or ``linux/arm64`` for this machine (amd64 if unknown).
+
+    Example::
+
+        >>> host_platform() in ("linux/amd64", "linux/arm64")
+        True
+    """
+    m = _platform.machine().lower()
+    return "linux/arm64" if m in ("aarch64", "arm64") else "linux/amd64"
+
+
+def choose_platform(index: dict[str, Any], plat: str, what: str) -> Descriptor:
+    """The manifest descriptor of ``index`` (an OCI index / Docker list) for ``plat``.
+
+    ``plat`` is ``os/arch[/variant]``; ``what`` names the index in errors. No match
+    raises :class:`~rootfs.errors.ImageNotFoundError` listing what is available.
+
+    Example::
+
+        >>> idx = {"manifests": [{"mediaType": OCI_MANIFEST, "digest": "sha256:" + "a" * 64,
+        ...        "size": 1, "platform": {"os": "linux", "architecture": "arm64"}}]}
+        >>> choose_platform(idx, "linux/arm64", "demo").size
+        1
+        >>> choose_platform(idx, "linux/amd64", "demo")
+        Traceback (most recent call last):
+        ...
+        rootfs.errors.ImageNotFoundError: demo has no linux/amd64 image (available: linux/arm64)
+    """
+    want_os, _, rest = plat.partition("/")
+    want_arch, _, want_variant = rest.partition("/")
+    manifests = index.get("manifests")
+    if not isinstance(manifests, list):
+        raise ImageFormatError(f"index of {what}: 'manifests' must be a list")
+    seen = []
+    for i, m in enumerate(manifests):
+        d = Descriptor.from_json(m, f"index of {what} entry {i}")
+        p = d.platform or {}
+        seen.append(f"{p.get('os', '?')}/{p.get('architecture', '?')}")
+        if p.get("os") == want_os and p.get("architecture") == want_arch and (
+            not want_variant or p.get("variant") == want_variant
+        ):
+            return d
+    raise ImageNotFoundError(
+        f"{what} has no {plat} image (available: {', '.join(seen) or 'none'})"
+    )

@@ -1,5 +1,8 @@
 """OCI image layouts and ``docker save`` archives: import into and export from a store.
 
+The store is anything with blobs and tags (:class:`~rootfs.protocols.BlobStore`;
+:class:`~rootfs.ImageStore` is one), so this module never imports the store.
+
 Example::
 
     store = ImageStore()
@@ -18,8 +21,9 @@ import tarfile
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any, BinaryIO, cast
 
+from rootfs._fs import atomic_replace, atomic_write
 from rootfs.errors import ImageFormatError, RootfsError
 from rootfs.image import (
     INDEX_TYPES,
@@ -29,13 +33,13 @@ from rootfs.image import (
     OCI_MANIFEST,
     Descriptor,
     Image,
+    choose_platform,
+    host_platform,
     parse_json,
     parse_manifest,
 )
+from rootfs.protocols import BlobStore
 from rootfs.reference import parse_reference, validate_digest
-
-if TYPE_CHECKING:
-    from rootfs.store import ImageStore
 
 REF_ANNOTATION = "org.opencontainers.image.ref.name"
 _MAX_JSON = 16 << 20
@@ -96,17 +100,12 @@ class _Source:
             self.tar.close()
 
 
-def _copy_blob(store: ImageStore, src: _Source, name: str, digest: str | None) -> str:
+def _copy_blob(store: BlobStore, src: _Source, name: str, digest: str | None) -> str:
     """Copy one file of the source into the store (verified if digest given)."""
     if digest is not None and store.has_blob(digest):
         return digest
-    with tempfile.NamedTemporaryFile(dir=store.home / "tmp", delete=False) as tmp, \
-            src.open(name) as f:
-        shutil.copyfileobj(f, tmp, 1 << 20)
-    try:
-        return store.put_blob_file(Path(tmp.name), digest)
-    finally:
-        os.unlink(tmp.name)
+    with src.open(name) as f:
+        return store.put_blob_stream(cast(BinaryIO, f), digest)
 
 
 def _default_name(path: Path) -> str:
@@ -123,7 +122,7 @@ def _ref_for(annotation: str | None, path: Path) -> str:
     return str(parse_reference(f"{_default_name(path)}:latest"))
 
 
-def load_archive(store: ImageStore, path: Path, ref: str | None = None) -> list[Image]:
+def load_archive(store: BlobStore, path: Path, ref: str | None = None) -> list[Image]:
     """Import an OCI layout (dir or tar) or a ``docker save`` archive; return its images.
 
     Example::
@@ -150,9 +149,7 @@ def load_archive(store: ImageStore, path: Path, ref: str | None = None) -> list[
     return images
 
 
-def _load_oci(store: ImageStore, src: _Source, path: Path) -> list[Image]:
-    from rootfs.store import _choose_platform, host_platform
-
+def _load_oci(store: BlobStore, src: _Source, path: Path) -> list[Image]:
     layout = src.read_json("oci-layout")
     if layout.get("imageLayoutVersion") != "1.0.0":
         raise ImageFormatError(f"{str(path)!r}: unsupported imageLayoutVersion")
@@ -171,7 +168,7 @@ def _load_oci(store: ImageStore, src: _Source, path: Path) -> list[Image]:
         body = store.read_blob(digest)
         obj = parse_json(body, f"manifest {digest}")
         if desc.media_type in INDEX_TYPES or "manifests" in obj:
-            chosen = _choose_platform(obj, host_platform(), f"{path}")
+            chosen = choose_platform(obj, host_platform(), f"{path}")
             digest = chosen.digest
             _copy_blob(store, src, "blobs/" + digest.replace(":", "/"), digest)
             body = store.read_blob(digest)
@@ -182,7 +179,7 @@ def _load_oci(store: ImageStore, src: _Source, path: Path) -> list[Image]:
     return out
 
 
-def _load_docker(store: ImageStore, src: _Source, path: Path) -> list[Image]:
+def _load_docker(store: BlobStore, src: _Source, path: Path) -> list[Image]:
     with src.open("manifest.json") as f:
         try:
             entries = json.loads(f.read(_MAX_JSON))
@@ -220,7 +217,7 @@ def _load_docker(store: ImageStore, src: _Source, path: Path) -> list[Image]:
     return out
 
 
-def _link_blob(store: ImageStore, dest: Path, digest: str) -> dict[str, Any]:
+def _link_blob(store: BlobStore, dest: Path, digest: str) -> dict[str, Any]:
     validate_digest(digest)
     algo, _, hexpart = digest.partition(":")
     target = dest / "blobs" / algo / hexpart
@@ -234,7 +231,7 @@ def _link_blob(store: ImageStore, dest: Path, digest: str) -> dict[str, Any]:
 
 
 def write_oci_layout(
-    store: ImageStore, dest: Path, tags: Mapping[str, Image | Sequence[Image]]
+    store: BlobStore, dest: Path, tags: Mapping[str, Image | Sequence[Image]]
 ) -> None:
     """Export images as an OCI layout at ``dest``; a sequence becomes a multi-arch index.
 
@@ -271,4 +268,40 @@ def write_oci_layout(
         top["annotations"] = {REF_ANNOTATION: tag}
         entries.append(top)
     index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}
-    index_path.write_text(json.dumps(index, indent=1))
+    atomic_write(index_path, json.dumps(index, indent=1).encode())
+
+
+def save_archive(store: BlobStore, images: Sequence[Image], dest: Path, work_dir: Path) -> Path:
+    """Export ``images`` as an OCI layout: a directory, or a tarball if ``dest`` ends in .tar.
+
+    Each image is annotated with its full reference, so :func:`load_archive` restores
+    the tags. ``work_dir`` (same filesystem as the store) holds the layout of a tarball
+    while it is written.
+
+    Example::
+
+        save_archive(store, [img], Path("/tmp/busybox.tar"), store.home / "tmp")
+    """
+    out = dest
+    as_tar = out.suffix == ".tar"
+    if out.exists():
+        raise RootfsError(f"save destination {str(out)!r} already exists")
+    parent = out.absolute().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise RootfsError(f"cannot save to {str(out)!r}: {str(parent)!r} is not a "
+                          "writable directory")
+    work = Path(tempfile.mkdtemp(dir=work_dir, prefix="save-")) if as_tar else out
+    try:
+        write_oci_layout(store, work, {img.ref: img for img in images})
+        if as_tar:
+            with atomic_replace(out, 0o644) as tmp, tarfile.open(tmp, "w") as tar:
+                for name in sorted(os.listdir(work)):
+                    tar.add(work / name, arcname=name)
+    except OSError as exc:
+        if not as_tar:
+            shutil.rmtree(out, ignore_errors=True)
+        raise RootfsError(f"cannot save to {str(out)!r}: {exc.strerror or exc}") from None
+    finally:
+        if as_tar:
+            shutil.rmtree(work, ignore_errors=True)
+    return out

@@ -1,4 +1,12 @@
-"""The seam ``microvm`` uses: anything that turns an image into a :class:`PreparedRoot`.
+"""The seams of rootfs: what ``microvm`` needs, what the layout code needs, what unpacks.
+
+* :class:`RootProvider` turns an image into a :class:`PreparedRoot` (``microvm`` uses it);
+  :class:`~rootfs.ImageStore` implements it.
+* :class:`BlobStore` is the content-addressed store the OCI layout/archive code reads and
+  writes (:mod:`rootfs.layout`); :class:`~rootfs.ImageStore` implements it.
+* :class:`Unpacker` applies one layer blob onto a directory;
+  :class:`~rootfs.unpack.NativeUnpacker` (ours, the default) and
+  :class:`~rootfs.umoci.UmociUnpacker` implement it.
 
 Example::
 
@@ -10,11 +18,14 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Protocol, runtime_checkable
+from pathlib import Path
+from typing import BinaryIO, Protocol, runtime_checkable
 
 from rootfs.disks import PreparedRoot
 from rootfs.image import Image
 from rootfs.patches import Patch
+from rootfs.reference import Reference
+from rootfs.unpack import UnpackState
 
 
 @runtime_checkable
@@ -30,4 +41,63 @@ class RootProvider(Protocol):
         self, image: Image | str, *, patches: Iterable[Patch] = ..., upper_size_mib: int = ...
     ) -> PreparedRoot:
         """Disks (or a directory) plus the guest mount plan for ``image``."""
+        ...
+
+
+@runtime_checkable
+class BlobStore(Protocol):
+    """Verified blobs by digest plus tags: what importing/exporting OCI layouts needs.
+
+    Example::
+
+        assert isinstance(rootfs.ImageStore(), BlobStore)
+        write_oci_layout(store, Path("out"), {"v1": img})   # store: any BlobStore
+    """
+
+    def blob_path(self, digest: str) -> Path:
+        """Where blob ``digest`` lives (it may not exist)."""
+        ...
+
+    def has_blob(self, digest: str) -> bool:
+        """Whether blob ``digest`` is stored."""
+        ...
+
+    def read_blob(self, digest: str) -> bytes:
+        """The bytes of a stored blob (raises :class:`~rootfs.errors.ImageNotFoundError`)."""
+        ...
+
+    def put_blob(self, data: bytes, digest: str | None = None) -> str:
+        """Store ``data`` (verified against ``digest`` if given); return its digest."""
+        ...
+
+    def put_blob_stream(self, src: BinaryIO, digest: str | None = None) -> str:
+        """Store what ``src`` yields (hashed while copied, verified); return its digest."""
+        ...
+
+    def tag(self, ref: str | Reference, manifest_digest: str) -> Image:
+        """Point ``ref`` at a stored manifest; return the image."""
+        ...
+
+
+@runtime_checkable
+class Unpacker(Protocol):
+    """Applies one layer blob (gzip, zstd or plain tar) onto a directory.
+
+    Implementations apply OCI whiteouts, refuse hostile layers with
+    :class:`~rootfs.errors.UnsafeLayerError` (charging ``state``'s limits), check the
+    uncompressed digest against ``expected_diff_id`` and return it.
+
+    Example::
+
+        store = ImageStore(unpacker=UmociUnpacker())   # or "umoci"; default "native"
+        state = UnpackState()
+        diff_id = NativeUnpacker().apply(blob, Path("/tmp/root"), state=state)
+    """
+
+    name: str
+    """Short name (``"native"``, ``"umoci"``)."""
+
+    def apply(self, blob: Path, dest: Path, *, state: UnpackState,
+              expected_diff_id: str | None = None) -> str:
+        """Apply layer file ``blob`` onto ``dest``; return its diff_id."""
         ...
