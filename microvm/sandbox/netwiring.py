@@ -4,9 +4,12 @@ and the TLS proxy that injects secrets.
 Every piece is a seam: ``uplink_factory(sandbox_name, plan) -> netstack.gateway.Uplink``
 (default: :class:`netstack.TapUplink` when this process may create a TAP (root), else
 :class:`netstack.PasstUplink` (rootless, Debian's passt)) and ``proxy_factory(config) ->
-SecretProxy`` (default :class:`tls_proxy.TlsProxy`). A sandbox with secrets whose uplink
-cannot steer TLS to the proxy refuses to start (:class:`~microvm.errors.SandboxError`):
-a placeholder must never reach an origin un-substituted.
+SecretProxy`` (default :class:`tls_proxy.TlsProxy`). TLS reaches the proxy through the
+uplink's redirect (TAP: nftables in the uplink namespace) or the gateway's steering NAT
+(passt: loopback listeners that claim each flow's original destination through the
+proxy's ``lookup``), see :meth:`netstack.Gateway.tls_interception`. A sandbox with secrets
+whose uplink can do neither refuses to start (:class:`~microvm.errors.SandboxError`): a
+placeholder must never reach an origin un-substituted.
 
 Example::
 
@@ -46,7 +49,7 @@ from netstack.gateway import (
     Uplink,
     allocate_slot,
 )
-from netstack.gateway.uplink import has_redirects
+from netstack.gateway.uplink import can_intercept_tls
 from netstack.gateway.uplink_passt import find_passt
 from tls_proxy import CertificateAuthority, ProxyConfig, Secret, TlsProxy
 
@@ -69,9 +72,11 @@ class SecretProxy(Protocol):
         await proxy.listen_transparent(sock=listening_socket)
     """
 
-    async def listen_transparent(self, host: str = ..., port: int = ..., *,
-                                 sock: socket.socket | None = ...) -> Any:
-        """Serve intercepted TLS connections accepted on ``sock``."""
+    async def listen_transparent(self, host: str | None = ..., port: int = ...,
+                                 lookup: Callable[[tuple[str, int], tuple[str, int]], Any]
+                                 | None = ..., *, sock: socket.socket | None = ...) -> Any:
+        """Serve intercepted TLS connections accepted on ``sock``; ``lookup(peer, local)``
+        gives each one's original destination (None: ``SO_ORIGINAL_DST``)."""
         ...
 
     async def close(self) -> None:
@@ -254,7 +259,7 @@ class SandboxNet:
             self = cls(name, policy, lease, plan, listener)
             self.uplink = uplink
             try:
-                if secrets and not has_redirects(uplink):
+                if secrets and not can_intercept_tls(uplink):
                     raise SandboxError(
                         "this sandbox has secrets, but its uplink cannot steer TLS to the "
                         "interception proxy: refusing to start (a placeholder must never "
@@ -320,14 +325,19 @@ class SandboxNet:
         self.gateway = gateway
         if secrets:
             assert self.ca is not None
-            sock = gateway.intercept_tls(list(tls.ports))
+            interception = gateway.tls_interception(list(tls.ports))
             # the gateway's address (and its name) is the host's loopback, as the uplink's
             # DNAT makes it for plain traffic; the proxy connects from the host itself
             host_lo = {self.plan.host_alias: "127.0.0.1", str(self.plan.gateway_ipv4): "127.0.0.1"}
             cfg = ProxyConfig(ca=self.ca, secrets=list(secrets), bypass=list(tls.bypass),
                               upstream_ca_files=list(tls.upstream_ca_certs), resolve=host_lo)
             self.proxy = (proxy_factory or TlsProxy)(cfg)
-            await self.proxy.listen_transparent(sock=sock)
+            try:
+                for sock in interception.sockets:
+                    await self.proxy.listen_transparent(sock=sock, lookup=interception.lookup)
+            except BaseException:
+                interception.close()
+                raise
         log.info("network of %s up: guest %s, mtu %d, %d published port(s), %s",
                  self.name, self.plan.guest_ipv4, self.plan.mtu, len(ports),
                  "TLS interception on" if secrets else "no TLS interception")
