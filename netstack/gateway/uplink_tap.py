@@ -78,6 +78,7 @@ from pathlib import Path
 from typing import Final
 
 from netstack.errors import UplinkError
+from netstack.gateway._netns import socket_in, write_sysctls
 from netstack.gateway.addressing import AddressPlan, microvm_home
 from netstack.gateway.state import (
     UplinkRecord,
@@ -445,19 +446,15 @@ class TapUplink:
     def socket(self, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM
                ) -> socket.socket:
         """A new socket that lives in the uplink's network namespace (for listeners that
-        serve the guest there: the DNS-over-TCP forwarder, a TLS proxy).
+        serve the guest there: the DNS-over-TCP forwarder, a TLS proxy; and connections
+        to the guest: published ports). The one way netstack opens a socket in a
+        namespace (:func:`netstack.gateway._netns.socket_in`).
 
         >>> srv = up.socket(socket.AF_INET6)                       # doctest: +SKIP
         """
-        from pyroute2 import netns as pr_netns
-
         if self.closed:
             raise UplinkError(f"uplink of sandbox {self.sandbox!r} is closed")
-        pr_netns.pushns(self.names["netns"])
-        try:
-            return socket.socket(family, kind)
-        finally:
-            pr_netns.popns()
+        return socket_in(self.names["netns"], family, kind)
 
     def redirect_dns(self) -> None:
         """DNAT the guest's DNS over TCP to *any* address to the gateway address's port
@@ -598,16 +595,16 @@ class TapUplink:
                 ns.addr("add", index=nv, address=str(ns6), prefixlen=127, IFA_FLAGS=_NODAD)
                 ns.route("add", dst="::/0", gateway=str(host6), oif=nv, family=socket.AF_INET6,
                          flags=4)
-        exec_ns = ["ip", "netns", "exec", n["netns"]]
-        _run([*exec_ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        sysctls: dict[str, str | int] = {"net/ipv4/ip_forward": 1}
         if self._host_ipv6:
             # the gateway passes only neighbour solicitations/advertisements, but never
             # let the guest's link steer this namespace's routing anyway
             tap = n["tap"]
-            _run([*exec_ns, "sysctl", "-qw", f"net.ipv6.conf.{tap}.accept_ra=0",
-                  f"net.ipv6.conf.{tap}.accept_redirects=0"])
+            sysctls[f"net/ipv6/conf/{tap}/accept_ra"] = 0
+            sysctls[f"net/ipv6/conf/{tap}/accept_redirects"] = 0
         if self.ipv6_egress:
-            _run([*exec_ns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
+            sysctls["net/ipv6/conf/all/forwarding"] = 1
+        write_sysctls(n["netns"], sysctls)
         self._load_netns_ruleset()
         _enable_host_forwarding()
         if self.ipv6_egress:

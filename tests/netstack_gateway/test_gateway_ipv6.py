@@ -6,6 +6,7 @@ and DNS over TCP to the gateway's IPv6 address, ICMPv6 echo, policy denies.
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,6 +60,20 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig6]:
                              ) as (uplink, topo):
         assert uplink.ipv6_egress
         yield Rig6(topo, uplink)
+
+
+def test_namespace_ipv6_sysctls(rig: Rig6) -> None:
+    """Set by TapUplink through netstack.gateway._netns: the namespace forwards IPv6
+    and never lets the guest's link steer its routing (RAs, redirects)."""
+    n = rig.uplink.names
+
+    def ns_sysctl(path: str) -> str:
+        return subprocess.run(["ip", "netns", "exec", n["netns"], "cat", f"/proc/sys/{path}"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    assert ns_sysctl("net/ipv6/conf/all/forwarding") == "1"
+    assert ns_sysctl(f"net/ipv6/conf/{n['tap']}/accept_ra") == "0"
+    assert ns_sysctl(f"net/ipv6/conf/{n['tap']}/accept_redirects") == "0"
 
 
 def test_public_ipv6_reached_private_ipv6_fails_fast(rig: Rig6) -> None:

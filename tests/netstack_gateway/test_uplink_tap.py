@@ -98,6 +98,11 @@ def test_create_and_close(home: Path, baseline: Snapshot) -> None:
     addrs = subprocess.run(["ip", "-n", n["netns"], "-br", "addr", "show", n["tap"]],
                            capture_output=True, text=True, check=True).stdout
     assert "172.16.62.133/30" in addrs and str(plan.gateway_ipv4) == "172.16.62.133"
+    # the namespace's sysctls (set through netstack.gateway._netns, not `ip netns exec`)
+    ns_sysctl = subprocess.run(["ip", "netns", "exec", n["netns"], "cat",
+                                "/proc/sys/net/ipv4/ip_forward"],
+                               capture_output=True, text=True, check=True).stdout
+    assert ns_sysctl == "1\n"
     # the TAP carries frames: the namespace answers ARP for the gateway address
     os.write(up.tap_fd, arp_request(plan))
     reply = read_frame(up.tap_fd, plan.gateway_ipv4.packed + b"\0" * 0)
