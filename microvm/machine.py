@@ -22,7 +22,6 @@ import dataclasses
 import os
 import shutil
 import tempfile
-import time
 import weakref
 from collections.abc import Awaitable, Mapping, Sequence
 from pathlib import Path
@@ -308,40 +307,25 @@ class Machine:
     def start(self) -> Machine:
         """Boot and handshake; raise :class:`BootError` (with the console tail) on any failure.
 
+        The blocking twin of :meth:`astart`: the same boot runs on the machine's own
+        :class:`~microvm._portal.Portal`, which then carries :attr:`agent`.
+
         Example::
 
             m = Machine(disks=[img]).start()
         """
         if self._handle is not None:
             raise MicrovmError("machine already started")
+        from microvm._portal import Portal
         from microvm.agent import SyncAgentClient
 
-        t0 = time.monotonic()
+        portal = Portal("machine")
         try:
-            self._handle = self.backend.launch(self.spec)
+            client = portal.run(self._boot(None))
         except BaseException:
-            if self._own_rundir:
-                shutil.rmtree(self.rundir, ignore_errors=True)
+            portal.close()
             raise
-        deadline = t0 + self.boot_timeout
-        try:
-            self._step = "connecting to the agent port"
-            self._agent = self._connect(SyncAgentClient, deadline)
-            if self._restore is not None:   # connected first: see astart
-                self._step = "loading the snapshot's device state"
-                self._load_state()
-            remaining = max(0.1, deadline - time.monotonic())
-            self._step = "waiting for the agent's answer to core.hello"
-            self._agent.hello(timeout=remaining)
-            if self._restore is not None:
-                self._step = "waiting for the agent's answer to core.reconfigure"
-                self._agent.reconfigure(self._restore[2])
-            else:
-                self._step = "waiting for the agent's answer to core.bootstrap"
-                self._agent.bootstrap(self.boot_config())
-        except BaseException as e:
-            self._fail_boot(e)
-        self.boot_seconds = time.monotonic() - t0
+        self._agent = SyncAgentClient(client, portal)
         return self
 
     def _load_state(self) -> None:
@@ -355,22 +339,6 @@ class Machine:
         assert self._restore is not None
         self.backend.load_state(self.handle, self._restore[0],  # type: ignore[attr-defined]
                                 include_ram=self._restore[1])
-
-    def _connect(self, client_cls: Any, deadline: float) -> SyncAgentClient:
-        handle = self.handle
-        path = self.spec.agent_socket
-        while True:
-            code = handle.poll()
-            if code is not None:
-                raise BootError(f"VMM exited with status {code} before the agent port opened")
-            if path.exists():
-                client: SyncAgentClient = client_cls.connect_unix(
-                    str(path), timeout=max(0.1, deadline - time.monotonic())
-                )
-                return client
-            if time.monotonic() > deadline:
-                raise BootError(f"agent socket {path} did not appear within {self.boot_timeout}s")
-            time.sleep(0.005)
 
     def _fail_boot(self, cause: BaseException) -> None:
         handle = self.handle
@@ -428,12 +396,33 @@ class Machine:
         """
         if self._handle is not None:
             raise MicrovmError("machine already started")
+        client = await self._boot(more_bootstrap)
+        self._aagent = client
+        return client
+
+    async def _launch(self) -> VmHandle:
+        """``backend.launch`` in a worker thread; cancelled, it still kills what it started."""
+        launch = asyncio.ensure_future(asyncio.to_thread(self.backend.launch, self.spec))
+        try:
+            return await asyncio.shield(launch)
+        except asyncio.CancelledError:
+            with contextlib.suppress(BaseException):
+                (await launch).kill()   # the launch ran on in its thread
+            raise
+
+    async def _boot(
+        self, more_bootstrap: Awaitable[Mapping[str, Any]] | None
+    ) -> AgentClient:
+        """The one boot sequence of :meth:`start` and :meth:`astart`: launch, wait for the
+        agent port (while the VMM lives), connect, hello, then bootstrap (or, for a
+        restore, load the device state and reconfigure). Raises :class:`BootError`.
+        """
         from microvm.agent import AgentClient
 
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         try:
-            self._handle = await asyncio.to_thread(self.backend.launch, self.spec)
+            self._handle = await self._launch()
         except BaseException:
             if self._own_rundir:
                 shutil.rmtree(self.rundir, ignore_errors=True)
@@ -504,7 +493,6 @@ class Machine:
                     await client.close()
             await asyncio.to_thread(self._fail_boot, e)
             raise  # unreachable: _fail_boot raises
-        self._aagent = client
         self.boot_seconds = loop.time() - t0
         return client
 

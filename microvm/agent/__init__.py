@@ -1,5 +1,11 @@
 """The guest agent: static C PID 1 (``csrc/``) and its host-side client.
 
+One module per job: :mod:`~microvm.agent.protocol` (frames, CBOR, message types),
+:mod:`~microvm.agent.connection` (the channel: connect, ids, dispatch),
+:mod:`~microvm.agent.aclient` (:class:`AgentClient`: session requests),
+:mod:`~microvm.agent.exec` (processes), :mod:`~microvm.agent.fs` (files) and
+:mod:`~microvm.agent.sync` (the blocking twin, run on a :mod:`microvm._portal`).
+
 Example::
 
     from microvm.agent import AgentClient, agent_binary
@@ -13,7 +19,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from microvm.agent.client import AgentClient, ExecProcess, SyncAgentClient, SyncExecProcess
+from microvm.agent.aclient import AgentClient
+from microvm.agent.connection import AgentConnection
+from microvm.agent.exec import RLIMIT_NAMES, ExecProcess, build_exec_request
 from microvm.agent.protocol import (
     ExecEvent,
     ExecResult,
@@ -24,10 +32,13 @@ from microvm.agent.protocol import (
     ReadyInfo,
     encode_frame,
 )
+from microvm.agent.sync import SyncAgentClient, SyncExecProcess
 from microvm.errors import AgentError, ExecTimeout
 
 __all__ = [
+    "RLIMIT_NAMES",
     "AgentClient",
+    "AgentConnection",
     "AgentError",
     "ExecEvent",
     "ExecProcess",
@@ -41,6 +52,7 @@ __all__ = [
     "SyncAgentClient",
     "SyncExecProcess",
     "agent_binary",
+    "build_exec_request",
     "encode_frame",
 ]
 

@@ -565,7 +565,7 @@ class SandboxConfig:
             _check_secret_hosts(s, policy)
         rl: dict[str, tuple[int | None, int | None]] = {}
         if rlimits:
-            from microvm.agent.client import RLIMIT_NAMES
+            from microvm.agent import RLIMIT_NAMES
 
             for rname, lim in rlimits.items():
                 if rname not in RLIMIT_NAMES:

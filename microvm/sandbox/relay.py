@@ -74,7 +74,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from microvm.agent.client import AgentClient
+from microvm.agent import AgentClient
 from microvm.agent.protocol import (
     MAX_FRAME,
     PROTOCOL_VERSION,

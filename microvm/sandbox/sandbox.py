@@ -1,9 +1,10 @@
 """``Sandbox``: the blocking twin of :class:`~microvm.sandbox.asandbox.AsyncSandbox`.
 
 Same names, same parameters, same results, without ``await``: each handle runs the async
-core on a private event loop in a daemon thread (the pattern of the agent's
-``SyncAgentClient``). Signatures are written out so that type checkers see every
-parameter.
+core on its own :class:`~microvm._portal.Portal` (a private event loop in a daemon
+thread: the project's one sync-over-async pattern, shared with ``SyncAgentClient`` and
+``Machine.start``). Signatures are written out so that type checkers see every
+parameter; tests/microvm/test_sync_twins.py compares them with the async ones.
 
 Example::
 
@@ -18,19 +19,17 @@ Example::
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import builtins
 import contextlib
 import os
-import threading
 import weakref
 from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping, Sequence
-from concurrent.futures import Future
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
+from microvm._portal import Portal, run_once
 from microvm.agent import ExecEvent, FileStat
 from microvm.backends.base import Backend
 from microvm.sandbox.asandbox import (
@@ -53,7 +52,6 @@ if TYPE_CHECKING:   # types only: a handle never needs the gateway or the proxy
 
 __all__ = ["ExecHandle", "Sandbox", "SandboxFs", "SandboxNetwork"]
 
-T = TypeVar("T")
 
 #: open sync handles: their agent connections are closed at interpreter exit (a daemon
 #: loop thread would otherwise die with pending tasks and warnings)
@@ -67,38 +65,8 @@ def _close_live_handles() -> None:
             sb.close()
 
 
-class _Loop:
-    """A private event loop in a daemon thread; ``run`` blocks on one coroutine."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="microvm-sandbox",
-                                       daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        return fut.result()
-
-    def close(self) -> None:
-        if self.loop.is_running():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(5)
-        if not self.loop.is_running():
-            self.loop.close()
-
-
 async def _anext(agen: AsyncIterator[ExecEvent]) -> ExecEvent:
     return await agen.__anext__()
-
-
-def _run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a class-level coroutine to completion on a throwaway loop thread."""
-    loop = _Loop()
-    try:
-        return loop.run(coro)
-    finally:
-        loop.close()
 
 
 class ExecHandle:
@@ -111,7 +79,7 @@ class ExecHandle:
         print(h.wait().stdout)
     """
 
-    def __init__(self, loop: _Loop, handle: AsyncExecHandle) -> None:
+    def __init__(self, loop: Portal, handle: AsyncExecHandle) -> None:
         self._loop = loop
         self._h = handle
         self.stdin = ExecStdin(loop, handle)
@@ -186,7 +154,7 @@ class ExecStdin:
         h.stdin.write("line\\n"); h.stdin.close()
     """
 
-    def __init__(self, loop: _Loop, handle: AsyncExecHandle) -> None:
+    def __init__(self, loop: Portal, handle: AsyncExecHandle) -> None:
         self._loop = loop
         self._h = handle
 
@@ -217,7 +185,7 @@ class SandboxFs:
         sb.fs.write("/tmp/x", "hi"); assert sb.fs.read_text("/tmp/x") == "hi"
     """
 
-    def __init__(self, loop: _Loop, sb: AsyncSandbox) -> None:
+    def __init__(self, loop: Portal, sb: AsyncSandbox) -> None:
         self._loop = loop
         self._fs = sb.fs
 
@@ -341,7 +309,7 @@ class SandboxNetwork:
         print(sb.network.explain(Flow("egress", "tcp", "169.254.169.254", 80)))
     """
 
-    def __init__(self, loop: _Loop, sb: AsyncSandbox) -> None:
+    def __init__(self, loop: Portal, sb: AsyncSandbox) -> None:
         self._loop = loop
         self._net = sb.network
         #: the policy the gateway enforces
@@ -396,8 +364,8 @@ class Sandbox:
         sb.stop()
     """
 
-    def __init__(self, inner: AsyncSandbox, loop: _Loop | None = None) -> None:
-        self._loop = loop or _Loop()
+    def __init__(self, inner: AsyncSandbox, loop: Portal | None = None) -> None:
+        self._loop = loop or Portal("sandbox")
         self._sb = inner
         self.name = inner.name
         self.config = inner.config
@@ -408,7 +376,7 @@ class Sandbox:
 
     @classmethod
     def _wrap(cls, coro: Coroutine[Any, Any, AsyncSandbox]) -> Sandbox:
-        loop = _Loop()
+        loop = Portal("sandbox")
         try:
             return cls(loop.run(coro), loop)
         except BaseException:
@@ -506,7 +474,7 @@ class Sandbox:
 
             [i.name for i in Sandbox.list(labels={"team": "a"})]
         """
-        return _run(AsyncSandbox.list(labels=labels))
+        return run_once(AsyncSandbox.list(labels=labels))
 
     @classmethod
     def remove(cls, name: str, *, timeout: float = 10.0) -> None:
@@ -516,7 +484,7 @@ class Sandbox:
 
             Sandbox.remove("web")
         """
-        _run(AsyncSandbox.remove(name, timeout=timeout))
+        run_once(AsyncSandbox.remove(name, timeout=timeout))
 
     def info(self) -> SandboxInfo:
         """The current record.
@@ -657,7 +625,7 @@ class Sandbox:
 
             sb.close()
         """
-        if self._loop.loop.is_closed():
+        if self._loop.closed:
             return
         try:
             self._loop.run(self._sb.close())

@@ -1,7 +1,7 @@
 """``microvm.Sandbox`` end to end with real guests (QEMU; TCG here): patches, volumes,
 detached/attached lifecycles across processes, timers, ``replace``, crash reporting,
-labels, 20 create/remove cycles that leave nothing behind, the async flavour, and the
-sync twin's signatures.
+labels, 20 create/remove cycles that leave nothing behind and the async flavour (the sync
+twin's signatures: test_sync_twins.py).
 
 The module runs with its own ``MICROVM_HOME`` and its own ``TMPDIR`` (the supervisors,
 QEMU and virtiofsd inherit both), so every leftover check can be exact. Sandbox names
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import inspect
 import os
 import re
 import secrets as _secrets
@@ -34,11 +33,8 @@ import rootfs
 from microvm import AsyncSandbox, Sandbox
 from microvm.errors import AgentError, SandboxExists, SandboxNotFound, SandboxNotRunning
 from microvm.kernel import Kernel
-from microvm.sandbox.asandbox import AsyncSandboxNetwork
-from microvm.sandbox.exec import AsyncExecHandle, AsyncExecStdin
-from microvm.sandbox.fs import AsyncSandboxFs
+from microvm.sandbox.exec import AsyncExecHandle
 from microvm.sandbox.paths import SandboxPaths
-from microvm.sandbox.sandbox import ExecHandle, ExecStdin, SandboxFs, SandboxNetwork
 from microvm.sandbox.state import process_alive
 from rootfs import Patch
 from tests.support import require_binaries
@@ -610,69 +606,4 @@ def test_async_sandbox(env: Env, cleanup: Callable[[str], str], tmp_path: Path) 
     assert not SandboxPaths.of(name).dir.exists()
 
 
-# -- 9: the sync twin ----------------------------------------------------------------------------
-_TWINS = [(Sandbox, AsyncSandbox), (SandboxFs, AsyncSandboxFs), (ExecHandle, AsyncExecHandle),
-          (ExecStdin, AsyncExecStdin), (SandboxNetwork, AsyncSandboxNetwork)]
-_PLAIN = ("default_command", "info", "logs", "evaluate", "explain")
-_DUNDER_TWINS = {"__enter__": "__aenter__", "__exit__": "__aexit__"}
-
-
-def _norm(annotation: Any) -> str:
-    """An annotation with the async/sync differences removed (annotations are strings
-    under ``from __future__ import annotations``)."""
-    text = annotation if isinstance(annotation, str) else repr(annotation)
-    text = text.replace("builtins.", "")
-    text = re.sub(r"\bAsyncIterator\b", "Iterator", text)
-    return re.sub(r"\bAsync(Sandbox\w*|ExecHandle|ExecStdin)\b", r"\1", text)
-
-
-def _public(cls: type) -> set[str]:
-    return {n for n in vars(cls) if not n.startswith("_")} | (
-        {n for n in vars(cls) if n in _DUNDER_TWINS or n in _DUNDER_TWINS.values()})
-
-
-@pytest.mark.parametrize(("sync_cls", "async_cls"), _TWINS,
-                         ids=[s.__name__ for s, _ in _TWINS])
-def test_sync_twin_has_the_async_signatures(sync_cls: type, async_cls: type) -> None:
-    sync_names = {n for n in _public(sync_cls) if not n.startswith("__")}
-    async_names = {n for n in _public(async_cls) if not n.startswith("__")}
-    assert sync_names == async_names, (sync_names ^ async_names)
-    pairs = [(n, n) for n in sorted(sync_names)]
-    pairs += [(s, a) for s, a in _DUNDER_TWINS.items() if s in vars(sync_cls)
-              or a in vars(async_cls)]
-    for s_name, a_name in pairs:
-        s_attr = inspect.getattr_static(sync_cls, s_name)
-        a_attr = inspect.getattr_static(async_cls, a_name)
-        assert type(s_attr) is type(a_attr), (s_name, type(s_attr), type(a_attr))
-        if isinstance(s_attr, property):
-            assert isinstance(a_attr, property)
-            assert s_attr.fget is not None and a_attr.fget is not None
-            s_fn, a_fn = s_attr.fget, a_attr.fget
-        else:
-            s_fn, a_fn = getattr(sync_cls, s_name), getattr(async_cls, a_name)
-            raw = a_attr.__func__ if isinstance(a_attr, classmethod | staticmethod) else a_attr
-            s_raw = s_attr.__func__ if isinstance(s_attr, classmethod | staticmethod) else s_attr
-            assert not inspect.iscoroutinefunction(s_raw) and not inspect.isasyncgenfunction(
-                s_raw), f"{sync_cls.__name__}.{s_name} must block, not be async"
-            if not (inspect.iscoroutinefunction(raw) or inspect.isasyncgenfunction(raw)):
-                # the few plain helpers (no I/O through the supervisor) stay plain in both
-                assert s_name in _PLAIN, \
-                    f"{async_cls.__name__}.{a_name} is neither async nor a known plain helper"
-        ss, sa = inspect.signature(s_fn), inspect.signature(a_fn)
-        s_params = [(p.name, p.kind, p.default, _norm(p.annotation))
-                    for p in ss.parameters.values()]
-        a_params = [(p.name, p.kind, p.default, _norm(p.annotation))
-                    for p in sa.parameters.values()]
-        assert s_params == a_params, f"{sync_cls.__name__}.{s_name}: {ss} != {sa}"
-        assert _norm(ss.return_annotation) == _norm(sa.return_annotation), \
-            f"{sync_cls.__name__}.{s_name} returns {ss.return_annotation}, " \
-            f"async {sa.return_annotation}"
-
-
-def test_twins_are_exported() -> None:
-    import microvm
-    import microvm.sandbox as pkg
-
-    for s, a in [*_TWINS[:3], _TWINS[4]]:
-        assert getattr(pkg, s.__name__) is s and getattr(pkg, a.__name__) is a
-    assert microvm.Sandbox is Sandbox and microvm.AsyncSandbox is AsyncSandbox
+# -- 9: the sync twin: tests/microvm/test_sync_twins.py (no guest needed) ---------------------

@@ -87,7 +87,7 @@ def test_failures_are_typed(sync_client: SyncAgentClient, tmp_path: Path) -> Non
 
 
 async def _raw_exec(c: SyncAgentClient, payload: dict[str, object]) -> None:
-    from microvm.agent.client import ExecProcess
+    from microvm.agent import ExecProcess
 
     await ExecProcess(c.client, payload, None).start()
 

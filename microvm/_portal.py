@@ -1,0 +1,233 @@
+"""The project's one way to offer a blocking API over an asyncio core: a :class:`Portal`.
+
+Every I/O class in ``microvm`` is written once, in asyncio (``AgentClient``,
+``AsyncSandbox``, ``Machine.astart``). Its blocking twin (``SyncAgentClient``,
+``Sandbox``, ``Machine.start``) owns a portal: a private event loop running in a
+daemon thread. Each blocking method has the async method's signature written out
+in full (so type checkers see every parameter; tests compare the two) and its
+body is one line, ``return self._portal.run(self._inner.method(...))``. The
+logic lives only in the async code; the twin holds no state of its own.
+
+Why a loop thread and not ``asyncio.run`` per call: the async objects are long
+lived (a connection has a reader task, a sandbox its relay), so they need a loop
+that outlives any one call. Why not generated code (httpcore's ``unasync``):
+our async objects hold live tasks, and a second, blocking-socket implementation
+would be the duplicate this module exists to avoid. The model is anyio's
+``BlockingPortal``, without the dependency.
+
+Rules of the pattern:
+
+* one portal per top-level handle (a client, a sandbox, a machine); objects handed
+  out by it (an exec handle, an fs view) share their owner's portal;
+* ``run`` must not be called from the portal's own thread (it would deadlock):
+  it raises :class:`RuntimeError` instead;
+* a ``KeyboardInterrupt`` (or any exception) raised in the caller's thread while it
+  waits cancels the coroutine and waits (at most ``cancel_grace`` seconds) for its
+  cleanup (``except``/``finally`` blocks), then propagates;
+* ``close`` cancels what still runs, stops the loop and joins the thread; it is idempotent. A handle that
+  may be dropped without ``close`` registers its own ``atexit`` cleanup.
+
+Code that may not import ``microvm`` (``netstack``, ``tls_proxy``) mirrors this
+class rather than inventing another mechanism.
+
+Example::
+
+    >>> import asyncio
+    >>> from microvm._portal import Portal
+    >>> async def add(a: int, b: int) -> int:
+    ...     await asyncio.sleep(0)
+    ...     return a + b
+    >>> with Portal("example") as portal:
+    ...     portal.run(add(1, 2))
+    3
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from concurrent.futures import Future
+from types import TracebackType
+from typing import Any, TypeVar
+
+__all__ = ["Portal", "run_once"]
+
+T = TypeVar("T")
+
+
+class Portal:
+    """A private asyncio loop in a daemon thread; :meth:`run` blocks on one coroutine.
+
+    ``name`` names the thread (``microvm-<name>``). ``cancel_grace`` bounds how long an
+    interrupted :meth:`run` waits for the cancelled coroutine's cleanup.
+
+    Example::
+
+        >>> import asyncio
+        >>> portal = Portal("doc")
+        >>> portal.run(asyncio.sleep(0, result="done"))
+        'done'
+        >>> portal.close(); portal.closed
+        True
+    """
+
+    def __init__(self, name: str = "portal", *, cancel_grace: float = 30.0) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"portal name must be a non-empty str, got {name!r}")
+        if not isinstance(cancel_grace, int | float) or cancel_grace < 0:
+            raise ValueError(f"cancel_grace must be >= 0 seconds, got {cancel_grace!r}")
+        self.cancel_grace = float(cancel_grace)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=f"microvm-{name}",
+                                       daemon=True)
+        self.thread.start()
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` stopped the loop.
+
+        Example::
+
+            >>> p = Portal("doc"); p.closed
+            False
+            >>> p.close(); p.closed
+            True
+        """
+        return self.loop.is_closed()
+
+    def run(self, aw: Awaitable[T], timeout: float | None = None) -> T:
+        """Run ``aw`` on the portal's loop and block until it finishes; its result or exception.
+
+        ``timeout`` (seconds, None: no limit) raises :class:`TimeoutError` once passed, after
+        cancelling ``aw`` like an interrupt does. Raises :class:`RuntimeError` when called
+        from the portal's own thread or after :meth:`close`.
+
+        Example::
+
+            >>> import asyncio
+            >>> with Portal("doc") as p:
+            ...     p.run(asyncio.sleep(0, result=42))
+            42
+        """
+        refused = ("Portal.run called from the portal's own loop thread: await instead"
+                   if threading.current_thread() is self.thread else
+                   "Portal.run after close(): the handle is closed" if self.loop.is_closed()
+                   else None)
+        if refused is not None:
+            if asyncio.iscoroutine(aw):
+                aw.close()   # not "never awaited"
+            raise RuntimeError(refused)
+        finished = threading.Event()
+
+        async def runner() -> T:
+            try:
+                return await aw
+            finally:
+                finished.set()
+
+        fut: Future[T] | None = None
+        try:
+            fut = asyncio.run_coroutine_threadsafe(runner(), self.loop)
+            return fut.result(timeout)
+        except BaseException:
+            if fut is not None and not fut.done():
+                # interrupted while waiting (KeyboardInterrupt, timeout): cancel the coroutine, let
+                # its except/finally blocks run (kill a half-booted VMM, close a socket)
+                fut.cancel()
+                finished.wait(self.cancel_grace)
+            raise
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        """Start ``coro`` on the loop without waiting; its ``concurrent.futures.Future``.
+
+        Example::
+
+            >>> import asyncio
+            >>> with Portal("doc") as p:
+            ...     p.submit(asyncio.sleep(0, result=7)).result(5)
+            7
+        """
+        if self.loop.is_closed():
+            coro.close()
+            raise RuntimeError("Portal.submit after close(): the handle is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run_in_loop(self, fn: Callable[[], T]) -> T:
+        """Run a plain callable on the loop thread (for loop-bound, non-async calls such as a
+        transport's ``pause_reading``) and return its result.
+
+        Example::
+
+            >>> with Portal("doc") as p:
+            ...     p.run_in_loop(lambda: 6 * 7)
+            42
+        """
+        async def wrap() -> T:
+            return fn()
+
+        return self.run(wrap())
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Cancel and await what still runs on the loop, stop it and join its thread
+        (idempotent; at most about ``timeout`` seconds).
+
+        Example::
+
+            >>> p = Portal("doc"); p.close(); p.close()
+        """
+        if self.loop.is_closed():
+            return
+        if self.loop.is_running():
+            if threading.current_thread() is self.thread:
+                self.loop.stop()   # from a callback on the loop itself: no waiting here
+                return
+            try:
+                with contextlib.suppress(Exception):   # a task that would not end: stop anyway
+                    asyncio.run_coroutine_threadsafe(self._shutdown(), self.loop).result(timeout)
+            finally:
+                self.loop.call_soon_threadsafe(self.loop.stop)
+                self.thread.join(timeout)
+        if not self.loop.is_running():
+            self.loop.close()
+
+    async def _shutdown(self) -> None:
+        """Cancel and await every other task (nothing left pending when the loop stops:
+        no "Task was destroyed but it is pending!"), then close async generators."""
+        me = asyncio.current_task()
+        for _ in range(3):   # a cancelled task may start a cleanup task of its own
+            tasks = [t for t in asyncio.all_tasks() if t is not me]
+            if not tasks:
+                break
+            for t in tasks:
+                t.cancel()
+            await asyncio.wait(tasks, timeout=5)
+        await asyncio.sleep(0)   # let transports run their connection_lost callbacks
+        await self.loop.shutdown_asyncgens()
+
+    def __enter__(self) -> Portal:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Portal({self.thread.name!r}, closed={self.closed})"
+
+
+def run_once(coro: Coroutine[Any, Any, T], name: str = "portal") -> T:
+    """Run one coroutine on a throwaway portal (a class-level call with no handle yet).
+
+    Example::
+
+        >>> import asyncio
+        >>> run_once(asyncio.sleep(0, result="ok"))
+        'ok'
+    """
+    portal = Portal(name)
+    try:
+        return portal.run(coro)
+    finally:
+        portal.close()
