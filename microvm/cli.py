@@ -194,7 +194,9 @@ def _dest_ok(ctx: click.Context, param: click.Parameter, value: Path | None) -> 
     callback=_dest_ok,
     help="target directory (default $MICROVM_HOME/kernel)",
 )
-@click.option("--source", type=click.Choice(["auto", "system", "debian", "wheel"]), default="auto")
+@click.option("--source", type=click.Choice(["auto", "system", "debian", "wheel"]), default="auto",
+              show_default=True, help="where libkrunfw comes from (auto: the system library, "
+                                      "then Debian's package, then the PyPI wheel)")
 @click.option("--force", is_flag=True, help="fetch again even if present")
 def kernel_fetch(dest: Path | None, source: str, force: bool) -> None:
     """Fetch libkrunfw (pinned sha256) and write the PVH ELF QEMU boots.
