@@ -1,8 +1,8 @@
 """``python -m netstack serve ...``: see :mod:`netstack.serve`.
 
->>> from netstack.serve import build_parser
->>> build_parser().prog
-'python -m netstack'
+>>> from netstack.serve import cli
+>>> sorted(cli.commands)
+['serve']
 """
 
 from netstack.serve import main

@@ -21,14 +21,16 @@ re-reads the policy file and swaps it in atomically (:meth:`netstack.Gateway.rel
 a bad file is logged and the old policy kept); ``SIGTERM``/``SIGINT`` or the VMM hanging
 up end the process, after which everything it created is gone.
 
->>> build_parser().parse_args(["serve", "--socket", "/tmp/n.sock", "--policy", "p.json"]
-...                           ).transport
+>>> ServeOptions("/tmp/n.sock", "p.json").transport
 'stream'
+
+Command line (click): ``python -m netstack serve --socket PATH --policy FILE [--uplink
+tap|passt] [--transport stream|dgram|tap] [--pcap FILE] [--publish HOST:GUEST[/udp]]...
+[--dns RESOLVER]... [--mtu N]``; ``--help`` shows an example.
 """
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import json
 import logging
@@ -43,6 +45,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+import click
 
 from netstack.errors import GatewayError, PolicyError, UplinkError
 from netstack.gateway import (
@@ -387,47 +391,77 @@ def dns_rcode(frame: bytes) -> str | None:
         return None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m netstack`` argument parser.
+_SERVE_EPILOG = """\b
+Example:
+  python -m netstack serve --socket net.sock --policy policy.json \\
+      --uplink passt --publish 8080:80 > guest.json &
+  qemu-system-x86_64 ... -netdev stream,id=n0,server=off,addr.type=unix,\\
+      addr.path=net.sock -device virtio-net-pci,netdev=n0,mac=<guest.json's mac>
+"""
 
-    >>> build_parser().parse_args(["serve", "--socket", "s", "--policy", "p",
-    ...                            "--publish", "8080:80"]).publish
-    ['8080:80']
+
+@click.group(name="netstack", epilog=_SERVE_EPILOG,
+             context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """netstack's command line: serve runs the policy-enforcing gateway for one VMM."""
+
+
+@cli.command("serve", epilog=_SERVE_EPILOG)
+@click.option("--socket", "socket_", required=True, metavar="PATH",
+              help="unix socket path the VMM connects to (with --transport tap: the "
+                   "TAP device name the VMM opens)")
+@click.option("--policy", required=True, metavar="FILE",
+              help="NetworkPolicy JSON file (SIGHUP re-reads it)")
+@click.option("--uplink", default="auto", show_default=True, metavar="tap|passt",
+              help="tap (root) or passt (auto: tap as root, else passt)")
+@click.option("--transport", default="stream", show_default=True,
+              metavar="stream|dgram|tap", help="how the VMM's network device reaches us")
+@click.option("--pcap", default=None, metavar="FILE",
+              help="record every frame with its verdict here (pcapng)")
+@click.option("--publish", multiple=True, metavar="HOST:GUEST[/udp]",
+              help="publish a guest port on the host's 127.0.0.1 (repeatable)")
+@click.option("--dns", multiple=True, metavar="RESOLVER",
+              help="upstream resolver of the DNS forwarder (repeatable; default: "
+                   "resolv.conf)")
+@click.option("--mtu", type=int, default=None,
+              help="guest link MTU (default 65520, 1500 with --transport tap)")
+def serve_command(socket_: str, policy: str, uplink: str, transport: str, pcap: str | None,
+                  publish: tuple[str, ...], dns: tuple[str, ...], mtu: int | None) -> int:
+    """Run the policy-enforcing gateway for one VMM's network device until SIGTERM/SIGINT
+    or the VMM hangs up; prints the guest configuration as one JSON line.
     """
-    p = argparse.ArgumentParser(prog="python -m netstack")
-    sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="the policy-enforcing gateway for a VMM's network device")
-    s.add_argument("--socket", required=True,
-                   help="unix socket path the VMM connects to (with --transport tap: the "
-                        "TAP device name the VMM opens)")
-    s.add_argument("--policy", required=True, help="NetworkPolicy JSON file (SIGHUP re-reads)")
-    s.add_argument("--uplink", default="auto", help="tap (root) or passt (default: tap as "
-                                                      "root, else passt)")
-    s.add_argument("--transport", default="stream", help="stream, dgram or tap")
-    s.add_argument("--pcap", default=None, help="record every frame with its verdict here")
-    s.add_argument("--publish", action="append", default=[], metavar="HOST:GUEST[/udp]",
-                   help="publish a guest port on the host's 127.0.0.1 (repeatable)")
-    s.add_argument("--dns", action="append", default=[], metavar="RESOLVER",
-                   help="upstream resolver of the DNS forwarder (default: resolv.conf)")
-    s.add_argument("--mtu", type=int, default=None,
-                   help="guest link MTU (default 65520, 1500 with --transport tap)")
-    return p
+    opts = ServeOptions(socket=socket_, policy=policy, uplink=uplink, transport=transport,
+                        pcap=pcap, publish=list(publish), dns=list(dns), mtu=mtu)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
+    return serve(opts)
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(ln.strip() for ln in text.splitlines() if ln.strip())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m netstack``; typed errors become one line and exit 2.
+    """Entry point of ``python -m netstack``: returns the exit status; a bad argument or
+    policy is one line on stderr and exit status 2 (no traceback).
 
     >>> main(["serve", "--socket", "s", "--policy", "/nonexistent.json", "--uplink", "x"])
-    netstack serve: --uplink must be tap or passt, got 'x'
+    2
+    >>> main(["serve", "--socket", "s"])
     2
     """
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stderr)
-    opts = ServeOptions(socket=args.socket, policy=args.policy, uplink=args.uplink,
-                        transport=args.transport, pcap=args.pcap, publish=args.publish,
-                        dns=args.dns, mtu=args.mtu)
     try:
-        return serve(opts)
-    except (GatewayError, PolicyError) as e:
-        print(f"netstack serve: {e}", file=sys.stdout if argv is not None else sys.stderr)
+        rv = cli.main(args=list(argv) if argv is not None else None,
+                      prog_name="python -m netstack", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as e:
+        click.echo(e.ctx.get_help() if e.ctx else str(e), err=True)
         return 2
+    except click.UsageError as e:
+        hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+        print(f"netstack serve: {_one_line(e.format_message())}{hint}", file=sys.stderr)
+        return 2
+    except click.exceptions.Abort:
+        return 130
+    except (GatewayError, PolicyError) as e:
+        print(f"netstack serve: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+    return rv if isinstance(rv, int) else 0
