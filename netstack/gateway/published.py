@@ -14,6 +14,15 @@ logged), then sent to the guest from a per-peer socket opened inside the uplink
 namespace; the guest's replies to that socket go back to that peer. A peer idle for
 ``udp_idle_timeout`` (60 s) loses its relay socket.
 
+Everything runs on one asyncio event loop in a daemon thread
+(:class:`~netstack.gateway._loop_thread.LoopThread`; callers stay synchronous). It is
+bounded: at most ``max_connections`` TCP relays at once (more clients wait in the
+listener's backlog: they are accepted as relays finish, none is refused), at most
+``max_udp_peers`` UDP peers with a relay socket (a new peer's datagrams beyond that are
+dropped and counted, ``udp_dropped``); a relay reads from one side only as fast as the
+other side takes the data. The counters (:attr:`PortPublisher.stats`) change only on the
+loop and are read as one consistent snapshot.
+
 >>> PublishedPort.parse("8080:80")
 PublishedPort(host_port=8080, guest_port=80, protocol='tcp', bind='127.0.0.1')
 >>> PublishedPort.parse((0, 22)).host_port
@@ -24,18 +33,20 @@ PublishedPort(host_port=8080, guest_port=80, protocol='tcp', bind='127.0.0.1')
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
 import logging
 import socket
 import struct
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Final
 
 from netstack.errors import GatewayError
 from netstack.flow import Decision, Flow
+from netstack.gateway._loop_thread import LoopThread
 
 log = logging.getLogger("netstack.gateway")
 
@@ -94,230 +105,395 @@ class PublishedPort:
                            f"PublishedPort, got {value!r}")
 
 
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while True:
-            data = src.recv(65536)
-            if not data:
-                break
-            dst.sendall(data)
-    except OSError:
-        pass
-    finally:
-        try:
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+#: the counters of :attr:`PortPublisher.stats`
+STAT_KEYS: Final = ("accepted", "denied", "failed", "udp_forwarded", "udp_denied",
+                    "udp_replies", "udp_peers_expired", "udp_dropped")
+_CHUNK: Final = 65536
+_RST: Final = struct.pack("ii", 1, 0)   # SO_LINGER on, 0 s: close() sends a RST
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with a RST (a refused connection)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RST)
+    sock.close()
+
+
+async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    """Copy until EOF (then half-close ``dst``); reads wait while ``dst`` is full."""
+    while True:
+        data = await src.read(_CHUNK)
+        if not data:
+            if dst.can_write_eof() and not dst.is_closing():
+                dst.write_eof()
+            return
+        dst.write(data)
+        await dst.drain()
+
+
+class _UdpRelay:
+    """One host peer's socket in the uplink namespace, connected to the guest port."""
+
+    __slots__ = ("last_seen", "peer", "sock")
+
+    def __init__(self, sock: socket.socket, peer: tuple[str, int], now: float) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.last_seen = now
+
+
+class _UdpFront(asyncio.DatagramProtocol):
+    """The host socket of one UDP mapping and its per-peer relays."""
+
+    def __init__(self, publisher: PortPublisher, mapping: PublishedPort) -> None:
+        self.publisher = publisher
+        self.mapping = mapping
+        self.transport: asyncio.DatagramTransport | None = None
+        self.relays: dict[tuple[str, int], _UdpRelay] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.publisher._udp_datagram(self, data, (str(addr[0]), int(addr[1])))
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("published port -> guest %s/udp: %s", self.mapping.guest_port, exc)
+
+    def drop(self, peer: tuple[str, int]) -> None:
+        relay = self.relays.pop(peer, None)
+        if relay is not None:
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(relay.sock.fileno())
+            relay.sock.close()
+
+    def close(self) -> None:
+        for peer in list(self.relays):
+            self.drop(peer)
+        if self.transport is not None:
+            self.transport.close()
 
 
 class PortPublisher:
-    """The listeners and relays of a gateway's published ports.
+    """The listeners and relays of a gateway's published ports (see the module docstring).
 
     ``socket_factory``: the uplink's ``socket(family, kind)`` (connections to the guest
-    are opened with it, in the uplink's namespace).
+    are opened with it, in the uplink's namespace). ``check``: the ingress check of
+    every connection and datagram (``policy.evaluate``; may be replaced while running).
+    The listeners are bound before the constructor returns (a port in use raises
+    :class:`~netstack.errors.GatewayError`); :meth:`close` stops everything.
 
-    >>> PortPublisher(uplink.socket, "172.16.0.2", [], policy.evaluate).ports  # doctest: +SKIP
-    {}
+    Here the "guest" is a server on the host's loopback (``socket.socket`` as the
+    factory), which needs no root:
+
+    >>> import socket
+    >>> from netstack import NetworkPolicy
+    >>> server = socket.create_server(("127.0.0.1", 0))
+    >>> pub = PortPublisher(socket.socket, "127.0.0.1",
+    ...                     [PublishedPort(0, server.getsockname()[1])],
+    ...                     NetworkPolicy.allow_all().evaluate)
+    >>> client = socket.create_connection(("127.0.0.1", next(iter(pub.ports.values()))))
+    >>> conn, _ = server.accept(); client.sendall(b"ping"); conn.recv(4)
+    b'ping'
+    >>> client.close(); conn.close(); pub.close(); server.close()
+    >>> pub.stats["accepted"]
+    1
     """
 
     def __init__(self, socket_factory: SocketFactory, guest_ip: str,
                  mappings: list[PublishedPort], check: IngressCheck,
-                 connect_timeout: float = 5.0, udp_idle_timeout: float = 60.0) -> None:
+                 connect_timeout: float = 5.0, udp_idle_timeout: float = 60.0, *,
+                 max_connections: int = 256, max_udp_peers: int = 256) -> None:
+        if not callable(socket_factory):
+            raise GatewayError(f"socket_factory must be callable like uplink.socket, got "
+                               f"{socket_factory!r}")
+        try:
+            guest = ipaddress.IPv4Address(guest_ip)
+        except (ValueError, TypeError):
+            raise GatewayError(f"guest_ip must be an IPv4 address, got {guest_ip!r}") from None
+        if not callable(check):
+            raise GatewayError(f"check must be callable like policy.evaluate, got {check!r}")
+        for name, value in (("connect_timeout", connect_timeout),
+                            ("udp_idle_timeout", udp_idle_timeout)):
+            if isinstance(value, bool) or not isinstance(value, int | float) \
+                    or not 0 < value <= 86400:
+                raise GatewayError(f"{name} must be seconds in (0, 86400], got {value!r}")
+        for name, value in (("max_connections", max_connections),
+                            ("max_udp_peers", max_udp_peers)):
+            if isinstance(value, bool) or not isinstance(value, int) \
+                    or not 1 <= value <= 65536:
+                raise GatewayError(f"{name} must be an int in 1..65536, got {value!r}")
+        parsed = [PublishedPort.parse(m) for m in mappings]
         self.socket_factory = socket_factory
-        self.guest_ip = guest_ip
+        self.guest_ip = str(guest)
         self.check = check
-        self.connect_timeout = connect_timeout
-        self.udp_idle_timeout = udp_idle_timeout
-        self.stats = {"accepted": 0, "denied": 0, "failed": 0, "udp_forwarded": 0,
-                      "udp_denied": 0, "udp_replies": 0, "udp_peers_expired": 0}
+        self.connect_timeout = float(connect_timeout)
+        self.udp_idle_timeout = float(udp_idle_timeout)
+        self.max_connections = max_connections
+        self.max_udp_peers = max_udp_peers
         self.ports: dict[int, int] = {}   # guest port -> bound host port (TCP)
         self.udp_ports: dict[int, int] = {}  # guest port -> bound host port (UDP)
-        self._stop = threading.Event()
-        self._listeners: list[socket.socket] = []
-        self._threads: list[threading.Thread] = []
-        self._conns: set[socket.socket] = set()
-        self._lock = threading.Lock()
+        self._stats = dict.fromkeys(STAT_KEYS, 0)
+        self._stats_lock = threading.Lock()
+        self._listeners: list[tuple[socket.socket, PublishedPort]] = []
+        self._fronts: list[_UdpFront] = []
+        self._relays: set[asyncio.Task[None]] = set()
+        self._tasks: list[asyncio.Task[None]] = []   # accept loops, the UDP sweep
+        self._slots = asyncio.Semaphore(max_connections)
+        self._portal = LoopThread("publish", on_close=self._shutdown)
         try:
-            for m in mappings:
-                family = socket.AF_INET6 if ":" in m.bind else socket.AF_INET
-                if m.protocol == "udp":
-                    self._start_udp(family, m)
-                    continue
-                srv = socket.socket(family, socket.SOCK_STREAM)
-                srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    srv.bind((m.bind, m.host_port))
-                except OSError as e:
-                    srv.close()
-                    raise GatewayError(f"cannot publish {m.bind}:{m.host_port} -> guest "
-                                       f"{m.guest_port}: {e}") from e
-                srv.listen(128)
-                srv.settimeout(0.2)
-                self._listeners.append(srv)
-                self.ports[m.guest_port] = int(srv.getsockname()[1])
-                t = threading.Thread(target=self._accept, args=(srv, m), daemon=True,
-                                     name=f"netstack-publish-{m.guest_port}")
-                t.start()
-                self._threads.append(t)
+            for m in parsed:
+                self._listeners.append((self._bind(m), m))
+            self._portal.start()
+            self._portal.call(self._start())
         except BaseException:
             self.close()
             raise
 
-    def _start_udp(self, family: socket.AddressFamily, m: PublishedPort) -> None:
-        srv = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            srv.bind((m.bind, m.host_port))
-        except OSError as e:
-            srv.close()
-            raise GatewayError(f"cannot publish {m.bind}:{m.host_port}/udp -> guest "
-                               f"{m.guest_port}: {e}") from e
-        srv.settimeout(0.2)
-        self._listeners.append(srv)
-        self.udp_ports[m.guest_port] = int(srv.getsockname()[1])
-        t = threading.Thread(target=self._udp_serve, args=(srv, m), daemon=True,
-                             name=f"netstack-publish-udp-{m.guest_port}")
-        t.start()
-        self._threads.append(t)
+    # -- the synchronous surface ---------------------------------------------------------
+    @property
+    def stats(self) -> dict[str, int]:
+        """A consistent snapshot of the counters (:data:`STAT_KEYS`).
 
-    def _udp_serve(self, srv: socket.socket, m: PublishedPort) -> None:
-        """Datagrams from host peers -> the guest, one relay socket per peer."""
-        relays: dict[tuple[str, int], list[Any]] = {}   # peer -> [socket, last seen]
-        last_sweep = time.monotonic()
-        try:
-            while not self._stop.is_set():
-                now = time.monotonic()
-                if now - last_sweep > 1.0:
-                    last_sweep = now
-                    for peer, (sock, seen) in list(relays.items()):
-                        if now - seen > self.udp_idle_timeout:
-                            del relays[peer]
-                            sock.close()   # its reply thread ends
-                            self.stats["udp_peers_expired"] += 1
-                try:
-                    data, addr = srv.recvfrom(65535)
-                except TimeoutError:
-                    continue
-                except OSError:
-                    return
-                peer = (str(addr[0]), int(addr[1]))
-                decision = self.check(Flow("ingress", "udp", peer[0], m.guest_port))
-                if decision.action != "allow":
-                    self.stats["udp_denied"] += 1
-                    log.info("published port %s:%s/udp -> guest %s: datagram from %s denied "
-                             "(%s)", m.bind, self.udp_ports.get(m.guest_port), m.guest_port,
-                             peer[0], decision.reason)
-                    continue
-                relay = relays.get(peer)
-                if relay is None:
-                    try:
-                        sock = self._udp_socket(m.guest_port)
-                    except (OSError, GatewayError) as e:   # GatewayError: uplink closed
-                        self.stats["failed"] += 1
-                        log.info("published port -> guest %s/udp: %s", m.guest_port, e)
-                        continue
-                    relay = relays[peer] = [sock, now]
-                    threading.Thread(target=self._udp_replies, args=(sock, srv, addr),
-                                     daemon=True, name="netstack-publish-udp-peer").start()
-                relay[1] = now
-                try:
-                    relay[0].send(data)
-                    self.stats["udp_forwarded"] += 1
-                except OSError as e:
-                    log.info("published port -> guest %s/udp: %s", m.guest_port, e)
-        finally:
-            for sock, _ in relays.values():
-                sock.close()
-
-    def _udp_socket(self, port: int) -> socket.socket:
-        sock = self.socket_factory(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            sock.connect((self.guest_ip, port))
-        except OSError:
-            sock.close()
-            raise
-        sock.settimeout(0.5)
-        return sock
-
-    def _udp_replies(self, sock: socket.socket, srv: socket.socket, addr: Any) -> None:
-        """The guest's replies to one peer's relay socket go back to that peer."""
-        while not self._stop.is_set():
-            try:
-                data = sock.recv(65535)
-            except TimeoutError:
-                continue
-            except OSError:   # closed (idle peer, shutdown) or ICMP error from the guest
-                if sock.fileno() == -1:
-                    return
-                continue
-            try:
-                srv.sendto(data, addr)
-                self.stats["udp_replies"] += 1
-            except OSError:
-                return
-
-    def _accept(self, srv: socket.socket, m: PublishedPort) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, peer = srv.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn, str(peer[0]), m), daemon=True,
-                             name="netstack-publish-conn").start()
-
-    def _serve(self, conn: socket.socket, peer: str, m: PublishedPort) -> None:
-        decision = self.check(Flow("ingress", "tcp", peer, m.guest_port))
-        if decision.action != "allow":
-            self.stats["denied"] += 1
-            log.info("published port %s:%s -> guest %s: connection from %s denied (%s)",
-                     m.bind, self.ports.get(m.guest_port), m.guest_port, peer, decision.reason)
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            conn.close()  # RST
-            return
-        try:
-            guest = self._connect(m.guest_port)
-        except (OSError, GatewayError) as e:   # GatewayError: the uplink is closed
-            self.stats["failed"] += 1
-            log.info("published port -> guest %s: cannot reach the guest: %s", m.guest_port, e)
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            conn.close()
-            return
-        self.stats["accepted"] += 1
-        with self._lock:
-            self._conns.update((conn, guest))
-        a = threading.Thread(target=_pump, args=(conn, guest), daemon=True)
-        a.start()
-        _pump(guest, conn)
-        a.join()
-        with self._lock:
-            self._conns.difference_update((conn, guest))
-        conn.close()
-        guest.close()
-
-    def _connect(self, port: int) -> socket.socket:
-        sock = self.socket_factory(socket.AF_INET, socket.SOCK_STREAM)
-        sock.settimeout(self.connect_timeout)
-        try:
-            sock.connect((self.guest_ip, port))
-        except OSError:
-            sock.close()
-            raise
-        sock.settimeout(None)
-        return sock
+        >>> from netstack import NetworkPolicy
+        >>> pub = PortPublisher(socket.socket, "127.0.0.1", [], NetworkPolicy.none().evaluate)
+        >>> pub.stats["accepted"], pub.stats["udp_dropped"]
+        (0, 0)
+        >>> pub.close()
+        """
+        with self._stats_lock:
+            return dict(self._stats)
 
     def close(self) -> None:
-        """Stop listening and cut every relayed connection (idempotent)."""
-        self._stop.set()
-        for srv in self._listeners:
+        """Stop listening and cut every relayed connection (idempotent).
+
+        >>> from netstack import NetworkPolicy
+        >>> pub = PortPublisher(socket.socket, "127.0.0.1", [], NetworkPolicy.none().evaluate)
+        >>> pub.close(); pub.close()
+        """
+        self._portal.close()
+        for srv, _ in self._listeners:   # bound but never served (a failed start)
             srv.close()
-        with self._lock:
-            conns = list(self._conns)
-        for c in conns:
+
+    def __enter__(self) -> PortPublisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- setup (caller's thread, then the loop) ------------------------------------------
+    def _bind(self, m: PublishedPort) -> socket.socket:
+        family = socket.AF_INET6 if ":" in m.bind else socket.AF_INET
+        kind = socket.SOCK_DGRAM if m.protocol == "udp" else socket.SOCK_STREAM
+        srv = socket.socket(family, kind)
+        try:
+            if kind == socket.SOCK_STREAM:
+                srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            srv.bind((m.bind, m.host_port))
+            if kind == socket.SOCK_STREAM:
+                srv.listen(128)
+        except OSError as e:
+            srv.close()
+            suffix = "/udp" if m.protocol == "udp" else ""
+            raise GatewayError(f"cannot publish {m.bind}:{m.host_port}{suffix} -> guest "
+                               f"{m.guest_port}: {e}") from e
+        srv.setblocking(False)
+        (self.udp_ports if m.protocol == "udp" else self.ports)[m.guest_port] = \
+            int(srv.getsockname()[1])
+        return srv
+
+    async def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for srv, m in self._listeners:
+            if m.protocol == "udp":
+                front = _UdpFront(self, m)
+                await loop.create_datagram_endpoint(lambda f=front: f, sock=srv)  # type: ignore[misc]
+                self._fronts.append(front)
+            else:
+                self._tasks.append(loop.create_task(self._accept_loop(srv, m),
+                                                    name=f"publish-{m.guest_port}"))
+        if self._fronts:
+            self._tasks.append(loop.create_task(self._sweep(), name="publish-udp-sweep"))
+
+    async def _shutdown(self) -> None:
+        """On the loop, first thing in :meth:`close`: no new work, relays cut."""
+        tasks = [*self._tasks, *self._relays]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for front in self._fronts:
+            front.close()
+        for srv, _ in self._listeners:
+            srv.close()
+
+    def _count(self, key: str) -> None:
+        with self._stats_lock:
+            self._stats[key] += 1
+
+    def _decide(self, flow: Flow) -> Decision:
+        try:
+            return self.check(flow)
+        except Exception as e:   # a broken check denies, it never kills the listener
+            log.error("published port ingress check failed for %s: %s; denying", flow, e)
+            return Decision("deny", None, f"ingress check failed: {e}")
+
+    # -- TCP -------------------------------------------------------------------------------
+    async def _accept_loop(self, srv: socket.socket, m: PublishedPort) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._slots.acquire()   # at most max_connections: the rest wait in the backlog
             try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for t in self._threads:
-            t.join(2)
-        self._listeners.clear()
+                conn, peer = await loop.sock_accept(srv)
+            except OSError as e:   # out of file descriptors, say: keep the listener
+                self._slots.release()
+                log.warning("published port %s:%s -> guest %s: accept failed: %s", m.bind,
+                            self.ports.get(m.guest_port), m.guest_port, e)
+                await asyncio.sleep(0.1)
+                continue
+            except BaseException:
+                self._slots.release()
+                raise
+            task = loop.create_task(self._serve(conn, str(peer[0]), m))
+            self._relays.add(task)
+            task.add_done_callback(self._relay_done)
+
+    def _relay_done(self, task: asyncio.Task[None]) -> None:
+        self._relays.discard(task)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("published port relay failed: %r", task.exception())
+
+    async def _serve(self, conn: socket.socket, peer: str, m: PublishedPort) -> None:
+        decision = self._decide(Flow("ingress", "tcp", peer, m.guest_port))
+        if decision.action != "allow":
+            self._count("denied")
+            log.info("published port %s:%s -> guest %s: connection from %s denied (%s)",
+                     m.bind, self.ports.get(m.guest_port), m.guest_port, peer, decision.reason)
+            _reset(conn)
+            return
+        try:
+            guest = await self._connect(m.guest_port)
+        except (OSError, GatewayError) as e:   # GatewayError: the uplink is closed
+            self._count("failed")
+            log.info("published port -> guest %s: cannot reach the guest: %s", m.guest_port,
+                     e or type(e).__name__)
+            _reset(conn)
+            return
+        except BaseException:
+            _reset(conn)
+            raise
+        self._count("accepted")
+        await self._relay(conn, guest)
+
+    async def _connect(self, port: int) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        sock = self.socket_factory(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            await asyncio.wait_for(loop.sock_connect(sock, (self.guest_ip, port)),
+                                   self.connect_timeout)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def _relay(self, conn: socket.socket, guest: socket.socket) -> None:
+        writers: list[asyncio.StreamWriter] = []
+        try:
+            cr, cw = await asyncio.open_connection(sock=conn, limit=_CHUNK)
+            writers.append(cw)
+            gr, gw = await asyncio.open_connection(sock=guest, limit=_CHUNK)
+            writers.append(gw)
+            up = asyncio.ensure_future(_pump(cr, gw))
+            down = asyncio.ensure_future(_pump(gr, cw))
+            try:
+                # a failed direction (reset, broken pipe) ends the relay; an EOF waits for
+                # the other direction (half-close)
+                pending: set[asyncio.Future[None]] = {up, down}
+                while pending:
+                    done, pending = await asyncio.wait(pending,
+                                                       return_when=asyncio.FIRST_COMPLETED)
+                    if any(not f.cancelled() and f.exception() is not None for f in done):
+                        break
+            finally:
+                for f in (up, down):
+                    f.cancel()
+                await asyncio.gather(up, down, return_exceptions=True)
+        except OSError:
+            pass
+        finally:
+            for w in writers:
+                w.close()
+            if not writers:
+                conn.close()
+            if len(writers) < 2:
+                guest.close()
+
+    # -- UDP -------------------------------------------------------------------------------
+    def _udp_datagram(self, front: _UdpFront, data: bytes, peer: tuple[str, int]) -> None:
+        m = front.mapping
+        decision = self._decide(Flow("ingress", "udp", peer[0], m.guest_port))
+        if decision.action != "allow":
+            self._count("udp_denied")
+            log.info("published port %s:%s/udp -> guest %s: datagram from %s denied (%s)",
+                     m.bind, self.udp_ports.get(m.guest_port), m.guest_port, peer[0],
+                     decision.reason)
+            return
+        loop = asyncio.get_running_loop()
+        relay = front.relays.get(peer)
+        if relay is None:
+            if sum(len(f.relays) for f in self._fronts) >= self.max_udp_peers:
+                self._count("udp_dropped")
+                log.debug("published port -> guest %s/udp: %d peers already, dropping a "
+                          "datagram from new peer %s", m.guest_port, self.max_udp_peers, peer)
+                return
+            try:
+                sock = self.socket_factory(socket.AF_INET, socket.SOCK_DGRAM)
+            except (OSError, GatewayError) as e:   # GatewayError: uplink closed
+                self._count("failed")
+                log.info("published port -> guest %s/udp: %s", m.guest_port, e)
+                return
+            try:
+                sock.setblocking(False)
+                sock.connect((self.guest_ip, m.guest_port))
+            except OSError as e:
+                sock.close()
+                self._count("failed")
+                log.info("published port -> guest %s/udp: %s", m.guest_port, e)
+                return
+            relay = front.relays[peer] = _UdpRelay(sock, peer, loop.time())
+            loop.add_reader(sock.fileno(), self._udp_replies, front, relay)
+        relay.last_seen = loop.time()
+        try:
+            relay.sock.send(data)
+        except OSError as e:   # BlockingIOError: the guest side is full, drop as UDP does
+            log.info("published port -> guest %s/udp: %s", m.guest_port, e)
+            return
+        self._count("udp_forwarded")
+
+    def _udp_replies(self, front: _UdpFront, relay: _UdpRelay) -> None:
+        """The guest's replies to one peer's relay socket go back to that peer."""
+        for _ in range(64):   # then let the loop breathe
+            try:
+                data = relay.sock.recv(65535)
+            except BlockingIOError:
+                return
+            except OSError:   # ICMP error from the guest (port unreachable): keep going
+                continue
+            if front.transport is None or front.transport.is_closing():
+                return
+            front.transport.sendto(data, relay.peer)
+            self._count("udp_replies")
+
+    async def _sweep(self) -> None:
+        """Expire relays of peers idle for ``udp_idle_timeout``."""
+        loop = asyncio.get_running_loop()
+        interval = min(1.0, self.udp_idle_timeout / 2)
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            for front in self._fronts:
+                for peer, relay in list(front.relays.items()):
+                    if now - relay.last_seen > self.udp_idle_timeout:
+                        front.drop(peer)
+                        self._count("udp_peers_expired")
