@@ -22,6 +22,7 @@ import pytest
 
 import netstack.gateway._sockopt as ns_sockopt
 import tls_proxy._sockopt as tp_sockopt
+from netstack.gateway._netns import socket_in
 from tests.support import require_binaries, require_root
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,13 +93,7 @@ def netns() -> Iterator[str]:
 
 
 def _in_netns(name: str, family: socket.AddressFamily) -> socket.socket:
-    from pyroute2 import netns as pr_netns
-
-    pr_netns.pushns(name)
-    try:
-        return socket.socket(family, socket.SOCK_STREAM)
-    finally:
-        pr_netns.popns()
+    return socket_in(name, family, socket.SOCK_STREAM)
 
 
 def _accepted(netns: str, case: Case) -> tuple[socket.socket, socket.socket, socket.socket]:
