@@ -34,6 +34,7 @@ import hashlib
 import os
 import shutil
 import stat
+import sys
 import tarfile
 import zlib
 from collections.abc import Iterator
@@ -110,6 +111,70 @@ class _HashingReader:
             pass
 
 
+class _ZstdFrames:
+    """Follows the frame and block headers of the zstd bytes read through it.
+
+    zstandard's stream reader ends quietly when the input stops inside a frame (the
+    ``zstd`` tool fails): :meth:`complete` tells the two apart, as gzip's EOFError does.
+    """
+
+    _ZSTD_MAGIC = 0xFD2FB528
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.state = "magic"
+        self.need = 4  # bytes of the header field being read
+        self.buf = b""
+        self.skip = 0  # bytes of block payload (or optional header fields) to pass over
+        self.checksum = False
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        i, size = 0, len(data)
+        while i < size:
+            if self.skip:
+                take = min(self.skip, size - i)
+                self.skip -= take
+                i += take
+                continue
+            take = min(self.need - len(self.buf), size - i)
+            self.buf += data[i:i + take]
+            i += take
+            if len(self.buf) == self.need:
+                field, self.buf = self.buf, b""
+                self._header(int.from_bytes(field, "little"))
+        return data
+
+    def _header(self, v: int) -> None:
+        if self.state == "magic":
+            if v == self._ZSTD_MAGIC:
+                self.state, self.need = "descriptor", 1
+            elif v >> 4 == 0x184D2A5:  # a skippable frame: its size comes next
+                self.state, self.need = "skippable", 4
+            else:
+                raise ImageFormatError(f"zstd layer has a bad frame magic 0x{v:08x}")
+        elif self.state == "skippable":
+            self.state, self.need, self.skip = "magic", 4, v
+        elif self.state == "descriptor":
+            single = (v >> 5) & 1
+            self.checksum = bool((v >> 2) & 1)
+            self.skip = (0 if single else 1) + (0, 1, 2, 4)[v & 3] \
+                + ((1 if single else 0), 2, 4, 8)[v >> 6]
+            self.state, self.need = "block", 3
+        else:  # a block header: last flag, type, size
+            btype, bsize = (v >> 1) & 3, v >> 3
+            if btype == 3:
+                raise ImageFormatError("zstd layer has a reserved block type")
+            self.skip = 1 if btype == 1 else bsize
+            if v & 1:
+                self.skip += 4 if self.checksum else 0
+                self.state, self.need = "magic", 4
+
+    def complete(self) -> bool:
+        """Whether the bytes read so far end exactly at the end of a frame."""
+        return self.state == "magic" and not self.buf and not self.skip
+
+
 @contextmanager
 def decompressed(fileobj: BinaryIO) -> Iterator[IO[bytes]]:
     """Yield an uncompressed view of a layer blob (gzip, zstd or plain tar, by magic).
@@ -127,10 +192,13 @@ def decompressed(fileobj: BinaryIO) -> Iterator[IO[bytes]]:
     elif head == b"\x28\xb5\x2f\xfd":
         # In-process and streaming: the decompressor's window is capped (zstd's default
         # 128 MiB limit), so a hostile frame cannot make us allocate more.
+        frames = _ZstdFrames(fileobj)
         dctx = zstandard.ZstdDecompressor()
-        with dctx.stream_reader(fileobj, read_size=_CHUNK, read_across_frames=True,
+        with dctx.stream_reader(cast(IO[bytes], frames), read_size=_CHUNK, read_across_frames=True,
                                 closefd=False) as zr:
             yield cast(IO[bytes], zr)
+            if sys.exc_info()[0] is None and not frames.complete():
+                raise ImageFormatError("zstd layer is truncated (it ends inside a frame)")
     else:
         yield fileobj
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import stat
@@ -79,6 +80,42 @@ def test_zstd_layers_are_decompressed(tmp_path: Path) -> None:
     comp = subprocess.run(["zstd", "-q", "-c"], input=data, capture_output=True, check=True).stdout
     apply_layer(io.BytesIO(comp), tmp_path / "r")
     assert (tmp_path / "r/f").read_bytes() == b"zstd!"
+
+
+def test_zstd_multi_frame_and_skippable_frames_are_read(tmp_path: Path) -> None:
+    import zstandard
+
+    data = layer(E("f", data=b"one" * 50_000), E("g", data=os.urandom(70_000)))
+    half = len(data) // 2
+    skippable = b"\x50\x2a\x4d\x18" + (3).to_bytes(4, "little") + b"abc"
+    comp = (zstandard.ZstdCompressor(write_checksum=True).compress(data[:half]) + skippable
+            + zstandard.ZstdCompressor(level=9, write_content_size=False).compress(data[half:]))
+    want = "sha256:" + hashlib.sha256(data).hexdigest()
+    assert apply_layer(io.BytesIO(comp), tmp_path / "r") == want
+    assert (tmp_path / "r/f").read_bytes() == b"one" * 50_000
+
+
+@pytest.mark.parametrize("damage", ["truncated", "cut-at-a-block", "garbage-after",
+                                    "huge-window", "corrupt"])
+def test_damaged_zstd_layers_are_format_errors(tmp_path: Path, damage: str) -> None:
+    import zstandard
+
+    data = layer(E("f", data=os.urandom(200_000)), E("g", data=b"z" * 300_000))
+    comp = zstandard.ZstdCompressor().compress(data)
+    if damage == "truncated":
+        comp = comp[: len(comp) - 100]
+    elif damage == "cut-at-a-block":
+        comp = comp[:-1]
+    elif damage == "garbage-after":
+        comp += b"\x00garbage!"
+    elif damage == "huge-window":  # a frame that asks for a 1 GiB window: not decoded
+        params = zstandard.ZstdCompressionParameters.from_level(3, window_log=30)
+        obj = zstandard.ZstdCompressor(compression_params=params).compressobj()
+        comp = obj.compress(data) + obj.flush()
+    else:
+        comp = comp[:40] + bytes(b ^ 0xFF for b in comp[40:80]) + comp[80:]
+    with pytest.raises(rootfs.ImageFormatError):
+        apply_layer(io.BytesIO(comp), tmp_path / "r")
 
 
 def test_not_a_tar_is_a_format_error(tmp_path: Path) -> None:
