@@ -12,7 +12,10 @@ published port. The loop's guest link (65520) is larger than its uplink (1500), 
 frames take the GSO path, the IPv4 fragmenter or the ICMP "fragmentation needed" /
 ICMPv6 "packet too big" builder (also called directly, ``ns_gw_build_too_big``, with an
 MTU and a source address taken from the input); a second loop on a plain uplink of MTU
-576 fragments into many pieces. Seeds for those paths (oversize IPv4 with and without
+576 fragments into many pieces; a third loop has a stream uplink (passt's framing) with
+the steering NAT on (``steer.c``: TLS ports and DNS over TCP to loopback listener pools,
+guest traffic to the gateway address dropped), fed from both sides, its pending flows
+claimed by port between inputs. Seeds for those paths (oversize IPv4 with and without
 DF, with options, a first fragment, IPv6 with an extension header, an ICMP error) and
 for the fragment table (first and later fragments of one datagram from the guest and as
 replies from the uplink, IPv4 and IPv6, overlapping, stray and tiny ones: consecutive
@@ -81,6 +84,35 @@ CFG2.event_slots, CFG2.hello_timeout, CFG2.log_denied = 64, 0.05, 1
 CFG2.guest_mtu, CFG2.uplink_mtu, CFG2.dns_tcp_reset = 9000, 576, 1
 GW2 = lib.ns_gw_new(SMALL_CLS.handle, CFG2)
 assert GW2 != ffi.NULL and lib.ns_gw_start(GW2) == 0
+# a stream uplink (passt --fd framing) with the steering NAT: TLS to 443/8443 and TCP/53
+STEER_CLS = Classifier(POLICY, gateway=["10.0.2.2"], pins=PINS, max_flows=64,
+                       intercept_ports=(), hello_timeout=0.05)
+VMM3, MINE3 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+NS_END3, UP_END3 = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+for s in (VMM3, NS_END3):  # blocking with a timeout: a partial frame would end the stream
+    s.settimeout(1.0)
+CFG3 = ffi.new("ns_gw_config *")
+CFG3.guest_fd, CFG3.guest_mode, CFG3.uplink_fd = MINE3.fileno(), 0, UP_END3.fileno()
+CFG3.event_slots, CFG3.hello_timeout, CFG3.log_denied = 64, 0.05, 1
+CFG3.uplink_stream, CFG3.guest_mtu, CFG3.uplink_mtu = 1, 65520, 65520
+CFG3.npublished = 1
+CFG3.published[0] = 8000
+ffi.memmove(CFG3.gateway_ip, GW_V4, 16)
+ffi.memmove(CFG3.gateway_ip6, GW_V6, 16)
+GW3 = lib.ns_gw_new(STEER_CLS.handle, CFG3)
+assert GW3 != ffi.NULL
+STEER = ffi.new("ns_gw_steer_config *")
+ffi.memmove(STEER.gateway_ip, GW_V4, 16)
+ffi.memmove(STEER.gateway_ip6, GW_V6, 16)
+STEER.dns, STEER.ndns_pool = 1, 2
+STEER.dns_pool[0], STEER.dns_pool[1] = 5353, 5354
+STEER.ntls_ports, STEER.tls_ports[0], STEER.tls_ports[1] = 2, 443, 8443
+STEER.ntls_pool, STEER.block_udp = 4, 1
+for _i in range(4):
+    STEER.tls_pool[_i] = 40001 + _i
+assert lib.ns_gw_steer_enable(GW3, STEER) == 0 and lib.ns_gw_start(GW3) == 0
+CLAIM_DST = ffi.new("uint8_t[16]")
+CLAIM_PORT = ffi.new("uint16_t *")
 OUT = ffi.new("uint8_t[]", 2048)
 EV = ffi.new("ns_gw_event *")
 COUNT = [0]
@@ -156,6 +188,32 @@ def fragment_seeds() -> list[bytes]:
     ]
 
 
+def _tcp(sport: int, dport: int, flags: int, seq: int = 1) -> bytes:
+    return struct.pack("!HHIIBBHHH", sport, dport, seq, 0, 5 << 4, flags, 65535, 0, 0)
+
+
+def steer_seeds() -> list[bytes]:
+    """Guest flows the steering NAT rewrites (and drops), and listener replies."""
+    g, r, gw, g6, r6 = "10.0.2.15", "192.0.2.9", "10.0.2.2", "fd42:6d73:62::2", "2001:db8::9"
+    gw6 = "fd42:6d73:62::1"
+    return [
+        _ip4(g, r, 6, _tcp(40000, 443, 0x02), df=True),                 # TLS SYN: steered
+        _ip4(gw, g, 6, _tcp(40001, 40000, 0x12), df=True),              # the listener's SYN-ACK
+        _ip4(g, r, 6, _tcp(40000, 443, 0x18) + b"\x16\x03\x01", df=True),  # data, rewritten
+        _ip4(g, r, 6, _tcp(40000, 443, 0x14), df=True),                 # RST
+        _ip4(g, "192.0.2.53", 6, _tcp(40002, 53, 0x02), df=True),       # DNS over TCP
+        _ip4(gw, g, 6, _tcp(5353, 40002, 0x12), df=True),               # the forwarder's answer
+        _ip4(g, gw, 6, _tcp(40003, 40001, 0x02), df=True),              # straight to a pool port
+        _ip4(g, gw, 17, struct.pack("!HHHH", 5000, 9999, 12, 0) + b"ping", df=True),
+        _ip4(g, r, 17, struct.pack("!HHHH", 5000, 443, 12, 0) + b"quic", df=True),
+        _ip4(g, r, 6, _tcp(40004, 443, 0x02), df=False, frag=0x2000),   # a TCP first fragment
+        _ip4(g, r, 6, _tcp(40005, 443, 0x10), df=True),                 # no flow: stray
+        _ip6(g6, r6, 6, _tcp(40006, 8443, 0x02)),                       # IPv6 TLS SYN
+        _ip6(gw6, g6, 6, _tcp(40002, 40006, 0x12)),                     # its reply
+        _ip6(g6, r6, 0, b"\x06\x00" + bytes(6) + _tcp(40007, 443, 0x02)),  # hop-by-hop + SYN
+    ]
+
+
 def _with_seeds(args: list[str]) -> list[str]:
     """Write the too-big and fragment seeds into the output corpus (the first directory argument: a
     scratch or caller-given directory, never the checked-in corpus)."""
@@ -163,7 +221,8 @@ def _with_seeds(args: list[str]) -> list[str]:
     corpus_root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
     if dirs and os.path.isdir(dirs[0]) and \
             not os.path.abspath(dirs[0]).startswith(corpus_root + os.sep):
-        for name, seeds in (("too-big", too_big_seeds()), ("fragment", fragment_seeds())):
+        for name, seeds in (("too-big", too_big_seeds()), ("fragment", fragment_seeds()),
+                            ("steer", steer_seeds())):
             for i, seed in enumerate(seeds):
                 with open(os.path.join(dirs[0], f"{name}-{i}"), "wb") as f:
                     f.write(seed)
@@ -175,12 +234,17 @@ def _drain() -> None:
         pass
     while lib.ns_gw_next_event(GW2, EV, OUT, 2048):
         pass
-    for s in (VMM, NS_END, VMM2, NS_END2):
+    while lib.ns_gw_next_event(GW3, EV, OUT, 2048):
+        pass
+    for s in (VMM, NS_END, VMM2, NS_END2, VMM3, NS_END3):
+        timeout = s.gettimeout()
+        s.setblocking(False)
         try:
             while s.recv(1 << 20):
                 pass
         except (BlockingIOError, OSError):
             pass
+        s.settimeout(timeout)
 
 
 def TestOneInput(data: bytes) -> None:
@@ -204,6 +268,16 @@ def TestOneInput(data: bytes) -> None:
             VMM2.send(data)
         except (BlockingIOError, OSError):
             pass
+        framed = struct.pack("!I", len(data)) + data
+        for end in (VMM3, NS_END3):  # the steering loop, from the guest and from "passt"
+            try:
+                if len(data) >= 14:  # shorter is a broken stream: the loop would hang up
+                    end.sendall(framed)
+            except OSError:
+                pass
+        if len(data) >= 2:  # a listener claiming whatever waits on a port
+            lib.ns_gw_steer_claim(GW3, 40001 + data[0] % 4 if data[1] & 1 else 5353,
+                                  CLAIM_DST, CLAIM_PORT)
     COUNT[0] += 1
     if COUNT[0] % 32 == 0:
         _drain()
