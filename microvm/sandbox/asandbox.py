@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -45,7 +46,6 @@ from microvm.errors import (
     SandboxError,
     SandboxNotRunning,
 )
-from microvm.sandbox import launch as _launch
 from microvm.sandbox.config import (
     DnsOptions,
     PortMapping,
@@ -59,17 +59,27 @@ from microvm.sandbox.exec import AsyncExecHandle, ExecOutput
 from microvm.sandbox.fs import AsyncSandboxFs
 from microvm.sandbox.paths import SandboxPaths
 from microvm.sandbox.state import SandboxRecord, StateDB
-from rootfs import Image, Patch, RegistryAuth, RootProvider
 
 # netstack's gateway and tls_proxy (cryptography, h2, dnspython, pyroute2) are needed by
-# the supervisor, not by a handle: here they are types only, so `microvm exec` stays light
+# the supervisor, not by a handle: here they are types only, so `microvm exec` stays light;
+# the creator's side (launch: rootfs's store and registry client) loads on first use
 if TYPE_CHECKING:
+    from microvm.sandbox import launch as _launch
     from microvm.sandbox.netwiring import SecretProxy
     from microvm.sandbox.snapshots import SnapshotInfo
     from microvm.ssh.client import SshClient
     from netstack import Decision, Flow, NetworkPolicy
     from netstack.gateway import AddressPlan, Uplink
+    from rootfs import Image, Patch, RegistryAuth, RootProvider
     from tls_proxy import ProxyConfig, Secret
+else:
+    class _LazyLaunch:
+        def __getattr__(self, name: str) -> Any:
+            from microvm.sandbox import launch
+
+            return getattr(launch, name)
+
+    _launch = _LazyLaunch()
 
 log = logging.getLogger("microvm.sandbox")
 
@@ -118,10 +128,19 @@ class AsyncSandboxNetwork:
 
     def __init__(self, owner: AsyncSandbox) -> None:
         self._owner = owner
-        #: the policy the gateway enforces (``none`` when the guest has no NIC)
-        self.policy: NetworkPolicy = owner.config.policy()
         #: the pcap file the gateway writes, when asked for with ``pcap=``
         self.pcap: Path | None = Path(owner.config.pcap) if owner.config.pcap else None
+
+    @functools.cached_property
+    def policy(self) -> NetworkPolicy:
+        """The policy the gateway enforces (``none`` when the guest has no NIC); built on
+        first use (it imports netstack: ``microvm exec`` never needs it).
+
+        Example::
+
+            print(sb.network.policy.default_egress)
+        """
+        return self._owner.config.policy()
 
     def evaluate(self, flow: Flow) -> Decision:
         """The policy's decision for ``flow`` (the same first-match rules the gateway runs).
@@ -250,6 +269,8 @@ class AsyncSandbox:
                                            secrets=[{"env": "TOKEN", "value": "s3cret",
                                                      "host": "api.example.com"}])
         """
+        from rootfs import Image, Patch
+
         validate_name(name)
         secret_list = parse_secrets(secrets)
         image_obj = image if isinstance(image, Image) else None
@@ -807,6 +828,8 @@ class AsyncSandbox:
 
 
 def _registry_auth(value: object) -> RegistryAuth | tuple[str, str] | None:
+    from rootfs import RegistryAuth
+
     if value is None or isinstance(value, RegistryAuth):
         return value
     if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, str) for v in value):

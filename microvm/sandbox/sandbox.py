@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import builtins
 import contextlib
+import functools
 import os
 import weakref
 from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping, Sequence
@@ -312,10 +313,18 @@ class SandboxNetwork:
     def __init__(self, loop: Portal, sb: AsyncSandbox) -> None:
         self._loop = loop
         self._net = sb.network
-        #: the policy the gateway enforces
-        self.policy: NetworkPolicy = sb.network.policy
         #: the pcap file, when asked for with ``pcap=``
         self.pcap: Path | None = sb.network.pcap
+
+    @functools.cached_property
+    def policy(self) -> NetworkPolicy:
+        """The policy the gateway enforces (built on first use).
+
+        Example::
+
+            print(sb.network.policy.default_egress)
+        """
+        return self._net.policy
 
     def evaluate(self, flow: Flow) -> Decision:
         """The policy's decision for ``flow``.
