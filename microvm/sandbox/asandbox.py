@@ -38,7 +38,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
 
 from microvm.agent import AgentClient
-from microvm.backends.base import Backend, console_tail
 from microvm.errors import (
     AgentError,
     BootError,
@@ -64,6 +63,7 @@ from microvm.sandbox.state import SandboxRecord, StateDB
 # the supervisor, not by a handle: here they are types only, so `microvm exec` stays light;
 # the creator's side (launch: rootfs's store and registry client) loads on first use
 if TYPE_CHECKING:
+    from microvm.backends.base import Backend
     from microvm.sandbox import launch as _launch
     from microvm.sandbox.netwiring import SecretProxy
     from microvm.sandbox.snapshots import SnapshotInfo
@@ -465,6 +465,8 @@ class AsyncSandbox:
         return self.db.get(self.name).state
 
     def _not_running(self) -> SandboxNotRunning:
+        from microvm.backends.base import console_tail  # (the backends load QEMU's module)
+
         rec = self.db.get(self.name)
         tail = console_tail(self.paths.console_log, 20) if rec.state == "crashed" else ""
         why = f": {rec.error.splitlines()[0]}" if rec.error else ""
@@ -618,6 +620,8 @@ class AsyncSandbox:
         if not path.exists():
             return ""
         if tail is not None:
+            from microvm.backends.base import console_tail
+
             return console_tail(path, tail)
         return path.read_text(errors="replace")
 
@@ -668,7 +672,7 @@ class AsyncSandbox:
 
     async def _force_kill(self, rec: SandboxRecord) -> None:
         """The supervisor does not answer: SIGKILL it; its VMM dies with it (pdeathsig) and
-        ``netstack.cleanup_stale`` removes the network objects it left."""
+        ``netstack.gateway.cleanup_stale`` removes the network objects it left."""
         if rec.pid and rec.supervisor_alive:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(rec.pid, signal.SIGKILL)

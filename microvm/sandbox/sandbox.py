@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 
 from microvm._portal import Portal, run_once
 from microvm.agent import ExecEvent, FileStat
-from microvm.backends.base import Backend
 from microvm.sandbox.asandbox import (
     AsyncSandbox,
     PortsArg,
@@ -45,6 +44,7 @@ from microvm.sandbox.config import DnsOptions, TlsOptions
 from microvm.sandbox.exec import AsyncExecHandle, ExecOutput
 
 if TYPE_CHECKING:   # types only: a handle never needs the gateway or the proxy
+    from microvm.backends.base import Backend
     from microvm.sandbox.snapshots import SnapshotInfo
     from microvm.ssh.client import SshClient
     from netstack import Decision, Flow, NetworkPolicy
