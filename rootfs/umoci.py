@@ -30,32 +30,22 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from rootfs.errors import DigestError, ImageFormatError, RootfsError, UnsafeLayerError
+from rootfs.errors import DigestError, ImageFormatError, RootfsError
 from rootfs.image import OCI_CONFIG, OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_MANIFEST
 from rootfs.unpack import (
-    OPAQUE_MARKER,
-    WHITEOUT_PREFIX,
+    LayerEntry,
     UnpackState,
-    _MissingParent,
-    _remove_node,
-    _resolve_parent,
-    _split,
+    apply_whiteout,
+    check_entry,
+    check_parent,
     decompressed,
 )
 
 _CHUNK = 1 << 20
 _ROOTLESS_XATTR = "user.rootlesscontainers"
-
-
-@dataclass(frozen=True)
-class _Entry:
-    name: str
-    parts: tuple[str, ...]
-    whiteout: bool
 
 
 class UmociUnpacker:
@@ -116,12 +106,12 @@ def _is_gzip(blob: Path) -> bool:
 
 
 def _preflight(blob: Path, state: UnpackState,
-               plain_out: Path) -> tuple[list[_Entry], str, bool]:
+               plain_out: Path) -> tuple[list[LayerEntry], str, bool]:
     """Check every header of the layer with our rules; (entries, diff_id, decompressed).
 
     A zstd layer is written decompressed to ``plain_out`` (umoci reads gzip or tar).
     """
-    entries: list[_Entry] = []
+    entries: list[LayerEntry] = []
     sha = hashlib.sha256()
     with open(blob, "rb") as f:
         head = f.read(4)
@@ -137,7 +127,7 @@ def _preflight(blob: Path, state: UnpackState,
                     raise ImageFormatError(f"layer is not a tar archive: {exc}") from None
                 try:
                     for member in tar:
-                        entries.append(_check(member, state))
+                        entries.append(check_entry(member, state))
                 except tarfile.TarError as exc:
                     raise ImageFormatError(f"corrupt layer tar: {exc}") from None
                 finally:
@@ -172,46 +162,6 @@ class _Tee:
         return data
 
 
-def _check(member: tarfile.TarInfo, state: UnpackState) -> _Entry:
-    """The native extractor's per-entry rules that need no tree (see rootfs.unpack)."""
-    limits = state.limits
-    name = member.name
-    state.total_files += 1
-    if state.total_files > limits.max_files:
-        raise UnsafeLayerError(name, f"more than {limits.max_files} entries (max_files)")
-    if member.isreg():
-        if member.size < 0:
-            raise UnsafeLayerError(name, "negative size")
-        if state.total_bytes + member.size > limits.max_bytes:
-            raise UnsafeLayerError(
-                name, f"claims {member.size} bytes; total would exceed "
-                f"max_bytes={limits.max_bytes}")
-        state.total_bytes += member.size
-    parts = _split(name, "name")
-    if not parts:
-        if not member.isdir():
-            raise UnsafeLayerError(name, "a non-directory entry for the root itself")
-        return _Entry(name, (), False)
-    base = parts[-1]
-    if base.startswith(WHITEOUT_PREFIX):
-        if base != OPAQUE_MARKER:
-            target = base[len(WHITEOUT_PREFIX):]
-            if target in ("", ".", "..") or target.startswith(WHITEOUT_PREFIX):
-                raise UnsafeLayerError(name, "whiteout names no valid entry")
-        return _Entry(name, tuple(parts), True)
-    if member.islnk():
-        if not _split(member.linkname, "hardlink target", name):
-            raise UnsafeLayerError(name, "hardlink to the root directory")
-    elif member.ischr() or member.isblk():
-        if not limits.allow_devices:
-            kind = "character" if member.ischr() else "block"
-            raise UnsafeLayerError(
-                name, f"{kind} device {member.devmajor}:{member.devminor} (allow_devices=False)")
-    elif not (member.isreg() or member.isdir() or member.issym() or member.isfifo()):
-        raise UnsafeLayerError(name, f"unsupported tar entry type {member.type!r}")
-    return _Entry(name, tuple(parts), False)
-
-
 def _write_layout(oci: Path, layer: Path, diff_id: str, *, gzip: bool) -> None:
     """A one-image OCI layout (tag ``layer``) whose only layer is ``layer`` (symlinked)."""
     blobs = oci / "blobs" / "sha256"
@@ -243,30 +193,13 @@ def _write_layout(oci: Path, layer: Path, diff_id: str, *, gzip: bool) -> None:
                        "annotations": {"org.opencontainers.image.ref.name": "layer"}}]}))
 
 
-def _after(entries: list[_Entry], root: str, state: UnpackState, rootless: bool) -> None:
-    """Our whiteout rules and parent walk over what umoci wrote, then ownership."""
-    created = {"/".join(e.parts) for e in entries if not e.whiteout}
+def _after(entries: list[LayerEntry], root: str, state: UnpackState, rootless: bool) -> None:
+    """Our parent rule and whiteouts over what umoci wrote, then ownership."""
+    created = {e.rel for e in entries if e.kind == "node"}
     for e in entries:
-        parts = list(e.parts)
-        if not parts:
-            continue
-        try:
-            parent = _resolve_parent(root, parts[:-1], e.name, create=False)
-        except _MissingParent:
-            continue  # replaced later in the layer (umoci's walk kept it inside the root)
-        if not e.whiteout:
-            continue
-        parent_rel = "/".join(parts[:-1])
-        base = parts[-1]
-        if base == OPAQUE_MARKER:
-            for child in os.listdir(parent):
-                if f"{parent_rel}/{child}".lstrip("/") not in created:
-                    _remove_node(os.path.join(parent, child))
-            continue
-        target = base[len(WHITEOUT_PREFIX):]
-        if f"{parent_rel}/{target}".lstrip("/") not in created:
-            _remove_node(os.path.join(parent, target))
-        _remove_node(os.path.join(parent, base))  # never a whiteout file in the tree
+        check_parent(root, e)
+        if e.kind in ("whiteout", "opaque"):
+            apply_whiteout(root, e, created)
     fix_owner = not state.limits.keep_owner() and os.geteuid() == 0
     if not (fix_owner or rootless):
         return

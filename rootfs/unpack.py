@@ -325,8 +325,132 @@ def apply_layer(
     return diff_id
 
 
+@dataclass(frozen=True)
+class LayerEntry:
+    """One layer entry that passed :func:`check_entry`.
+
+    ``parts``: its safe path components (empty for the root); ``kind``: ``root``,
+    ``node`` (a file, directory, link, fifo or allowed device), ``whiteout`` or
+    ``opaque`` (``.wh..wh..opq``).
+
+    Example::
+
+        entry = check_entry(member, state)
+        if entry.kind in ("whiteout", "opaque"): apply_whiteout(root, entry, created)
+    """
+
+    name: str
+    parts: tuple[str, ...]
+    kind: str
+
+    @property
+    def rel(self) -> str:
+        """``parts`` joined with ``/`` (``""`` for the root)."""
+        return "/".join(self.parts)
+
+
+def check_entry(member: tarfile.TarInfo, state: UnpackState) -> LayerEntry:
+    """The rules for one tar entry that need no tree; charges ``state``'s limits.
+
+    Refuses (with :class:`UnsafeLayerError` naming the entry) more than ``max_files``
+    entries, negative sizes, more than ``max_bytes`` in all, NUL bytes, absolute names
+    and ``..`` components (in names and hardlink targets), a non-directory root, a
+    whiteout naming nothing valid, a hardlink to the root, devices unless allowed and
+    unknown entry types. Both unpackers run it on every entry before writing it.
+
+    Example::
+
+        >>> ti = tarfile.TarInfo("etc/../../x")
+        >>> check_entry(ti, UnpackState())
+        Traceback (most recent call last):
+        ...
+        rootfs.errors.UnsafeLayerError: unsafe layer entry 'etc/../../x': name 'etc/../../x' contains a '..' component
+    """
+    limits = state.limits
+    name = member.name
+    state.total_files += 1
+    if state.total_files > limits.max_files:
+        raise UnsafeLayerError(name, f"more than {limits.max_files} entries (max_files)")
+    if member.isreg():
+        if member.size < 0:
+            raise UnsafeLayerError(name, "negative size")
+        if state.total_bytes + member.size > limits.max_bytes:
+            raise UnsafeLayerError(
+                name,
+                f"claims {member.size} bytes; total would exceed max_bytes={limits.max_bytes}",
+            )
+        state.total_bytes += member.size  # tarfile yields exactly this many bytes, or fails
+    parts = tuple(_split(name, "name"))
+    if not parts:
+        if member.isdir():
+            return LayerEntry(name, parts, "root")
+        raise UnsafeLayerError(name, "a non-directory entry for the root itself")
+    base = parts[-1]
+    if base == OPAQUE_MARKER:
+        return LayerEntry(name, parts, "opaque")
+    if base.startswith(WHITEOUT_PREFIX):
+        target = base[len(WHITEOUT_PREFIX) :]
+        if target in ("", ".", "..") or target.startswith(WHITEOUT_PREFIX):
+            raise UnsafeLayerError(name, "whiteout names no valid entry")
+        return LayerEntry(name, parts, "whiteout")
+    if member.islnk():
+        if not _split(member.linkname, "hardlink target", name):
+            raise UnsafeLayerError(name, "hardlink to the root directory")
+    elif member.ischr() or member.isblk():
+        if not limits.allow_devices:
+            kind = "character" if member.ischr() else "block"
+            raise UnsafeLayerError(
+                name, f"{kind} device {member.devmajor}:{member.devminor} (allow_devices=False)"
+            )
+    elif not (member.isreg() or member.isdir() or member.issym() or member.isfifo()):
+        raise UnsafeLayerError(name, f"unsupported tar entry type {member.type!r}")
+    return LayerEntry(name, parts, "node")
+
+
+def apply_whiteout(root: str, entry: LayerEntry, created: set[str]) -> None:
+    """Apply a ``whiteout``/``opaque`` entry under ``root``: what lower layers put there goes.
+
+    ``created`` holds the ``rel`` names this layer has written so far (they stay).
+    Below a missing directory there is nothing to white out.
+
+    Example::
+
+        apply_whiteout("/tmp/root", check_entry(member, state), created)
+    """
+    parts = list(entry.parts)
+    try:
+        parent = _resolve_parent(root, parts[:-1], entry.name, create=False)
+    except _MissingParent:
+        return  # nothing below a missing directory to white out
+    parent_rel = "/".join(parts[:-1])
+    if entry.kind == "opaque":
+        for child in os.listdir(parent):
+            if (f"{parent_rel}/{child}" if parent_rel else child) not in created:
+                _remove_node(os.path.join(parent, child))
+        return
+    target = parts[-1][len(WHITEOUT_PREFIX) :]
+    if (f"{parent_rel}/{target}" if parent_rel else target) not in created:
+        _remove_node(os.path.join(parent, target))
+
+
+def check_parent(root: str, entry: LayerEntry) -> None:
+    """Resolve ``entry``'s parent inside ``root`` by our rule; refuse it if it escapes.
+
+    For trees another tool wrote (:class:`~rootfs.umoci.UmociUnpacker`): a parent that
+    is missing or not a directory is not an error here.
+
+    Example::
+
+        check_parent("/tmp/root", check_entry(member, state))
+    """
+    if entry.parts:
+        try:
+            _resolve_parent(root, list(entry.parts[:-1]), entry.name, create=False)
+        except _MissingParent:
+            pass
+
+
 def _apply_tar(reader: _HashingReader, root: str, st: UnpackState) -> None:
-    limits = st.limits
     created: set[str] = set()
     dirs: list[tuple[str, tarfile.TarInfo]] = []
     try:
@@ -336,7 +460,7 @@ def _apply_tar(reader: _HashingReader, root: str, st: UnpackState) -> None:
     try:
         for member in tar:
             try:
-                _apply_member(tar, member, root, st, limits, created, dirs)
+                _apply_member(tar, member, root, st, created, dirs)
             except OSError as exc:
                 raise UnsafeLayerError(
                     member.name, f"cannot be written: {exc.strerror or exc}"
@@ -357,52 +481,22 @@ def _apply_member(
     member: tarfile.TarInfo,
     root: str,
     st: UnpackState,
-    limits: UnpackLimits,
     created: set[str],
     dirs: list[tuple[str, tarfile.TarInfo]],
 ) -> None:
-    name = member.name
-    st.total_files += 1
-    if st.total_files > limits.max_files:
-        raise UnsafeLayerError(name, f"more than {limits.max_files} entries (max_files)")
-    if member.isreg() and member.size < 0:
-        raise UnsafeLayerError(name, "negative size")
-    if member.isreg() and st.total_bytes + member.size > limits.max_bytes:
-        raise UnsafeLayerError(
-            name,
-            f"claims {member.size} bytes; total would exceed max_bytes={limits.max_bytes}",
-        )
-    parts = _split(name, "name")
-    if not parts:
-        if member.isdir():
-            _apply_meta(root, member, st)
-            dirs.append((root, member))
-            return
-        raise UnsafeLayerError(name, "a non-directory entry for the root itself")
-    base = parts[-1]
-    rel = "/".join(parts)
-    if base.startswith(WHITEOUT_PREFIX):
-        try:
-            parent = _resolve_parent(root, parts[:-1], name, create=False)
-        except _MissingParent:
-            return  # nothing below a missing directory to white out
-        parent_rel = "/".join(parts[:-1])
-        if base == OPAQUE_MARKER:
-            for child in os.listdir(parent):
-                child_rel = f"{parent_rel}/{child}" if parent_rel else child
-                if child_rel not in created:
-                    _remove_node(os.path.join(parent, child))
-            return
-        target = base[len(WHITEOUT_PREFIX) :]
-        if target in ("", ".", "..") or target.startswith(WHITEOUT_PREFIX):
-            raise UnsafeLayerError(name, "whiteout names no valid entry")
-        target_rel = f"{parent_rel}/{target}" if parent_rel else target
-        if target_rel not in created:
-            _remove_node(os.path.join(parent, target))
+    entry = check_entry(member, st)
+    if entry.kind == "root":
+        _apply_meta(root, member, st)
+        dirs.append((root, member))
         return
+    if entry.kind != "node":
+        apply_whiteout(root, entry, created)
+        return
+    name = member.name
+    parts = list(entry.parts)
     parent = _resolve_parent(root, parts[:-1], name, create=True)
-    path = os.path.join(parent, base)
-    created.add(rel)
+    path = os.path.join(parent, parts[-1])
+    created.add(entry.rel)
     if member.isdir():
         try:
             old = os.lstat(path)
@@ -416,8 +510,6 @@ def _apply_member(
         return
     if member.islnk():
         lparts = _split(member.linkname, "hardlink target", name)
-        if not lparts:
-            raise UnsafeLayerError(name, "hardlink to the root directory")
         lparent = _resolve_parent(root, lparts[:-1], name, create=False)
         src = os.path.join(lparent, lparts[-1])
         try:
@@ -438,30 +530,15 @@ def _apply_member(
         with os.fdopen(fd, "wb") as out:
             src_f = tar.extractfile(member)
             assert src_f is not None
-            written = 0
-            while True:
-                chunk = src_f.read(_CHUNK)
-                if not chunk:
-                    break
-                written += len(chunk)
-                if st.total_bytes + written > limits.max_bytes:
-                    raise UnsafeLayerError(name, f"total exceeds max_bytes={limits.max_bytes}")
+            while chunk := src_f.read(_CHUNK):
                 out.write(chunk)
-        st.total_bytes += written
     elif member.issym():
         os.symlink(member.linkname, path)
     elif member.isfifo():
         os.mkfifo(path, 0o600)
-    elif member.ischr() or member.isblk():
-        if not limits.allow_devices:
-            kind = "character" if member.ischr() else "block"
-            raise UnsafeLayerError(
-                name, f"{kind} device {member.devmajor}:{member.devminor} (allow_devices=False)"
-            )
+    else:  # a device: check_entry let it through, so allow_devices is set
         kindbit = stat.S_IFCHR if member.ischr() else stat.S_IFBLK
         os.mknod(path, kindbit | 0o600, os.makedev(member.devmajor, member.devminor))
-    else:
-        raise UnsafeLayerError(name, f"unsupported tar entry type {member.type!r}")
     _apply_meta(path, member, st)
 
 
