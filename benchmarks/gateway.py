@@ -5,7 +5,7 @@ Topology (tests/netstack_gateway/topology.py): guest netns -> fake VMM (u32-BE s
 The *direct* path is a veth pair between the same two namespaces (10.214.0.1 ->
 10.214.0.2): the kernel's own forwarding, our physical limit.
 
-The gateway measured is the real one: :class:`netstack.Gateway` (the C gateway loop in
+The gateway measured is the real one: :class:`netstack.gateway.Gateway` (the C gateway loop in
 its own thread, classifying every frame with the compiled default policy
 ``public_only``; TEST-NET counts as public) on the VMM's stream socket. The VMM side is
 a small C pump (``benchmarks/_netstack_gateway_pump.py``: guest TAP <-> u32-BE stream,
@@ -28,7 +28,7 @@ mean the gateway path is faster than the kernel's).
 
 Rootless section (when ``passt`` is installed; :func:`measure_rootless`): the same C
 pump feeding passt's ``--fd`` directly (``passt_tcp_gbit_s``, ``passt_connects_per_s``)
-vs the gateway with a 100-rule policy in front of a :class:`~netstack.PasstUplink`
+vs the gateway with a 100-rule policy in front of a :class:`~netstack.gateway.PasstUplink`
 (``rootless_tcp_gbit_s``, ``rootless_connects_per_s``); ``rootless_vs_passt_ratio``
 (target >= 0.9) and ``rootless_connect_vs_passt_ratio`` = gateway+passt / passt alone.
 The two paths alternate for :data:`ROOTLESS_ROUNDS` rounds (ABBA order, a fresh passt
@@ -61,16 +61,8 @@ import pytest
 from pyroute2 import IPRoute, NetNS
 
 from benchmarks._netstack_gateway_pump import CPump
-from netstack import (
-    AddressPlan,
-    Classifier,
-    Gateway,
-    NetworkPolicy,
-    PasstUplink,
-    Rule,
-    TapUplink,
-    cleanup_stale,
-)
+from netstack import Classifier, NetworkPolicy, Rule
+from netstack.gateway import AddressPlan, Gateway, PasstUplink, TapUplink, cleanup_stale
 from netstack.gateway.uplink_passt import STREAM_BUFFER, passt_argv
 from tests.netstack_gateway.topology import UPSTREAM_IP, Topology
 
@@ -168,7 +160,7 @@ def bench_rig(mtu: int | None = None) -> Iterator[Bench]:
     """Build everything (root), tear everything down afterwards.
 
     ``mtu``: the guest link's MTU (the guest TAP and the gateway's plan; None: the
-    :class:`~netstack.AddressPlan` default a sandbox gets); the uplink stays at 1500 and
+    :class:`~netstack.gateway.AddressPlan` default a sandbox gets); the uplink stays at 1500 and
     the direct veth at its defaults.
     """
     if os.geteuid() != 0:
@@ -298,7 +290,7 @@ def _upstream_servers(topo: Topology) -> list[subprocess.Popen[bytes]]:
 def measure_rootless(seconds: int) -> dict[str, Any]:
     """The rootless path, same run, same VMM stand-in (the C pump): the VMM's stream
     straight into passt (``passt --fd``), then the gateway (100-rule policy) in front of
-    a :class:`~netstack.PasstUplink` on the same stream. The namespaces are the test
+    a :class:`~netstack.gateway.PasstUplink` on the same stream. The namespaces are the test
     topology's (built as root); passt and the gateway need no privilege."""
     tmp = Path(tempfile.mkdtemp(prefix="gwbench-rl-"))
     plan = AddressPlan(3302)
@@ -406,7 +398,7 @@ def measure(quick: bool) -> dict[str, Any]:
     rootless = measure_rootless(seconds) if shutil.which("passt") else {}
     return {
         **rootless,
-        "gateway": "c-gateway (netstack.Gateway, policy public_only)",
+        "gateway": "c-gateway (netstack.gateway.Gateway, policy public_only)",
         "seconds_per_run": seconds,
         "gateway_tcp_mbps": round(gw_tcp, 1),
         "direct_tcp_mbps": round(direct_tcp, 1),

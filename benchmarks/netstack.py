@@ -51,9 +51,9 @@ from typing import Any
 import dpkt
 
 from netstack import Classifier, Flow, NetworkPolicy, PinCache, Rule
-from netstack.dnsparse import build_response
 from netstack.frameinfo import build_frame
 from netstack.hello import EXAMPLE_HELLO
+from tests.netstack_fastpath._dns import build_response
 
 GUEST = "10.0.2.15"
 FFI = Classifier.ffi

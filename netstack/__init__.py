@@ -1,6 +1,10 @@
 """netstack: a userspace network filter for microVM sandboxes.
 
-The policy model (this module's first layer) is pure Python:
+This package is the safe layer (the "recipes"): the policy model (pure Python) and the
+classifier that enforces it on frames (the C fast path: frame, DNS and ClientHello
+parsers, DNS pins, verdicts), with every error netstack raises. The privileged
+network parts (uplinks, the gateway loop, the DNS forwarder, pcap, address plans)
+are :mod:`netstack.gateway` ("hazmat": root or passt, namespaces, TAPs, nftables).
 
 >>> from netstack import NetworkPolicy, Rule, Flow
 >>> policy = NetworkPolicy.custom(
@@ -11,8 +15,6 @@ The policy model (this module's first layer) is pure Python:
 
 Never imports ``rootfs``, ``tls_proxy`` or ``microvm``.
 """
-
-from typing import TYPE_CHECKING
 
 from netstack.addresses import GROUPS, classify_group, normalize_ip, parse_network
 from netstack.classifier import (
@@ -26,12 +28,17 @@ from netstack.classifier import (
 from netstack.destination import Destination
 from netstack.dnsparse import DnsResponse, parse_dns_response
 from netstack.errors import (
+    AddressPlanError,
+    DnsForwarderError,
     FastPathError,
+    GatewayError,
     MalformedDNS,
     MalformedFrame,
     MalformedHello,
     NetstackError,
+    PcapError,
     PolicyError,
+    UplinkError,
 )
 from netstack.flow import Decision, Flow
 from netstack.frameinfo import FrameInfo, parse_frame
@@ -42,22 +49,50 @@ from netstack.policy import PRESET_ALIASES, NetworkPolicy, allow_dns_rule, canon
 from netstack.rule import Rule, parse_port_range
 from netstack.verdict import Verdict
 
-# The gateway (asyncio DNS forwarder, pyroute2, nftables plumbing) loads on first use:
-# the policy model stays cheap to import. Type checkers see the real names.
-if TYPE_CHECKING:
-    from netstack.gateway import (
-        AddressPlan,
-        DnsForwarder,
-        Gateway,
-        PasstUplink,
-        PcapWriter,
-        SlotLease,
-        TapUplink,
-        Uplink,
-        allocate_slot,
-        cleanup_stale,
-    )
+__all__ = [
+    "GROUPS",
+    "PRESET_ALIASES",
+    "AddressPlanError",
+    "Classifier",
+    "ClassifierStats",
+    "ClientHelloInfo",
+    "CompiledEvaluator",
+    "Decision",
+    "Destination",
+    "DnsForwarderError",
+    "DnsResponse",
+    "FastPathError",
+    "Flow",
+    "FlowInfo",
+    "FrameInfo",
+    "GatewayError",
+    "MalformedDNS",
+    "MalformedFrame",
+    "MalformedHello",
+    "NetstackError",
+    "NetworkPolicy",
+    "PcapError",
+    "PinCache",
+    "PolicyError",
+    "Rule",
+    "RuleCounter",
+    "StreamResult",
+    "UplinkError",
+    "Verdict",
+    "allow_dns_rule",
+    "canonical_preset",
+    "classify_group",
+    "normalize_domain",
+    "normalize_ip",
+    "parse_client_hello",
+    "parse_dns_response",
+    "parse_frame",
+    "parse_network",
+    "parse_port_range",
+]
 
+# The old import path of the gateway's names (``from netstack import Gateway``), kept
+# while callers move to ``netstack.gateway``: loaded on first use, not in ``__all__``.
 _GATEWAY_NAMES = frozenset({"AddressPlan", "DnsForwarder", "Gateway", "PasstUplink",
                             "PcapWriter", "SlotLease", "TapUplink", "Uplink",
                             "allocate_slot", "cleanup_stale"})
@@ -71,50 +106,3 @@ def __getattr__(name: str) -> object:
         globals()[name] = value
         return value
     raise AttributeError(f"module 'netstack' has no attribute {name!r}")
-
-__all__ = [
-    "GROUPS",
-    "PRESET_ALIASES",
-    "AddressPlan",
-    "Classifier",
-    "ClassifierStats",
-    "ClientHelloInfo",
-    "CompiledEvaluator",
-    "Decision",
-    "Destination",
-    "DnsForwarder",
-    "DnsResponse",
-    "FastPathError",
-    "Flow",
-    "FlowInfo",
-    "FrameInfo",
-    "Gateway",
-    "MalformedDNS",
-    "MalformedFrame",
-    "MalformedHello",
-    "NetstackError",
-    "NetworkPolicy",
-    "PasstUplink",
-    "PcapWriter",
-    "PinCache",
-    "PolicyError",
-    "Rule",
-    "RuleCounter",
-    "SlotLease",
-    "StreamResult",
-    "TapUplink",
-    "Uplink",
-    "Verdict",
-    "allocate_slot",
-    "allow_dns_rule",
-    "canonical_preset",
-    "classify_group",
-    "cleanup_stale",
-    "normalize_domain",
-    "normalize_ip",
-    "parse_client_hello",
-    "parse_dns_response",
-    "parse_frame",
-    "parse_network",
-    "parse_port_range",
-]

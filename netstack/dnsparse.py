@@ -1,21 +1,23 @@
 """DNS response parsing in C (what the pin cache learns from).
 
+>>> import dns.message, dns.rrset
 >>> from netstack import parse_dns_response
->>> from netstack.dnsparse import build_response
->>> r = parse_dns_response(build_response("www.example.com", [("cname", "cdn.example.net", 60),
-...                                                           ("a", "192.0.2.10", 30)]))
+>>> answer = dns.message.make_response(dns.message.make_query("www.example.com", "A"))
+>>> answer.answer += [
+...     dns.rrset.from_text("www.example.com.", 60, "IN", "CNAME", "cdn.example.net."),
+...     dns.rrset.from_text("cdn.example.net.", 30, "IN", "A", "192.0.2.10")]
+>>> r = parse_dns_response(answer.to_wire())
 >>> r.qname, r.chain, [str(a) for a, _ in r.addresses], r.ttl
 ('www.example.com', ('cdn.example.net',), ['192.0.2.10'], 30)
 """
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 
 from netstack._fastpath import ffi, lib
 from netstack._ipbytes import from16
-from netstack.addresses import IPAddress, normalize_ip
+from netstack.addresses import IPAddress
 from netstack.errors import MalformedDNS
 
 
@@ -49,7 +51,10 @@ def parse_dns_response(message: bytes | bytearray | memoryview) -> DnsResponse:
     records, compression loops or forward pointers, invalid label bytes, chains
     longer than 16).
 
-    >>> parse_dns_response(build_response("a.test", [], rcode=3)).rcode
+    >>> import dns.message, dns.rcode
+    >>> nxdomain = dns.message.make_response(dns.message.make_query("a.test", "A"))
+    >>> nxdomain.set_rcode(dns.rcode.NXDOMAIN)
+    >>> parse_dns_response(nxdomain.to_wire()).rcode
     3
     """
     data = ffi.from_buffer("uint8_t[]", message)
@@ -69,33 +74,3 @@ def parse_dns_response(message: bytes | bytearray | memoryview) -> DnsResponse:
         ttl=int(out.min_ttl),
     )
 
-
-def _name(name: str) -> bytes:
-    out = b""
-    for label in name.strip(".").split("."):
-        if label:
-            raw = label.encode("ascii")
-            out += bytes([len(raw)]) + raw
-    return out + b"\x00"
-
-
-def build_response(qname: str, answers: list[tuple[str, str, int]], *, qtype: str = "a",
-                   rcode: int = 0, ident: int = 0x1234, owner: str | None = None) -> bytes:
-    """Build a DNS response (test and benchmark helper; no compression).
-
-    ``answers`` are ``(type, value, ttl)`` with type ``a``, ``aaaa`` or ``cname``;
-    each record's owner is the previous CNAME target (or ``owner``/``qname``).
-
-    >>> len(build_response("a.test", [("a", "192.0.2.1", 5)]))
-    46
-    """
-    types = {"a": 1, "aaaa": 28, "cname": 5}
-    head = struct.pack("!HHHHHH", ident, 0x8180 | (rcode & 0xF), 1, len(answers), 0, 0)
-    msg = head + _name(qname) + struct.pack("!HH", types[qtype], 1)
-    cur = owner or qname
-    for kind, value, ttl in answers:
-        rdata = _name(value) if kind == "cname" else normalize_ip(value).packed
-        msg += _name(cur) + struct.pack("!HHIH", types[kind], 1, ttl, len(rdata)) + rdata
-        if kind == "cname":
-            cur = value
-    return msg

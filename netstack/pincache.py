@@ -21,11 +21,14 @@ Semantics (reference microsandbox §2.3):
 * Thread-safe: the C cache has its own mutex, so a DNS forwarder may learn
   while the packet loop looks names up.
 
+>>> import dns.message, dns.rrset
 >>> from netstack import PinCache
->>> from netstack.dnsparse import build_response
+>>> answer = dns.message.make_response(dns.message.make_query("WWW.Example.com", "A"))
+>>> answer.answer += [
+...     dns.rrset.from_text("WWW.Example.com.", 300, "IN", "CNAME", "cdn.example.net."),
+...     dns.rrset.from_text("cdn.example.net.", 20, "IN", "A", "192.0.2.10")]
 >>> pins = PinCache()
->>> pins.learn(build_response("WWW.Example.com", [("cname", "cdn.example.net", 300),
-...                                               ("a", "192.0.2.10", 20)]), now=100.0)
+>>> pins.learn(answer.to_wire(), now=100.0)
 1
 >>> sorted(pins.names("192.0.2.10", now=119.0)), sorted(pins.names("192.0.2.10", now=120.0))
 (['www.example.com'], [])
@@ -85,8 +88,10 @@ class PinCache:
         was not an A/AAAA answer.  Raises :class:`~netstack.MalformedDNS` for a
         malformed message.
 
-        >>> from netstack.dnsparse import build_response
-        >>> PinCache().learn(build_response("a.test", [("a", "192.0.2.1", 5)]))
+        >>> import dns.message, dns.rrset
+        >>> answer = dns.message.make_response(dns.message.make_query("a.test", "A"))
+        >>> answer.answer.append(dns.rrset.from_text("a.test.", 5, "IN", "A", "192.0.2.1"))
+        >>> PinCache().learn(answer.to_wire())
         1
         """
         data = ffi.from_buffer("uint8_t[]", response)

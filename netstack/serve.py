@@ -17,7 +17,7 @@ root; ``passt``: Debian's passt, any user). Transports:
 
 Once listening, one JSON line goes to stdout: the guest configuration (addresses,
 gateway, DNS, MTU, MAC), the socket, the transport and the published ports. ``SIGHUP``
-re-reads the policy file and swaps it in atomically (:meth:`netstack.Gateway.reload`;
+re-reads the policy file and swaps it in atomically (:meth:`netstack.gateway.Gateway.reload`;
 a bad file is logged and the old policy kept); ``SIGTERM``/``SIGINT`` or the VMM hanging
 up end the process, after which everything it created is gone.
 
@@ -353,7 +353,7 @@ def dns_query_frame(guest: dict[str, Any], name: str, txid: int = 0x4242) -> byt
     """The Ethernet frame of a guest's UDP DNS query for ``name`` (A) to its gateway
     (``guest``: the ``"guest"`` entry ``serve`` printed), for VMM stand-ins and tests.
 
-    >>> from netstack import AddressPlan
+    >>> from netstack.gateway import AddressPlan
     >>> frame = dns_query_frame(AddressPlan(3).guest_config(), "example.com")
     >>> frame[12:14], len(frame) > 42
     (b'\\x08\\x00', True)

@@ -242,7 +242,7 @@ class TlsProxy:
         """Listen for redirected TLS flows; the destination comes from ``lookup`` or
         ``SO_ORIGINAL_DST`` (nftables/iptables ``redirect``). ``sock``: serve an already
         bound, listening socket instead of ``host``/``port`` (e.g. one a gateway opened in
-        its uplink namespace: ``netstack.Gateway.intercept_tls()``).
+        its uplink namespace: ``netstack.gateway.Gateway.intercept_tls()``).
 
         Example::
 

@@ -2,12 +2,12 @@
 and the TLS proxy that injects secrets.
 
 Every piece is a seam: ``uplink_factory(sandbox_name, plan) -> netstack.gateway.Uplink``
-(default: :class:`netstack.TapUplink` when this process may create a TAP (root), else
-:class:`netstack.PasstUplink` (rootless, Debian's passt)) and ``proxy_factory(config) ->
+(default: :class:`netstack.gateway.TapUplink` when this process may create a TAP (root), else
+:class:`netstack.gateway.PasstUplink` (rootless, Debian's passt)) and ``proxy_factory(config) ->
 SecretProxy`` (default :class:`tls_proxy.TlsProxy`). TLS reaches the proxy through the
 uplink's redirect (TAP: nftables in the uplink namespace) or the gateway's steering NAT
 (passt: loopback listeners that claim each flow's original destination through the
-proxy's ``lookup``), see :meth:`netstack.Gateway.tls_interception`. A sandbox with secrets
+proxy's ``lookup``), see :meth:`netstack.gateway.Gateway.tls_interception`. A sandbox with secrets
 whose uplink can do neither refuses to start (:class:`~microvm.errors.SandboxError`): a
 placeholder must never reach an origin un-substituted.
 

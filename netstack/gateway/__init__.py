@@ -1,4 +1,8 @@
-"""netstack.gateway: the parts of a sandbox's network around the C frame loop.
+"""netstack.gateway: the privileged parts of a sandbox's network around the C frame loop.
+
+The "hazmat" layer under :mod:`netstack` (the policy model and the classifier): these
+create network namespaces, TAPs, veths and nftables rules (root) or run passt, and
+raise :class:`GatewayError` (and its subclasses, all exported here).
 
 * :class:`AddressPlan` / :func:`allocate_slot`: per-sandbox addresses, MACs, MTU
   (default :data:`SANDBOX_GUEST_MTU`, 65520) and the guest's bootstrap network config.
@@ -15,19 +19,20 @@
 '172.16.0.1'
 """
 
+from netstack.errors import (
+    AddressPlanError,
+    DnsForwarderError,
+    GatewayError,
+    PcapError,
+    UplinkError,
+)
 from netstack.gateway.addressing import (
     SANDBOX_GUEST_MTU,
     AddressPlan,
     SlotLease,
     allocate_slot,
-    microvm_home,
 )
-from netstack.gateway.dns_forwarder import (
-    DnsForwarder,
-    ForwarderThread,
-    is_rebind_address,
-    pin_cache_callback,
-)
+from netstack.gateway.dns_forwarder import DnsForwarder, pin_cache_callback
 from netstack.gateway.gateway import Gateway
 from netstack.gateway.pcap import PcapWriter
 from netstack.gateway.published import PublishedPort
@@ -44,21 +49,23 @@ from netstack.gateway.uplink_tap import TapUplink, uplink_names
 __all__ = [
     "SANDBOX_GUEST_MTU",
     "AddressPlan",
+    "AddressPlanError",
     "DnsForwarder",
-    "ForwarderThread",
+    "DnsForwarderError",
     "Gateway",
+    "GatewayError",
     "PasstUplink",
+    "PcapError",
     "PcapWriter",
     "PublishedPort",
     "RedirectingUplink",
     "SlotLease",
     "TapUplink",
     "Uplink",
+    "UplinkError",
     "allocate_slot",
     "cleanup_stale",
     "has_redirects",
-    "is_rebind_address",
-    "microvm_home",
     "missing_uplink_members",
     "pin_cache_callback",
     "uplink_names",

@@ -79,7 +79,7 @@ class AddressPlan:
 
     ``ipv6=True`` adds the slot's ULA /64. ``mtu`` must be 576..65520 (default
     :data:`SANDBOX_GUEST_MTU`, 65520; above the uplink's 1500 the gateway needs a
-    ``vnet_hdr`` uplink, the :class:`~netstack.TapUplink` default).
+    ``vnet_hdr`` uplink, the :class:`~netstack.gateway.TapUplink` default).
 
     >>> p = AddressPlan(0, ipv6=True)
     >>> p.guest_config()["ipv4"]

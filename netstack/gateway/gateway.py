@@ -8,8 +8,8 @@ which runs in its own pthread without the GIL:
   ``"stream"`` (u32 big-endian length + frame: QEMU ``-netdev stream``, libkrun
   unixstream), ``"dgram"`` (one frame per datagram, an optional leading ``VFKT``
   handshake is consumed) or ``"tap"`` (a TAP fd);
-* allowed frames go to the uplink (any object implementing :class:`~netstack.Uplink`;
-  :class:`~netstack.TapUplink` is the root one), replies of allowed flows (and ICMP
+* allowed frames go to the uplink (any object implementing :class:`~netstack.gateway.Uplink`;
+  :class:`~netstack.gateway.TapUplink` is the root one), replies of allowed flows (and ICMP
   errors about them) come back; anything else arriving on the uplink is dropped, except
   connections to published ports;
 * a guest packet larger than the uplink's MTU leaves as a GSO packet (TCP on a
@@ -41,7 +41,8 @@ which runs in its own pthread without the GIL:
 Python only handles slow-path events, read from a bounded ring in its own thread;
 the C loop never waits for Python (a full ring drops events and counts them).
 
->>> from netstack import Gateway, NetworkPolicy, TapUplink, AddressPlan
+>>> from netstack import NetworkPolicy
+>>> from netstack.gateway import Gateway, TapUplink, AddressPlan
 >>> import socket
 >>> vmm, mine = socket.socketpair()                                   # doctest: +SKIP
 >>> with TapUplink("doc-gw", AddressPlan(7)) as up, \\
@@ -198,8 +199,8 @@ def _size_socket_buffers(fd: int) -> None:
 class Gateway:
     """The policy-enforcing gateway of one sandbox (see the module docstring).
 
-    ``uplink``: any object implementing :class:`~netstack.Uplink` (e.g. a
-    :class:`~netstack.TapUplink`; closed with the gateway only if ``own_uplink``);
+    ``uplink``: any object implementing :class:`~netstack.gateway.Uplink` (e.g. a
+    :class:`~netstack.gateway.TapUplink`; closed with the gateway only if ``own_uplink``);
     DNS over TCP, ``published_ports`` and :meth:`intercept_tls` need its
     :class:`~netstack.gateway.RedirectingUplink` capability. Exactly one of ``guest_socket`` (a socket object; the gateway
     takes it over and closes it) or ``guest_fd`` (an fd the caller keeps owning) is the
@@ -211,8 +212,8 @@ class Gateway:
     (TCP), ``"host:guest/udp"`` or ``PublishedPort(h, g, "udp")`` (UDP, checked per
     datagram; see :attr:`published_udp`); host port 0 = any free one. ``mtu``: the guest
     link's MTU (default: the uplink plan's, :data:`~netstack.gateway.SANDBOX_GUEST_MTU` =
-    65520 for a default :class:`~netstack.AddressPlan`); above the uplink's MTU (1500)
-    it needs a ``vnet_hdr`` uplink (the :class:`~netstack.TapUplink` default): large
+    65520 for a default :class:`~netstack.gateway.AddressPlan`); above the uplink's MTU (1500)
+    it needs a ``vnet_hdr`` uplink (the :class:`~netstack.gateway.TapUplink` default): large
     guest TCP frames leave as GSO packets cut to the uplink's MSS, and the MSS option of
     SYNs towards the guest is raised to the guest link's when the peer accepts
     full-size segments (:meth:`guest_config` reports the MTU); other packets too big
@@ -224,7 +225,7 @@ class Gateway:
     >>> Gateway(NetworkPolicy.none(), uplink=None, guest_fd=0)   # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    netstack.errors.GatewayError: uplink must implement netstack.Uplink (missing: plan, mtu, vnet_hdr, ipv6_egress, tap_fd, set_mtu, close), got NoneType
+    netstack.errors.GatewayError: uplink must implement netstack.gateway.Uplink (missing: plan, mtu, vnet_hdr, ipv6_egress, tap_fd, set_mtu, close), got NoneType
     """
 
     def __init__(self, policy: NetworkPolicy, *, uplink: Uplink,
@@ -242,7 +243,7 @@ class Gateway:
             raise GatewayError(f"policy must be a NetworkPolicy, got {type(policy).__name__}")
         missing = missing_uplink_members(uplink)
         if missing:
-            raise GatewayError(f"uplink must implement netstack.Uplink (missing: "
+            raise GatewayError(f"uplink must implement netstack.gateway.Uplink (missing: "
                                f"{', '.join(missing)}), got {type(uplink).__name__}")
         if transport not in _MODES:
             raise GatewayError(f"transport must be 'stream', 'dgram' or 'tap', got {transport!r}")

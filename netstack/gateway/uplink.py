@@ -1,15 +1,15 @@
-"""The ``Uplink`` protocol: what a :class:`~netstack.Gateway` needs from the network
+"""The ``Uplink`` protocol: what a :class:`~netstack.gateway.Gateway` needs from the network
 its allowed traffic leaves through.
 
 An uplink carries Ethernet frames between the gateway's C loop and the outside world,
-addressed as the sandbox's :class:`~netstack.AddressPlan` says (the uplink side owns the
-gateway's addresses and MAC). :class:`~netstack.TapUplink` (netns + TAP + NAT, root)
+addressed as the sandbox's :class:`~netstack.gateway.AddressPlan` says (the uplink side owns the
+gateway's addresses and MAC). :class:`~netstack.gateway.TapUplink` (netns + TAP + NAT, root)
 implements it; a rootless uplink (e.g. passt behind a socket pair) implements the same
 members. The gateway never asks which kind it got.
 
 **Core members** (:class:`Uplink`, every uplink):
 
-* ``plan``: the :class:`~netstack.AddressPlan` the uplink was built for;
+* ``plan``: the :class:`~netstack.gateway.AddressPlan` the uplink was built for;
 * ``mtu``: the largest IP packet (bytes after the Ethernet header) the uplink carries;
   larger guest packets are sent as GSO packets (TCP, with ``vnet_hdr``), fragmented
   (IPv4 without DF) or answered with ICMP "fragmentation needed" / ICMPv6 "packet too
@@ -24,7 +24,7 @@ members. The gateway never asks which kind it got.
   uplink must then carry at most that);
 * ``close()``: release everything (called by the gateway only with ``own_uplink``).
 
-**Optional members** (looked up with ``getattr``; :class:`~netstack.PasstUplink` has them all):
+**Optional members** (looked up with ``getattr``; :class:`~netstack.gateway.PasstUplink` has them all):
 
 * ``stream_framing`` (default False): ``tap_fd`` is a stream socket carrying frames
   with a 4-byte big-endian length prefix (passt's ``--fd``, QEMU's ``-netdev stream``),
@@ -54,9 +54,9 @@ gateway's addresses):
   listener on ``to_port`` (transparent TLS proxy), UDP to them is dropped if asked;
 * ``clear_redirects()``: undo both (the gateway calls it when it closes).
 
-Without the capability, ``published_ports`` and :meth:`~netstack.Gateway.intercept_tls`
+Without the capability, ``published_ports`` and :meth:`~netstack.gateway.Gateway.intercept_tls`
 are refused with a :class:`~netstack.errors.GatewayError`; a steering uplink serves DNS
-over TCP and :meth:`~netstack.Gateway.tls_interception` through the NAT instead, any
+over TCP and :meth:`~netstack.gateway.Gateway.tls_interception` through the NAT instead, any
 other one gets a RST for DNS over TCP (DNS over UDP still goes to the forwarder).
 
 >>> from netstack.gateway import Uplink, missing_uplink_members
@@ -87,7 +87,7 @@ class Uplink(Protocol):
     user-space network, over a datagram socket pair:
 
     >>> import socket
-    >>> from netstack import AddressPlan
+    >>> from netstack.gateway import AddressPlan
     >>> class PairUplink:
     ...     def __init__(self, plan: AddressPlan) -> None:
     ...         self.plan, self.mtu, self.vnet_hdr, self.ipv6_egress = plan, 1500, False, False
@@ -141,9 +141,9 @@ class Uplink(Protocol):
 @runtime_checkable
 class RedirectingUplink(Uplink, Protocol):
     """An uplink with a local network stack the gateway serves the guest from (DNS over
-    TCP, TLS interception, published ports). :class:`~netstack.TapUplink` is one.
+    TCP, TLS interception, published ports). :class:`~netstack.gateway.TapUplink` is one.
 
-    >>> from netstack import TapUplink
+    >>> from netstack.gateway import TapUplink
     >>> has_redirects(TapUplink)
     True
     """
@@ -203,7 +203,7 @@ def has_steering(obj: object) -> bool:
     """Whether ``obj`` (an uplink or its class) lets the gateway steer flows to the host's
     loopback by NAT (``steer_to_host`` on a ``stream_framing`` uplink: passt).
 
-    >>> from netstack import PasstUplink
+    >>> from netstack.gateway import PasstUplink
     >>> has_steering(PasstUplink), has_steering(object())
     (True, False)
     """
@@ -217,9 +217,9 @@ def has_steering(obj: object) -> bool:
 
 def can_intercept_tls(obj: object) -> bool:
     """Whether a gateway on uplink ``obj`` can steer TLS to a proxy
-    (:meth:`~netstack.Gateway.tls_interception`): a redirecting or a steering uplink.
+    (:meth:`~netstack.gateway.Gateway.tls_interception`): a redirecting or a steering uplink.
 
-    >>> from netstack import TapUplink, PasstUplink
+    >>> from netstack.gateway import TapUplink, PasstUplink
     >>> can_intercept_tls(TapUplink), can_intercept_tls(PasstUplink), can_intercept_tls(1)
     (True, True, False)
     """

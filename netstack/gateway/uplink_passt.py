@@ -9,7 +9,7 @@ Topology for one sandbox (any user)::
 ``passt --fd`` speaks the same framing as QEMU's ``-netdev stream`` (a 4-byte
 big-endian length before every Ethernet frame), so the gateway's C loop reads and
 writes it itself (``stream_framing``): no relay, no copy in Python. Every guest frame
-is classified first, exactly as with :class:`~netstack.TapUplink`; passt sees only
+is classified first, exactly as with :class:`~netstack.gateway.TapUplink`; passt sees only
 allowed traffic and DNS never reaches it un-steered (the forwarder answers UDP DNS; DNS
 over TCP is steered to the forwarder, see below).
 
@@ -38,7 +38,7 @@ listeners in), but a *steering* one (``steer_to_host``): the gateway's C loop NA
 DNS over TCP (any address) and the intercepted TLS ports to pools of listeners on the
 host's loopback, which claim each flow's original destination from the loop
 (``netstack/csrc/steer.c``, :mod:`netstack.gateway.steering`,
-:meth:`~netstack.Gateway.tls_interception`); a claim is honoured only for a connection
+:meth:`~netstack.gateway.Gateway.tls_interception`); a claim is honoured only for a connection
 from passt's uid (``peer_uid``). Published ports are passt's own forwards
 (``forwarded_ports``: listeners on the host's 127.0.0.1 owned by our passt child),
 ingress-checked by the gateway's C loop like the TAP uplink's.

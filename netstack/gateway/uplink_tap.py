@@ -55,7 +55,7 @@ All names are derived from the sandbox name (IFNAMSIZ-safe, common prefixes ``mv
 for links and ``microvm`` for the namespace and nft tables), recorded in
 ``$MICROVM_HOME/net/uplinks/T.json`` before anything is created, and removed by
 :meth:`TapUplink.close`, at interpreter exit, when the object is collected, or by
-:func:`netstack.cleanup_stale` after a crash.
+:func:`netstack.gateway.cleanup_stale` after a crash.
 
 >>> uplink_names("web-1")["tap"]
 'mvtweb1c4719a'
@@ -276,7 +276,7 @@ def _teardown(record: UplinkRecord, fd_box: list[int], state_path: Path) -> None
     try:
         remove_objects(record)
     except Exception as e:  # pragma: no cover - best effort at exit
-        log.warning("uplink %s: cleanup incomplete (%s); netstack.cleanup_stale() retries",
+        log.warning("uplink %s: cleanup incomplete (%s); netstack.gateway.cleanup_stale() retries",
                     record.sandbox, e)
         return
     try:

@@ -104,7 +104,7 @@ def test_thousands_of_domain_rules_keep_first_match_order() -> None:
 
 def test_invalid_names_never_match() -> None:
     from netstack import PinCache
-    from netstack.dnsparse import build_response
+    from tests.netstack_fastpath._dns import build_response
 
     pins = PinCache()
     assert pins.learn(build_response("-bad.example.com", [("a", "192.0.2.1", 60)])) == 0

@@ -10,7 +10,7 @@ import dns.rrset
 import pytest
 
 from netstack import FastPathError, MalformedDNS, PinCache, parse_dns_response
-from netstack.dnsparse import build_response
+from tests.netstack_fastpath._dns import build_response
 
 
 def dnspython_response(qname: str, qtype: str, records: list[tuple[str, int, str, str]],

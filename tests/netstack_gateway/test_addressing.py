@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from netstack import AddressPlan, allocate_slot
 from netstack.errors import AddressPlanError, NetstackError
+from netstack.gateway import AddressPlan, allocate_slot
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -15,8 +15,9 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from netstack import Decision, DnsForwarder, NetworkPolicy, Rule
+from netstack import Decision, NetworkPolicy, Rule
 from netstack.errors import DnsForwarderError
+from netstack.gateway import DnsForwarder
 from netstack.gateway.dns_forwarder import (
     ForwarderThread,
     Upstream,
@@ -493,7 +494,7 @@ def test_forwarder_thread_submit_from_threads(auth: AuthServer) -> None:
 
 
 def test_inactive_family_gets_empty_noerror(auth: AuthServer) -> None:
-    from netstack import AddressPlan
+    from netstack.gateway import AddressPlan
 
     fwd = DnsForwarder.for_plan(ALLOW_ALL, AddressPlan(0), upstreams=[auth.upstream])
     r = ask(fwd, "v6.example.test", "AAAA")

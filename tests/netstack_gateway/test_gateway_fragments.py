@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from netstack import AddressPlan, Gateway, NetworkPolicy, TapUplink
+from netstack import NetworkPolicy
 from netstack.frameinfo import build_frame
+from netstack.gateway import AddressPlan, Gateway, TapUplink
 from tests.netstack_fastpath._frags import frag4, frag6, fragment4, fragment6
 from tests.netstack_gateway.test_gateway_loop import GUEST, REMOTE, loop
 from tests.netstack_gateway.topology import (

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from netstack import AddressPlan, Gateway, NetworkPolicy, Rule, TapUplink, cleanup_stale
+from netstack import NetworkPolicy, Rule
 from netstack.errors import UplinkError
+from netstack.gateway import AddressPlan, Gateway, TapUplink, cleanup_stale
 from netstack.gateway.uplink_tap import host_ipv6_usable
 from tests.netstack_gateway.topology import (
     UPSTREAM_DNS_IP,

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from netstack import AddressPlan, Gateway, NetworkPolicy, TapUplink, cleanup_stale
+from netstack import NetworkPolicy
 from netstack.errors import GatewayError
+from netstack.gateway import AddressPlan, Gateway, TapUplink, cleanup_stale
 from tests.netstack_gateway.topology import UPSTREAM_DNS_IP, UPSTREAM_IP, uplink_and_topology
 from tests.support import require_binaries, require_root
 

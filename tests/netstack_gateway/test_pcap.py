@@ -11,8 +11,8 @@ from pathlib import Path
 import dpkt
 import pytest
 
-from netstack import PcapWriter
 from netstack.errors import PcapError
+from netstack.gateway import PcapWriter
 from tests.support import require_binaries
 
 pytestmark = pytest.mark.timeout(60)

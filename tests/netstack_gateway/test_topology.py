@@ -19,7 +19,8 @@ import dns.message
 import dns.rcode
 import pytest
 
-from netstack import AddressPlan, DnsForwarder, NetworkPolicy, Rule, TapUplink, cleanup_stale
+from netstack import NetworkPolicy, Rule
+from netstack.gateway import AddressPlan, DnsForwarder, TapUplink, cleanup_stale
 from tests.netstack_gateway.kernel_objects import snapshot
 from tests.netstack_gateway.topology import (
     UPSTREAM_DNS_IP,

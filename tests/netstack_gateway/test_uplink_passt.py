@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from netstack import AddressPlan, Gateway, NetworkPolicy, PasstUplink, Rule
+from netstack import NetworkPolicy, Rule
 from netstack.errors import GatewayError, UplinkError
+from netstack.gateway import AddressPlan, Gateway, PasstUplink
 from netstack.gateway.uplink_passt import passt_argv
 from tests.netstack_gateway.topology import (
     UPSTREAM_DNS_IP,

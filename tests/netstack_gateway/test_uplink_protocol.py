@@ -20,12 +20,16 @@ from pathlib import Path
 
 import pytest
 
-from netstack import AddressPlan, Gateway, NetworkPolicy, TapUplink, Uplink
+from netstack import NetworkPolicy
 from netstack.errors import GatewayError
 from netstack.frameinfo import build_frame
 from netstack.gateway import (
     SANDBOX_GUEST_MTU,
+    AddressPlan,
+    Gateway,
     RedirectingUplink,
+    TapUplink,
+    Uplink,
     has_redirects,
     missing_uplink_members,
 )
@@ -109,7 +113,7 @@ def test_the_protocol_is_satisfied_by_the_tap_uplink_and_a_user_class() -> None:
 ])
 def test_a_non_uplink_is_a_typed_error_naming_the_missing_members(bad: object,
                                                                    missing: str) -> None:
-    with pytest.raises(GatewayError, match=rf"uplink must implement netstack.Uplink "
+    with pytest.raises(GatewayError, match=rf"uplink must implement netstack.gateway.Uplink "
                                            rf"\(missing: {missing}\), got"):
         Gateway(NetworkPolicy.none(), uplink=bad, guest_fd=0)  # type: ignore[arg-type]
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from netstack import AddressPlan, TapUplink, cleanup_stale
 from netstack.errors import UplinkError
+from netstack.gateway import AddressPlan, TapUplink, cleanup_stale
 from netstack.gateway.uplink_tap import uplink_names
 from tests.netstack_gateway.kernel_objects import Snapshot, netns_links
 from tests.netstack_gateway.kernel_objects import snapshot as host_snapshot

@@ -40,7 +40,7 @@ from pathlib import Path
 import trustme
 from pyroute2 import IPRoute, NetNS, netns
 
-from netstack import AddressPlan, PasstUplink, TapUplink, cleanup_stale
+from netstack.gateway import AddressPlan, PasstUplink, TapUplink, cleanup_stale
 from netstack.gateway.uplink_tap import uplink_names
 from tests.netstack_gateway.kernel_objects import snapshot
 
@@ -389,8 +389,8 @@ def uplink_and_topology(name: str, plan: AddressPlan, tmp: Path, token_suffix: s
                         upstream: bool = True, mode: str = "stream", vfkit: bool = False,
                         kind: str = "tap", **uplink_kw: bool
                         ) -> Iterator[tuple[TapUplink | PasstUplink, Topology]]:
-    """A :class:`~netstack.TapUplink` (state under ``tmp/home``; ``kind="passt"``: a
-    :class:`~netstack.PasstUplink`, whose passt leaves the upstream through the host's
+    """A :class:`~netstack.gateway.TapUplink` (state under ``tmp/home``; ``kind="passt"``: a
+    :class:`~netstack.gateway.PasstUplink`, whose passt leaves the upstream through the host's
     routes like the TAP uplink's NAT) and a :class:`Topology` for one test rig. Both are
     removed afterwards (also on errors), stale records are cleaned, and the host's
     namespaces, links and nft tables of ours must then be exactly as before (and no
