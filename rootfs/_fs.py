@@ -53,7 +53,8 @@ def fsync_dir(path: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_replace(path: Path | Callable[[], Path], mode: int = 0o644, *,
-                   tmp_dir: Path | None = None, prefix: str = "") -> Iterator[Path]:
+                   tmp_dir: Path | None = None, prefix: str = "",
+                   durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path to fill; on success it becomes ``path`` atomically.
 
     The temporary file is created empty in ``tmp_dir`` (default: ``path``'s directory;
@@ -61,7 +62,8 @@ def atomic_replace(path: Path | Callable[[], Path], mode: int = 0o644, *,
     fsynced, given ``mode``, renamed over ``path`` and ``path``'s directory is fsynced;
     on an exception it is removed and ``path`` is untouched. ``path`` may be a
     callable (with ``tmp_dir``) when the name is known only from the contents, as a
-    blob's digest is: it is called after the block.
+    blob's digest is: it is called after the block. ``durable=False`` skips both
+    fsyncs (still atomic, not crash-proof): for records that die with their process.
 
     Example::
 
@@ -84,11 +86,12 @@ def atomic_replace(path: Path | Callable[[], Path], mode: int = 0o644, *,
     tmp = Path(name)
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if durable:
+            fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
         os.chmod(tmp, mode)
         final = path if isinstance(path, Path) else path()
         os.replace(tmp, final)
@@ -96,11 +99,12 @@ def atomic_replace(path: Path | Callable[[], Path], mode: int = 0o644, *,
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    fsync_dir(final.parent)
+    if durable:
+        fsync_dir(final.parent)
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644, *,
-                 tmp_dir: Path | None = None) -> None:
+                 tmp_dir: Path | None = None, durable: bool = True) -> None:
     """Write ``data`` to ``path`` atomically and durably (see :func:`atomic_replace`).
 
     Example::
@@ -111,7 +115,8 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644, *,
         >>> p.read_text()
         '{"digest": "x"}'
     """
-    with atomic_replace(path, mode, tmp_dir=tmp_dir) as tmp, open(tmp, "wb") as f:
+    with atomic_replace(path, mode, tmp_dir=tmp_dir, durable=durable) as tmp, \
+            open(tmp, "wb") as f:
         f.write(data)
 
 

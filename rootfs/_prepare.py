@@ -149,8 +149,10 @@ def prepare_root(store: BlobDir, img: Image, *, patches: Iterable[Patch], upper_
                             "upper_disk": str(upper), "created": time.time()}
     if dest is None:
         meta["owner"] = {"pid": os.getpid(), "start": process_start_time(os.getpid())}
-    # recorded before the slow work: a prepare killed half-way is still pruned
-    atomic_write(record / "meta.json", json.dumps({**meta, "complete": False}).encode())
+    # recorded before the slow work: a prepare killed half-way is still pruned. Not
+    # fsynced: after a crash its owner (this process, or dest) is gone or stale anyway.
+    atomic_write(record / "meta.json", json.dumps({**meta, "complete": False}).encode(),
+                 durable=False)
     staging = Path(tempfile.mkdtemp(dir=staging_dir or sandbox, prefix=".staging-"))
     ok = False
     try:
@@ -167,7 +169,8 @@ def prepare_root(store: BlobDir, img: Image, *, patches: Iterable[Patch], upper_
         PatchTarget(staging / "upper", lower).apply(plist)
         build_ext4(staging, upper, upper_size_mib, label="upper")
         os.chmod(upper, 0o600)  # patches may carry secrets
-        atomic_write(record / "meta.json", json.dumps({**meta, "complete": True}).encode())
+        atomic_write(record / "meta.json", json.dumps({**meta, "complete": True}).encode(),
+                     durable=False)
         ok = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
