@@ -4,7 +4,15 @@ from __future__ import annotations
 
 
 class NetstackError(Exception):
-    """Base class of every error raised by netstack."""
+    """Base class of every error raised by netstack.
+
+    >>> from netstack import NetworkPolicy
+    >>> try:
+    ...     NetworkPolicy.from_dict({"default_egress": "maybe"})
+    ... except NetstackError as e:
+    ...     print(type(e).__name__)
+    PolicyError
+    """
 
 
 class PolicyError(NetstackError, ValueError):
@@ -12,6 +20,11 @@ class PolicyError(NetstackError, ValueError):
 
     The message names the offending value and what is allowed, e.g.
     ``PolicyError("port range '90-80' is inverted (start 90 > end 80)")``.
+
+    >>> from netstack import Rule
+    >>> Rule.allow(destination="api.example.com", protocol="tcp", port="90-80")
+    Traceback (most recent call last):
+    netstack.errors.PolicyError: port range '90-80' is inverted (start 90 > end 80)
     """
 
 
@@ -20,23 +33,54 @@ class GatewayError(NetstackError):
 
     The message names the bad value or the failed operation, e.g.
     ``GatewayError("slot 70000 is out of range 0..65535")``.
+
+    >>> from netstack.gateway import AddressPlan
+    >>> try:
+    ...     AddressPlan(70000)
+    ... except GatewayError as e:
+    ...     print(e)
+    slot 70000 is out of range 0..65535
     """
 
 
 class AddressPlanError(GatewayError, ValueError):
-    """An address plan or slot was invalid, or no slot was free."""
+    """An address plan or slot was invalid, or no slot was free.
+
+    >>> from netstack.gateway import AddressPlan
+    >>> AddressPlan(0, mtu=100)
+    Traceback (most recent call last):
+    netstack.errors.AddressPlanError: mtu must be an int in 576..65520, got 100
+    """
 
 
 class UplinkError(GatewayError):
-    """Creating or removing a sandbox uplink (netns, TAP, veth, nftables) failed."""
+    """Creating or removing a sandbox uplink (netns, TAP, veth, nftables) failed.
+
+    >>> raise UplinkError("ip netns add microvm-x failed: File exists")
+    Traceback (most recent call last):
+    netstack.errors.UplinkError: ip netns add microvm-x failed: File exists
+    """
 
 
 class DnsForwarderError(GatewayError, ValueError):
-    """A DNS forwarder was misconfigured (e.g. an upstream that is not IP[:PORT])."""
+    """A DNS forwarder was misconfigured (e.g. an upstream that is not IP[:PORT]).
+
+    >>> from netstack import NetworkPolicy
+    >>> from netstack.gateway import DnsForwarder
+    >>> DnsForwarder(NetworkPolicy.public_only().evaluate_dns, upstreams=["not-an-ip"])
+    Traceback (most recent call last):
+    netstack.errors.DnsForwarderError: upstream must be IP, IP:PORT or [IPv6]:PORT, got 'not-an-ip'
+    """
 
 
 class PcapError(GatewayError, ValueError):
-    """A pcap writer was misconfigured or used after close."""
+    """A pcap writer was misconfigured or used after close.
+
+    >>> from netstack.gateway import PcapWriter
+    >>> PcapWriter("trace.pcap", format="erf")
+    Traceback (most recent call last):
+    netstack.errors.PcapError: format must be 'pcap' or 'pcapng', got 'erf'
+    """
 
 
 class FastPathError(NetstackError):
