@@ -1,5 +1,7 @@
-"""End to end: guest netns -> fake VMM -> the C gateway (netstack.Gateway) -> TapUplink ->
-upstream netns with TEST-NET servers. Real kernels, real curl/dig/ping, no mocks.
+"""End to end: guest netns -> fake VMM -> the C gateway (netstack.gateway.Gateway) -> TapUplink
+or PasstUplink -> upstream netns with TEST-NET servers. Real kernels, real curl/dig/ping,
+no mocks. The passt rig is rootless as it would be for a user: the gateway process and
+passt run as ``nobody`` (tests/netstack_gateway/unprivileged.py); only the topology is root's.
 
 One topology + uplink per module (host loopback enabled, so the gateway's policy is what
 decides about the ``host`` group); one Gateway per test on the fake VMM's stream socket.
@@ -18,20 +20,20 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from netstack import (
+from netstack import NetworkPolicy, Rule
+from netstack.errors import GatewayError, UplinkError
+from netstack.gateway import (
     AddressPlan,
     Gateway,
-    NetworkPolicy,
-    PasstUplink,
-    Rule,
+    PublishedPort,
     TapUplink,
     cleanup_stale,
+    uplink_names,
 )
-from netstack.errors import GatewayError, UplinkError
-from netstack.gateway import PublishedPort, uplink_names
 from netstack.gateway.published import PortPublisher
 from tests.netstack_gateway.kernel_objects import snapshot
 from tests.netstack_gateway.topology import (
@@ -42,20 +44,43 @@ from tests.netstack_gateway.topology import (
     host_loopback_http,
     uplink_and_topology,
 )
-from tests.support import require_binaries, require_root
+from tests.netstack_gateway.unprivileged import RemoteGateway, UnprivilegedGateways
+from tests.support import NOBODY, require_binaries, require_root
 
 pytestmark = pytest.mark.timeout(60)
 
 
 class Rig:
-    def __init__(self, topo: Topology, uplink: TapUplink | PasstUplink, tmp: Path) -> None:
-        self.topo, self.uplink, self.tmp = topo, uplink, tmp
-        self.kind = "passt" if isinstance(uplink, PasstUplink) else "tap"
+    """A topology and the uplink side: an in-process TapUplink, or (passt) the
+    unprivileged server whose gateways are :class:`RemoteGateway` handles."""
 
-    def gateway(self, policy: NetworkPolicy, **kw: object) -> Gateway:
+    def __init__(self, topo: Topology, uplink: TapUplink | None, tmp: Path,
+                 server: UnprivilegedGateways | None = None) -> None:
+        self.topo, self.tmp, self.server = topo, tmp, server
+        self._uplink = uplink
+        self.kind = "tap" if server is None else "passt"
+
+    @property
+    def scratch(self) -> Path:
+        """A directory the gateway's process may write (the passt rig's: nobody's)."""
+        return self.tmp if self.server is None else self.server.workdir
+
+    @property
+    def uplink(self) -> TapUplink:
+        assert self._uplink is not None, "the passt rig's uplink lives in its server"
+        return self._uplink
+
+    def gateway(self, policy: NetworkPolicy, **kw: object) -> Any:
+        """A Gateway with the rig's guest socket and DNS upstream (``kw`` overrides them;
+        ``guest_fd=None`` leaves it out)."""
+        if self.server is not None:
+            return self.server.gateway(policy, **kw)
         assert self.topo.vmm_socket is not None
-        return Gateway(policy, uplink=self.uplink, guest_fd=self.topo.vmm_socket.fileno(),
-                       dns_upstreams=[UPSTREAM_DNS_IP], **kw)  # type: ignore[arg-type]
+        args: dict[str, Any] = {"guest_fd": self.topo.vmm_socket.fileno(),
+                                "dns_upstreams": [UPSTREAM_DNS_IP], **kw}
+        if args["guest_fd"] is None:
+            del args["guest_fd"]
+        return Gateway(policy, uplink=self.uplink, **args)
 
     def run(self, argv: list[str], timeout: float = 20) -> subprocess.CompletedProcess[str]:
         return self.topo.run_in_guest(argv, timeout=timeout)
@@ -74,9 +99,8 @@ class Rig:
 @pytest.fixture(scope="module", params=["tap", "passt"])
 def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         ) -> Iterator[Rig]:
-    """The same scenarios over each uplink: the TAP uplink (root) and the passt uplink
-    (passt drops to nobody here; the unprivileged gateway itself is in
-    test_uplink_passt.py)."""
+    """The same scenarios over each uplink: the TAP uplink (root) and the passt uplink,
+    whose gateway process and passt run as nobody."""
     require_root()
     require_binaries("ip", "nft", "curl", "dig", "ping")
     if request.param == "passt":
@@ -85,7 +109,20 @@ def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     kw = {"vnet_hdr": True} if request.param == "tap" else {}
     with uplink_and_topology("gw-e2e", AddressPlan(3220), tmp, "e", host_loopback=True,
                              kind=request.param, **kw) as (uplink, topo):
-        yield Rig(topo, uplink, tmp)
+        if isinstance(uplink, TapUplink):
+            yield Rig(topo, uplink, tmp)
+            return
+        uplink.close()  # root's passt: the rig's own runs in the unprivileged server
+        assert topo.vmm_socket is not None
+        server = UnprivilegedGateways(3220, topo.vmm_socket.fileno(), host_loopback=True,
+                                      dns_upstreams=[UPSTREAM_DNS_IP])
+        try:
+            assert server.info["uid"] == NOBODY and server.info["passt_uid"] == NOBODY
+            yield Rig(topo, None, tmp, server)
+        finally:
+            passt_pid = server.info["passt_pid"]
+            server.close()
+            assert not Path(f"/proc/{passt_pid}").exists(), "passt left running"
 
 
 @pytest.fixture(scope="module")
@@ -281,10 +318,8 @@ def test_dns_over_tcp_to_another_resolver_goes_there_when_allowed(rig: Rig) -> N
     # the gateway's own upstream is dead (no server on that TEST-NET address): an answer
     # can only come from the resolver the guest named, reached through the forwarder
     dead = "203.0.113.53"
-    assert rig.topo.vmm_socket is not None
-    with Gateway(NetworkPolicy.public_only(), uplink=rig.uplink,
-                 guest_fd=rig.topo.vmm_socket.fileno(), dns_upstreams=[dead],
-                 dns_timeout=1.0, rebind_protection=False) as gw:
+    with rig.gateway(NetworkPolicy.public_only(), dns_upstreams=[dead], dns_timeout=1.0,
+                     rebind_protection=False) as gw:
         for transport in ("+tcp", "+notcp"):
             r = rig.run(["dig", f"@{UPSTREAM_DNS_IP}", transport, "+time=5", "+tries=1",
                          "+short", UPSTREAM_NAME, "A"])
@@ -365,7 +400,7 @@ def test_deny_domains_win_over_allows(rig: Rig) -> None:
 
 # -- TLS interception -------------------------------------------------------------------------
 @contextmanager
-def _tls_proxy(gw: Gateway, tmp: Path, ca_file: Path) -> Iterator[str]:
+def _tls_proxy(gw: Any, tmp: Path, ca_file: Path) -> Iterator[str]:
     """A transparent tls_proxy on the sockets ``gw.tls_interception()`` returns (TAP: one
     in the uplink namespace; passt: the steering NAT's loopback pool, each flow's original
     destination claimed through the lookup), in its own event loop thread, with one secret
@@ -374,6 +409,14 @@ def _tls_proxy(gw: Gateway, tmp: Path, ca_file: Path) -> Iterator[str]:
 
     from tls_proxy import CertificateAuthority, ProxyConfig, Secret, TlsProxy
 
+    if isinstance(gw, RemoteGateway):  # the proxy runs beside the unprivileged gateway
+        path = gw.start_tls_proxy(("API_KEY", "s3cret-value", UPSTREAM_NAME),
+                                  ca_file.read_bytes(), ["alias.upstream.test"])
+        try:
+            yield path
+        finally:
+            gw.stop_tls_proxy()
+        return
     ca = CertificateAuthority.load_or_create(tmp / "proxy-ca")
     cfg = ProxyConfig(ca=ca, secrets=[Secret("API_KEY", "s3cret-value", [UPSTREAM_NAME])],
                       upstream_ca_files=[str(ca_file)], no_verify=["alias.upstream.test"])
@@ -615,7 +658,7 @@ def test_uplink_frames_to_unpublished_guest_ports_are_dropped(rig: Rig,
 
 # -- plumbing -------------------------------------------------------------------------------
 def test_pcap_records_what_crossed(rig: Rig) -> None:
-    path = rig.tmp / "gw.pcapng"
+    path = rig.scratch / "gw.pcapng"
     with rig.gateway(NetworkPolicy.public_only(), pcap=path):
         rc, out, _ = rig.curl(f"http://{UPSTREAM_IP}/cap")
         assert rc == 0, out
@@ -627,18 +670,16 @@ def test_pcap_records_what_crossed(rig: Rig) -> None:
 
 def test_bad_arguments_are_typed_errors(rig: Rig) -> None:
     with pytest.raises(GatewayError, match="transport"):
-        Gateway(NetworkPolicy.none(), uplink=rig.uplink, guest_fd=0,
-                transport="carrier-pigeon")  # type: ignore[arg-type]
+        rig.gateway(NetworkPolicy.none(), guest_fd=0, transport="carrier-pigeon")
     with pytest.raises(GatewayError, match="exactly one"):
-        Gateway(NetworkPolicy.none(), uplink=rig.uplink)
+        rig.gateway(NetworkPolicy.none(), guest_fd=None)
     with pytest.raises(GatewayError, match="published port"):
-        Gateway(NetworkPolicy.none(), uplink=rig.uplink, guest_fd=0, published_ports=[8080])  # type: ignore[list-item]
+        rig.gateway(NetworkPolicy.none(), guest_fd=0, published_ports=[8080])
     with pytest.raises(GatewayError, match="'tcp' or 'udp'"):
-        Gateway(NetworkPolicy.none(), uplink=rig.uplink, guest_fd=0,
-                published_ports=[PublishedPort(1, 2, protocol="sctp")])
+        rig.gateway(NetworkPolicy.none(), guest_fd=0,
+                    published_ports=[PublishedPort(1, 2, protocol="sctp")])
     with pytest.raises(GatewayError, match="published twice"):
-        Gateway(NetworkPolicy.none(), uplink=rig.uplink, guest_fd=0,
-                published_ports=["1:2/udp", "3:2/udp"])
+        rig.gateway(NetworkPolicy.none(), guest_fd=0, published_ports=["1:2/udp", "3:2/udp"])
 
 
 def test_close_is_idempotent_and_stops_the_loop(rig: Rig) -> None:
@@ -647,7 +688,8 @@ def test_close_is_idempotent_and_stops_the_loop(rig: Rig) -> None:
     gw.close()
     gw.close()
     assert gw.closed
-    assert threading.active_count() < threads
+    if rig.kind == "tap":  # (the passt rig's gateway threads are in its server)
+        assert threading.active_count() < threads
     with pytest.raises(GatewayError, match="closed"):
         gw.stats()
 
