@@ -48,9 +48,9 @@ from netstack.gateway import (
     TapUplink,
     Uplink,
     allocate_slot,
+    can_intercept_tls,
+    find_passt,
 )
-from netstack.gateway.uplink import can_intercept_tls
-from netstack.gateway.uplink_passt import find_passt
 from tls_proxy import CertificateAuthority, ProxyConfig, Secret, TlsProxy
 
 log = logging.getLogger("microvm.sandbox.net")

@@ -40,10 +40,11 @@ from netstack.gateway.state import cleanup_stale
 from netstack.gateway.uplink import (
     RedirectingUplink,
     Uplink,
+    can_intercept_tls,
     has_redirects,
     missing_uplink_members,
 )
-from netstack.gateway.uplink_passt import PasstUplink
+from netstack.gateway.uplink_passt import PasstUplink, find_passt
 from netstack.gateway.uplink_tap import TapUplink, uplink_names
 
 __all__ = [
@@ -64,7 +65,9 @@ __all__ = [
     "Uplink",
     "UplinkError",
     "allocate_slot",
+    "can_intercept_tls",
     "cleanup_stale",
+    "find_passt",
     "has_redirects",
     "missing_uplink_members",
     "pin_cache_callback",
