@@ -1,0 +1,104 @@
+"""One real guest created by an unprivileged user: ``Sandbox.create(network="public_only")``
+in a process that is ``nobody`` (``tests.support.unprivileged_argv``), with its own
+``$MICROVM_HOME``. Nothing forces the uplink: the sandbox picks passt by itself because
+it may not create a TAP. The guest reaches a host-side test server (the upstream
+namespace root set up, reached through the host's routes by passt's sockets), a private
+address is refused by the gateway, and nothing of passt or the sandbox is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.microvm.sandbox_upstream import UPSTREAM_IP, Upstream
+from tests.support import NOBODY, NOGROUP, require_binaries, require_root, unprivileged_argv
+
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(420)]
+ROOT = Path(__file__).resolve().parents[2]
+
+_GUEST = r"""
+import json, sys, time
+from pathlib import Path
+import rootfs
+from microvm import Sandbox
+from microvm.sandbox.netwiring import can_create_tap
+from tests.microvm.sandbox_fixtures import busybox_image
+
+out = {"tap_possible": can_create_tap()}
+img = busybox_image(rootfs.ImageStore(), "local/rootless:1",
+                    config={"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]})
+sb = Sandbox.create("rootless", image=img, network="public_only")
+try:
+    r = sb.shell(f"wget -q -O - http://{sys.argv[1]}/rootless-guest")
+    out["wget"] = [r.exit_code, r.stdout_text + r.stderr_text]
+    t0 = time.monotonic()
+    r = sb.shell("nc -w 20 10.1.2.3 80 </dev/null; echo rc=$?")
+    out["private"] = [r.stdout_text + r.stderr_text, time.monotonic() - t0]
+    st = sb.network.stats()
+    out["stats"] = {"rst_sent": st["rst_sent"], "to_guest": st["to_guest"]}
+    if out["wget"][0] != 0:
+        out["logs"] = sb.logs(tail=30, source="supervisor")
+finally:
+    sb.stop()
+    Sandbox.remove("rootless")
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
+    require_root()
+    require_binaries("ip", "passt", "qemu-system-x86_64", "setpriv", "unshare")
+    with Upstream(tmp_path_factory.mktemp("upstream")) as up:
+        yield up
+
+
+def _passt_pids_of(uid: int) -> set[int]:
+    out = set()
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if Path(f"/proc/{d}/comm").read_text().startswith("passt") and \
+                        os.stat(f"/proc/{d}").st_uid == uid:
+                    out.add(int(d))
+            except OSError:
+                continue
+    return out
+
+
+def test_an_unprivileged_user_runs_a_public_only_sandbox_through_passt(
+        upstream: Upstream, kernel: object) -> None:
+    before = _passt_pids_of(NOBODY)
+    home = Path(tempfile.mkdtemp(prefix="mvhome-nobody-"))
+    os.chown(home, NOBODY, NOGROUP)
+    env = {k: v for k, v in os.environ.items() if k not in ("MICROVM_UPLINK",)}
+    env.update(HOME=str(home), TMPDIR=str(home), MICROVM_HOME=str(home / "mv"),
+               PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1")
+    try:
+        r = subprocess.run(unprivileged_argv([sys.executable, "-c", _GUEST, UPSTREAM_IP]),
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
+                           check=False)
+        lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+        assert r.returncode == 0 and lines, (r.returncode, r.stdout[-3000:], r.stderr[-5000:])
+        out = json.loads(lines[-1][len("RESULT "):])
+        assert out["tap_possible"] is False  # the sandbox had to pick passt itself
+        rc, text = out["wget"]
+        assert rc == 0 and text.startswith("hello from upstream /rootless-guest"), out
+        text, took = out["private"]
+        assert "Connection refused" in text and took < 15, out
+        assert out["stats"]["rst_sent"] >= 1 and out["stats"]["to_guest"] > 0, out
+        assert not _passt_pids_of(NOBODY) - before, "passt left running"
+        # nothing of the sandbox left under the user's home but its (empty) registry
+        left = subprocess.run(["find", str(home / "mv"), "-path", "*/sandboxes/*"],
+                              capture_output=True, text=True, check=False).stdout.split()
+        assert not left, left
+    finally:
+        subprocess.run(["rm", "-rf", str(home)], check=False)
