@@ -31,7 +31,6 @@ Example::
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import contextlib
 import ipaddress
@@ -53,6 +52,7 @@ from paramiko.common import (
     cMSG_CHANNEL_SUCCESS,
 )
 
+from microvm._portal import Portal
 from microvm.agent import AgentClient, ExecProcess
 from microvm.errors import AgentError, MicrovmError
 from microvm.ssh import keys as _keys
@@ -136,10 +136,7 @@ class SshServer:
         self._conns: set[_Conn] = set()
         self._lock = threading.Lock()
         self._listener: socket.socket | None = None
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="microvm-ssh-loop",
-                                        daemon=True)
-        self._thread.start()
+        self._portal = Portal("ssh-loop")   # the project's sync-over-async pattern
 
     # -- plumbing ----------------------------------------------------------------------
     def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
@@ -150,7 +147,7 @@ class SshServer:
 
             server.call(asyncio.sleep(0))
         """
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+        return self._portal.run(coro, timeout)
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Start ``coro`` on the server's event loop; returns its future.
@@ -159,7 +156,7 @@ class SshServer:
 
             fut = server.submit(asyncio.sleep(0)); fut.result()
         """
-        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return self._portal.submit(coro)
 
     def authorized(self, key: paramiko.PKey) -> bool:
         """True when ``key`` may log in.
@@ -292,11 +289,7 @@ class SshServer:
             conns = list(self._conns)
         for c in conns:
             c.close()
-        if self._loop.is_running():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(5)
-        if not self._loop.is_running() and not self._loop.is_closed():
-            self._loop.close()
+        self._portal.close()
 
     def __enter__(self) -> SshServer:
         return self
