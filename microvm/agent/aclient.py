@@ -6,15 +6,27 @@ the channel is :class:`~microvm.agent.connection.AgentConnection`, processes are
 :class:`~microvm.agent.exec.ExecOps`, files :class:`~microvm.agent.fs.FsOps`. The
 blocking twin is :class:`~microvm.agent.sync.SyncAgentClient`.
 
-Example::
+Example (the agent in host mode on a socketpair; a guest's is ``connect_unix``)::
 
-    client = await AgentClient.connect_unix("/run/vm/agent.sock", timeout=30)
-    await client.hello()
-    await client.bootstrap({"hostname": "box"})
-    r = await client.exec("uname", ["-a"], timeout=10)
-    print(r.stdout.decode())
-    await client.shutdown(exit_code=0)
-    await client.close()
+    >>> import asyncio, socket, subprocess
+    >>> from microvm.agent import AgentClient, agent_binary
+    >>> async def main(sock: socket.socket) -> None:
+    ...     client = await AgentClient.from_socket(sock)
+    ...     print((await client.hello()).host_mode)
+    ...     print(await client.bootstrap({"hostname": "box"}))
+    ...     r = await client.exec("sh", ["-c", "echo out; exit 3"], timeout=10)
+    ...     print(r.exit_code, r.stdout)
+    ...     await client.close()
+    >>> host, guest = socket.socketpair()
+    >>> agent = subprocess.Popen([str(agent_binary()), "--channel-fd", str(guest.fileno())],
+    ...                          pass_fds=[guest.fileno()])
+    >>> guest.close()
+    >>> asyncio.run(main(host))
+    True
+    {...}
+    3 b'out\\n'
+    >>> agent.wait(10)
+    0
 """
 
 from __future__ import annotations

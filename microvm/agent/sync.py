@@ -8,14 +8,23 @@ out and one ``portal.run`` call (tests/microvm/test_sync_twins.py keeps the two 
 step). Sync-only: :meth:`SyncAgentClient.run` (any coroutine on the client's loop)
 and :meth:`SyncExecProcess.events` (the blocking form of ``async for``).
 
-Example::
+Example (the agent in host mode on a socketpair; a guest's is ``connect_unix``)::
 
-    with SyncAgentClient.connect_unix("/tmp/vm/agent.sock") as c:
-        c.hello()
-        print(c.exec("echo", ["hi"]).stdout)
-        p = c.exec_stream("cat")
-        p.write_stdin(b"x"); p.close_stdin()
-        assert p.wait().stdout == b"x"
+    >>> import socket, subprocess
+    >>> from microvm.agent import SyncAgentClient, agent_binary
+    >>> host, guest = socket.socketpair()
+    >>> agent = subprocess.Popen([str(agent_binary()), "--channel-fd", str(guest.fileno())],
+    ...                          pass_fds=[guest.fileno()])
+    >>> guest.close()
+    >>> with SyncAgentClient.from_socket(host) as c:
+    ...     print(c.hello().host_mode, c.exec("echo", ["hi"]).stdout)
+    ...     p = c.exec_stream("cat")
+    ...     p.write_stdin(b"x"); p.close_stdin()
+    ...     print(p.wait().stdout)
+    True b'hi\\n'
+    b'x'
+    >>> agent.wait(10)
+    0
 """
 
 from __future__ import annotations
