@@ -253,7 +253,8 @@ def _not_nan(ctx: click.Context, param: click.Parameter, value: float | None) ->
     required=True,
     help="directory that becomes the guest's root (copied into a disk)",
 )
-@click.option("--cpus", type=click.IntRange(1, 32), default=1, show_default=True)
+@click.option("--cpus", type=click.IntRange(1, 32), default=1, show_default=True,
+              help="virtual CPUs")
 @click.option(
     "--memory",
     type=click.IntRange(64, 65536),
@@ -262,7 +263,8 @@ def _not_nan(ctx: click.Context, param: click.Parameter, value: float | None) ->
     help="guest RAM in MiB",
 )
 @click.option(
-    "--backend", type=click.Choice(["qemu", "libkrun"]), default="qemu", show_default=True
+    "--backend", type=click.Choice(["qemu", "libkrun"]), default="qemu", show_default=True,
+    help="the VMM",
 )
 @click.option("--env", "env", multiple=True, metavar="K=V", help="environment for CMD")
 @click.option("--workdir", default="/", show_default=True, help="working directory of CMD")
@@ -279,6 +281,7 @@ def _not_nan(ctx: click.Context, param: click.Parameter, value: float | None) ->
     default=60.0,
     callback=_not_nan,
     show_default=True,
+    help="seconds the guest agent has to answer after boot",
 )
 @click.option(
     "--volume",

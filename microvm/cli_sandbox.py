@@ -15,9 +15,7 @@ Example::
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import secrets
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -129,6 +127,8 @@ def _volumes(specs: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _ports(specs: tuple[str, ...]) -> list[str]:
+    import ipaddress
+
     out = []
     for spec in specs:
         body, slash, proto = spec.partition("/")
@@ -228,6 +228,8 @@ def _image_arg(image: str) -> str | os.PathLike[str]:
 
 
 def _default_name(image: str) -> str:
+    import secrets
+
     base = image.rstrip("/").rsplit("/", 1)[-1].split(":", 1)[0].split("@", 1)[0]
     base = "".join(c if c.isalnum() or c in "_.-" else "-" for c in base).strip("-.") or "sb"
     return f"{base[:40]}-{secrets.token_hex(3)}"
@@ -262,33 +264,51 @@ def _run_in(sb: Sandbox, argv: list[str], *, interactive: bool, tty: bool,
 
 @click.command("run", context_settings={"allow_interspersed_args": False}, epilog=_RUN_EPILOG)
 @create_options
-@click.option("-d", "--detach", is_flag=True, help="leave it running; print its name")
+@click.option("--from-snapshot", "from_snapshot", default=None, metavar="SNAPSHOT",
+              help="start from a snapshot (microvm snapshot ls) instead of IMAGE: every "
+                   "argument is then CMD; only --name, --label, --secret, --replace apply")
+@click.option("-d", "--detach", is_flag=True,
+              help="run CMD (default: the image's entrypoint+cmd) in the background and leave "
+                   "the sandbox running; print its name")
 @click.option("--rm", "remove", is_flag=True, help="remove the sandbox when CMD exits")
 @click.option("-i", "--interactive", is_flag=True, help="forward stdin (and its EOF)")
 @click.option("-t", "--tty", is_flag=True, help="a terminal in the guest (raw mode here)")
 @click.option("--detach-keys", default="ctrl-]", show_default=True,
               help="with -it: keys that leave the session (sandbox keeps running)")
-@click.argument("image")
+@click.argument("image", required=False)
 @click.argument("cmd", nargs=-1, type=click.UNPROCESSED)
 @guarded
-def run_cmd(image: str, cmd: tuple[str, ...], detach: bool, remove: bool, interactive: bool,
-            tty: bool, detach_keys: str, **opts: Any) -> None:
+def run_cmd(image: str | None, cmd: tuple[str, ...], from_snapshot: str | None, detach: bool,
+            remove: bool, interactive: bool, tty: bool, detach_keys: str, **opts: Any) -> None:
     """Create a sandbox from IMAGE and run CMD in it (default: the image's entrypoint+cmd).
 
     Flags after IMAGE belong to CMD (as in docker). Without -d the sandbox stops when CMD
     exits (and is removed with --rm); Ctrl-C is sent to CMD, a second one stops it.
+    With --from-snapshot SNAPSHOT the sandbox is a restore of that snapshot (no IMAGE:
+    every argument is CMD).
     """
     from microvm import Sandbox
 
     keys = parse_detach_keys(detach_keys)
     if detach and remove:
         raise click.UsageError("-d and --rm do not go together (a detached sandbox outlives CMD)")
-    kw = sandbox_kwargs(image, opts, detached=detach or tty)
-    name = kw.pop("name")
-    sb = Sandbox.create(name, **kw)
+    if from_snapshot is not None:
+        cmd = (image, *cmd) if image is not None else cmd
+        image = from_snapshot
+        sb = _restore(from_snapshot, opts, detached=detach or tty)
+        name = sb.name
+    elif image is None:
+        raise click.UsageError("missing IMAGE (or give --from-snapshot SNAPSHOT)")
+    else:
+        kw = sandbox_kwargs(image, opts, detached=detach or tty)
+        name = kw.pop("name")
+        sb = Sandbox.create(name, **kw)
     if detach:
-        if cmd:
-            _background(sb, list(cmd))
+        # docker's `run -d IMAGE`: the image's entrypoint+cmd in the background (a restored
+        # sandbox already runs what its snapshot ran: only an explicit CMD is started)
+        argv = list(cmd) if cmd or from_snapshot is not None else sb.default_command()
+        if argv:
+            _background(sb, argv)
         click.echo(name)
         sb.close()
         return
@@ -311,6 +331,42 @@ def run_cmd(image: str, cmd: tuple[str, ...], detach: bool, remove: bool, intera
         if not detached:
             _finish(sb, remove)
     _exit(code)
+
+
+#: the ``create`` flags a restore takes (the rest is fixed by the snapshot)
+_RESTORE_FLAGS = ("name", "labels", "secrets_", "replace")
+
+
+def _restore(snapshot: str, opts: dict[str, Any], *, detached: bool) -> Sandbox:
+    """``run --from-snapshot``: a new sandbox restored from ``snapshot``.
+
+    A ``create`` flag the snapshot fixes (``-m``, ``-v``, ``-e``...) is a usage error
+    naming it, before anything starts; a missing snapshot or a taken name exits 125.
+    """
+    from click.core import ParameterSource
+
+    from microvm import Sandbox
+    from microvm.errors import SandboxNotFound
+    from microvm.sandbox.snapshots import resolve
+
+    ctx = click.get_current_context()
+    for param in ctx.command.params:
+        if param.name in opts and param.name not in _RESTORE_FLAGS and \
+                ctx.get_parameter_source(param.name) not in (ParameterSource.DEFAULT, None):
+            raise click.UsageError(
+                f"{'/'.join(param.opts)} does not go with --from-snapshot (the snapshot fixes "
+                f"the sandbox; it takes --name, --label, --secret and --replace)")
+    path = resolve(snapshot)            # a bad or missing snapshot fails here
+    name = opts["name"] or _default_name(path.name)
+    labels = parse_labels(opts["labels"]) or None
+    secret_list = _secrets(opts["secrets_"]) or None
+    if opts["replace"]:
+        try:
+            Sandbox.remove(name)
+        except SandboxNotFound:
+            pass
+    return Sandbox.restore(snapshot, name=name, secrets=secret_list, detached=detached,
+                           labels=labels)
 
 
 def _finish(sb: Sandbox, remove: bool) -> None:

@@ -76,7 +76,7 @@ def snapshot_create(sandbox: str, name: str, no_checksums: bool) -> None:
 @snapshot_group.command("ls")
 @click.option("-q", "--quiet", is_flag=True, help="names only")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
-              show_default=True)
+              show_default=True, help="json: one JSON array")
 @guarded
 def snapshot_ls(quiet: bool, fmt: str) -> None:
     """List the snapshots under $MICROVM_HOME/snapshots, oldest first.
