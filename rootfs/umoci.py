@@ -28,10 +28,8 @@ import json
 import os
 import shutil
 import subprocess
-import tarfile
 import tempfile
 from pathlib import Path
-from typing import IO
 
 from rootfs.errors import DigestError, ImageFormatError, RootfsError
 from rootfs.image import OCI_CONFIG, OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_MANIFEST
@@ -39,9 +37,8 @@ from rootfs.unpack import (
     LayerEntry,
     UnpackState,
     apply_whiteout,
-    check_entry,
     check_parent,
-    decompressed,
+    scan_layer,
 )
 
 _CHUNK = 1 << 20
@@ -107,59 +104,17 @@ def _is_gzip(blob: Path) -> bool:
 
 def _preflight(blob: Path, state: UnpackState,
                plain_out: Path) -> tuple[list[LayerEntry], str, bool]:
-    """Check every header of the layer with our rules; (entries, diff_id, decompressed).
+    """Our per-entry checks over the whole layer; (entries, diff_id, decompressed).
 
     A zstd layer is written decompressed to ``plain_out`` (umoci reads gzip or tar).
     """
-    entries: list[LayerEntry] = []
-    sha = hashlib.sha256()
     with open(blob, "rb") as f:
-        head = f.read(4)
+        plain = f.read(4) == b"\x28\xb5\x2f\xfd"
         f.seek(0)
-        plain = head == b"\x28\xb5\x2f\xfd"
-        out = open(plain_out, "wb") if plain else None  # noqa: SIM115
-        try:
-            with decompressed(f) as raw:
-                reader = _Tee(raw, sha, out)
-                try:
-                    tar = tarfile.open(fileobj=reader, mode="r|")  # type: ignore[call-overload]  # noqa: SIM115
-                except tarfile.TarError as exc:
-                    raise ImageFormatError(f"layer is not a tar archive: {exc}") from None
-                try:
-                    for member in tar:
-                        entries.append(check_entry(member, state))
-                except tarfile.TarError as exc:
-                    raise ImageFormatError(f"corrupt layer tar: {exc}") from None
-                finally:
-                    tar.close()
-                while reader.read(_CHUNK):
-                    pass
-        except (OSError, EOFError) as exc:
-            raise ImageFormatError(f"corrupt compressed layer: {exc}") from None
-        except Exception as exc:  # zstandard.ZstdError, zlib.error
-            if isinstance(exc, RootfsError):
-                raise
-            raise ImageFormatError(f"corrupt compressed layer: {exc}") from None
-        finally:
-            if out is not None:
-                out.close()
-    return entries, "sha256:" + sha.hexdigest(), plain
-
-
-class _Tee:
-    """Hash (and optionally copy) what the tar reader reads."""
-
-    def __init__(self, raw: IO[bytes], sha: hashlib._Hash, out: IO[bytes] | None) -> None:
-        self.raw = raw
-        self.sha = sha
-        self.out = out
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
-        self.sha.update(data)
-        if self.out is not None:
-            self.out.write(data)
-        return data
+        if not plain:
+            return (*scan_layer(f, state=state), False)
+        with open(plain_out, "wb") as out:
+            return (*scan_layer(f, state=state, copy_to=out), True)
 
 
 def _write_layout(oci: Path, layer: Path, diff_id: str, *, gzip: bool) -> None:

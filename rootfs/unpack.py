@@ -93,10 +93,11 @@ class UnpackState:
 
 
 class _HashingReader:
-    """File-like wrapper that hashes and counts every byte read through it."""
+    """File-like wrapper that hashes and counts (and may copy) every byte read through it."""
 
-    def __init__(self, raw: IO[bytes]) -> None:
+    def __init__(self, raw: IO[bytes], copy_to: IO[bytes] | None = None) -> None:
         self.raw = raw
+        self.copy_to = copy_to
         self.sha = hashlib.sha256()
         self.count = 0
 
@@ -104,6 +105,8 @@ class _HashingReader:
         data = self.raw.read(n)
         self.sha.update(data)
         self.count += len(data)
+        if self.copy_to is not None:
+            self.copy_to.write(data)
         return data
 
     def drain(self) -> None:
@@ -450,25 +453,71 @@ def check_parent(root: str, entry: LayerEntry) -> None:
             pass
 
 
-def _apply_tar(reader: _HashingReader, root: str, st: UnpackState) -> None:
-    created: set[str] = set()
-    dirs: list[tuple[str, tarfile.TarInfo]] = []
+def iter_layer(stream: IO[bytes]) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:
+    """The entries of an uncompressed layer ``stream``, in order, streamed.
+
+    A stream that is not a tar, or breaks off, raises
+    :class:`~rootfs.errors.ImageFormatError`; the tar is closed at the end.
+
+    Example::
+
+        with open("layer.tar", "rb") as f:
+            names = [m.name for _, m in iter_layer(f)]
+    """
     try:
-        tar = tarfile.open(fileobj=reader, mode="r|")  # type: ignore[call-overload]  # noqa: SIM115
+        tar = tarfile.open(fileobj=stream, mode="r|")  # noqa: SIM115
     except tarfile.TarError as exc:
         raise ImageFormatError(f"layer is not a tar archive: {exc}") from None
     try:
-        for member in tar:
+        members = iter(tar)
+        while True:
             try:
-                _apply_member(tar, member, root, st, created, dirs)
-            except OSError as exc:
-                raise UnsafeLayerError(
-                    member.name, f"cannot be written: {exc.strerror or exc}"
-                ) from None
-    except tarfile.TarError as exc:
-        raise ImageFormatError(f"corrupt layer tar: {exc}") from None
+                member = next(members)
+            except StopIteration:
+                return
+            except tarfile.TarError as exc:
+                raise ImageFormatError(f"corrupt layer tar: {exc}") from None
+            yield tar, member
     finally:
         tar.close()
+
+
+def scan_layer(fileobj: BinaryIO, *, state: UnpackState,
+               copy_to: IO[bytes] | None = None) -> tuple[list[LayerEntry], str]:
+    """:func:`check_entry` over every entry of a layer blob, writing nothing.
+
+    Returns the entries and the layer's diff_id; ``copy_to`` receives the uncompressed
+    tar. Damage raises :class:`~rootfs.errors.ImageFormatError`.
+
+    Example::
+
+        with open("layer.tar.zst", "rb") as f:
+            entries, diff_id = scan_layer(f, state=UnpackState())
+    """
+    try:
+        with decompressed(fileobj) as raw:
+            reader = _HashingReader(raw, copy_to)
+            entries = [check_entry(m, state) for _, m in iter_layer(cast(IO[bytes], reader))]
+            reader.drain()
+    except (gzip.BadGzipFile, zlib.error, zstandard.ZstdError, EOFError) as exc:
+        raise ImageFormatError(f"corrupt compressed layer: {exc}") from None
+    except OSError as exc:
+        raise ImageFormatError(f"layer could not be read: {exc}") from None
+    return entries, "sha256:" + reader.sha.hexdigest()
+
+
+def _apply_tar(reader: _HashingReader, root: str, st: UnpackState) -> None:
+    created: set[str] = set()
+    dirs: list[tuple[str, tarfile.TarInfo]] = []
+    for tar, member in iter_layer(cast(IO[bytes], reader)):
+        try:
+            _apply_member(tar, member, root, st, created, dirs)
+        except OSError as exc:
+            raise UnsafeLayerError(
+                member.name, f"cannot be written: {exc.strerror or exc}"
+            ) from None
+        except tarfile.TarError as exc:  # the member's data broke off
+            raise ImageFormatError(f"corrupt layer tar: {exc}") from None
     for path, member in reversed(dirs):
         try:
             os.utime(path, (member.mtime, member.mtime), follow_symlinks=False)
