@@ -20,7 +20,7 @@ import stat
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -99,26 +99,30 @@ def rootfs_tree(store: BlobDir, img: Image, *, unpacker: Unpacker,
     return final
 
 
-def image_disk(store: BlobDir, img: Image, fmt: Literal["erofs", "ext4"], tree: Path) -> Path:
-    """The read-only image disk of ``img`` built from ``tree`` (once per image id).
+def image_disk(store: BlobDir, img: Image, fmt: Literal["erofs", "ext4"],
+               tree: Callable[[], Path]) -> Path:
+    """The read-only image disk of ``img`` (built once per image id from ``tree()``).
+
+    ``tree`` is called only when the disk has to be built.
 
     Example::
 
-        image_disk(store, img, "erofs", store.rootfs_dir(img))  # .../disks/<hex>.erofs
+        image_disk(store, img, "erofs", lambda: store.rootfs_dir(img))  # disks/<hex>.erofs
     """
     hexid = img.id.partition(":")[2]
     final = store.home / "disks" / f"{hexid}.{fmt}"
     if final.exists():
         return final
+    lower = tree()
     with lock(store.home / "locks", f"disk-{hexid}-{fmt}"):
         if final.exists():
             return final
         with atomic_replace(final, 0o444, tmp_dir=store.home / "tmp",
                             prefix=f"disk-{fmt}-") as tmp:
             if fmt == "erofs":
-                build_erofs(tree, tmp)
+                build_erofs(lower, tmp)
             else:
-                build_ext4(tree, tmp, ext4_size_for(tree), label="rootfs")
+                build_ext4(lower, tmp, ext4_size_for(lower), label="rootfs")
     return final
 
 

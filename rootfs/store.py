@@ -221,11 +221,7 @@ class ImageStore(BlobDir):
         if fmt not in ("erofs", "ext4"):
             raise DiskError(f"image disk format {fmt!r} not supported: use 'erofs' or 'ext4'")
         img = self.get(image)
-        hexid = img.id.partition(":")[2]
-        final = self.home / "disks" / f"{hexid}.{fmt}"
-        if final.exists():
-            return final
-        return image_disk(self, img, fmt, self.rootfs_dir(img))
+        return image_disk(self, img, fmt, lambda: self.rootfs_dir(img))
 
     # -- prepare -------------------------------------------------------------
     def prepare(
