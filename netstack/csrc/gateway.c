@@ -885,8 +885,11 @@ static void handle_egress(ns_gw *g, const uint8_t *buf, size_t len, uint8_t v, i
     int anypub = g->cfg.npublished || g->cfg.npublished_udp;
     if (g->npending || v == NS_NEED_MORE || v == NS_TO_DNS || (anypub && v != NS_ALLOW))
         parsed = ns_parse_frame(buf, len, &fr);
-    if (anypub && v != NS_ALLOW && parsed == NS_PARSE_OK && fr.frag == 0 &&
-        published_proto(g, fr.pbit, fr.sport) && ns_ctx_ingress_reply(g->ctx, buf, len, now) == 1) {
+    /* a first fragment has its ports; a later one passes when its first fragment was
+     * let through as such a reply (the classifier's fragment table) */
+    if (anypub && v != NS_ALLOW && parsed == NS_PARSE_OK &&
+        (fr.frag == 2 || published_proto(g, fr.pbit, fr.sport)) &&
+        ns_ctx_ingress_reply(g->ctx, buf, len, now) == 1) {
         g->steer_bypass = 1; /* (passt's forwards come from the gateway address) */
         to_uplink(g, buf, len, now); /* the guest answering a published-port flow */
         g->steer_bypass = 0;
@@ -1231,10 +1234,13 @@ static void uplink_frame(ns_gw *g, uint8_t *d, size_t len, double now) {
              * un-NATs only these towards the guest, with the address it asked */
             pass = 1;
         } else if (k == 0 && (g->cfg.npublished || g->cfg.npublished_udp) &&
-                   ns_parse_frame(d, len, &fr) == NS_PARSE_OK && fr.frag == 0 &&
+                   ns_parse_frame(d, len, &fr) == NS_PARSE_OK && fr.frag != 2 &&
                    published_proto(g, fr.pbit, fr.dport)) {
             /* a connection to a published guest port (opened by the port publisher
-             * inside the uplink namespace): ingress-classified */
+             * inside the uplink namespace): ingress-classified; a first fragment too
+             * (a large datagram to a published UDP port, cut by the uplink's MTU): the
+             * classifier records its verdict, and its later fragments pass as replies
+             * (k == 1 above) when it was allowed */
             const uint8_t *fp = d;
             uint32_t fl = (uint32_t)len;
             uint8_t v;

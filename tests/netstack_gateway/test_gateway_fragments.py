@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,6 +82,31 @@ def test_a_guest_sending_fragments_and_a_stray_fragment_from_the_guest() -> None
         assert lp.no_uplink(0.2)
         assert lp.counter("icmp_sent", 1) == 1
         assert lp.classifier.stats().fragments_unmatched == 2
+
+
+def test_a_published_udp_port_takes_fragmented_datagrams_both_ways() -> None:
+    """A datagram to a published UDP port cut by the uplink's MTU (the TAP uplink's
+    namespace fragments what the port publisher sends) reaches the guest whole, and the
+    guest's fragmented answer leaves; an ingress deny rule stops the first fragment, and
+    with it the rest."""
+    from tests.netstack_gateway.test_gateway_loop import GW
+
+    allow = NetworkPolicy.custom(default_egress="deny", default_ingress="allow")
+    deny = NetworkPolicy.custom(default_egress="deny", default_ingress="deny")
+    for policy, admitted in ((allow, True), (deny, False)):
+        with loop(policy, udp_published=(5300,)) as lp:
+            ask = fragment4(_udp(GW, GUEST, 40000, 5300, 3000), [1480, 1480], ident=77)
+            for piece in ask:
+                lp.uplink.send(piece)
+            if not admitted:
+                time.sleep(0.2)
+                assert lp.counter("not_reply", 3) == 3
+                continue
+            assert [lp.recv_guest() for _ in ask] == ask
+            answer = fragment4(_udp(GUEST, GW, 5300, 40000, 3000), [1480, 1480], ident=78)
+            for piece in answer:
+                lp.send(piece)
+            assert [lp.recv_uplink() for _ in answer] == answer
 
 
 def test_fragmented_ping_and_ipv6_replies() -> None:
