@@ -39,10 +39,11 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from typing import Any
 
-__all__ = ["prestart", "spawn"]
+__all__ = ["prestart", "spawn", "wait_ready"]
 
 #: modules every supervisor needs: loaded once in the zygote instead of in each child
 PRELOAD = (
@@ -121,6 +122,26 @@ def prestart() -> None:
             if _ZYGOTE is not None:
                 _ZYGOTE.sock.close()
             _ZYGOTE = _Zygote()
+
+
+def wait_ready(timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for the zygote :func:`prestart` started; True once it
+    forks supervisors (False: off, not started, dead, or still loading). A one-shot
+    process (the ``microvm`` command) prestarts it first thing and waits here before its
+    only start: the zygote's imports overlap its own instead of a second interpreter's.
+
+    Example::
+
+        prestart(); ...; wait_ready(10.0)
+    """
+    z = _ZYGOTE
+    deadline = time.monotonic() + timeout
+    while z is not None and not z.dead and z.proc.poll() is None:
+        if z.ready.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+    return False
 
 
 def spawn(argv: list[str], *, stdin: int, stdout: int, stderr: int,
