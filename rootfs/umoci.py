@@ -37,7 +37,7 @@ from rootfs.unpack import (
     LayerEntry,
     UnpackState,
     apply_whiteout,
-    check_parent,
+    resolve_entry,
     scan_layer,
 )
 
@@ -152,15 +152,17 @@ def _after(entries: list[LayerEntry], root: str, state: UnpackState, rootless: b
     """Our parent rule and whiteouts over what umoci wrote, then ownership."""
     created = {e.rel for e in entries if e.kind == "node"}
     for e in entries:
-        check_parent(root, e)
+        resolve_entry(root, e)  # refuses a parent that escapes the root
         if e.kind in ("whiteout", "opaque"):
             apply_whiteout(root, e, created)
     fix_owner = not state.limits.keep_owner() and os.geteuid() == 0
     if not (fix_owner or rootless):
         return
     uid, gid = os.geteuid(), os.getegid()
-    for rel in created:
-        path = os.path.join(root, rel)
+    for e in entries:
+        path = resolve_entry(root, e) if e.kind in ("node", "root") else None
+        if path is None:
+            continue
         try:
             if fix_owner:
                 os.lchown(path, uid, gid)

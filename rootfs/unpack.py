@@ -436,21 +436,24 @@ def apply_whiteout(root: str, entry: LayerEntry, created: set[str]) -> None:
         _remove_node(os.path.join(parent, target))
 
 
-def check_parent(root: str, entry: LayerEntry) -> None:
-    """Resolve ``entry``'s parent inside ``root`` by our rule; refuse it if it escapes.
+def resolve_entry(root: str, entry: LayerEntry) -> str | None:
+    """The host path of ``entry`` inside ``root``, its parent resolved by our rule.
 
     For trees another tool wrote (:class:`~rootfs.umoci.UmociUnpacker`): a parent that
-    is missing or not a directory is not an error here.
+    escapes the root raises :class:`UnsafeLayerError`; one that is missing or not a
+    directory gives None. Never a path through a symlink the layer made.
 
     Example::
 
-        check_parent("/tmp/root", check_entry(member, state))
+        path = resolve_entry("/tmp/root", check_entry(member, state))
     """
-    if entry.parts:
-        try:
-            _resolve_parent(root, list(entry.parts[:-1]), entry.name, create=False)
-        except _MissingParent:
-            pass
+    if not entry.parts:
+        return root
+    try:
+        parent = _resolve_parent(root, list(entry.parts[:-1]), entry.name, create=False)
+    except _MissingParent:
+        return None
+    return os.path.join(parent, entry.parts[-1])
 
 
 def iter_layer(stream: IO[bytes]) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:

@@ -221,3 +221,24 @@ def test_umoci_store_builds_disks_like_the_native_one(umoci: UmociUnpacker, tmp_
         assert root.image_disk is not None and root.image_disk.stat().st_size > 0
     finally:
         root.remove()
+
+
+@pytest.mark.parametrize("unpacker", ["native", "umoci"])
+def test_owner_fixes_never_follow_a_layer_symlink_to_the_host(umoci: UmociUnpacker,
+                                                              tmp_path: Path,
+                                                              unpacker: str) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "target").write_text("host file")
+    os.chown(outside / "target", 1234, 1234)
+    store = rootfs.ImageStore(tmp_path / "store", unpacker=unpacker,  # type: ignore[arg-type]
+                              limits=UnpackLimits(same_owner=False))
+    img = rootfs.image_from_layers(store, "local/abs:1", [
+        layer(E("evil", "symlink", link=str(outside)),
+              E("evil/target", data=b"inside", uid=1000, gid=1000))])
+    dest = tmp_path / "dest"
+    store.unpack(img, dest)
+    # the absolute link restarts at the image root: the file lands inside, host untouched
+    assert (dest / str(outside).lstrip("/") / "target").read_bytes() == b"inside"
+    assert (outside / "target").read_text() == "host file"
+    assert os.stat(outside / "target").st_uid == 1234
