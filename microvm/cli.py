@@ -74,6 +74,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 
         main(["kernel", "path"])
     """
+    if argv is None:      # the process's own command line (console script, python -m)
+        from microvm import cli_util
+
+        cli_util.PROGRAM = True
     try:
         problem = _home_problem()
         if problem:

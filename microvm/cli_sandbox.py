@@ -16,7 +16,6 @@ Example::
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -29,11 +28,14 @@ from microvm.cli_util import (
     Failure,
     exec_error_status,
     guarded,
+    leave,
     one_line,
     parse_env,
     parse_labels,
     parse_memory,
     parse_patch,
+    prestart_supervisor,
+    supervisor_ready,
 )
 
 if TYPE_CHECKING:
@@ -236,8 +238,7 @@ def _default_name(image: str) -> str:
 
 
 def _exit(code: int) -> NoReturn:
-    sys.stdout.flush()
-    sys.exit(code)
+    leave(code)
 
 
 def _run_in(sb: Sandbox, argv: list[str], *, interactive: bool, tty: bool,
@@ -287,11 +288,12 @@ def run_cmd(image: str | None, cmd: tuple[str, ...], from_snapshot: str | None, 
     With --from-snapshot SNAPSHOT the sandbox is a restore of that snapshot (no IMAGE:
     every argument is CMD).
     """
-    from microvm import Sandbox
-
     keys = parse_detach_keys(detach_keys)
     if detach and remove:
         raise click.UsageError("-d and --rm do not go together (a detached sandbox outlives CMD)")
+    prestart_supervisor()       # the supervisor's imports load beside ours
+    from microvm import Sandbox
+
     if from_snapshot is not None:
         cmd = (image, *cmd) if image is not None else cmd
         image = from_snapshot
@@ -302,6 +304,7 @@ def run_cmd(image: str | None, cmd: tuple[str, ...], from_snapshot: str | None, 
     else:
         kw = sandbox_kwargs(image, opts, detached=detach or tty)
         name = kw.pop("name")
+        supervisor_ready()
         sb = Sandbox.create(name, **kw)
     if detach:
         # docker's `run -d IMAGE`: the image's entrypoint+cmd in the background (a restored
@@ -365,6 +368,7 @@ def _restore(snapshot: str, opts: dict[str, Any], *, detached: bool) -> Sandbox:
             Sandbox.remove(name)
         except SandboxNotFound:
             pass
+    supervisor_ready()
     return Sandbox.restore(snapshot, name=name, secrets=secret_list, detached=detached,
                            labels=labels)
 
@@ -410,12 +414,14 @@ def create_cmd(image: str, cmd: tuple[str, ...], **opts: Any) -> None:
     Example:
       microvm create --name dev -v $PWD:/src busybox:1.36 && microvm exec dev ls /src
     """
+    prestart_supervisor()       # the supervisor's imports load beside ours
     from microvm import Sandbox
 
     kw = sandbox_kwargs(image, opts, detached=True)
     if cmd:
         kw["cmd"] = list(cmd)
     name = kw.pop("name")
+    supervisor_ready()
     Sandbox.create(name, **kw).close()
     click.echo(name)
 
@@ -432,10 +438,13 @@ def start_cmd(names: tuple[str, ...], secrets_: tuple[str, ...]) -> None:
     Example:
       microvm start web
     """
+    prestart_supervisor()
     from microvm import Sandbox
 
+    secret_list = _secrets(secrets_) or None
+    supervisor_ready()
     for n in names:
-        Sandbox.start(n, detached=True, secrets=_secrets(secrets_) or None).close()
+        Sandbox.start(n, detached=True, secrets=secret_list).close()
         click.echo(n)
 
 

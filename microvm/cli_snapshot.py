@@ -23,7 +23,13 @@ from pathlib import Path
 
 import click
 
-from microvm.cli_util import for_each, for_each_sandbox, guarded
+from microvm.cli_util import (
+    for_each,
+    for_each_sandbox,
+    guarded,
+    prestart_supervisor,
+    supervisor_ready,
+)
 
 __all__ = ["fork_cmd", "pause_cmd", "register", "resume_cmd", "snapshot_group"]
 
@@ -163,6 +169,7 @@ def snapshot_restore(snapshot: str, name: str | None) -> None:
     Example:
       microvm snapshot restore warm --name w1
     """
+    prestart_supervisor()       # its imports overlap ours
     from microvm import Sandbox
     from microvm.sandbox.config import validate_name
     from microvm.sandbox.snapshots import resolve
@@ -174,6 +181,7 @@ def snapshot_restore(snapshot: str, name: str | None) -> None:
         name = next(f"{path.name}-{k}" for k in range(1, 10_000)
                     if f"{path.name}-{k}" not in taken)
     validate_name(name)
+    supervisor_ready()
     sb = Sandbox.restore(snapshot, name=name, detached=True)
     click.echo(sb.name)
     sb.close()
@@ -194,14 +202,16 @@ def fork_cmd(sandbox: str, count: int, names: tuple[str, ...]) -> None:
       microvm fork web -n 3
       microvm fork web --name web-a --name web-b
     """
-    from microvm import Sandbox
-
     if names and len(names) != count and count != 1:
         raise click.BadParameter(f"{len(names)} --name for -n {count}: give one per fork",
                                  param_hint="--name")
     n = len(names) or count
+    prestart_supervisor()       # its imports overlap ours
+    from microvm import Sandbox
+
     sb = Sandbox.get(sandbox)
     try:
+        supervisor_ready()
         forks = sb.fork_many(n, names=list(names) or None, detached=True)
     finally:
         sb.close()
