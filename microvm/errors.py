@@ -9,26 +9,49 @@ if TYPE_CHECKING:
 
 
 class MicrovmError(Exception):
-    """Base class of every error raised by microvm."""
+    """Base class of every error raised by microvm.
+
+    >>> from microvm.backends import get_backend
+    >>> try:
+    ...     get_backend("bhyve")
+    ... except MicrovmError as e:
+    ...     print(type(e).__name__)
+    BackendUnavailable
+    """
 
 
 class KernelError(MicrovmError):
-    """The guest kernel (libkrunfw) could not be fetched, verified or converted."""
+    """The guest kernel (libkrunfw) could not be fetched, verified or converted.
+
+    >>> from microvm.kernel import fetch_kernel
+    >>> fetch_kernel(source="ftp")
+    Traceback (most recent call last):
+    ...
+    microvm.errors.KernelError: unknown kernel source 'ftp': use auto, system, debian or wheel
+    """
 
 
 class BackendUnavailable(MicrovmError):
-    """A VMM backend cannot run on this host (binary, library or KVM missing); the message says how to install it."""
+    """A VMM backend cannot run on this host (binary, library or KVM missing); the message says how to install it.
+
+    >>> from microvm.backends import get_backend
+    >>> get_backend("bhyve")
+    Traceback (most recent call last):
+    ...
+    microvm.errors.BackendUnavailable: unknown backend 'bhyve': use 'qemu' or 'libkrun'
+    """
 
 
 class BootError(MicrovmError):
     """The guest did not come up; ``console_tail`` holds the last lines of the guest console.
 
-    Example::
-
-        try:
-            machine.start()
-        except BootError as e:
-            print(e.console_tail)
+    >>> e = BootError("the guest agent did not answer in 30 s", console_tail="Kernel panic")
+    >>> str(e).splitlines()[-1], e.console_tail
+    ('Kernel panic', 'Kernel panic')
+    >>> try:                                    # doctest: +SKIP
+    ...     machine.start()
+    ... except BootError as e:
+    ...     print(e.console_tail)
     """
 
     def __init__(self, message: str, console_tail: str = "") -> None:
@@ -43,12 +66,14 @@ class AgentError(MicrovmError):
     ``kind`` is the agent's error kind (e.g. ``"not_found"``, ``"bad_request"``,
     ``"connection_lost"``); ``errno`` / ``errno_name`` are set for OS-level failures.
 
-    Example::
-
-        try:
-            await client.exec("/no/such/binary")
-        except AgentError as e:
-            assert e.kind == "not_found"
+    >>> e = AgentError("exec /no/such/binary: No such file or directory", kind="not_found",
+    ...                errno=2, errno_name="ENOENT")
+    >>> e.kind, e.errno_name
+    ('not_found', 'ENOENT')
+    >>> try:                                    # doctest: +SKIP
+    ...     machine.agent.exec("/no/such/binary")
+    ... except AgentError as e:
+    ...     assert e.kind == "not_found"
     """
 
     def __init__(self, message: str, kind: str = "other", errno: int = 0, errno_name: str = "") -> None:
@@ -63,12 +88,12 @@ class ExecTimeout(AgentError):
 
     ``result`` holds the output collected before the kill (an ``ExecResult``).
 
-    Example::
-
-        try:
-            await client.exec("sleep", ["60"], timeout=1)
-        except ExecTimeout as e:
-            print(e.result.stdout)
+    >>> ExecTimeout("sleep 60: timed out after 1 s").kind
+    'timeout'
+    >>> try:                                    # doctest: +SKIP
+    ...     machine.agent.exec("sleep", ["60"], timeout=1)
+    ... except ExecTimeout as e:
+    ...     print(e.result.stdout)
     """
 
     def __init__(self, message: str, result: ExecResult | None = None) -> None:
@@ -79,45 +104,43 @@ class ExecTimeout(AgentError):
 class SandboxError(MicrovmError):
     """A sandbox operation failed (base of the ``Sandbox`` errors below).
 
-    Example::
-
-        try:
-            Sandbox.get("nope")
-        except SandboxError as e:
-            print(e)
+    >>> from microvm import Sandbox
+    >>> try:
+    ...     Sandbox.get("nope")
+    ... except SandboxError as e:
+    ...     print(e)
+    no sandbox named 'nope'
     """
 
 
 class SandboxConfigError(SandboxError, ValueError):
     """An argument of ``Sandbox.create`` (or ``exec``) is invalid; raised before anything starts.
 
-    Example::
-
-        try:
-            Sandbox.create("x", image="busybox", volumes={"/proc": "/tmp"})
-        except SandboxConfigError as e:
-            print(e)   # volume guest path '/proc' would shadow the system ...
+    >>> from microvm.sandbox.config import validate_name
+    >>> validate_name("bad name!")
+    Traceback (most recent call last):
+    ...
+    microvm.errors.SandboxConfigError: bad sandbox name 'bad name!': use 1-63 letters, digits, '_', '.', '-', starting with a letter or digit
     """
 
 
 class SandboxNotFound(SandboxError, LookupError):
     """No sandbox of that name exists in ``$MICROVM_HOME/sandboxes.db``.
 
-    Example::
-
-        try:
-            Sandbox.get("missing")
-        except SandboxNotFound:
-            pass
+    >>> from microvm import Sandbox
+    >>> Sandbox.get("missing")
+    Traceback (most recent call last):
+    ...
+    microvm.errors.SandboxNotFound: no sandbox named 'missing'
     """
 
 
 class SandboxExists(SandboxError):
     """A sandbox of that name already exists (pass ``replace=True`` to stop and replace it).
 
-    Example::
-
-        Sandbox.create("web", image=img, replace=True)
+    >>> issubclass(SandboxExists, SandboxError)
+    True
+    >>> Sandbox.create("web", image=img, replace=True)   # doctest: +SKIP
     """
 
 
@@ -126,12 +149,12 @@ class SandboxNotRunning(SandboxError):
 
     ``state`` is its state; ``console_tail`` the last guest console lines when it crashed.
 
-    Example::
-
-        try:
-            sb.exec("/bin/true")
-        except SandboxNotRunning as e:
-            print(e.state, e.console_tail)
+    >>> SandboxNotRunning("sandbox 'web' is stopped", state="stopped").state
+    'stopped'
+    >>> try:                                    # doctest: +SKIP
+    ...     sb.exec("/bin/true")
+    ... except SandboxNotRunning as e:
+    ...     print(e.state, e.console_tail)
     """
 
     def __init__(self, message: str, state: str = "", console_tail: str = "") -> None:
@@ -143,9 +166,9 @@ class SandboxNotRunning(SandboxError):
 class NoUplinkError(SandboxError):
     """The sandbox's policy allows egress but this process cannot build an uplink.
 
-    Example::
-
-        Sandbox.create("x", image=img, network="none")   # works without one
+    >>> issubclass(NoUplinkError, SandboxError)
+    True
+    >>> Sandbox.create("x", image=img, network="none")   # doctest: +SKIP
     """
 
 
@@ -153,10 +176,10 @@ class SnapshotError(MicrovmError):
     """A snapshot cannot be taken, restored, exported or imported (missing, corrupted,
     made for another kernel or image, or a machine that cannot be snapshotted).
 
-    Example::
-
-        try:
-            Machine.restore(Path("snap"))
-        except SnapshotError as e:
-            print(e)     # snapshot 'snap': memory is 1048576 bytes, the manifest says 268435456
+    >>> issubclass(SnapshotError, MicrovmError)
+    True
+    >>> try:                                    # doctest: +SKIP
+    ...     Machine.restore(Path("snap"))
+    ... except SnapshotError as e:
+    ...     print(e)     # snapshot 'snap': memory is 1048576 bytes, the manifest says 268435456
     """
