@@ -15,7 +15,7 @@ namespace; the guest's replies to that socket go back to that peer. A peer idle 
 ``udp_idle_timeout`` (60 s) loses its relay socket.
 
 Everything runs on one asyncio event loop in a daemon thread
-(:class:`~netstack.gateway._loop_thread.LoopThread`; callers stay synchronous). It is
+(:class:`~netstack.gateway._portal.Portal`; callers stay synchronous). It is
 bounded: at most ``max_connections`` TCP relays at once (more clients wait in the
 listener's backlog: they are accepted as relays finish, none is refused), at most
 ``max_udp_peers`` UDP peers with a relay socket (a new peer's datagrams beyond that are
@@ -46,7 +46,7 @@ from typing import Final
 
 from netstack.errors import GatewayError
 from netstack.flow import Decision, Flow
-from netstack.gateway._loop_thread import LoopThread
+from netstack.gateway._portal import Portal
 
 log = logging.getLogger("netstack.gateway")
 
@@ -240,12 +240,12 @@ class PortPublisher:
         self._relays: set[asyncio.Task[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []   # accept loops, the UDP sweep
         self._slots = asyncio.Semaphore(max_connections)
-        self._portal = LoopThread("publish", on_close=self._shutdown)
+        self._portal: Portal | None = None
         try:
             for m in parsed:
                 self._listeners.append((self._bind(m), m))
-            self._portal.start()
-            self._portal.call(self._start())
+            self._portal = Portal("publish")
+            self._portal.run(self._start(), timeout=10)
         except BaseException:
             self.close()
             raise
@@ -271,7 +271,14 @@ class PortPublisher:
         >>> pub = PortPublisher(socket.socket, "127.0.0.1", [], NetworkPolicy.none().evaluate)
         >>> pub.close(); pub.close()
         """
-        self._portal.close()
+        portal = self._portal
+        if portal is not None and not portal.closed:
+            try:
+                portal.run(self._shutdown(), timeout=10)
+            except Exception as e:   # the loop is stopped below anyway
+                log.warning("published ports did not stop cleanly: %s", e)
+            finally:
+                portal.close()
         for srv, _ in self._listeners:   # bound but never served (a failed start)
             srv.close()
 

@@ -43,7 +43,7 @@ One job per module (this package re-exports the public names):
 * ``_listeners``: the UDP/TCP listeners and :func:`original_destination`
   (``SO_ORIGINAL_DST``, from :mod:`netstack.gateway._sockopt`).
 * ``_thread``: :class:`ForwarderThread`, the forwarder on a loop thread
-  (:mod:`netstack.gateway._loop_thread`).
+  (:mod:`netstack.gateway._portal`, the twin of ``microvm/_portal.py``).
 
 >>> import asyncio
 >>> from netstack import NetworkPolicy

@@ -1,8 +1,9 @@
 """The forwarder for callers that are not asyncio: :class:`ForwarderThread`.
 
 A :class:`~netstack.gateway.dns_forwarder.DnsForwarder` on its own event loop in a
-daemon thread (:class:`~netstack.gateway._loop_thread.LoopThread`, netstack's copy of the
-project's one sync-over-async pattern: start, submit, close, context manager).
+daemon thread (:class:`~netstack.gateway._portal.Portal`, netstack's twin of the
+project's one sync-over-async pattern, ``microvm/_portal.py``: start, submit, close,
+context manager).
 
 >>> from netstack import NetworkPolicy
 >>> from netstack.gateway.dns_forwarder import DnsForwarder
@@ -15,14 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import socket
 from typing import TYPE_CHECKING
 
-from netstack.errors import DnsForwarderError, GatewayError
-from netstack.gateway._loop_thread import LoopThread
+from netstack.errors import DnsForwarderError
+from netstack.gateway._portal import Portal
 
 if TYPE_CHECKING:
     from netstack.gateway.dns_forwarder._forwarder import DnsForwarder
+
+log = logging.getLogger("netstack.dns")
 
 
 class ForwarderThread:
@@ -30,8 +34,9 @@ class ForwarderThread:
 
     For callers that are not asyncio (the C frame loop's slow path): :meth:`submit`
     from any thread returns a ``concurrent.futures.Future`` of the reply bytes. It
-    mirrors the project's single sync-over-async pattern (a loop-thread "portal":
-    start, submit, close, context manager); the thread starts at construction.
+    mirrors the project's single sync-over-async pattern (the loop-thread portal,
+    :class:`netstack.gateway._portal.Portal`: start, submit, close, context manager);
+    the thread starts at construction.
 
     >>> from netstack import NetworkPolicy
     >>> from netstack.gateway.dns_forwarder import DnsForwarder
@@ -44,7 +49,7 @@ class ForwarderThread:
 
     def __init__(self, forwarder: DnsForwarder) -> None:
         self.forwarder = forwarder
-        self._portal = LoopThread("dns", on_close=forwarder.stop).start()
+        self._portal = Portal("dns")
         #: the forwarder's event loop (runs in the thread)
         self.loop: asyncio.AbstractEventLoop = self._portal.loop
 
@@ -58,10 +63,8 @@ class ForwarderThread:
         True
         >>> t.close()
         """
-        try:
-            self._portal.start()
-        except GatewayError as e:
-            raise DnsForwarderError("the forwarder thread is closed") from e
+        if self._portal.closed:
+            raise DnsForwarderError("the forwarder thread is closed")
         return self
 
     def submit(self, wire: bytes, protocol: str = "udp",
@@ -92,7 +95,7 @@ class ForwarderThread:
         """
         if self._portal.closed:
             raise DnsForwarderError("the forwarder thread is closed")
-        return self._portal.call(self.forwarder.start(host, port))
+        return self._portal.run(self.forwarder.start(host, port), timeout=10)
 
     def serve_tcp_socket(self, sock: socket.socket, *, original_dst: bool = False) -> None:
         """:meth:`DnsForwarder.start_tcp_socket` on the thread's loop.
@@ -106,7 +109,8 @@ class ForwarderThread:
         """
         if self._portal.closed:
             raise DnsForwarderError("the forwarder thread is closed")
-        self._portal.call(self.forwarder.start_tcp_socket(sock, original_dst=original_dst))
+        self._portal.run(self.forwarder.start_tcp_socket(sock, original_dst=original_dst),
+                         timeout=10)
 
     def close(self) -> None:
         """Stop listeners and the loop, join the thread (idempotent).
@@ -117,7 +121,14 @@ class ForwarderThread:
         >>> t.close(); t.close(); t.loop.is_closed()
         True
         """
-        self._portal.close()
+        if self._portal.closed:
+            return
+        try:
+            self._portal.run(self.forwarder.stop(), timeout=10)
+        except Exception as e:   # the loop is stopped below anyway
+            log.warning("DNS forwarder listeners did not stop cleanly: %s", e)
+        finally:
+            self._portal.close()
 
     def __enter__(self) -> ForwarderThread:
         return self
