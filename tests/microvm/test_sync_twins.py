@@ -11,6 +11,7 @@ prefixes are taken out; no sync method is a coroutine function.
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import re
 import signal
@@ -98,6 +99,8 @@ def _function(cls: type, name: str) -> tuple[Any, Callable[..., Any]]:
     if isinstance(attr, property):
         assert attr.fget is not None
         return attr, attr.fget
+    if isinstance(attr, functools.cached_property):
+        return attr, attr.func
     raw = attr.__func__ if isinstance(attr, classmethod | staticmethod) else attr
     return attr, raw
 
@@ -119,7 +122,7 @@ def test_sync_twin_has_the_async_signatures(twin: Twin) -> None:
         assert type(s_attr) is type(a_attr), (where, s_name, type(s_attr), type(a_attr))
         assert not inspect.iscoroutinefunction(s_fn) and not inspect.isasyncgenfunction(s_fn), \
             f"{where}.{s_name} must block, not be async"
-        if not isinstance(a_attr, property) and not (
+        if not isinstance(a_attr, property | functools.cached_property) and not (
                 inspect.iscoroutinefunction(a_fn) or inspect.isasyncgenfunction(a_fn)):
             # the few plain helpers (no I/O) stay plain in both
             assert s_name in twin.plain or s_name.startswith("__"), \
