@@ -91,7 +91,7 @@ def test_leases_in_one_process(home: Path) -> None:
 
 _HOLDER = """
 import sys, time
-from netstack import allocate_slot
+from netstack.gateway import allocate_slot
 lease = allocate_slot()
 print(lease.slot, flush=True)
 time.sleep(60)

@@ -727,7 +727,8 @@ def test_datagram_vmm_transport(tmp_path: Path, host_service: int, vfkit: bool) 
 
 _EXIT_SCRIPT = r"""
 import socket, sys
-from netstack import AddressPlan, Gateway, NetworkPolicy, TapUplink
+from netstack import NetworkPolicy
+from netstack.gateway import AddressPlan, Gateway, TapUplink
 up = TapUplink("gw-e2e-exit", AddressPlan(3204), home=sys.argv[1], vnet_hdr=True)
 a, b = socket.socketpair()
 gw = Gateway(NetworkPolicy.public_only(), uplink=up, guest_socket=a, dns_upstreams=["192.0.2.53"])

@@ -107,7 +107,7 @@ def test_passt_runs_in_its_own_session_and_goes_away(passt: None) -> None:
 
 def test_passt_dies_with_its_owner_even_on_sigkill(passt: None) -> None:
     """The owner is SIGKILLed: its end of the stream closes and passt exits (no orphan)."""
-    code = ("import sys; from netstack import AddressPlan, PasstUplink; "
+    code = ("import sys; from netstack.gateway import AddressPlan, PasstUplink; "
             "up = PasstUplink(AddressPlan(11)); print(up.pid, flush=True); "
             "sys.stdin.read()")
     owner = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,

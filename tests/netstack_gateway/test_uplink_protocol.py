@@ -191,7 +191,8 @@ _CLOSE_IN_FLIGHT = r"""
 import logging, socket, sys, time
 logging.basicConfig(level=logging.WARNING)
 sys.path.insert(0, sys.argv[1])
-from netstack import AddressPlan, Gateway, NetworkPolicy
+from netstack import NetworkPolicy
+from netstack.gateway import AddressPlan, Gateway
 from tests.netstack_gateway.test_uplink_protocol import PairUplink, _guest_frame
 
 sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)   # an upstream that never answers

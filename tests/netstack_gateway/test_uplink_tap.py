@@ -153,7 +153,7 @@ def test_bad_plan(baseline: Snapshot) -> None:
 
 _CHILD = """
 import sys, time
-from netstack import AddressPlan, TapUplink
+from netstack.gateway import AddressPlan, TapUplink
 up = TapUplink(sys.argv[1], AddressPlan(int(sys.argv[2])))
 print("ready", flush=True)
 if sys.argv[3] == "sleep":

@@ -2,7 +2,7 @@
 
 :class:`UnprivilegedGateways` starts this module as ``nobody`` (``tests.support.
 unprivileged_argv``) with the fake VMM's socket: the server process owns a
-:class:`~netstack.PasstUplink` (passt as nobody too) and builds :class:`~netstack.Gateway`
+:class:`~netstack.gateway.PasstUplink` (passt as nobody too) and builds :class:`~netstack.gateway.Gateway`
 objects on request; :class:`RemoteGateway` is a handle on one with the part of the
 Gateway API the end-to-end scenarios use (``stats``, ``rule_counters``, ``guest_config``,
 ``published``, ``intercept_tls``, ``close``/``closed``, a context manager) plus a TLS
@@ -194,7 +194,7 @@ class _Proxy:
 
 def _serve(ctrl: socket.socket, guest_fd: int, slot: int, host_loopback: bool,
            dns: list[str]) -> None:
-    from netstack import AddressPlan, Gateway, PasstUplink
+    from netstack.gateway import AddressPlan, Gateway, PasstUplink
 
     workdir = Path(os.environ["HOME"])
     up = PasstUplink(AddressPlan(slot), host_loopback=host_loopback)
