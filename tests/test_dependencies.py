@@ -288,3 +288,140 @@ def test_ci_turns_unlisted_skips_into_failures(tmp_path: Path) -> None:
     ci = pytest_run("test_mod.py", ci=True)
     assert ci.returncode != 0 and "module skipped under CI=true" in ci.stdout, ci.stdout
     assert "no_such_module_xyz" in ci.stdout
+
+
+# -- Python dependencies: pyproject's lists match what the code imports -------------------
+FIRST_PARTY = {"rootfs", "netstack", "tls_proxy", "microvm", "tests", "benchmarks", "conftest"}
+PACKAGES = ("rootfs", "netstack", "tls_proxy", "microvm")
+BUILD_ONLY = {"setuptools"}  # [build-system] requires: the tests read pyproject with it
+
+
+def _norm(dist: str) -> str:
+    return dist.lower().replace("_", "-").replace(".", "-")
+
+
+def _requirements() -> dict[str, set[str]]:
+    """``"main"`` and each extra -> the distribution names it lists (normalized)."""
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    groups = {"main": project["dependencies"], **project["optional-dependencies"]}
+    name = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+    out: dict[str, set[str]] = {}
+    for group, reqs in groups.items():
+        found = set()
+        for r in reqs:
+            m = name.match(r)
+            assert m is not None, f"unparsable requirement {r!r} in {group}"
+            found.add(_norm(m.group(0)))
+        out[group] = found
+    return out
+
+
+@functools.cache
+def _third_party_imports(dirs: tuple[str, ...]) -> dict[str, list[str]]:
+    """Top-level module -> files under ``dirs`` importing it (stdlib and our own left out)."""
+    local = {p.stem for d in ("tests", "benchmarks") for p in (ROOT / d).rglob("*.py")}
+    found: dict[str, list[str]] = {}
+    for d in dirs:
+        for path in sorted((ROOT / d).rglob("*.py")):
+            if "agent_guest" in path.parts:
+                continue
+            tree = ast.parse(path.read_text(), str(path))
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    mods = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    mods = [node.module]
+                else:
+                    continue
+                for m in mods:
+                    top = m.split(".")[0]
+                    if top in sys.stdlib_module_names or top in FIRST_PARTY or top in local:
+                        continue
+                    found.setdefault(top, []).append(str(path.relative_to(ROOT)))
+    return found
+
+
+@functools.cache
+def _import_names() -> dict[str, list[str]]:
+    from importlib.metadata import packages_distributions
+
+    return dict(packages_distributions())
+
+
+def _distributions(module: str) -> set[str]:
+    """Distributions providing ``module`` (not installed here: guessed from its name)."""
+    return {_norm(d) for d in _import_names().get(module, [module])}
+
+
+def _undeclared(dirs: tuple[str, ...], allowed: set[str]) -> list[str]:
+    problems = []
+    for module, files in sorted(_third_party_imports(dirs).items()):
+        dists = _distributions(module)
+        if not dists & allowed:
+            problems.append(f"{module} (distribution {', '.join(sorted(dists)) or 'unknown'}) "
+                            f"imported by {files[0]} is not declared")
+    return problems
+
+
+def test_packages_import_only_declared_dependencies() -> None:
+    """The packages import only the main dependencies (and an optional feature's extra)."""
+    reqs = _requirements()
+    optional = set().union(*(v for k, v in reqs.items() if k not in ("main", "test", "dev")))
+    assert not _undeclared(PACKAGES, reqs["main"] | optional)
+    # an extra-only import stays out of the main import path (e.g. ray: microvm.fleet)
+    for module, files in _third_party_imports(PACKAGES).items():
+        if _distributions(module) & reqs["main"]:
+            continue
+        assert all(f.startswith("microvm/fleet/") for f in files), (module, files)
+
+
+def test_tests_and_benchmarks_import_only_declared_dependencies() -> None:
+    """Every library the suite and the benchmarks import is in the main list or an extra."""
+    reqs = _requirements()
+    allowed = set().union(*reqs.values()) - reqs["dev"] | BUILD_ONLY
+    assert not _undeclared(("tests", "benchmarks"), allowed)
+
+
+def test_every_test_dependency_is_used() -> None:
+    """No library sits in the test extra unused (one DNS library: dnspython, not dnslib too).
+
+    Used means imported by tests/benchmarks, a pytest plugin, or a console script the
+    tests run (``lint-imports``).
+    """
+    from importlib.metadata import distribution
+
+    imported = set().union(*(_distributions(m) for m in _third_party_imports(("tests", "benchmarks"))))
+    sources = "\n".join(p.read_text() for d in ("tests", "benchmarks")
+                        for p in (ROOT / d).rglob("*.py"))
+    unused = []
+    for dist in sorted(_requirements()["test"]):
+        if dist in imported:
+            continue
+        eps = distribution(dist).entry_points
+        if any(ep.group == "pytest11" for ep in eps):
+            continue
+        if any(ep.group == "console_scripts" and f'"{ep.name}"' in sources for ep in eps):
+            continue
+        unused.append(dist)
+    assert not unused, f"test extra lists unused {unused}: drop them from pyproject.toml"
+    assert "dnslib" not in set().union(*_requirements().values())
+
+
+def test_setup_installs_the_extras_ci_needs() -> None:
+    """setup.sh installs the test and dev extras; dev holds the tools run-tests.sh runs."""
+    import re
+
+    setup = (ROOT / "setup.sh").read_text()
+    m = re.search(r"pip install [^\n]*-e '\.\[([a-z0-9,]+)\]'", setup)
+    assert m is not None, "setup.sh installs the package with: pip install -e '.[extras]'"
+    installed = set(m.group(1).split(","))
+    assert {"test", "dev"} <= installed
+    reqs = _requirements()
+    assert set(reqs) - {"main"} <= installed, "an extra setup.sh does not install: CI lacks it"
+    run_tests = (ROOT / "run-tests.sh").read_text()
+    for tool in ("ruff", "mypy"):
+        assert f"-m {tool}" in run_tests
+        assert tool in reqs["dev"] and tool not in reqs["test"] | reqs["main"]
