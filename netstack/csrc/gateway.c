@@ -28,7 +28,8 @@
  * The uplink is a TAP fd (one read/write = one frame, optionally with a virtio-net
  * header) or, with uplink_stream, a stream socket carrying u32-BE length-prefixed
  * frames (passt --fd): read in large chunks with partial frames carried over,
- * written through a buffer flushed when it fills and at the end of every round.
+ * written through a buffer flushed when it fills and at the end of every round, one
+ * frame (or a small run of whole frames) per send(): see flush_uplink.
  * Events to the owner: a single-producer/single-consumer ring of fixed slots;
  * when it is full the event is dropped and counted (the loop never waits).
  */
@@ -125,6 +126,7 @@ struct ns_gw {
     size_t uin_len;
     uint8_t *uout;                /* framed output not yet written */
     size_t uout_off, uout_len;
+    size_t uout_cut;              /* end of the frame a partial send cut (0: none) */
     /* the steering NAT (stream uplinks without a local stack: see steer.c) */
     ns_steer *steer;
     int steer_bypass;             /* the frame being sent answers a published-port flow */
@@ -545,21 +547,41 @@ size_t ns_gw_build_too_big(const uint8_t *frame, size_t len, uint32_t mtu, const
     return finish_ip(out, cap, frame + 6, frame, src, fr.src, v4 ? 1 : 58, l4, 8 + quote, 2);
 }
 
+/* The framed output to a stream uplink.  passt (Debian 12's, and its reader to this
+ * day) loses the stream's framing when one of its reads ends inside a length prefix:
+ * it only finishes a frame whose prefix it read.  A unix stream socket queues each
+ * send() as skbs of its own (each queued whole, the first holding far more than 4
+ * bytes), so a reader can stop at the end of any skb: every send() therefore starts
+ * at a frame boundary (or continues the one frame a partial send cut, after its
+ * prefix), and carries either one frame or a run of small whole frames of at most
+ * UPLINK_GROUP bytes, which fits one skb (queued whole or not at all).  A single
+ * large write of many frames would let passt read a prefix in halves. */
+#define UPLINK_GROUP 2048
+
 static void flush_uplink(ns_gw *g) {
     while (g->uout_len > g->uout_off) {
-        ssize_t w = write(g->cfg.uplink_fd, g->uout + g->uout_off, g->uout_len - g->uout_off);
+        size_t start = g->uout_off, end = g->uout_cut;
+        if (!end) {
+            end = start + 4 + ns_rd32(g->uout + start);
+            while (end - start <= UPLINK_GROUP && end + 4 <= g->uout_len &&
+                   end + 4 + ns_rd32(g->uout + end) - start <= UPLINK_GROUP)
+                end += 4 + ns_rd32(g->uout + end);
+        }
+        ssize_t w = send(g->cfg.uplink_fd, g->uout + start, end - start,
+                         MSG_DONTWAIT | MSG_NOSIGNAL);
         if (w > 0) {
             g->uout_off += (size_t)w;
+            g->uout_cut = g->uout_off < end ? end : 0;
             continue;
         }
         if (w < 0 && errno == EINTR) continue;
         if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
         g->st.write_errors++;
-        g->uout_off = g->uout_len = 0; /* the uplink is gone */
+        g->uout_off = g->uout_len = g->uout_cut = 0; /* the uplink is gone */
         g->uplink_alive = 0;
         return;
     }
-    g->uout_off = g->uout_len = 0;
+    g->uout_off = g->uout_len = g->uout_cut = 0;
 }
 
 /* One frame (the concatenation of iov[0..n)) to a stream uplink: framed into the
@@ -573,6 +595,7 @@ static ssize_t uplink_stream_put(ns_gw *g, const struct iovec *iov, int n) {
     if (g->uout_off > 0 && g->uout_len + 4 + len > STREAM_OUT_CAP) {
         memmove(g->uout, g->uout + g->uout_off, g->uout_len - g->uout_off);
         g->uout_len -= g->uout_off;
+        if (g->uout_cut) g->uout_cut -= g->uout_off;
         g->uout_off = 0;
     }
     if (g->uout_len + 4 + len > STREAM_OUT_CAP) return -1;

@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from netstack import AddressPlan, Gateway, NetworkPolicy, Rule
+from netstack import NetworkPolicy, Rule
 from netstack.frameinfo import build_frame, parse_frame
+from netstack.gateway import AddressPlan, Gateway
 from netstack.gateway.steering import TLS_POOL, SteerClaim
 from tests.netstack_gateway.test_gateway_loop import _sum, checksums_ok
 
@@ -36,10 +37,11 @@ class StreamPairUplink:
     vnet_hdr = False
     ipv6_egress = False
 
-    def __init__(self, plan: AddressPlan, host_loopback: bool = False) -> None:
+    def __init__(self, plan: AddressPlan, host_loopback: bool = False,
+                 kind: int = socket.SOCK_STREAM) -> None:
         self.plan, self.mtu, self.host_loopback = plan, 65520, host_loopback
         self.peer_uid: int | None = None
-        self.outside, self._inside = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.outside, self._inside = socket.socketpair(socket.AF_UNIX, kind)
         self.tap_fd = self._inside.fileno()
 
     def set_mtu(self, mtu: int) -> None:
@@ -219,3 +221,31 @@ def test_a_claim_is_honoured_only_for_the_uplinks_uid() -> None:
     finally:
         for s in (conn, client, srv):
             s.close()
+
+
+def test_every_send_to_a_stream_uplink_starts_at_a_frame() -> None:
+    """passt loses the framing when one of its reads ends inside a length prefix, and a
+    reader may stop after any send(): the loop sends one frame, or a small run of whole
+    frames, per call (a SOCK_SEQPACKET pair shows each send as one record)."""
+    up = StreamPairUplink(PLAN, kind=socket.SOCK_SEQPACKET)
+    vmm, mine = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    policy = NetworkPolicy.custom(rules=[Rule.allow("198.51.100.0/24")])
+    frames = [tcp(GUEST, REMOTE, 46000 + i % 7, 80, 0x02 if i < 7 else 0x10,
+                  bytes(i * 997 % 30000 if i % 5 == 0 else 0)) for i in range(120)]
+    with Gateway(policy, uplink=up, guest_socket=mine, dns_upstreams=["192.0.2.53"],
+                 own_uplink=True):
+        vmm.sendall(b"".join(struct.pack("!I", len(f)) + f for f in frames))
+        got: list[bytes] = []
+        up.outside.settimeout(2)
+        while len(got) < len(frames):
+            record = up.outside.recv(1 << 20)
+            off, whole = 0, []
+            while off < len(record):          # whole framed frames, nothing cut
+                n = struct.unpack("!I", record[off:off + 4])[0]
+                assert off + 4 + n <= len(record), (off, n, len(record))
+                whole.append(record[off + 4:off + 4 + n])
+                off += 4 + n
+            assert len(whole) == 1 or len(record) <= 2048, [len(w) for w in whole]
+            got.extend(whole)
+        assert got == frames
+    vmm.close()
