@@ -283,7 +283,8 @@ def load_manifest(path: Path) -> Manifest:
         if size != info["size"]:
             raise SnapshotError(f"snapshot {name!r}: {fname} is {size} bytes, the manifest "
                                 f"says {info['size']} (truncated or replaced)")
-    if not disk_only and file_sha256(path / "state") != files["state"]["sha256"]:
+    want = None if disk_only else files["state"]["sha256"]
+    if want is not None and file_sha256(path / "state") != want:
         raise SnapshotError(f"snapshot {name!r}: the device state's sha256 does not match "
                             f"the manifest (corrupted)")
     return manifest
@@ -306,9 +307,11 @@ def verify(path: Path, *, full: bool = True) -> Manifest:
     return manifest
 
 
-def describe_files(path: Path, names: list[str], *, checksums: bool) -> dict[str, Any]:
+def describe_files(path: Path, names: list[str], *, checksums: bool,
+                   hash_state: bool = True) -> dict[str, Any]:
     """``{name: {size, sha256}}`` for files in a snapshot directory (the device state is
-    always hashed; the rest only with ``checksums``).
+    hashed unless ``hash_state`` is false - a transient fork template's, whose streamed
+    RAM can be hundreds of MiB -; the rest only with ``checksums``).
 
     Example::
 
@@ -317,7 +320,7 @@ def describe_files(path: Path, names: list[str], *, checksums: bool) -> dict[str
     out: dict[str, Any] = {}
     for n in names:
         f = path / n
-        want = checksums or n == "state"
+        want = checksums or (n == "state" and hash_state)
         out[n] = {"size": f.stat().st_size, "sha256": file_sha256(f) if want else None}
     return out
 
@@ -498,3 +501,108 @@ def reconfig_payload(hostname: str | None, network: Mapping[str, Any] | None) ->
     if network is not None:
         out["network"] = dict(network)
     return out
+
+
+def freeze(machine: Any, path: Path, *, extra: Mapping[str, Any] | None = None
+           ) -> tuple[Manifest, int]:
+    """Freeze a running ``machine`` whose RAM is its own shared memfd into a fork template
+    at ``path``, without copying RAM: QMP ``stop`` + the device state (``x-ignore-shared``),
+    ``path/memory`` a symlink to ``/proc/<this pid>/fd/<a dup of the memfd>``, and the
+    writable disks *moved* into ``path`` (the stopped VMM keeps them open). The machine
+    stays stopped and must never run again: its caller restarts it as a copy-on-write
+    child of the template (:meth:`Machine.from_snapshot` maps ``memory`` private), beside
+    the forks, or undoes this with :func:`thaw`. Returns the manifest and the memfd dup
+    (the template's memory: close it once every child mapped it; the kernel frees the
+    pages when the last mapping goes).
+
+    Raises :class:`SnapshotError` before stopping anything when the machine's RAM is not
+    its own shared memfd (a restore or a copy-on-write child maps a file private: it can
+    only be snapshotted, its RAM streamed).
+
+    Example::
+
+        manifest, fd = freeze(machine, Path("tpl"))
+    """
+    spec = machine.spec
+    be = snapshot_backend(machine.backend)
+    path = Path(path)
+    check_target(path)
+    memfd = getattr(machine, "_memfd", None)
+    if spec.memory_file is None:
+        raise SnapshotError("this machine was started with snapshots=False: its RAM is not "
+                            "in a file")
+    if not spec.memory_shared or memfd is None:
+        raise SnapshotError("this machine's RAM is not its own shared memfd: it cannot be "
+                            "frozen into a template (snapshot it instead)")
+    if spec.shares:
+        raise SnapshotError("a machine with virtio-fs shares cannot be frozen")
+    handle = machine.handle
+    if handle.poll() is not None:
+        raise SnapshotError("the machine is not running")
+    accel = be.resolved_accel() if hasattr(be, "resolved_accel") else "unknown"
+    tmp = new_tmp(path)
+    dup = os.dup(memfd)
+    moved: list[tuple[Path, Path]] = []
+    try:
+        t0 = time.monotonic()
+        be.save_state(handle, tmp / "state", include_ram=False)
+        os.symlink(f"/proc/{os.getpid()}/fd/{dup}", tmp / "memory")
+        names = ["state", "memory"]
+        disks: list[dict[str, Any]] = []
+        for i, d in enumerate(spec.disks):
+            if d.readonly:
+                disks.append({"index": i, "readonly": True, "path": str(d.path.resolve()),
+                              "sha256": file_sha256(d.path, cache=True)})
+                continue
+            dst = tmp / f"disk{i}.img"
+            try:
+                os.rename(d.path, dst)
+                moved.append((Path(d.path), dst))
+            except OSError:   # another filesystem: copy (the VMM is stopped)
+                sparse_copy(d.path, dst)
+            names.append(dst.name)
+            disks.append({"index": i, "readonly": False, "file": dst.name})
+        manifest: Manifest = {
+            "format": FORMAT,
+            "created": time.time(),
+            "paused_s": round(time.monotonic() - t0, 4),
+            "memory": "file",
+            "frozen": True,
+            "accel": accel,
+            "kernel": {"path": str(spec.kernel), "sha256": file_sha256(spec.kernel, cache=True)},
+            "config": {"cpus": spec.cpus, "memory_mib": spec.memory_mib, "init": spec.init,
+                       "cmdline_extra": spec.cmdline_extra, "mac": spec.mac,
+                       "net": spec.net_socket is not None, "disks": disks},
+            "files": describe_files(tmp, names, checksums=False, hash_state=False),
+            "extra": dict(extra or {}),
+        }
+        write_manifest(tmp, manifest)
+        tmp.rename(path)
+    except BaseException:
+        for orig, now in moved:
+            with contextlib.suppress(OSError):
+                os.rename(now, orig)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.close(dup)
+        with contextlib.suppress(Exception):
+            be.resume(handle)
+        raise
+    return seal(manifest), dup
+
+
+def thaw(path: Path, original_disks: list[Path]) -> None:
+    """Undo :func:`freeze` when the child could not start: move the writable disks back
+    (``original_disks``: the machine's writable disk paths, in order) and delete the
+    template. The caller then ``cont`` s the stopped VMM.
+
+    Example::
+
+        thaw(Path("tpl"), [Path("upper.ext4")])
+    """
+    manifest = json.loads((path / MANIFEST).read_text())
+    writable = [d for d in manifest["config"]["disks"] if not d["readonly"]]
+    for d, orig in zip(writable, original_disks, strict=True):
+        src = path / d["file"]
+        if src.exists() and not orig.exists():
+            os.rename(src, orig)
+    shutil.rmtree(path, ignore_errors=True)

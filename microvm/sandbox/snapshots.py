@@ -327,8 +327,8 @@ def _unpack(tar: Any, tmp: Path, archive: str) -> None:
     for m in tar:
         if not m.isfile() or "/" in m.name or m.name in ("", ".", "..") \
                 or m.name.startswith("."):
-            raise SnapshotError(f"importing {archive!r}: unexpected member {m.name!r} "
-                                f"(plain file names only)")
+            raise SnapshotError(f"importing {archive!r}: not a snapshot archive (unexpected "
+                                f"member {m.name!r}: plain file names only)")
         fh = tar.extractfile(m)
         if smap is None:
             if m.name != _SPARSE_MAP or m.size > 1 << 20:
@@ -569,7 +569,10 @@ async def restore(cls: type[AsyncSandbox], snapshot: str | os.PathLike[str], *, 
                 # Known bug (issue 16): now and then, mostly under load, the restored
                 # guest's agent hangs in the kernel while re-addressing eth0 (the network
                 # half of core.reconfigure). One fresh attempt from the same snapshot.
-                if attempt == 2 or "core.reconfigure" not in str(e):
+                # A disk-only snapshot boots cold: once more after a boot-time kernel
+                # panic, as create does.
+                again = _launch.boot_panicked(e) if disk_only else "core.reconfigure" in str(e)
+                if attempt == 2 or not again:
                     raise
                 log.warning("restore of %s as %s: %s; trying once more", info.name, name,
                             str(e).splitlines()[0])
@@ -652,7 +655,9 @@ async def fork_many(sb: AsyncSandbox, n: int, *, names: Sequence[str] | None,
                                  detached=detached, labels=None, boot_timeout=120.0)
 
     try:
-        await take(sb, template, checksums=False)
+        t0 = time.monotonic()
+        await _template(sb, template)
+        log.debug("fork template of %s in %.3fs", sb.name, time.monotonic() - t0)
         # the restores overlap (supervisor start, disk copies, network, QEMU)
         results = await asyncio.gather(*(one(nm) for nm in chosen), return_exceptions=True)
         out = [r for r in results if not isinstance(r, BaseException)]
@@ -665,9 +670,40 @@ async def fork_many(sb: AsyncSandbox, n: int, *, names: Sequence[str] | None,
                 await type(sb)._remove(f.name, timeout=5.0, db=f.db)
         raise
     finally:
-        # the forks map the template's RAM privately: the mapping outlives the file
+        # the forks map the template's RAM privately: the mapping outlives the file (and
+        # a frozen template's memfd lives as long as a mapping of it)
         shutil.rmtree(template, ignore_errors=True)
+        with contextlib.suppress(SandboxError):
+            await sb._control({"op": "fork_release"})
     return out
+
+
+async def _template(sb: AsyncSandbox, template: Path) -> None:
+    """The fork template: the running source frozen in place (its RAM memfd becomes the
+    template, the source carries on as a copy-on-write child of it; see the README's
+    "Fork"), else - a source on a private mapping already, with a network, or with exec
+    sessions in flight - a snapshot of it (RAM copied or streamed)."""
+    from microvm.snapshot import check_target
+
+    template.parent.mkdir(parents=True, exist_ok=True)
+    check_target(template)
+    if not sb.config.volumes and sb.config.image_kind != "dir":
+        extra = {"kind": SANDBOX_KIND, "source": sb.name, "config": sb.config.to_json(),
+                 "launch": {k: sb._launch[k] for k in _LAUNCH_KEYS if k in sb._launch}}
+        res = await sb._control({"op": "fork_template", "path": str(template),
+                                 "extra": extra}, timeout=600.0)
+        if isinstance(res, dict) and res.get("cow"):
+            # the relay was rebuilt on the new VMM: drop the cached connection now
+            client, sb._client = sb._client, None
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.close()
+            plugins = sb.paths.dir / "plugins.pickle"
+            if plugins.exists():
+                shutil.copyfile(plugins, template / "plugins.pickle")
+            log.debug("fork template of %s frozen in place: %s", sb.name, res)
+            return
+    await take(sb, template, checksums=False)
 
 
 async def pause(sb: AsyncSandbox) -> None:

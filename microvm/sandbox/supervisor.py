@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import signal
 import socket
 import sys
@@ -91,6 +92,14 @@ class Supervisor:
         #: wall-clock time (epoch seconds) of each bring-up step (the report's ``phases``:
         #: where a start's time goes; benchmarks.snapshot --phases prints them)
         self.phases: dict[str, float] = {}
+        #: memfds of fork templates this sandbox was frozen into (``fork_template``), kept
+        #: open until the forks mapped them (``fork_release``) or the sandbox stops
+        self._template_fds: list[int] = []
+        #: set while fork_template replaces the VMM (serve() follows the new one)
+        self._swapping = False   # fork_template is replacing the VMM (see _vm_exit)
+        #: the sandbox's writable disk paths before its first fork_template (symlinks to
+        #: the current VMM's copies after it)
+        self._disk_aliases: list[Path] = []
 
     def _phase(self, name: str) -> None:
         self.phases[name] = time.time()
@@ -303,6 +312,14 @@ class Supervisor:
             return {}
         if op in ("pause", "resume", "snapshot"):
             return await self._snapshot_op(op, req)
+        if op == "fork_template":
+            return await self._fork_template(Path(str(req["path"])), req.get("extra"))
+        if op == "fork_release":
+            for fd in self._template_fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._template_fds.clear()
+            return {}
         raise control.ControlError(f"unknown control op {op!r}")
 
     async def _snapshot_op(self, op: str, req: dict[str, Any]) -> Any:
@@ -324,6 +341,114 @@ class Supervisor:
             await asyncio.to_thread(self.machine.pause)
         return {"paused_s": manifest["paused_s"]}
 
+    async def _fork_template(self, target: Path, extra: Any) -> dict[str, Any]:
+        """Freeze this sandbox into the fork template ``target`` and carry on as a
+        copy-on-write child of it (see :func:`microvm.snapshot.freeze`): the guest's RAM
+        memfd becomes the template, unchanged and never copied; a new VMM maps it private,
+        loads the device state and gets a fresh entropy reseed and the clock, and the
+        relay is rebuilt on it (clients reconnect on their next request). Returns
+        ``{"cow": false}`` without touching anything when the RAM is a private mapping
+        already (a restore, an earlier fork's source), a network is attached (the gateway
+        cannot be handed to a new VMM yet) or exec sessions are in flight: the caller
+        snapshots instead.
+        """
+        old = self.machine
+        assert old is not None and self.relay is not None
+        if (self.net is not None or self.relay.sessions > 0 or old.spec.memory_file is None
+                or not old.spec.memory_shared or getattr(old, "_memfd", None) is None):
+            # a private mapping already (a restore, an earlier fork's source): freezing it
+            # would mean streaming its RAM and restarting it twice (measured 4-7x slower
+            # than the caller's snapshot); see the README
+            return {"cow": False}
+        t0 = time.monotonic()
+        self._swapping = True
+        try:
+            freeze_s = await self._replace_vmm(target, extra)
+        finally:
+            self._swapping = False
+        return {"cow": True, "paused_s": round(time.monotonic() - t0, 4), "freeze_s": freeze_s}
+
+    async def _replace_vmm(self, target: Path, extra: Any) -> float:
+        """Freeze the VMM into ``target`` and restart the guest from it in a new VMM (same
+        rundir, sockets and disk paths); on failure the old VMM carries on."""
+        from microvm.backends.qmp import QmpClient
+        from microvm.sandbox.relay import AgentRelay
+        from microvm.snapshot import freeze, thaw
+
+        old = self.machine
+        assert old is not None and self.relay is not None
+        writable = [Path(d.path) for d in old.spec.disks if not d.readonly]
+        manifest, memfd = await asyncio.to_thread(
+            freeze, old, target, extra=extra if isinstance(extra, dict) else None)
+
+        def undo_freeze() -> None:
+            thaw(target, writable)
+            if memfd >= 0:
+                os.close(memfd)
+
+        # the stopped VMM's monitor (one client at a time), kept open: the new VMM's socket
+        # takes its path
+        try:
+            q_old = await asyncio.to_thread(QmpClient.connect, old.spec.qmp_socket)
+        except BaseException:
+            await asyncio.to_thread(undo_freeze)
+            await asyncio.to_thread(old.resume)
+            raise
+        try:
+            scratch = self.paths.root / f".cow-{time.monotonic_ns()}"
+            await self.relay.close()
+            backend = self.plugins.get("backend") or self.cfg.backend
+            new: Machine | None = None
+            try:
+                new = await asyncio.to_thread(
+                    Machine.from_snapshot, target, backend=backend, rundir=self.paths.run,
+                    disk_dir=scratch, hostname=self.cfg.hostname or self.cfg.name,
+                    boot_timeout=float(self.launch.get("boot_timeout", 120.0)))
+                client = await new.astart()
+            except BaseException:
+                if new is not None:
+                    await asyncio.to_thread(new.kill)
+                shutil.rmtree(scratch, ignore_errors=True)
+                await asyncio.to_thread(undo_freeze)
+                await asyncio.to_thread(q_old.execute, "cont")
+                up = old._aagent
+                assert up is not None and up.ready is not None
+                self.relay = AgentRelay(up, up.ready, on_activity=self._touch)
+                await self.relay.serve_unix(self.paths.agent_sock)
+                raise
+        finally:
+            q_old.close()
+        # the child runs: the old VMM goes (SIGKILL: a "quit" would unlink the socket paths
+        # the new VMM owns now)
+        if old._aagent is not None:
+            with contextlib.suppress(Exception):
+                await old._aagent.close()
+        await asyncio.to_thread(old.kill)
+        # the child's disks are copies in `scratch` (QEMU may reopen a disk by its name:
+        # they keep it); the sandbox's own disk paths become symlinks to them
+        copies = [Path(d.path) for d in new.spec.disks if not d.readonly]
+        if not self._disk_aliases:
+            self._disk_aliases = writable
+        for alias, real in zip(self._disk_aliases, copies, strict=True):
+            link = alias.with_name(f".{alias.name}.lnk")
+            with contextlib.suppress(FileNotFoundError):
+                link.unlink()
+            os.symlink(real, link)
+            os.replace(link, alias)
+        for w in writable:   # an earlier child's scratch directory, now empty
+            if w.parent.name.startswith(".cow-"):
+                with contextlib.suppress(OSError):
+                    w.parent.rmdir()
+        if memfd >= 0:
+            self._template_fds.append(memfd)
+        self.machine = new
+        assert client.ready is not None
+        self.relay = AgentRelay(client, client.ready, on_activity=self._touch)
+        await self.relay.serve_unix(self.paths.agent_sock)
+        if self.paused:
+            await asyncio.to_thread(new.pause)
+        return float(manifest["paused_s"])
+
     def request_stop(self, mode: str, timeout: float, reason: str) -> None:
         """Ask the serve loop to stop (``stop``: graceful within ``timeout``; ``kill``)."""
         if self.stop_requested is None or self.stop_requested.is_set():
@@ -340,7 +465,7 @@ class Supervisor:
         Returns the final state (``stopped`` or ``crashed``).
         """
         assert self.machine is not None and self.stop_requested is not None
-        vm_exit = asyncio.ensure_future(asyncio.to_thread(self.machine.wait))
+        vm_exit = asyncio.ensure_future(self._vm_exit())
         stop = asyncio.ensure_future(self.stop_requested.wait())
         waits: set[asyncio.Future[Any]] = {vm_exit, stop}
         if lifeline is not None:
@@ -364,6 +489,17 @@ class Supervisor:
         for w in waits:
             w.cancel()
         return "stopped"
+
+    async def _vm_exit(self) -> None:
+        """Until the guest's VMM exits; a VMM replaced by ``fork_template`` is followed."""
+        while True:
+            machine = self.machine
+            assert machine is not None
+            await asyncio.to_thread(machine.wait)
+            while self._swapping:
+                await asyncio.sleep(0.01)
+            if self.machine is machine:
+                return
 
     async def _timers(self) -> None:
         cfg = self.cfg
@@ -401,6 +537,10 @@ class Supervisor:
                 await asyncio.to_thread(self.machine.kill)
         if self.net is not None:
             await self.net.close()
+        for fd in self._template_fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._template_fds.clear()
         for p in (self.paths.agent_sock, self.paths.control_sock):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()

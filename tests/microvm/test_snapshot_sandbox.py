@@ -200,6 +200,68 @@ def test_disk_snapshot_boots_cold_and_moves(source: Sandbox, tmp_path: Path) -> 
     assert not (snapshots_root() / "dsnap").exists()
 
 
+def _procs_of(*names: str) -> set[int]:
+    """Pids of processes whose command line names one of these sandboxes' directories
+    (their QEMUs: rundir sockets; supervisors: sandbox dir)."""
+    from microvm.sandbox.paths import SandboxPaths
+
+    marks = [str(SandboxPaths.of(n).run) + "/" for n in names]
+    out = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            with contextlib.suppress(OSError):
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                if "qemu" in cmd and any(m in cmd for m in marks):
+                    out.add(int(d.name))
+    return out
+
+
+def test_fork_freezes_source_in_place(source: Sandbox) -> None:
+    """A network-less running sandbox forked: its RAM memfd becomes the template (never
+    copied) and it carries on as a copy-on-write child beside the forks, same name,
+    relay and disks; nothing of the template is left once the children are gone."""
+    c = Sandbox.create("csrc", image=busybox_image(rootfs.ImageStore()), memory=256,
+                       network="none")
+    forks: list[Sandbox] = []
+    try:
+        c.shell(f"({COUNTER}) >/dev/null 2>&1 &")
+        c.shell("echo on-disk > /root/file && sync")
+        qemu_before = _procs_of("csrc")
+        assert len(qemu_before) == 1
+        forks = c.fork_many(2)
+        assert not [p for p in snapshots_root().iterdir() if p.name.startswith(".fork-")]
+        qemu_after = _procs_of("csrc")
+        # the source's VMM was replaced (a copy-on-write child of the template)
+        assert len(qemu_after) == 1 and not qemu_before & qemu_after
+        ram = (Path("/proc") / str(next(iter(qemu_after))) / "maps").read_text()
+        assert "memfd:microvm-ram" in ram   # the frozen memfd, mapped private
+        assert _carries_on(c)
+        assert c.shell("hostname; cat /root/file").stdout_text == "csrc\non-disk\n"
+        rng = {f.shell("head -c 32 /dev/urandom | od -An -tx1").stdout_text for f in forks}
+        rng.add(c.shell("head -c 32 /dev/urandom | od -An -tx1").stdout_text)
+        assert len(rng) == 3
+        for f in forks:
+            assert _carries_on(f)
+            assert f.shell("cat /root/file").stdout_text == "on-disk\n"
+        c.shell("echo source-only > /root/file2 && sync")
+        forks[0].shell("echo fork-only > /root/file3 && sync")
+        assert forks[1].shell("cat /root/file2 /root/file3 2>&1 | wc -l").stdout_text.strip() \
+            == "2"   # two "No such file" lines: nothing shared after the fork
+        assert c.shell("cat /root/file2").stdout_text == "source-only\n"
+        # a second fork of the (now copy-on-write) source snapshots it instead
+        again = c.fork(name="csrc-again")
+        forks.append(again)
+        assert again.shell("cat /root/file2").stdout_text == "source-only\n"
+    finally:
+        for f in forks:
+            f.stop()
+            Sandbox.remove(f.name)
+        c.stop()
+        Sandbox.remove("csrc")
+    assert _procs_of("csrc", *(f.name for f in forks)) == set()
+    assert not [p for p in snapshots_root().iterdir() if p.name.startswith(".")]
+
+
 def test_pool_hands_out_and_refills(source: Sandbox, warm: str) -> None:
     """The pool's own mechanics, from a snapshot of a sandbox without a network (a restore
     with one can hit the known core.reconfigure hang, issue 16; the restore and fork tests
