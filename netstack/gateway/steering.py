@@ -13,7 +13,11 @@ original destination from the loop by its own port (:class:`SteerClaim`, a
 A claim also checks that the connection comes from the uplink's process: the peer must
 be a loopback socket owned by the uid ``peer_uid`` (passt's), looked up in
 ``/proc/net/tcp``/``tcp6``; a process of another user that connects to a pool port gets
-nothing (``None``), so it can never take a guest's flow, and its secrets, over.
+nothing (``None``) and leaves the flow waiting, so it can never take a guest's flow, and
+its secrets, over. A peer already gone (the guest's flow was reset before the listener
+accepted it, e.g. a denied SNI) releases the flow and gets nothing. (A local process of
+another user that connects and closes at once can thus make one guest connection fail:
+a denial of service, never a leak.)
 
 >>> socks = loopback_listeners(2)
 >>> len({s.getsockname()[1] for s in socks}), socks[0].getsockname()[0]
@@ -103,7 +107,8 @@ def _proc_addr(text: str, v6: bool) -> tuple[str, int]:
 
 def socket_uid(local: Address, remote: Address) -> int | None:
     """The uid owning the TCP socket bound to ``local`` and connected to ``remote`` in
-    this network namespace (``/proc/net/tcp``, ``tcp6``), or None if there is none.
+    this network namespace (``/proc/net/tcp``, ``tcp6``), or None if there is none (or
+    only one closing: TIME_WAIT and CLOSE show no owner).
 
     >>> import os
     >>> srv = socket.create_server(("127.0.0.1", 0))
@@ -122,7 +127,7 @@ def socket_uid(local: Address, remote: Address) -> int | None:
                 next(f, None)
                 for raw in f:
                     parts = raw.decode().split()
-                    if len(parts) < 8:
+                    if len(parts) < 8 or parts[3] in ("06", "07"):  # TIME_WAIT, CLOSE
                         continue
                     try:
                         a, b = _proc_addr(parts[1], v6), _proc_addr(parts[2], v6)
@@ -145,6 +150,10 @@ class SteerClaim:
     >>> SteerClaim(lambda port: ("192.0.2.7", 443), None)(("127.0.0.1", 5000),
     ...                                                   ("127.0.0.1", 41000))
     ('192.0.2.7', 443)
+    >>> claimed = []
+    >>> gone = SteerClaim(lambda port: claimed.append(port) or ("192.0.2.7", 443), 0)
+    >>> gone(("127.0.0.1", 1), ("127.0.0.1", 2)), claimed     # no such socket: released
+    (None, [2])
     """
 
     claim: Callable[[int], Address | None]
@@ -154,6 +163,9 @@ class SteerClaim:
     def __call__(self, peer: Address, local: Address) -> Address | None:
         if self.peer_uid is not None:
             uid = socket_uid((str(peer[0]), int(peer[1])), (str(local[0]), int(local[1])))
+            if uid is None:  # the peer is gone: its flow was reset, release it
+                self.claim(int(local[1]))
+                return None
             if uid != self.peer_uid:
                 self.refused += 1
                 log.warning("gateway: a connection to steering port %s from %s (uid %s, not "

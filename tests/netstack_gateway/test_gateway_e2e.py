@@ -398,6 +398,26 @@ def test_deny_domains_win_over_allows(rig: Rig) -> None:
         assert rc == 0 and "hello from upstream /ok" in out, out
 
 
+def test_large_transfers_both_ways(rig: Rig) -> None:
+    """32 MiB down and 8 MiB up through the gateway (and, for passt, the framed stream
+    both ways), byte for byte."""
+    import hashlib
+    import os
+
+    blob = os.urandom(8 << 20)
+    src = rig.tmp / "blob"
+    src.write_bytes(blob)
+    with rig.gateway(NetworkPolicy.public_only()) as gw:
+        r = rig.run(["sh", "-c", f"curl -sS --max-time 30 "
+                     f"'http://{UPSTREAM_IP}/big?n={32 << 20}' | sha256sum"], timeout=40)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split()[0] == hashlib.sha256(b"x" * (32 << 20)).hexdigest()
+        rc, out, _ = rig.curl("-T", str(src), f"http://{UPSTREAM_IP}/up", max_time=30)
+        assert rc == 0 and out.split()[:2] == ["got", str(len(blob))], out
+        assert out.split()[2] == hashlib.sha256(blob).hexdigest()
+        assert gw.stats()["write_errors"] == 0
+
+
 # -- TLS interception -------------------------------------------------------------------------
 @contextmanager
 def _tls_proxy(gw: Any, tmp: Path, ca_file: Path) -> Iterator[str]:
