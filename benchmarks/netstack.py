@@ -52,8 +52,8 @@ import dpkt
 
 from netstack import Classifier, Flow, NetworkPolicy, PinCache, Rule
 from netstack.frameinfo import build_frame
-from netstack.hello import EXAMPLE_HELLO
 from tests.netstack_fastpath._dns import build_response
+from tests.netstack_fastpath._tls import EXAMPLE_HELLO
 
 GUEST = "10.0.2.15"
 FFI = Classifier.ffi

@@ -1,10 +1,20 @@
 """TLS ClientHello parsing (SNI, ALPN, ECH) in C, with reassembly across records.
 
+>>> import ssl
 >>> from netstack import parse_client_hello
->>> info = parse_client_hello(EXAMPLE_HELLO)
+>>> ctx = ssl.create_default_context()
+>>> ctx.set_alpn_protocols(["h2", "http/1.1"])
+>>> wire = ssl.MemoryBIO()
+>>> tls = ctx.wrap_bio(ssl.MemoryBIO(), wire, server_hostname="example.com")
+>>> try:
+...     tls.do_handshake()
+... except ssl.SSLWantReadError:      # the ClientHello is written, the reply is awaited
+...     pass
+>>> hello = wire.read()
+>>> info = parse_client_hello(hello)
 >>> info.complete, info.sni, info.alpn, info.ech
 (True, 'example.com', ('h2', 'http/1.1'), False)
->>> parse_client_hello(EXAMPLE_HELLO[:40]).complete   # the rest is still to come
+>>> parse_client_hello(hello[:40]).complete   # the rest is still to come
 False
 """
 
@@ -81,20 +91,3 @@ def parse_client_hello(buf: bytes | bytearray | memoryview, *,
     )
     return ClientHelloInfo(True, sni, alpn, bool(out.ech), int(out.consumed))
 
-
-def _example_hello() -> bytes:
-    """A minimal TLS 1.2-style ClientHello with SNI example.com and ALPN h2, http/1.1."""
-    sni_name = b"example.com"
-    sni = b"\x00" + len(sni_name).to_bytes(2, "big") + sni_name
-    sni_ext = b"\x00\x00" + (len(sni) + 2).to_bytes(2, "big") + len(sni).to_bytes(2, "big") + sni
-    protos = b"".join(bytes([len(p)]) + p for p in (b"h2", b"http/1.1"))
-    alpn_ext = (b"\x00\x10" + (len(protos) + 2).to_bytes(2, "big")
-                + len(protos).to_bytes(2, "big") + protos)
-    exts = sni_ext + alpn_ext
-    body = (b"\x03\x03" + b"\x11" * 32 + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00"
-            + len(exts).to_bytes(2, "big") + exts)
-    hs = b"\x01" + len(body).to_bytes(3, "big") + body
-    return b"\x16\x03\x01" + len(hs).to_bytes(2, "big") + hs
-
-
-EXAMPLE_HELLO = _example_hello()

@@ -88,3 +88,22 @@ def handshake_bytes(hello: bytes) -> bytes:
     """The handshake message of a single-record hello."""
     n = int.from_bytes(hello[3:5], "big")
     return hello[5:5 + n]
+
+
+def example_hello() -> bytes:
+    """A minimal TLS 1.2-style ClientHello with SNI example.com and ALPN h2, http/1.1."""
+    sni_name = b"example.com"
+    sni = b"\x00" + len(sni_name).to_bytes(2, "big") + sni_name
+    sni_ext = b"\x00\x00" + (len(sni) + 2).to_bytes(2, "big") + len(sni).to_bytes(2, "big") + sni
+    protos = b"".join(bytes([len(p)]) + p for p in (b"h2", b"http/1.1"))
+    alpn_ext = (b"\x00\x10" + (len(protos) + 2).to_bytes(2, "big")
+                + len(protos).to_bytes(2, "big") + protos)
+    exts = sni_ext + alpn_ext
+    body = (b"\x03\x03" + b"\x11" * 32 + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00"
+            + len(exts).to_bytes(2, "big") + exts)
+    hs = b"\x01" + len(body).to_bytes(3, "big") + body
+    return b"\x16\x03\x01" + len(hs).to_bytes(2, "big") + hs
+
+
+EXAMPLE_HELLO = example_hello()
+"""A fixed ClientHello: SNI example.com, ALPN h2 and http/1.1."""

@@ -18,7 +18,7 @@ from netstack import (
     Verdict,
 )
 from netstack.frameinfo import build_frame
-from netstack.hello import EXAMPLE_HELLO
+from tests.netstack_fastpath._tls import EXAMPLE_HELLO
 
 from ._gen import random_policy
 
