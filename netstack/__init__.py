@@ -90,19 +90,3 @@ __all__ = [
     "parse_network",
     "parse_port_range",
 ]
-
-# The old import path of the gateway's names (``from netstack import Gateway``), kept
-# while callers move to ``netstack.gateway``: loaded on first use, not in ``__all__``.
-_GATEWAY_NAMES = frozenset({"AddressPlan", "DnsForwarder", "Gateway", "PasstUplink",
-                            "PcapWriter", "SlotLease", "TapUplink", "Uplink",
-                            "allocate_slot", "cleanup_stale"})
-
-
-def __getattr__(name: str) -> object:
-    if name in _GATEWAY_NAMES:
-        import netstack.gateway as _gateway
-
-        value = getattr(_gateway, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'netstack' has no attribute {name!r}")
