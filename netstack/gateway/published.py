@@ -108,7 +108,7 @@ class PublishedPort:
 #: the counters of :attr:`PortPublisher.stats`
 STAT_KEYS: Final = ("accepted", "denied", "failed", "udp_forwarded", "udp_denied",
                     "udp_replies", "udp_peers_expired", "udp_dropped")
-_CHUNK: Final = 65536
+_WRITE_HIGH: Final = 1 << 20   # bytes a relay buffers for a slow side before it stops reading
 _RST: Final = struct.pack("ii", 1, 0)   # SO_LINGER on, 0 s: close() sends a RST
 
 
@@ -119,16 +119,67 @@ def _reset(sock: socket.socket) -> None:
     sock.close()
 
 
-async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-    """Copy until EOF (then half-close ``dst``); reads wait while ``dst`` is full."""
-    while True:
-        data = await src.read(_CHUNK)
-        if not data:
-            if dst.can_write_eof() and not dst.is_closing():
-                dst.write_eof()
-            return
-        dst.write(data)
-        await dst.drain()
+class _Splice(asyncio.Protocol):
+    """One side of a relayed TCP connection: what it receives is written to its peer.
+
+    Backpressure: when the peer's write buffer is full (``pause_writing`` on the peer),
+    this side stops reading until it drains. An EOF is passed on as a half-close; the
+    relay ends when both sides sent EOF or either side is lost (a reset or error aborts
+    the other side too).
+    """
+
+    def __init__(self, done: asyncio.Future[None]) -> None:
+        self.done = done
+        self.peer: _Splice | None = None
+        self.transport: asyncio.Transport | None = None
+        self.eof = False
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.pause_reading()  # type: ignore[attr-defined]  # until both sides exist
+        # the peer's socket buffer is the real bound; this keeps pause/resume rare
+        transport.set_write_buffer_limits(high=_WRITE_HIGH)  # type: ignore[attr-defined]
+
+    def start(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        assert self.peer is not None and self.peer.transport is not None
+        self.peer.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        peer = self.peer
+        if peer is None or peer.transport is None:
+            return False
+        if peer.eof:   # both directions finished: close (buffers are flushed first)
+            peer.transport.close()
+            return False
+        if peer.transport.can_write_eof():
+            peer.transport.write_eof()
+        return True    # keep our side open: the peer may still answer
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None \
+                and not self.peer.transport.is_closing():
+            self.peer.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer.lost:
+            if exc is not None:
+                peer.transport.abort()
+            else:
+                peer.transport.close()
+        if (peer is None or peer.lost) and not self.done.done():
+            self.done.set_result(None)
 
 
 class _UdpRelay:
@@ -397,44 +448,33 @@ class PortPublisher:
         sock = self.socket_factory(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setblocking(False)
-            await asyncio.wait_for(loop.sock_connect(sock, (self.guest_ip, port)),
-                                   self.connect_timeout)
+            async with asyncio.timeout(self.connect_timeout):
+                await loop.sock_connect(sock, (self.guest_ip, port))
         except BaseException:
             sock.close()
             raise
         return sock
 
     async def _relay(self, conn: socket.socket, guest: socket.socket) -> None:
-        writers: list[asyncio.StreamWriter] = []
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        client, inner = _Splice(done), _Splice(done)
+        client.peer, inner.peer = inner, client
+        owned: list[socket.socket] = [conn, guest]   # until a transport owns them
         try:
-            cr, cw = await asyncio.open_connection(sock=conn, limit=_CHUNK)
-            writers.append(cw)
-            gr, gw = await asyncio.open_connection(sock=guest, limit=_CHUNK)
-            writers.append(gw)
-            up = asyncio.ensure_future(_pump(cr, gw))
-            down = asyncio.ensure_future(_pump(gr, cw))
-            try:
-                # a failed direction (reset, broken pipe) ends the relay; an EOF waits for
-                # the other direction (half-close)
-                pending: set[asyncio.Future[None]] = {up, down}
-                while pending:
-                    done, pending = await asyncio.wait(pending,
-                                                       return_when=asyncio.FIRST_COMPLETED)
-                    if any(not f.cancelled() and f.exception() is not None for f in done):
-                        break
-            finally:
-                for f in (up, down):
-                    f.cancel()
-                await asyncio.gather(up, down, return_exceptions=True)
-        except OSError:
-            pass
+            await loop.connect_accepted_socket(lambda: client, sock=conn)
+            owned.remove(conn)
+            await loop.connect_accepted_socket(lambda: inner, sock=guest)
+            owned.remove(guest)
+            client.start()
+            inner.start()
+            await done
         finally:
-            for w in writers:
-                w.close()
-            if not writers:
-                conn.close()
-            if len(writers) < 2:
-                guest.close()
+            for side in (client, inner):
+                if side.transport is not None and not side.lost:
+                    side.transport.abort()
+            for sock in owned:
+                sock.close()
 
     # -- UDP -------------------------------------------------------------------------------
     def _udp_datagram(self, front: _UdpFront, data: bytes, peer: tuple[str, int]) -> None:
