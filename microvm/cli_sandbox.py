@@ -311,7 +311,9 @@ def run_cmd(image: str | None, cmd: tuple[str, ...], from_snapshot: str | None, 
         # sandbox already runs what its snapshot ran: only an explicit CMD is started)
         argv = list(cmd) if cmd or from_snapshot is not None else sb.default_command()
         if argv:
-            _background(sb, argv)
+            from microvm.cli_attach import launch_main
+
+            launch_main(sb, argv, stdin=interactive)
         click.echo(name)
         sb.close()
         return
@@ -392,12 +394,6 @@ def _finish(sb: Sandbox, remove: bool) -> None:
             signal.signal(s, h)
 
 
-def _background(sb: Sandbox, argv: list[str]) -> None:
-    """Start ``argv`` detached from the agent session, its output on the guest console."""
-    script = 'exec "$@" </dev/null >/dev/console 2>&1 &'
-    out = sb.exec(sb.config.shell, ["-c", script, "sh", *argv])
-    if not out.success:
-        raise Failure(f"could not start {argv[0]!r} in the background: {out.stderr_text}")
 
 
 @click.command("create", context_settings={"allow_interspersed_args": False})
@@ -485,13 +481,20 @@ def exec_cmd(name: str, cmd: tuple[str, ...], interactive: bool, tty: bool,
     _exit(0 if code == DETACHED else code)
 
 
-def _interactive(name: str, keys: bytes) -> NoReturn:
+def _interactive(name: str, keys: bytes, *, main: bool = False) -> NoReturn:
+    """A TTY session in NAME's shell; with ``main``, first try its main process (attach)."""
     from microvm import Sandbox
 
     sb = Sandbox.get(name)
     tty = os.isatty(0)
+    code: int | None = None
     try:
-        code = _run_in(sb, [sb.config.shell], interactive=True, tty=tty, detach_keys=keys)
+        if main:
+            from microvm.cli_attach import attach_main
+
+            code = attach_main(sb, keys)
+        if code is None:
+            code = _run_in(sb, [sb.config.shell], interactive=True, tty=tty, detach_keys=keys)
     except Interrupted as e:
         code = 128 + e.signum
     sb.close()
@@ -520,14 +523,18 @@ def shell_cmd(name: str) -> None:
 @click.argument("name")
 @guarded
 def attach_cmd(name: str, detach_keys: str) -> None:
-    """Attach this terminal to NAME: a TTY session (raw mode, keystrokes and resizes
-    forwarded); the detach keys leave it and the sandbox keeps running.
+    """Attach this terminal to NAME's main process (what `run -d` started): its output as it
+    comes, this terminal's lines to its stdin when it was started with -i (`run -di`), and
+    its exit status when it ends; Ctrl-C or the detach keys leave it running. A sandbox
+    without a main process (`create`, `run -it`) gets a TTY session in its shell instead
+    (raw mode, keystrokes and resizes forwarded; the detach keys leave it).
 
     \b
     Example:
-      microvm attach dev --detach-keys ctrl-p,ctrl-q
+      microvm run -di --name job busybox:1.36 sh -c 'read x; echo got $x'
+      microvm attach job --detach-keys ctrl-p,ctrl-q
     """
-    _interactive(name, parse_detach_keys(detach_keys))
+    _interactive(name, parse_detach_keys(detach_keys), main=True)
 
 
 def register(group: click.Group) -> None:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -202,9 +203,35 @@ def test_version_and_help_examples() -> None:
     assert r.stdout.decode().startswith("microvm ")
     for cmd in (["run"], ["exec"], ["image", "ls"], ["net", "explain"], ["doctor"]):
         assert cli(*cmd, "--version", check=0).stdout == r.stdout
-    for cmd in ("run", "create", "exec", "ls", "cp", "attach", "net"):
-        h = cli(cmd, "--help", check=0).stdout.decode()
-        assert "microvm " in h.split("Example", 1)[-1], cmd
+    for name in ("run", "create", "exec", "ls", "cp", "attach", "net"):
+        h = cli(name, "--help", check=0).stdout.decode()
+        assert "microvm " in h.split("Example", 1)[-1], name
+
+
+def test_every_command_has_an_example_version_and_flag_help() -> None:
+    """Every command and subcommand (the lazy group loads them all): an example in its
+    --help, --version, and help text on every flag."""
+    import click
+
+    from microvm.cli import cli as group
+
+    def walk(cmd: click.Command, path: list[str], ctx: click.Context) -> list[str]:
+        bad = []
+        if isinstance(cmd, click.Group):
+            for n in cmd.list_commands(ctx):
+                sub = cmd.get_command(ctx, n)
+                assert sub is not None
+                bad += walk(sub, [*path, n], click.Context(sub, info_name=n, parent=ctx))
+        h = cmd.get_help(ctx)
+        if "microvm " not in h.split("Example", 1)[-1] or "Example" not in h:
+            bad.append(f"{' '.join(path)}: no example")
+        if not any(p.name == "version" for p in cmd.params):
+            bad.append(f"{' '.join(path)}: no --version")
+        bad += [f"{' '.join(path)}: {'/'.join(p.opts)} has no help" for p in cmd.params
+                if isinstance(p, click.Option) and not p.help]
+        return bad
+
+    assert walk(group, ["microvm"], click.Context(group, info_name="microvm")) == []
 
 
 # -- the interactive TTY, through tmux -----------------------------------------------------
@@ -268,3 +295,62 @@ def test_interactive_tty_resize_detach_attach(home: Path) -> None:
     finally:
         t.close()
     cli("rm", "-f", "clitty1", check=0)
+
+
+def _read_until(p: subprocess.Popen[bytes], text: bytes, timeout: float = 60) -> bytes:
+    """Read ``p``'s stdout until ``text`` appears (the bytes so far)."""
+    import select
+
+    assert p.stdout is not None
+    got = b""
+    deadline = time.monotonic() + timeout
+    while text not in got:
+        left = deadline - time.monotonic()
+        assert left > 0, f"{text!r} not in {got!r}"
+        ready, _, _ = select.select([p.stdout], [], [], left)
+        if ready:
+            chunk = os.read(p.stdout.fileno(), 65536)
+            assert chunk, f"EOF before {text!r}: {got!r}"
+            got += chunk
+    return got
+
+
+def test_attach_to_the_main_process_of_run_d(home: Path) -> None:
+    """`run -di` starts the main process with a stdin attach writes to; attach shows its output,
+    Ctrl-C and the detach keys leave it running, its exit status ends the attach."""
+    script = 'echo started; while read x; do echo "got $x"; [ "$x" = quit ] && exit 6; done'
+    cli("run", "-di", "--name", "cliattach1", "--net", "none", IMG, "sh", "-c", script, check=0)
+    argv = [sys.executable, "-m", "microvm", "attach", "cliattach1"]
+    try:
+        p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+        try:
+            assert p.stdin is not None
+            p.stdin.write(b"one\n")
+            p.stdin.flush()
+            _read_until(p, b"got one")
+            p.send_signal(signal.SIGINT)                  # Ctrl-C leaves, the process runs on
+            assert p.wait(timeout=60) == 0
+            assert p.stderr is not None and b"detached" in p.stderr.read()
+        finally:
+            p.kill()
+            p.wait()
+        r = cli("attach", "cliattach1", stdin=b"\x1d", check=0)   # ctrl-] (default keys)
+        assert b"detached" in r.stderr
+        r = cli("exec", "cliattach1", "sh", "-c", "ls /run/microvm-main", check=0)
+        assert b"exit" not in r.stdout.split()             # still running
+        p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+        try:
+            assert p.stdin is not None
+            p.stdin.write(b"quit\n")
+            p.stdin.flush()
+            assert b"got quit" in _read_until(p, b"got quit")
+            assert p.wait(timeout=60) == 6                 # its exit status
+        finally:
+            p.kill()
+            p.wait()
+        r = cli("attach", "cliattach1", check=6)
+        assert b"has exited (status 6)" in r.stderr
+    finally:
+        cli("rm", "-f", "cliattach1", check=0)
