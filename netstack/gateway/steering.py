@@ -108,7 +108,7 @@ def _proc_addr(text: str, v6: bool) -> tuple[str, int]:
 def socket_uid(local: Address, remote: Address) -> int | None:
     """The uid owning the TCP socket bound to ``local`` and connected to ``remote`` in
     this network namespace (``/proc/net/tcp``, ``tcp6``), or None if there is none (or
-    only one closing: TIME_WAIT and CLOSE show no owner).
+    only a closed one: time-wait and orphaned sockets have no owner).
 
     >>> import os
     >>> srv = socket.create_server(("127.0.0.1", 0))
@@ -127,7 +127,8 @@ def socket_uid(local: Address, remote: Address) -> int | None:
                 next(f, None)
                 for raw in f:
                     parts = raw.decode().split()
-                    if len(parts) < 8 or parts[3] in ("06", "07"):  # TIME_WAIT, CLOSE
+                    # no inode: a time-wait or orphaned socket (closed), no owner
+                    if len(parts) < 10 or parts[3] in ("06", "07") or parts[9] == "0":
                         continue
                     try:
                         a, b = _proc_addr(parts[1], v6), _proc_addr(parts[2], v6)
