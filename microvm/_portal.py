@@ -2,8 +2,8 @@
 
 Every I/O class in ``microvm`` is written once, in asyncio (``AgentClient``,
 ``AsyncSandbox``, ``Machine.astart``). Its blocking twin (``SyncAgentClient``,
-``Sandbox``, ``Machine.start``) owns a portal: a private event loop running in a
-daemon thread. Each blocking method has the async method's signature written out
+``Sandbox``, ``Machine.start``; the SSH server's paramiko threads too) owns a portal:
+a private event loop running in a daemon thread. Each blocking method has the async method's signature written out
 in full (so type checkers see every parameter; tests compare the two) and its
 body is one line, ``return self._portal.run(self._inner.method(...))``. The
 logic lives only in the async code; the twin holds no state of its own.
@@ -24,11 +24,13 @@ Rules of the pattern:
 * a ``KeyboardInterrupt`` (or any exception) raised in the caller's thread while it
   waits cancels the coroutine and waits (at most ``cancel_grace`` seconds) for its
   cleanup (``except``/``finally`` blocks), then propagates;
-* ``close`` cancels what still runs, stops the loop and joins the thread; it is idempotent. A handle that
-  may be dropped without ``close`` registers its own ``atexit`` cleanup.
+* ``close`` cancels what still runs, stops the loop and joins the thread; it is
+  idempotent. A handle that may be dropped without ``close`` registers its own
+  ``atexit`` cleanup (``Sandbox`` does).
 
-Code that may not import ``microvm`` (``netstack``, ``tls_proxy``) mirrors this
-class rather than inventing another mechanism.
+Code that may not import ``microvm`` mirrors this class rather than inventing
+another mechanism: ``netstack.gateway._loop_thread.LoopThread`` is the same shape
+(``call`` = :meth:`Portal.run`, ``submit`` = :meth:`Portal.submit`, ``close``).
 
 Example::
 
