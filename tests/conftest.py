@@ -23,6 +23,10 @@ settings.register_profile(
 settings.register_profile("dev", max_examples=100, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
+# tests/fuzz holds atheris targets run as scripts (tests/*/test_*fuzz*.py): importing one
+# re-executes the interpreter under the sanitizer runtime, so --doctest-modules must not.
+collect_ignore = ["fuzz"]
+
 # node id (without parameters) -> why CI may skip it. Keep this short.
 CI_ALLOWED_SKIPS: dict[str, str] = {
     "tests/microvm/test_libkrun.py::test_real_libkrun_boot": (
@@ -89,8 +93,3 @@ def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
     """Under CI, a whole module skipped at import (importorskip, allow_module_level) fails too."""
     outcome = yield
     fail_unlisted_module_skip(outcome.get_result(), collector.nodeid)  # type: ignore[attr-defined]
-
-
-# tests/fuzz holds atheris targets run as scripts (tests/*/test_*fuzz*.py): importing one
-# re-executes the interpreter under the sanitizer runtime, so --doctest-modules must not.
-collect_ignore = ["fuzz"]
