@@ -75,7 +75,13 @@ def is_rebind_address(ip: str | ipaddress.IPv4Address | ipaddress.IPv6Address) -
 
 
 class PolicyDecider(Protocol):
-    """``NetworkPolicy.evaluate_dns``-shaped: ``(qname, protocol, port) -> Decision``."""
+    """``NetworkPolicy.evaluate_dns``-shaped: ``(qname, protocol, port) -> Decision``.
+
+    >>> from netstack import NetworkPolicy
+    >>> decide: PolicyDecider = NetworkPolicy.none().evaluate_dns
+    >>> decide("example.com", "udp", 53).allowed
+    False
+    """
 
     def __call__(self, qname: str, protocol: str = ..., port: int = ...) -> Decision: ...
 
@@ -87,7 +93,15 @@ EgressDecider = Callable[[str, str, int], Decision]
 
 
 class PinSink(Protocol):
-    """Anything with ``PinCache.pin(name, addresses, ttl)``'s signature."""
+    """Anything with ``PinCache.pin(name, addresses, ttl)``'s signature.
+
+    >>> class Pins:
+    ...     def pin(self, name: str, addresses, ttl: float) -> int:
+    ...         return len(list(addresses))
+    >>> sink: PinSink = Pins()
+    >>> sink.pin("a.test", ["192.0.2.1"], 30)
+    1
+    """
 
     def pin(self, name: str, addresses: Iterable[str], ttl: float) -> int: ...
 

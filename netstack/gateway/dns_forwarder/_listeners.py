@@ -42,7 +42,15 @@ _TCP_IDLE_TIMEOUT: Final = 30.0
 
 
 class QueryHandler(Protocol):
-    """``DnsForwarder.handle``-shaped: one DNS message in, the reply (or None) out."""
+    """``DnsForwarder.handle``-shaped: one DNS message in, the reply (or None) out.
+
+    >>> import asyncio
+    >>> async def drop_all(wire: bytes, protocol: str = "udp", dst=None) -> bytes | None:
+    ...     return None
+    >>> handler: QueryHandler = drop_all
+    >>> asyncio.run(handler(b"\\x00" * 12)) is None
+    True
+    """
 
     async def __call__(self, wire: bytes, protocol: str = ...,
                        dst: str | tuple[str, int] | None = ...) -> bytes | None: ...
