@@ -166,12 +166,12 @@ def _secrets(specs: tuple[str, ...]) -> list[dict[str, Any]]:
 
 def _network(net: str | None, rules: tuple[str, ...], default_egress: str | None,
              deny_domains: tuple[str, ...]) -> object:
-    from netstack import PolicyError, Rule
-
     if net is not None and (rules or default_egress):
         raise click.UsageError("give --net PRESET or --net-rule/--net-default-egress, not both")
     parsed = []
     for r in rules:
+        from netstack import PolicyError, Rule
+
         try:
             parsed.append(Rule.parse(r))
         except PolicyError as e:
