@@ -276,7 +276,8 @@ def test_ci_turns_unlisted_skips_into_failures(tmp_path: Path) -> None:
         if ci:
             env["CI"] = "true"
         argv = [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "--rootdir",
-                str(tmp_path), "-c", os.devnull, "-p", "no:cacheprovider", str(tmp_path / target)]  # fmt: skip
+                str(tmp_path), "-c", os.devnull, "-p", "no:cacheprovider", str(tmp_path / target.split()[0]),
+                *target.split()[1:]]  # fmt: skip
         return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
 
     plain = pytest_run("test_probe.py", ci=False)
@@ -288,6 +289,14 @@ def test_ci_turns_unlisted_skips_into_failures(tmp_path: Path) -> None:
     ci = pytest_run("test_mod.py", ci=True)
     assert ci.returncode != 0 and "module skipped under CI=true" in ci.stdout, ci.stdout
     assert "no_such_module_xyz" in ci.stdout
+    # docstring examples: one marked +SKIP throughout is allowed, any other skip is not
+    (tmp_path / "mod_doc.py").write_text(
+        'def needs_root():\n    """\n    >>> needs_root()  # doctest: +SKIP\n    """\n'
+        'def probes():\n    """\n    >>> import pytest; pytest.skip("needs frobnicator")\n    """\n'
+    )
+    ci = pytest_run("mod_doc.py --doctest-modules", ci=True)
+    assert ci.returncode == 1 and "1 failed, 1 skipped" in ci.stdout, ci.stdout
+    assert "skipped under CI=true: needs frobnicator" in ci.stdout
 
 
 # -- Python dependencies: pyproject's lists match what the code imports -------------------
