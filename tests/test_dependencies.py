@@ -270,14 +270,13 @@ def test_ci_turns_unlisted_skips_into_failures(tmp_path: Path) -> None:
     (tmp_path / "test_mod.py").write_text(
         "import pytest\npytest.importorskip('no_such_module_xyz')\n"
     )
-    def pytest_run(target: str, ci: bool) -> subprocess.CompletedProcess[str]:
+    def pytest_run(target: str, ci: bool, *extra: str) -> subprocess.CompletedProcess[str]:
         env = {k: v for k, v in os.environ.items() if k != "CI"}
         env["PYTHONPATH"] = str(ROOT)
         if ci:
             env["CI"] = "true"
         argv = [sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "--rootdir",
-                str(tmp_path), "-c", os.devnull, "-p", "no:cacheprovider", str(tmp_path / target.split()[0]),
-                *target.split()[1:]]  # fmt: skip
+                str(tmp_path), "-c", os.devnull, "-p", "no:cacheprovider", str(tmp_path / target), *extra]  # fmt: skip
         return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
 
     plain = pytest_run("test_probe.py", ci=False)
@@ -294,7 +293,7 @@ def test_ci_turns_unlisted_skips_into_failures(tmp_path: Path) -> None:
         'def needs_root():\n    """\n    >>> needs_root()  # doctest: +SKIP\n    """\n'
         'def probes():\n    """\n    >>> import pytest; pytest.skip("needs frobnicator")\n    """\n'
     )
-    ci = pytest_run("mod_doc.py --doctest-modules", ci=True)
+    ci = pytest_run("mod_doc.py", True, "--doctest-modules")
     assert ci.returncode == 1 and "1 failed, 1 skipped" in ci.stdout, ci.stdout
     assert "skipped under CI=true: needs frobnicator" in ci.stdout
 
