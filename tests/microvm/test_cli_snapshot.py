@@ -78,7 +78,9 @@ def test_run_detached_from_snapshot_with_label(snap: str) -> None:
     try:
         # the snapshot's processes carry on; no second copy of the image command started
         assert cli("exec", "clisr2", "cat", "/tmp/state").stdout == "warm\n"
-        procs = cli("exec", "clisr2", "sh", "-c", "ps | grep -c ' sleep 100000$'").stdout
+        procs = cli("exec", "clisr2", "sh", "-c",
+                    "for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done "
+                    "| grep -cx 'sleep 100000 '").stdout
         assert procs.strip() == "1"
         assert cli("ls", "--filter", "label=team=snap", "-q").stdout.split() == ["clisr2"]
         info = json.loads(cli("inspect", "clisr2").stdout)
