@@ -679,10 +679,11 @@ async def fork_many(sb: AsyncSandbox, n: int, *, names: Sequence[str] | None,
 
 
 async def _template(sb: AsyncSandbox, template: Path) -> None:
-    """The fork template: the running source frozen in place (its RAM memfd becomes the
-    template, the source carries on as a copy-on-write child of it; see the README's
-    "Fork"), else - a source on a private mapping already, with a network, or with exec
-    sessions in flight - a snapshot of it (RAM copied or streamed)."""
+    """The fork template: a snapshot of the source (RAM copied sparse, or streamed for a
+    source on a private mapping); or, for a source started with
+    ``MICROVM_FORK_IN_PLACE=1``, without a network and with no exec session in flight,
+    the source frozen in place (its RAM memfd becomes the template, the source carries
+    on as a copy-on-write child of it; see the README's "Fork")."""
     from microvm.snapshot import check_target
 
     template.parent.mkdir(parents=True, exist_ok=True)

@@ -349,13 +349,16 @@ class Supervisor:
         relay is rebuilt on it (clients reconnect on their next request). Returns
         ``{"cow": false}`` without touching anything when the RAM is a private mapping
         already (a restore, an earlier fork's source), a network is attached (the gateway
-        cannot be handed to a new VMM yet) or exec sessions are in flight: the caller
-        snapshots instead.
+        cannot be handed to a new VMM yet) or exec sessions are in flight, and unless the
+        sandbox was started with ``MICROVM_FORK_IN_PLACE=1`` (opt-in: a source frozen in
+        place forks 4-6x slower afterwards, see the README): the caller snapshots
+        instead.
         """
         old = self.machine
         assert old is not None and self.relay is not None
         if (self.net is not None or self.relay.sessions > 0 or old.spec.memory_file is None
-                or not old.spec.memory_shared or getattr(old, "_memfd", None) is None):
+                or not old.spec.memory_shared or getattr(old, "_memfd", None) is None
+                or os.environ.get("MICROVM_FORK_IN_PLACE") != "1"):
             # a private mapping already (a restore, an earlier fork's source): freezing it
             # would mean streaming its RAM and restarting it twice (measured 4-7x slower
             # than the caller's snapshot); see the README

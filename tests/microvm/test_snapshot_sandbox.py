@@ -216,10 +216,13 @@ def _procs_of(*names: str) -> set[int]:
     return out
 
 
-def test_fork_freezes_source_in_place(source: Sandbox) -> None:
-    """A network-less running sandbox forked: its RAM memfd becomes the template (never
-    copied) and it carries on as a copy-on-write child beside the forks, same name,
-    relay and disks; nothing of the template is left once the children are gone."""
+def test_fork_freezes_source_in_place(source: Sandbox, monkeypatch: pytest.MonkeyPatch
+                                      ) -> None:
+    """A network-less running sandbox started with MICROVM_FORK_IN_PLACE=1 and forked:
+    its RAM memfd becomes the template (never copied) and it carries on as a copy-on-write
+    child beside the forks, same name, relay and disks; nothing of the template is left
+    once the children are gone."""
+    monkeypatch.setenv("MICROVM_FORK_IN_PLACE", "1")
     c = Sandbox.create("csrc", image=busybox_image(rootfs.ImageStore()), memory=256,
                        network="none")
     forks: list[Sandbox] = []
