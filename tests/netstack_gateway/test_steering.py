@@ -249,3 +249,45 @@ def test_every_send_to_a_stream_uplink_starts_at_a_frame() -> None:
             got.extend(whole)
         assert got == frames
     vmm.close()
+
+
+def _tcp6(src: str, dst: str, sport: int, dport: int, flags: int) -> bytes:
+    f = bytearray(build_frame(src, dst, "tcp", sport, dport, flags=flags))
+    l4 = bytes(f[54:])
+    pseudo = bytes(f[22:54]) + struct.pack("!IxxxB", len(l4), 6)
+    f[70:72] = struct.pack("!H", 0xFFFF - _sum(pseudo + l4))
+    return bytes(f)
+
+
+def _tcp6_ok(frame: bytes) -> bool:
+    l4 = frame[54:]
+    return _sum(frame[22:54] + struct.pack("!IxxxB", len(l4), 6) + l4) == 0xFFFF
+
+
+def test_ipv6_flows_are_steered_to_the_gateways_ipv6_address() -> None:
+    """With IPv6 egress the pools listen on ::1 too (passt maps the gateway's IPv6
+    address there) and guest IPv6 TLS flows are steered like IPv4 ones."""
+    plan = AddressPlan(3231, ipv6=True)
+    up = StreamPairUplink(plan)
+    up.ipv6_egress = True
+    vmm, mine = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    guest6, gw6, remote6 = str(plan.guest_ipv6), str(plan.gateway_ipv6), "2001:db8:100::10"
+    with Gateway(NetworkPolicy.custom(rules=[Rule.allow("2001:db8:100::/64")]), uplink=up,
+                 guest_socket=mine, dns_upstreams=["192.0.2.53"], own_uplink=True) as gw:
+        ti = gw.tls_interception([443])
+        try:
+            families = {s.family for s in ti.sockets}
+            assert families == {socket.AF_INET, socket.AF_INET6}
+            send(vmm, _tcp6(guest6, remote6, 47000, 443, 0x02))
+            out = recv(up.outside)
+            info = parse_frame(out)
+            assert str(info.dst) == gw6 and info.dport in pool_ports(ti) and _tcp6_ok(out)
+            assert ti.lookup is not None
+            assert ti.lookup(("::1", 1), ("::1", info.dport)) == (remote6, 443)
+            send(up.outside, _tcp6(gw6, guest6, info.dport, 47000, 0x12))
+            back = recv(vmm)
+            got = parse_frame(back)
+            assert (str(got.src), got.sport) == (remote6, 443) and _tcp6_ok(back)
+        finally:
+            ti.close()
+    vmm.close()
