@@ -291,6 +291,13 @@ def run_cmd(image: str | None, cmd: tuple[str, ...], from_snapshot: str | None, 
     keys = parse_detach_keys(detach_keys)
     if detach and remove:
         raise click.UsageError("-d and --rm do not go together (a detached sandbox outlives CMD)")
+    kw: dict[str, Any] = {}
+    if from_snapshot is not None:
+        _restore_refusals(opts)
+    elif image is None:
+        raise click.UsageError("missing IMAGE (or give --from-snapshot SNAPSHOT)")
+    else:
+        kw = sandbox_kwargs(image, opts, detached=detach or tty)   # cheap checks first
     prestart_supervisor()       # the supervisor's imports load beside ours
     from microvm import Sandbox
 
@@ -299,10 +306,7 @@ def run_cmd(image: str | None, cmd: tuple[str, ...], from_snapshot: str | None, 
         image = from_snapshot
         sb = _restore(from_snapshot, opts, detached=detach or tty)
         name = sb.name
-    elif image is None:
-        raise click.UsageError("missing IMAGE (or give --from-snapshot SNAPSHOT)")
     else:
-        kw = sandbox_kwargs(image, opts, detached=detach or tty)
         name = kw.pop("name")
         supervisor_ready()
         sb = Sandbox.create(name, **kw)
@@ -342,17 +346,10 @@ def run_cmd(image: str | None, cmd: tuple[str, ...], from_snapshot: str | None, 
 _RESTORE_FLAGS = ("name", "labels", "secrets_", "replace")
 
 
-def _restore(snapshot: str, opts: dict[str, Any], *, detached: bool) -> Sandbox:
-    """``run --from-snapshot``: a new sandbox restored from ``snapshot``.
-
-    A ``create`` flag the snapshot fixes (``-m``, ``-v``, ``-e``...) is a usage error
-    naming it, before anything starts; a missing snapshot or a taken name exits 125.
-    """
+def _restore_refusals(opts: dict[str, Any]) -> None:
+    """A ``create`` flag the snapshot fixes (``-m``, ``-v``, ``-e``...) given with
+    ``--from-snapshot`` is a usage error naming it."""
     from click.core import ParameterSource
-
-    from microvm import Sandbox
-    from microvm.errors import SandboxNotFound
-    from microvm.sandbox.snapshots import resolve
 
     ctx = click.get_current_context()
     for param in ctx.command.params:
@@ -361,6 +358,16 @@ def _restore(snapshot: str, opts: dict[str, Any], *, detached: bool) -> Sandbox:
             raise click.UsageError(
                 f"{'/'.join(param.opts)} does not go with --from-snapshot (the snapshot fixes "
                 f"the sandbox; it takes --name, --label, --secret and --replace)")
+
+
+def _restore(snapshot: str, opts: dict[str, Any], *, detached: bool) -> Sandbox:
+    """``run --from-snapshot``: a new sandbox restored from ``snapshot`` (flags checked by
+    :func:`_restore_refusals`); a missing snapshot or a taken name exits 125.
+    """
+    from microvm import Sandbox
+    from microvm.errors import SandboxNotFound
+    from microvm.sandbox.snapshots import resolve
+
     path = resolve(snapshot)            # a bad or missing snapshot fails here
     name = opts["name"] or _default_name(path.name)
     labels = parse_labels(opts["labels"]) or None
@@ -410,13 +417,13 @@ def create_cmd(image: str, cmd: tuple[str, ...], **opts: Any) -> None:
     Example:
       microvm create --name dev -v $PWD:/src busybox:1.36 && microvm exec dev ls /src
     """
-    prestart_supervisor()       # the supervisor's imports load beside ours
-    from microvm import Sandbox
-
-    kw = sandbox_kwargs(image, opts, detached=True)
+    kw = sandbox_kwargs(image, opts, detached=True)      # cheap checks first
     if cmd:
         kw["cmd"] = list(cmd)
     name = kw.pop("name")
+    prestart_supervisor()       # the supervisor's imports load beside ours
+    from microvm import Sandbox
+
     supervisor_ready()
     Sandbox.create(name, **kw).close()
     click.echo(name)
@@ -434,10 +441,10 @@ def start_cmd(names: tuple[str, ...], secrets_: tuple[str, ...]) -> None:
     Example:
       microvm start web
     """
-    prestart_supervisor()
+    secret_list = _secrets(secrets_) or None
+    prestart_supervisor()       # the supervisor's imports load beside ours
     from microvm import Sandbox
 
-    secret_list = _secrets(secrets_) or None
     supervisor_ready()
     for n in names:
         Sandbox.start(n, detached=True, secrets=secret_list).close()
