@@ -284,3 +284,19 @@ def test_bad_arguments_and_ports_in_use(echo: EchoServer) -> None:
                       [PublishedPort(0, 1), PublishedPort(echo.port, 2)], ALLOW)
     before = {t.name for t in threading.enumerate()}
     assert "netstack-publish" not in before   # the failed publisher left no thread
+
+
+def test_ipv6_host_listeners(echo: EchoServer, udp_echo: int) -> None:
+    """``bind="::1"``: IPv6 peers on the host side (the guest side stays IPv4)."""
+    with PortPublisher(socket.socket, "127.0.0.1",
+                       [PublishedPort(0, echo.port, "tcp", "::1"),
+                        PublishedPort(0, udp_echo, "udp", "::1")], ALLOW) as pub:
+        with socket.create_connection(("::1", pub.ports[echo.port]), timeout=10) as c:
+            c.sendall(b"six")
+            assert c.recv(3) == b"six"
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as u:
+            u.settimeout(5)
+            u.sendto(b"six", ("::1", pub.udp_ports[udp_echo]))
+            assert u.recv(100) == b"echo six"
+        wait_for(lambda: pub.stats["udp_replies"] == 1)
+        assert (pub.stats["accepted"], pub.stats["udp_forwarded"]) == (1, 1)
