@@ -17,6 +17,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ class Front:
     challenge: str | None = None  # a fixed 401 challenge to send instead
     token_body: bytes | None = None  # what /token answers (default: a token)
     resets: int = 0  # reset (RST) this many connections before answering
+    drop_idle: bool = False  # close each connection after its response (no "Connection: close")
+    stall: bool = False  # read requests, never answer
     seen: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Authorization)
     storage_seen: list[tuple[str, str | None]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -90,6 +93,12 @@ class FrontHandler(_Handler):
             self.close_connection = True
             _reset(self.connection)
             return
+        if f.stall:
+            self.close_connection = True
+            time.sleep(2)
+            return
+        if f.drop_idle:
+            self.close_connection = True  # the client learns it only on its next request
         url = urllib.parse.urlsplit(self.path)
         if url.path == "/token":
             if self.headers.get("Authorization") != BASIC:
@@ -307,6 +316,27 @@ def test_retries_give_up_with_a_one_line_error(servers: tuple[Front, Server],
         client.get_manifest("front/app", "v1")
     assert "\n" not in str(ei.value)
     assert front.resets == 100 - 3  # one try and two retries
+
+
+def test_kept_alive_connection_closed_by_the_server_is_replaced(
+        servers: tuple[Front, Server], pushed: tuple[str, rootfs.Image]) -> None:
+    front, srv = servers
+    front.drop_idle = True
+    client = RegistryClient(srv.host, insecure=True, retries=0)  # no retry to lean on
+    for _ in range(3):
+        assert client.get_manifest("front/app", "v1")[2] == pushed[1].digest
+    client.close()
+    assert len(front.seen) == 3
+
+
+def test_a_server_that_never_answers_times_out(servers: tuple[Front, Server]) -> None:
+    front, srv = servers
+    front.stall = True
+    client = RegistryClient(srv.host, insecure=True, timeout=0.3, retries=1, backoff=0)
+    with pytest.raises(rootfs.RegistryError, match="manifests/v1 failed: ") as ei:
+        client.get_manifest("front/app", "v1")
+    assert "\n" not in str(ei.value)
+    assert len(front.seen) == 2  # one try, one retry
 
 
 @pytest.mark.parametrize("challenge,token_body,needle", [
