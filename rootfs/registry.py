@@ -472,7 +472,16 @@ def _read_capped(response: httpx.Response, limit: int) -> bytes:
 class RegistryClient:
     """Talks to one registry host; thread-safe (one connection pool shared by threads).
 
+    Nothing is sent before the first request; bad arguments raise at once.
+
     Example::
+
+        >>> client = RegistryClient("127.0.0.1:5000", insecure=True, retries=2)
+        >>> client.scheme, client.host
+        ('http', '127.0.0.1:5000')
+        >>> client.close()
+
+    With TLS and credentials (``ca_certs`` may be a path, PEM bytes or a list)::
 
         c = RegistryClient("registry.local:5443", auth=RegistryAuth("u", "p"), ca_certs="ca.pem")
         with open("blob", "wb") as f:
@@ -558,7 +567,7 @@ class RegistryClient:
 
         Example::
 
-            client.close()
+            >>> RegistryClient("127.0.0.1:5000", insecure=True).close()
         """
         with self._lock:
             http, self._http = self._http, None
@@ -601,9 +610,16 @@ class RegistryClient:
     def get_manifest(self, repository: str, selector: str) -> tuple[bytes, str, str]:
         """Fetch a manifest or index; return (body, media type, verified digest).
 
-        Example::
+        ``selector`` is a tag or a digest. Example::
 
             body, mt, digest = client.get_manifest("library/alpine", "3.19")
+
+        A bad repository, tag or digest raises before any request::
+
+            >>> RegistryClient("127.0.0.1:9", insecure=True).get_manifest("Team/App", "v1")
+            Traceback (most recent call last):
+            ...
+            rootfs.errors.InvalidReferenceError: bad repository 'Team/App': use lowercase path components like 'team/app'
         """
         _check_repository(repository)
         if not isinstance(selector, str):
@@ -646,6 +662,14 @@ class RegistryClient:
 
             with open("tmp", "wb") as f:
                 client.fetch_blob("busybox", layer.digest, f, size=layer.size)
+
+        A malformed digest raises before any request::
+
+            >>> import io
+            >>> RegistryClient("127.0.0.1:9", insecure=True).fetch_blob("a", "md5:00", io.BytesIO())
+            Traceback (most recent call last):
+            ...
+            rootfs.errors.DigestError: bad digest 'md5:00': algorithm must be one of sha256, sha512
         """
         _check_repository(repository)
         validate_digest(digest)
