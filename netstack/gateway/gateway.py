@@ -29,12 +29,17 @@ which runs in its own pthread without the GIL:
   answers feed the pin cache the classifier uses for domain rules. DNS over TCP to any
   address is served by the same forwarder (the uplink namespace DNATs it to a listener
   on the gateway address; a resolver the guest picked is judged by the egress policy
-  for ``resolver:53/tcp``, deny -> NXDOMAIN, allow -> forwarded there); with an uplink
-  without the :class:`~netstack.gateway.RedirectingUplink` capability it gets a RST;
+  for ``resolver:53/tcp``, deny -> NXDOMAIN, allow -> forwarded there); on a steering
+  uplink (passt: no namespace) the C loop's NAT sends it to a pool of the forwarder's
+  listeners on the host's loopback instead (:mod:`netstack.gateway.steering`); with an
+  uplink that can do neither it gets a RST;
 * IPv4 and, with an IPv6 plan and an uplink with ``ipv6_egress``, IPv6 (NAT66); IPv6
   neighbour discovery between the guest and the gateway passes like ARP;
-* :meth:`Gateway.intercept_tls` steers allowed TCP on the TLS ports to a transparent
-  proxy listening in the uplink namespace;
+* :meth:`Gateway.tls_interception` steers allowed TCP on the TLS ports to a transparent
+  proxy: listening in the uplink namespace (TAP, nftables redirect,
+  :meth:`Gateway.intercept_tls`), or on a pool of loopback listeners fed by the C loop's
+  steering NAT, each flow's original destination claimed through the proxy's lookup
+  (passt; ``netstack/csrc/steer.c``);
 * :meth:`Gateway.stats` / :meth:`Gateway.rule_counters` report counters; ``pcap``
   records every frame that crossed with its verdict (pcapng keeps the verdict).
 
@@ -201,8 +206,9 @@ class Gateway:
 
     ``uplink``: any object implementing :class:`~netstack.gateway.Uplink` (e.g. a
     :class:`~netstack.gateway.TapUplink`; closed with the gateway only if ``own_uplink``);
-    DNS over TCP, ``published_ports`` and :meth:`intercept_tls` need its
-    :class:`~netstack.gateway.RedirectingUplink` capability. Exactly one of ``guest_socket`` (a socket object; the gateway
+    ``published_ports`` and :meth:`intercept_tls` need its
+    :class:`~netstack.gateway.RedirectingUplink` capability; DNS over TCP and
+    :meth:`tls_interception` work with it or with a steering uplink (passt). Exactly one of ``guest_socket`` (a socket object; the gateway
     takes it over and closes it) or ``guest_fd`` (an fd the caller keeps owning) is the
     VMM side, framed as ``transport``. ``dns_upstreams``: resolvers for the forwarder
     (default: the host's resolv.conf). ``pcap``: a path or a :class:`PcapWriter`.
