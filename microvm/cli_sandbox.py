@@ -1,7 +1,9 @@
 """``microvm run | create | start | exec | shell | attach``: docker habits on ``microvm.Sandbox``.
 
-``run`` is :meth:`Sandbox.create` + a streamed exec of CMD (or of the image's
-entrypoint + cmd); ``exec``/``shell``/``attach`` are streamed execs on
+``run`` is :meth:`Sandbox.create` (or :meth:`Sandbox.restore` with ``--from-snapshot``)
++ a streamed exec of CMD (or of the image's entrypoint + cmd); ``run -d`` starts it as
+the sandbox's main process instead (:mod:`microvm.cli_attach`), which ``attach`` joins;
+``exec``/``shell`` (and ``attach`` without a main process) are streamed execs on
 :meth:`Sandbox.get`. Flags go before IMAGE (after it they belong to the command, as in
 docker). Exit status: the command's; 125 ours; 126/127 cannot run / not found in the
 guest.
