@@ -1,14 +1,21 @@
-"""The ``microvm`` command: ``microvm kernel fetch|path`` and ``microvm vm run``.
+"""The ``microvm`` command: the group, ``microvm kernel fetch|path`` and ``microvm vm run``.
+
+The docker-like commands live in ``microvm.cli_sandbox`` (run, create, start, exec,
+shell, attach), ``cli_manage`` (ls, stop, rm, logs, inspect, cp, net...), ``cli_images``,
+``cli_snapshot``, ``cli_doctor``, ``microvm.ssh.cli`` and ``microvm.fleet.cli``; each
+module is imported only when one of its commands runs (:class:`LazyGroup`).
 
 Exit status: 0 on success; 2 for a bad command line or environment (one line on
 stderr, nothing started); 1 when a ``kernel`` operation fails; ``vm run`` exits
 with CMD's status, 125 when the VM could not run it, 128+N when it was stopped by
-signal N (the VM and its temporary directory are cleaned up first).
+signal N (the VM and its temporary directory are cleaned up first). The sandbox
+commands follow docker: 125 ours, 126/127 cannot run / not found, else CMD's status.
 
 Example::
 
     microvm kernel fetch --dest vendor
     microvm vm run --rootfs-dir ./rootfs --cpus 2 --memory 512 -- /bin/sh -c 'echo hi'
+    microvm run --rm busybox:1.36 echo hi
 """
 
 from __future__ import annotations
