@@ -100,7 +100,7 @@ class Rig:
 def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         ) -> Iterator[Rig]:
     """The same scenarios over each uplink: the TAP uplink (root) and the passt uplink,
-    whose gateway process and passt run as nobody."""
+    whose gateway process, passt and VMM stand-in run as nobody."""
     require_root()
     require_binaries("ip", "nft", "curl", "dig", "ping")
     if request.param == "passt":
@@ -114,10 +114,13 @@ def rig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
             return
         uplink.close()  # root's passt: the rig's own runs in the unprivileged server
         assert topo.vmm_socket is not None
+        vmm_end, guest_tap = topo.detach_vmm()  # the VMM stand-in runs there too
         server = UnprivilegedGateways(3220, topo.vmm_socket.fileno(), host_loopback=True,
-                                      dns_upstreams=[UPSTREAM_DNS_IP])
+                                      dns_upstreams=[UPSTREAM_DNS_IP],
+                                      vmm=(vmm_end.fileno(), guest_tap))
         try:
             assert server.info["uid"] == NOBODY and server.info["passt_uid"] == NOBODY
+            assert server.info["pump"]
             yield Rig(topo, None, tmp, server)
         finally:
             passt_pid = server.info["passt_pid"]

@@ -1,16 +1,18 @@
 """The rootless side of a gateway test rig, run as an unprivileged user.
 
 :class:`UnprivilegedGateways` starts this module as ``nobody`` (``tests.support.
-unprivileged_argv``) with the fake VMM's socket: the server process owns a
-:class:`~netstack.gateway.PasstUplink` (passt as nobody too) and builds :class:`~netstack.gateway.Gateway`
-objects on request; :class:`RemoteGateway` is a handle on one with the part of the
+unprivileged_argv``) with the gateway's end of the VMM socket and, optionally, the VMM
+stand-in's ends (its socket and the guest namespace's TAP fd, opened by root: the frame
+pump then runs as nobody too); the server process owns a
+:class:`~netstack.gateway.PasstUplink` (passt as nobody too) and builds
+:class:`~netstack.gateway.Gateway` objects on request; :class:`RemoteGateway` is a handle on one with the part of the
 Gateway API the end-to-end scenarios use (``stats``, ``rule_counters``, ``guest_config``,
 ``published``, ``intercept_tls``, ``close``/``closed``, a context manager) plus a TLS
 proxy on ``tls_interception()``, run in the same unprivileged process. Exceptions raised
 there (e.g. :class:`~netstack.errors.GatewayError`) are raised again here. Requests and
 answers are pickled over a socket pair (both ends are this test suite's code).
 
-The topology (guest and upstream namespaces, the fake VMM) stays root's.
+The topology (guest and upstream namespaces, their servers, the TAP) stays root's.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class UnprivilegedGateways:
     proxy's CA)."""
 
     def __init__(self, slot: int, guest_fd: int, *, host_loopback: bool,
-                 dns_upstreams: list[str]) -> None:
+                 dns_upstreams: list[str], vmm: tuple[int, int] | None = None) -> None:
         from tests.support import NOBODY, NOGROUP, unprivileged_argv
 
         self.uid = NOBODY
@@ -67,10 +69,13 @@ class UnprivilegedGateways:
         ours, theirs = socket.socketpair()
         env = {**os.environ, "HOME": str(self.workdir), "TMPDIR": str(self.workdir),
                "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(ROOT)}
+        pump = f"{vmm[0]},{vmm[1]}" if vmm is not None else "-"
         argv = unprivileged_argv([sys.executable, "-m", "tests.netstack_gateway.unprivileged",
                                   str(theirs.fileno()), str(guest_fd), str(slot),
-                                  "1" if host_loopback else "0", ",".join(dns_upstreams)])
-        self.proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(), guest_fd), cwd=ROOT,
+                                  "1" if host_loopback else "0", ",".join(dns_upstreams),
+                                  pump])
+        self.proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(), guest_fd,
+                                                     *(vmm or ())), cwd=ROOT,
                                      env=env, stdin=subprocess.DEVNULL)
         theirs.close()
         self._sock = ours
@@ -193,10 +198,13 @@ class _Proxy:
 
 
 def _serve(ctrl: socket.socket, guest_fd: int, slot: int, host_loopback: bool,
-           dns: list[str]) -> None:
+           dns: list[str], vmm: tuple[int, int] | None) -> None:
     from netstack.gateway import AddressPlan, Gateway, PasstUplink
+    from tests.netstack_gateway.topology import StreamTapPump
 
     workdir = Path(os.environ["HOME"])
+    pump = StreamTapPump(socket.socket(fileno=vmm[0]), vmm[1], "vmm-nobody") \
+        if vmm is not None else None
     up = PasstUplink(AddressPlan(slot), host_loopback=host_loopback)
     gateways: dict[int, Any] = {}
     proxies: dict[int, _Proxy] = {}
@@ -213,7 +221,7 @@ def _serve(ctrl: socket.socket, guest_fd: int, slot: int, host_loopback: bool,
                     return
                 if kind == "info":
                     value: Any = {"uid": os.geteuid(), "passt_pid": up.pid,
-                                  "passt_uid": up.peer_uid}
+                                  "passt_uid": up.peer_uid, "pump": pump is not None}
                 elif kind == "gateway":
                     kw = {"guest_fd": guest_fd, "dns_upstreams": dns, **req[2]}
                     if kw["guest_fd"] is None:
@@ -251,12 +259,15 @@ def _serve(ctrl: socket.socket, guest_fd: int, slot: int, host_loopback: bool,
         for gw in gateways.values():
             gw.close()
         up.close()
+        if pump is not None:
+            pump.stop()
 
 
 def main() -> None:
-    ctrl_fd, guest_fd, slot, host_loopback, dns = sys.argv[1:6]
+    ctrl_fd, guest_fd, slot, host_loopback, dns, pump = sys.argv[1:7]
     ctrl = socket.socket(fileno=int(ctrl_fd))
-    _serve(ctrl, int(guest_fd), int(slot), host_loopback == "1", dns.split(","))
+    vmm = None if pump == "-" else (int(pump.split(",")[0]), int(pump.split(",")[1]))
+    _serve(ctrl, int(guest_fd), int(slot), host_loopback == "1", dns.split(","), vmm)
 
 
 if __name__ == "__main__":
