@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import Future
 from types import TracebackType
@@ -57,6 +58,9 @@ from typing import Any, TypeVar
 __all__ = ["Portal", "run_once"]
 
 T = TypeVar("T")
+
+#: seconds the main thread waits at a time (how late a signal can be noticed at worst)
+_SIGNAL_SLICE = 0.25
 
 
 class Portal:
@@ -84,7 +88,10 @@ class Portal:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name=f"microvm-{name}",
                                        daemon=True)
+        running = threading.Event()
+        self.loop.call_soon(running.set)   # the loop's first callback: it runs from now on
         self.thread.start()
+        running.wait()   # close() right after creation then stops a running loop
 
     @property
     def closed(self) -> bool:
@@ -132,7 +139,7 @@ class Portal:
         fut: Future[T] | None = None
         try:
             fut = asyncio.run_coroutine_threadsafe(runner(), self.loop)
-            return fut.result(timeout)
+            return _wait(fut, timeout)
         except BaseException:
             if fut is not None and not fut.done():
                 # interrupted while waiting (KeyboardInterrupt, timeout): cancel the coroutine, let
@@ -217,6 +224,26 @@ class Portal:
 
     def __repr__(self) -> str:
         return f"Portal({self.thread.name!r}, closed={self.closed})"
+
+
+def _wait(fut: Future[T], timeout: float | None) -> T:
+    """``fut.result(timeout)``, in slices on the main thread: a signal that lands just before
+    the thread blocks on the lock is otherwise only noticed when the wait ends (CPython
+    checks pending signals on wake-up), so Ctrl-C would go unheard for the whole call."""
+    step = _SIGNAL_SLICE if threading.current_thread() is threading.main_thread() else None
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        wait = step
+        if deadline is not None:
+            left = max(0.0, deadline - time.monotonic())
+            wait = left if wait is None else min(wait, left)
+        try:
+            return fut.result(wait)
+        except TimeoutError:
+            if fut.done():   # the coroutine's own TimeoutError, or it ended just now
+                return fut.result()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise
 
 
 def run_once(coro: Coroutine[Any, Any, T], name: str = "portal") -> T:

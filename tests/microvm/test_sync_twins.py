@@ -215,6 +215,27 @@ def test_an_interrupted_run_cancels_the_coroutine_and_waits_for_its_cleanup() ->
     helper = threading.Thread(target=interrupt, daemon=True)
     helper.start()
     with Portal("test") as portal, pytest.raises(KeyboardInterrupt):
-        portal.run(slow())
+        portal.run(slow(), timeout=120)   # a lost signal fails with TimeoutError, not a hang
     helper.join(60)
     assert cleaned.is_set()
+
+
+def test_a_run_timeout_cancels_the_coroutine_and_an_inner_timeout_is_its_own() -> None:
+    cleaned = threading.Event()
+
+    async def slow() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            cleaned.set()
+
+    async def inner_timeout() -> None:
+        await asyncio.wait_for(asyncio.sleep(3600), 0.01)
+
+    with Portal("test") as portal:
+        with pytest.raises(TimeoutError):
+            portal.run(slow(), timeout=0.05)
+        assert cleaned.is_set()
+        with pytest.raises(TimeoutError):   # the coroutine's own, not the portal's
+            portal.run(inner_timeout())
+        assert portal.run(asyncio.sleep(0.3, result="sliced"), timeout=60) == "sliced"
