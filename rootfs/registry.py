@@ -325,7 +325,7 @@ class _Transport(httpx.BaseTransport):
                 response = self._send(request)
             except (httpx.NetworkError, httpx.TimeoutException,
                     httpx.RemoteProtocolError) as exc:
-                if _tls_cause(exc) is not None or attempt >= self.retries:
+                if _tls_cause(exc) is not None or _unknown_host(exc) or attempt >= self.retries:
                     raise
                 time.sleep(self.backoff * (2 ** attempt))
                 attempt += 1
@@ -343,6 +343,12 @@ class _Transport(httpx.BaseTransport):
 
     def close(self) -> None:
         self._pool.close()
+
+
+def _unknown_host(exc: BaseException) -> bool:
+    """The host name does not exist (no retry can help; a busy resolver can: EAI_AGAIN)."""
+    cause = exc.__cause__
+    return isinstance(cause, socket.gaierror) and cause.errno == socket.EAI_NONAME
 
 
 def _send_error(exc: Exception) -> httpx.TransportError:
