@@ -184,7 +184,7 @@ def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
 
 
 def _tls_cause(exc: BaseException) -> ssl.SSLError | None:
-    """The :class:`ssl.SSLError` under an httpx/httpcore exception chain, if any."""
+    """The :class:`ssl.SSLError` under an exception chain, if any."""
     seen: BaseException | None = exc
     for _ in range(8):
         if seen is None:
@@ -310,10 +310,11 @@ class _Transport(httpx.BaseTransport):
                 conn.endheaders()
                 resp = conn.getresponse()
             except (OSError, http.client.HTTPException) as exc:
+                connected = conn.sock is not None
                 conn.close()
                 if reused and isinstance(exc, (ConnectionError, http.client.RemoteDisconnected)):
                     continue  # a kept-alive connection the server had closed: a fresh one
-                raise _send_error(exc) from exc
+                raise _send_error(exc, connected) from exc
             headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in resp.getheaders()]
             return httpx.Response(resp.status, headers=headers,
                                   stream=_Body(resp, conn, self._pool, origin))
@@ -351,11 +352,11 @@ def _unknown_host(exc: BaseException) -> bool:
     return isinstance(cause, socket.gaierror) and cause.errno == socket.EAI_NONAME
 
 
-def _send_error(exc: Exception) -> httpx.TransportError:
+def _send_error(exc: Exception, connected: bool) -> httpx.TransportError:
     """An :mod:`http.client`/socket failure before a response, as httpx's exception."""
     detail = str(exc) or type(exc).__name__
     if isinstance(exc, TimeoutError):
-        return httpx.ConnectTimeout(detail)
+        return httpx.ReadTimeout(detail) if connected else httpx.ConnectTimeout(detail)
     if isinstance(exc, (ssl.SSLError, ConnectionRefusedError, socket.gaierror)):
         return httpx.ConnectError(detail)
     if isinstance(exc, http.client.HTTPException):
