@@ -7,7 +7,8 @@ on our 2-core machines under load, 2 s with the network stack, more than QEMU's 
 incoming migration. A zygote pays that once per creating process: the first
 :func:`spawn` starts it in the background (that start itself still uses a plain
 ``Popen``), and every later one is an ``os.fork()`` of an already warm interpreter
-(a few milliseconds).
+(a few milliseconds). A zygote serves one ``MICROVM_HOME``/``TMPDIR`` (another one
+starts one anew) and exits after ``IDLE_EXIT_S`` without a request.
 
 Protocol: a ``SOCK_SEQPACKET`` socketpair between the creating process and its zygote (no
 socket file: nobody else can reach it; it dies with its creator, EOF on the pair). One
@@ -41,6 +42,7 @@ import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 __all__ = ["prestart", "spawn", "wait_ready"]
@@ -51,14 +53,22 @@ PRELOAD = (
     "microvm.backends.qemu", "microvm.snapshot", "microvm.sandbox.netwiring", "tls_proxy",
 )
 _READY = b"R"
+#: a zygote with no request for this long exits (a later start spawns a new one)
+IDLE_EXIT_S = 10.0
+#: the environment that names where sandboxes live: a zygote serves one value of it
+_KEY_VARS = ("MICROVM_HOME", "TMPDIR")
+#: room in the zygote's argv for each child's ``python -m microvm.sandbox.supervisor DIR``
+_ARGV_ROOM = 1024
 
 
 class _Zygote:
     def __init__(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.key = _key(os.environ)
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "microvm.sandbox.zygote", str(child.fileno())],
+                [sys.executable, "-m", "microvm.sandbox.zygote", str(child.fileno()),
+                 "." * _ARGV_ROOM],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 pass_fds=(child.fileno(),), close_fds=True, start_new_session=True)
         finally:
@@ -103,6 +113,10 @@ _LOCK = threading.Lock()
 _ZYGOTE: _Zygote | None = None
 
 
+def _key(env: Any) -> tuple[str, ...]:
+    return tuple(str(env.get(k, "")) for k in _KEY_VARS)
+
+
 def _enabled() -> bool:
     return os.environ.get("MICROVM_ZYGOTE", "1") != "0"
 
@@ -118,9 +132,12 @@ def prestart() -> None:
     if not _enabled():
         return
     with _LOCK:
-        if _ZYGOTE is None or _ZYGOTE.dead or _ZYGOTE.proc.poll() is not None:
-            if _ZYGOTE is not None:
-                _ZYGOTE.sock.close()
+        z = _ZYGOTE
+        if z is None or z.dead or z.proc.poll() is not None or z.key != _key(os.environ):
+            if z is not None:
+                z.sock.close()   # it exits on EOF
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    z.proc.wait(0)
             _ZYGOTE = _Zygote()
 
 
@@ -155,10 +172,15 @@ def spawn(argv: list[str], *, stdin: int, stdout: int, stderr: int,
         pid = spawn(["/root/.microvm/sandboxes/web"], stdin=r, stdout=w, stderr=2)
     """
     z = _ZYGOTE
-    if z is None or z.dead or not z.ready.is_set():
+    env = dict(os.environ if env is None else env)
+    if z is None or z.dead or not z.ready.is_set() or z.key != _key(env) \
+            or z.proc.poll() is not None:
         prestart()
         return None
-    return z.spawn(list(argv), (stdin, stdout, stderr), dict(os.environ if env is None else env))
+    pid = z.spawn(list(argv), (stdin, stdout, stderr), env)
+    if pid is None:
+        prestart()
+    return pid
 
 
 # -- the zygote process ------------------------------------------------------------------
@@ -173,9 +195,29 @@ def _child(req: dict[str, Any], fds: list[int]) -> int:
     os.chdir(req["cwd"])
     os.environ.clear()
     os.environ.update(req["env"])
+    import tempfile
+
+    tempfile.tempdir = None   # computed again from this TMPDIR
+    argv = [str(a) for a in req["argv"]]
+    _set_cmdline([sys.executable, "-m", "microvm.sandbox.supervisor", *argv])
     from microvm.sandbox import supervisor
 
-    return supervisor.main([str(a) for a in req["argv"]])
+    return supervisor.main(argv)
+
+
+def _set_cmdline(args: list[str]) -> None:
+    """Show ``args`` as this process's command line (``ps``, ``/proc/<pid>/cmdline``): a
+    forked supervisor looks like a spawned one. Written over the zygote's argv area
+    (room reserved at its start) through ``/proc/self/mem``; best effort."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        stat = Path("/proc/self/stat").read_bytes()
+        fields = stat[stat.rindex(b")") + 2:].split()
+        start, end = int(fields[45]), int(fields[46])   # arg_start, arg_end (proc(5))
+        data = b"\0".join(os.fsencode(a) for a in args) + b"\0"
+        data = data[:end - start - 1] + b"\0"
+        with open("/proc/self/mem", "r+b", buffering=0) as mem:
+            mem.seek(start)
+            mem.write(data.ljust(end - start, b"\0"))
 
 
 def _serve(sock: socket.socket) -> int:
@@ -184,9 +226,12 @@ def _serve(sock: socket.socket) -> int:
         with contextlib.suppress(Exception):
             __import__(name)
     sock.send(_READY)
+    sock.settimeout(IDLE_EXIT_S)
     while True:
         try:
             msg, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 3)
+        except TimeoutError:
+            return 0   # idle: the creator spawns a new one when it needs one
         except OSError:
             return 1
         if not msg:
