@@ -282,6 +282,19 @@ def test_pool_hands_out_and_refills(source: Sandbox, warm: str) -> None:
             a = pool.acquire()
             b = pool.acquire()
             assert a.name != b.name
+            # restores after the first start are forked by this process's warm zygote
+            # and show a supervisor's command line
+            from microvm.sandbox import zygote
+            from microvm.sandbox.paths import SandboxPaths
+
+            z = zygote._ZYGOTE
+            assert z is not None and z.ready.is_set()
+            for sb in (a, b):
+                pid = sb.info().pid
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                assert int(stat[stat.rfind(")") + 2:].split()[1]) == z.proc.pid
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                assert f"microvm.sandbox.supervisor {SandboxPaths.of(sb.name).dir}" in cmd
             assert a.shell("cat /tmp/file").stdout_text == "in-tmp\n"
             pool.release(a)
             pool.wait_ready(timeout=120)
