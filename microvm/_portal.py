@@ -128,13 +128,13 @@ class Portal:
             if asyncio.iscoroutine(aw):
                 aw.close()   # not "never awaited"
             raise RuntimeError(refused)
-        finished = threading.Event()
+        tasks: list[asyncio.Task[Any]] = []   # the runner's task, for an interrupted wait
 
         async def runner() -> T:
-            try:
-                return await aw
-            finally:
-                finished.set()
+            task = asyncio.current_task()
+            if task is not None:
+                tasks.append(task)
+            return await aw
 
         fut: Future[T] | None = None
         try:
@@ -145,8 +145,19 @@ class Portal:
                 # interrupted while waiting (KeyboardInterrupt, timeout): cancel the coroutine, let
                 # its except/finally blocks run (kill a half-booted VMM, close a socket)
                 fut.cancel()
-                finished.wait(self.cancel_grace)
+                self._settle(tasks)
             raise
+
+    def _settle(self, tasks: list[asyncio.Task[Any]]) -> None:
+        """Wait (at most ``cancel_grace`` seconds) for a cancelled :meth:`run` to finish its
+        cleanup. Runs on the loop after the cancellation (callbacks run in order), so the
+        runner's task, started before, is in ``tasks``."""
+        async def settle() -> None:
+            if tasks:
+                await asyncio.wait(tasks, timeout=self.cancel_grace)
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(settle(), self.loop).result(self.cancel_grace + 5)
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
         """Start ``coro`` on the loop without waiting; its ``concurrent.futures.Future``.
