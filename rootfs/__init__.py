@@ -4,6 +4,14 @@ Pull (registry v2, token/basic auth, custom CAs), a content-addressed store,
 safe layer unpacking, rootfs patches, and the disks a microVM boots from.
 Never imports ``netstack``, ``tls_proxy`` or ``microvm``.
 
+Modules, one job each: ``store`` (the :class:`ImageStore` facade) over ``_blobs``
+(blobs and tags), ``_pull`` (registry pulls; HTTP in ``registry``), ``layout`` (OCI
+layouts and docker archives, against the ``BlobStore`` protocol), ``_prepare`` (trees,
+image disks, prepared roots), ``_prune`` (garbage collection); ``image`` (the OCI model,
+platform choice), ``unpack`` (our layer extractor, the default ``Unpacker``) and
+``umoci`` (the reference one), ``patches``, ``disks``, ``build``; the seams
+(``RootProvider``, ``BlobStore``, ``Unpacker``) in ``protocols``.
+
 Example::
 
     import rootfs
