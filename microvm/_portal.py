@@ -29,8 +29,8 @@ Rules of the pattern:
   ``atexit`` cleanup (``Sandbox`` does).
 
 Code that may not import ``microvm`` mirrors this class rather than inventing
-another mechanism: ``netstack.gateway._loop_thread.LoopThread`` is the same shape
-(``call`` = :meth:`Portal.run`, ``submit`` = :meth:`Portal.submit`, ``close``).
+another mechanism: ``netstack.gateway._portal.Portal`` is its twin (one behaviour
+table runs through both: tests/netstack_gateway/test_portal.py).
 
 Example::
 
