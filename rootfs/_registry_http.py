@@ -1,9 +1,5 @@
 """The registry client's HTTP side on :mod:`httpx` (private to :mod:`rootfs.registry`).
 
-Imported when a :class:`rootfs.registry.RegistryClient` first sends a request, not
-before: httpx costs tens of milliseconds to import, and a store that never pulls
-never pays for it.
-
 :class:`Session` is one :class:`httpx.Client` per registry client, shared by the
 pull's worker threads: redirects (a blob redirected to storage on another host never
 carries our ``Authorization`` header there; an ``https`` registry is never redirected

@@ -8,7 +8,7 @@ checked against its digest while a blob streams to disk in bounded memory.
 
 The HTTP side (connection pool, retries, redirects without leaking credentials,
 Bearer/Basic auth as an :class:`httpx.Auth` flow) is :mod:`httpx`, in
-:mod:`rootfs._registry_http`, imported on the first request.
+:mod:`rootfs._registry_http`.
 
 Example::
 
@@ -29,8 +29,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
+from rootfs._registry_http import Session
 from rootfs.errors import (
     AuthError,
     DigestError,
@@ -41,9 +42,6 @@ from rootfs.errors import (
 )
 from rootfs.image import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from rootfs.reference import _COMPONENT, _HOST, _TAG, DEFAULT_REGISTRY, validate_digest
-
-if TYPE_CHECKING:
-    from rootfs._registry_http import Session
 
 ACCEPT_MANIFESTS = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST])
 _MAX_MANIFEST = 4 << 20
@@ -211,8 +209,6 @@ class RegistryClient:
     def _http(self) -> Session:
         with self._lock:
             if self._session is None:
-                from rootfs._registry_http import Session  # httpx: imported on first use
-
                 auth = self.auth
                 self._session = Session(
                     self.registry, self.scheme, self.host,
