@@ -1,14 +1,16 @@
 """netstack.gateway._portal is the twin of microvm._portal: one behaviour table, both run it.
 
 netstack may not import microvm, so it carries its own copy of the project's
-sync-over-async pattern; these cases keep the two alike (only the error type differs:
-netstack raises its GatewayError where microvm raises RuntimeError/ValueError).
+sync-over-async pattern; these cases keep the two alike, and the last test keeps their
+code identical (misuse is a RuntimeError in both; a bad argument is netstack's
+GatewayError where microvm raises ValueError).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +18,7 @@ from microvm._portal import Portal as MicrovmPortal
 from netstack.errors import GatewayError
 from netstack.gateway._portal import Portal as NetstackPortal
 
-PORTALS = {"netstack": (NetstackPortal, GatewayError),
+PORTALS = {"netstack": (NetstackPortal, RuntimeError),
            "microvm": (MicrovmPortal, RuntimeError)}
 
 
@@ -93,3 +95,27 @@ def test_close_cancels_what_still_runs(kind: str) -> None:
     p.run(asyncio.sleep(0))
     p.close()
     assert cancelled.is_set() and p.closed and not p.thread.is_alive()
+
+
+def test_the_twins_have_the_same_code() -> None:
+    """Below their module docstrings the two files differ only in the error type for a bad
+    argument and the thread name's prefix: a fix in one must be made in the other."""
+    import microvm._portal
+    import netstack.gateway._portal
+
+    def code(module: object, prefix: str, bad_arg: str) -> str:
+        path = getattr(module, "__file__", None)
+        assert path is not None
+        text = Path(path).read_text(encoding="utf-8").partition('\n"""\n')[2]
+        text = text.replace("from netstack.errors import GatewayError\n\n", "")
+        return text.replace(prefix, "PREFIX-").replace(bad_arg, "BAD_ARG(")
+
+    assert code(microvm._portal, "microvm-", "ValueError(") == \
+        code(netstack.gateway._portal, "netstack-", "GatewayError(")
+
+
+def test_bad_arguments_are_typed() -> None:
+    with pytest.raises(GatewayError, match="portal name"):
+        NetstackPortal("")
+    with pytest.raises(ValueError, match="cancel_grace"):
+        MicrovmPortal("x", cancel_grace=-1)
