@@ -235,19 +235,33 @@ def test_every_command_has_an_example_version_and_flag_help() -> None:
 
 
 # -- the interactive TTY, through tmux -----------------------------------------------------
+#: a tmux server of this module's own (another test's `tmux kill-server` on the default
+#: socket ended a session here once: "server exited unexpectedly")
+TMUX = ("tmux", "-L", f"microvm-cli-test-{os.getpid()}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _private_tmux_server() -> Iterator[None]:
+    """The module's tmux server is gone at the end, and its socket file too."""
+    yield
+    subprocess.run([*TMUX, "kill-server"], capture_output=True)
+    tmpdir = Path(os.environ.get("TMUX_TMPDIR", "/tmp")) / f"tmux-{os.getuid()}"
+    (tmpdir / TMUX[2]).unlink(missing_ok=True)
+
+
 class Tmux:
     """A detached tmux session running one command; keys in, screen out."""
 
     def __init__(self, name: str, command: str) -> None:
         self.name = name
-        subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "100", "-y", "30",
+        subprocess.run([*TMUX, "new-session", "-d", "-s", name, "-x", "100", "-y", "30",
                         command], check=True, env=dict(os.environ))
 
     def keys(self, *keys: str) -> None:
-        subprocess.run(["tmux", "send-keys", "-t", self.name, *keys], check=True)
+        subprocess.run([*TMUX, "send-keys", "-t", self.name, *keys], check=True)
 
     def screen(self) -> str:
-        return subprocess.run(["tmux", "capture-pane", "-p", "-t", self.name], check=True,
+        return subprocess.run([*TMUX, "capture-pane", "-p", "-t", self.name], check=True,
                               capture_output=True, text=True).stdout
 
     def wait_for(self, text: str, timeout: float = 60) -> str:
@@ -261,7 +275,7 @@ class Tmux:
             time.sleep(0.2)
 
     def close(self) -> None:
-        subprocess.run(["tmux", "kill-session", "-t", self.name], capture_output=True)
+        subprocess.run([*TMUX, "kill-session", "-t", self.name], capture_output=True)
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux")
@@ -273,7 +287,7 @@ def test_interactive_tty_resize_detach_attach(home: Path) -> None:
         t.wait_for("/ #")
         t.keys("stty size", "Enter")
         t.wait_for("30 100")
-        subprocess.run(["tmux", "resize-window", "-t", t.name, "-x", "120", "-y", "40"],
+        subprocess.run([*TMUX, "resize-window", "-t", t.name, "-x", "120", "-y", "40"],
                        check=True)
         time.sleep(0.5)
         t.keys("clear; stty size", "Enter")
