@@ -54,13 +54,14 @@ def original_dst(sock: socket.socket) -> tuple[str, int]:
     >>> import socket
     >>> with socket.create_server(("127.0.0.1", 0)) as srv:
     ...     c = socket.create_connection(srv.getsockname()); s, _ = srv.accept()
-    ...     try:
-    ...         original_dst(s)
+    ...     try:   # tracked but not redirected: its own destination; untracked: OSError
+    ...         redirected = original_dst(s) != s.getsockname()
     ...     except OSError:
-    ...         print("not redirected")
+    ...         redirected = False
     ...     finally:
     ...         c.close(); s.close()
-    not redirected
+    >>> redirected
+    False
     """
     if sock.family == socket.AF_INET6 and not _is_v4_mapped(sock):
         raw = sock.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
