@@ -19,7 +19,11 @@ Example::
     '127.0.0.1'
 """
 
-from tls_proxy.ca import CertificateAuthority, Leaf, default_ca_dir
+from tls_proxy._ca import CertificateAuthority, Leaf, default_ca_dir
+from tls_proxy._hosts import HostList, HostPattern
+from tls_proxy._proxy import ProxyConfig, TlsProxy, original_dst
+from tls_proxy._secrets import Secret, SecretPolicy, parse_secret_spec
+from tls_proxy._sni import ClientHello, HelloLike, HelloParser, parse_client_hello
 from tls_proxy.errors import (
     CertificateError,
     ClientHelloError,
@@ -28,10 +32,6 @@ from tls_proxy.errors import (
     SecretError,
     TlsProxyError,
 )
-from tls_proxy.hosts import HostList, HostPattern
-from tls_proxy.proxy import ProxyConfig, TlsProxy, original_dst
-from tls_proxy.secrets import Secret, SecretPolicy, parse_secret_spec
-from tls_proxy.sni import ClientHello, HelloLike, HelloParser, parse_client_hello
 
 __all__ = [
     "CertificateAuthority",

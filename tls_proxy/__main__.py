@@ -27,10 +27,10 @@ from pathlib import Path
 
 import click
 
-from tls_proxy.ca import CertificateAuthority, default_ca_dir
+from tls_proxy._ca import CertificateAuthority, default_ca_dir
+from tls_proxy._proxy import ProxyConfig, TlsProxy
+from tls_proxy._secrets import Secret, parse_secret_spec
 from tls_proxy.errors import TlsProxyError
-from tls_proxy.proxy import ProxyConfig, TlsProxy
-from tls_proxy.secrets import Secret, parse_secret_spec
 
 __all__ = ["EXIT_USAGE", "cli", "main"]
 

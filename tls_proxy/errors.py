@@ -30,7 +30,7 @@ class ConfigError(TlsProxyError, ValueError):
 
     Example::
 
-        >>> from tls_proxy.hosts import HostPattern
+        >>> from tls_proxy import HostPattern
         >>> HostPattern.parse("exa mple.com")
         Traceback (most recent call last):
         ...

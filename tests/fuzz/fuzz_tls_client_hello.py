@@ -15,8 +15,8 @@ import cryptography.x509  # noqa: F401
 import filelock  # noqa: F401
 
 with atheris.instrument_imports(include=["tls_proxy"]):
+    from tls_proxy import parse_client_hello
     from tls_proxy.errors import ClientHelloError
-    from tls_proxy.sni import parse_client_hello
 
 
 def TestOneInput(data: bytes) -> None:

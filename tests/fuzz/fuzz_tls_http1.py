@@ -16,9 +16,9 @@ import cryptography.x509  # noqa: F401
 import filelock  # noqa: F401
 
 with atheris.instrument_imports(include=["tls_proxy"]):
+    from tls_proxy._http1 import parse_head, request_framing
+    from tls_proxy._secrets import Scanner, Secret, Substituter
     from tls_proxy.errors import HttpError
-    from tls_proxy.http1 import parse_head, request_framing
-    from tls_proxy.secrets import Scanner, Secret, Substituter
 
 SUB = Substituter([Secret("A", "real-a", ["a.example"], inject=("headers", "basic_auth",
                                                                    "query", "body"))])

@@ -13,7 +13,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from tls_proxy import CertificateAuthority, CertificateError
-from tls_proxy import ca as ca_mod
+from tls_proxy import _ca as ca_mod
 
 
 def test_load_or_create_persists_with_private_key_mode(tmp_path):

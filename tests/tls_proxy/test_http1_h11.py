@@ -1,4 +1,4 @@
-"""Our HTTP/1 parser (tls_proxy.http1) cross-checked against h11 on the same byte streams.
+"""Our HTTP/1 parser (tls_proxy._http1) cross-checked against h11 on the same byte streams.
 
 Each case is one request (or response) as it arrives on the wire. Both parsers read
 it; their views are compared: start line, headers (framing headers aside), body
@@ -17,16 +17,16 @@ from dataclasses import dataclass
 import h11
 import pytest
 
+from tls_proxy._http1 import iter_chunked, read_head, request_framing, response_framing
+from tls_proxy._streams import BufferedReader
 from tls_proxy.errors import HttpError
-from tls_proxy.http1 import iter_chunked, read_head, request_framing, response_framing
-from tls_proxy.streams import BufferedReader
 
 View = tuple[object, ...]
 _FRAMING_HEADERS = {b"content-length", b"transfer-encoding"}
 
 
 class _Bytes:
-    """A :class:`tls_proxy.streams.Source` over fixed bytes, delivered in small pieces."""
+    """A :class:`tls_proxy._streams.Source` over fixed bytes, delivered in small pieces."""
 
     def __init__(self, data: bytes, piece: int = 7) -> None:
         self.parts = [data[i:i + piece] for i in range(0, len(data), piece)]
@@ -36,7 +36,7 @@ class _Bytes:
 
 
 def _ours(data: bytes, *, request: bool, method: bytes = b"GET", head_only: bool = False) -> View:
-    """(start line, headers, framing kind, body) as tls_proxy.http1 sees ``data``."""
+    """(start line, headers, framing kind, body) as tls_proxy._http1 sees ``data``."""
 
     async def run() -> View:
         r = BufferedReader(_Bytes(data))

@@ -7,7 +7,7 @@ proxy already read (to learn the SNI) are fed into the handshake, not lost.
 Example::
 
     >>> import asyncio
-    >>> from tls_proxy.streams import BufferedReader
+    >>> from tls_proxy._streams import BufferedReader
     >>> class Src:
     ...     def __init__(self): self.parts = [b"GET / HTTP/1.1\\r\\n", b"\\r\\nrest"]
     ...     async def recv(self): return self.parts.pop(0) if self.parts else b""

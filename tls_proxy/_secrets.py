@@ -8,7 +8,7 @@ and whose HTTP ``Host`` equals the SNI. The default placeholder is ``$MSB_<ENV>`
 
 Example::
 
-    >>> from tls_proxy.secrets import Secret
+    >>> from tls_proxy import Secret
     >>> s = Secret("OPENAI_API_KEY", "sk-real", ["api.openai.com"])
     >>> s.placeholder, s.guest_env()
     ('$MSB_OPENAI_API_KEY', {'OPENAI_API_KEY': '$MSB_OPENAI_API_KEY'})
@@ -26,8 +26,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
+from tls_proxy._hosts import HostPattern, canonical_host
 from tls_proxy.errors import ConfigError, SecretError
-from tls_proxy.hosts import HostPattern, canonical_host
 
 SCOPES = ("headers", "basic_auth", "query", "body")
 """Where a placeholder may be replaced: header values, decoded Basic auth, query, body."""

@@ -10,7 +10,7 @@ end to end: received data is acknowledged only once the other side accepted it.
 
 Example::
 
-    >>> from tls_proxy.h2session import H2Session
+    >>> from tls_proxy._h2session import H2Session
     >>> H2Session.__doc__.splitlines()[0]
     'Bridges one HTTP/2 client connection to one HTTP/2 upstream connection.'
 """
@@ -39,12 +39,12 @@ from h2.events import (
 from h2.exceptions import H2Error
 from h2.settings import SettingCodes
 
-from tls_proxy.decode import BodyDecoder
+from tls_proxy._decode import BodyDecoder
+from tls_proxy._hosts import canonical_host
+from tls_proxy._secrets import Scanner, SecretPolicy, StreamScanner, Substituter, Violation
+from tls_proxy._session import SessionLimits, SessionStats, blocked_body
+from tls_proxy._streams import Duplex
 from tls_proxy.errors import HttpError
-from tls_proxy.hosts import canonical_host
-from tls_proxy.secrets import Scanner, SecretPolicy, StreamScanner, Substituter, Violation
-from tls_proxy.session import SessionLimits, SessionStats, blocked_body
-from tls_proxy.streams import Duplex
 
 log = logging.getLogger("tls_proxy")
 

@@ -3,7 +3,7 @@
 Example::
 
     >>> import tempfile
-    >>> from tls_proxy.ca import CertificateAuthority
+    >>> from tls_proxy import CertificateAuthority
     >>> ca = CertificateAuthority.load_or_create(tempfile.mkdtemp())
     >>> ca.ca_pem.startswith(b"-----BEGIN CERTIFICATE-----")
     True

@@ -2,7 +2,7 @@
 
 Example::
 
-    >>> from tls_proxy.hosts import HostPattern, canonical_host
+    >>> from tls_proxy._hosts import HostPattern, canonical_host
     >>> HostPattern.parse("*.Example.com").matches("api.example.com")
     True
     >>> HostPattern.parse("*.example.com").matches("example.com")

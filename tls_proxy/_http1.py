@@ -6,7 +6,7 @@ all raise :class:`~tls_proxy.errors.HttpError` with a 4xx status.
 
 Example::
 
-    >>> from tls_proxy.http1 import parse_head, request_framing
+    >>> from tls_proxy._http1 import parse_head, request_framing
     >>> h = parse_head(b"POST /x HTTP/1.1\\r\\nHost: a\\r\\nContent-Length: 3\\r\\n\\r\\n", request=True)
     >>> h.method, h.target, h.get(b"host"), request_framing(h)
     (b'POST', b'/x', b'a', ('length', 3))
@@ -18,8 +18,8 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from tls_proxy._streams import BufferedReader
 from tls_proxy.errors import HttpError
-from tls_proxy.streams import BufferedReader
 
 MAX_HEAD = 65536
 MAX_HEADERS = 1024

@@ -6,7 +6,7 @@ A ClientHello split over several TLS records is reassembled.
 
 Example::
 
-    >>> from tls_proxy.sni import parse_client_hello
+    >>> from tls_proxy import parse_client_hello
     >>> parse_client_hello(b"\\x16\\x03\\x01")      # incomplete: read more bytes
     >>> parse_client_hello(b"GET / HTTP/1.1\\r\\n")
     Traceback (most recent call last):

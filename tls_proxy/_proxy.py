@@ -27,18 +27,18 @@ import ssl
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from tls_proxy._ca import CertificateAuthority
+from tls_proxy._h2session import H2Session
+from tls_proxy._hosts import HostList, canonical_host, validate_hostname
+from tls_proxy._http1 import parse_head
+from tls_proxy._secrets import Secret, SecretPolicy
+from tls_proxy._session import Http1Session, SessionLimits, SessionStats, error_response
+from tls_proxy._sni import MAX_HELLO, HelloLike, HelloParser, parse_client_hello
 from tls_proxy._sockopt import SO_ORIGINAL_DST as SO_ORIGINAL_DST
 from tls_proxy._sockopt import original_dst as original_dst
-from tls_proxy.ca import CertificateAuthority
+from tls_proxy._streams import BufferedReader, Duplex, TcpStream, TlsServerStream
+from tls_proxy._upstream import UpstreamTls
 from tls_proxy.errors import ClientHelloError, ConfigError, HttpError
-from tls_proxy.h2session import H2Session
-from tls_proxy.hosts import HostList, canonical_host, validate_hostname
-from tls_proxy.http1 import parse_head
-from tls_proxy.secrets import Secret, SecretPolicy
-from tls_proxy.session import Http1Session, SessionLimits, SessionStats, error_response
-from tls_proxy.sni import MAX_HELLO, HelloLike, HelloParser, parse_client_hello
-from tls_proxy.streams import BufferedReader, Duplex, TcpStream, TlsServerStream
-from tls_proxy.upstream import UpstreamTls
 
 log = logging.getLogger("tls_proxy")
 

@@ -15,7 +15,7 @@ so the client reads the answer instead of a connection reset.
 
 Example::
 
-    >>> from tls_proxy.session import blocked_body
+    >>> from tls_proxy._session import blocked_body
     >>> blocked_body("secret_policy_denied", "why")
     b'{"error": "secret_policy_denied", "message": "Request blocked by secret policy.", "reason": "why"}'
 """
@@ -29,10 +29,9 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field
 
-from tls_proxy.decode import BodyDecoder
-from tls_proxy.errors import HttpError
-from tls_proxy.hosts import canonical_host
-from tls_proxy.http1 import (
+from tls_proxy._decode import BodyDecoder
+from tls_proxy._hosts import canonical_host
+from tls_proxy._http1 import (
     Head,
     chunk,
     iter_chunked,
@@ -43,8 +42,9 @@ from tls_proxy.http1 import (
     response_framing,
     simple_response,
 )
-from tls_proxy.secrets import Scanner, SecretPolicy, StreamScanner, Substituter, Violation
-from tls_proxy.streams import BufferedReader, Duplex
+from tls_proxy._secrets import Scanner, SecretPolicy, StreamScanner, Substituter, Violation
+from tls_proxy._streams import BufferedReader, Duplex
+from tls_proxy.errors import HttpError
 
 log = logging.getLogger("tls_proxy")
 

@@ -2,7 +2,7 @@
 
 Example::
 
-    >>> from tls_proxy.upstream import UpstreamTls
+    >>> from tls_proxy._upstream import UpstreamTls
     >>> up = UpstreamTls(extra_ca_files=[], scoped_ca={}, no_verify=["*.insecure.test"])
     >>> up.context_for("a.insecure.test").verify_mode.name
     'CERT_NONE'
@@ -14,8 +14,8 @@ import os
 import ssl
 from collections.abc import Mapping, Sequence
 
+from tls_proxy._hosts import HostList, HostPattern
 from tls_proxy.errors import ConfigError
-from tls_proxy.hosts import HostList, HostPattern
 
 
 class UpstreamTls:
