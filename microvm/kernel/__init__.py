@@ -8,12 +8,12 @@ kernel's own Xen ``PHYS32_ENTRY`` note (found by scanning the payload).
 
 One job per module:
 
-* :mod:`microvm.kernel.store`: the kernel directory (:func:`fetch_kernel` under a file
+* :mod:`microvm.kernel._store`: the kernel directory (:func:`fetch_kernel` under a file
   lock, :func:`find_kernel`, :func:`ensure_kernel`, :class:`Kernel`);
-* :mod:`microvm.kernel.fetch`: the pinned sources (Debian's ``libkrunfw5`` with a private
+* :mod:`microvm.kernel._fetch`: the pinned sources (Debian's ``libkrunfw5`` with a private
   apt state, the PyPI ``microsandbox`` 0.7.11 wheel), verified against pinned sha256s;
-* :mod:`microvm.kernel.libkrunfw`: an installed ``libkrunfw.so.5`` and its payload (cffi);
-* :mod:`microvm.kernel.pvh`: the PVH ELF writer (and why we keep our own).
+* :mod:`microvm.kernel._libkrunfw`: an installed ``libkrunfw.so.5`` and its payload (cffi);
+* :mod:`microvm.kernel._pvh`: the PVH ELF writer (and why we keep our own).
 
 The command line is ``microvm kernel fetch|path`` (``python -m microvm.kernel`` runs the
 same commands).
@@ -24,10 +24,10 @@ same commands).
 'krunfw.elf'
 """
 
-from microvm.kernel.fetch import DEBIAN_PIN, WHEEL_PIN, DebianPin, WheelPin
-from microvm.kernel.libkrunfw import load_payload, system_library
-from microvm.kernel.pvh import KernelPayload, find_xen_note, pvh_elf_bytes
-from microvm.kernel.store import (
+from microvm.kernel._fetch import DEBIAN_PIN, WHEEL_PIN, DebianPin, WheelPin
+from microvm.kernel._libkrunfw import load_payload, system_library
+from microvm.kernel._pvh import KernelPayload, find_xen_note, pvh_elf_bytes
+from microvm.kernel._store import (
     Kernel,
     check_dest,
     default_kernel_dir,

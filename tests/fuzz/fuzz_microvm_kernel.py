@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from microvm.errors import KernelError  # noqa: E402
-from microvm.kernel.pvh import KernelPayload, find_xen_note, pvh_elf_bytes  # noqa: E402
+from microvm.kernel._pvh import KernelPayload, find_xen_note, pvh_elf_bytes  # noqa: E402
 
 NOTE = struct.pack("<III", 4, 8, 18) + b"Xen\x00" + struct.pack("<Q", 0x1000000)
 SEEDS = [
@@ -62,7 +62,7 @@ def main() -> None:
 
     import atheris
 
-    import microvm.kernel.pvh as kernel_mod
+    import microvm.kernel._pvh as kernel_mod
 
     # coverage feedback for the code under test
     kernel_mod.find_xen_note = atheris.instrument_func(kernel_mod.find_xen_note)

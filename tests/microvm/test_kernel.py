@@ -22,7 +22,7 @@ from microvm.kernel import (
     load_payload,
     pvh_elf_bytes,
 )
-from microvm.kernel.fetch import _install_lib
+from microvm.kernel._fetch import _install_lib
 
 
 def _note(value: int) -> bytes:

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from microvm.errors import KernelError
-from microvm.kernel.libkrunfw import LIB_NAME
+from microvm.kernel._libkrunfw import LIB_NAME
 from rootfs._fs import atomic_write
 
 __all__ = ["DEBIAN_PIN", "WHEEL_PIN", "DebianPin", "WheelPin", "fetch_debian", "fetch_wheel",

@@ -25,9 +25,9 @@ from pathlib import Path
 import filelock
 
 from microvm.errors import KernelError
-from microvm.kernel.fetch import fetch_debian, fetch_wheel, sha256_file
-from microvm.kernel.libkrunfw import LIB_NAME, SYSTEM_LIBS, load_payload, system_library
-from microvm.kernel.pvh import pvh_elf_bytes
+from microvm.kernel._fetch import fetch_debian, fetch_wheel, sha256_file
+from microvm.kernel._libkrunfw import LIB_NAME, SYSTEM_LIBS, load_payload, system_library
+from microvm.kernel._pvh import pvh_elf_bytes
 from rootfs._fs import atomic_write, microvm_home
 
 __all__ = ["ELF_NAME", "MANIFEST_NAME", "SOURCES", "Kernel", "check_dest",

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from microvm.errors import KernelError
-from microvm.kernel.pvh import KernelPayload
+from microvm.kernel._pvh import KernelPayload
 
 __all__ = ["LIB_NAME", "SYSTEM_LIBS", "load_payload", "system_library"]
 
