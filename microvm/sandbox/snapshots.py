@@ -566,15 +566,12 @@ async def restore(cls: type[AsyncSandbox], snapshot: str | os.PathLike[str], *, 
                                       **report.get("phases", {}), "reported": time.time()})
                 break
             except BootError as e:
-                # Known bug (issue 16): now and then, mostly under load, the restored
-                # guest's agent hangs in the kernel while re-addressing eth0 (the network
-                # half of core.reconfigure). One fresh attempt from the same snapshot.
                 # A disk-only snapshot boots cold: once more after a boot-time kernel
-                # panic, as create does.
-                again = _launch.boot_panicked(e) if disk_only else "core.reconfigure" in str(e)
-                if attempt == 2 or not again:
+                # panic, as create does. (A restore whose agent hung re-addressing eth0 -
+                # issue 16 - was tried once more too; the agent no longer takes eth0 down.)
+                if attempt == 2 or not (disk_only and _launch.boot_panicked(e)):
                     raise
-                log.warning("restore of %s as %s: %s; trying once more", info.name, name,
+                log.warning("restore of %s as %s: %s; booting once more", info.name, name,
                             str(e).splitlines()[0])
                 db.set_state(name, "created")
         ok = True

@@ -266,10 +266,10 @@ def test_fork_freezes_source_in_place(source: Sandbox, monkeypatch: pytest.Monke
 
 
 def test_pool_hands_out_and_refills(source: Sandbox, warm: str) -> None:
-    """The pool's own mechanics, from a snapshot of a sandbox without a network (a restore
-    with one can hit the known core.reconfigure hang, issue 16; the restore and fork tests
-    above cover networked restores). The module's ``warm`` snapshot is removed at the end
-    whatever happens (the CLI test below expects an empty snapshot list)."""
+    """The pool's own mechanics, from a snapshot of a sandbox without a network (the
+    restore and fork tests above cover networked restores). The module's ``warm``
+    snapshot is removed at the end whatever happens (the CLI test below expects an empty
+    snapshot list)."""
     from microvm import Pool
 
     psrc = Sandbox.create("psrc", image=busybox_image(rootfs.ImageStore()), memory=256,

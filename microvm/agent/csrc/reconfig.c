@@ -5,15 +5,26 @@
  * state every other restore of the same snapshot shares. The host sends
  *   {hostname?, network?, clock?: {realtime_ns}, entropy?: bytes}
  * and the agent, in this order: mixes `entropy` into the input pool (RNDADDENTROPY,
- * credited) and forces a CRNG reseed (RNDRESEEDCRNG); steps CLOCK_REALTIME; takes the
- * interface named by network.interface (default eth0) down (which drops its IPv6
- * addresses, routes and neighbour entries) and configures it as core.bootstrap does
- * (MAC, MTU, addresses, default route, /etc/hosts, /etc/resolv.conf, hostname).
+ * credited) and forces a CRNG reseed (RNDRESEEDCRNG); steps CLOCK_REALTIME; strips the
+ * interface named by network.interface (default eth0) of its addresses while it stays up
+ * (IPv4: setting 0.0.0.0 deletes the address, and with the last one the kernel flushes
+ * the routes through the interface and its ARP entries; IPv6: every address and the
+ * default routes) and configures it as core.bootstrap does (MAC, changed live: virtio-net
+ * allows it; MTU, addresses, default route, /etc/hosts, /etc/resolv.conf, hostname), plus
+ * the link-local address of the new MAC.
+ *
+ * Not taking the link down is deliberate: a restored guest's agent taking eth0 down
+ * (virtnet_close) now and then slept in the kernel for ever (issue 16: the vCPU idle,
+ * timer interrupts delivered, no answer to core.ping; with or without the MAC change),
+ * so the re-addressing avoids the close/open of the device altogether.
  * Answer: core.reconfigure.ack {applied: [names]} or core.error bootstrap_failed. */
 #define _GNU_SOURCE
+#include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -54,19 +65,87 @@ static int add_entropy(const uint8_t *p, size_t n, char *err, size_t errlen) {
     return rc;
 }
 
-static int if_down(const char *ifname, char *err, size_t errlen) {
+/* linux/ipv6.h, linux/ipv6_route.h (musl ships no kernel headers) */
+struct rc_in6_ifreq {
+    struct in6_addr addr;
+    uint32_t prefixlen;
+    int ifindex;
+};
+struct rc_in6_rtmsg {
+    struct in6_addr dst, src, gateway;
+    uint32_t type;
+    uint16_t dst_len, src_len;
+    uint32_t metric;
+    unsigned long info;
+    uint32_t flags;
+    int ifindex;
+};
+
+/* Every address of ifname goes, the link stays up (see the top of the file). */
+static int unaddress(const char *ifname, char *err, size_t errlen) {
     int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
     if (s < 0) { snprintf(err, errlen, "socket: %s", strerror(errno)); return -1; }
     struct ifreq ifr = {0};
     snprintf(ifr.ifr_name, IFNAMSIZ, "%s", ifname);
-    int rc = ioctl(s, SIOCGIFFLAGS, &ifr);
+    int rc = ioctl(s, SIOCGIFINDEX, &ifr);
+    int ifindex = ifr.ifr_ifindex;
     if (rc == 0) {
-        ifr.ifr_flags &= ~IFF_UP;
-        rc = ioctl(s, SIOCSIFFLAGS, &ifr);
+        memset(&ifr.ifr_addr, 0, sizeof ifr.ifr_addr);
+        ifr.ifr_addr.sa_family = AF_INET;   /* 0.0.0.0: delete */
+        rc = ioctl(s, SIOCSIFADDR, &ifr);
     }
-    if (rc < 0) snprintf(err, errlen, "taking %s down: %s", ifname, strerror(errno));
     close(s);
-    return rc;
+    if (rc < 0) { snprintf(err, errlen, "removing %s's IPv4 address: %s", ifname, strerror(errno)); return -1; }
+    FILE *f = fopen("/proc/net/if_inet6", "re");
+    if (!f) return 0;   /* no IPv6 */
+    int s6 = socket(AF_INET6, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s6 < 0) { fclose(f); return 0; }
+    char hex[40], name[IFNAMSIZ + 1];
+    unsigned idx, plen, scope, flags;
+    while (fscanf(f, "%32s %x %x %x %x %16s", hex, &idx, &plen, &scope, &flags, name) == 6) {
+        if (strcmp(name, ifname) != 0) continue;   /* link-local too: see add_link_local */
+        struct rc_in6_ifreq r6 = {.prefixlen = plen, .ifindex = (int)idx};
+        for (int i = 0; i < 16; i++) {
+            unsigned b;
+            if (sscanf(hex + 2 * i, "%2x", &b) != 1) b = 0;
+            r6.addr.s6_addr[i] = (uint8_t)b;
+        }
+        (void)ioctl(s6, SIOCDIFADDR, &r6);
+    }
+    fclose(f);
+    for (int i = 0; i < 8; i++) {   /* default routes (any gateway) */
+        struct rc_in6_rtmsg rt;
+        memset(&rt, 0, sizeof rt);
+        rt.metric = 1024;
+        rt.flags = RTF_UP;
+        rt.ifindex = ifindex;
+        if (ioctl(s6, SIOCDELRT, &rt) < 0) break;
+    }
+    close(s6);
+    return 0;
+}
+
+/* The link-local address of the new MAC (EUI-64), as taking the link up would make: the
+ * one unaddress() removed was derived from the snapshot's MAC, shared by every restore. */
+static void add_link_local(const char *ifname, const char *mac) {
+    unsigned m[6];
+    char tail;
+    if (!mac || sscanf(mac, "%2x:%2x:%2x:%2x:%2x:%2x%c", &m[0], &m[1], &m[2], &m[3], &m[4], &m[5], &tail) != 6)
+        return;
+    int s6 = socket(AF_INET6, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s6 < 0) return;
+    struct ifreq ifr = {0};
+    snprintf(ifr.ifr_name, IFNAMSIZ, "%s", ifname);
+    if (ioctl(s6, SIOCGIFINDEX, &ifr) == 0) {
+        struct rc_in6_ifreq r6 = {.prefixlen = 64, .ifindex = ifr.ifr_ifindex};
+        uint8_t *a = r6.addr.s6_addr;
+        a[0] = 0xfe; a[1] = 0x80;
+        a[8] = (uint8_t)(m[0] ^ 0x02); a[9] = (uint8_t)m[1]; a[10] = (uint8_t)m[2];
+        a[11] = 0xff; a[12] = 0xfe;
+        a[13] = (uint8_t)m[3]; a[14] = (uint8_t)m[4]; a[15] = (uint8_t)m[5];
+        (void)ioctl(s6, SIOCSIFADDR, &r6);
+    }
+    close(s6);
 }
 
 void on_reconfigure(struct agent *a, uint32_t id, int64_t p) {
@@ -114,9 +193,14 @@ void on_reconfigure(struct agent *a, uint32_t id, int64_t p) {
         if (rc < 0) snprintf(err, sizeof err, "clock_settime: %s", strerror(errno));
         else applied[napplied++] = "clock";
     }
-    if (rc == 0 && have_net && !a->host_mode) rc = if_down(ifname ? ifname : "eth0", err, sizeof err);
+    if (rc == 0 && have_net && !a->host_mode) rc = unaddress(ifname ? ifname : "eth0", err, sizeof err);
     if (rc == 0 && (have_net || hostname)) {
         rc = net_configure(a, have_net ? net : -1, hostname, err, sizeof err);
+        if (rc == 0 && have_net && !a->host_mode) {
+            char *mac = NULL;
+            if (cbor_get_str(d, net, "mac", &mac) == 0) add_link_local(ifname ? ifname : "eth0", mac);
+            free(mac);
+        }
         if (rc == 0 && have_net) applied[napplied++] = "network";
         if (rc == 0 && hostname) applied[napplied++] = "hostname";
     }
