@@ -31,10 +31,11 @@ Messages (``t``: payload), host -> guest unless marked "guest":
   snapshot or forked (any number of times, unlike the one-shot bootstrap). In order:
   ``entropy`` (16-512 host random bytes) is credited to the kernel's input pool
   (``RNDADDENTROPY``) and the CRNG reseeded (``RNDRESEEDCRNG``); ``CLOCK_REALTIME`` is
-  stepped to ``realtime_ns``; the interface (``network.interface``, default eth0) is
-  taken down (its IPv6 addresses, routes and neighbours go) and configured as in
-  ``core.bootstrap`` (MAC, MTU, addresses, routes, ``/etc/hosts``, ``resolv.conf``);
-  ``hostname`` is set. Host mode applies none of these.
+  stepped to ``realtime_ns``; the interface (``network.interface``, default eth0)
+  stays up and loses its addresses (IPv4: its routes and ARP entries go with it; every
+  IPv6 address and default route) and is configured as in ``core.bootstrap`` (MAC
+  changed live, MTU, addresses, routes, ``/etc/hosts``, ``resolv.conf``), plus the new
+  MAC's link-local address; ``hostname`` is set. Host mode applies none of these.
 * ``core.exec.request {cmd, args?, env? ({K: V} or ["K=V"]), cwd?, user? (name,
   uid or "uid:gid"), tty?, rows?, cols?, stdin? (false: /dev/null), rlimits?:
   [{resource, soft, hard}] (-1/null = unlimited), timeout_ms?}`` with
