@@ -1,10 +1,10 @@
 """The guest agent: static C PID 1 (``csrc/``) and its host-side client.
 
 One module per job: :mod:`~microvm.agent.protocol` (frames, CBOR, message types),
-:mod:`~microvm.agent.connection` (the channel: connect, ids, dispatch),
-:mod:`~microvm.agent.aclient` (:class:`AgentClient`: session requests),
-:mod:`~microvm.agent.exec` (processes), :mod:`~microvm.agent.fs` (files) and
-:mod:`~microvm.agent.sync` (the blocking twin, run on a :mod:`microvm._portal`).
+:mod:`~microvm.agent._connection` (the channel: connect, ids, dispatch),
+:mod:`~microvm.agent._aclient` (:class:`AgentClient`: session requests),
+:mod:`~microvm.agent._exec` (processes), :mod:`~microvm.agent._fs` (files) and
+:mod:`~microvm.agent._sync` (the blocking twin, run on a :mod:`microvm._portal`).
 
 Example::
 
@@ -19,9 +19,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from microvm.agent.aclient import AgentClient
-from microvm.agent.connection import AgentConnection
-from microvm.agent.exec import RLIMIT_NAMES, ExecProcess, build_exec_request
+from microvm.agent._aclient import AgentClient
+from microvm.agent._connection import AgentConnection
+from microvm.agent._exec import RLIMIT_NAMES, ExecProcess, build_exec_request
+from microvm.agent._sync import SyncAgentClient, SyncExecProcess
 from microvm.agent.protocol import (
     ExecEvent,
     ExecResult,
@@ -32,7 +33,6 @@ from microvm.agent.protocol import (
     ReadyInfo,
     encode_frame,
 )
-from microvm.agent.sync import SyncAgentClient, SyncExecProcess
 from microvm.errors import AgentError, ExecTimeout
 
 __all__ = [

@@ -154,7 +154,6 @@ def test_machine_twins() -> None:
 def test_twins_are_exported() -> None:
     import microvm
     import microvm.agent as agent
-    import microvm.agent.client as alias
     import microvm.sandbox as pkg
 
     for t in TWINS[:5]:
@@ -166,7 +165,6 @@ def test_twins_are_exported() -> None:
     for t in TWINS[5:]:
         for cls in (t.sync_cls, t.async_cls):
             assert getattr(agent, cls.__name__) is cls
-            assert getattr(alias, cls.__name__) is cls   # the old module path still works
 
 
 # -- the portal itself ------------------------------------------------------------------------------

@@ -44,8 +44,8 @@ from collections.abc import (
 from typing import Any, TypeVar
 
 from microvm._portal import Portal
-from microvm.agent.aclient import AgentClient
-from microvm.agent.exec import ExecProcess, Rlimits
+from microvm.agent._aclient import AgentClient
+from microvm.agent._exec import ExecProcess, Rlimits
 from microvm.agent.protocol import (
     PROTOCOL_VERSION,
     ExecEvent,

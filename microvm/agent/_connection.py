@@ -7,8 +7,8 @@ routes each frame to the queue of its request id, counts stdin credit for exec
 sessions, and turns a lost channel into :class:`AgentError` (kind
 ``connection_lost``) for every waiter. The raw frame tier (:meth:`allocate_id`,
 :meth:`send_frame`, :meth:`recv_frame`, :meth:`release_id`) is public for relays
-and protocol tests; the typed requests live in :mod:`microvm.agent.aclient`
-(session), :mod:`microvm.agent.exec` and :mod:`microvm.agent.fs`.
+and protocol tests; the typed requests live in :mod:`microvm.agent._aclient`
+(session), :mod:`microvm.agent._exec` and :mod:`microvm.agent._fs`.
 
 Example::
 

@@ -1,8 +1,8 @@
 """Guest file operations over the agent channel (``core.fs.request``).
 
-:class:`FsOps` adds the file API to :class:`~microvm.agent.connection.AgentConnection`:
+:class:`FsOps` adds the file API to :class:`~microvm.agent._connection.AgentConnection`:
 whole-file and streamed reads and writes (``core.fs.data`` chunks of at most
-:data:`~microvm.agent.connection.CHUNK`), listing, stat, mkdir, remove, rename and
+:data:`~microvm.agent._connection.CHUNK`), listing, stat, mkdir, remove, rename and
 copy. Guest paths are checked (:func:`check_path`) before anything is sent; a
 failed operation raises :class:`AgentError` (kind ``fs``) naming the op, the path
 and the guest's errno.
@@ -21,7 +21,7 @@ import os
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-from microvm.agent.connection import CHUNK, AgentConnection
+from microvm.agent._connection import CHUNK, AgentConnection
 from microvm.agent.protocol import (
     TERMINAL,
     FileStat,

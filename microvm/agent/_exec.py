@@ -6,7 +6,7 @@ anything is sent. :class:`ExecProcess` is one running process: it sends the
 request, routes its output events, writes stdin under flow control (at most
 :data:`STDIN_WINDOW` bytes unacknowledged), forwards resize and signals, and
 collects the result. :class:`ExecOps` adds ``exec``/``exec_stream`` to
-:class:`~microvm.agent.connection.AgentConnection`.
+:class:`~microvm.agent._connection.AgentConnection`.
 
 Example::
 
@@ -25,8 +25,8 @@ import signal as signal_mod
 from collections.abc import AsyncIterator, Generator, Iterable, Mapping
 from typing import Any, TypeAlias
 
-from microvm.agent.connection import CHUNK, AgentConnection
-from microvm.agent.fs import check_path
+from microvm.agent._connection import CHUNK, AgentConnection
+from microvm.agent._fs import check_path
 from microvm.agent.protocol import (
     SESSION_START,
     ExecEvent,

@@ -2,9 +2,9 @@
 
 The session requests live here (``core.hello``, ``core.bootstrap``,
 ``core.reconfigure``, ``core.ping``, ``core.metrics.request``, ``core.shutdown``);
-the channel is :class:`~microvm.agent.connection.AgentConnection`, processes are
-:class:`~microvm.agent.exec.ExecOps`, files :class:`~microvm.agent.fs.FsOps`. The
-blocking twin is :class:`~microvm.agent.sync.SyncAgentClient`.
+the channel is :class:`~microvm.agent._connection.AgentConnection`, processes are
+:class:`~microvm.agent._exec.ExecOps`, files :class:`~microvm.agent._fs.FsOps`. The
+blocking twin is :class:`~microvm.agent._sync.SyncAgentClient`.
 
 Example (the agent in host mode on a socketpair; a guest's is ``connect_unix``)::
 
@@ -35,8 +35,8 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any
 
-from microvm.agent.exec import ExecOps
-from microvm.agent.fs import FsOps
+from microvm.agent._exec import ExecOps
+from microvm.agent._fs import FsOps
 from microvm.agent.protocol import (
     PROTOCOL_VERSION,
     ReadyInfo,
