@@ -50,8 +50,7 @@ from typing import Any
 
 import dpkt
 
-from netstack import Classifier, Flow, NetworkPolicy, PinCache, Rule
-from netstack.frameinfo import build_frame
+from netstack import Classifier, Flow, NetworkPolicy, PinCache, Rule, build_frame
 from tests.netstack_fastpath._dns import build_response
 from tests.netstack_fastpath._tls import EXAMPLE_HELLO
 

@@ -16,8 +16,8 @@ are :mod:`netstack.gateway` ("hazmat": root or passt, namespaces, TAPs, nftables
 Never imports ``rootfs``, ``tls_proxy`` or ``microvm``.
 """
 
-from netstack.addresses import GROUPS, classify_group, normalize_ip, parse_network
-from netstack.classifier import (
+from netstack._addresses import GROUPS, classify_group, normalize_ip, parse_network
+from netstack._classifier import (
     Classifier,
     ClassifierStats,
     CompiledEvaluator,
@@ -25,8 +25,16 @@ from netstack.classifier import (
     RuleCounter,
     StreamResult,
 )
-from netstack.destination import Destination
-from netstack.dnsparse import DnsResponse, parse_dns_response
+from netstack._destination import Destination
+from netstack._dnsparse import DnsResponse, parse_dns_response
+from netstack._flow import Decision, Flow
+from netstack._frameinfo import FrameInfo, build_frame, parse_frame
+from netstack._hello import ClientHelloInfo, parse_client_hello
+from netstack._names import normalize_domain
+from netstack._pincache import PinCache
+from netstack._policy import PRESET_ALIASES, NetworkPolicy, allow_dns_rule, canonical_preset
+from netstack._rule import Rule, parse_port_range
+from netstack._verdict import Verdict
 from netstack.errors import (
     AddressPlanError,
     DnsForwarderError,
@@ -40,14 +48,6 @@ from netstack.errors import (
     PolicyError,
     UplinkError,
 )
-from netstack.flow import Decision, Flow
-from netstack.frameinfo import FrameInfo, parse_frame
-from netstack.hello import ClientHelloInfo, parse_client_hello
-from netstack.names import normalize_domain
-from netstack.pincache import PinCache
-from netstack.policy import PRESET_ALIASES, NetworkPolicy, allow_dns_rule, canonical_preset
-from netstack.rule import Rule, parse_port_range
-from netstack.verdict import Verdict
 
 __all__ = [
     "GROUPS",
@@ -80,6 +80,7 @@ __all__ = [
     "UplinkError",
     "Verdict",
     "allow_dns_rule",
+    "build_frame",
     "canonical_preset",
     "classify_group",
     "normalize_domain",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from netstack.addresses import AddressLike, IPAddress, normalize_ip
+from netstack._addresses import AddressLike, IPAddress, normalize_ip
 
 _V4_PREFIX = b"\x00" * 10 + b"\xff\xff"
 

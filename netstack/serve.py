@@ -48,6 +48,7 @@ from typing import IO, Any
 
 import click
 
+from netstack._policy import NetworkPolicy
 from netstack.errors import GatewayError, PolicyError, UplinkError
 from netstack.gateway import (
     SANDBOX_GUEST_MTU,
@@ -59,7 +60,6 @@ from netstack.gateway import (
     Uplink,
     allocate_slot,
 )
-from netstack.policy import NetworkPolicy
 
 log = logging.getLogger("netstack.serve")
 
@@ -360,7 +360,7 @@ def dns_query_frame(guest: dict[str, Any], name: str, txid: int = 0x4242) -> byt
     """
     import dns.message
 
-    from netstack.frameinfo import build_frame
+    from netstack._frameinfo import build_frame
 
     query = dns.message.make_query(name, "A")
     query.id = txid

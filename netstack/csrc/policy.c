@@ -1,7 +1,7 @@
 /*
  * policy.c - a NetworkPolicy compiled into first-match lookup tables.
  *
- * The result is exactly the reference evaluator's (netstack.policy.evaluate):
+ * The result is exactly the reference evaluator's (netstack._policy.evaluate):
  * the lowest-indexed rule whose direction, protocol, port and destination all
  * match, else the direction's default.  To avoid a linear scan over thousands
  * of rules the rules are split by destination kind:
@@ -357,7 +357,7 @@ fail:
     return NULL;
 }
 
-/* A canonical host name as netstack.names.normalize_domain accepts it:
+/* A canonical host name as netstack._names.normalize_domain accepts it:
  * 1..253 chars, labels of 1..63 chars from [a-z0-9_-], not starting or
  * ending with '-'.  Names failing this never take part in domain matching. */
 int ns_valid_hostname(const uint8_t *name, size_t len) {

@@ -72,12 +72,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
+from netstack._classifier import Classifier, RuleCounter
 from netstack._fastpath import ffi, lib
+from netstack._flow import Decision, Flow
+from netstack._frameinfo import parse_frame
 from netstack._ipbytes import ip16
-from netstack.classifier import Classifier, RuleCounter
+from netstack._pincache import PinCache
+from netstack._policy import NetworkPolicy
+from netstack._verdict import Verdict
 from netstack.errors import AddressPlanError, GatewayError, MalformedFrame, UplinkError
-from netstack.flow import Decision, Flow
-from netstack.frameinfo import parse_frame
 from netstack.gateway.addressing import AddressPlan
 from netstack.gateway.dns_forwarder import DnsForwarder, ForwarderThread, pin_cache_callback
 from netstack.gateway.pcap import PcapWriter
@@ -97,9 +100,6 @@ from netstack.gateway.uplink import (
     has_steering,
     missing_uplink_members,
 )
-from netstack.pincache import PinCache
-from netstack.policy import NetworkPolicy
-from netstack.verdict import Verdict
 
 log = logging.getLogger("netstack.gateway")
 

@@ -44,8 +44,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+from netstack._flow import Decision, Flow
 from netstack.errors import GatewayError
-from netstack.flow import Decision, Flow
 from netstack.gateway._portal import Portal
 
 log = logging.getLogger("netstack.gateway")

@@ -1,10 +1,10 @@
 """IP fragment builders for the fragment tests (classifier, gateway loop, fuzz seeds).
 
-``fragment4`` / ``fragment6`` cut a frame built by :func:`netstack.frameinfo.build_frame`
+``fragment4`` / ``fragment6`` cut a frame built by :func:`netstack._frameinfo.build_frame`
 into fragments the way a sending kernel does; ``frag4`` / ``frag6`` build one fragment
 from its parts (for crafted ones: no first fragment, overlapping, tiny).
 
->>> from netstack.frameinfo import build_frame
+>>> from netstack import build_frame
 >>> parts = fragment4(build_frame("10.0.2.15", "192.0.2.1", "udp", 1, 2, bytes(100)), [64])
 >>> [len(p) - 34 for p in parts]
 [64, 44]
@@ -66,7 +66,7 @@ def fragment4(frame: bytes, sizes: list[int], ident: int = 0x1234) -> list[bytes
     """Cut IPv4 ``frame``'s payload into fragments carrying ``sizes`` bytes (multiples
     of 8), then the rest.
 
-    >>> from netstack.frameinfo import build_frame
+    >>> from netstack import build_frame
     >>> len(fragment4(build_frame("10.0.2.15", "192.0.2.1", "udp", 1, 2, bytes(40)), [8, 16]))
     3
     """
@@ -86,7 +86,7 @@ def fragment6(frame: bytes, sizes: list[int], ident: int = 0x12345678) -> list[b
     """Cut IPv6 ``frame``'s payload (after the fixed header) into fragments carrying
     ``sizes`` bytes (multiples of 8), then the rest.
 
-    >>> from netstack.frameinfo import build_frame
+    >>> from netstack import build_frame
     >>> len(fragment6(build_frame("fd00::2", "2001:db8::1", "udp", 1, 2, bytes(40)), [16]))
     2
     """

@@ -16,8 +16,8 @@ from netstack import (
     PinCache,
     Rule,
     Verdict,
+    build_frame,
 )
-from netstack.frameinfo import build_frame
 from tests.netstack_fastpath._tls import EXAMPLE_HELLO
 
 from ._gen import random_policy

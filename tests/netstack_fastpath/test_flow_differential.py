@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import random
 
-from netstack import Classifier, Flow, PinCache, Verdict
-from netstack.frameinfo import build_frame
+from netstack import Classifier, Flow, PinCache, Verdict, build_frame
 
 from ._gen import ADDRESSES, NAMES, random_policy
 from ._tls import python_hello

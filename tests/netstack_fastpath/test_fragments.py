@@ -12,9 +12,8 @@ import struct
 
 import pytest
 
-from netstack import Classifier, FastPathError, NetworkPolicy, PinCache, Rule, Verdict
+from netstack import Classifier, FastPathError, NetworkPolicy, PinCache, Rule, Verdict, build_frame
 from netstack._fastpath import lib
-from netstack.frameinfo import build_frame
 
 from ._frags import frag4, frag6, fragment4, fragment6
 

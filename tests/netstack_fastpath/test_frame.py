@@ -9,8 +9,7 @@ import struct
 import dpkt
 import pytest
 
-from netstack import MalformedFrame, parse_frame
-from netstack.frameinfo import build_frame
+from netstack import MalformedFrame, build_frame, parse_frame
 
 ETH = b"\x02\x00\x00\x00\x00\x01\x02\x00\x00\x00\x00\x02"
 

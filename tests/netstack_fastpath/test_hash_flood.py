@@ -18,8 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from netstack import Classifier, NetworkPolicy, PinCache, Rule
-from netstack.frameinfo import build_frame
+from netstack import Classifier, NetworkPolicy, PinCache, Rule, build_frame
 
 HERE = Path(__file__).resolve().parent
 CSRC = HERE.parent.parent / "netstack" / "csrc"

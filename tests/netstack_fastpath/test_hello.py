@@ -6,8 +6,15 @@ import random
 
 import pytest
 
-from netstack import Classifier, MalformedHello, NetworkPolicy, Rule, Verdict, parse_client_hello
-from netstack.frameinfo import build_frame
+from netstack import (
+    Classifier,
+    MalformedHello,
+    NetworkPolicy,
+    Rule,
+    Verdict,
+    build_frame,
+    parse_client_hello,
+)
 from tests.support import require_binaries
 
 from ._tls import add_extension, handshake_bytes, openssl_hello, python_hello, records

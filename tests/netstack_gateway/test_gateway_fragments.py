@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from netstack import NetworkPolicy
-from netstack.frameinfo import build_frame
+from netstack import NetworkPolicy, build_frame
 from netstack.gateway import AddressPlan, Gateway, TapUplink
 from tests.netstack_fastpath._frags import frag4, frag6, fragment4, fragment6
 from tests.netstack_gateway.test_gateway_loop import GUEST, REMOTE, loop

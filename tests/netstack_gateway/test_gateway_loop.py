@@ -18,9 +18,8 @@ from typing import Any
 
 import pytest
 
-from netstack import Classifier, NetworkPolicy, PinCache, Rule
+from netstack import Classifier, NetworkPolicy, PinCache, Rule, build_frame
 from netstack._fastpath import ffi, lib
-from netstack.frameinfo import build_frame
 from tests.netstack_fastpath._tls import python_hello
 
 GUEST, REMOTE, GW = "172.16.0.2", "198.51.100.10", "172.16.0.1"

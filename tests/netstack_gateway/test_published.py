@@ -15,9 +15,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from netstack import NetworkPolicy, Rule
+from netstack import Decision, Flow, NetworkPolicy, Rule
 from netstack.errors import GatewayError
-from netstack.flow import Decision, Flow
 from netstack.gateway.published import STAT_KEYS, PortPublisher, PublishedPort
 
 pytestmark = pytest.mark.timeout(60)

@@ -17,8 +17,7 @@ from typing import Any
 
 import pytest
 
-from netstack import NetworkPolicy, Rule
-from netstack.frameinfo import build_frame, parse_frame
+from netstack import NetworkPolicy, Rule, build_frame, parse_frame
 from netstack.gateway import AddressPlan, Gateway
 from netstack.gateway.steering import TLS_POOL, SteerClaim
 from tests.netstack_gateway.test_gateway_loop import _sum, checksums_ok

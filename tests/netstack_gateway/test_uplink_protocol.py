@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from netstack import NetworkPolicy
+from netstack import NetworkPolicy, build_frame
 from netstack.errors import GatewayError
-from netstack.frameinfo import build_frame
 from netstack.gateway import (
     SANDBOX_GUEST_MTU,
     AddressPlan,

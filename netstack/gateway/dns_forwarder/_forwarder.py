@@ -35,8 +35,8 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
+from netstack._flow import Decision, Flow
 from netstack.errors import DnsForwarderError
-from netstack.flow import Decision, Flow
 from netstack.gateway.dns_forwarder._listeners import Listeners
 from netstack.gateway.dns_forwarder._upstream import Upstream, resolv_conf_upstreams
 

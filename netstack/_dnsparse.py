@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from netstack._addresses import IPAddress
 from netstack._fastpath import ffi, lib
 from netstack._ipbytes import from16
-from netstack.addresses import IPAddress
 from netstack.errors import MalformedDNS
 
 

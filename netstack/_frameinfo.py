@@ -2,8 +2,7 @@
 
 The packet loop never calls this; it is the same parser the batch API uses.
 
->>> from netstack import parse_frame
->>> from netstack.frameinfo import build_frame
+>>> from netstack import build_frame, parse_frame
 >>> info = parse_frame(build_frame("10.0.0.2", "192.0.2.7", "tcp", 40000, 443, flags=0x02))
 >>> info.protocol, str(info.dst), info.dport, info.tcp_flags
 ('tcp', '192.0.2.7', 443, 2)
@@ -15,9 +14,9 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
+from netstack._addresses import AddressLike, IPAddress, normalize_ip
 from netstack._fastpath import ffi, lib
 from netstack._ipbytes import from16
-from netstack.addresses import AddressLike, IPAddress, normalize_ip
 from netstack.errors import MalformedFrame
 
 _PROTO = {1: "tcp", 2: "udp", 4: "icmpv4", 8: "icmpv6"}
@@ -88,10 +87,15 @@ def parse_frame(frame: bytes | bytearray | memoryview) -> FrameInfo:
 def build_frame(src: AddressLike, dst: AddressLike, protocol: str, sport: int = 0,
                 dport: int = 0, payload: bytes = b"", *, flags: int = 0x18, seq: int = 1000,
                 icmp_type: int = 8) -> bytes:
-    """Build an Ethernet frame (test and benchmark helper; checksums left zero).
+    """Build an Ethernet frame (test, tool and benchmark helper; checksums left zero).
 
+    >>> from netstack import build_frame
     >>> len(build_frame("10.0.0.2", "10.0.0.1", "udp", 5000, 53, b"x"))
     43
+    >>> build_frame("10.0.0.2", "10.0.0.1", "sctp")
+    Traceback (most recent call last):
+    ...
+    netstack.errors.MalformedFrame: protocol must be tcp, udp, icmpv4 or icmpv6, got 'sctp'
     """
     s, d = normalize_ip(src), normalize_ip(dst)
     v6 = isinstance(s, ipaddress.IPv6Address)
@@ -105,7 +109,7 @@ def build_frame(src: AddressLike, dst: AddressLike, protocol: str, sport: int = 
         l4 = struct.pack("!BBHHH", icmp_type, 0, 0, 1, 1) + payload
         proto = 1 if protocol == "icmpv4" else 58
     else:
-        raise ValueError(f"protocol must be tcp, udp, icmpv4 or icmpv6, got {protocol!r}")
+        raise MalformedFrame(f"protocol must be tcp, udp, icmpv4 or icmpv6, got {protocol!r}")
     eth = b"\x02\x00\x00\x00\x00\x01" + b"\x02\x00\x00\x00\x00\x02"
     if v6:
         ip = struct.pack("!IHBB", 6 << 28, len(l4), proto, 64) + s.packed + d.packed

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final, Literal, cast
 
-from netstack.destination import Destination
+from netstack._destination import Destination
 from netstack.errors import PolicyError
 
 Action = Literal["allow", "deny"]

@@ -39,11 +39,11 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
+from netstack._addresses import AddressLike, normalize_ip
 from netstack._fastpath import ffi, lib
 from netstack._ipbytes import ip16
-from netstack.addresses import AddressLike, normalize_ip
+from netstack._names import normalize_domain
 from netstack.errors import FastPathError, MalformedDNS
-from netstack.names import normalize_domain
 
 
 class PinCache:

@@ -6,7 +6,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from netstack.addresses import (
+from netstack._addresses import (
     GROUP_ALIASES,
     AddressLike,
     IPNetwork,
@@ -14,8 +14,8 @@ from netstack.addresses import (
     normalize_ip,
     parse_network,
 )
+from netstack._names import normalize_domain
 from netstack.errors import PolicyError
-from netstack.names import normalize_domain
 
 DestinationKind = Literal["any", "cidr", "domain", "domain_suffix", "group"]
 

@@ -6,10 +6,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from netstack.addresses import AddressLike, IPAddress, normalize_gateway, normalize_ip
+from netstack._addresses import AddressLike, IPAddress, normalize_gateway, normalize_ip
+from netstack._names import normalize_domain, try_normalize_domain
+from netstack._rule import Action, parse_protocol
 from netstack.errors import PolicyError
-from netstack.names import normalize_domain, try_normalize_domain
-from netstack.rule import Action, parse_protocol
 
 FlowDirection = Literal["egress", "ingress"]
 

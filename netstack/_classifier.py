@@ -49,7 +49,7 @@ The decision for a flow equals ``policy.evaluate(Flow(...))`` (action and
 rule index); :meth:`evaluate` exposes the C evaluator directly for that check.
 
 >>> from netstack import Classifier, NetworkPolicy, Rule, Verdict
->>> from netstack.frameinfo import build_frame
+>>> from netstack import build_frame
 >>> policy = NetworkPolicy.custom(rules=[Rule.allow(destination="192.0.2.0/24", protocol="tcp")])
 >>> c = Classifier(policy, gateway=["10.0.2.2"])
 >>> syn = build_frame("10.0.2.15", "192.0.2.7", "tcp", 40000, 80, flags=0x02)
@@ -67,14 +67,14 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal
 
+from netstack._addresses import GROUPS, AddressLike, normalize_gateway
 from netstack._fastpath import ffi, lib
+from netstack._flow import Flow
 from netstack._ipbytes import ip16
-from netstack.addresses import GROUPS, AddressLike, normalize_gateway
+from netstack._names import normalize_domain
+from netstack._pincache import PinCache
+from netstack._policy import NetworkPolicy
 from netstack.errors import FastPathError, PolicyError
-from netstack.flow import Flow
-from netstack.names import normalize_domain
-from netstack.pincache import PinCache
-from netstack.policy import NetworkPolicy
 
 Buffer = bytes | bytearray | memoryview
 Direction = Literal["egress", "ingress"]
@@ -432,7 +432,7 @@ class Classifier:
         may be a reusable bytearray for the verdicts (grown as needed).
 
         >>> from netstack import NetworkPolicy
-        >>> from netstack.frameinfo import build_frame
+        >>> from netstack import build_frame
         >>> f = build_frame("10.0.2.15", "192.0.2.1", "udp", 5000, 53)
         >>> r = Classifier(NetworkPolicy.none()).classify_stream(len(f).to_bytes(4, "big") + f + b"\\0\\0")
         >>> r.verdicts, r.consumed

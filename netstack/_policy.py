@@ -24,12 +24,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from netstack.addresses import AddressLike, IPAddress, classify_group, normalize_gateway
-from netstack.destination import Destination
+from netstack._addresses import AddressLike, IPAddress, classify_group, normalize_gateway
+from netstack._destination import Destination
+from netstack._flow import Decision, Flow
+from netstack._names import suffix_matches, try_normalize_domain
+from netstack._rule import Action, Rule, parse_action, parse_protocol
 from netstack.errors import PolicyError
-from netstack.flow import Decision, Flow
-from netstack.names import suffix_matches, try_normalize_domain
-from netstack.rule import Action, Rule, parse_action, parse_protocol
 
 #: Canonical preset name for every accepted alias (the seed's table).
 PRESET_ALIASES: Final[dict[str, str]] = {
