@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from microvm.backends._console import ConsoleSink
 from microvm.backends.base import (
     Disk,
     ProcessGroup,
@@ -30,7 +31,6 @@ from microvm.backends.base import (
     prepare_rundir,
     wait_for_path,
 )
-from microvm.backends.console import ConsoleSink
 from microvm.backends.qmp import QmpClient
 from microvm.errors import BackendUnavailable, BootError
 
