@@ -112,6 +112,9 @@ class Pool:
                 sb.stop()
                 Sandbox.remove(base)
         self.snapshot = snap
+        from microvm.sandbox import zygote
+
+        zygote.prestart()   # the refills' supervisors fork from a warm zygote
         self._thread = threading.Thread(target=self._refill, name=f"microvm-pool-{name}",
                                         daemon=True)
         self._thread.start()

@@ -111,6 +111,7 @@ class _Zygote:
 
 _LOCK = threading.Lock()
 _ZYGOTE: _Zygote | None = None
+_SPAWNS = 0   # starts this process made without a ready zygote
 
 
 def _key(env: Any) -> tuple[str, ...]:
@@ -165,17 +166,23 @@ def spawn(argv: list[str], *, stdin: int, stdout: int, stderr: int,
           env: dict[str, str] | None = None) -> int | None:
     """Fork a supervisor from the warm zygote: ``python -m microvm.sandbox.supervisor
     *argv`` with those fds as 0/1/2, in a new session. Returns its pid, or None when the
-    zygote is not ready yet (starting it: the caller spawns the usual way this time).
+    zygote is not ready yet: the caller spawns the usual way this time, and the zygote is
+    started (from a process's second start on, or at once after :func:`prestart`).
 
     Example::
 
         pid = spawn(["/root/.microvm/sandboxes/web"], stdin=r, stdout=w, stderr=2)
     """
+    global _SPAWNS
     z = _ZYGOTE
     env = dict(os.environ if env is None else env)
     if z is None or z.dead or not z.ready.is_set() or z.key != _key(env) \
             or z.proc.poll() is not None:
-        prestart()
+        # a process's first start never pays for a zygote (the CLI starts one sandbox
+        # and exits); from the second on, one is warmed for the next
+        _SPAWNS += 1
+        if _SPAWNS > 1 or z is not None:
+            prestart()
         return None
     pid = z.spawn(list(argv), (stdin, stdout, stderr), env)
     if pid is None:
