@@ -410,7 +410,7 @@ def run_command(
         run_command(Path("rootfs"), ["/bin/echo", "hi"])
     """
     from microvm.agent import agent_binary
-    from microvm.backends.rundir import owned_tempdir, remove_owned, sweep_stale
+    from microvm.backends._rundir import owned_tempdir, remove_owned, sweep_stale
     from microvm.guestdisk import build_ext4
     from microvm.machine import Machine
 

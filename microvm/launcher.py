@@ -25,8 +25,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from microvm.backends.console import ConsoleSink
-from microvm.backends.libkrun import COMPAT_NET_FEATURES, Libkrun
+from microvm.backends._console import ConsoleSink
+from microvm.backends._libkrun import COMPAT_NET_FEATURES, Libkrun
 from microvm.errors import MicrovmError
 
 __all__ = ["SETUP_FAILED", "AgentBridge", "build_context", "main"]

@@ -47,7 +47,7 @@ def get_backend(name: str) -> Backend:
     if name == "qemu":
         return QemuBackend()
     if name == "libkrun":
-        from microvm.backends.libkrun import LibkrunBackend
+        from microvm.backends._libkrun import LibkrunBackend
 
         return LibkrunBackend()
     raise BackendUnavailable(f"unknown backend {name!r}: use 'qemu' or 'libkrun'")

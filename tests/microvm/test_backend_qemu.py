@@ -228,7 +228,7 @@ def test_console_log_is_capped(kernel: Kernel, init_disk: Path, tmp_path: Path) 
 def test_console_sink_unit(tmp_path: Path) -> None:
     import socket
 
-    from microvm.backends.console import ConsoleSink
+    from microvm.backends._console import ConsoleSink
 
     sink = ConsoleSink(tmp_path / "c.sock", tmp_path / "c.log", limit=8192)
     c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from microvm.backends.rundir import OWNER_FILE, owned_tempdir, owner_alive, sweep_stale
+from microvm.backends._rundir import OWNER_FILE, owned_tempdir, owner_alive, sweep_stale
 from tests.support import require_binaries
 
 pytestmark = pytest.mark.vm

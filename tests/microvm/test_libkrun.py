@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from microvm.backends import Disk, Share, VmSpec, console_tail, kvm_usable
-from microvm.backends.libkrun import COMPAT_NET_FEATURES, KrunError, Libkrun, LibkrunBackend
+from microvm.backends._libkrun import COMPAT_NET_FEATURES, KrunError, Libkrun, LibkrunBackend
 from microvm.errors import BackendUnavailable
 
 

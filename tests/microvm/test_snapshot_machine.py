@@ -186,7 +186,7 @@ def test_pause_resume(source: Machine) -> None:
 
 
 def test_libkrun_has_no_snapshots(tmp_path: Path) -> None:
-    from microvm.backends.libkrun import LibkrunBackend
+    from microvm.backends._libkrun import LibkrunBackend
 
     with pytest.raises(BackendUnavailable, match="snapshots need the QEMU backend"):
         Machine(LibkrunBackend(), kernel=tmp_path / "k", disks=[tmp_path / "d"], snapshots=True)

@@ -9,7 +9,7 @@ exist, or now belongs to a different process).
 
 Example::
 
-    from microvm.backends.rundir import owned_tempdir, remove_owned, sweep_stale
+    from microvm.backends._rundir import owned_tempdir, remove_owned, sweep_stale
     sweep_stale()                       # leftovers of dead processes
     d = owned_tempdir("microvm-run-")
     try:

@@ -7,7 +7,7 @@ with ``MICROVM_LIBKRUN``.
 
 Example::
 
-    from microvm.backends.libkrun import Libkrun
+    from microvm.backends._libkrun import Libkrun
     krun = Libkrun.open()                 # BackendUnavailable without libkrun
     krun.has_feature("blk"), krun.has_symbol("krun_add_virtiofs")
 """
@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from microvm.backends._console import ConsoleSink
 from microvm.backends.base import (
     ProcessGroup,
     SpawnedVm,
@@ -28,7 +29,6 @@ from microvm.backends.base import (
     kvm_usable,
     prepare_rundir,
 )
-from microvm.backends.console import ConsoleSink
 from microvm.errors import BackendUnavailable, MicrovmError
 
 __all__ = [
