@@ -5,7 +5,7 @@
   the custom resource ``microvm`` (one unit per sandbox slot), with ``acquire`` /
   ``release`` and ``map`` (per-item timeouts, retries on another sandbox, dead sandboxes
   and nodes replaced, no duplicate results);
-* ``microvm fleet node --slots N [--address HEAD]`` (:mod:`microvm.fleet.node`): checks
+* ``microvm fleet node --slots N [--address HEAD]`` (:mod:`microvm.fleet._node`): checks
   this machine can run sandboxes, then ``ray start --resources '{"microvm": N}'``.
 
 ``import microvm`` never imports Ray, nor does ``import microvm.fleet``: the names below
@@ -34,13 +34,13 @@ from microvm.fleet.errors import (
 )
 
 if TYPE_CHECKING:
-    from microvm.fleet.actor import SandboxActor, SealedSecrets
-    from microvm.fleet.pool import MapResult, PooledSandbox, RaySandboxPool
+    from microvm.fleet._actor import SandboxActor, SealedSecrets
+    from microvm.fleet._pool import MapResult, PooledSandbox, RaySandboxPool
 
 #: public name -> submodule; these import Ray
 _EXPORTS = {
-    "SandboxActor": "actor", "SealedSecrets": "actor",
-    "MapResult": "pool", "PooledSandbox": "pool", "RaySandboxPool": "pool",
+    "SandboxActor": "_actor", "SealedSecrets": "_actor",
+    "MapResult": "_pool", "PooledSandbox": "_pool", "RaySandboxPool": "_pool",
 }
 
 

@@ -199,7 +199,7 @@ def _on_every_sandbox(pool: Any, script: str) -> list[tuple[str, str, Any]]:
 
 # -- errors that need no boot ----------------------------------------------------------------
 def test_import_microvm_never_imports_ray() -> None:
-    code = ("import sys, microvm, microvm.fleet, microvm.fleet.node, microvm.cli; "
+    code = ("import sys, microvm, microvm.fleet, microvm.fleet._node, microvm.cli; "
             "print('ray' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                        text=True, timeout=120)
@@ -408,7 +408,7 @@ def test_close_leaves_nothing_on_either_node(pool: Any, cluster: Cluster) -> Non
     names = {s.name for s in pool._slots.values()}
     pool.close()
     from microvm import Sandbox
-    from microvm.fleet.node import sweep_home
+    from microvm.fleet._node import sweep_home
 
     assert owned_processes(cluster.homes["head"]) == []
     assert owned_processes(cluster.homes["second"]) == []

@@ -1,6 +1,6 @@
 """Node set-up for a fleet: check this machine can run sandboxes, then join Ray.
 
-``microvm fleet node --slots N [--address HEAD]`` (:mod:`microvm.fleet.cli`) runs
+``microvm fleet node --slots N [--address HEAD]`` (:mod:`microvm.fleet._cli`) runs
 :func:`node_problems` (Ray installed, then ``microvm doctor``'s checks: QEMU, the
 accelerator, a guest kernel, the guest agent, ``$MICROVM_HOME``, and for networked
 sandboxes the TAP uplink's ``/dev/net/tun`` plus root or CAP_NET_ADMIN); the first
@@ -13,7 +13,7 @@ own tasks. Nothing here imports Ray.
 
 Example::
 
-    from microvm.fleet.node import node_problems, ray_start_argv
+    from microvm.fleet._node import node_problems, ray_start_argv
     assert node_problems(network=False) == []
     print(ray_start_argv(4, address="10.0.0.1:6379"))
 """
@@ -33,7 +33,7 @@ from microvm.fleet.errors import INSTALL_HINT, FleetConfigError, NodeRefused
 
 __all__ = ["check_node", "join", "node_problems", "ray_start_argv", "sweep_home"]
 
-#: the label every fleet sandbox carries (same as ``microvm.fleet.actor.POOL_LABEL``)
+#: the label every fleet sandbox carries (same as ``microvm.fleet._actor.POOL_LABEL``)
 POOL_LABEL = "microvm.fleet.pool"
 
 

@@ -40,7 +40,7 @@ def check(no_network: bool) -> None:
 
         microvm fleet check
     """
-    from microvm.fleet.node import check_node
+    from microvm.fleet._node import check_node
 
     check_node(network=not no_network)
     click.echo("ok: this node can run sandboxes")
@@ -72,7 +72,7 @@ def node(slots: int, address: str | None, num_cpus: int | None, port: int | None
 
         microvm fleet node --slots 2 --address 10.0.0.1:6379 -- --block
     """
-    from microvm.fleet.node import join
+    from microvm.fleet._node import join
 
     return join(slots, address=address, network=not no_network, num_cpus=num_cpus,
                 port=port, node_ip_address=node_ip_address, object_store_bytes=object_store,

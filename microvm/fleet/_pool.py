@@ -47,8 +47,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from microvm.fleet._actor import POOL_LABEL, SandboxActor, SealedSecrets
 from microvm.fleet._ray import require_ray
-from microvm.fleet.actor import POOL_LABEL, SandboxActor, SealedSecrets
 from microvm.fleet.errors import FleetConfigError, FleetError, ItemFailed
 
 if TYPE_CHECKING:
@@ -227,7 +227,7 @@ class RaySandboxPool:
         address: str | None = None,
         wait: bool = True,
     ) -> None:
-        from microvm.fleet.actor import secret_dicts
+        from microvm.fleet._actor import secret_dicts
         from microvm.sandbox.config import SandboxConfig, validate_name
 
         if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 4096:
@@ -745,7 +745,7 @@ class RaySandboxPool:
 
 
 def _sweep(pool_id: str) -> list[str]:
-    from microvm.fleet.node import sweep_home
+    from microvm.fleet._node import sweep_home
 
     return sweep_home(pool_id=pool_id)
 
