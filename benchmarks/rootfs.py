@@ -30,7 +30,7 @@ import pytest
 import rootfs
 from benchmarks._rootfs_image import bench_layers
 from rootfs import Patch
-from rootfs.disks import build_ext4, ext4_size_for
+from rootfs._disks import build_ext4, ext4_size_for
 from tests.rootfs._registry import Registry, policy_file
 
 REPO = "bench/app"

@@ -4,13 +4,16 @@ Pull (registry v2, token/basic auth, custom CAs), a content-addressed store,
 safe layer unpacking, rootfs patches, and the disks a microVM boots from.
 Never imports ``netstack``, ``tls_proxy`` or ``microvm``.
 
-Modules, one job each: ``store`` (the :class:`ImageStore` facade) over ``_blobs``
-(blobs and tags), ``_pull`` (registry pulls; HTTP in ``registry``), ``layout`` (OCI
-layouts and docker archives, against the ``BlobStore`` protocol), ``_prepare`` (trees,
-image disks, prepared roots), ``_prune`` (garbage collection); ``image`` (the OCI model,
-platform choice), ``unpack`` (our layer extractor, the default ``Unpacker``) and
-``umoci`` (the reference one), ``patches``, ``disks``, ``build``; the seams
-(``RootProvider``, ``BlobStore``, ``Unpacker``) in ``protocols``.
+Public: this package's exports, ``rootfs.errors``, the seams in ``rootfs.protocols``
+(``RootProvider``, ``BlobStore``, ``Unpacker``), ``rootfs.cli`` (the ``rootfs`` command)
+and ``python -m rootfs``. Everything else is private, one job per module: ``_store``
+(the :class:`ImageStore` facade) over ``_blobs`` (blobs and tags), ``_pull`` (registry
+pulls; HTTP in ``_registry``/``_registry_http``), ``_layout`` (OCI layouts and docker
+archives, against the ``BlobStore`` protocol), ``_prepare`` (trees, image disks,
+prepared roots), ``_prune`` (garbage collection); ``_image`` (the OCI model, platform
+choice), ``_reference``, ``_unpack`` (our layer extractor, the default ``Unpacker``) and
+``_umoci`` (the reference one), ``_patches``, ``_disks``, ``_build``, ``_walk``;
+``_fs`` (the one atomic write, locks, ``microvm_home``, also exported for microvm).
 
 Example::
 
@@ -37,47 +40,52 @@ from rootfs.errors import (
     UnsafeLayerError,
 )
 
-# Everything but the errors is imported on first use: ``rootfs._fs`` (what microvm's
-# supervisor and CLI need) stays cheap. Type checkers see the real names.
+# Everything but the errors is imported on first use: ``import rootfs`` and the ``_fs``
+# helpers (what microvm's supervisor and CLI need) stay cheap. Type checkers see the
+# real names.
 if TYPE_CHECKING:
-    from rootfs.build import build_image, image_from_layers
-    from rootfs.disks import PreparedRoot, prepare_bind_root, prepare_disk_root
-    from rootfs.image import Descriptor, Image
-    from rootfs.layout import load_archive, write_oci_layout
-    from rootfs.patches import Patch, apply_patches
+    from rootfs._build import build_image, image_from_layers
+    from rootfs._disks import PreparedRoot, prepare_bind_root, prepare_disk_root
+    from rootfs._fs import atomic_write, microvm_home, process_start_time
+    from rootfs._image import Descriptor, Image
+    from rootfs._layout import load_archive, write_oci_layout
+    from rootfs._patches import Patch, apply_patches
+    from rootfs._reference import Reference, parse_reference
+    from rootfs._registry import RegistryAuth, RegistryClient
+    from rootfs._store import ImageStore, PruneResult
+    from rootfs._umoci import UmociUnpacker
+    from rootfs._unpack import NativeUnpacker, UnpackLimits, UnpackState, apply_layer
     from rootfs.protocols import BlobStore, RootProvider, Unpacker
-    from rootfs.reference import Reference, parse_reference
-    from rootfs.registry import RegistryAuth, RegistryClient
-    from rootfs.store import ImageStore, PruneResult
-    from rootfs.umoci import UmociUnpacker
-    from rootfs.unpack import NativeUnpacker, UnpackLimits, UnpackState, apply_layer
 
 _LAZY = {
-    "build_image": "rootfs.build",
-    "image_from_layers": "rootfs.build",
-    "PreparedRoot": "rootfs.disks",
-    "prepare_bind_root": "rootfs.disks",
-    "prepare_disk_root": "rootfs.disks",
-    "Descriptor": "rootfs.image",
-    "Image": "rootfs.image",
-    "load_archive": "rootfs.layout",
-    "write_oci_layout": "rootfs.layout",
-    "Patch": "rootfs.patches",
-    "apply_patches": "rootfs.patches",
+    "build_image": "rootfs._build",
+    "image_from_layers": "rootfs._build",
+    "PreparedRoot": "rootfs._disks",
+    "prepare_bind_root": "rootfs._disks",
+    "prepare_disk_root": "rootfs._disks",
+    "atomic_write": "rootfs._fs",
+    "microvm_home": "rootfs._fs",
+    "process_start_time": "rootfs._fs",
+    "Descriptor": "rootfs._image",
+    "Image": "rootfs._image",
+    "load_archive": "rootfs._layout",
+    "write_oci_layout": "rootfs._layout",
+    "Patch": "rootfs._patches",
+    "apply_patches": "rootfs._patches",
     "RootProvider": "rootfs.protocols",
     "BlobStore": "rootfs.protocols",
     "Unpacker": "rootfs.protocols",
-    "Reference": "rootfs.reference",
-    "parse_reference": "rootfs.reference",
-    "RegistryAuth": "rootfs.registry",
-    "RegistryClient": "rootfs.registry",
-    "ImageStore": "rootfs.store",
-    "PruneResult": "rootfs.store",
-    "UmociUnpacker": "rootfs.umoci",
-    "NativeUnpacker": "rootfs.unpack",
-    "UnpackLimits": "rootfs.unpack",
-    "UnpackState": "rootfs.unpack",
-    "apply_layer": "rootfs.unpack",
+    "Reference": "rootfs._reference",
+    "parse_reference": "rootfs._reference",
+    "RegistryAuth": "rootfs._registry",
+    "RegistryClient": "rootfs._registry",
+    "ImageStore": "rootfs._store",
+    "PruneResult": "rootfs._store",
+    "UmociUnpacker": "rootfs._umoci",
+    "NativeUnpacker": "rootfs._unpack",
+    "UnpackLimits": "rootfs._unpack",
+    "UnpackState": "rootfs._unpack",
+    "apply_layer": "rootfs._unpack",
 }
 
 
@@ -121,11 +129,14 @@ __all__ = [
     "UnsafeLayerError",
     "apply_layer",
     "apply_patches",
+    "atomic_write",
     "build_image",
     "image_from_layers",
     "load_archive",
+    "microvm_home",
     "parse_reference",
     "prepare_bind_root",
     "prepare_disk_root",
+    "process_start_time",
     "write_oci_layout",
 ]

@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from rootfs._fs import atomic_replace, atomic_write
+from rootfs._image import Image, parse_config, parse_json, parse_manifest
+from rootfs._reference import Reference, parse_reference, validate_digest
 from rootfs.errors import DigestError, ImageFormatError, ImageNotFoundError, RootfsError
-from rootfs.image import Image, parse_config, parse_json, parse_manifest
-from rootfs.reference import Reference, parse_reference, validate_digest
 
 _CHUNK = 1 << 20
 

@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rootfs._blobs import BlobDir
+from rootfs._disks import PreparedRoot, build_erofs, build_ext4, ext4_size_for
 from rootfs._fs import atomic_replace, atomic_write, fsync_dir, lock, process_start_time
-from rootfs.disks import PreparedRoot, build_erofs, build_ext4, ext4_size_for
+from rootfs._image import Image
+from rootfs._patches import Patch, PatchTarget
+from rootfs._unpack import UnpackLimits, UnpackState
 from rootfs.errors import DiskError, ImageNotFoundError, RootfsError
-from rootfs.image import Image
-from rootfs.patches import Patch, PatchTarget
 from rootfs.protocols import Unpacker
-from rootfs.unpack import UnpackLimits, UnpackState
 
 
 def unpack_image(store: BlobDir, img: Image, dest: Path, *, unpacker: Unpacker,

@@ -2,7 +2,7 @@
 
 Every blob is verified against its digest before it is published; a file lock per
 reference makes concurrent pulls of one image share the work, and a lock per blob
-fetches each layer once. The HTTP side is :class:`rootfs.registry.RegistryClient`.
+fetches each layer once. The HTTP side is :class:`rootfs._registry.RegistryClient`.
 
 Example::
 
@@ -22,8 +22,7 @@ from typing import Literal
 
 from rootfs._blobs import BlobDir
 from rootfs._fs import atomic_replace, lock
-from rootfs.errors import AuthError, DigestError, ImageNotFoundError, RegistryError
-from rootfs.image import (
+from rootfs._image import (
     INDEX_TYPES,
     Descriptor,
     Image,
@@ -32,8 +31,9 @@ from rootfs.image import (
     parse_json,
     parse_manifest,
 )
-from rootfs.reference import Reference
-from rootfs.registry import ProgressFn, RegistryClient
+from rootfs._reference import Reference
+from rootfs._registry import ProgressFn, RegistryClient
+from rootfs.errors import AuthError, DigestError, ImageNotFoundError, RegistryError
 
 PullPolicy = Literal["always", "if-missing", "never"]
 POLICIES = ("always", "if-missing", "never")

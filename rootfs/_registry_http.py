@@ -1,4 +1,4 @@
-"""The registry client's HTTP side on :mod:`httpx` (private to :mod:`rootfs.registry`).
+"""The registry client's HTTP side on :mod:`httpx` (private to :mod:`rootfs._registry`).
 
 :class:`Session` is one :class:`httpx.Client` per registry client, shared by the
 pull's worker threads: redirects (a blob redirected to storage on another host never

@@ -1,6 +1,6 @@
 """The one parent-path walker of rootfs: guest paths resolved inside a root, never on the host.
 
-Both layer unpacking (:mod:`rootfs.unpack`) and patching (:mod:`rootfs.patches`) place
+Both layer unpacking (:mod:`rootfs._unpack`) and patching (:mod:`rootfs._patches`) place
 an entry at ``parent/name`` where ``parent`` may run through symlinks that the image
 (or an earlier layer or patch) created. The host kernel must never follow those links:
 this walker resolves them lexically, component by component, inside the root, with a

@@ -17,10 +17,10 @@ from typing import Any
 
 import click
 
-from rootfs.build import build_image
+from rootfs._build import build_image
+from rootfs._registry import RegistryAuth
+from rootfs._store import ImageStore
 from rootfs.errors import RegistryError, RootfsError
-from rootfs.registry import RegistryAuth
-from rootfs.store import ImageStore
 
 
 class RichProgress:

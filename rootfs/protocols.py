@@ -3,10 +3,10 @@
 * :class:`RootProvider` turns an image into a :class:`PreparedRoot` (``microvm`` uses it);
   :class:`~rootfs.ImageStore` implements it.
 * :class:`BlobStore` is the content-addressed store the OCI layout/archive code reads and
-  writes (:mod:`rootfs.layout`); :class:`~rootfs.ImageStore` implements it.
+  writes (:mod:`rootfs._layout`); :class:`~rootfs.ImageStore` implements it.
 * :class:`Unpacker` applies one layer blob onto a directory;
-  :class:`~rootfs.unpack.NativeUnpacker` (ours, the default) and
-  :class:`~rootfs.umoci.UmociUnpacker` implement it.
+  :class:`~rootfs._unpack.NativeUnpacker` (ours, the default) and
+  :class:`~rootfs._umoci.UmociUnpacker` implement it.
 
 Example::
 
@@ -21,11 +21,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
-from rootfs.disks import PreparedRoot
-from rootfs.image import Image
-from rootfs.patches import Patch
-from rootfs.reference import Reference
-from rootfs.unpack import UnpackState
+from rootfs._disks import PreparedRoot
+from rootfs._image import Image
+from rootfs._patches import Patch
+from rootfs._reference import Reference
+from rootfs._unpack import UnpackState
 
 
 @runtime_checkable

@@ -17,7 +17,7 @@ import atheris
 
 with atheris.instrument_imports():
     import rootfs
-    from rootfs.unpack import UnpackLimits, UnpackState, apply_layer
+    from rootfs import UnpackLimits, UnpackState, apply_layer
 
 BASE = tempfile.mkdtemp(prefix="fuzz-layer-")
 OUTSIDE = os.path.join(BASE, "outside")

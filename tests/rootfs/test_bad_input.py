@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import rootfs
-from rootfs.build import validate_config
+from rootfs._build import validate_config
 from tests.rootfs._layers import E, layer
 from tests.rootfs._registry import Registry
 

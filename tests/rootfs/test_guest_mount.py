@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import rootfs
-from rootfs.disks import build_ext4
+from rootfs._disks import build_ext4
 from tests.rootfs._layers import base_layers
 from tests.rootfs.test_prepare import PATCHES
 from tests.support import require_binaries, require_root

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import rootfs
-from rootfs._fs import process_start_time
+from rootfs import process_start_time
 from tests.rootfs._layers import base_layers
 from tests.support import require_binaries
 

@@ -19,9 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rootfs import Patch, PatchError
-from rootfs.patches import PatchTarget
-from rootfs.unpack import apply_layer
+from rootfs import Patch, PatchError, apply_layer
+from rootfs._patches import PatchTarget
 from tests.rootfs._layers import E, layer
 from tests.support import require_root
 

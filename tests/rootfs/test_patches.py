@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 
 import rootfs
-from rootfs import Patch, PatchError
-from rootfs.patches import OPAQUE_XATTR, PatchTarget
-from rootfs.unpack import apply_layer
+from rootfs import Patch, PatchError, apply_layer
+from rootfs._patches import OPAQUE_XATTR, PatchTarget
 from tests.rootfs._layers import E, layer
 from tests.support import require_root
 

@@ -51,9 +51,9 @@ def test_blobs_are_verified_while_streamed(store: rootfs.ImageStore) -> None:
 
 def test_blob_store_protocol_and_layout_without_the_store(store: rootfs.ImageStore) -> None:
     assert isinstance(store, rootfs.BlobStore)
-    code = ("import sys, rootfs.layout, rootfs.image; "
-            "assert 'rootfs.store' not in sys.modules, sorted(sys.modules); "
-            "from rootfs.store import host_platform; "
-            "assert host_platform() == rootfs.image.host_platform()")
+    code = ("import sys, rootfs._layout, rootfs._image; "
+            "assert 'rootfs._store' not in sys.modules, sorted(sys.modules); "
+            "from rootfs._store import host_platform; "
+            "assert host_platform() == rootfs._image.host_platform()")
     subprocess.run([sys.executable, "-c", code], check=True,
                    cwd=Path(__file__).resolve().parents[2])

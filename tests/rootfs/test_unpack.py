@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import rootfs
-from rootfs.unpack import UnpackLimits, UnpackState, apply_layer
+from rootfs import UnpackLimits, UnpackState, apply_layer
 from tests.rootfs._layers import E, base_layers, layer
 from tests.support import require_binaries, require_root
 

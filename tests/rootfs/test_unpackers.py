@@ -19,10 +19,8 @@ import pytest
 import zstandard
 
 import rootfs
-from rootfs.image import OCI_CONFIG, OCI_LAYER_TAR, OCI_LAYER_ZSTD, OCI_MANIFEST
-from rootfs.protocols import Unpacker
-from rootfs.umoci import UmociUnpacker
-from rootfs.unpack import NativeUnpacker, UnpackLimits
+from rootfs import NativeUnpacker, UmociUnpacker, Unpacker, UnpackLimits
+from rootfs._image import OCI_CONFIG, OCI_LAYER_TAR, OCI_LAYER_ZSTD, OCI_MANIFEST
 from tests.rootfs._layers import E, base_layers, layer
 from tests.rootfs._registry import Registry
 from tests.support import require_binaries, require_root

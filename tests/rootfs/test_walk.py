@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 import rootfs
-from rootfs.patches import Patch
-from rootfs.unpack import UnpackLimits, UnpackState, apply_layer
+from rootfs import Patch, UnpackLimits, UnpackState, apply_layer
 from tests.rootfs._layers import E, layer
 
 OUT = "@OUT@"  # replaced by the absolute host path of a directory outside the root

@@ -23,12 +23,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rootfs._image import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, Image
+from rootfs._reference import parse_reference
 from rootfs.errors import ImageFormatError, RootfsError
-from rootfs.image import OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST, Image
-from rootfs.reference import parse_reference
 
 if TYPE_CHECKING:
-    from rootfs.store import ImageStore
+    from rootfs._store import ImageStore
 
 _CONFIG_KEYS = ("Env", "Cmd", "Entrypoint", "WorkingDir", "User", "Labels", "ExposedPorts",
                 "Volumes", "StopSignal")

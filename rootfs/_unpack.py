@@ -16,7 +16,7 @@ Why our own extractor rather than umoci (which the design names) or ``tarfile``'
 (``python -m benchmarks.rootfs``: ``unpack_ratio``), it refuses hostile layers with one
 rule shared with patches instead of clamping them, and it needs no root (ownership is
 kept only as root). Unpacking is a seam: :class:`NativeUnpacker` (this module) is the
-default :class:`~rootfs.protocols.Unpacker`; :class:`~rootfs.umoci.UmociUnpacker`
+default :class:`~rootfs.protocols.Unpacker`; :class:`~rootfs._umoci.UmociUnpacker`
 runs umoci per layer and stays the reference the tests and benchmarks compare with.
 
 Example::
@@ -439,7 +439,7 @@ def apply_whiteout(root: str, entry: LayerEntry, created: set[str]) -> None:
 def resolve_entry(root: str, entry: LayerEntry) -> str | None:
     """The host path of ``entry`` inside ``root``, its parent resolved by our rule.
 
-    For trees another tool wrote (:class:`~rootfs.umoci.UmociUnpacker`): a parent that
+    For trees another tool wrote (:class:`~rootfs._umoci.UmociUnpacker`): a parent that
     escapes the root raises :class:`UnsafeLayerError`; one that is missing or not a
     directory gives None. Never a path through a symlink the layer made.
 

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from rootfs._image import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+from rootfs._reference import _COMPONENT, _HOST, _TAG, DEFAULT_REGISTRY, validate_digest
 from rootfs._registry_http import Session
 from rootfs.errors import (
     AuthError,
@@ -40,8 +42,6 @@ from rootfs.errors import (
     RegistryError,
     RootfsError,
 )
-from rootfs.image import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
-from rootfs.reference import _COMPONENT, _HOST, _TAG, DEFAULT_REGISTRY, validate_digest
 
 ACCEPT_MANIFESTS = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST])
 _MAX_MANIFEST = 4 << 20

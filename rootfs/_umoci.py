@@ -1,7 +1,7 @@
 """Unpacking through umoci: the reference :class:`~rootfs.protocols.Unpacker`.
 
 The project's design names umoci for unpacking; our own extractor
-(:class:`~rootfs.unpack.NativeUnpacker`) stays the default because it is about twice
+(:class:`~rootfs._unpack.NativeUnpacker`) stays the default because it is about twice
 as fast, refuses hostile layers instead of clamping them, and needs no root. umoci
 stays the reference: the tests unpack the same images with both and compare the trees,
 and ``python -m benchmarks.rootfs`` reports the speed ratio.
@@ -31,15 +31,15 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from rootfs.errors import DigestError, ImageFormatError, RootfsError
-from rootfs.image import OCI_CONFIG, OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_MANIFEST
-from rootfs.unpack import (
+from rootfs._image import OCI_CONFIG, OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_MANIFEST
+from rootfs._unpack import (
     LayerEntry,
     UnpackState,
     apply_whiteout,
     resolve_entry,
     scan_layer,
 )
+from rootfs.errors import DigestError, ImageFormatError, RootfsError
 
 _CHUNK = 1 << 20
 _ROOTLESS_XATTR = "user.rootlesscontainers"

@@ -14,7 +14,7 @@ One module per job, :class:`ImageStore` ties them together:
 
 * :mod:`rootfs._blobs` -- blobs and tags (``put_blob``, ``tag``, ``get``, ``list``);
 * :mod:`rootfs._pull` -- registry pulls (``pull``);
-* :mod:`rootfs.layout` -- OCI layouts and docker archives (``load``, ``save``);
+* :mod:`rootfs._layout` -- OCI layouts and docker archives (``load``, ``save``);
 * :mod:`rootfs._prepare` -- trees, image disks, prepared roots (``unpack``,
   ``rootfs_dir``, ``image_disk``, ``prepare``), unpacking through a
   :class:`~rootfs.protocols.Unpacker` (ours by default, or umoci);
@@ -46,18 +46,18 @@ from pathlib import Path
 from typing import Literal
 
 from rootfs._blobs import BlobDir
+from rootfs._disks import PreparedRoot
 from rootfs._fs import microvm_home
+from rootfs._image import Image, host_platform
+from rootfs._patches import Patch
 from rootfs._prepare import image_disk, prepare_root, rootfs_tree, unpack_image
 from rootfs._prune import PruneResult, prune_store
 from rootfs._pull import POLICIES, PullPolicy, pull_image
-from rootfs.disks import PreparedRoot
+from rootfs._reference import parse_reference
+from rootfs._registry import CaCerts, ProgressFn, RegistryAuth, RegistryClient
+from rootfs._unpack import NativeUnpacker, UnpackLimits, UnpackState
 from rootfs.errors import DiskError, ImageNotFoundError, RootfsError
-from rootfs.image import Image, host_platform
-from rootfs.patches import Patch
 from rootfs.protocols import Unpacker
-from rootfs.reference import parse_reference
-from rootfs.registry import CaCerts, ProgressFn, RegistryAuth, RegistryClient
-from rootfs.unpack import NativeUnpacker, UnpackLimits, UnpackState
 
 __all__ = ["ImageStore", "PruneResult", "PullPolicy", "host_platform"]
 
@@ -68,7 +68,7 @@ def _unpacker(choice: Unpacker | str) -> Unpacker:
     if choice == "native":
         return NativeUnpacker()
     if choice == "umoci":
-        from rootfs.umoci import UmociUnpacker
+        from rootfs._umoci import UmociUnpacker
 
         return UmociUnpacker()
     if isinstance(choice, str) or not isinstance(choice, Unpacker):
@@ -166,7 +166,7 @@ class ImageStore(BlobDir):
 
             [img] = store.load("busybox-oci.tar", ref="local/busybox:1")
         """
-        from rootfs.layout import load_archive
+        from rootfs._layout import load_archive
 
         return load_archive(self, Path(path), ref)
 
@@ -180,7 +180,7 @@ class ImageStore(BlobDir):
 
             store.save("local/busybox:latest", "/tmp/busybox.tar")
         """
-        from rootfs.layout import save_archive
+        from rootfs._layout import save_archive
 
         items = [refs] if isinstance(refs, (str, Image)) else list(refs)
         images = [self.get(r) for r in items]

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from rootfs._patches import Patch, PatchTarget
 from rootfs.errors import DiskError, PatchError
-from rootfs.patches import Patch, PatchTarget
 
 ImageFormat = Literal["erofs", "ext4", "raw", "qcow2"]
 RootKind = Literal["overlay", "bind", "disk"]

@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO, cast
 
 from rootfs._fs import atomic_replace, atomic_write
-from rootfs.errors import ImageFormatError, RootfsError
-from rootfs.image import (
+from rootfs._image import (
     INDEX_TYPES,
     OCI_CONFIG,
     OCI_INDEX,
@@ -38,8 +37,9 @@ from rootfs.image import (
     parse_json,
     parse_manifest,
 )
+from rootfs._reference import parse_reference, validate_digest
+from rootfs.errors import ImageFormatError, RootfsError
 from rootfs.protocols import BlobStore
-from rootfs.reference import parse_reference, validate_digest
 
 REF_ANNOTATION = "org.opencontainers.image.ref.name"
 _MAX_JSON = 16 << 20

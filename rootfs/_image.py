@@ -13,8 +13,8 @@ import platform as _platform
 from dataclasses import dataclass, field
 from typing import Any
 
+from rootfs._reference import validate_digest
 from rootfs.errors import ImageFormatError, ImageNotFoundError
-from rootfs.reference import validate_digest
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -127,7 +127,7 @@ def parse_manifest(data: bytes, what: str = "manifest") -> tuple[Descriptor, tup
 
 @dataclass(frozen=True)
 class Image:
-    """A resolved single-platform image held in an :class:`~rootfs.store.ImageStore`.
+    """A resolved single-platform image held in an :class:`~rootfs._store.ImageStore`.
 
     ``digest`` is the manifest digest; ``id`` the config digest (which fixes the
     content: it lists every layer's uncompressed diff_id).
