@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from microvm.errors import MicrovmError
-from rootfs._fs import microvm_home
+from rootfs import microvm_home
 
 __all__ = ["AGENT_GUEST_PATH", "DiskError", "boot_disk", "build_ext4", "dir_size"]
 

@@ -179,7 +179,7 @@ def file_sha256(path: Path, *, cache: bool = False) -> str:
     if cache:
         _MEMO[key] = digest
         with contextlib.suppress(OSError, ValueError):
-            from rootfs._fs import atomic_write
+            from rootfs import atomic_write
 
             store = _cache_file()
             try:
@@ -194,7 +194,7 @@ def file_sha256(path: Path, *, cache: bool = False) -> str:
 
 
 def _cache_file() -> Path:
-    from rootfs._fs import microvm_home
+    from rootfs import microvm_home
 
     return microvm_home() / "cache" / "sha256.json"
 
@@ -240,7 +240,7 @@ def write_manifest(path: Path, manifest: Manifest) -> None:
 
         write_manifest(Path("snap"), {"format": FORMAT})
     """
-    from rootfs._fs import atomic_write
+    from rootfs import atomic_write
 
     atomic_write(path / MANIFEST, json.dumps(seal(manifest), indent=1).encode(), mode=0o400)
 

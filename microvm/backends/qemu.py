@@ -128,7 +128,7 @@ def _probe_key(qemu: str) -> str:
 
 
 def _probe_cache_path() -> Path:
-    from rootfs._fs import microvm_home
+    from rootfs import microvm_home
 
     return microvm_home() / "cache" / _PROBE_CACHE_NAME
 
@@ -187,7 +187,7 @@ def kvm_probe(qemu: str, *, timeout: float = _PROBE_TIMEOUT, refresh: bool = Fal
     if definitive:
         _PROBE_MEMO[key] = (ok, reason)
         with contextlib.suppress(OSError):
-            from rootfs._fs import atomic_write
+            from rootfs import atomic_write
 
             body = {"key": key, "ok": ok, "reason": reason}
             atomic_write(cache, json.dumps(body).encode())

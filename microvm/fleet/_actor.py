@@ -217,7 +217,7 @@ class SandboxActorImpl:
             info = ray.get(actor.start.remote())
         """
         await self._sandbox()
-        from rootfs._fs import microvm_home
+        from rootfs import microvm_home
 
         return {"name": self.name, "node_id": ray.get_runtime_context().get_node_id(),
                 "pid": os.getpid(), "home": str(microvm_home())}

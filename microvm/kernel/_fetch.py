@@ -25,7 +25,7 @@ from pathlib import Path
 
 from microvm.errors import KernelError
 from microvm.kernel._libkrunfw import LIB_NAME
-from rootfs._fs import atomic_write
+from rootfs import atomic_write
 
 __all__ = ["DEBIAN_PIN", "WHEEL_PIN", "DebianPin", "WheelPin", "fetch_debian", "fetch_wheel",
            "sha256_file"]

@@ -28,7 +28,7 @@ from microvm.errors import KernelError
 from microvm.kernel._fetch import fetch_debian, fetch_wheel, sha256_file
 from microvm.kernel._libkrunfw import LIB_NAME, SYSTEM_LIBS, load_payload, system_library
 from microvm.kernel._pvh import pvh_elf_bytes
-from rootfs._fs import atomic_write, microvm_home
+from rootfs import atomic_write, microvm_home
 
 __all__ = ["ELF_NAME", "MANIFEST_NAME", "SOURCES", "Kernel", "check_dest",
            "default_kernel_dir", "ensure_kernel", "fetch_kernel", "find_kernel"]

@@ -176,7 +176,7 @@ def write_launch(paths: SandboxPaths, launch: Mapping[str, Any],
 
         write_launch(paths, pl.launch, {})
     """
-    from rootfs._fs import atomic_write
+    from rootfs import atomic_write
 
     atomic_write(paths.dir / "launch.json", json.dumps(launch).encode(), mode=0o600)
     present = {k: v for k, v in plugins.items() if v is not None}

@@ -176,7 +176,7 @@ def tls_home() -> Path:
         >>> tls_home().name
         'tls'
     """
-    from rootfs._fs import microvm_home
+    from rootfs import microvm_home
 
     return microvm_home() / "tls"
 

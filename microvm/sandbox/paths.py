@@ -20,7 +20,7 @@ import hashlib
 import tempfile
 from pathlib import Path
 
-from rootfs._fs import microvm_home
+from rootfs import microvm_home
 
 __all__ = ["SandboxPaths", "sandboxes_root", "volumes_root"]
 

@@ -79,7 +79,7 @@ def snapshots_root() -> Path:
         >>> snapshots_root().name
         'snapshots'
     """
-    from rootfs._fs import microvm_home
+    from rootfs import microvm_home
 
     return microvm_home() / "snapshots"
 

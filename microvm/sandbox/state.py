@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from microvm.errors import SandboxError, SandboxExists, SandboxNotFound
-from rootfs._fs import microvm_home, process_start_time
+from rootfs import microvm_home, process_start_time
 
 __all__ = ["SandboxRecord", "State", "StateDB", "pid_start_time", "process_alive"]
 
