@@ -52,7 +52,8 @@ def measure(quick: bool) -> dict[str, Any]:
         key = tmp / "id"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)],
                        check=True, timeout=30)
-        from microvm.ssh.keys import authorize, host_key, known_hosts_path, write_known_hosts
+        from microvm.ssh import authorize, host_key
+        from microvm.ssh._keys import known_hosts_path, write_known_hosts
 
         authorize(f"{key}.pub")
         write_known_hosts(host_key())

@@ -2,7 +2,7 @@
 
 The docker-like commands live in ``microvm.cli_sandbox`` (run, create, start, exec,
 shell, attach), ``cli_manage`` (ls, stop, rm, logs, inspect, cp, net...), ``cli_images``,
-``cli_snapshot``, ``cli_doctor``, ``microvm.ssh.cli`` and ``microvm.fleet._cli``; each
+``cli_snapshot``, ``cli_doctor``, ``microvm.ssh._cli`` and ``microvm.fleet._cli``; each
 module is imported only when one of its commands runs (:class:`LazyGroup`).
 
 Exit status: 0 on success; 2 for a bad command line or environment (one line on
@@ -133,7 +133,7 @@ _LAZY_SOURCES: dict[str, str] = {
                     "microvm.cli_images:register"),
     **dict.fromkeys(("snapshot", "fork", "pause", "resume"), "microvm.cli_snapshot:register"),
     "doctor": "microvm.cli_doctor:doctor_cmd",
-    "ssh": "microvm.ssh.cli:ssh",
+    "ssh": "microvm.ssh._cli:ssh",
     "fleet": "microvm.fleet._cli:fleet",
 }
 

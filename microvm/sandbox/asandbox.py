@@ -67,7 +67,7 @@ if TYPE_CHECKING:
     from microvm.sandbox import launch as _launch
     from microvm.sandbox.netwiring import SecretProxy
     from microvm.sandbox.snapshots import SnapshotInfo
-    from microvm.ssh.client import SshClient
+    from microvm.ssh._client import SshClient
     from netstack import Decision, Flow, NetworkPolicy
     from netstack.gateway import AddressPlan, Uplink
     from rootfs import Image, Patch, RegistryAuth, RootProvider
@@ -739,7 +739,7 @@ class AsyncSandbox:
             with await sb.ssh() as ssh:
                 print(ssh.exec("uname -r"))
         """
-        from microvm.ssh.client import connect
+        from microvm.ssh._client import connect
 
         return await asyncio.to_thread(connect, self, idle_timeout=idle_timeout)
 

@@ -46,7 +46,7 @@ from microvm.sandbox.exec import AsyncExecHandle, ExecOutput
 if TYPE_CHECKING:   # types only: a handle never needs the gateway or the proxy
     from microvm.backends.base import Backend
     from microvm.sandbox.snapshots import SnapshotInfo
-    from microvm.ssh.client import SshClient
+    from microvm.ssh._client import SshClient
     from netstack import Decision, Flow, NetworkPolicy
     from rootfs import Image, Patch, RegistryAuth, RootProvider
     from tls_proxy import Secret
@@ -733,6 +733,6 @@ class Sandbox:
             with sb.ssh() as ssh:
                 status, out, err = ssh.exec("uname -r")
         """
-        from microvm.ssh.client import connect
+        from microvm.ssh._client import connect
 
         return connect(self._sb, idle_timeout=idle_timeout)

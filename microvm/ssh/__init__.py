@@ -2,14 +2,14 @@
 
 Module map (one job each):
 
-* :mod:`~microvm.ssh.server`: :class:`SshServer` (exec, pty shells, env, signals,
+* :mod:`~microvm.ssh._server`: :class:`SshServer` (exec, pty shells, env, signals,
   scp through exec, direct-tcpip checked against the ingress policy, idle timeout);
-* :mod:`~microvm.ssh.sftp`: the ``sftp`` subsystem on the agent's streamed fs ops;
-* :mod:`~microvm.ssh.client`: :class:`SshClient` / :func:`connect`, the in-process
+* :mod:`~microvm.ssh._sftp`: the ``sftp`` subsystem on the agent's streamed fs ops;
+* :mod:`~microvm.ssh._client`: :class:`SshClient` / :func:`connect`, the in-process
   client over a socket pair (``Sandbox.ssh()``);
-* :mod:`~microvm.ssh.keys`: host key, authorized_keys, known_hosts under
+* :mod:`~microvm.ssh._keys`: host key, authorized_keys, known_hosts under
   ``$MICROVM_HOME/ssh/``;
-* :mod:`~microvm.ssh.cli`: ``microvm ssh serve|authorize|config|NAME [CMD]``;
+* :mod:`~microvm.ssh._cli`: ``microvm ssh serve|authorize|config|NAME [CMD]``;
 * :mod:`~microvm.ssh.errors`: :class:`SshError`, :class:`SshConfigError`.
 
 Example::
@@ -22,20 +22,20 @@ Example::
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from microvm.ssh.client import SshClient, connect
+    from microvm.ssh._client import SshClient, connect
+    from microvm.ssh._keys import authorize, host_key, read_public_key
+    from microvm.ssh._server import SshServer
     from microvm.ssh.errors import SshConfigError, SshError
-    from microvm.ssh.keys import authorize, host_key, read_public_key
-    from microvm.ssh.server import SshServer
 
 _WHERE = {
-    "SshClient": "client", "connect": "client", "SshConfigError": "errors",
-    "SshError": "errors", "authorize": "keys", "host_key": "keys",
-    "read_public_key": "keys", "SshServer": "server",
+    "SshClient": "_client", "connect": "_client", "SshConfigError": "errors",
+    "SshError": "errors", "authorize": "_keys", "host_key": "_keys",
+    "read_public_key": "_keys", "SshServer": "_server",
 }
 
 
 def __getattr__(name: str) -> Any:
-    """Lazy exports: ``import microvm.ssh.cli`` (the ``microvm`` command) must not pay
+    """Lazy exports: ``import microvm.ssh._cli`` (the ``microvm`` command) must not pay
     for importing paramiko."""
     if name in _WHERE:
         import importlib

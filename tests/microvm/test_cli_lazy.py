@@ -14,7 +14,7 @@ import sys
 import click
 
 COMMAND_MODULES = ("microvm.cli_sandbox", "microvm.cli_manage", "microvm.cli_images",
-                   "microvm.cli_doctor", "microvm.ssh.cli", "microvm.fleet._cli", "rootfs.cli")
+                   "microvm.cli_doctor", "microvm.ssh._cli", "microvm.fleet._cli", "rootfs.cli")
 
 
 def _loaded_after(code: str) -> list[str]:

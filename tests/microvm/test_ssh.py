@@ -22,8 +22,8 @@ import pytest
 
 import rootfs
 from microvm import Sandbox
-from microvm.ssh import SshConfigError, SshServer, authorize, connect, read_public_key
-from microvm.ssh.keys import generate_ed25519, host_key
+from microvm.ssh import SshConfigError, SshServer, authorize, connect, host_key, read_public_key
+from microvm.ssh._keys import generate_ed25519
 from tests.microvm.sandbox_fixtures import (  # noqa: F401
     add_dynamic_binary,
     busybox_image,

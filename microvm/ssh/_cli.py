@@ -29,7 +29,7 @@ import click
 if TYPE_CHECKING:
     import paramiko
 
-    from microvm.ssh.client import SshClient
+    from microvm.ssh._client import SshClient
 
 __all__ = ["parse_listen", "ssh", "ssh_config_block"]
 
@@ -114,7 +114,7 @@ def serve(name: str, listen: str | None, stdio: bool, idle_timeout: float | None
         raise click.UsageError("--listen and --stdio exclude each other")
     host, port = parse_listen(listen or "127.0.0.1:2222")
     _check_sandbox(name)
-    from microvm.ssh.server import SshServer
+    from microvm.ssh._server import SshServer
 
     server = SshServer(name, host_key=host_key, authorized_keys=authorized_keys,
                        idle_timeout=idle_timeout)
@@ -186,8 +186,8 @@ def authorize_cmd(keyfile: str) -> None:
 
     Example: microvm ssh authorize ~/.ssh/id_ed25519.pub
     """
+    from microvm.ssh._keys import authorize, authorized_keys_path
     from microvm.ssh.errors import SshConfigError
-    from microvm.ssh.keys import authorize, authorized_keys_path
 
     try:
         added = authorize(keyfile)
@@ -204,7 +204,7 @@ def ssh_config_block(name: str) -> str:
 
         print(ssh_config_block("demo"))
     """
-    from microvm.ssh.keys import HOST_KEY_ALIAS, host_key, write_known_hosts
+    from microvm.ssh._keys import HOST_KEY_ALIAS, host_key, write_known_hosts
     from rootfs._fs import microvm_home
 
     known = write_known_hosts(host_key())
@@ -245,7 +245,7 @@ def connect_cmd(name: str, cmd: tuple[str, ...], tty: bool | None) -> None:
     Example: microvm ssh demo uname -a
     """
     _check_sandbox(name)
-    from microvm.ssh.client import connect
+    from microvm.ssh._client import connect
 
     client = connect(name)
     try:

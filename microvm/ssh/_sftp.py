@@ -40,7 +40,7 @@ from microvm.agent import AgentClient, FileStat
 from microvm.errors import AgentError, MicrovmError
 
 if TYPE_CHECKING:
-    from microvm.ssh.server import _Conn
+    from microvm.ssh._server import _Conn
 
 __all__ = ["SftpInterface", "SftpServer"]
 
@@ -136,7 +136,7 @@ class SftpInterface(paramiko.SFTPServerInterface):  # type: ignore[misc]
         return r.exit_code, r.stderr.decode(errors="replace")
 
     def canonicalize(self, path: str) -> str:
-        from microvm.ssh.server import _normalize
+        from microvm.ssh._server import _normalize
 
         return _normalize(path, self.conn.exec_defaults()[0])
 

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 import paramiko
 
+from microvm.ssh._keys import generate_ed25519
+from microvm.ssh._server import SshServer
 from microvm.ssh.errors import SshConfigError, SshError
-from microvm.ssh.keys import generate_ed25519
-from microvm.ssh.server import SshServer
 
 if TYPE_CHECKING:
     from microvm.sandbox.asandbox import AsyncSandbox

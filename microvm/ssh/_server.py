@@ -10,7 +10,7 @@ kills whatever it still runs).
   killed by signal N); ``signal`` requests go to the process group;
 * ``pty-req`` + ``shell``/``exec``: the same on a guest terminal; ``window-change``
   resizes it; ``env`` requests add to the environment (``TERM`` from the pty request);
-* the ``sftp`` subsystem: :mod:`microvm.ssh.sftp` (streamed, bounded memory);
+* the ``sftp`` subsystem: :mod:`microvm.ssh._sftp` (streamed, bounded memory);
 * ``scp``: legacy ``scp -O`` runs the guest's own ``scp``; an image without one gets a
   one-line explanation (OpenSSH's default scp mode uses SFTP and always works);
 * ``direct-tcpip`` (``ssh -L``): to ``localhost``/``127.0.0.1`` ports of the guest only,
@@ -55,7 +55,7 @@ from paramiko.common import (
 from microvm._portal import Portal
 from microvm.agent import AgentClient, ExecProcess
 from microvm.errors import AgentError, MicrovmError
-from microvm.ssh import keys as _keys
+from microvm.ssh import _keys as _keys
 from microvm.ssh.errors import SshConfigError, SshError
 
 if TYPE_CHECKING:
@@ -181,7 +181,7 @@ class SshServer:
         """
         t = _Transport(sock)
         t.add_server_key(self.host_key)
-        from microvm.ssh.sftp import SftpInterface, SftpServer
+        from microvm.ssh._sftp import SftpInterface, SftpServer
 
         t.set_subsystem_handler("sftp", SftpServer, SftpInterface)
         conn = _Conn(self, t)

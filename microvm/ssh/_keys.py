@@ -9,7 +9,7 @@
 
 Example::
 
-    from microvm.ssh.keys import authorize, host_key
+    from microvm.ssh._keys import authorize, host_key
     key = host_key()                       # created on first use
     authorize("~/.ssh/id_ed25519.pub")     # now that key may log in
 """
