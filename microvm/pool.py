@@ -67,7 +67,7 @@ class Pool:
         secrets: Sequence[Secret | Mapping[str, Any]] | None = None,
         boot_timeout: float = 120.0,
     ) -> None:
-        from microvm.sandbox.config import validate_name
+        from microvm.sandbox._config import validate_name
         from microvm.sandbox.snapshots import SnapshotInfo, resolve, snapshots_root
 
         if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 64:

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from microvm import errors
-from microvm.sandbox.config import SandboxConfig
-from microvm.sandbox.paths import SandboxPaths
+from microvm.sandbox._config import SandboxConfig
+from microvm.sandbox._paths import SandboxPaths
 from rootfs import (
     Image,
     ImageStore,
@@ -376,7 +376,7 @@ async def wait_dead(pid: int | None, start: int | None, timeout: float) -> bool:
 
         await wait_dead(rec.pid, rec.pid_start, 10)
     """
-    from microvm.sandbox.state import process_alive
+    from microvm.sandbox._state import process_alive
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

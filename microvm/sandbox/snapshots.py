@@ -52,16 +52,16 @@ from microvm.errors import (
     SnapshotError,
 )
 from microvm.sandbox import launch as _launch
-from microvm.sandbox.config import SandboxConfig, parse_secrets, validate_name
-from microvm.sandbox.paths import SandboxPaths
-from microvm.sandbox.state import StateDB
+from microvm.sandbox._config import SandboxConfig, parse_secrets, validate_name
+from microvm.sandbox._paths import SandboxPaths
+from microvm.sandbox._state import StateDB
 from microvm.snapshot import load_manifest, verify
 from tls_proxy import Secret
 
 log = logging.getLogger("microvm.sandbox.snapshots")
 
 if TYPE_CHECKING:
-    from microvm.sandbox.asandbox import AsyncSandbox
+    from microvm.sandbox._asandbox import AsyncSandbox
 
 __all__ = ["SnapshotInfo", "disk_snapshot", "export_snapshot", "import_snapshot", "list_snapshots",
            "remove_snapshot", "resolve", "snapshots_root"]

@@ -45,12 +45,12 @@ from microvm.backends.base import Share, console_tail
 from microvm.errors import MicrovmError
 from microvm.machine import Machine
 from microvm.sandbox import control
-from microvm.sandbox.config import SandboxConfig
-from microvm.sandbox.paths import SandboxPaths
-from microvm.sandbox.state import StateDB
+from microvm.sandbox._config import SandboxConfig
+from microvm.sandbox._paths import SandboxPaths
+from microvm.sandbox._state import StateDB
 
 if TYPE_CHECKING:  # the network stack is imported while the guest boots (see ``up``)
-    from microvm.sandbox.netwiring import SandboxNet
+    from microvm.sandbox._netwiring import SandboxNet
     from tls_proxy import Secret
 
 log = logging.getLogger("microvm.sandbox.supervisor")
@@ -139,7 +139,7 @@ class Supervisor:
         else:
             client = await self._start(bootstrap)
         self._phase("agent_ready")
-        from microvm.sandbox.relay import AgentRelay
+        from microvm.sandbox._relay import AgentRelay
 
         assert client.ready is not None
         self.relay = AgentRelay(client, client.ready, on_activity=self._touch)
@@ -242,7 +242,7 @@ class Supervisor:
         cfg = self.cfg
 
         def prepare() -> SandboxNet:
-            from microvm.sandbox.netwiring import SandboxNet
+            from microvm.sandbox._netwiring import SandboxNet
 
             return SandboxNet.prepare(cfg.name, cfg.policy(), listener, secrets=self.secrets,
                                       ports=cfg.ports, uplink_factory=self.plugins.get("uplink"))
@@ -375,7 +375,7 @@ class Supervisor:
         """Freeze the VMM into ``target`` and restart the guest from it in a new VMM (same
         rundir, sockets and disk paths); on failure the old VMM carries on."""
         from microvm.backends.qmp import QmpClient
-        from microvm.sandbox.relay import AgentRelay
+        from microvm.sandbox._relay import AgentRelay
         from microvm.snapshot import freeze, thaw
 
         old = self.machine

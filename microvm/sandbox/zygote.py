@@ -49,8 +49,8 @@ __all__ = ["prestart", "spawn", "wait_ready"]
 
 #: modules every supervisor needs: loaded once in the zygote instead of in each child
 PRELOAD = (
-    "microvm.sandbox.supervisor", "microvm.sandbox.relay", "microvm.agent",
-    "microvm.backends.qemu", "microvm.snapshot", "microvm.sandbox.netwiring", "tls_proxy",
+    "microvm.sandbox.supervisor", "microvm.sandbox._relay", "microvm.agent",
+    "microvm.backends.qemu", "microvm.snapshot", "microvm.sandbox._netwiring", "tls_proxy",
 )
 _READY = b"R"
 #: a zygote with no request for this long exits (a later start spawns a new one)
