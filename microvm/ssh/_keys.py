@@ -53,7 +53,7 @@ def ssh_dir() -> Path:
 
         print(ssh_dir())      # /root/.microvm/ssh
     """
-    from rootfs._fs import microvm_home
+    from rootfs import microvm_home
 
     d = microvm_home() / "ssh"
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
