@@ -56,7 +56,7 @@ def _cli(*argv: str) -> float:
     return _timed([sys.executable, "-m", "microvm", *argv])
 
 
-_STACK = ("from microvm import Sandbox; import microvm.sandbox.sandbox, microvm.cli_sandbox, "
+_STACK = ("from microvm import Sandbox; import microvm.sandbox._sandbox, microvm.cli_sandbox, "
           "rootfs, netstack.gateway, tls_proxy")
 
 

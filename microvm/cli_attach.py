@@ -34,7 +34,7 @@ import click
 from microvm.cli_stream import DETACHED, _scan_detach, _write_all
 
 if TYPE_CHECKING:
-    from microvm.sandbox.sandbox import Sandbox
+    from microvm.sandbox._sandbox import Sandbox
 
 __all__ = ["MAIN_DIR", "attach_main", "launch_main"]
 

@@ -108,7 +108,7 @@ def doctor_checks() -> list[Check]:
     out.append(Check("virtiofsd", vfs is not None, vfs or "not found",
                      "apt-get install virtiofsd (needed for -v volumes and directory images)",
                      required=False))
-    from microvm.sandbox.netwiring import can_create_tap
+    from microvm.sandbox._netwiring import can_create_tap
 
     tap = can_create_tap()
     out.append(Check("tap uplink", tap,

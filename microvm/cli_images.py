@@ -89,7 +89,7 @@ def volume_ls() -> None:
     Example:
       microvm volume ls
     """
-    from microvm.sandbox.paths import volumes_root
+    from microvm.sandbox._paths import volumes_root
 
     root = volumes_root()
     used = _volumes_in_use()
@@ -108,7 +108,7 @@ def volume_rm(names: tuple[str, ...]) -> None:
     Example:
       microvm volume rm cache
     """
-    from microvm.sandbox.paths import volumes_root
+    from microvm.sandbox._paths import volumes_root
 
     used = _volumes_in_use()
     for n in names:
@@ -130,7 +130,7 @@ def volume_prune() -> None:
     Example:
       microvm volume prune
     """
-    from microvm.sandbox.paths import volumes_root
+    from microvm.sandbox._paths import volumes_root
 
     root = volumes_root()
     used = _volumes_in_use()
@@ -162,7 +162,7 @@ def system_df() -> None:
     Example:
       microvm system df
     """
-    from microvm.sandbox.paths import sandboxes_root, volumes_root
+    from microvm.sandbox._paths import sandboxes_root, volumes_root
     from rootfs import ImageStore
 
     store = ImageStore()

@@ -25,8 +25,8 @@ import click
 from microvm.cli_util import Failure, for_each, for_each_sandbox, guarded, parse_labels
 
 if TYPE_CHECKING:
-    from microvm.sandbox.asandbox import SandboxInfo
-    from microvm.sandbox.sandbox import Sandbox
+    from microvm.sandbox._asandbox import SandboxInfo
+    from microvm.sandbox._sandbox import Sandbox
 
 __all__ = ["register"]
 

@@ -41,7 +41,7 @@ from microvm.cli_util import (
 )
 
 if TYPE_CHECKING:
-    from microvm.sandbox.sandbox import Sandbox
+    from microvm.sandbox._sandbox import Sandbox
 
 __all__ = ["create_options", "register", "sandbox_kwargs"]
 

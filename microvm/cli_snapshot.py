@@ -171,9 +171,9 @@ def snapshot_restore(snapshot: str, name: str | None) -> None:
     """
     prestart_supervisor()       # its imports overlap ours
     from microvm import Sandbox
-    from microvm.sandbox.config import validate_name
+    from microvm.sandbox._config import validate_name
+    from microvm.sandbox._state import StateDB
     from microvm.sandbox.snapshots import resolve
-    from microvm.sandbox.state import StateDB
 
     path = resolve(snapshot)   # a bad name fails here
     if name is None:

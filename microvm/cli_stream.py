@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 if TYPE_CHECKING:
-    from microvm.sandbox.sandbox import ExecHandle, Sandbox
+    from microvm.sandbox._sandbox import ExecHandle, Sandbox
 
 __all__ = ["DETACHED", "Interrupted", "parse_detach_keys", "stream"]
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import click
 
 if TYPE_CHECKING:
-    from microvm.sandbox.sandbox import Sandbox
+    from microvm.sandbox._sandbox import Sandbox
 
 __all__ = [
     "EXIT_CANNOT_RUN",

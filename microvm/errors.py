@@ -116,8 +116,8 @@ class SandboxError(MicrovmError):
 class SandboxConfigError(SandboxError, ValueError):
     """An argument of ``Sandbox.create`` (or ``exec``) is invalid; raised before anything starts.
 
-    >>> from microvm.sandbox.config import validate_name
-    >>> validate_name("bad name!")
+    >>> from microvm import Sandbox
+    >>> Sandbox.create("bad name!", image="busybox:1.36")
     Traceback (most recent call last):
     ...
     microvm.errors.SandboxConfigError: bad sandbox name 'bad name!': use 1-63 letters, digits, '_', '.', '-', starting with a letter or digit

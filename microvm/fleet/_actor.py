@@ -67,7 +67,7 @@ def secret_dicts(secrets: Sequence[Secret | Mapping[str, Any]] | None) -> list[d
         >>> [d["env"] for d in secret_dicts([{"env": "K", "value": "v", "host": "a.example"}])]
         ['K']
     """
-    from microvm.sandbox.config import parse_secrets
+    from microvm.sandbox._config import parse_secrets
 
     return [{"env": s.env, "value": s.value, "hosts": [str(h) for h in s.hosts],
              "placeholder": s.placeholder, "inject": list(s.inject)}
@@ -158,7 +158,7 @@ class SandboxActorImpl:
         boot_timeout: float = 120.0,
         replace: bool = False,
     ) -> None:
-        from microvm.sandbox.config import validate_name
+        from microvm.sandbox._config import validate_name
 
         self.name = validate_name(name)
         if isinstance(secrets, SealedSecrets) or secrets is None:

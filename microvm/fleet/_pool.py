@@ -228,7 +228,7 @@ class RaySandboxPool:
         wait: bool = True,
     ) -> None:
         from microvm.fleet._actor import secret_dicts
-        from microvm.sandbox.config import SandboxConfig, validate_name
+        from microvm.sandbox._config import SandboxConfig, validate_name
 
         if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 4096:
             raise FleetConfigError(f"bad pool size {size!r}: an integer from 1 to 4096")
@@ -256,7 +256,7 @@ class RaySandboxPool:
                 raise FleetConfigError(f"image must be a reference, a directory or a "
                                        f"rootfs.Image, got {type(image).__name__}")
         # every sandbox argument validated now, before any slow work
-        from microvm.sandbox.config import parse_secrets
+        from microvm.sandbox._config import parse_secrets
 
         SandboxConfig.build(
             f"{self.id}-0", image=os.fspath(image) if isinstance(image, os.PathLike) else

@@ -2,19 +2,19 @@
 
 Module map (one job each):
 
-* :mod:`~microvm.sandbox.config`: every ``create`` argument validated into a storable
+* :mod:`~microvm.sandbox._config`: every ``create`` argument validated into a storable
   :class:`SandboxConfig` (no secret values in it);
-* :mod:`~microvm.sandbox.asandbox`: :class:`AsyncSandbox`, the async core;
-  :mod:`~microvm.sandbox.sandbox`: :class:`Sandbox`, its blocking twin;
-* :mod:`~microvm.sandbox.exec` / :mod:`~microvm.sandbox.fs`: exec results, streamed
+* :mod:`~microvm.sandbox._asandbox`: :class:`AsyncSandbox`, the async core;
+  :mod:`~microvm.sandbox._sandbox`: :class:`Sandbox`, its blocking twin;
+* :mod:`~microvm.sandbox._exec` / :mod:`~microvm.sandbox._fs`: exec results, streamed
   exec handles, guest files;
 * :mod:`~microvm.sandbox.launch`: the creator's side of a start (image, root, spawn);
 * :mod:`~microvm.sandbox.supervisor`: the per-sandbox supervisor process (VM, network,
-  timers), :mod:`~microvm.sandbox.relay` (agent protocol relay) and
+  timers), :mod:`~microvm.sandbox._relay` (agent protocol relay) and
   :mod:`~microvm.sandbox.control` (its control socket);
-* :mod:`~microvm.sandbox.netwiring`: slot, uplink, gateway and TLS proxy of one sandbox;
-* :mod:`~microvm.sandbox.state`: ``$MICROVM_HOME/sandboxes.db``;
-  :mod:`~microvm.sandbox.paths`: where a sandbox keeps its files.
+* :mod:`~microvm.sandbox._netwiring`: slot, uplink, gateway and TLS proxy of one sandbox;
+* :mod:`~microvm.sandbox._state`: ``$MICROVM_HOME/sandboxes.db``;
+  :mod:`~microvm.sandbox._paths`: where a sandbox keeps its files.
 
 Example::
 
@@ -26,29 +26,29 @@ Example::
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from microvm.sandbox.asandbox import AsyncSandbox, AsyncSandboxNetwork, SandboxInfo
-    from microvm.sandbox.config import (
+    from microvm.sandbox._asandbox import AsyncSandbox, AsyncSandboxNetwork, SandboxInfo
+    from microvm.sandbox._config import (
         DnsOptions,
         PortMapping,
         SandboxConfig,
         TlsOptions,
         Volume,
     )
-    from microvm.sandbox.exec import AsyncExecHandle, ExecOutput
-    from microvm.sandbox.fs import AsyncSandboxFs
-    from microvm.sandbox.netwiring import SecretProxy
-    from microvm.sandbox.sandbox import ExecHandle, Sandbox, SandboxFs, SandboxNetwork
+    from microvm.sandbox._exec import AsyncExecHandle, ExecOutput
+    from microvm.sandbox._fs import AsyncSandboxFs
+    from microvm.sandbox._netwiring import SecretProxy
+    from microvm.sandbox._sandbox import ExecHandle, Sandbox, SandboxFs, SandboxNetwork
 
 #: public name -> the submodule defining it; imported on first use, so a process that
 #: needs one submodule (the supervisor starts the VMM first) does not load them all
 _EXPORTS = {
-    "AsyncSandbox": "asandbox", "AsyncSandboxNetwork": "asandbox", "SandboxInfo": "asandbox",
-    "DnsOptions": "config", "PortMapping": "config", "SandboxConfig": "config",
-    "TlsOptions": "config", "Volume": "config",
-    "AsyncExecHandle": "exec", "ExecOutput": "exec", "AsyncSandboxFs": "fs",
-    "SecretProxy": "netwiring",
-    "ExecHandle": "sandbox", "Sandbox": "sandbox", "SandboxFs": "sandbox",
-    "SandboxNetwork": "sandbox",
+    "AsyncSandbox": "_asandbox", "AsyncSandboxNetwork": "_asandbox", "SandboxInfo": "_asandbox",
+    "DnsOptions": "_config", "PortMapping": "_config", "SandboxConfig": "_config",
+    "TlsOptions": "_config", "Volume": "_config",
+    "AsyncExecHandle": "_exec", "ExecOutput": "_exec", "AsyncSandboxFs": "_fs",
+    "SecretProxy": "_netwiring",
+    "ExecHandle": "_sandbox", "Sandbox": "_sandbox", "SandboxFs": "_sandbox",
+    "SandboxNetwork": "_sandbox",
 }
 
 

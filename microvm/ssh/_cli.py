@@ -79,7 +79,7 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 def _check_sandbox(name: str) -> None:
     from microvm.errors import SandboxConfigError
-    from microvm.sandbox.config import validate_name
+    from microvm.sandbox._config import validate_name
 
     try:
         validate_name(name)

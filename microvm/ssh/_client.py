@@ -22,8 +22,8 @@ from microvm.ssh._server import SshServer
 from microvm.ssh.errors import SshConfigError, SshError
 
 if TYPE_CHECKING:
-    from microvm.sandbox.asandbox import AsyncSandbox
-    from microvm.sandbox.sandbox import Sandbox
+    from microvm.sandbox._asandbox import AsyncSandbox
+    from microvm.sandbox._sandbox import Sandbox
 
 __all__ = ["SshClient", "connect"]
 

@@ -59,8 +59,8 @@ from microvm.ssh import _keys as _keys
 from microvm.ssh.errors import SshConfigError, SshError
 
 if TYPE_CHECKING:
-    from microvm.sandbox.asandbox import AsyncSandbox
-    from microvm.sandbox.sandbox import Sandbox
+    from microvm.sandbox._asandbox import AsyncSandbox
+    from microvm.sandbox._sandbox import Sandbox
 
 __all__ = ["SshServer"]
 
@@ -79,8 +79,8 @@ _LOCAL_NAMES = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
 
 
 def _sandbox_of(sandbox: Sandbox | AsyncSandbox | str) -> AsyncSandbox:
-    from microvm.sandbox.asandbox import AsyncSandbox
-    from microvm.sandbox.sandbox import Sandbox
+    from microvm.sandbox._asandbox import AsyncSandbox
+    from microvm.sandbox._sandbox import Sandbox
 
     if isinstance(sandbox, AsyncSandbox):
         return sandbox

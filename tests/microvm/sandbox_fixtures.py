@@ -122,7 +122,7 @@ def busybox_image(store: rootfs.ImageStore, ref: str = "local/busybox:1", *,
 # -- leak probes ------------------------------------------------------------------------------
 def _run_dirs(home: Path) -> list[str]:
     """Every runtime directory the sandboxes under ``home`` may use (in-tree or $TMPDIR)."""
-    from microvm.sandbox.paths import SandboxPaths
+    from microvm.sandbox._paths import SandboxPaths
 
     root = home / "sandboxes"
     names = [p.name for p in root.iterdir()] if root.is_dir() else []
@@ -210,7 +210,7 @@ def sandbox_home_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[P
     nothing is left (:func:`assert_nothing_left`, for every sandbox name seen under
     ``$MICROVM_HOME/sandboxes``, in the state database, or created by this process)."""
     from microvm import Sandbox
-    from microvm.sandbox.state import StateDB
+    from microvm.sandbox._state import StateDB
 
     home = tmp_path_factory.mktemp("sbhome")
     seen: set[str] = set()

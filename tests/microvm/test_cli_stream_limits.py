@@ -64,7 +64,7 @@ def _cli(*argv: str, env: dict[str, str] | None = None, check: int | None = 0
 
 def _processes_of(home: Path, name: str) -> list[str]:
     """The live processes (supervisor, VMM, helpers) of sandbox ``name`` under ``home``."""
-    from microvm.sandbox.paths import SandboxPaths
+    from microvm.sandbox._paths import SandboxPaths
 
     d = (home / "sandboxes" / name).absolute()
     markers = (str(d), str(SandboxPaths(d).run),

@@ -33,7 +33,7 @@ from microvm.agent.protocol import TERMINAL, Frame, FrameDecoder, encode_frame
 from microvm.errors import AgentError, SandboxConfigError
 from microvm.guestdisk import build_ext4
 from microvm.kernel import Kernel
-from microvm.sandbox.relay import HIGH_WATER, AgentRelay
+from microvm.sandbox._relay import HIGH_WATER, AgentRelay
 from tests.support import require_binaries
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(180)]

@@ -16,7 +16,7 @@ import pytest
 
 from microvm import Sandbox
 from microvm.errors import SandboxConfigError, SandboxNotFound
-from microvm.sandbox.config import Volume
+from microvm.sandbox import Volume
 
 UNPULLABLE = "registry.invalid/none/such:1"
 

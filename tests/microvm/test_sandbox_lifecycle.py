@@ -33,9 +33,9 @@ import rootfs
 from microvm import AsyncSandbox, Sandbox
 from microvm.errors import AgentError, SandboxExists, SandboxNotFound, SandboxNotRunning
 from microvm.kernel import Kernel
-from microvm.sandbox.exec import AsyncExecHandle
-from microvm.sandbox.paths import SandboxPaths
-from microvm.sandbox.state import process_alive
+from microvm.sandbox import AsyncExecHandle
+from microvm.sandbox._paths import SandboxPaths
+from microvm.sandbox._state import process_alive
 from rootfs import Patch
 from tests.support import require_binaries
 
@@ -510,7 +510,7 @@ def test_twenty_create_remove_cycles_leave_nothing_behind(
     assert os.listdir(env.tmp) == []
     # network objects: namespaces, links, nft tables named after our sandboxes
     if ROOT:
-        from netstack.gateway.uplink_tap import uplink_names
+        from netstack.gateway import uplink_names
         from tests.netstack_gateway.kernel_objects import snapshot
 
         after = snapshot()

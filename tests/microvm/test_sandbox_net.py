@@ -162,7 +162,7 @@ def test_unknown_image_in_the_registry(sandbox_home: Path, registry: object, ker
 def test_no_uplink_is_refused_unless_network_none(sandbox_home: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     require_binaries("qemu-system-x86_64")
-    import microvm.sandbox.netwiring as nw
+    import microvm.sandbox._netwiring as nw
 
     monkeypatch.setattr(nw, "can_create_tap", lambda: False)  # as an unprivileged process
     monkeypatch.setattr(nw, "find_passt", lambda *a: None)    # without passt
@@ -184,7 +184,7 @@ def test_registry_pull_exec_default_and_no_nic(sandbox_home: Path, registry: obj
     rootfs.write_oci_layout(src, layout, {"v1": img})
     ref = registry.push(layout, "v1", "team/bbreg")  # type: ignore[attr-defined]
     # no uplink can be built here, and none is needed: the guest gets no NIC
-    import microvm.sandbox.netwiring as nw
+    import microvm.sandbox._netwiring as nw
 
     monkeypatch.setattr(nw, "can_create_tap", lambda: False)
     with Sandbox.create(NONE_NAME, image=ref, registry_insecure=True, network="none") as sb:

@@ -31,7 +31,7 @@ import json, sys, time
 from pathlib import Path
 import rootfs
 from microvm import DnsOptions, Sandbox, TlsOptions
-from microvm.sandbox.netwiring import can_create_tap
+from microvm.sandbox._netwiring import can_create_tap
 from tests.microvm.sandbox_fixtures import add_dynamic_binary, busybox_image, busybox_tree
 
 out = {"tap_possible": can_create_tap()}

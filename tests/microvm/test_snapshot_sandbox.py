@@ -18,7 +18,7 @@ import pytest
 import rootfs
 from microvm import Sandbox
 from microvm.errors import SandboxConfigError, SnapshotError
-from microvm.sandbox.netwiring import can_create_tap
+from microvm.sandbox._netwiring import can_create_tap
 from microvm.sandbox.snapshots import (
     disk_snapshot,
     export_snapshot,
@@ -203,7 +203,7 @@ def test_disk_snapshot_boots_cold_and_moves(source: Sandbox, tmp_path: Path) -> 
 def _procs_of(*names: str) -> set[int]:
     """Pids of processes whose command line names one of these sandboxes' directories
     (their QEMUs: rundir sockets; supervisors: sandbox dir)."""
-    from microvm.sandbox.paths import SandboxPaths
+    from microvm.sandbox._paths import SandboxPaths
 
     marks = [str(SandboxPaths.of(n).run) + "/" for n in names]
     out = set()
@@ -285,7 +285,7 @@ def test_pool_hands_out_and_refills(source: Sandbox, warm: str) -> None:
             # restores after the first start are forked by this process's warm zygote
             # and show a supervisor's command line
             from microvm.sandbox import zygote
-            from microvm.sandbox.paths import SandboxPaths
+            from microvm.sandbox._paths import SandboxPaths
 
             z = zygote._ZYGOTE
             assert z is not None and z.ready.is_set()

@@ -25,10 +25,16 @@ import pytest
 from microvm import AsyncSandbox, Machine, Sandbox
 from microvm._portal import Portal, run_once
 from microvm.agent import AgentClient, ExecProcess, SyncAgentClient, SyncExecProcess
-from microvm.sandbox.asandbox import AsyncSandboxNetwork
-from microvm.sandbox.exec import AsyncExecHandle, AsyncExecStdin
-from microvm.sandbox.fs import AsyncSandboxFs
-from microvm.sandbox.sandbox import ExecHandle, ExecStdin, SandboxFs, SandboxNetwork
+from microvm.sandbox import (
+    AsyncExecHandle,
+    AsyncSandboxFs,
+    AsyncSandboxNetwork,
+    ExecHandle,
+    SandboxFs,
+    SandboxNetwork,
+)
+from microvm.sandbox._exec import AsyncExecStdin
+from microvm.sandbox._sandbox import ExecStdin
 
 _DUNDER_TWINS = {"__enter__": "__aenter__", "__exit__": "__aexit__"}
 

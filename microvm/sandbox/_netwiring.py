@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from microvm.errors import NoUplinkError, SandboxError
-from microvm.sandbox.config import DnsOptions, PortMapping, TlsOptions
+from microvm.sandbox._config import DnsOptions, PortMapping, TlsOptions
 from netstack import NetworkPolicy
 from netstack.errors import UplinkError
 from netstack.gateway import (

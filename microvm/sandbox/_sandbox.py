@@ -1,4 +1,4 @@
-"""``Sandbox``: the blocking twin of :class:`~microvm.sandbox.asandbox.AsyncSandbox`.
+"""``Sandbox``: the blocking twin of :class:`~microvm.sandbox._asandbox.AsyncSandbox`.
 
 Same names, same parameters, same results, without ``await``: each handle runs the async
 core on its own :class:`~microvm._portal.Portal` (a private event loop in a daemon
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from microvm._portal import Portal, run_once
 from microvm.agent import ExecEvent, FileStat
-from microvm.sandbox.asandbox import (
+from microvm.sandbox._asandbox import (
     AsyncSandbox,
     PortsArg,
     ProxyFactory,
@@ -40,8 +40,8 @@ from microvm.sandbox.asandbox import (
     SandboxInfo,
     UplinkFactory,
 )
-from microvm.sandbox.config import DnsOptions, TlsOptions
-from microvm.sandbox.exec import AsyncExecHandle, ExecOutput
+from microvm.sandbox._config import DnsOptions, TlsOptions
+from microvm.sandbox._exec import AsyncExecHandle, ExecOutput
 
 if TYPE_CHECKING:   # types only: a handle never needs the gateway or the proxy
     from microvm.backends.base import Backend
@@ -71,7 +71,7 @@ async def _anext(agen: AsyncIterator[ExecEvent]) -> ExecEvent:
 
 
 class ExecHandle:
-    """Blocking twin of :class:`~microvm.sandbox.exec.AsyncExecHandle`.
+    """Blocking twin of :class:`~microvm.sandbox._exec.AsyncExecHandle`.
 
     Example::
 
@@ -179,7 +179,7 @@ class ExecStdin:
 
 
 class SandboxFs:
-    """Blocking twin of :class:`~microvm.sandbox.fs.AsyncSandboxFs`.
+    """Blocking twin of :class:`~microvm.sandbox._fs.AsyncSandboxFs`.
 
     Example::
 
@@ -303,7 +303,7 @@ class SandboxFs:
 
 
 class SandboxNetwork:
-    """Blocking twin of :class:`~microvm.sandbox.asandbox.AsyncSandboxNetwork`.
+    """Blocking twin of :class:`~microvm.sandbox._asandbox.AsyncSandboxNetwork`.
 
     Example::
 
@@ -364,7 +364,7 @@ class SandboxNetwork:
 
 
 class Sandbox:
-    """One sandbox, blocking API (see :class:`~microvm.sandbox.asandbox.AsyncSandbox`).
+    """One sandbox, blocking API (see :class:`~microvm.sandbox._asandbox.AsyncSandbox`).
 
     Example::
 

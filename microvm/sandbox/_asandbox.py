@@ -45,7 +45,7 @@ from microvm.errors import (
     SandboxError,
     SandboxNotRunning,
 )
-from microvm.sandbox.config import (
+from microvm.sandbox._config import (
     DnsOptions,
     PortMapping,
     SandboxConfig,
@@ -53,11 +53,11 @@ from microvm.sandbox.config import (
     parse_secrets,
     validate_name,
 )
+from microvm.sandbox._exec import AsyncExecHandle, ExecOutput
+from microvm.sandbox._fs import AsyncSandboxFs
+from microvm.sandbox._paths import SandboxPaths
+from microvm.sandbox._state import SandboxRecord, StateDB
 from microvm.sandbox.control import ControlError, control_call
-from microvm.sandbox.exec import AsyncExecHandle, ExecOutput
-from microvm.sandbox.fs import AsyncSandboxFs
-from microvm.sandbox.paths import SandboxPaths
-from microvm.sandbox.state import SandboxRecord, StateDB
 
 # netstack's gateway and tls_proxy (cryptography, h2, dnspython, pyroute2) are needed by
 # the supervisor, not by a handle: here they are types only, so `microvm exec` stays light;
@@ -65,7 +65,7 @@ from microvm.sandbox.state import SandboxRecord, StateDB
 if TYPE_CHECKING:
     from microvm.backends.base import Backend
     from microvm.sandbox import launch as _launch
-    from microvm.sandbox.netwiring import SecretProxy
+    from microvm.sandbox._netwiring import SecretProxy
     from microvm.sandbox.snapshots import SnapshotInfo
     from microvm.ssh._client import SshClient
     from netstack import Decision, Flow, NetworkPolicy
@@ -313,7 +313,7 @@ class AsyncSandbox:
             be_check = be
         await asyncio.to_thread(be_check.check)
         if cfg.network is not None and uplink is None:
-            from microvm.sandbox.netwiring import can_build_uplink
+            from microvm.sandbox._netwiring import can_build_uplink
 
             if not can_build_uplink():
                 from microvm.errors import NoUplinkError
