@@ -205,7 +205,7 @@ def ssh_config_block(name: str) -> str:
         print(ssh_config_block("demo"))
     """
     from microvm.ssh._keys import HOST_KEY_ALIAS, host_key, write_known_hosts
-    from rootfs._fs import microvm_home
+    from rootfs import microvm_home
 
     known = write_known_hosts(host_key())
     cmd = " ".join(shlex.quote(a) for a in (
