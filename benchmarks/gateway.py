@@ -63,7 +63,7 @@ from pyroute2 import IPRoute, NetNS
 from benchmarks._netstack_gateway_pump import CPump
 from netstack import Classifier, NetworkPolicy, Rule
 from netstack.gateway import AddressPlan, Gateway, PasstUplink, TapUplink, cleanup_stale
-from netstack.gateway.uplink_passt import STREAM_BUFFER, passt_argv
+from netstack.gateway._uplink_passt import STREAM_BUFFER, passt_argv
 from tests.netstack_gateway.topology import UPSTREAM_IP, Topology
 
 DIRECT_GUEST, DIRECT_UPSTREAM = "10.214.0.1", "10.214.0.2"

@@ -13,6 +13,7 @@ raise :class:`GatewayError` (and its subclasses, all exported here).
 * :class:`DnsForwarder`: the policy-enforcing asyncio DNS forwarder.
 * :class:`Gateway`: the C frame loop + classifier + DNS forwarder of one sandbox.
 * :class:`PcapWriter`: a thread-safe, size-bounded pcap/pcapng writer.
+* :class:`TlsInterception`: the loopback listeners a gateway steers intercepted TLS to.
 
 >>> from netstack.gateway import AddressPlan
 >>> AddressPlan(0).guest_config()["ipv4"]["gateway"]
@@ -26,26 +27,27 @@ from netstack.errors import (
     PcapError,
     UplinkError,
 )
-from netstack.gateway.addressing import (
+from netstack.gateway._addressing import (
     SANDBOX_GUEST_MTU,
     AddressPlan,
     SlotLease,
     allocate_slot,
 )
-from netstack.gateway.dns_forwarder import DnsForwarder, pin_cache_callback
-from netstack.gateway.gateway import Gateway
-from netstack.gateway.pcap import PcapWriter
-from netstack.gateway.published import PublishedPort
-from netstack.gateway.state import cleanup_stale
-from netstack.gateway.uplink import (
+from netstack.gateway._dns_forwarder import DnsForwarder, pin_cache_callback
+from netstack.gateway._gateway import Gateway
+from netstack.gateway._pcap import PcapWriter
+from netstack.gateway._published import PublishedPort
+from netstack.gateway._state import cleanup_stale
+from netstack.gateway._steering import TlsInterception
+from netstack.gateway._uplink import (
     RedirectingUplink,
     Uplink,
     can_intercept_tls,
     has_redirects,
     missing_uplink_members,
 )
-from netstack.gateway.uplink_passt import PasstUplink, find_passt
-from netstack.gateway.uplink_tap import TapUplink, uplink_names
+from netstack.gateway._uplink_passt import PasstUplink, find_passt
+from netstack.gateway._uplink_tap import TapUplink, uplink_names
 
 __all__ = [
     "SANDBOX_GUEST_MTU",
@@ -62,6 +64,7 @@ __all__ = [
     "RedirectingUplink",
     "SlotLease",
     "TapUplink",
+    "TlsInterception",
     "Uplink",
     "UplinkError",
     "allocate_slot",

@@ -1,4 +1,4 @@
-"""atheris target: netstack.gateway.dns_forwarder on arbitrary guest messages and upstream answers.
+"""atheris target: netstack.gateway._dns_forwarder on arbitrary guest messages and upstream answers.
 
 Run: ``python tests/fuzz/fuzz_dns_forwarder.py -max_total_time=60``. The forwarder must
 never raise on guest input; any reply echoes the transaction id with QR set and fits the
@@ -18,7 +18,7 @@ import dns.message  # imported before instrumentation: only netstack is instrume
 
 with atheris.instrument_imports(include=["netstack.gateway"]):
     from netstack import NetworkPolicy, Rule
-    from netstack.gateway.dns_forwarder import DnsForwarder
+    from netstack.gateway import DnsForwarder
 
 POLICY = NetworkPolicy.custom(rules=[Rule.allow("host.microvm.internal"),
                                      Rule.allow("10.0.0.0/8")])

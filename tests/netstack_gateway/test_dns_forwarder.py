@@ -18,7 +18,7 @@ import pytest
 from netstack import Decision, NetworkPolicy, Rule
 from netstack.errors import DnsForwarderError
 from netstack.gateway import DnsForwarder
-from netstack.gateway.dns_forwarder import (
+from netstack.gateway._dns_forwarder import (
     ForwarderThread,
     Upstream,
     is_rebind_address,

@@ -34,7 +34,7 @@ from netstack.gateway import (
     cleanup_stale,
     uplink_names,
 )
-from netstack.gateway.published import PortPublisher
+from netstack.gateway._published import PortPublisher
 from tests.netstack_gateway.kernel_objects import snapshot
 from tests.netstack_gateway.topology import (
     UPSTREAM_DNS_IP,

@@ -16,7 +16,7 @@ import pytest
 from netstack import NetworkPolicy, Rule
 from netstack.errors import UplinkError
 from netstack.gateway import AddressPlan, Gateway, TapUplink, cleanup_stale
-from netstack.gateway.uplink_tap import host_ipv6_usable
+from netstack.gateway._uplink_tap import host_ipv6_usable
 from tests.netstack_gateway.topology import (
     UPSTREAM_DNS_IP,
     UPSTREAM_IP6,

@@ -17,7 +17,7 @@ import pytest
 
 from netstack import Decision, Flow, NetworkPolicy, Rule
 from netstack.errors import GatewayError
-from netstack.gateway.published import STAT_KEYS, PortPublisher, PublishedPort
+from netstack.gateway._published import STAT_KEYS, PortPublisher, PublishedPort
 
 pytestmark = pytest.mark.timeout(60)
 ALLOW = NetworkPolicy.allow_all().evaluate

@@ -19,7 +19,7 @@ import pytest
 
 from netstack import NetworkPolicy, Rule, build_frame, parse_frame
 from netstack.gateway import AddressPlan, Gateway
-from netstack.gateway.steering import TLS_POOL, SteerClaim
+from netstack.gateway._steering import TLS_POOL, SteerClaim
 from tests.netstack_gateway.test_gateway_loop import _sum, checksums_ok
 
 pytestmark = pytest.mark.timeout(30)

@@ -21,7 +21,7 @@ import pytest
 from netstack import NetworkPolicy, Rule
 from netstack.errors import GatewayError, UplinkError
 from netstack.gateway import AddressPlan, Gateway, PasstUplink
-from netstack.gateway.uplink_passt import passt_argv
+from netstack.gateway._uplink_passt import passt_argv
 from tests.netstack_gateway.topology import (
     UPSTREAM_DNS_IP,
     UPSTREAM_IP,

@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from netstack.errors import UplinkError
-from netstack.gateway import AddressPlan, TapUplink, cleanup_stale
-from netstack.gateway.uplink_tap import uplink_names
+from netstack.gateway import AddressPlan, TapUplink, cleanup_stale, uplink_names
 from tests.netstack_gateway.kernel_objects import Snapshot, netns_links
 from tests.netstack_gateway.kernel_objects import snapshot as host_snapshot
 from tests.support import require_binaries, require_root

@@ -40,8 +40,7 @@ from pathlib import Path
 import trustme
 from pyroute2 import IPRoute, NetNS, netns
 
-from netstack.gateway import AddressPlan, PasstUplink, TapUplink, cleanup_stale
-from netstack.gateway.uplink_tap import uplink_names
+from netstack.gateway import AddressPlan, PasstUplink, TapUplink, cleanup_stale, uplink_names
 from tests.netstack_gateway.kernel_objects import snapshot
 
 _TUNSETIFF = 0x400454CA

@@ -144,7 +144,7 @@ def test_non_ip_sockets_have_no_original_destination(impl: str) -> None:
 
 def test_public_wrappers_agree() -> None:
     """``tls_proxy.original_dst`` raises, netstack's ``original_destination`` says None."""
-    from netstack.gateway.dns_forwarder import original_destination
+    from netstack.gateway._dns_forwarder import original_destination
     from tls_proxy import original_dst
 
     a, b = socket.socketpair()

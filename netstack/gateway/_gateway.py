@@ -20,7 +20,7 @@ which runs in its own pthread without the GIL:
 * ``published_ports`` (TCP and UDP, :class:`PublishedPort`): a host listener (127.0.0.1 by
   default) per mapping; each connection (UDP: each datagram) is checked with the ingress policy (the real
   peer address), then relayed through a connection the gateway opens to the guest from
-  inside the uplink namespace (see :mod:`netstack.gateway.published`);
+  inside the uplink namespace (see :mod:`netstack.gateway._published`);
 * denied TCP is answered with a RST, denied UDP with ICMP port unreachable, so guest
   programs fail fast; flows whose decision needs the TLS SNI have their data held
   (bounded) until the ClientHello is complete, then released or reset (both ways);
@@ -31,7 +31,7 @@ which runs in its own pthread without the GIL:
   on the gateway address; a resolver the guest picked is judged by the egress policy
   for ``resolver:53/tcp``, deny -> NXDOMAIN, allow -> forwarded there); on a steering
   uplink (passt: no namespace) the C loop's NAT sends it to a pool of the forwarder's
-  listeners on the host's loopback instead (:mod:`netstack.gateway.steering`); with an
+  listeners on the host's loopback instead (:mod:`netstack.gateway._steering`); with an
   uplink that can do neither it gets a RST;
 * IPv4 and, with an IPv6 plan and an uplink with ``ipv6_egress``, IPv6 (NAT66); IPv6
   neighbour discovery between the guest and the gateway passes like ARP;
@@ -81,11 +81,11 @@ from netstack._pincache import PinCache
 from netstack._policy import NetworkPolicy
 from netstack._verdict import Verdict
 from netstack.errors import AddressPlanError, GatewayError, MalformedFrame, UplinkError
-from netstack.gateway.addressing import AddressPlan
-from netstack.gateway.dns_forwarder import DnsForwarder, ForwarderThread, pin_cache_callback
-from netstack.gateway.pcap import PcapWriter
-from netstack.gateway.published import PortPublisher, PublishedPort
-from netstack.gateway.steering import (
+from netstack.gateway._addressing import AddressPlan
+from netstack.gateway._dns_forwarder import DnsForwarder, ForwarderThread, pin_cache_callback
+from netstack.gateway._pcap import PcapWriter
+from netstack.gateway._published import PortPublisher, PublishedPort
+from netstack.gateway._steering import (
     DNS_POOL,
     TLS_POOL,
     DnsPoolServer,
@@ -93,7 +93,7 @@ from netstack.gateway.steering import (
     TlsInterception,
     loopback_listeners,
 )
-from netstack.gateway.uplink import (
+from netstack.gateway._uplink import (
     RedirectingUplink,
     Uplink,
     has_redirects,
@@ -530,7 +530,7 @@ class Gateway:
         uplink namespace (:meth:`intercept_tls`), ``lookup`` None (``SO_ORIGINAL_DST``).
         With a steering uplink (passt): a pool of listeners on the host's loopback, to
         which the C loop's NAT sends each new flow, and ``lookup(peer, local)`` claims
-        the flow's original destination (see :mod:`netstack.gateway.steering`). Serve
+        the flow's original destination (see :mod:`netstack.gateway._steering`). Serve
         every socket with the same lookup; the policy is enforced first either way
         (SNI decisions included). ``block_quic`` drops the guest's UDP to the same ports.
 

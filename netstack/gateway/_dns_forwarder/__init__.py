@@ -55,7 +55,7 @@ One job per module (this package re-exports the public names):
 ('NXDOMAIN', True)
 """
 
-from netstack.gateway.dns_forwarder._forwarder import (
+from netstack.gateway._dns_forwarder._forwarder import (
     AnswerCallback,
     DnsForwarder,
     EgressDecider,
@@ -65,9 +65,9 @@ from netstack.gateway.dns_forwarder._forwarder import (
     is_rebind_address,
     pin_cache_callback,
 )
-from netstack.gateway.dns_forwarder._listeners import QueryHandler, original_destination
-from netstack.gateway.dns_forwarder._thread import ForwarderThread
-from netstack.gateway.dns_forwarder._upstream import Upstream, resolv_conf_upstreams
+from netstack.gateway._dns_forwarder._listeners import QueryHandler, original_destination
+from netstack.gateway._dns_forwarder._thread import ForwarderThread
+from netstack.gateway._dns_forwarder._upstream import Upstream, resolv_conf_upstreams
 
 __all__ = [
     "AnswerCallback",

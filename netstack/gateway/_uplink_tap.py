@@ -78,9 +78,9 @@ from pathlib import Path
 from typing import Final
 
 from netstack.errors import UplinkError
+from netstack.gateway._addressing import AddressPlan, microvm_home
 from netstack.gateway._netns import socket_in, write_sysctls
-from netstack.gateway.addressing import AddressPlan, microvm_home
-from netstack.gateway.state import (
+from netstack.gateway._state import (
     UplinkRecord,
     process_identity,
     remove_objects,
@@ -385,7 +385,7 @@ class TapUplink:
         self._state_path = state_dir(self.home) / f"{self.names['token']}.json"
         if self._state_path.exists():
             old = UplinkRecord.from_json(self._state_path.read_text(encoding="utf-8"))
-            from netstack.gateway.state import owner_alive
+            from netstack.gateway._state import owner_alive
             if owner_alive(old.pid, old.pid_start):
                 raise UplinkError(f"sandbox {sandbox!r} already has an uplink owned by live "
                                   f"pid {old.pid} ({self._state_path})")

@@ -1,7 +1,7 @@
 """The forwarder: policy per query, rebind protection, the pin-cache feed, rendering.
 
 :class:`DnsForwarder` turns one guest DNS message into one reply (bytes in, bytes out;
-see :mod:`netstack.gateway.dns_forwarder` for the rules); the listeners
+see :mod:`netstack.gateway._dns_forwarder` for the rules); the listeners
 (:mod:`._listeners`), upstream selection (:mod:`._upstream`) and the loop thread
 (:mod:`._thread`) are separate modules. :func:`is_rebind_address` is the rebind set,
 :func:`pin_cache_callback` feeds answers to a pin cache.
@@ -37,8 +37,8 @@ import dns.rrset
 
 from netstack._flow import Decision, Flow
 from netstack.errors import DnsForwarderError
-from netstack.gateway.dns_forwarder._listeners import Listeners
-from netstack.gateway.dns_forwarder._upstream import Upstream, resolv_conf_upstreams
+from netstack.gateway._dns_forwarder._listeners import Listeners
+from netstack.gateway._dns_forwarder._upstream import Upstream, resolv_conf_upstreams
 
 log = logging.getLogger("netstack.dns")
 
@@ -467,7 +467,7 @@ class DnsForwarder:
                       protocol)
             return _header_only(query.id, query.flags, response.rcode(), tc=True)
 
-    # -- listener mode (netstack.gateway.dns_forwarder._listeners) -----------------
+    # -- listener mode (netstack.gateway._dns_forwarder._listeners) -----------------
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         """Serve UDP and TCP on ``host``:``port`` (0 = pick one); returns the address.
 

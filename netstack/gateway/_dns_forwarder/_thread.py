@@ -1,12 +1,12 @@
 """The forwarder for callers that are not asyncio: :class:`ForwarderThread`.
 
-A :class:`~netstack.gateway.dns_forwarder.DnsForwarder` on its own event loop in a
+A :class:`~netstack.gateway._dns_forwarder.DnsForwarder` on its own event loop in a
 daemon thread (:class:`~netstack.gateway._portal.Portal`, netstack's twin of the
 project's one sync-over-async pattern, ``microvm/_portal.py``: start, submit, close,
 context manager).
 
 >>> from netstack import NetworkPolicy
->>> from netstack.gateway.dns_forwarder import DnsForwarder
+>>> from netstack.gateway import DnsForwarder
 >>> with ForwarderThread(DnsForwarder(NetworkPolicy.none().evaluate_dns, ["192.0.2.1"])) as t:
 ...     t.submit(b"\\x00\\x01").result(5) is None   # too short: no reply
 True
@@ -24,7 +24,7 @@ from netstack.errors import DnsForwarderError
 from netstack.gateway._portal import Portal
 
 if TYPE_CHECKING:
-    from netstack.gateway.dns_forwarder._forwarder import DnsForwarder
+    from netstack.gateway._dns_forwarder._forwarder import DnsForwarder
 
 log = logging.getLogger("netstack.dns")
 
@@ -39,7 +39,7 @@ class ForwarderThread:
     the thread starts at construction.
 
     >>> from netstack import NetworkPolicy
-    >>> from netstack.gateway.dns_forwarder import DnsForwarder
+    >>> from netstack.gateway import DnsForwarder
     >>> fwd = DnsForwarder(NetworkPolicy.none().evaluate_dns, ["192.0.2.1"])
     >>> with ForwarderThread(fwd) as t:
     ...     reply = t.submit(bytes.fromhex("abcd01000001000000000000017800000f0001")).result(5)
@@ -57,7 +57,7 @@ class ForwarderThread:
         """Start the thread (it already runs after construction; idempotent).
 
         >>> from netstack import NetworkPolicy
-        >>> from netstack.gateway.dns_forwarder import DnsForwarder
+        >>> from netstack.gateway import DnsForwarder
         >>> t = ForwarderThread(DnsForwarder(NetworkPolicy.none().evaluate_dns, ["192.0.2.1"]))
         >>> t.start() is t
         True
@@ -73,7 +73,7 @@ class ForwarderThread:
         """Schedule :meth:`DnsForwarder.handle` on the forwarder's loop.
 
         >>> from netstack import NetworkPolicy
-        >>> from netstack.gateway.dns_forwarder import DnsForwarder
+        >>> from netstack.gateway import DnsForwarder
         >>> with ForwarderThread(DnsForwarder(NetworkPolicy.none().evaluate_dns,
         ...                                   ["192.0.2.1"])) as t:
         ...     t.submit(b"\\x00\\x01").result(5) is None  # too short: no reply
@@ -87,7 +87,7 @@ class ForwarderThread:
         """Start the UDP+TCP listeners (:meth:`DnsForwarder.start`) on the thread's loop.
 
         >>> from netstack import NetworkPolicy
-        >>> from netstack.gateway.dns_forwarder import DnsForwarder
+        >>> from netstack.gateway import DnsForwarder
         >>> with ForwarderThread(DnsForwarder(NetworkPolicy.none().evaluate_dns,
         ...                                   ["192.0.2.1"])) as t:
         ...     t.start_listener("127.0.0.1", 0)[1] > 0
@@ -102,7 +102,7 @@ class ForwarderThread:
 
         >>> import socket
         >>> from netstack import NetworkPolicy
-        >>> from netstack.gateway.dns_forwarder import DnsForwarder
+        >>> from netstack.gateway import DnsForwarder
         >>> with ForwarderThread(DnsForwarder(NetworkPolicy.none().evaluate_dns,
         ...                                   ["192.0.2.1"])) as t:
         ...     t.serve_tcp_socket(socket.create_server(("127.0.0.1", 0)))
@@ -116,7 +116,7 @@ class ForwarderThread:
         """Stop listeners and the loop, join the thread (idempotent).
 
         >>> from netstack import NetworkPolicy
-        >>> from netstack.gateway.dns_forwarder import DnsForwarder
+        >>> from netstack.gateway import DnsForwarder
         >>> t = ForwarderThread(DnsForwarder(NetworkPolicy.none().evaluate_dns, ["192.0.2.1"]))
         >>> t.close(); t.close(); t.loop.is_closed()
         True

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from netstack.errors import UplinkError
-from netstack.gateway.addressing import microvm_home
+from netstack.gateway._addressing import microvm_home
 
 log = logging.getLogger("netstack.gateway")
 

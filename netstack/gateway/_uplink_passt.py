@@ -37,7 +37,7 @@ Capabilities: a core :class:`~netstack.gateway.Uplink`, not a
 listeners in), but a *steering* one (``steer_to_host``): the gateway's C loop NATs guest
 DNS over TCP (any address) and the intercepted TLS ports to pools of listeners on the
 host's loopback, which claim each flow's original destination from the loop
-(``netstack/csrc/steer.c``, :mod:`netstack.gateway.steering`,
+(``netstack/csrc/steer.c``, :mod:`netstack.gateway._steering`,
 :meth:`~netstack.gateway.Gateway.tls_interception`); a claim is honoured only for a connection
 from passt's uid (``peer_uid``). Published ports are passt's own forwards
 (``forwarded_ports``: listeners on the host's 127.0.0.1 owned by our passt child),
@@ -66,8 +66,8 @@ from collections.abc import Iterable, Sequence
 from typing import IO, Final
 
 from netstack.errors import UplinkError
-from netstack.gateway.addressing import AddressPlan
-from netstack.gateway.published import PublishedPort
+from netstack.gateway._addressing import AddressPlan
+from netstack.gateway._published import PublishedPort
 
 log = logging.getLogger("netstack.gateway")
 
@@ -360,7 +360,7 @@ class PasstUplink:
         True
         """
         if self._peer_uid is None and self._proc.poll() is None:
-            from netstack.gateway.steering import passt_uid
+            from netstack.gateway._steering import passt_uid
 
             self._peer_uid = passt_uid(self._proc.pid)
         return self._peer_uid

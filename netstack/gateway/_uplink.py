@@ -71,7 +71,7 @@ import socket
 from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
 
-from netstack.gateway.addressing import AddressPlan
+from netstack.gateway._addressing import AddressPlan
 
 __all__ = ["RedirectingUplink", "Uplink", "can_intercept_tls", "has_redirects",
            "has_steering", "missing_uplink_members"]

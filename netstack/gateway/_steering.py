@@ -183,6 +183,7 @@ class TlsInterception:
     original destination (None: read it with ``SO_ORIGINAL_DST``, the TAP uplink's
     nftables redirect). The caller closes the sockets (serving them hands them over).
 
+    >>> from netstack.gateway import TlsInterception
     >>> ti = TlsInterception((), None)
     >>> ti.close(); ti.sockets
     ()
