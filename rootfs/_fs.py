@@ -4,6 +4,8 @@ Every file rootfs publishes (blobs, refs, records, image disks, saved archives) 
 through :func:`atomic_replace`: written under a temporary name in a directory of the
 same filesystem, fsynced, chmodded, renamed over the final name, and the directory
 fsynced, so a crash leaves either the old file or the whole new one, never a torn one.
+:func:`atomic_write`, :func:`microvm_home` and :func:`process_start_time` are public
+(exported from :mod:`rootfs`, what ``microvm`` uses); the rest is rootfs's own.
 
 Example::
 
@@ -30,7 +32,8 @@ def microvm_home() -> Path:
 
     Example::
 
-        >>> isinstance(microvm_home(), Path)
+        >>> import rootfs
+        >>> isinstance(rootfs.microvm_home(), Path)
         True
     """
     env = os.environ.get("MICROVM_HOME")
@@ -110,6 +113,7 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644, *,
     Example::
 
         >>> import tempfile
+        >>> from rootfs import atomic_write
         >>> p = Path(tempfile.mkdtemp()) / "ref.json"
         >>> atomic_write(p, b'{"digest": "x"}')
         >>> p.read_text()
@@ -127,7 +131,10 @@ def process_start_time(pid: int) -> int | None:
 
     Example::
 
+        >>> from rootfs import process_start_time
         >>> process_start_time(os.getpid()) is not None
+        True
+        >>> process_start_time(2**22 + 1) is None    # above pid_max: no such process
         True
     """
     try:
