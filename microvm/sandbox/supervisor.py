@@ -41,9 +41,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from microvm._machine import Machine
 from microvm.backends.base import Share, console_tail
 from microvm.errors import MicrovmError
-from microvm.machine import Machine
 from microvm.sandbox import control
 from microvm.sandbox._config import SandboxConfig
 from microvm.sandbox._paths import SandboxPaths
