@@ -8,8 +8,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from microvm._guestdisk import build_ext4
 from microvm.backends import Disk, QemuBackend, VmSpec
-from microvm.guestdisk import build_ext4
 from microvm.kernel import Kernel
 
 MARKER = b"MICROVM-BARE-INIT-UP"

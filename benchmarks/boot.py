@@ -31,8 +31,8 @@ def build_agent_disk(work: Path) -> Path:
     import shutil
     import subprocess
 
+    from microvm._guestdisk import build_ext4
     from microvm.agent import agent_binary
-    from microvm.guestdisk import build_ext4
 
     root = work / "agent-root"
     (root / "bin").mkdir(parents=True, exist_ok=True)
@@ -47,7 +47,7 @@ def build_agent_disk(work: Path) -> Path:
 
 def machine_first_exec_once(kernel: Kernel, disk: Path) -> float:
     """Seconds from Machine.start() to the result of the first exec (/bin/true)."""
-    from microvm.machine import Machine
+    from microvm import Machine
 
     t0 = time.perf_counter()
     m = Machine("qemu", kernel=kernel, disks=[disk], memory=MEMORY_MIB).start()
@@ -63,7 +63,7 @@ def machine_first_exec_once(kernel: Kernel, disk: Path) -> float:
 
 def exec_and_fs(kernel: Kernel, disk: Path, n_exec: int, fs_mib: int) -> dict[str, float]:
     """Exec round-trip (median ms) and fs write/read MiB/s through the agent on one booted machine."""
-    from microvm.machine import Machine
+    from microvm import Machine
 
     out: dict[str, float] = {}
     with Machine("qemu", kernel=kernel, disks=[disk], memory=MEMORY_MIB) as m:

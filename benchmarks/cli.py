@@ -8,7 +8,7 @@ the two paths interleaved per round:
 * ``library_run_s``: ``Sandbox.create`` + ``exec("true")`` + ``Sandbox.remove`` in this
   process, median (its supervisors fork from this process's zygote, warm after round 0;
   each ``microvm run`` starts its own zygote first thing, beside its own imports, and
-  waits for it: :func:`microvm.cli_util.prestart_supervisor`);
+  waits for it: :func:`microvm._cli_util.prestart_supervisor`);
 * ``cli_vs_library_ratio`` = ``library_run_s / cli_run_s`` (target >= 0.9: the command
   adds little);
 * ``exec_ms``: ``microvm exec NAME true`` round trip on a running sandbox (a new process
@@ -56,7 +56,7 @@ def _cli(*argv: str) -> float:
     return _timed([sys.executable, "-m", "microvm", *argv])
 
 
-_STACK = ("from microvm import Sandbox; import microvm.sandbox._sandbox, microvm.cli_sandbox, "
+_STACK = ("from microvm import Sandbox; import microvm.sandbox._sandbox, microvm._cli_sandbox, "
           "rootfs, netstack.gateway, tls_proxy")
 
 

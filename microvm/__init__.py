@@ -35,7 +35,7 @@ from microvm.errors import (
 # kernel module, ``Sandbox`` netstack and tls_proxy): ``import microvm`` stays cheap for
 # the CLI and the supervisor. Type checkers see the real classes.
 if TYPE_CHECKING:
-    from microvm.machine import Machine
+    from microvm._machine import Machine
     from microvm.pool import Pool
     from microvm.sandbox import (
         AsyncSandbox,
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 _LAZY = {"Sandbox": "microvm.sandbox", "AsyncSandbox": "microvm.sandbox",
          "ExecOutput": "microvm.sandbox", "SandboxInfo": "microvm.sandbox",
          "DnsOptions": "microvm.sandbox", "TlsOptions": "microvm.sandbox",
-         "Machine": "microvm.machine", "Pool": "microvm.pool"}
+         "Machine": "microvm._machine", "Pool": "microvm.pool"}
 
 
 def __getattr__(name: str) -> object:

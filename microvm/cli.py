@@ -1,6 +1,6 @@
 """The ``microvm`` command: the group, ``microvm kernel fetch|path`` and ``microvm vm run``.
 
-The docker-like commands live in ``microvm.cli_sandbox`` (run, create, start, exec,
+The docker-like commands live in ``microvm._cli_sandbox`` (run, create, start, exec,
 shell, attach), ``cli_manage`` (ls, stop, rm, logs, inspect, cp, net...), ``cli_images``,
 ``cli_snapshot``, ``cli_doctor``, ``microvm.ssh._cli`` and ``microvm.fleet._cli``; each
 module is imported only when one of its commands runs (:class:`LazyGroup`).
@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         main(["kernel", "path"])
     """
     if argv is None:      # the process's own command line (console script, python -m)
-        from microvm import cli_util
+        from microvm import _cli_util as cli_util
 
         cli_util.PROGRAM = True
         # httpx (rootfs's registry client, imported by every sandbox start) loads its own
@@ -126,13 +126,13 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 #: that this table names exactly what the modules register.
 _LAZY_SOURCES: dict[str, str] = {
     **dict.fromkeys(("run", "create", "start", "exec", "shell", "attach"),
-                    "microvm.cli_sandbox:register"),
+                    "microvm._cli_sandbox:register"),
     **dict.fromkeys(("ls", "ps", "stop", "kill", "rm", "logs", "inspect", "stats", "cp", "net"),
-                    "microvm.cli_manage:register"),
+                    "microvm._cli_manage:register"),
     **dict.fromkeys(("image", "pull", "images", "rmi", "volume", "system"),
-                    "microvm.cli_images:register"),
-    **dict.fromkeys(("snapshot", "fork", "pause", "resume"), "microvm.cli_snapshot:register"),
-    "doctor": "microvm.cli_doctor:doctor_cmd",
+                    "microvm._cli_images:register"),
+    **dict.fromkeys(("snapshot", "fork", "pause", "resume"), "microvm._cli_snapshot:register"),
+    "doctor": "microvm._cli_doctor:doctor_cmd",
     "ssh": "microvm.ssh._cli:ssh",
     "fleet": "microvm.fleet._cli:fleet",
 }
@@ -145,7 +145,7 @@ class LazyGroup(click.Group):
 
         @click.group(cls=LazyGroup)
         def cli() -> None: ...
-        cli.get_command(ctx, "run")      # imports microvm.cli_sandbox only
+        cli.get_command(ctx, "run")      # imports microvm._cli_sandbox only
     """
 
     def _load(self, source: str) -> None:
@@ -409,10 +409,10 @@ def run_command(
 
         run_command(Path("rootfs"), ["/bin/echo", "hi"])
     """
+    from microvm._guestdisk import build_ext4
+    from microvm._machine import Machine
     from microvm.agent import agent_binary
     from microvm.backends._rundir import owned_tempdir, remove_owned, sweep_stale
-    from microvm.guestdisk import build_ext4
-    from microvm.machine import Machine
 
     sweep_stale()  # run dirs of `vm run`s that were SIGKILLed
     with _signals_unwind():

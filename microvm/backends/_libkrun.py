@@ -1,7 +1,7 @@
 """``LibkrunBackend``: cffi ABI-mode bindings to ``libkrun.so.1`` and a launcher subprocess per VM.
 
 ``krun_start_enter`` never returns (the VMM ``_exit``s with the guest's code),
-so every VM runs in ``python -m microvm.launcher SPEC``, which builds the
+so every VM runs in ``python -m microvm._launcher SPEC``, which builds the
 context with these bindings and enters. The library path can be overridden
 with ``MICROVM_LIBKRUN``.
 
@@ -236,7 +236,7 @@ class Libkrun:
 
 
 def spec_to_launch_config(spec: VmSpec, log_level: int = 0) -> dict[str, Any]:
-    """The JSON-able launcher config for ``spec`` (what ``python -m microvm.launcher`` reads).
+    """The JSON-able launcher config for ``spec`` (what ``python -m microvm._launcher`` reads).
 
     Example::
 
@@ -296,7 +296,7 @@ class LibkrunBackend:
             )
 
     def launch(self, spec: VmSpec) -> SpawnedVm:
-        """Write ``launcher.json`` into the rundir and start ``python -m microvm.launcher`` on it.
+        """Write ``launcher.json`` into the rundir and start ``python -m microvm._launcher`` on it.
 
         Example::
 
@@ -317,7 +317,7 @@ class LibkrunBackend:
         # libkrun's _exit, which would lose console bytes its own reader had not written yet.
         sink = ConsoleSink(spec.console_socket, spec.console_log, spec.console_limit)
         group = ProcessGroup()
-        argv: Sequence[str] = [sys.executable, "-m", "microvm.launcher", str(cfg_path)]
+        argv: Sequence[str] = [sys.executable, "-m", "microvm._launcher", str(cfg_path)]
         try:
             proc = group.spawn(argv, log=spec.rundir / "launcher.log", env=env)
         except BaseException:

@@ -51,7 +51,7 @@ def node_problems(*, network: bool = True) -> list[str]:
     problems: list[str] = []
     if importlib.util.find_spec("ray") is None:
         problems.append(f"Ray is not installed; fix: {INSTALL_HINT}")
-    from microvm.cli_doctor import doctor_checks
+    from microvm._cli_doctor import doctor_checks
 
     for c in doctor_checks():
         if c.ok or not (c.required or (network and c.name == "tap uplink")):

@@ -13,8 +13,8 @@ import sys
 
 import click
 
-COMMAND_MODULES = ("microvm.cli_sandbox", "microvm.cli_manage", "microvm.cli_images",
-                   "microvm.cli_doctor", "microvm.ssh._cli", "microvm.fleet._cli", "rootfs.cli")
+COMMAND_MODULES = ("microvm._cli_sandbox", "microvm._cli_manage", "microvm._cli_images",
+                   "microvm._cli_doctor", "microvm.ssh._cli", "microvm.fleet._cli", "rootfs.cli")
 
 
 def _loaded_after(code: str) -> list[str]:
@@ -44,9 +44,9 @@ def test_the_table_names_exactly_what_the_modules_register() -> None:
 
 def test_a_command_imports_only_its_own_module() -> None:
     run = "from microvm.cli import cli; import click; cli.get_command(click.Context(cli), 'run')"
-    assert _loaded_after(run) == ["microvm.cli_sandbox"]
+    assert _loaded_after(run) == ["microvm._cli_sandbox"]
     ls = "from microvm.cli import cli; import click; cli.get_command(click.Context(cli), 'ps')"
-    assert _loaded_after(ls) == ["microvm.cli_manage"]
+    assert _loaded_after(ls) == ["microvm._cli_manage"]
     assert _loaded_after("import microvm.cli") == []
 
 

@@ -1,4 +1,4 @@
-"""microvm.guestdisk: ext4 images from a directory with the agent injected."""
+"""microvm._guestdisk: ext4 images from a directory with the agent injected."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from microvm.guestdisk import DiskError, build_ext4
+from microvm._guestdisk import DiskError, build_ext4
 from tests.support import require_binaries
 
 

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from microvm import BootError
+from microvm import BootError, Machine
 from microvm.backends import Disk
 from microvm.errors import MicrovmError
 from microvm.kernel import Kernel
-from microvm.machine import Machine
 from tests.support import require_binaries
 
 pytestmark = pytest.mark.vm
@@ -80,8 +79,8 @@ def test_async_machine(kernel: Kernel, busybox_root: Path, tmp_path: Path) -> No
     """astart/aagent/ashutdown: the asyncio path boots, runs, and reports the acked exit code."""
     import asyncio
 
+    from microvm._guestdisk import build_ext4
     from microvm.agent import agent_binary
-    from microvm.guestdisk import build_ext4
 
     require_binaries("qemu-system-x86_64")
     img = build_ext4(busybox_root, tmp_path / "root.img", agent=agent_binary())

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from microvm import Machine
+from microvm._guestdisk import build_ext4
 from microvm.agent import agent_binary
 from microvm.backends import Share
-from microvm.guestdisk import build_ext4
 from microvm.kernel import Kernel
 from tests.microvm.netpeer import NetPeer
 from tests.support import require_binaries

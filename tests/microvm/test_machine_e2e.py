@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from microvm import Machine
+from microvm._guestdisk import build_ext4
 from microvm.agent import AgentClient, agent_binary
 from microvm.errors import AgentError, BootError, ExecTimeout
-from microvm.guestdisk import build_ext4
 from microvm.kernel import Kernel
 from microvm.sandbox.launch import boot_panicked
 from tests.support import require_binaries

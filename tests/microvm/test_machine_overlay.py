@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from microvm import Machine
+from microvm._guestdisk import build_ext4
+from microvm._machine import ROOT_SHARE_TAG, map_root_plan
 from microvm.errors import MicrovmError
-from microvm.guestdisk import build_ext4
 from microvm.kernel import Kernel
-from microvm.machine import ROOT_SHARE_TAG, map_root_plan
 from tests.support import require_binaries
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(120)]

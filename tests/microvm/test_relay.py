@@ -28,10 +28,10 @@ from typing import Any, TypeVar
 import pytest
 
 from microvm import Machine
+from microvm._guestdisk import build_ext4
 from microvm.agent import AgentClient, SyncAgentClient, agent_binary
 from microvm.agent.protocol import TERMINAL, Frame, FrameDecoder, encode_frame
 from microvm.errors import AgentError, SandboxConfigError
-from microvm.guestdisk import build_ext4
 from microvm.kernel import Kernel
 from microvm.sandbox._relay import HIGH_WATER, AgentRelay
 from tests.support import require_binaries

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from microvm import Machine
+from microvm._guestdisk import build_ext4
 from microvm.agent import agent_binary
 from microvm.backends import Disk
 from microvm.errors import AgentError, BackendUnavailable, SnapshotError
-from microvm.guestdisk import build_ext4
 from microvm.kernel import Kernel
 from microvm.snapshot import verify
 from tests.support import require_binaries

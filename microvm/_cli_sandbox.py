@@ -2,7 +2,7 @@
 
 ``run`` is :meth:`Sandbox.create` (or :meth:`Sandbox.restore` with ``--from-snapshot``)
 + a streamed exec of CMD (or of the image's entrypoint + cmd); ``run -d`` starts it as
-the sandbox's main process instead (:mod:`microvm.cli_attach`), which ``attach`` joins;
+the sandbox's main process instead (:mod:`microvm._cli_attach`), which ``attach`` joins;
 ``exec``/``shell`` (and ``attach`` without a main process) are streamed execs on
 :meth:`Sandbox.get`. Flags go before IMAGE (after it they belong to the command, as in
 docker). Exit status: the command's; 125 ours; 126/127 cannot run / not found in the
@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from microvm.cli_stream import DETACHED, Interrupted, parse_detach_keys, stream
-from microvm.cli_util import (
+from microvm._cli_stream import DETACHED, Interrupted, parse_detach_keys, stream
+from microvm._cli_util import (
     EXIT_OURS,
     Failure,
     exec_error_status,
@@ -317,7 +317,7 @@ def run_cmd(image: str | None, cmd: tuple[str, ...], from_snapshot: str | None, 
         # sandbox already runs what its snapshot ran: only an explicit CMD is started)
         argv = list(cmd) if cmd or from_snapshot is not None else sb.default_command()
         if argv:
-            from microvm.cli_attach import launch_main
+            from microvm._cli_attach import launch_main
 
             launch_main(sb, argv, stdin=interactive)
         click.echo(name)
@@ -499,7 +499,7 @@ def _interactive(name: str, keys: bytes, *, main: bool = False) -> NoReturn:
     code: int | None = None
     try:
         if main:
-            from microvm.cli_attach import attach_main
+            from microvm._cli_attach import attach_main
 
             code = attach_main(sb, keys)
         if code is None:

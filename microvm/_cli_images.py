@@ -22,7 +22,7 @@ from typing import Any
 
 import click
 
-from microvm.cli_util import Failure, guarded
+from microvm._cli_util import Failure, guarded
 
 __all__ = ["register"]
 

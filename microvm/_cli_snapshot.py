@@ -23,7 +23,7 @@ from pathlib import Path
 
 import click
 
-from microvm.cli_util import (
+from microvm._cli_util import (
     for_each,
     for_each_sandbox,
     guarded,

@@ -9,7 +9,7 @@ and leave the command and the sandbox running.
 Example::
 
     from microvm import Sandbox
-    from microvm.cli_stream import stream
+    from microvm._cli_stream import stream
     sb = Sandbox.get("web")
     code = stream(sb, ["/bin/sh"], stdin=True, tty=True)
 """

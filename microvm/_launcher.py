@@ -1,4 +1,4 @@
-"""``python -m microvm.launcher SPEC``: build a libkrun context from a JSON spec and enter the VM.
+"""``python -m microvm._launcher SPEC``: build a libkrun context from a JSON spec and enter the VM.
 
 Runs in its own process because ``krun_start_enter`` never returns (libkrun
 ``_exit``s with the guest's exit code). The guest's ``agent`` console port is
@@ -8,7 +8,7 @@ status: the guest's code, or 125 (with a JSON line on stderr) when setup fails.
 
 Example::
 
-    python -m microvm.launcher /run/vm1/launcher.json
+    python -m microvm._launcher /run/vm1/launcher.json
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def build_context(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: ``python -m microvm.launcher SPEC.json``.
+    """Entry point: ``python -m microvm._launcher SPEC.json``.
 
     Example::
 
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m microvm.launcher SPEC.json", file=sys.stderr)
+        print("usage: python -m microvm._launcher SPEC.json", file=sys.stderr)
         return 2
     _set_pdeathsig()
     try:

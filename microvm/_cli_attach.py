@@ -9,7 +9,7 @@ from now on), forwards this terminal's input lines to it when it was started wit
 and ends with its exit status when it exits; Ctrl-C or the detach keys leave it running.
 The main process has no TTY (the guest console is one-way), so the terminal stays in
 line mode; a sandbox without a main process gets a TTY session in its shell instead
-(see ``microvm.cli_sandbox``).
+(see ``microvm._cli_sandbox``).
 
 Example::
 
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from microvm.cli_stream import DETACHED, _scan_detach, _write_all
+from microvm._cli_stream import DETACHED, _scan_detach, _write_all
 
 if TYPE_CHECKING:
     from microvm.sandbox._sandbox import Sandbox
@@ -67,7 +67,7 @@ def launch_main(sb: Sandbox, argv: list[str], *, stdin: bool) -> None:
 
         launch_main(sb, ["sleep", "600"], stdin=False)
     """
-    from microvm.cli_util import Failure
+    from microvm._cli_util import Failure
 
     out = sb.exec(sb.config.shell, ["-c", _LAUNCH, "sh", "-i" if stdin else "-", *argv])
     if not out.success:
@@ -92,7 +92,7 @@ class _Leave(BaseException):
 
 def attach_main(sb: Sandbox, detach_keys: bytes) -> int | None:
     """Attach this process to ``sb``'s main process until it exits (its status), Ctrl-C or
-    the detach keys (:data:`~microvm.cli_stream.DETACHED`); None when ``sb`` has none.
+    the detach keys (:data:`~microvm._cli_stream.DETACHED`); None when ``sb`` has none.
 
     Example::
 

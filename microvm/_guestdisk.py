@@ -6,7 +6,7 @@ the source directory is never modified.
 
 Example::
 
-    from microvm.guestdisk import build_ext4
+    from microvm._guestdisk import build_ext4
     build_ext4(Path("rootfs"), Path("root.img"), agent=Path("microvm/_bin/microvm-agent"))
 """
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from microvm.cli_util import Failure, for_each, for_each_sandbox, guarded, parse_labels
+from microvm._cli_util import Failure, for_each, for_each_sandbox, guarded, parse_labels
 
 if TYPE_CHECKING:
     from microvm.sandbox._asandbox import SandboxInfo
