@@ -33,8 +33,11 @@ class PreparedRoot:
 
     Example::
 
-        root = rootfs.prepare_bind_root(Path("/srv/root"))
-        assert root.mount_plan() == {"kind": "bind", "dir": "/srv/root"}
+        >>> import rootfs
+        >>> Path("srv").mkdir()
+        >>> root = rootfs.prepare_bind_root(Path("srv"))
+        >>> root.kind, root.mount_plan() == {"kind": "bind", "dir": str(Path("srv").resolve())}
+        ('bind', True)
     """
 
     kind: RootKind
@@ -231,7 +234,11 @@ def prepare_bind_root(
 
     Example::
 
-        root = prepare_bind_root("/srv/root", patches=[Patch.text("/etc/motd", "hi\\n")])
+        >>> from rootfs import Patch, prepare_bind_root
+        >>> Path("srv").mkdir()
+        >>> root = prepare_bind_root("srv", patches=[Patch.text("/etc/motd", "hi\\n")])
+        >>> Path("srv/etc/motd").read_text(), root.bind_dir == Path("srv").resolve()
+        ('hi\\n', True)
     """
     p = Path(path)
     if not p.is_dir():

@@ -45,7 +45,10 @@ class Descriptor:
 
     Example::
 
-        Descriptor(OCI_LAYER_GZIP, "sha256:" + "0" * 64, 123)
+        >>> from rootfs import Descriptor
+        >>> d = Descriptor(OCI_LAYER_GZIP, "sha256:" + "0" * 64, 123)
+        >>> d.to_json()["size"], Descriptor.from_json(d.to_json(), "layer") == d
+        (123, True)
     """
 
     media_type: str

@@ -73,7 +73,10 @@ class Patch:
 
     Example::
 
-        Patch.copy_file("./cert.pem", "/etc/ssl/app.pem", mode=0o600)
+        >>> from rootfs import Patch
+        >>> p = Patch.text("/etc/motd", "hi\\n", mode=0o644)
+        >>> p.kind, p.path
+        ('text', '/etc/motd')
     """
 
     kind: str
@@ -575,7 +578,12 @@ def apply_patches(patches: Iterable[Patch], *, upper: Path, lower: Path | None =
 
     Example::
 
-        apply_patches([Patch.mkdir("/data")], upper=Path("/srv/bindroot"))
+        >>> from rootfs import Patch, apply_patches
+        >>> Path("upper").mkdir()
+        >>> apply_patches([Patch.mkdir("/data")], upper=Path("upper"))   # no whiteouts
+        0
+        >>> Path("upper/data").is_dir()
+        True
     """
     target = PatchTarget(upper, lower)
     target.apply(patches)

@@ -31,7 +31,9 @@ class PruneResult:
 
     Example::
 
-        print(store.prune().bytes_freed)
+        >>> import rootfs
+        >>> rootfs.ImageStore(Path("images")).prune()
+        PruneResult(blobs=0, trees=0, disks=0, bytes_freed=0, prepared=0)
     """
 
     blobs: int

@@ -86,9 +86,13 @@ class ImageStore(BlobDir):
 
     Example::
 
-        store = ImageStore(Path("/tmp/images"))
-        img = rootfs.build_image(Path("rootdir"), "local/app:1", store)
-        assert store.get("local/app:1") == img
+        >>> import rootfs
+        >>> Path("src/etc").mkdir(parents=True)
+        >>> _ = Path("src/etc/motd").write_text("hi\\n")
+        >>> store = rootfs.ImageStore(Path("images"))
+        >>> img = rootfs.build_image(Path("src"), "local/app:1", store)
+        >>> store.get("local/app:1") == img, [i.ref for i in store.list()]
+        (True, ['docker.io/local/app:1'])
     """
 
     def __init__(self, home: str | os.PathLike[str] | None = None,

@@ -51,10 +51,14 @@ class UmociUnpacker:
     ``binary``: the umoci executable (default: ``umoci`` on ``PATH``). A missing one
     raises :class:`~rootfs.errors.RootfsError` here, before any work.
 
-    Example::
+    Example (``ImageStore(unpacker=UmociUnpacker())`` or ``unpacker="umoci"``)::
 
-        store = ImageStore(unpacker=UmociUnpacker())
-        UmociUnpacker().apply(blob, Path("/tmp/root"), state=UnpackState())
+        >>> from rootfs import UmociUnpacker
+        >>> UmociUnpacker().name
+        'umoci'
+        >>> UmociUnpacker("no-such-umoci")
+        Traceback (most recent call last):
+        rootfs.errors.RootfsError: umoci binary 'no-such-umoci' not found: install umoci (apt-get install umoci) or use unpacker='native'
     """
 
     name = "umoci"

@@ -59,7 +59,9 @@ class UnpackLimits:
 
     Example::
 
-        UnpackLimits(max_bytes=64 << 20, max_files=10_000, allow_devices=False)
+        >>> from rootfs import UnpackLimits
+        >>> UnpackLimits(max_bytes=64 << 20, max_files=10_000).max_files
+        10000
     """
 
     max_bytes: int = 8 << 30
@@ -83,7 +85,10 @@ class UnpackState:
 
     Example::
 
-        state = UnpackState(UnpackLimits(max_files=100))
+        >>> from rootfs import UnpackLimits, UnpackState
+        >>> state = UnpackState(UnpackLimits(max_files=100))
+        >>> state.total_files, state.limits.max_files
+        (0, 100)
     """
 
     limits: UnpackLimits = field(default_factory=UnpackLimits)
@@ -303,10 +308,19 @@ def apply_layer(
     Raises :class:`UnsafeLayerError` for a hostile entry and
     :class:`~rootfs.errors.DigestError` when ``expected_diff_id`` does not match.
 
-    Example::
+    Example (``expected_diff_id=image.diff_ids[i]`` checks the uncompressed digest)::
 
-        with open(blob_path, "rb") as f:
-            apply_layer(f, Path("rootfs"), expected_diff_id=image.diff_ids[0])
+        >>> import io, tarfile
+        >>> buf = io.BytesIO()
+        >>> with tarfile.open(fileobj=buf, mode="w") as tar:
+        ...     info = tarfile.TarInfo("etc/motd"); info.size = 3
+        ...     tar.addfile(info, io.BytesIO(b"hi\\n"))
+        >>> from rootfs import apply_layer
+        >>> _ = buf.seek(0)
+        >>> apply_layer(buf, Path("rootfs"))[:7]
+        'sha256:'
+        >>> sorted(p.name for p in Path("rootfs").rglob("*"))
+        ['etc', 'motd']
     """
     from rootfs.errors import DigestError
 
@@ -597,10 +611,19 @@ def _apply_member(
 class NativeUnpacker:
     """The default :class:`~rootfs.protocols.Unpacker`: :func:`apply_layer` on a blob file.
 
-    Example::
+    Example (``ImageStore(unpacker=NativeUnpacker())`` is the default)::
 
-        store = ImageStore(unpacker=NativeUnpacker())   # the same as the default
-        NativeUnpacker().apply(blob_path, Path("/tmp/root"), state=UnpackState())
+        >>> import io, tarfile
+        >>> buf = io.BytesIO()
+        >>> with tarfile.open(fileobj=buf, mode="w") as tar:
+        ...     info = tarfile.TarInfo("etc/motd"); info.size = 3
+        ...     tar.addfile(info, io.BytesIO(b"hi\\n"))
+        >>> _ = Path("layer.tar").write_bytes(buf.getvalue())
+        >>> from rootfs import NativeUnpacker, UnpackState
+        >>> NativeUnpacker().apply(Path("layer.tar"), Path("root"), state=UnpackState())[:7]
+        'sha256:'
+        >>> Path("root/etc/motd").read_text()
+        'hi\\n'
     """
 
     name = "native"

@@ -34,7 +34,9 @@ class RootProvider(Protocol):
 
     Example::
 
-        assert isinstance(rootfs.ImageStore(), RootProvider)
+        >>> import rootfs
+        >>> isinstance(rootfs.ImageStore(Path("images")), rootfs.RootProvider)
+        True
     """
 
     def prepare(
@@ -48,10 +50,15 @@ class RootProvider(Protocol):
 class BlobStore(Protocol):
     """Verified blobs by digest plus tags: what importing/exporting OCI layouts needs.
 
-    Example::
+    Example (``write_oci_layout(store, ...)`` takes any ``BlobStore``)::
 
-        assert isinstance(rootfs.ImageStore(), BlobStore)
-        write_oci_layout(store, Path("out"), {"v1": img})   # store: any BlobStore
+        >>> import rootfs
+        >>> store = rootfs.ImageStore(Path("images"))
+        >>> isinstance(store, rootfs.BlobStore)
+        True
+        >>> digest = store.put_blob(b"{}")
+        >>> store.has_blob(digest), store.read_blob(digest)
+        (True, b'{}')
     """
 
     def blob_path(self, digest: str) -> Path:
@@ -87,11 +94,13 @@ class Unpacker(Protocol):
     :class:`~rootfs.errors.UnsafeLayerError` (charging ``state``'s limits), check the
     uncompressed digest against ``expected_diff_id`` and return it.
 
-    Example::
+    Example (``ImageStore(unpacker=...)`` takes one; ``"native"`` is the default)::
 
-        store = ImageStore(unpacker=UmociUnpacker())   # or "umoci"; default "native"
-        state = UnpackState()
-        diff_id = NativeUnpacker().apply(blob, Path("/tmp/root"), state=state)
+        >>> import rootfs
+        >>> isinstance(rootfs.NativeUnpacker(), rootfs.Unpacker)
+        True
+        >>> rootfs.ImageStore(Path("images"), unpacker="umoci").unpacker.name
+        'umoci'
     """
 
     name: str
