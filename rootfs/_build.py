@@ -193,9 +193,19 @@ def image_from_layers(
     ``config`` holds OCI config fields (``Env``, ``Cmd``, ``Entrypoint``,
     ``WorkingDir``, ``User``, ...). Layers are gzip-compressed into the store.
 
-    Example::
+    Example (paths work as well: ``[Path("base.tar"), Path("top.tar")]``)::
 
-        image_from_layers(store, "local/t:1", [Path("base.tar"), Path("top.tar")])
+        >>> import io, tarfile
+        >>> import rootfs
+        >>> buf = io.BytesIO()
+        >>> with tarfile.open(fileobj=buf, mode="w") as tar:
+        ...     info = tarfile.TarInfo("etc/motd"); info.size = 3
+        ...     tar.addfile(info, io.BytesIO(b"hi\\n"))
+        >>> store = rootfs.ImageStore(Path("images"))
+        >>> img = rootfs.image_from_layers(store, "local/t:1", [buf.getvalue()],
+        ...                                config={"Cmd": ["/bin/sh"]})
+        >>> img.ref, len(img.layers), img.cmd
+        ('docker.io/local/t:1', 1, ['/bin/sh'])
     """
     r = parse_reference(ref)
     cfg = validate_config(config)
@@ -259,6 +269,17 @@ def build_image(
         store = rootfs.ImageStore()
         img = rootfs.build_image(src, "local/busybox:latest", store,
                                  config={"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]})
+
+    The same with a one-file tree:
+
+        >>> import rootfs
+        >>> Path("src/etc").mkdir(parents=True)
+        >>> _ = Path("src/etc/motd").write_text("hi\\n")
+        >>> store = rootfs.ImageStore(Path("images"))
+        >>> img = rootfs.build_image(Path("src"), "local/app:1", store,
+        ...                          config={"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]})
+        >>> img.ref, img.env
+        ('docker.io/local/app:1', ['PATH=/bin'])
     """
     parse_reference(ref)  # bad input is refused before the (slow) tar of the whole tree
     validate_config(config)

@@ -207,8 +207,11 @@ def prepare_disk_root(
 
     Example::
 
-        root = prepare_disk_root("/images/debian.qcow2")
-        root.mount_plan()  # {"kind": "disk", "root": {"disk": ..., "fstype": "ext4"}}
+        >>> from rootfs import prepare_disk_root
+        >>> _ = Path("debian.img").write_bytes(bytes(1 << 20))   # raw (or a .qcow2)
+        >>> root = prepare_disk_root("debian.img")
+        >>> root.image_format, root.mount_plan()["root"]["fstype"]
+        ('raw', 'ext4')
     """
     plist = list(patches)
     p = Path(path)

@@ -137,8 +137,15 @@ class Image:
 
     Example::
 
-        img = store.get("busybox:test")
-        print(img.id, img.env, img.cmd)
+        >>> from pathlib import Path
+        >>> import rootfs
+        >>> Path("src/etc").mkdir(parents=True)
+        >>> _ = Path("src/etc/motd").write_text("hi\\n")
+        >>> store = rootfs.ImageStore(Path("images"))
+        >>> _ = rootfs.build_image(Path("src"), "local/app:1", store, config={"Cmd": ["/bin/sh"]})
+        >>> img = store.get("local/app:1")
+        >>> img.ref, img.cmd, len(img.layers), img.id.startswith("sha256:")
+        ('docker.io/local/app:1', ['/bin/sh'], 1, True)
     """
 
     ref: str

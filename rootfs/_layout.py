@@ -125,9 +125,19 @@ def _ref_for(annotation: str | None, path: Path) -> str:
 def load_archive(store: BlobStore, path: Path, ref: str | None = None) -> list[Image]:
     """Import an OCI layout (dir or tar) or a ``docker save`` archive; return its images.
 
-    Example::
+    Example (a layout :func:`write_oci_layout` wrote, into another store)::
 
-        load_archive(store, Path("/tmp/layout"), ref="local/app:1")
+        >>> import rootfs
+        >>> Path("src/etc").mkdir(parents=True)
+        >>> _ = Path("src/etc/motd").write_text("hi\\n")
+        >>> store = rootfs.ImageStore(Path("images"))
+        >>> img = rootfs.build_image(Path("src"), "local/app:1", store)
+        >>> rootfs.write_oci_layout(store, Path("out"), {"v1": img})
+        >>> other = rootfs.ImageStore(Path("other"))
+        >>> [i.ref for i in rootfs.load_archive(other, Path("out"), ref="local/copy:1")]
+        ['docker.io/local/copy:1']
+        >>> other.get("local/copy:1").id == img.id
+        True
     """
     src = _Source(path)
     try:
@@ -235,9 +245,16 @@ def write_oci_layout(
 ) -> None:
     """Export images as an OCI layout at ``dest``; a sequence becomes a multi-arch index.
 
-    Example::
+    Example (``{"multi": [amd64_img, arm64_img]}`` writes an index)::
 
-        write_oci_layout(store, Path("out"), {"latest": img, "multi": [amd64_img, arm64_img]})
+        >>> import rootfs
+        >>> Path("src/etc").mkdir(parents=True)
+        >>> _ = Path("src/etc/motd").write_text("hi\\n")
+        >>> store = rootfs.ImageStore(Path("images"))
+        >>> img = rootfs.build_image(Path("src"), "local/app:1", store)
+        >>> rootfs.write_oci_layout(store, Path("out"), {"latest": img})
+        >>> sorted(p.name for p in Path("out").iterdir())
+        ['blobs', 'index.json', 'oci-layout']
     """
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
