@@ -1,8 +1,8 @@
 """The ``microvm`` command: the group, ``microvm kernel fetch|path`` and ``microvm vm run``.
 
 The docker-like commands live in ``microvm._cli_sandbox`` (run, create, start, exec,
-shell, attach), ``cli_manage`` (ls, stop, rm, logs, inspect, cp, net...), ``cli_images``,
-``cli_snapshot``, ``cli_doctor``, ``microvm.ssh._cli`` and ``microvm.fleet._cli``; each
+shell, attach), ``_cli_manage`` (ls, stop, rm, logs, inspect, cp, net...), ``_cli_images``,
+``_cli_snapshot``, ``_cli_doctor``, ``microvm.ssh._cli`` and ``microvm.fleet._cli``; each
 module is imported only when one of its commands runs (:class:`LazyGroup`).
 
 Exit status: 0 on success; 2 for a bad command line or environment (one line on
