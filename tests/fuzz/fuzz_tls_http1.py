@@ -16,8 +16,9 @@ import cryptography.x509  # noqa: F401
 import filelock  # noqa: F401
 
 with atheris.instrument_imports(include=["tls_proxy"]):
+    from tls_proxy import Secret
     from tls_proxy._http1 import parse_head, request_framing
-    from tls_proxy._secrets import Scanner, Secret, Substituter
+    from tls_proxy._secrets import Scanner, Substituter
     from tls_proxy.errors import HttpError
 
 SUB = Substituter([Secret("A", "real-a", ["a.example"], inject=("headers", "basic_auth",

@@ -17,7 +17,8 @@ import pytest
 
 from netstack import Decision, Flow, NetworkPolicy, Rule
 from netstack.errors import GatewayError
-from netstack.gateway._published import STAT_KEYS, PortPublisher, PublishedPort
+from netstack.gateway import PublishedPort
+from netstack.gateway._published import STAT_KEYS, PortPublisher
 
 pytestmark = pytest.mark.timeout(60)
 ALLOW = NetworkPolicy.allow_all().evaluate

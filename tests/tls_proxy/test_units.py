@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tls_proxy import ConfigError, HostPattern, Secret, SecretError, SecretPolicy
+from tls_proxy import ConfigError, HostPattern, Secret, SecretError, SecretPolicy, parse_secret_spec
 from tls_proxy._http1 import parse_head, request_framing, response_framing
-from tls_proxy._secrets import Scanner, StreamScanner, Substituter, parse_secret_spec
+from tls_proxy._secrets import Scanner, StreamScanner, Substituter
 from tls_proxy.errors import HttpError
 
 
