@@ -178,7 +178,8 @@ def write_launch(paths: SandboxPaths, launch: Mapping[str, Any],
     """
     from rootfs import atomic_write
 
-    atomic_write(paths.dir / "launch.json", json.dumps(launch).encode(), mode=0o600)
+    atomic_write(paths.dir / "launch.json", json.dumps(launch).encode(), mode=0o600,
+                 durable=False)   # lives and dies with the sandbox: no fsync
     present = {k: v for k, v in plugins.items() if v is not None}
     if present:
         try:
@@ -187,7 +188,7 @@ def write_launch(paths: SandboxPaths, launch: Mapping[str, Any],
             raise errors.SandboxConfigError(
                 f"backend/uplink/secret_proxy objects must be picklable (their classes "
                 f"importable, as with multiprocessing's spawn): {e}") from None
-        atomic_write(paths.dir / "plugins.pickle", data, mode=0o600)
+        atomic_write(paths.dir / "plugins.pickle", data, mode=0o600, durable=False)
 
 
 _ERRORS: dict[str, type[errors.MicrovmError]] = {
