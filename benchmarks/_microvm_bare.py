@@ -8,7 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from microvm._guestdisk import build_ext4
+from microvm import build_ext4
 from microvm.backends import Disk, QemuBackend, VmSpec
 from microvm.kernel import Kernel
 

@@ -31,7 +31,7 @@ def build_agent_disk(work: Path) -> Path:
     import shutil
     import subprocess
 
-    from microvm._guestdisk import build_ext4
+    from microvm import build_ext4
     from microvm.agent import agent_binary
 
     root = work / "agent-root"

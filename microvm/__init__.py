@@ -8,8 +8,9 @@ Example::
     with Sandbox.create("demo", image="busybox:1.36", network="none") as sb:
         print(sb.shell("echo hi").stdout_text)
 
-    from microvm import Machine                  # the low-level VM API
-    with Machine("qemu", disks=[Path("root.img")]) as m:
+    from microvm import Machine, build_ext4      # the low-level VM API
+    img = build_ext4(Path("rootfs"), Path("root.img"), agent=agent_binary())
+    with Machine("qemu", disks=[img]) as m:
         print(m.agent.exec("/bin/echo", ["hi"]).stdout)
 """
 
@@ -19,6 +20,7 @@ from microvm.errors import (
     AgentError,
     BackendUnavailable,
     BootError,
+    DiskError,
     ExecTimeout,
     KernelError,
     MicrovmError,
@@ -35,6 +37,7 @@ from microvm.errors import (
 # kernel module, ``Sandbox`` netstack and tls_proxy): ``import microvm`` stays cheap for
 # the CLI and the supervisor. Type checkers see the real classes.
 if TYPE_CHECKING:
+    from microvm._guestdisk import build_ext4
     from microvm._machine import Machine
     from microvm.pool import Pool
     from microvm.sandbox import (
@@ -49,7 +52,8 @@ if TYPE_CHECKING:
 _LAZY = {"Sandbox": "microvm.sandbox", "AsyncSandbox": "microvm.sandbox",
          "ExecOutput": "microvm.sandbox", "SandboxInfo": "microvm.sandbox",
          "DnsOptions": "microvm.sandbox", "TlsOptions": "microvm.sandbox",
-         "Machine": "microvm._machine", "Pool": "microvm.pool"}
+         "Machine": "microvm._machine", "Pool": "microvm.pool",
+         "build_ext4": "microvm._guestdisk"}
 
 
 def __getattr__(name: str) -> object:
@@ -68,6 +72,7 @@ __all__ = [
     "AsyncSandbox",
     "BackendUnavailable",
     "BootError",
+    "DiskError",
     "DnsOptions",
     "ExecOutput",
     "ExecTimeout",
@@ -85,4 +90,5 @@ __all__ = [
     "SandboxNotRunning",
     "SnapshotError",
     "TlsOptions",
+    "build_ext4",
 ]

@@ -6,7 +6,7 @@ the source directory is never modified.
 
 Example::
 
-    from microvm._guestdisk import build_ext4
+    from microvm import build_ext4
     build_ext4(Path("rootfs"), Path("root.img"), agent=Path("microvm/_bin/microvm-agent"))
 """
 
@@ -18,25 +18,13 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from microvm.errors import MicrovmError
+from microvm.errors import DiskError
 from rootfs import microvm_home
 
 __all__ = ["AGENT_GUEST_PATH", "DiskError", "boot_disk", "build_ext4", "dir_size"]
 
 AGENT_GUEST_PATH = "/.microvm/agent"
 MOUNT_POINTS = ("proc", "sys", "dev", "tmp", "run", ".microvm")
-
-
-class DiskError(MicrovmError):
-    """A guest disk image could not be built (bad source dir, size, or mkfs failure).
-
-    Example::
-
-        try:
-            build_ext4(Path("missing"), Path("x.img"))
-        except DiskError as e:
-            print(e)  # rootfs source 'missing' is not a directory
-    """
 
 
 def dir_size(path: Path) -> int:
@@ -71,9 +59,17 @@ def build_ext4(
     ``size_mib`` defaults to the content size plus ``free_mib`` and 20 % slack.
     Written atomically (temp file + rename). Raises :class:`DiskError`.
 
-    Example::
+    >>> import shutil, tempfile
+    >>> from pathlib import Path
+    >>> from microvm import build_ext4
+    >>> tmp = Path(tempfile.mkdtemp())
+    >>> (tmp / "rootfs").mkdir(); _ = (tmp / "rootfs" / "hello").write_text("hi")
+    >>> img = build_ext4(tmp / "rootfs", tmp / "root.img", free_mib=8)
+    >>> img.stat().st_size > 0
+    True
+    >>> shutil.rmtree(tmp)
 
-        build_ext4(Path("rootfs"), Path("/tmp/root.img"), agent=agent_binary(), free_mib=128)
+    With the agent: ``build_ext4(Path("rootfs"), out, agent=agent_binary())``.
     """
     if not source.is_dir():
         raise DiskError(f"rootfs source {str(source)!r} is not a directory")

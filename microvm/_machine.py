@@ -137,7 +137,7 @@ class Machine:
     """One guest: ``start()``, then ``agent`` (a ``SyncAgentClient``), ``shutdown()``/``kill()``/``wait()``.
 
     ``disks[0]`` is the root (``/dev/vda``); it must contain the agent at
-    ``/.microvm/agent`` (see :func:`microvm._guestdisk.build_ext4`). ``memory``
+    ``/.microvm/agent`` (see :func:`microvm.build_ext4`). ``memory``
     is in MiB. ``net_socket`` is a unix stream socket carrying the guest's
     Ethernet frames; ``bootstrap`` is merged into the boot config sent to the
     agent (hostname, network, env, ca_certs, root...).

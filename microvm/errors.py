@@ -172,6 +172,18 @@ class NoUplinkError(SandboxError):
     """
 
 
+
+class DiskError(MicrovmError):
+    """A guest disk image could not be built (bad source directory, size, or mkfs failure).
+
+    >>> from pathlib import Path
+    >>> from microvm import build_ext4
+    >>> build_ext4(Path("/nonexistent/rootfs"), Path("/nonexistent/root.img"))
+    Traceback (most recent call last):
+    ...
+    microvm.errors.DiskError: rootfs source '/nonexistent/rootfs' is not a directory
+    """
+
 class SnapshotError(MicrovmError):
     """A snapshot cannot be taken, restored, exported or imported (missing, corrupted,
     made for another kernel or image, or a machine that cannot be snapshotted).

@@ -46,7 +46,7 @@ def guest_init(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def init_disk(tmp_path_factory: pytest.TempPathFactory, guest_init: Path) -> Path:
     """An ext4 root with guest_init as /.microvm/agent (mount points included)."""
-    from microvm._guestdisk import build_ext4
+    from microvm import build_ext4
 
     root = tmp_path_factory.mktemp("initroot")
     (root / "mnt").mkdir()

@@ -1,4 +1,4 @@
-"""microvm._guestdisk: ext4 images from a directory with the agent injected."""
+"""microvm.build_ext4: ext4 images from a directory with the agent injected."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from microvm._guestdisk import DiskError, build_ext4
+from microvm import DiskError, build_ext4
 from tests.support import require_binaries
 
 

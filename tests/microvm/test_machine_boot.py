@@ -79,7 +79,7 @@ def test_async_machine(kernel: Kernel, busybox_root: Path, tmp_path: Path) -> No
     """astart/aagent/ashutdown: the asyncio path boots, runs, and reports the acked exit code."""
     import asyncio
 
-    from microvm._guestdisk import build_ext4
+    from microvm import build_ext4
     from microvm.agent import agent_binary
 
     require_binaries("qemu-system-x86_64")

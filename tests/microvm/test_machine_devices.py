@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from microvm import Machine
-from microvm._guestdisk import build_ext4
+from microvm import Machine, build_ext4
 from microvm.agent import agent_binary
 from microvm.backends import Share
 from microvm.kernel import Kernel

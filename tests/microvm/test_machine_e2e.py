@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from microvm import Machine
-from microvm._guestdisk import build_ext4
+from microvm import Machine, build_ext4
 from microvm.agent import AgentClient, agent_binary
 from microvm.errors import AgentError, BootError, ExecTimeout
 from microvm.kernel import Kernel

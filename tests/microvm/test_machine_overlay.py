@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from microvm import Machine
-from microvm._guestdisk import build_ext4
+from microvm import Machine, build_ext4
 from microvm._machine import ROOT_SHARE_TAG, map_root_plan
 from microvm.errors import MicrovmError
 from microvm.kernel import Kernel

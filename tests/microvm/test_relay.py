@@ -27,8 +27,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from microvm import Machine
-from microvm._guestdisk import build_ext4
+from microvm import Machine, build_ext4
 from microvm.agent import AgentClient, SyncAgentClient, agent_binary
 from microvm.agent.protocol import TERMINAL, Frame, FrameDecoder, encode_frame
 from microvm.errors import AgentError, SandboxConfigError

@@ -49,8 +49,7 @@ def _net_sink(path: Path) -> socket.socket:
 def guest(kernel: Kernel, busybox_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         tuple[SyncAgentClient, Path, Path]]:  # fmt: skip
     require_binaries("qemu-system-x86_64", "mkfs.erofs", "mkfs.ext4", "debugfs")
-    from microvm import Machine
-    from microvm._guestdisk import build_ext4
+    from microvm import Machine, build_ext4
     from microvm.backends import Disk, Share
 
     d = tmp_path_factory.mktemp("guest")
@@ -214,8 +213,7 @@ def test_host_reconnect_keeps_guest_processes(kernel: Kernel, busybox_root: Path
     resets its framing, keeps the running process, and serves the new client; its
     shutdown ends the VMM with the requested exit code acked."""
     require_binaries("qemu-system-x86_64", "mkfs.ext4", "debugfs")
-    from microvm import Machine
-    from microvm._guestdisk import build_ext4
+    from microvm import Machine, build_ext4
 
     img = build_ext4(busybox_root, tmp_path / "root.img", agent=agent_binary(), free_mib=16)
     m = Machine("qemu", kernel=kernel, disks=[img], memory=256, boot_timeout=90)
