@@ -244,9 +244,10 @@ def parse_patch(spec: str) -> Any:
 
 
 def prestart_supervisor() -> None:
-    """First thing in a command that starts sandboxes: the supervisor zygote (a Python
-    with the supervisor's imports loaded, :mod:`microvm.sandbox.zygote`) starts loading
-    now, beside our own imports and checks; :func:`supervisor_ready` waits for it.
+    """First thing in a command that starts sandboxes: connect to this user's shared
+    supervisor zygote (a Python with the supervisor's imports loaded, which outlives the
+    command: :mod:`microvm.sandbox.zygote`), starting it when none runs, so that it loads
+    beside our own imports and checks; :func:`supervisor_ready` waits for it.
 
     Example::
 
@@ -254,7 +255,7 @@ def prestart_supervisor() -> None:
     """
     from microvm.sandbox import zygote
 
-    zygote.prestart()
+    zygote.prestart(shared=True)   # back-to-back commands fork from the same warm one
 
 
 def supervisor_ready(timeout: float = 30.0) -> None:

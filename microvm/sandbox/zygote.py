@@ -8,7 +8,9 @@ incoming migration. A zygote pays that once per creating process: the first
 :func:`spawn` starts it in the background (that start itself still uses a plain
 ``Popen``), and every later one is an ``os.fork()`` of an already warm interpreter
 (a few milliseconds). A zygote serves one ``MICROVM_HOME``/``TMPDIR`` (another one
-starts one anew) and exits after ``IDLE_EXIT_S`` without a request.
+starts one anew) and exits after ``IDLE_EXIT_S`` without a request. It reports "ready"
+once the core modules are loaded and imports the network modules (``NET_PRELOAD``)
+while idle; a child that needs them before that imports them itself.
 
 Protocol: a ``SOCK_SEQPACKET`` socketpair between the creating process and its zygote (no
 socket file: nobody else can reach it; it dies with its creator, EOF on the pair). One
@@ -18,6 +20,16 @@ request per message: ``{"argv", "env", "cwd"}`` as JSON plus three file descript
 working directory, and runs :func:`microvm.sandbox.supervisor.main` exactly as the
 ``-m`` entry point would. The zygote reaps its children; the creator talks to them only
 through their pipes and sockets, as before. ``MICROVM_ZYGOTE=0`` turns it off.
+
+Shared zygote (``prestart(shared=True)``, the ``microvm`` command): one-shot processes
+cannot keep a warm zygote, so theirs outlives them: one per user, interpreter and
+``MICROVM_HOME``/``TMPDIR``, listening on a ``SOCK_SEQPACKET`` unix socket in a private
+runtime directory (``$MICROVM_ZYGOTE_DIR``, else ``$XDG_RUNTIME_DIR/microvm``, else
+``/tmp/microvm-<uid>``; 0700, refused unless owned by us). The first command starts it
+(detached); back-to-back commands fork from it. It checks every connection's peer uid
+(``SO_PEERCRED``) and closes those of another user, and exits after ``IDLE_EXIT_S``
+(``$MICROVM_ZYGOTE_IDLE_S``) with no connection and no request. Same protocol per
+connection; ``zygote-<hash>.pid`` beside the socket holds ``"<pid> <forks served>"``.
 
 The zygote itself never starts a thread or an event loop (``fork`` from a
 single-threaded process only), and forks no sandbox state: each child reads its own
@@ -33,8 +45,12 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
+import hashlib
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -45,15 +61,21 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-__all__ = ["prestart", "spawn", "wait_ready"]
+__all__ = ["prestart", "runtime_dir", "spawn", "stop_shared", "wait_ready"]
 
-#: modules every supervisor needs: loaded once in the zygote instead of in each child
+#: modules every supervisor needs: loaded once in the zygote instead of in each child,
+#: before it reports ready
 PRELOAD = (
     "microvm.sandbox.supervisor", "microvm.sandbox._relay", "microvm.agent",
-    "microvm.backends.qemu", "microvm.snapshot", "microvm.sandbox._netwiring", "tls_proxy",
+    "microvm.backends.qemu", "microvm.snapshot",
 )
+#: the network modules (a ``--net none`` supervisor never imports them): loaded after
+#: "ready", while idle
+NET_PRELOAD = ("microvm.sandbox._netwiring", "tls_proxy")
 _READY = b"R"
-#: a zygote with no request for this long exits (a later start spawns a new one)
+#: a zygote with no request (and, shared, no connection) for this long exits (a later
+#: start spawns a new one): long enough for back-to-back commands, short enough that an
+#: idle user does not keep a ~50 MB interpreter around
 IDLE_EXIT_S = 10.0
 #: the environment that names where sandboxes live: a zygote serves one value of it
 _KEY_VARS = ("MICROVM_HOME", "TMPDIR")
@@ -62,6 +84,8 @@ _ARGV_ROOM = 1024
 
 
 class _Zygote:
+    shared = False
+
     def __init__(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.key = _key(os.environ)
@@ -79,6 +103,14 @@ class _Zygote:
         self.lock = threading.Lock()
         threading.Thread(target=self._wait_ready, daemon=True,
                          name="microvm-zygote-ready").start()
+
+    def alive(self) -> bool:
+        return not self.dead and self.proc.poll() is None
+
+    def close(self) -> None:
+        self.sock.close()   # it exits on EOF
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(0)
 
     def _wait_ready(self) -> None:
         try:
@@ -109,6 +141,127 @@ class _Zygote:
         return int(pid) if isinstance(pid, int) else None
 
 
+class _SharedZygote(_Zygote):
+    """A connection to this user's shared zygote (started detached when none listens)."""
+
+    shared = True
+
+    def __init__(self) -> None:   # no super(): no socketpair, no child process
+        self.key = _key(os.environ)
+        self.path = _socket_path(os.environ)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self.ready = threading.Event()
+        self.dead = False
+        self.lock = threading.Lock()
+        threading.Thread(target=self._connect, daemon=True,
+                         name="microvm-zygote-connect").start()
+
+    def alive(self) -> bool:
+        return not self.dead
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _connect(self) -> None:
+        deadline = time.monotonic() + 30.0
+        started = False
+        while True:
+            try:
+                self.sock.connect(str(self.path))
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                if not started:
+                    started = True
+                    try:
+                        _start_shared(self.path)
+                    except OSError:
+                        self.dead = True
+                        return
+                if time.monotonic() >= deadline:
+                    self.dead = True
+                    return
+                time.sleep(0.005)
+            except OSError:
+                self.dead = True
+                return
+        self._wait_ready()
+
+
+def runtime_dir(env: Any = None) -> Path:
+    """The private directory of this user's shared zygote sockets:
+    ``$MICROVM_ZYGOTE_DIR``, else ``$XDG_RUNTIME_DIR/microvm``, else
+    ``/tmp/microvm-<uid>``. Created 0700; raises ``PermissionError`` when it exists but is
+    not a directory owned by us or is open to others.
+
+    Example::
+
+        print(runtime_dir())
+    """
+    env = os.environ if env is None else env
+    if env.get("MICROVM_ZYGOTE_DIR"):
+        d = Path(env["MICROVM_ZYGOTE_DIR"])
+    elif env.get("XDG_RUNTIME_DIR"):
+        d = Path(env["XDG_RUNTIME_DIR"]) / "microvm"
+    else:
+        d = Path(f"/tmp/microvm-{os.getuid()}")
+    with contextlib.suppress(FileExistsError):
+        d.mkdir(mode=0o700, parents=True)
+    st = os.lstat(d)
+    import stat as stat_mod
+
+    if not stat_mod.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise PermissionError(errno.EPERM, "zygote runtime directory is not a private "
+                              "directory of ours (0700, our uid)", str(d))
+    return d
+
+
+def _socket_path(env: Any) -> Path:
+    tag = "\0".join((sys.executable, *_key(env)))
+    return runtime_dir(env) / f"zygote-{hashlib.sha256(tag.encode()).hexdigest()[:16]}.sock"
+
+
+def _start_shared(path: Path) -> None:
+    subprocess.Popen(
+        [sys.executable, "-m", "microvm.sandbox.zygote", "--listen", str(path),
+         "." * _ARGV_ROOM],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        close_fds=True, start_new_session=True)
+    # not waited for: it outlives us (reparented to init, which reaps it)
+
+
+def stop_shared(directory: Path | None = None, timeout: float = 5.0) -> int:
+    """Stop every shared zygote of ``directory`` (default: :func:`runtime_dir`) and wait
+    up to ``timeout`` s for them to exit; returns how many were stopped. A test session
+    calls it so that none outlives it.
+
+    Example::
+
+        stop_shared()
+    """
+    d = runtime_dir() if directory is None else directory
+    pids = []
+    for status in d.glob("zygote-*.pid"):
+        try:
+            pid = int(status.read_text().split()[0])
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if b"microvm.sandbox.zygote" in cmd and str(status.with_suffix(".sock")).encode() in cmd:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+                pids.append(pid)
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while time.monotonic() < deadline:
+            try:
+                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                    break
+            except OSError:
+                break
+            time.sleep(0.01)
+    return len(pids)
+
+
 _LOCK = threading.Lock()
 _ZYGOTE: _Zygote | None = None
 _SPAWNS = 0   # starts this process made without a ready zygote
@@ -122,8 +275,10 @@ def _enabled() -> bool:
     return os.environ.get("MICROVM_ZYGOTE", "1") != "0"
 
 
-def prestart() -> None:
+def prestart(shared: bool = False) -> None:
     """Start this process's zygote in the background if it is not running (idempotent).
+    ``shared``: connect to (or start) this user's shared zygote instead, which outlives
+    this process (for one-shot processes: the ``microvm`` command).
 
     Example::
 
@@ -134,12 +289,14 @@ def prestart() -> None:
         return
     with _LOCK:
         z = _ZYGOTE
-        if z is None or z.dead or z.proc.poll() is not None or z.key != _key(os.environ):
+        if z is None or not z.alive() or z.key != _key(os.environ) \
+                or (shared and not z.shared):
             if z is not None:
-                z.sock.close()   # it exits on EOF
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    z.proc.wait(0)
-            _ZYGOTE = _Zygote()
+                z.close()
+            try:
+                _ZYGOTE = _SharedZygote() if shared else _Zygote()
+            except OSError:
+                _ZYGOTE = None if shared else _Zygote()
 
 
 def wait_ready(timeout: float) -> bool:
@@ -154,7 +311,7 @@ def wait_ready(timeout: float) -> bool:
     """
     z = _ZYGOTE
     deadline = time.monotonic() + timeout
-    while z is not None and not z.dead and z.proc.poll() is None:
+    while z is not None and z.alive():
         if z.ready.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
             return True
         if time.monotonic() >= deadline:
@@ -176,8 +333,7 @@ def spawn(argv: list[str], *, stdin: int, stdout: int, stderr: int,
     global _SPAWNS
     z = _ZYGOTE
     env = dict(os.environ if env is None else env)
-    if z is None or z.dead or not z.ready.is_set() or z.key != _key(env) \
-            or z.proc.poll() is not None:
+    if z is None or not z.alive() or not z.ready.is_set() or z.key != _key(env):
         # a process's first start never pays for a zygote (the CLI starts one sandbox
         # and exits); from the second on, one is warmed for the next
         _SPAWNS += 1
@@ -186,7 +342,7 @@ def spawn(argv: list[str], *, stdin: int, stdout: int, stderr: int,
         return None
     pid = z.spawn(list(argv), (stdin, stdout, stderr), env)
     if pid is None:
-        prestart()
+        prestart(z.shared)
     return pid
 
 
@@ -194,6 +350,7 @@ def spawn(argv: list[str], *, stdin: int, stdout: int, stderr: int,
 def _child(req: dict[str, Any], fds: list[int]) -> int:
     os.setsid()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     for target, fd in enumerate(fds[:3]):
         os.dup2(fd, target)
     for fd in fds:
@@ -227,49 +384,163 @@ def _set_cmdline(args: list[str]) -> None:
             mem.write(data.ljust(end - start, b"\0"))
 
 
-def _serve(sock: socket.socket) -> int:
+def _peer_uid(conn: socket.socket) -> int:
+    import struct
+
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", creds)[1])
+
+
+def _fork_child(conn: socket.socket, socks: list[socket.socket]) -> int | None:
+    """Serve one request on ``conn``: -1 when it is closed (EOF, error), else the child's
+    pid (None: a bad request, answered)."""
+    try:
+        msg, fds, _flags, _addr = socket.recv_fds(conn, 1 << 20, 3)
+    except OSError:
+        return -1
+    req: Any = None
+    with contextlib.suppress(ValueError):
+        req = json.loads(msg) if msg else None
+    if not isinstance(req, dict) or len(fds) != 3 or not isinstance(req.get("argv"), list) \
+            or not isinstance(req.get("env"), dict) or not isinstance(req.get("cwd"), str):
+        for fd in fds:
+            os.close(fd)
+        if not msg:
+            return -1
+        with contextlib.suppress(OSError):
+            conn.send(b'{"error": "bad request"}')
+        return None
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            for s in socks:
+                s.close()
+            code = _child(req, fds)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            with contextlib.suppress(Exception):
+                traceback.print_exc()
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
+    for fd in fds:
+        os.close(fd)
+    with contextlib.suppress(OSError):
+        conn.send(json.dumps({"pid": pid}).encode())
+    return pid
+
+
+def _serve(sock: socket.socket | None, listener: socket.socket | None = None,
+           status: Path | None = None) -> int:
+    """The zygote's loop: ``sock`` (its creator's end of the socketpair; EOF: exit) or
+    ``listener`` (the shared zygote's socket: connections of our uid only)."""
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)   # children reaped by the kernel
     for name in PRELOAD:
         with contextlib.suppress(Exception):
             __import__(name)
-    sock.send(_READY)
-    sock.settimeout(IDLE_EXIT_S)
+    conns = [sock] if sock is not None else []
+    for c in conns:
+        c.send(_READY)
+    pending = list(NET_PRELOAD)
+    try:
+        idle_s = float(os.environ.get("MICROVM_ZYGOTE_IDLE_S", IDLE_EXIT_S))
+    except ValueError:
+        idle_s = IDLE_EXIT_S
+    last = time.monotonic()
+    served = 0
     while True:
+        watch = conns + ([listener] if listener is not None else [])
+        wait = 0.0 if pending else max(0.0, last + idle_s - time.monotonic())
         try:
-            msg, fds, _flags, _addr = socket.recv_fds(sock, 1 << 20, 3)
-        except TimeoutError:
-            return 0   # idle: the creator spawns a new one when it needs one
-        except OSError:
-            return 1
-        if not msg:
-            return 0
-        try:
-            req = json.loads(msg)
-        except ValueError:
-            for fd in fds:
-                os.close(fd)
-            sock.send(b'{"error": "bad request"}')
+            readable, _w, _x = select.select(watch, [], [], wait)
+        except InterruptedError:
             continue
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                sock.close()
-                code = _child(req, fds)
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else 1
-            except BaseException:
+        if not readable:
+            if pending:   # idle: load the network modules now, one at a time
                 with contextlib.suppress(Exception):
-                    traceback.print_exc()
-            finally:
-                with contextlib.suppress(Exception):
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                os._exit(code)
-        for fd in fds:
-            os.close(fd)
-        sock.send(json.dumps({"pid": pid}).encode())
+                    __import__(pending.pop(0))
+                continue
+            return 0      # idle: a later start spawns a new one
+        for r in readable:
+            if r is listener:
+                try:
+                    conn, _addr = listener.accept()
+                except OSError:
+                    continue
+                try:
+                    if _peer_uid(conn) != os.getuid():
+                        conn.close()   # another user: refused
+                        continue
+                    conn.send(_READY)
+                except OSError:
+                    conn.close()
+                    continue
+                conns.append(conn)
+                last = time.monotonic()
+                continue
+            pid = _fork_child(r, [*conns, *([listener] if listener else [])])
+            if pid == -1:
+                r.close()
+                conns.remove(r)
+                if listener is None:
+                    return 0   # the creator is gone
+                continue
+            last = time.monotonic()
+            if pid is not None and status is not None:
+                served += 1
+                _write_status(status, served)
+
+
+def _write_status(status: Path, served: int) -> None:
+    tmp = status.with_name(status.name + ".tmp")
+    with contextlib.suppress(OSError):
+        tmp.write_text(f"{os.getpid()} {served}\n")
+        os.replace(tmp, status)
+
+
+def _listen_main(path: Path) -> int:
+    """The shared zygote: one per socket path (a lock file says who); removes its socket
+    and pid file when it exits (idle, SIGTERM)."""
+    parent = os.lstat(path.parent)
+    if parent.st_uid != os.getuid() or parent.st_mode & 0o077:
+        return 2   # not our private directory
+    lock_fd = os.open(str(path) + ".lock",
+                      os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock_fd)
+        return 0   # another one runs (or starts): the clients connect to it
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    status = path.with_suffix(".pid")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    ino = None
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()   # stale: its zygote died without cleaning up (we hold the lock)
+        old = os.umask(0o177)
+        try:
+            listener.bind(str(path))
+        finally:
+            os.umask(old)
+        ino = os.stat(path).st_ino
+        listener.listen(64)
+        _write_status(status, 0)
+        return _serve(None, listener, status)
+    finally:
+        with contextlib.suppress(OSError):
+            if ino is not None and os.stat(path).st_ino == ino:
+                path.unlink()
+                status.unlink()
+        listener.close()
+        os.close(lock_fd)
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "--listen":
+        sys.exit(_listen_main(Path(sys.argv[2])))
     sys.exit(_serve(socket.socket(fileno=int(sys.argv[1]))))
