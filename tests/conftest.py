@@ -27,6 +27,32 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 # re-executes the interpreter under the sanitizer runtime, so --doctest-modules must not.
 collect_ignore = ["fuzz"]
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_zygotes() -> Iterator[None]:
+    """The shared supervisor zygotes the session's ``microvm`` commands start (they
+    outlive a command: microvm/sandbox/zygote.py) live in a directory of this session
+    (``$MICROVM_ZYGOTE_DIR``) and are stopped at its end: none outlives the session."""
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="mvzyg-")
+    saved = os.environ.get("MICROVM_ZYGOTE_DIR")
+    os.environ["MICROVM_ZYGOTE_DIR"] = d
+    try:
+        yield
+    finally:
+        from pathlib import Path
+
+        from microvm.sandbox import zygote
+
+        zygote.stop_shared(Path(d))
+        shutil.rmtree(d, ignore_errors=True)
+        if saved is None:
+            os.environ.pop("MICROVM_ZYGOTE_DIR", None)
+        else:
+            os.environ["MICROVM_ZYGOTE_DIR"] = saved
+
+
 # node id (without parameters) -> why CI may skip it. Keep this short.
 CI_ALLOWED_SKIPS: dict[str, str] = {
     "tests/microvm/test_libkrun.py::test_real_libkrun_boot": (

@@ -164,20 +164,20 @@ class _SharedZygote(_Zygote):
 
     def _connect(self) -> None:
         deadline = time.monotonic() + 30.0
-        started = False
+        starter: subprocess.Popen[bytes] | None = None
         while True:
             try:
                 self.sock.connect(str(self.path))
                 break
             except (FileNotFoundError, ConnectionRefusedError):
-                if not started:
-                    started = True
+                if starter is None:
                     try:
-                        _start_shared(self.path)
+                        starter = _start_shared(self.path)
                     except OSError:
                         self.dead = True
                         return
-                if time.monotonic() >= deadline:
+                # exit 0: another one holds the lock (it binds soon); else it failed
+                if time.monotonic() >= deadline or starter.poll() not in (None, 0):
                     self.dead = True
                     return
                 time.sleep(0.005)
@@ -220,13 +220,13 @@ def _socket_path(env: Any) -> Path:
     return runtime_dir(env) / f"zygote-{hashlib.sha256(tag.encode()).hexdigest()[:16]}.sock"
 
 
-def _start_shared(path: Path) -> None:
-    subprocess.Popen(
+def _start_shared(path: Path) -> subprocess.Popen[bytes]:
+    # never waited for when it runs on: it outlives us (reparented, reaped by init)
+    return subprocess.Popen(
         [sys.executable, "-m", "microvm.sandbox.zygote", "--listen", str(path),
          "." * _ARGV_ROOM],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         close_fds=True, start_new_session=True)
-    # not waited for: it outlives us (reparented to init, which reaps it)
 
 
 def stop_shared(directory: Path | None = None, timeout: float = 5.0) -> int:
@@ -289,14 +289,14 @@ def prestart(shared: bool = False) -> None:
         return
     with _LOCK:
         z = _ZYGOTE
-        if z is None or not z.alive() or z.key != _key(os.environ) \
-                or (shared and not z.shared):
+        if z is None or not z.alive() or z.key != _key(os.environ) or z.shared != shared:
             if z is not None:
                 z.close()
-            try:
-                _ZYGOTE = _SharedZygote() if shared else _Zygote()
-            except OSError:
-                _ZYGOTE = None if shared else _Zygote()
+            new: _Zygote | None = None
+            if shared:
+                with contextlib.suppress(OSError):   # no private runtime directory:
+                    new = _SharedZygote()            # this process's own zygote then
+            _ZYGOTE = new or _Zygote()
 
 
 def wait_ready(timeout: float) -> bool:
@@ -338,7 +338,7 @@ def spawn(argv: list[str], *, stdin: int, stdout: int, stderr: int,
         # and exits); from the second on, one is warmed for the next
         _SPAWNS += 1
         if _SPAWNS > 1 or z is not None:
-            prestart()
+            prestart(z is not None and z.shared)
         return None
     pid = z.spawn(list(argv), (stdin, stdout, stderr), env)
     if pid is None:
