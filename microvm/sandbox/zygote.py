@@ -122,7 +122,8 @@ class _Zygote:
         self.dead = True
 
     def spawn(self, argv: list[str], fds: tuple[int, int, int], env: dict[str, str]) -> int | None:
-        req = json.dumps({"argv": argv, "env": env, "cwd": os.getcwd()}).encode()
+        req = json.dumps({"argv": argv, "env": env, "cwd": os.getcwd(),
+                          "umask": _umask()}).encode()
         with self.lock:
             try:
                 socket.send_fds(self.sock, [req], list(fds))
@@ -216,7 +217,7 @@ def runtime_dir(env: Any = None) -> Path:
 
 
 def _socket_path(env: Any) -> Path:
-    tag = "\0".join((sys.executable, *_key(env)))
+    tag = "\0".join((sys.executable, _code_root(), *_key(env)))
     return runtime_dir(env) / f"zygote-{hashlib.sha256(tag.encode()).hexdigest()[:16]}.sock"
 
 
@@ -226,7 +227,34 @@ def _start_shared(path: Path) -> subprocess.Popen[bytes]:
         [sys.executable, "-m", "microvm.sandbox.zygote", "--listen", str(path),
          "." * _ARGV_ROOM],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        close_fds=True, start_new_session=True)
+        close_fds=True, start_new_session=True, cwd="/",
+        env=_zygote_env())
+
+
+def _zygote_env() -> dict[str, str]:
+    """Our environment, with our code's directory first on ``PYTHONPATH`` unless it is
+    an installed package's (``site-packages``: on the path anyway)."""
+    root = _code_root()
+    if Path(root).name in ("site-packages", "dist-packages"):
+        return dict(os.environ)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
+
+
+def _code_root() -> str:
+    """The directory our packages are imported from: the shared zygote imports the same
+    code as its clients (its cwd is ``/``: no client's cwd on its ``sys.path``)."""
+    return str(Path(__file__).resolve().parents[2])
+
+
+def _umask() -> int | None:
+    """This process's umask (``/proc/self/status``: reading it with ``os.umask`` would
+    change it for a moment under the other threads); None when unknown."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return None
 
 
 def stop_shared(directory: Path | None = None, timeout: float = 5.0) -> int:
@@ -357,6 +385,8 @@ def _child(req: dict[str, Any], fds: list[int]) -> int:
         if fd > 2:
             os.close(fd)
     os.chdir(req["cwd"])
+    if isinstance(req.get("umask"), int):
+        os.umask(req["umask"] & 0o777)   # the caller's, not the zygote's starter's
     os.environ.clear()
     os.environ.update(req["env"])
     import tempfile
