@@ -7,8 +7,9 @@ the two paths interleaved per round:
   process: imports, create, exec, stop, remove), median;
 * ``library_run_s``: ``Sandbox.create`` + ``exec("true")`` + ``Sandbox.remove`` in this
   process, median (its supervisors fork from this process's zygote, warm after round 0;
-  each ``microvm run`` starts its own zygote first thing, beside its own imports, and
-  waits for it: :func:`microvm._cli_util.prestart_supervisor`);
+  each ``microvm run`` connects to the user's shared zygote first thing and forks its
+  supervisor from it: round 0 starts it, and it outlives the command, as it would for
+  back-to-back commands: :func:`microvm._cli_util.prestart_supervisor`);
 * ``cli_vs_library_ratio`` = ``library_run_s / cli_run_s`` (target >= 0.9: the command
   adds little);
 * ``exec_ms``: ``microvm exec NAME true`` round trip on a running sandbox (a new process
