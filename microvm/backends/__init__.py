@@ -9,6 +9,8 @@ Example::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from microvm.backends.base import (
     Backend,
     Disk,
@@ -22,9 +24,16 @@ from microvm.backends.base import (
 from microvm.backends.qemu import QemuBackend, QemuHandle
 from microvm.errors import BackendUnavailable
 
+if TYPE_CHECKING:
+    from microvm.backends._libkrun import COMPAT_NET_FEATURES, KrunError, Libkrun, LibkrunBackend
+
 __all__ = [
+    "COMPAT_NET_FEATURES",
     "Backend",
     "Disk",
+    "KrunError",
+    "Libkrun",
+    "LibkrunBackend",
     "ProcessGroup",
     "QemuBackend",
     "QemuHandle",
@@ -51,3 +60,15 @@ def get_backend(name: str) -> Backend:
 
         return LibkrunBackend()
     raise BackendUnavailable(f"unknown backend {name!r}: use 'qemu' or 'libkrun'")
+
+
+#: names loaded on first use: ``import microvm.backends`` does not load cffi for libkrun
+_LAZY = {"COMPAT_NET_FEATURES", "KrunError", "Libkrun", "LibkrunBackend"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from microvm.backends import _libkrun
+
+        return getattr(_libkrun, name)
+    raise AttributeError(f"module 'microvm.backends' has no attribute {name!r}")

@@ -1,11 +1,11 @@
 """The per-sandbox supervisor process: ``python -m microvm.sandbox.supervisor SANDBOX_DIR``.
 
 One supervisor per sandbox owns the VMM (a :class:`~microvm.Machine`), the network
-(:class:`~microvm.sandbox.netwiring.SandboxNet`: uplink, gateway, TLS proxy), and the
+(:class:`~microvm.sandbox._netwiring.SandboxNet`: uplink, gateway, TLS proxy), and the
 timers (``max_duration``, ``idle_timeout``). Library callers and the CLI talk to it over
 two unix sockets in its runtime directory:
 
-* ``agent.sock``: the guest agent protocol, relayed (:class:`~microvm.sandbox.relay.AgentRelay`),
+* ``agent.sock``: the guest agent protocol, relayed (:class:`~microvm.sandbox._relay.AgentRelay`),
   so any number of ordinary ``AgentClient`` s exec and move files concurrently;
 * ``control.sock``: one JSON object per line, answered by one JSON line
   (:mod:`microvm.sandbox.control`): ``status``, ``stop``, ``kill``, ``net_stats``,
