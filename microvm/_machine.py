@@ -142,13 +142,18 @@ class Machine:
     Ethernet frames; ``bootstrap`` is merged into the boot config sent to the
     agent (hostname, network, env, ca_certs, root...).
 
-    Example::
+    Example (a root disk with busybox and the agent; ``with`` shuts the guest down)::
 
-        m = Machine("qemu", disks=[Disk(img)]).start()
-        try:
-            print(m.agent.exec("/bin/uname", ["-a"]).stdout)
-        finally:
-            m.shutdown()
+        >>> import shutil
+        >>> from pathlib import Path
+        >>> from microvm import Machine, build_ext4
+        >>> from microvm.agent import agent_binary
+        >>> (Path("root") / "bin").mkdir(parents=True)
+        >>> _ = shutil.copy("/bin/busybox", "root/bin/busybox")
+        >>> img = build_ext4(Path("root"), Path("root.img"), agent=agent_binary())
+        >>> with Machine("qemu", disks=[img], cpus=1, memory=256) as m:
+        ...     m.agent.exec("/bin/busybox", ["echo", "hi"]).stdout.split()
+        [b'hi']
     """
 
     def __init__(

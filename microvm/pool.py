@@ -46,9 +46,27 @@ class Pool:
     ``labels`` and then snapshotted. ``secrets`` go to every sandbox (values are never
     stored). Sandboxes are named ``<name>-<k>``.
 
-    Example::
+    Example (from a local one-layer image; ``with`` closes the pool, removing its
+    sandboxes and template)::
 
-        pool = Pool("docker.io/library/busybox:1.36", size=2, network="none")
+        >>> import shutil
+        >>> from pathlib import Path
+        >>> from microvm import Pool
+        >>> from rootfs import ImageStore, build_image
+        >>> (Path("bb") / "bin").mkdir(parents=True)
+        >>> _ = shutil.copy("/bin/busybox", "bb/bin/busybox")
+        >>> (Path("bb") / "bin/sh").symlink_to("busybox")
+        >>> image = build_image(Path("bb"), "local/busybox:1", ImageStore(),
+        ...                     config={"Cmd": ["/bin/sh"]})
+        >>> with Pool(image, size=1, name="docpool", network="none", memory=256) as pool:
+        ...     sb = pool.acquire()
+        ...     print(sb.shell("echo hi from $(hostname)").stdout_text.strip())
+        ...     pool.release(sb)
+        hi from docpool-1
+
+    A pool can also start from a stored snapshot by name or directory::
+
+        pool = Pool("warm", size=2)      # "warm": a Sandbox.snapshot
         sb = pool.acquire(); pool.release(sb); pool.close()
     """
 

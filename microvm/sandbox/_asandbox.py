@@ -96,10 +96,21 @@ PortsArg = Mapping[int, int] | Sequence[str | tuple[int, int] | PortMapping]
 class SandboxInfo:
     """A sandbox's row: ``name``, ``state``, ``labels``, ``pid``, times, ``error``.
 
-    Example::
+    Example (:meth:`Sandbox.list` / :meth:`AsyncSandbox.list` return these)::
 
-        for info in await AsyncSandbox.list(labels={"team": "a"}):
-            print(info.name, info.state)
+        >>> import shutil
+        >>> from pathlib import Path
+        >>> from microvm import Sandbox
+        >>> from rootfs import ImageStore, build_image
+        >>> (Path("bb") / "bin").mkdir(parents=True)
+        >>> _ = shutil.copy("/bin/busybox", "bb/bin/busybox")
+        >>> (Path("bb") / "bin/sh").symlink_to("busybox")
+        >>> image = build_image(Path("bb"), "local/busybox:1", ImageStore(),
+        ...                     config={"Cmd": ["/bin/sh"]})
+        >>> with Sandbox.create("doc-info", image=image, network="none", memory=256,
+        ...                     labels={"team": "a"}) as sb:
+        ...     [(i.name, i.state, i.labels) for i in Sandbox.list(labels={"team": "a"})]
+        [('doc-info', 'running', {'team': 'a'})]
     """
 
     def __init__(self, rec: SandboxRecord) -> None:
@@ -183,7 +194,26 @@ class AsyncSandboxNetwork:
 
 class AsyncSandbox:
     """One sandbox (see the module docstring). Get one from :meth:`create`, :meth:`get`
-    or :meth:`start`; ``async with`` stops it on exit (and removes it unless detached)."""
+    or :meth:`start`; ``async with`` stops it on exit (and removes it unless detached).
+
+    Example (a one-layer image built offline)::
+
+        >>> import asyncio, shutil
+        >>> from pathlib import Path
+        >>> from microvm import AsyncSandbox
+        >>> from rootfs import ImageStore, build_image
+        >>> (Path("bb") / "bin").mkdir(parents=True)
+        >>> _ = shutil.copy("/bin/busybox", "bb/bin/busybox")
+        >>> (Path("bb") / "bin/sh").symlink_to("busybox")
+        >>> image = build_image(Path("bb"), "local/busybox:1", ImageStore(),
+        ...                     config={"Cmd": ["/bin/sh"]})
+        >>> async def main() -> str:
+        ...     async with await AsyncSandbox.create("doc-async", image=image,
+        ...                                          network="none", memory=256) as sb:
+        ...         return (await sb.shell("echo hi from $(hostname)")).stdout_text.strip()
+        >>> asyncio.run(main())
+        'hi from doc-async'
+    """
 
     def __init__(self, name: str, *, db: StateDB | None = None) -> None:
         self.db = db or StateDB()

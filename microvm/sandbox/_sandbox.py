@@ -366,7 +366,24 @@ class SandboxNetwork:
 class Sandbox:
     """One sandbox, blocking API (see :class:`~microvm.sandbox._asandbox.AsyncSandbox`).
 
-    Example::
+    Example (a one-layer image built offline; leaving ``with`` stops and removes it)::
+
+        >>> import shutil
+        >>> from pathlib import Path
+        >>> from microvm import Sandbox
+        >>> from rootfs import ImageStore, build_image
+        >>> (Path("bb") / "bin").mkdir(parents=True)
+        >>> _ = shutil.copy("/bin/busybox", "bb/bin/busybox")
+        >>> (Path("bb") / "bin/sh").symlink_to("busybox")
+        >>> image = build_image(Path("bb"), "local/busybox:1", ImageStore(),
+        ...                     config={"Cmd": ["/bin/sh", "-c", "echo hello"]})
+        >>> with Sandbox.create("doc-sb", image=image, network="none", memory=256) as sb:
+        ...     print(sb.shell("echo hi from $(hostname)").stdout_text.strip())
+        ...     print(sb.exec_default().stdout_text.strip())
+        hi from doc-sb
+        hello
+
+    A detached sandbox outlives this process (``Sandbox.get("web")`` from anywhere)::
 
         sb = Sandbox.create("web", image="busybox:1.36", detached=True)
         print(sb.shell("uname -r").stdout_text)
