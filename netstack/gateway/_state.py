@@ -13,7 +13,6 @@ whose owner is dead, then the record.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -22,6 +21,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 from netstack.errors import UplinkError
 from netstack.gateway._addressing import microvm_home
@@ -197,8 +198,7 @@ def cleanup_stale(home: str | os.PathLike[str] | None = None) -> list[str]:
         return []
     removed: list[str] = []
     # one cleaner at a time (two would race on the same records)
-    with open(d / ".cleanup.lock", "a+b") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+    with FileLock(str(d / ".cleanup.lock")):   # the same flock on the same file as before
         for path in sorted(d.glob("*.json")):
             removed.extend(_cleanup_record(path))
     return removed
