@@ -1,5 +1,7 @@
 """Shared test helpers: skip reasons for missing root, binaries or a bootable VMM; running
-a program as an unprivileged user from a root test (:func:`unprivileged_argv`)."""
+a program as an unprivileged user from a root test (:func:`unprivileged_argv`); the pids
+of processes by name (:func:`pids_named`); the guest's HTTP server script
+(:data:`GUEST_HTTP_SERVER`); the agent's tty-and-resize check (:func:`assert_tty_resize`)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,13 @@ import os
 import shlex
 import shutil
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from microvm.agent import SyncAgentClient
 
 
 def require_root() -> None:
@@ -88,3 +95,70 @@ def unprivileged_argv(argv: list[str], *, uid: int = NOBODY, gid: int = NOGROUP,
     lines.append('exec "$@"')
     return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
             "\n".join(lines), "sh", *drop, *argv]
+
+
+def pids_named(prefix: str) -> set[int]:
+    """The pids of every process whose ``comm`` starts with ``prefix`` (e.g. ``"passt"``).
+
+    >>> os.getpid() in pids_named(Path(f"/proc/{os.getpid()}/comm").read_text()[:4])
+    True
+    """
+    out = set()
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if Path(f"/proc/{d}/comm").read_text().startswith(prefix):
+                    out.add(int(d))
+            except OSError:
+                continue
+    return out
+
+
+#: a Python script for ``python -c`` in a guest namespace: an HTTP server on
+#: ``sys.argv[1]``:8000 answering GET with "hello from the guest, peer <client ip>";
+#: prints "ready" once listening
+GUEST_HTTP_SERVER = r"""
+import http.server, socketserver, sys
+class S(http.server.ThreadingHTTPServer):
+    def server_bind(self):  # no getfqdn(): a reverse lookup would leave the namespace
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = "guest", 8000
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = f"hello from the guest, peer {self.client_address[0]}\n".encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body)))
+        self.end_headers(); self.wfile.write(body)
+    def log_message(self, *a): pass
+srv = S((sys.argv[1], 8000), H)
+print("ready", flush=True)
+srv.serve_forever()
+"""
+
+
+def assert_tty_resize(agent: SyncAgentClient, timeout: float) -> None:
+    """Run ``stty size`` on a 30x100 tty in the guest, resize it to 50x132, and assert
+    both sizes and a ``/dev/pts/`` tty came back and the command exited 0.
+
+    Example (needs a booted guest)::
+
+        assert_tty_resize(machine.agent, timeout=20)
+    """
+    p = agent.exec_stream(
+        "/bin/sh", ["-c", "stty size; read x; stty size; tty"], tty=True, rows=30, cols=100
+    )
+    out = b""
+    events = p.events(timeout=timeout)
+    for ev in events:
+        if ev.kind == "stdout":
+            out += ev.data
+            if b"30 100" in out:
+                break
+    p.resize(50, 132)
+    p.write_stdin(b"go\n")
+    last = None
+    for ev in events:
+        if ev.kind == "stdout":
+            out += ev.data
+        last = ev
+    assert last is not None and last.kind == "exited" and last.exit_code == 0, out
+    assert b"30 100" in out and b"50 132" in out and b"/dev/pts/" in out

@@ -18,7 +18,7 @@ from microvm.agent import AgentClient, agent_binary
 from microvm.errors import AgentError, BootError, ExecTimeout
 from microvm.kernel import Kernel
 from microvm.sandbox.launch import boot_panicked
-from tests.support import require_binaries
+from tests.support import assert_tty_resize, require_binaries
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(120)]
 
@@ -88,25 +88,7 @@ def test_stdin_streaming(machine: Machine) -> None:
 
 
 def test_tty_with_resize(machine: Machine) -> None:
-    p = machine.agent.exec_stream(
-        "/bin/sh", ["-c", "stty size; read x; stty size; tty"], tty=True, rows=30, cols=100
-    )
-    out = b""
-    events = p.events(timeout=20)
-    for ev in events:
-        if ev.kind == "stdout":
-            out += ev.data
-            if b"30 100" in out:
-                break
-    p.resize(50, 132)
-    p.write_stdin(b"go\n")
-    last = None
-    for ev in events:
-        if ev.kind == "stdout":
-            out += ev.data
-        last = ev
-    assert last is not None and last.kind == "exited" and last.exit_code == 0, out
-    assert b"30 100" in out and b"50 132" in out and b"/dev/pts/" in out
+    assert_tty_resize(machine.agent, timeout=20)
 
 
 def _sleepers(machine: Machine) -> int:

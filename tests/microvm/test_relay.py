@@ -33,7 +33,7 @@ from microvm.agent.protocol import TERMINAL, Frame, FrameDecoder, encode_frame
 from microvm.errors import AgentError, SandboxConfigError
 from microvm.kernel import Kernel
 from microvm.sandbox._relay import HIGH_WATER, AgentRelay
-from tests.support import require_binaries
+from tests.support import assert_tty_resize, require_binaries
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(180)]
 
@@ -227,23 +227,7 @@ def test_exec_collected_and_streamed_with_stdin(guest: Guest) -> None:
 def test_tty_and_resize(guest: Guest) -> None:
     with SyncAgentClient.connect_unix(guest.sock) as c:
         c.hello()
-        p = c.exec_stream("/bin/sh", ["-c", "stty size; read x; stty size; tty"], tty=True, rows=30, cols=100)
-        out = b""
-        events = p.events(timeout=30)
-        for ev in events:
-            if ev.kind == "stdout":
-                out += ev.data
-                if b"30 100" in out:
-                    break
-        p.resize(50, 132)
-        p.write_stdin(b"go\n")
-        last = None
-        for ev in events:
-            if ev.kind == "stdout":
-                out += ev.data
-            last = ev
-        assert last is not None and last.kind == "exited" and last.exit_code == 0, out
-        assert b"30 100" in out and b"50 132" in out and b"/dev/pts/" in out
+        assert_tty_resize(c, timeout=30)
 
 
 def test_signal(guest: Guest) -> None:
