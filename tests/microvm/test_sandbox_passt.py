@@ -8,7 +8,6 @@ removed.
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 import urllib.request
@@ -25,22 +24,10 @@ from tests.microvm.sandbox_fixtures import (
     sandbox_home_fixture,  # noqa: F401
 )
 from tests.microvm.sandbox_upstream import UPSTREAM_IP, Upstream
-from tests.support import require_binaries, require_root
+from tests.support import pids_named, require_binaries, require_root
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(300)]
 NAME = "sbpasst"
-
-
-def _passt_pids() -> set[int]:
-    out = set()
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                if Path(f"/proc/{d}/comm").read_text().startswith("passt"):
-                    out.add(int(d))
-            except OSError:
-                continue
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +42,7 @@ def test_public_only_guest_reaches_a_host_server_through_passt(
         sandbox_home: Path, upstream: Upstream, kernel: object,
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MICROVM_UPLINK", "passt")
-    before = _passt_pids()
+    before = pids_named("passt")
     img = busybox_image(rootfs.ImageStore(), "local/passtbox:1",
                         config={"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]})
     with socket.socket() as probe:
@@ -63,7 +50,7 @@ def test_public_only_guest_reaches_a_host_server_through_passt(
         port = probe.getsockname()[1]
     sb = Sandbox.create(NAME, image=img, network="public_only", ports={port: 80})
     try:
-        assert _passt_pids() - before, "the sandbox's uplink is not passt"
+        assert pids_named("passt") - before, "the sandbox's uplink is not passt"
         r = sb.shell(f"wget -q -O - http://{UPSTREAM_IP}/through-passt")
         out = r.stdout_text + r.stderr_text
         assert r.exit_code == 0 and out.startswith("hello from upstream /through-passt"), \
@@ -92,7 +79,7 @@ def test_public_only_guest_reaches_a_host_server_through_passt(
         sb.stop()
         Sandbox.remove(NAME)
     deadline = time.monotonic() + 5
-    while _passt_pids() - before and time.monotonic() < deadline:
+    while pids_named("passt") - before and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _passt_pids() - before, "passt left running"
+    assert not pids_named("passt") - before, "passt left running"
     assert_nothing_left(sandbox_home, {NAME})

@@ -27,7 +27,7 @@ from netstack import NetworkPolicy
 from netstack.serve import dns_query_frame, dns_rcode
 from tests.microvm.conftest import build_krun_double
 from tests.netstack_gateway.dns_server import AuthServer
-from tests.support import require_binaries, require_root
+from tests.support import pids_named, require_binaries, require_root
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 pytestmark = [pytest.mark.timeout(120)]
@@ -45,18 +45,6 @@ def sections() -> dict[str, list[tuple[str, str]]]:
     return out
 
 
-def _passt_children() -> set[int]:
-    out = set()
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                if Path(f"/proc/{d}/comm").read_text().startswith("passt"):
-                    out.add(int(d))
-            except OSError:
-                continue
-    return out
-
-
 @pytest.fixture
 def env(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     double = build_krun_double(tmp_path_factory.mktemp("krun"))
@@ -68,7 +56,7 @@ def env(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, s
 def run_section(title: str, cwd: Path, env: dict[str, str]) -> str:
     blocks = sections()[title]
     assert blocks, f"no code blocks under '### {title}'"
-    before = _passt_children()
+    before = pids_named("passt")
     out = []
     try:
         for i, (lang, code) in enumerate(blocks):
@@ -94,9 +82,9 @@ def run_section(title: str, cwd: Path, env: dict[str, str]) -> str:
                 os.kill(pid, signal.SIGKILL)
             assert not alive, "serve did not exit when its VMM hung up"
     deadline = time.monotonic() + 5
-    while _passt_children() - before and time.monotonic() < deadline:
+    while pids_named("passt") - before and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _passt_children() - before, "passt left running"
+    assert not pids_named("passt") - before, "passt left running"
     assert not list(cwd.glob("*.sock")) or all(not p.is_socket() for p in cwd.glob("gw.sock"))
     return "".join(out)
 
