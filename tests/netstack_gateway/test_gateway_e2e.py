@@ -45,7 +45,7 @@ from tests.netstack_gateway.topology import (
     uplink_and_topology,
 )
 from tests.netstack_gateway.unprivileged import RemoteGateway, UnprivilegedGateways
-from tests.support import NOBODY, require_binaries, require_root
+from tests.support import GUEST_HTTP_SERVER, NOBODY, require_binaries, require_root
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -521,28 +521,10 @@ def test_host_group_only_when_allowed(rig: Rig, host_service: int) -> None:
 
 
 # -- published ports ------------------------------------------------------------------------
-_GUEST_SERVER = r"""
-import http.server, socketserver, sys
-class S(http.server.ThreadingHTTPServer):
-    def server_bind(self):  # no getfqdn(): a reverse lookup would leave the namespace
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = "guest", 8000
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = f"hello from the guest, peer {self.client_address[0]}\n".encode()
-        self.send_response(200); self.send_header("Content-Length", str(len(body)))
-        self.end_headers(); self.wfile.write(body)
-    def log_message(self, *a): pass
-srv = S((sys.argv[1], 8000), H)
-print("ready", flush=True)
-srv.serve_forever()
-"""
-
-
 @pytest.fixture
 def guest_server(rig: Rig) -> Iterator[None]:
     proc = subprocess.Popen(["ip", "netns", "exec", rig.topo.guest_ns, sys.executable, "-c",
-                             _GUEST_SERVER, str(rig.topo.plan.guest_ipv4)],
+                             GUEST_HTTP_SERVER, str(rig.topo.plan.guest_ipv4)],
                             stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"

@@ -28,7 +28,7 @@ from tests.netstack_gateway.topology import (
     Topology,
     uplink_and_topology,
 )
-from tests.support import require_binaries, require_root
+from tests.support import GUEST_HTTP_SERVER, require_binaries, require_root
 
 pytestmark = pytest.mark.timeout(90)
 NOBODY, NOGROUP = 65534, 65534
@@ -216,22 +216,6 @@ def test_dns_over_tcp_is_steered_to_the_forwarder(topo: Topology) -> None:
         assert st["dns"]["forwarded"] == 2 and st["dns"]["denied"] == 1, st["dns"]
 
 
-_GUEST_HTTP = r"""
-import http.server, socketserver, sys
-class S(http.server.ThreadingHTTPServer):
-    def server_bind(self):
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = "guest", 8000
-class H(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = f"hello from the guest, peer {self.client_address[0]}\n".encode()
-        self.send_response(200); self.send_header("Content-Length", str(len(body)))
-        self.end_headers(); self.wfile.write(body)
-    def log_message(self, *a): pass
-srv = S((sys.argv[1], 8000), H)
-print("ready", flush=True)
-srv.serve_forever()
-"""
 
 
 def _free_port() -> int:
@@ -242,7 +226,7 @@ def _free_port() -> int:
 
 def test_published_port_through_passt_is_ingress_checked(topo: Topology) -> None:
     proc = subprocess.Popen(["ip", "netns", "exec", topo.guest_ns, sys.executable, "-c",
-                             _GUEST_HTTP, str(topo.plan.guest_ipv4)],
+                             GUEST_HTTP_SERVER, str(topo.plan.guest_ipv4)],
                             stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
