@@ -73,6 +73,9 @@ PRELOAD = (
 #: "ready", while idle
 NET_PRELOAD = ("microvm.sandbox._netwiring", "tls_proxy")
 _READY = b"R"
+#: the network modules load once the zygote has had no request or connection for this
+#: long (a command's request follows its connection by ~0.1-0.3 s: not delayed by them)
+_NET_AFTER_S = 0.5
 #: a zygote with no request (and, shared, no connection) for this long exits (a later
 #: start spawns a new one): long enough for back-to-back commands, short enough that an
 #: idle user does not keep a ~50 MB interpreter around
@@ -484,13 +487,14 @@ def _serve(sock: socket.socket | None, listener: socket.socket | None = None,
     served = 0
     while True:
         watch = conns + ([listener] if listener is not None else [])
-        wait = 0.0 if pending else max(0.0, last + idle_s - time.monotonic())
+        now = time.monotonic()
+        wait = max(0.0, last + (_NET_AFTER_S if pending else idle_s) - now)
         try:
             readable, _w, _x = select.select(watch, [], [], wait)
         except InterruptedError:
             continue
         if not readable:
-            if pending:   # idle: load the network modules now, one at a time
+            if pending:   # idle a while: load the network modules, one at a time
                 with contextlib.suppress(Exception):
                     __import__(pending.pop(0))
                 continue
