@@ -19,9 +19,7 @@ with ``microvm fleet node`` on this machine (1 CPU each for Ray's own tasks, the
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
 import queue
 import shutil
@@ -36,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import rootfs
+from benchmarks._common import process_tree, quick_main
 
 MEMORY_MIB = 256
 IMAGE = "local/fleetbench:1"
@@ -65,32 +64,6 @@ def _node(home: Path, *args: str) -> None:
                        cwd=REPO, capture_output=True, text=True, timeout=180)
     if r.returncode != 0:
         raise RuntimeError(f"microvm fleet node failed: {r.stderr.strip()[-500:]}")
-
-
-def _cluster_pids(temp_dir: Path) -> set[int]:
-    """The cluster's processes: command lines naming its session dir, and descendants."""
-    def cmd(p: int) -> str:
-        try:
-            return Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            return ""
-
-    def ppid(p: int) -> int:
-        try:
-            return int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            return -1
-
-    pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
-    found = {p for p in pids if str(temp_dir) in cmd(p) and p != os.getpid()}
-    grew = True
-    while grew:
-        grew = False
-        for p in pids:
-            if p not in found and ppid(p) in found:
-                found.add(p)
-                grew = True
-    return found
 
 
 def _timed_map(pool: Any, cmd: str, n: int) -> float:
@@ -183,7 +156,7 @@ def run(quick: bool) -> dict[str, Any]:
         with contextlib.suppress(Exception):
             ray.shutdown()
         for _ in range(3):
-            pids = _cluster_pids(temp_dir)
+            pids = process_tree(temp_dir)
             if not pids:
                 break
             for p in pids:
@@ -209,11 +182,7 @@ def run(quick: bool) -> dict[str, Any]:
 
 def main() -> None:
     """``python -m benchmarks.fleet [--quick]``: the last line printed is the JSON result."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="one timed map per setting, 8 long items")
-    ns = ap.parse_args()
-    print(json.dumps(run(ns.quick)))
-
+    quick_main(__doc__, run, "one timed map per setting, 8 long items")
 
 if __name__ == "__main__":
     main()

@@ -20,8 +20,6 @@ slot/TAP set-up to every path), the paths interleaved per round:
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -30,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import rootfs
+from benchmarks._common import quick_main
 
 MEMORY_MIB = 256
 
@@ -162,11 +161,7 @@ def run(quick: bool) -> dict[str, Any]:
 
 def main() -> None:
     """``python -m benchmarks.snapshot [--quick]``: the last line printed is the JSON result."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="3 rounds")
-    ns = ap.parse_args()
-    print(json.dumps(run(ns.quick)))
-
+    quick_main(__doc__, run, "3 rounds")
 
 if __name__ == "__main__":
     main()

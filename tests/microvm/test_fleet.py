@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 
 import rootfs
+from benchmarks._common import cmdline, process_tree
 from microvm import DnsOptions, TlsOptions
 from netstack import NetworkPolicy, Rule
 from tests.microvm.sandbox_fixtures import (
@@ -67,38 +68,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-            errors="replace")
-    except OSError:
-        return ""
-
-
-def _ppid(pid: int) -> int:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return -1
-    return int(stat.rsplit(")", 1)[1].split()[1])
-
-
-def _cluster_pids(temp_dir: Path) -> set[int]:
-    """Every process of the cluster: command lines naming its session directory (GCS,
-    raylets, monitors) and all their descendants (workers, agents)."""
-    pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
-    roots = {p for p in pids if str(temp_dir) in _cmdline(p) and p != os.getpid()}
-    found = set(roots)
-    grew = True
-    while grew:
-        grew = False
-        for p in pids:
-            if p not in found and _ppid(p) in found:
-                found.add(p)
-                grew = True
-    return found
 
 
 def _kill(pids: set[int]) -> None:
@@ -159,7 +128,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         with contextlib.suppress(Exception):
             ray.shutdown()
         for _ in range(3):
-            pids = _cluster_pids(temp_dir)
+            pids = process_tree(temp_dir)
             if not pids:
                 break
             _kill(pids)
@@ -366,8 +335,8 @@ def test_actor_exec_stream_files_and_metrics(pool: Any, cluster: Cluster) -> Non
 def test_second_node_dies_mid_map_every_item_completes_once(pool: Any,
                                                             cluster: Cluster) -> None:
     second = cluster.node_ids["second"]
-    raylet = [p for p in _cluster_pids(cluster.temp_dir)
-              if "raylet/raylet" in _cmdline(p) and f"--node_id={second}" in _cmdline(p)]
+    raylet = [p for p in process_tree(cluster.temp_dir)
+              if "raylet/raylet" in cmdline(p) and f"--node_id={second}" in cmdline(p)]
     assert len(raylet) == 1, raylet
     doomed = {s.name for s in pool._slots.values() if s.node_id == second}
     n = 16
