@@ -68,8 +68,9 @@ from __future__ import annotations
 
 import inspect
 import socket
+import weakref
 from collections.abc import Iterable
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Self, runtime_checkable
 
 from netstack.gateway._addressing import AddressPlan
 
@@ -79,6 +80,34 @@ __all__ = ["RedirectingUplink", "Uplink", "can_intercept_tls", "has_redirects",
 _CORE = ("plan", "mtu", "vnet_hdr", "ipv6_egress", "tap_fd", "set_mtu", "close")
 _CORE_METHODS = ("set_mtu", "close")
 _REDIRECT_METHODS = ("socket", "redirect_dns", "redirect_tcp", "clear_redirects")
+
+
+class _FinalizedUplink:
+    """What the built-in uplinks share: everything they own is released by one
+    ``weakref.finalize`` (``self._finalizer``, set in ``__init__``), run by :meth:`close`
+    or when the uplink is collected; ``closed`` reports whether it ran; a ``with`` block
+    closes the uplink on exit."""
+
+    _finalizer: weakref.finalize[..., object]
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`.
+
+        >>> up.close(); up.closed                         # doctest: +SKIP
+        True
+        """
+        return not self._finalizer.alive
+
+    def close(self) -> None:
+        """Release everything the uplink owns (idempotent)."""
+        self._finalizer()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @runtime_checkable

@@ -68,6 +68,7 @@ from typing import IO, Final
 from netstack.errors import UplinkError
 from netstack.gateway._addressing import AddressPlan
 from netstack.gateway._published import PublishedPort
+from netstack.gateway._uplink import _FinalizedUplink
 
 log = logging.getLogger("netstack.gateway")
 
@@ -183,7 +184,7 @@ def _stop_process(proc: subprocess.Popen[bytes], ours: socket.socket | None,
         errlog.close()
 
 
-class PasstUplink:
+class PasstUplink(_FinalizedUplink):
     """A rootless uplink: ``passt`` behind a framed socket pair (see the module docstring).
 
     ``host_loopback``: guest TCP/UDP to the gateway address reaches the host's
@@ -374,15 +375,6 @@ class PasstUplink:
         """
         return self._proc.pid
 
-    @property
-    def closed(self) -> bool:
-        """True after :meth:`close`.
-
-        >>> up.close(); up.closed                         # doctest: +SKIP
-        True
-        """
-        return not self._finalizer.alive
-
     def close(self) -> None:
         """Close the stream (passt exits) and make sure passt's process group is gone
         (idempotent).
@@ -392,12 +384,6 @@ class PasstUplink:
         """
         self._finalizer()
         self._sock = None
-
-    def __enter__(self) -> PasstUplink:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return (f"PasstUplink(slot={self.plan.slot}, pid={self._proc.pid}, "

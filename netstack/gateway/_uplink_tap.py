@@ -87,6 +87,7 @@ from netstack.gateway._state import (
     state_dir,
     write_record,
 )
+from netstack.gateway._uplink import _FinalizedUplink
 
 log = logging.getLogger("netstack.gateway")
 
@@ -333,7 +334,7 @@ def _enable_host_forwarding6() -> None:
 UPLINK_MTU = 1500
 
 
-class TapUplink:
+class TapUplink(_FinalizedUplink):
     """The TAP uplink of one sandbox (see the module docstring for the topology).
 
     Creating it needs root. ``tap_fd`` is the TAP's file descriptor (IFF_TAP |
@@ -512,15 +513,6 @@ class TapUplink:
         self._dns_redirect, self._intercept = False, None
         self._load_netns_ruleset()
 
-    @property
-    def closed(self) -> bool:
-        """True after :meth:`close`.
-
-        >>> up = TapUplink("doc-b", AddressPlan(4000)); up.close(); up.closed  # doctest: +SKIP
-        True
-        """
-        return not self._finalizer.alive
-
     def close(self) -> None:
         """Remove everything the uplink created (idempotent).
 
@@ -528,12 +520,6 @@ class TapUplink:
         ...     pass                                            # closed on exit
         """
         self._finalizer()
-
-    def __enter__(self) -> TapUplink:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return (f"TapUplink({self.sandbox!r}, slot={self.plan.slot}, "
