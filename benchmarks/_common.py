@@ -1,15 +1,24 @@
 """Helpers the benchmarks share: the ``[--quick]`` command line that prints one JSON
-result (:func:`quick_main`), and finding a process tree by a path in its command lines
-(:func:`process_tree`; the fleet benchmark and tests use it to clean up a Ray cluster)."""
+result (:func:`quick_main`), a busybox image (:func:`busybox_image`), and finding and
+killing a process tree by a path in its command lines (:func:`process_tree`,
+:func:`kill_process_tree`; the fleet benchmark and tests clean up a Ray cluster so)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import rootfs
 
 
 def quick_main(doc: str | None, run: Callable[[bool], dict[str, Any]], quick_help: str) -> None:
@@ -70,3 +79,42 @@ def process_tree(marker: str | Path) -> set[int]:
                 found.add(p)
                 grew = True
     return found
+
+
+def kill_process_tree(marker: str | Path, rounds: int = 3) -> None:
+    """SIGKILL :func:`process_tree` of ``marker`` until it is empty (at most ``rounds``
+    times, half a second apart).
+
+    >>> kill_process_tree("/no/such/marker/dir")
+    """
+    for _ in range(rounds):
+        pids = process_tree(marker)
+        if not pids:
+            break
+        for p in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(p, signal.SIGKILL)
+        time.sleep(0.5)
+
+
+def busybox_image(name: str, store: rootfs.ImageStore) -> rootfs.Image:
+    """Build image ``name`` in ``store``: the host's /bin/busybox with every applet linked
+    under /bin, ``Cmd`` ``/bin/sh``, ``PATH=/bin``.
+
+    Example::
+
+        img = busybox_image("local/snapbench:1", rootfs.ImageStore())
+    """
+    root = Path(tempfile.mkdtemp(prefix="bench-root-"))
+    try:
+        for d in ("bin", "etc", "tmp", "proc", "sys", "dev", "root"):
+            (root / d).mkdir()
+        shutil.copy2("/bin/busybox", root / "bin" / "busybox")
+        for a in subprocess.run(["/bin/busybox", "--list"], capture_output=True, text=True,
+                                check=True).stdout.split():
+            if a != "busybox":
+                (root / "bin" / a).symlink_to("busybox")
+        return rootfs.build_image(root, name, store,
+                                  config={"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]})
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

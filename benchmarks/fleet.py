@@ -23,7 +23,6 @@ import contextlib
 import os
 import queue
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import rootfs
-from benchmarks._common import process_tree, quick_main
+from benchmarks._common import busybox_image, kill_process_tree, quick_main
 
 MEMORY_MIB = 256
 IMAGE = "local/fleetbench:1"
@@ -42,19 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _image(home: Path) -> None:
-    root = Path(tempfile.mkdtemp(prefix="fleetbench-root-"))
-    try:
-        for d in ("bin", "etc", "tmp", "proc", "sys", "dev", "root"):
-            (root / d).mkdir()
-        shutil.copy2("/bin/busybox", root / "bin" / "busybox")
-        for a in subprocess.run(["/bin/busybox", "--list"], capture_output=True, text=True,
-                                check=True).stdout.split():
-            if a != "busybox":
-                (root / "bin" / a).symlink_to("busybox")
-        rootfs.build_image(root, IMAGE, rootfs.ImageStore(home / "images"),
-                           config={"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]})
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    busybox_image(IMAGE, rootfs.ImageStore(home / "images"))
 
 
 def _node(home: Path, *args: str) -> None:
@@ -155,14 +142,7 @@ def run(quick: bool) -> dict[str, Any]:
     finally:
         with contextlib.suppress(Exception):
             ray.shutdown()
-        for _ in range(3):
-            pids = process_tree(temp_dir)
-            if not pids:
-                break
-            for p in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(p, signal.SIGKILL)
-            time.sleep(0.5)
+        kill_process_tree(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
         shutil.rmtree(base, ignore_errors=True)
     return {

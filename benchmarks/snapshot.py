@@ -28,28 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import rootfs
-from benchmarks._common import quick_main
+from benchmarks._common import busybox_image, quick_main
 
 MEMORY_MIB = 256
 
 
 def _image() -> rootfs.Image:
-    import shutil
-    import subprocess
-
-    root = Path(tempfile.mkdtemp(prefix="snapbench-root-"))
-    try:
-        for d in ("bin", "etc", "tmp", "proc", "sys", "dev", "root"):
-            (root / d).mkdir()
-        shutil.copy2("/bin/busybox", root / "bin" / "busybox")
-        for a in subprocess.run(["/bin/busybox", "--list"], capture_output=True, text=True,
-                                check=True).stdout.split():
-            if a != "busybox":
-                (root / "bin" / a).symlink_to("busybox")
-        return rootfs.build_image(root, "local/snapbench:1", rootfs.ImageStore(),
-                                  config={"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]})
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    return busybox_image("local/snapbench:1", rootfs.ImageStore())
 
 
 def _pss_kib(pid: int) -> int:

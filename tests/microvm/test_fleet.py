@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 
 import rootfs
-from benchmarks._common import cmdline, process_tree
+from benchmarks._common import cmdline, kill_process_tree, process_tree
 from microvm import DnsOptions, TlsOptions
 from netstack import NetworkPolicy, Rule
 from tests.microvm.sandbox_fixtures import (
@@ -68,12 +68,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _kill(pids: set[int]) -> None:
-    for p in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(p, signal.SIGKILL)
 
 
 def _fleet_node(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
@@ -127,12 +121,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     finally:
         with contextlib.suppress(Exception):
             ray.shutdown()
-        for _ in range(3):
-            pids = process_tree(temp_dir)
-            if not pids:
-                break
-            _kill(pids)
-            time.sleep(0.5)
+        kill_process_tree(temp_dir)
         import shutil
 
         shutil.rmtree(temp_dir, ignore_errors=True)
