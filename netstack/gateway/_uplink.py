@@ -72,6 +72,7 @@ import weakref
 from collections.abc import Iterable
 from typing import Protocol, Self, runtime_checkable
 
+from netstack.errors import UplinkError
 from netstack.gateway._addressing import AddressPlan
 
 __all__ = ["RedirectingUplink", "Uplink", "can_intercept_tls", "has_redirects",
@@ -80,6 +81,24 @@ __all__ = ["RedirectingUplink", "Uplink", "can_intercept_tls", "has_redirects",
 _CORE = ("plan", "mtu", "vnet_hdr", "ipv6_egress", "tap_fd", "set_mtu", "close")
 _CORE_METHODS = ("set_mtu", "close")
 _REDIRECT_METHODS = ("socket", "redirect_dns", "redirect_tcp", "clear_redirects")
+
+
+def _check_plan(plan: AddressPlan, ipv6_egress: bool | None) -> None:
+    """The built-in uplinks' check of their ``plan`` and ``ipv6_egress`` arguments:
+    UplinkError naming the bad value.
+
+    >>> _check_plan(AddressPlan(4000), None)
+    >>> _check_plan(AddressPlan(4000), True)
+    Traceback (most recent call last):
+    netstack.errors.UplinkError: ipv6_egress=True needs a plan with IPv6 (AddressPlan(..., ipv6=True))
+    """
+    if not isinstance(plan, AddressPlan):
+        raise UplinkError(f"plan must be an AddressPlan, got {type(plan).__name__}")
+    if ipv6_egress is not None and not isinstance(ipv6_egress, bool):
+        raise UplinkError(f"ipv6_egress must be True, False or None, got {ipv6_egress!r}")
+    if ipv6_egress and not plan.ipv6:
+        raise UplinkError("ipv6_egress=True needs a plan with IPv6 (AddressPlan(..., "
+                          "ipv6=True))")
 
 
 class _FinalizedUplink:

@@ -68,7 +68,7 @@ from typing import IO, Final
 from netstack.errors import UplinkError
 from netstack.gateway._addressing import AddressPlan
 from netstack.gateway._published import PublishedPort
-from netstack.gateway._uplink import _FinalizedUplink
+from netstack.gateway._uplink import _check_plan, _FinalizedUplink
 
 log = logging.getLogger("netstack.gateway")
 
@@ -210,13 +210,7 @@ class PasstUplink(_FinalizedUplink):
                  published_ports: Iterable[PublishedPort | tuple[int, int] | str] = (),
                  runas: str | None = None, pcap: str | os.PathLike[str] | None = None,
                  binary: str = "passt") -> None:
-        if not isinstance(plan, AddressPlan):
-            raise UplinkError(f"plan must be an AddressPlan, got {type(plan).__name__}")
-        if ipv6_egress is not None and not isinstance(ipv6_egress, bool):
-            raise UplinkError(f"ipv6_egress must be True, False or None, got {ipv6_egress!r}")
-        if ipv6_egress and not plan.ipv6:
-            raise UplinkError("ipv6_egress=True needs a plan with IPv6 (AddressPlan(..., "
-                              "ipv6=True))")
+        _check_plan(plan, ipv6_egress)
         if runas is not None and (not isinstance(runas, str) or not runas
                                   or any(c.isspace() for c in runas)):
             raise UplinkError(f"runas must be a user name, UID or UID:GID, got {runas!r}")

@@ -87,7 +87,7 @@ from netstack.gateway._state import (
     state_dir,
     write_record,
 )
-from netstack.gateway._uplink import _FinalizedUplink
+from netstack.gateway._uplink import _check_plan, _FinalizedUplink
 
 log = logging.getLogger("netstack.gateway")
 
@@ -354,13 +354,7 @@ class TapUplink(_FinalizedUplink):
     def __init__(self, sandbox: str, plan: AddressPlan, *, host_loopback: bool = False,
                  home: str | os.PathLike[str] | None = None, nonblocking: bool = False,
                  vnet_hdr: bool = True, ipv6_egress: bool | None = None) -> None:
-        if not isinstance(plan, AddressPlan):
-            raise UplinkError(f"plan must be an AddressPlan, got {type(plan).__name__}")
-        if ipv6_egress is not None and not isinstance(ipv6_egress, bool):
-            raise UplinkError(f"ipv6_egress must be True, False or None, got {ipv6_egress!r}")
-        if ipv6_egress and not plan.ipv6:
-            raise UplinkError("ipv6_egress=True needs a plan with IPv6 (AddressPlan(..., "
-                              "ipv6=True))")
+        _check_plan(plan, ipv6_egress)
         self._host_ipv6 = plan.ipv6 and host_ipv6_usable()
         if ipv6_egress and not self._host_ipv6:
             raise UplinkError("ipv6_egress=True but IPv6 is disabled on this host "
