@@ -65,7 +65,7 @@ def _tree_pss_mib(pids: list[int]) -> float:
 def run(quick: bool) -> dict[str, Any]:
     """All paths, interleaved; returns the result keys (see the module docstring)."""
     from microvm import Pool, Sandbox
-    from microvm.sandbox.snapshots import restore_phases
+    from microvm.sandbox._snapshots import restore_phases
 
     rounds = 3 if quick else 7
     home = tempfile.mkdtemp(prefix="snapbench-home-")

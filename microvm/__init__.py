@@ -39,7 +39,7 @@ from microvm.errors import (
 if TYPE_CHECKING:
     from microvm._guestdisk import build_ext4
     from microvm._machine import Machine
-    from microvm.pool import Pool
+    from microvm._pool import Pool
     from microvm.sandbox import (
         AsyncSandbox,
         DnsOptions,
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 _LAZY = {"Sandbox": "microvm.sandbox", "AsyncSandbox": "microvm.sandbox",
          "ExecOutput": "microvm.sandbox", "SandboxInfo": "microvm.sandbox",
          "DnsOptions": "microvm.sandbox", "TlsOptions": "microvm.sandbox",
-         "Machine": "microvm._machine", "Pool": "microvm.pool",
+         "Machine": "microvm._machine", "Pool": "microvm._pool",
          "build_ext4": "microvm._guestdisk"}
 
 

@@ -65,7 +65,7 @@ def doctor_checks() -> list[Check]:
 
         bad = [c for c in doctor_checks() if c.required and not c.ok]
     """
-    from microvm.backends.qemu import QemuBackend, kvm_probe
+    from microvm.backends._qemu import QemuBackend, kvm_probe
     from microvm.errors import MicrovmError
 
     out: list[Check] = []
@@ -102,7 +102,7 @@ def doctor_checks() -> list[Check]:
     except MicrovmError as e:
         out.append(Check("kernel", False, str(e), "unset MICROVM_KERNEL or point it at a file"))
     out.append(_agent_check())
-    from microvm.backends.qemu import _find_virtiofsd
+    from microvm.backends._qemu import _find_virtiofsd
 
     vfs = _find_virtiofsd()
     out.append(Check("virtiofsd", vfs is not None, vfs or "not found",

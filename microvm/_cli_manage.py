@@ -187,7 +187,7 @@ def logs_cmd(name: str, follow: bool, tail: int | None, supervisor: bool) -> Non
 
 
 def _status(sb: Sandbox) -> dict[str, Any]:
-    from microvm.sandbox.control import ControlError, control_call
+    from microvm.sandbox._control import ControlError, control_call
 
     try:
         result: dict[str, Any] = asyncio.run(control_call(sb.paths.control_sock,

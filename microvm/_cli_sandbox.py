@@ -368,7 +368,7 @@ def _restore(snapshot: str, opts: dict[str, Any], *, detached: bool) -> Sandbox:
     """
     from microvm import Sandbox
     from microvm.errors import SandboxNotFound
-    from microvm.sandbox.snapshots import resolve
+    from microvm.sandbox._snapshots import resolve
 
     path = resolve(snapshot)            # a bad or missing snapshot fails here
     name = opts["name"] or _default_name(path.name)

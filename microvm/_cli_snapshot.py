@@ -1,5 +1,5 @@
 """``microvm snapshot create|ls|rm|restore|export|import``, ``microvm fork``, ``pause``, ``resume``:
-the command line of :mod:`microvm.sandbox.snapshots` (QEMU sandboxes).
+the command line of :mod:`microvm.sandbox._snapshots` (QEMU sandboxes).
 
 Forks made here are detached (they outlive the command, like ``run -d``); stop and
 remove them with ``microvm stop`` / ``microvm rm``. Exit status: 0, or 125 when a
@@ -57,23 +57,26 @@ def snapshot_group() -> None:
 
 @snapshot_group.command("create")
 @click.option("--no-checksums", is_flag=True, help="skip the memory/disk sha256 (faster)")
+@click.option("--disk-only", is_flag=True,
+              help="the upper disk and the pinned image only, no memory (restores boot cold)")
 @click.argument("sandbox")
 @click.argument("name")
 @guarded
-def snapshot_create(sandbox: str, name: str, no_checksums: bool) -> None:
+def snapshot_create(sandbox: str, name: str, no_checksums: bool, disk_only: bool) -> None:
     """Save running SANDBOX as snapshot NAME (RAM, devices, its disk).
 
     \b
     Example:
       microvm snapshot create web warm
+      microvm snapshot create --disk-only web after-setup
     """
     from microvm import Sandbox
-    from microvm.sandbox.snapshots import snapshot_target
+    from microvm.sandbox._snapshots import snapshot_target
 
     snapshot_target(name)   # a bad or taken name fails before the sandbox pauses
     sb = Sandbox.get(sandbox)
     try:
-        info = sb.snapshot(name, checksums=not no_checksums)
+        info = sb.snapshot(name, checksums=not no_checksums, disk_only=disk_only)
     finally:
         sb.close()
     click.echo(info.name)
@@ -91,7 +94,7 @@ def snapshot_ls(quiet: bool, fmt: str) -> None:
     Example:
       microvm snapshot ls --format json
     """
-    from microvm.sandbox.snapshots import list_snapshots
+    from microvm.sandbox._snapshots import list_snapshots
 
     snaps = list_snapshots()
     if quiet:
@@ -121,7 +124,7 @@ def snapshot_rm(names: tuple[str, ...]) -> None:
     Example:
       microvm snapshot rm warm
     """
-    from microvm.sandbox.snapshots import remove_snapshot
+    from microvm.sandbox._snapshots import remove_snapshot
 
     for_each(names, "snapshot rm", remove_snapshot)
 
@@ -137,7 +140,7 @@ def snapshot_export(name: str, archive: Path) -> None:
     Example:
       microvm snapshot export warm /tmp/warm.tar.zst
     """
-    from microvm.sandbox.snapshots import export_snapshot
+    from microvm.sandbox._snapshots import export_snapshot
 
     click.echo(str(export_snapshot(name, archive)))
 
@@ -153,7 +156,7 @@ def snapshot_import(archive: Path, name: str) -> None:
     Example:
       microvm snapshot import /tmp/warm.tar.zst warm2
     """
-    from microvm.sandbox.snapshots import import_snapshot
+    from microvm.sandbox._snapshots import import_snapshot
 
     click.echo(import_snapshot(archive, name).name)
 
@@ -172,8 +175,8 @@ def snapshot_restore(snapshot: str, name: str | None) -> None:
     prestart_supervisor()       # its imports overlap ours
     from microvm import Sandbox
     from microvm.sandbox._config import validate_name
+    from microvm.sandbox._snapshots import resolve
     from microvm.sandbox._state import StateDB
-    from microvm.sandbox.snapshots import resolve
 
     path = resolve(snapshot)   # a bad name fails here
     if name is None:

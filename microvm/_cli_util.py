@@ -246,14 +246,14 @@ def parse_patch(spec: str) -> Any:
 def prestart_supervisor() -> None:
     """First thing in a command that starts sandboxes: connect to this user's shared
     supervisor zygote (a Python with the supervisor's imports loaded, which outlives the
-    command: :mod:`microvm.sandbox.zygote`), starting it when none runs, so that it loads
+    command: :mod:`microvm.sandbox._zygote`), starting it when none runs, so that it loads
     beside our own imports and checks; :func:`supervisor_ready` waits for it.
 
     Example::
 
         prestart_supervisor(); kw = sandbox_kwargs(...); supervisor_ready(); Sandbox.create(...)
     """
-    from microvm.sandbox import zygote
+    from microvm.sandbox import _zygote as zygote
 
     zygote.prestart(shared=True)   # back-to-back commands fork from the same warm one
 
@@ -267,7 +267,7 @@ def supervisor_ready(timeout: float = 30.0) -> None:
 
         supervisor_ready()
     """
-    from microvm.sandbox import zygote
+    from microvm.sandbox import _zygote as zygote
 
     zygote.wait_ready(timeout)
 

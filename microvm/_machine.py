@@ -222,12 +222,12 @@ class Machine:
         self._handle: VmHandle | None = None
         self._agent: SyncAgentClient | None = None
         self._aagent: AgentClient | None = None
-        #: guest RAM (snapshots; see microvm.snapshot) and, for a restore, what to load
+        #: guest RAM (snapshots; see microvm._snapshot) and, for a restore, what to load
         self._memfd: int | None = None
         self._restore: tuple[Path, bool, dict[str, Any]] | None = None
         self._step = "launching the VMM"   # what start/astart was doing (for BootError)
         if snapshots or (snapshots is None and isinstance(self.backend, SnapshotBackend)):
-            from microvm.snapshot import memfd_for, snapshot_backend
+            from microvm._snapshot import memfd_for, snapshot_backend
 
             snapshot_backend(self.backend)
             fd, mem = memfd_for(memory)
@@ -593,7 +593,7 @@ class Machine:
         if self._own_rundir:
             shutil.rmtree(self.rundir, ignore_errors=True)
 
-    # -- snapshots (QEMU; see microvm.snapshot) -----------------------------------------
+    # -- snapshots (QEMU; see microvm._snapshot) -----------------------------------------
     def pause(self) -> None:
         """Stop the guest's vCPUs (QMP ``stop``); raises ``BackendUnavailable`` off QEMU.
 
@@ -601,7 +601,7 @@ class Machine:
 
             m.pause(); m.resume()
         """
-        from microvm.snapshot import snapshot_backend
+        from microvm._snapshot import snapshot_backend
 
         snapshot_backend(self.backend).pause(self.handle)
 
@@ -612,7 +612,7 @@ class Machine:
 
             m.resume()
         """
-        from microvm.snapshot import snapshot_backend
+        from microvm._snapshot import snapshot_backend
 
         snapshot_backend(self.backend).resume(self.handle)
 
@@ -628,7 +628,7 @@ class Machine:
 
             m.snapshot(Path("snap"), extra={"note": "warm"})
         """
-        from microvm.snapshot import take
+        from microvm._snapshot import take
 
         return take(self, Path(path), extra=extra, checksums=checksums)
 
@@ -649,7 +649,7 @@ class Machine:
 
             m = Machine.from_snapshot(Path("snap"), hostname="fork-1").start()
         """
-        from microvm.snapshot import (
+        from microvm._snapshot import (
             check_compatible,
             load_manifest,
             memfd_for,

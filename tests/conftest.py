@@ -30,7 +30,7 @@ collect_ignore = ["fuzz"]
 @pytest.fixture(scope="session", autouse=True)
 def _session_zygotes() -> Iterator[None]:
     """The shared supervisor zygotes the session's ``microvm`` commands start (they
-    outlive a command: microvm/sandbox/zygote.py) live in a directory of this session
+    outlive a command: microvm/sandbox/_zygote.py) live in a directory of this session
     (``$MICROVM_ZYGOTE_DIR``) and are stopped at its end: none outlives the session."""
     import shutil
     import tempfile
@@ -43,7 +43,7 @@ def _session_zygotes() -> Iterator[None]:
     finally:
         from pathlib import Path
 
-        from microvm.sandbox import zygote
+        from microvm.sandbox import _zygote as zygote
 
         zygote.stop_shared(Path(d))
         shutil.rmtree(d, ignore_errors=True)

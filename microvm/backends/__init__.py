@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from microvm.backends._qemu import QemuBackend, QemuHandle
 from microvm.backends.base import (
     Backend,
     Disk,
@@ -21,7 +22,6 @@ from microvm.backends.base import (
     console_tail,
     kvm_usable,
 )
-from microvm.backends.qemu import QemuBackend, QemuHandle
 from microvm.errors import BackendUnavailable
 
 if TYPE_CHECKING:

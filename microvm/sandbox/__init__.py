@@ -8,10 +8,10 @@ Module map (one job each):
   :mod:`~microvm.sandbox._sandbox`: :class:`Sandbox`, its blocking twin;
 * :mod:`~microvm.sandbox._exec` / :mod:`~microvm.sandbox._fs`: exec results, streamed
   exec handles, guest files;
-* :mod:`~microvm.sandbox.launch`: the creator's side of a start (image, root, spawn);
-* :mod:`~microvm.sandbox.supervisor`: the per-sandbox supervisor process (VM, network,
+* :mod:`~microvm.sandbox._launch`: the creator's side of a start (image, root, spawn);
+* :mod:`~microvm.sandbox._supervisor`: the per-sandbox supervisor process (VM, network,
   timers), :mod:`~microvm.sandbox._relay` (agent protocol relay) and
-  :mod:`~microvm.sandbox.control` (its control socket);
+  :mod:`~microvm.sandbox._control` (its control socket);
 * :mod:`~microvm.sandbox._netwiring`: slot, uplink, gateway and TLS proxy of one sandbox;
 * :mod:`~microvm.sandbox._state`: ``$MICROVM_HOME/sandboxes.db``;
   :mod:`~microvm.sandbox._paths`: where a sandbox keeps its files.

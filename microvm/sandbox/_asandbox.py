@@ -53,20 +53,20 @@ from microvm.sandbox._config import (
     parse_secrets,
     validate_name,
 )
+from microvm.sandbox._control import ControlError, control_call
 from microvm.sandbox._exec import AsyncExecHandle, ExecOutput
 from microvm.sandbox._fs import AsyncSandboxFs
 from microvm.sandbox._paths import SandboxPaths
 from microvm.sandbox._state import SandboxRecord, StateDB
-from microvm.sandbox.control import ControlError, control_call
 
 # netstack's gateway and tls_proxy (cryptography, h2, dnspython, pyroute2) are needed by
 # the supervisor, not by a handle: here they are types only, so `microvm exec` stays light;
 # the creator's side (launch: rootfs's store and registry client) loads on first use
 if TYPE_CHECKING:
     from microvm.backends.base import Backend
-    from microvm.sandbox import launch as _launch
+    from microvm.sandbox import _launch
     from microvm.sandbox._netwiring import SecretProxy
-    from microvm.sandbox.snapshots import SnapshotInfo
+    from microvm.sandbox._snapshots import SnapshotInfo
     from microvm.ssh._client import SshClient
     from netstack import Decision, Flow, NetworkPolicy
     from netstack.gateway import AddressPlan, Uplink
@@ -75,7 +75,7 @@ if TYPE_CHECKING:
 else:
     class _LazyLaunch:
         def __getattr__(self, name: str) -> Any:
-            from microvm.sandbox import launch
+            from microvm.sandbox import _launch as launch
 
             return getattr(launch, name)
 
@@ -773,10 +773,13 @@ class AsyncSandbox:
 
         return await asyncio.to_thread(connect, self, idle_timeout=idle_timeout)
 
-    # -- snapshots, fork, pause (QEMU; microvm.sandbox.snapshots) -------------------------
-    async def snapshot(self, name: str, *, checksums: bool = True) -> SnapshotInfo:
+    # -- snapshots, fork, pause (QEMU; microvm.sandbox._snapshots) -------------------------
+    async def snapshot(self, name: str, *, checksums: bool = True,
+                       disk_only: bool = False) -> SnapshotInfo:
         """Save this running sandbox (RAM, device state, its disk; the image pinned by
         digest) as ``$MICROVM_HOME/snapshots/<name>``; it pauses only for the copies.
+        ``disk_only=True``: the light kind, the upper disk and the pinned image without
+        memory (a restore boots cold from it; ``SnapshotInfo.kind`` is ``"disk"``).
 
         Raises :class:`~microvm.errors.SnapshotError` (name taken, volumes or a directory
         root: virtio-fs cannot be snapshotted), ``BackendUnavailable`` (not QEMU).
@@ -784,10 +787,15 @@ class AsyncSandbox:
         Example::
 
             info = await sb.snapshot("warm"); print(info.path)
+            await sb.snapshot("after-setup", disk_only=True)
         """
-        from microvm.sandbox import snapshots as _snap
+        from microvm.sandbox import _snapshots as _snap
 
-        path = await _snap.take(self, _snap.snapshot_target(name), checksums=checksums)
+        target = _snap.snapshot_target(name)
+        if disk_only:
+            path = await _snap.take_disk(self, target)
+        else:
+            path = await _snap.take(self, target, checksums=checksums)
         return await asyncio.to_thread(_snap.SnapshotInfo.of, path)
 
     @classmethod
@@ -806,7 +814,7 @@ class AsyncSandbox:
 
             a = await AsyncSandbox.restore("warm", name="a")
         """
-        from microvm.sandbox import snapshots as _snap
+        from microvm.sandbox import _snapshots as _snap
 
         return await _snap.restore(cls, snapshot, name=name, secrets=secrets,
                                    detached=detached, labels=labels, boot_timeout=boot_timeout)
@@ -834,7 +842,7 @@ class AsyncSandbox:
 
             forks = await sb.fork_many(5)
         """
-        from microvm.sandbox import snapshots as _snap
+        from microvm.sandbox import _snapshots as _snap
 
         return await _snap.fork_many(self, n, names=names, secrets=secrets, detached=detached)
 
@@ -845,7 +853,7 @@ class AsyncSandbox:
 
             await sb.pause(); await sb.resume()
         """
-        from microvm.sandbox import snapshots as _snap
+        from microvm.sandbox import _snapshots as _snap
 
         await _snap.pause(self)
 
@@ -856,7 +864,7 @@ class AsyncSandbox:
 
             await sb.resume()
         """
-        from microvm.sandbox import snapshots as _snap
+        from microvm.sandbox import _snapshots as _snap
 
         await _snap.resume(self)
 

@@ -45,7 +45,7 @@ from microvm.sandbox._exec import AsyncExecHandle, ExecOutput
 
 if TYPE_CHECKING:   # types only: a handle never needs the gateway or the proxy
     from microvm.backends.base import Backend
-    from microvm.sandbox.snapshots import SnapshotInfo
+    from microvm.sandbox._snapshots import SnapshotInfo
     from microvm.ssh._client import SshClient
     from netstack import Decision, Flow, NetworkPolicy
     from rootfs import Image, Patch, RegistryAuth, RootProvider
@@ -673,14 +673,17 @@ class Sandbox:
     def __repr__(self) -> str:
         return f"Sandbox({self.name!r})"
 
-    def snapshot(self, name: str, *, checksums: bool = True) -> SnapshotInfo:
-        """Save this running sandbox as snapshot ``name`` (see :meth:`AsyncSandbox.snapshot`).
+    def snapshot(self, name: str, *, checksums: bool = True,
+                 disk_only: bool = False) -> SnapshotInfo:
+        """Save this running sandbox as snapshot ``name`` (see :meth:`AsyncSandbox.snapshot`;
+        ``disk_only=True``: the upper disk and the pinned image, no memory).
 
         Example::
 
             sb.snapshot("warm")
+            sb.snapshot("after-setup", disk_only=True)
         """
-        return self._loop.run(self._sb.snapshot(name, checksums=checksums))
+        return self._loop.run(self._sb.snapshot(name, checksums=checksums, disk_only=disk_only))
 
     @classmethod
     def restore(cls, snapshot: str | os.PathLike[str], *, name: str,

@@ -55,7 +55,7 @@ from paramiko.common import (
 from microvm._portal import Portal
 from microvm.agent import AgentClient, ExecProcess
 from microvm.errors import AgentError, MicrovmError
-from microvm.ssh import _keys as _keys
+from microvm.ssh import _keys
 from microvm.ssh.errors import SshConfigError, SshError
 
 if TYPE_CHECKING:

@@ -261,7 +261,7 @@ def test_bad_microvm_accel_is_refused(monkeypatch) -> None:
 
 def test_kvm_probe_guest_is_sound_under_tcg() -> None:
     """The probe's one-instruction guest really runs and exits 99 (shown under TCG, which always works)."""
-    from microvm.backends.qemu import _run_probe
+    from microvm.backends._qemu import _run_probe
 
     require_binaries("qemu-system-x86_64")
     assert _run_probe(QemuBackend().qemu_binary(), 60, accel="tcg") == (True, "", True)
@@ -269,8 +269,8 @@ def test_kvm_probe_guest_is_sound_under_tcg() -> None:
 
 def test_kvm_probe_is_cached_and_forced_kvm_fails_fast(monkeypatch, tmp_path: Path) -> None:
     """Probe once per boot and QEMU (cached under MICROVM_HOME); forced KVM that cannot run is refused."""
-    from microvm.backends import qemu as qemu_mod
-    from microvm.backends.qemu import kvm_probe
+    from microvm.backends import _qemu as qemu_mod
+    from microvm.backends._qemu import kvm_probe
 
     require_binaries("qemu-system-x86_64")
     monkeypatch.setenv("MICROVM_HOME", str(tmp_path / "home"))

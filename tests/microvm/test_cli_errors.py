@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from microvm.backends import QemuBackend
-from microvm.backends.qemu import kvm_probe
+from microvm.backends._qemu import kvm_probe
 
 USAGE, FAILED, VM = 2, 1, 125
 

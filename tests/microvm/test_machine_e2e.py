@@ -17,7 +17,7 @@ from microvm import Machine, build_ext4
 from microvm.agent import AgentClient, agent_binary
 from microvm.errors import AgentError, BootError, ExecTimeout
 from microvm.kernel import Kernel
-from microvm.sandbox.launch import boot_panicked
+from microvm.sandbox._launch import boot_panicked
 from tests.support import assert_tty_resize, require_binaries
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(120)]

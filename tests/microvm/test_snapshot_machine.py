@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from microvm import Machine, build_ext4
+from microvm._snapshot import verify
 from microvm.agent import agent_binary
 from microvm.backends import Disk
 from microvm.errors import AgentError, BackendUnavailable, SnapshotError
 from microvm.kernel import Kernel
-from microvm.snapshot import verify
 from tests.support import require_binaries
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(180)]

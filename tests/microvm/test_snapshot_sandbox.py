@@ -19,8 +19,7 @@ import rootfs
 from microvm import Sandbox
 from microvm.errors import SandboxConfigError, SnapshotError
 from microvm.sandbox._netwiring import can_create_tap
-from microvm.sandbox.snapshots import (
-    disk_snapshot,
+from microvm.sandbox._snapshots import (
     export_snapshot,
     import_snapshot,
     list_snapshots,
@@ -180,7 +179,7 @@ def test_export_import_and_refusals(source: Sandbox, warm: str, tmp_path: Path) 
 def test_disk_snapshot_boots_cold_and_moves(source: Sandbox, tmp_path: Path) -> None:
     """A disk-only snapshot: the upper disk on the pinned image; a restore boots cold from
     it (files on disk, not /tmp or processes); exported and imported like a full one."""
-    info = disk_snapshot(source, "dsnap")
+    info = source.snapshot("dsnap", disk_only=True)
     assert info.kind == "disk" and info.source == "src"
     assert sorted(p.name for p in info.path.iterdir()) == ["manifest.json", "upper.img"]
     assert _carries_on(source)   # the source was paused for the copy only
@@ -284,7 +283,7 @@ def test_pool_hands_out_and_refills(source: Sandbox, warm: str) -> None:
             assert a.name != b.name
             # restores after the first start are forked by this process's warm zygote
             # and show a supervisor's command line
-            from microvm.sandbox import zygote
+            from microvm.sandbox import _zygote as zygote
             from microvm.sandbox._paths import SandboxPaths
 
             z = zygote._ZYGOTE
@@ -294,7 +293,7 @@ def test_pool_hands_out_and_refills(source: Sandbox, warm: str) -> None:
                 stat = Path(f"/proc/{pid}/stat").read_text()
                 assert int(stat[stat.rfind(")") + 2:].split()[1]) == z.proc.pid
                 cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-                assert f"microvm.sandbox.supervisor {SandboxPaths.of(sb.name).dir}" in cmd
+                assert f"microvm.sandbox._supervisor {SandboxPaths.of(sb.name).dir}" in cmd
             assert a.shell("cat /tmp/file").stdout_text == "in-tmp\n"
             pool.release(a)
             pool.wait_ready(timeout=120)

@@ -1,4 +1,4 @@
-"""The shared supervisor zygote of the ``microvm`` command (:mod:`microvm.sandbox.zygote`).
+"""The shared supervisor zygote of the ``microvm`` command (:mod:`microvm.sandbox._zygote`).
 
 * Two real ``microvm run --rm`` in a row: the first starts the shared zygote, which
   outlives it; the second is forked by that same zygote (its pid file says so: same pid,
@@ -6,11 +6,11 @@
 * Another uid is refused: with the runtime directory and the socket opened up to everyone
   (as a misconfiguration would), a client running as ``nobody`` (``setpriv``) gets its
   connection closed (``SO_PEERCRED`` check) where ours gets "ready".
-* :func:`~microvm.sandbox.zygote.runtime_dir` refuses a directory that is not ours or is
+* :func:`~microvm.sandbox._zygote.runtime_dir` refuses a directory that is not ours or is
   open to others; ``MICROVM_ZYGOTE=0`` starts none.
 
 Each test uses its own runtime directory (``$MICROVM_ZYGOTE_DIR``) and stops its zygotes
-at the end (:func:`~microvm.sandbox.zygote.stop_shared`).
+at the end (:func:`~microvm.sandbox._zygote.stop_shared`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 import rootfs
-from microvm.sandbox import zygote
+from microvm.sandbox import _zygote as zygote
 from tests.microvm.sandbox_fixtures import busybox_image, sandbox_home_fixture  # noqa: F401
 from tests.support import require_binaries
 

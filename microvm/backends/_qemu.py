@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from microvm.backends._console import ConsoleSink
+from microvm.backends._qmp import QmpClient
 from microvm.backends.base import (
     Disk,
     ProcessGroup,
@@ -31,7 +32,6 @@ from microvm.backends.base import (
     prepare_rundir,
     wait_for_path,
 )
-from microvm.backends.qmp import QmpClient
 from microvm.errors import BackendUnavailable, BootError
 
 __all__ = ["QEMU_INSTALL_HINTS", "KvmProbe", "QemuBackend", "QemuHandle", "kvm_probe"]

@@ -86,7 +86,7 @@ class Pool:
         boot_timeout: float = 120.0,
     ) -> None:
         from microvm.sandbox._config import validate_name
-        from microvm.sandbox.snapshots import SnapshotInfo, resolve, snapshots_root
+        from microvm.sandbox._snapshots import SnapshotInfo, resolve, snapshots_root
 
         if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 64:
             raise SandboxConfigError(f"bad pool size {size!r}: an integer from 1 to 64")
@@ -120,7 +120,7 @@ class Pool:
                                 network=network, hostname=hostname, labels=self._labels,
                                 secrets=secrets, boot_timeout=boot_timeout, replace=True)
             try:
-                from microvm.sandbox import snapshots as _snap
+                from microvm.sandbox import _snapshots as _snap
 
                 template.parent.mkdir(parents=True, exist_ok=True)
                 sb._loop.run(_snap.take(sb._sb, template, checksums=False))
@@ -130,7 +130,7 @@ class Pool:
                 sb.stop()
                 Sandbox.remove(base)
         self.snapshot = snap
-        from microvm.sandbox import zygote
+        from microvm.sandbox import _zygote as zygote
 
         zygote.prestart()   # the refills' supervisors fork from a warm zygote
         self._thread = threading.Thread(target=self._refill, name=f"microvm-pool-{name}",

@@ -234,8 +234,8 @@ class _ForkedSupervisor:
 
 def _start_supervisor(paths: SandboxPaths) -> tuple[Any, IO[bytes], IO[bytes]]:
     """The supervisor process, its stdin (to write) and its stdout (to read): forked by
-    the warm zygote when it is ready (:mod:`microvm.sandbox.zygote`), else spawned."""
-    from microvm.sandbox import zygote
+    the warm zygote when it is ready (:mod:`microvm.sandbox._zygote`), else spawned."""
+    from microvm.sandbox import _zygote as zygote
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log_fd = os.open(paths.supervisor_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
@@ -257,7 +257,7 @@ def _start_supervisor(paths: SandboxPaths) -> tuple[Any, IO[bytes], IO[bytes]]:
             stdin = os.fdopen(in_w, "wb")
             return _ForkedSupervisor(pid, stdin), stdin, os.fdopen(out_r, "rb")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "microvm.sandbox.supervisor", str(paths.dir)],
+            [sys.executable, "-m", "microvm.sandbox._supervisor", str(paths.dir)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_fd, close_fds=True,
             start_new_session=True, env=env)
     finally:
@@ -271,7 +271,7 @@ def spawn_supervisor(paths: SandboxPaths, name: str, secrets: Sequence[Secret], 
     """Start the supervisor, hand it the secrets, wait for its report (blocking).
 
     The supervisor is forked from this process's warm zygote once that runs (see
-    :mod:`microvm.sandbox.zygote`; the first call starts it), else spawned.
+    :mod:`microvm.sandbox._zygote`; the first call starts it), else spawned.
     Raises the error the supervisor reported (``BootError`` with the console tail,
     ``NoUplinkError``, ...); on failure the supervisor has exited.
 

@@ -1,4 +1,4 @@
-"""The per-sandbox supervisor process: ``python -m microvm.sandbox.supervisor SANDBOX_DIR``.
+"""The per-sandbox supervisor process: ``python -m microvm.sandbox._supervisor SANDBOX_DIR``.
 
 One supervisor per sandbox owns the VMM (a :class:`~microvm.Machine`), the network
 (:class:`~microvm.sandbox._netwiring.SandboxNet`: uplink, gateway, TLS proxy), and the
@@ -8,11 +8,11 @@ two unix sockets in its runtime directory:
 * ``agent.sock``: the guest agent protocol, relayed (:class:`~microvm.sandbox._relay.AgentRelay`),
   so any number of ordinary ``AgentClient`` s exec and move files concurrently;
 * ``control.sock``: one JSON object per line, answered by one JSON line
-  (:mod:`microvm.sandbox.control`): ``status``, ``stop``, ``kill``, ``net_stats``,
+  (:mod:`microvm.sandbox._control`): ``status``, ``stop``, ``kill``, ``net_stats``,
   ``rule_counters``, ``touch``, and (QEMU) ``pause``, ``resume``, ``snapshot``
-  (:mod:`microvm.sandbox.snapshots`).
+  (:mod:`microvm.sandbox._snapshots`).
 
-Start-up contract with the creator (:mod:`microvm.sandbox.launch`): ``launch.json`` in the
+Start-up contract with the creator (:mod:`microvm.sandbox._launch`): ``launch.json`` in the
 sandbox directory holds the config and the root plan; the first line on stdin holds the
 secrets (values never touch the disk); in attached mode stdin then stays open and its EOF
 (the creator died) stops the sandbox. When everything is up, one JSON line on stdout says
@@ -22,7 +22,7 @@ State transitions go to ``$MICROVM_HOME/sandboxes.db``; a guest that dies unaske
 
 Example::
 
-    python -m microvm.sandbox.supervisor ~/.microvm/sandboxes/web   # started by Sandbox.create
+    python -m microvm.sandbox._supervisor ~/.microvm/sandboxes/web   # started by Sandbox.create
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 from microvm._machine import Machine
 from microvm.backends.base import Share, console_tail
 from microvm.errors import MicrovmError
-from microvm.sandbox import control
+from microvm.sandbox import _control as control
 from microvm.sandbox._config import SandboxConfig
 from microvm.sandbox._paths import SandboxPaths
 from microvm.sandbox._state import StateDB
@@ -53,7 +53,7 @@ if TYPE_CHECKING:  # the network stack is imported while the guest boots (see ``
     from microvm.sandbox._netwiring import SandboxNet
     from tls_proxy import Secret
 
-log = logging.getLogger("microvm.sandbox.supervisor")
+log = logging.getLogger("microvm.sandbox._supervisor")
 
 __all__ = ["Supervisor", "main"]
 
@@ -155,7 +155,7 @@ class Supervisor:
         cfg = self.cfg
         backend = self.plugins.get("backend") or cfg.backend
         restore = self.launch.get("restore")
-        if restore:   # a snapshot restore or fork (microvm.sandbox.snapshots)
+        if restore:   # a snapshot restore or fork (microvm.sandbox._snapshots)
             self._phase("checks_start")
             self.machine = await asyncio.to_thread(
                 Machine.from_snapshot, Path(restore["snapshot"]), backend=backend,
@@ -324,7 +324,7 @@ class Supervisor:
 
     async def _snapshot_op(self, op: str, req: dict[str, Any]) -> Any:
         """``pause``/``resume`` the guest, or ``snapshot {path, extra?, checksums?}`` it
-        (a paused guest stays paused); see microvm.sandbox.snapshots."""
+        (a paused guest stays paused); see microvm.sandbox._snapshots."""
         assert self.machine is not None
         if op == "pause":
             await asyncio.to_thread(self.machine.pause)
@@ -343,7 +343,7 @@ class Supervisor:
 
     async def _fork_template(self, target: Path, extra: Any) -> dict[str, Any]:
         """Freeze this sandbox into the fork template ``target`` and carry on as a
-        copy-on-write child of it (see :func:`microvm.snapshot.freeze`): the guest's RAM
+        copy-on-write child of it (see :func:`microvm._snapshot.freeze`): the guest's RAM
         memfd becomes the template, unchanged and never copied; a new VMM maps it private,
         loads the device state and gets a fresh entropy reseed and the clock, and the
         relay is rebuilt on it (clients reconnect on their next request). Returns
@@ -374,9 +374,9 @@ class Supervisor:
     async def _replace_vmm(self, target: Path, extra: Any) -> float:
         """Freeze the VMM into ``target`` and restart the guest from it in a new VMM (same
         rundir, sockets and disk paths); on failure the old VMM carries on."""
-        from microvm.backends.qmp import QmpClient
+        from microvm._snapshot import freeze, thaw
+        from microvm.backends._qmp import QmpClient
         from microvm.sandbox._relay import AgentRelay
-        from microvm.snapshot import freeze, thaw
 
         old = self.machine
         assert old is not None and self.relay is not None
@@ -622,11 +622,11 @@ def main(argv: list[str] | None = None) -> int:
 
     Example::
 
-        python -m microvm.sandbox.supervisor /root/.microvm/sandboxes/web
+        python -m microvm.sandbox._supervisor /root/.microvm/sandboxes/web
     """
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m microvm.sandbox.supervisor SANDBOX_DIR", file=sys.stderr)
+        print("usage: python -m microvm.sandbox._supervisor SANDBOX_DIR", file=sys.stderr)
         return 2
     paths = SandboxPaths(Path(args[0]))
     level = "info"

@@ -1,7 +1,7 @@
 """A pre-started supervisor "zygote": a process with the supervisor's imports loaded that
 forks one supervisor per sandbox start, restore or fork.
 
-Starting ``python -m microvm.sandbox.supervisor`` costs an interpreter start plus the
+Starting ``python -m microvm.sandbox._supervisor`` costs an interpreter start plus the
 imports (asyncio, the machine, the relay, the network stack and ``tls_proxy``): 0.3-0.5 s
 on our 2-core machines under load, 2 s with the network stack, more than QEMU's whole
 incoming migration. A zygote pays that once per creating process: the first
@@ -17,7 +17,7 @@ socket file: nobody else can reach it; it dies with its creator, EOF on the pair
 request per message: ``{"argv", "env", "cwd"}`` as JSON plus three file descriptors
 (``SCM_RIGHTS``) that become the child's stdin, stdout and stderr; the answer is
 ``{"pid": N}``. The child starts a new session, takes the caller's environment and
-working directory, and runs :func:`microvm.sandbox.supervisor.main` exactly as the
+working directory, and runs :func:`microvm.sandbox._supervisor.main` exactly as the
 ``-m`` entry point would. The zygote reaps its children; the creator talks to them only
 through their pipes and sockets, as before. ``MICROVM_ZYGOTE=0`` turns it off.
 
@@ -37,7 +37,7 @@ single-threaded process only), and forks no sandbox state: each child reads its 
 
 Example::
 
-    from microvm.sandbox import zygote
+    from microvm.sandbox import _zygote as zygote
     zygote.prestart()                    # optional: warm it before the first restore
     pid = zygote.spawn([sandbox_dir], stdin=r, stdout=w, stderr=log_fd)   # None: not ready
 """
@@ -66,8 +66,8 @@ __all__ = ["prestart", "runtime_dir", "spawn", "stop_shared", "wait_ready"]
 #: modules every supervisor needs: loaded once in the zygote instead of in each child,
 #: before it reports ready
 PRELOAD = (
-    "microvm.sandbox.supervisor", "microvm.sandbox._relay", "microvm.agent",
-    "microvm.backends.qemu", "microvm.snapshot",
+    "microvm.sandbox._supervisor", "microvm.sandbox._relay", "microvm.agent",
+    "microvm.backends._qemu", "microvm._snapshot",
 )
 #: the network modules (a ``--net none`` supervisor never imports them): loaded after
 #: "ready", while idle
@@ -82,7 +82,7 @@ _NET_AFTER_S = 0.5
 IDLE_EXIT_S = 10.0
 #: the environment that names where sandboxes live: a zygote serves one value of it
 _KEY_VARS = ("MICROVM_HOME", "TMPDIR")
-#: room in the zygote's argv for each child's ``python -m microvm.sandbox.supervisor DIR``
+#: room in the zygote's argv for each child's ``python -m microvm.sandbox._supervisor DIR``
 _ARGV_ROOM = 1024
 
 
@@ -94,7 +94,7 @@ class _Zygote:
         self.key = _key(os.environ)
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "microvm.sandbox.zygote", str(child.fileno()),
+                [sys.executable, "-m", "microvm.sandbox._zygote", str(child.fileno()),
                  "." * _ARGV_ROOM],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 pass_fds=(child.fileno(),), close_fds=True, start_new_session=True)
@@ -227,7 +227,7 @@ def _socket_path(env: Any) -> Path:
 def _start_shared(path: Path) -> subprocess.Popen[bytes]:
     # never waited for when it runs on: it outlives us (reparented, reaped by init)
     return subprocess.Popen(
-        [sys.executable, "-m", "microvm.sandbox.zygote", "--listen", str(path),
+        [sys.executable, "-m", "microvm.sandbox._zygote", "--listen", str(path),
          "." * _ARGV_ROOM],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         close_fds=True, start_new_session=True, cwd="/",
@@ -277,7 +277,7 @@ def stop_shared(directory: Path | None = None, timeout: float = 5.0) -> int:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
         except (OSError, ValueError, IndexError):
             continue
-        if b"microvm.sandbox.zygote" in cmd and str(status.with_suffix(".sock")).encode() in cmd:
+        if b"microvm.sandbox._zygote" in cmd and str(status.with_suffix(".sock")).encode() in cmd:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
                 pids.append(pid)
@@ -352,7 +352,7 @@ def wait_ready(timeout: float) -> bool:
 
 def spawn(argv: list[str], *, stdin: int, stdout: int, stderr: int,
           env: dict[str, str] | None = None) -> int | None:
-    """Fork a supervisor from the warm zygote: ``python -m microvm.sandbox.supervisor
+    """Fork a supervisor from the warm zygote: ``python -m microvm.sandbox._supervisor
     *argv`` with those fds as 0/1/2, in a new session. Returns its pid, or None when the
     zygote is not ready yet: the caller spawns the usual way this time, and the zygote is
     started (from a process's second start on, or at once after :func:`prestart`).
@@ -396,8 +396,8 @@ def _child(req: dict[str, Any], fds: list[int]) -> int:
 
     tempfile.tempdir = None   # computed again from this TMPDIR
     argv = [str(a) for a in req["argv"]]
-    _set_cmdline([sys.executable, "-m", "microvm.sandbox.supervisor", *argv])
-    from microvm.sandbox import supervisor
+    _set_cmdline([sys.executable, "-m", "microvm.sandbox._supervisor", *argv])
+    from microvm.sandbox import _supervisor as supervisor
 
     return supervisor.main(argv)
 

@@ -1,7 +1,7 @@
 """Sandbox snapshots, restore and fork (QEMU): the machinery behind ``AsyncSandbox.snapshot``,
 ``AsyncSandbox.restore``, ``fork``/``fork_many`` and ``pause``/``resume``.
 
-A sandbox snapshot is a machine snapshot (:mod:`microvm.snapshot`: RAM, device state,
+A sandbox snapshot is a machine snapshot (:mod:`microvm._snapshot`: RAM, device state,
 the writable disks, the image's read-only disks pinned by sha256) taken by the sandbox's
 supervisor (control op ``snapshot``) into ``$MICROVM_HOME/snapshots/<name>``; its manifest
 carries the sandbox's config and launch data (image defaults, boot environment; never
@@ -44,6 +44,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from microvm._snapshot import load_manifest, verify
 from microvm.errors import (
     BootError,
     SandboxConfigError,
@@ -51,19 +52,18 @@ from microvm.errors import (
     SandboxNotFound,
     SnapshotError,
 )
-from microvm.sandbox import launch as _launch
+from microvm.sandbox import _launch
 from microvm.sandbox._config import SandboxConfig, parse_secrets, validate_name
 from microvm.sandbox._paths import SandboxPaths
 from microvm.sandbox._state import StateDB
-from microvm.snapshot import load_manifest, verify
 from tls_proxy import Secret
 
-log = logging.getLogger("microvm.sandbox.snapshots")
+log = logging.getLogger("microvm.sandbox._snapshots")
 
 if TYPE_CHECKING:
     from microvm.sandbox._asandbox import AsyncSandbox
 
-__all__ = ["SnapshotInfo", "disk_snapshot", "export_snapshot", "import_snapshot", "list_snapshots",
+__all__ = ["SnapshotInfo", "export_snapshot", "import_snapshot", "list_snapshots",
            "remove_snapshot", "resolve", "snapshots_root"]
 
 SANDBOX_KIND = "sandbox"
@@ -376,7 +376,7 @@ async def take(sb: AsyncSandbox, target: Path, *, checksums: bool = True) -> Pat
 
         await take(sb, snapshots_root() / "warm")
     """
-    from microvm.snapshot import check_target
+    from microvm._snapshot import check_target
 
     target.parent.mkdir(parents=True, exist_ok=True)
     check_target(target)
@@ -406,7 +406,7 @@ async def take_disk(sb: AsyncSandbox, target: Path) -> Path:
 
         await take_disk(sb, snapshots_root() / "disk1")
     """
-    from microvm.snapshot import (
+    from microvm._snapshot import (
         FORMAT,
         check_target,
         describe_files,
@@ -456,35 +456,10 @@ async def take_disk(sb: AsyncSandbox, target: Path) -> Path:
     return target
 
 
-def disk_snapshot(sb: Any, name: str) -> Any:
-    """A disk-only snapshot named ``name`` of a running :class:`~microvm.Sandbox` (returns
-    its :class:`SnapshotInfo`) or :class:`~microvm.AsyncSandbox` (returns an awaitable of
-    it): the upper disk and the pinned image, no memory (see :func:`take_disk`).
-    ``Sandbox.restore`` boots a new sandbox cold from it; ``export_snapshot`` and
-    ``import_snapshot`` move it like a full one.
-
-    Example::
-
-        info = disk_snapshot(sb, "after-setup")     # sb: a Sandbox
-        b = Sandbox.restore("after-setup", name="b")
-    """
-    target = snapshot_target(name)
-    inner = getattr(sb, "_sb", None)
-    if inner is not None and hasattr(sb, "_loop"):   # the sync Sandbox
-        sb._loop.run(take_disk(inner, target))
-        return SnapshotInfo.of(target)
-
-    async def run() -> SnapshotInfo:
-        await take_disk(sb, target)
-        return await asyncio.to_thread(SnapshotInfo.of, target)
-
-    return run()
-
-
 def _disk_root_plan(path: Path, man: dict[str, Any], upper: Path) -> dict[str, Any]:
     """The cold boot's root plan from a disk-only snapshot: the pinned image disks (checked
     by sha256) under ``upper`` (the new sandbox's own copy)."""
-    from microvm.snapshot import file_sha256
+    from microvm._snapshot import file_sha256
 
     plan = dict(man["extra"]["launch"]["root_plan"])
     for d in man["image"]["lower"]:
@@ -549,7 +524,7 @@ async def restore(cls: type[AsyncSandbox], snapshot: str | os.PathLike[str], *, 
             paths.dir.mkdir(parents=True, mode=0o700)
             paths.root.mkdir(mode=0o700)
             if disk_only:   # a cold boot on a copy of the snapshot's upper disk
-                from microvm.snapshot import sparse_copy
+                from microvm._snapshot import sparse_copy
 
                 upper = paths.root / "upper.img"
                 await asyncio.to_thread(sparse_copy, path / "upper.img", upper)
@@ -681,7 +656,7 @@ async def _template(sb: AsyncSandbox, template: Path) -> None:
     ``MICROVM_FORK_IN_PLACE=1``, without a network and with no exec session in flight,
     the source frozen in place (its RAM memfd becomes the template, the source carries
     on as a copy-on-write child of it; see the README's "Fork")."""
-    from microvm.snapshot import check_target
+    from microvm._snapshot import check_target
 
     template.parent.mkdir(parents=True, exist_ok=True)
     check_target(template)
