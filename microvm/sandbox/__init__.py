@@ -38,6 +38,13 @@ if TYPE_CHECKING:
     from microvm.sandbox._fs import AsyncSandboxFs
     from microvm.sandbox._netwiring import SecretProxy
     from microvm.sandbox._sandbox import ExecHandle, Sandbox, SandboxFs, SandboxNetwork
+    from microvm.sandbox._snapshots import (
+        SnapshotInfo,
+        export_snapshot,
+        import_snapshot,
+        list_snapshots,
+        remove_snapshot,
+    )
 
 #: public name -> the submodule defining it; imported on first use, so a process that
 #: needs one submodule (the supervisor starts the VMM first) does not load them all
@@ -49,6 +56,9 @@ _EXPORTS = {
     "SecretProxy": "_netwiring",
     "ExecHandle": "_sandbox", "Sandbox": "_sandbox", "SandboxFs": "_sandbox",
     "SandboxNetwork": "_sandbox",
+    "SnapshotInfo": "_snapshots", "export_snapshot": "_snapshots",
+    "import_snapshot": "_snapshots", "list_snapshots": "_snapshots",
+    "remove_snapshot": "_snapshots",
 }
 
 
@@ -86,6 +96,11 @@ __all__ = [
     "SandboxInfo",
     "SandboxNetwork",
     "SecretProxy",
+    "SnapshotInfo",
     "TlsOptions",
     "Volume",
+    "export_snapshot",
+    "import_snapshot",
+    "list_snapshots",
+    "remove_snapshot",
 ]

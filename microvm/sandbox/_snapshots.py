@@ -105,10 +105,10 @@ class SnapshotInfo:
     """One stored sandbox snapshot: ``name``, ``path``, ``source`` sandbox, ``created``
     (epoch seconds), ``image``, ``size`` (bytes of data on disk), ``memory_mib``.
 
-    Example::
+    Example (``for s in list_snapshots(): print(s.name, s.source, s.size)``)::
 
-        for s in list_snapshots():
-            print(s.name, s.source, s.size)
+        >>> [f.name for f in dataclasses.fields(SnapshotInfo)][:4]
+        ['name', 'path', 'source', 'created']
     """
 
     name: str
@@ -146,9 +146,10 @@ class SnapshotInfo:
 def list_snapshots() -> list[SnapshotInfo]:
     """Every valid snapshot under ``$MICROVM_HOME/snapshots``, oldest first.
 
-    Example::
+    Example (a fresh ``MICROVM_HOME`` has none)::
 
-        [s.name for s in list_snapshots()]
+        >>> list_snapshots()
+        []
     """
     root = snapshots_root()
     out = []
@@ -166,7 +167,10 @@ def remove_snapshot(snapshot: str | os.PathLike[str]) -> None:
 
     Example::
 
-        remove_snapshot("warm")
+        >>> remove_snapshot("no-such-snapshot")
+        Traceback (most recent call last):
+        ...
+        microvm.errors.SnapshotError: snapshot 'no-such-snapshot' does not exist
     """
     path = resolve(snapshot)
     if not (path / "manifest.json").exists():
@@ -180,9 +184,12 @@ def export_snapshot(snapshot: str | os.PathLike[str], archive: str | os.PathLike
     extents, and each file's member holds only its data (a 4 GiB upper disk holding 20 MiB
     costs 20 MiB). Compressed in-process with the ``zstandard`` package.
 
-    Example::
+    Example (``export_snapshot("warm", "/tmp/warm.tar.zst")``; a missing one is refused)::
 
-        export_snapshot("warm", "/tmp/warm.tar.zst")
+        >>> export_snapshot("no-such-snapshot", "out.tar.zst")   # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        microvm.errors.SnapshotError: snapshot '...no-such-snapshot' does not exist (no such directory)
     """
     path = resolve(snapshot)
     verify(path, full=False)
@@ -282,9 +289,12 @@ def import_snapshot(archive: str | os.PathLike[str], name: str) -> SnapshotInfo:
     it is kept. Only plain files named in the archive's sparse map are written (no paths,
     links or devices); anything else refuses the archive.
 
-    Example::
+    Example (``import_snapshot("/tmp/warm.tar.zst", "warm2")``; a missing archive is refused)::
 
-        import_snapshot("/tmp/warm.tar.zst", "warm2")
+        >>> import_snapshot("no-such.tar.zst", "warm2")
+        Traceback (most recent call last):
+        ...
+        microvm.errors.SnapshotError: archive 'no-such.tar.zst' does not exist
     """
     validate_name(name)
     src = Path(archive)
