@@ -8,6 +8,13 @@ hashed by name - one probe per label of the SNI or pinned name; group rules
 are bucketed by group; each candidate list is scanned only below the best
 index found so far.  Lookup cost therefore does not grow with the rule count.
 
+Why C parsers of our own (``netstack/csrc``: frames, fragments, DNS, ClientHello) and
+not dpkt/scapy/dnspython on the packet path: every frame a guest sends passes them, so
+they must run without allocations or Python objects per packet (measured: 169x dpkt's
+parse-and-match rate, ``python -m benchmarks.netstack``), with bounds-checked reads and
+keyed hashing because the guest is hostile; each has a libFuzzer/atheris target under
+ASan (tests/fuzz). dnspython is used where speed does not matter (the DNS forwarder).
+
 * A flow is keyed by direction, IP protocol, addresses and ports.  It is
   evaluated once (its first frame); later frames cost a hash lookup.
 * **Idle expiry**: a flow unseen for ``tcp_idle`` (TCP) or ``udp_idle`` (UDP,

@@ -4,6 +4,13 @@ Ambiguous framing is refused rather than guessed: ``Transfer-Encoding`` together
 ``Content-Length``, conflicting lengths, obs-folded lines and whitespace before a colon
 all raise :class:`~tls_proxy.errors.HttpError` with a 4xx status.
 
+Why our own parser and relay rather than h11 or httpx's: the proxy must stream bodies
+through without buffering them, rewrite placeholders in header values only, and refuse
+every framing two parsers could read differently (request smuggling), byte for byte;
+h11 (a state machine over whole events) would hide the bytes we must pass through. h11
+stays the reference: tests/tls_proxy/test_http1_h11.py feeds both the same streams and
+allows us to be stricter, never more lenient.
+
 Example::
 
     >>> from tls_proxy._http1 import parse_head, request_framing

@@ -16,6 +16,11 @@ deleted) and starts a fresh file with its own header, so the capture on disk nev
 exceeds ``max_files * max_bytes`` (plus one frame). Frames longer than ``snaplen`` are
 cut to it (the original length is recorded).
 
+Why our own writer rather than scapy or dpkt's: the formats are a few fixed headers,
+the gateway writes from its frame loop under a lock with size-bounded rotation, and the
+verdict goes into pcapng's per-packet comment, which neither library's writer offers
+without pulling in a packet model we never use.
+
 >>> import tempfile, os
 >>> path = os.path.join(tempfile.mkdtemp(), "cap.pcapng")
 >>> with PcapWriter(path, format="pcapng") as w:
