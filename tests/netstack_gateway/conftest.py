@@ -5,9 +5,22 @@ under CI a skip is a failure, and a scenario that cannot apply is no missing bin
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.netstack_gateway.dns_server import AuthServer
+
+
+@pytest.fixture
+def auth() -> Iterator[AuthServer]:
+    """A real authoritative DNS server on loopback (tests/netstack_gateway/dns_server.py)."""
+    server = AuthServer()
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 @pytest.fixture

@@ -33,15 +33,6 @@ ALLOW_ALL = NetworkPolicy.allow_all()
 
 
 @pytest.fixture
-def auth() -> Iterator[AuthServer]:
-    server = AuthServer()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture
 def blackhole() -> Iterator[str]:
     """A UDP+TCP endpoint that accepts and never answers (a slow/dead resolver)."""
     server = AuthServer(blackhole=True)

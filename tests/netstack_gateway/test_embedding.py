@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -126,15 +125,6 @@ def test_tap_vmm_example(tmp_path: Path, env: dict[str, str]) -> None:
 def test_in_process_example(tmp_path: Path, env: dict[str, str]) -> None:
     out = run_section("In-process frames from Python (research, tests)", tmp_path, env)
     assert "uplink got 54 bytes" in out
-
-
-@pytest.fixture
-def auth() -> Iterator[AuthServer]:
-    server = AuthServer()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 def _query(sock: socket.socket, guest: dict[str, object], name: str) -> str:
