@@ -4,13 +4,15 @@ Under ``CI=true`` a skipped test is a failure (with the skip's reason), unless i
 node id is in :data:`CI_ALLOWED_SKIPS`, the one place that lists what CI may skip
 and why: a missing binary in CI must fail loudly, not skip. The rule covers the
 packages' docstring examples too (the repository's root ``conftest.py`` hands their
-items to :func:`fail_unlisted_skip`); an example marked ``# doctest: +SKIP`` throughout
-(it needs root or a guest) is the one skip allowed without a listing. ``./setup.sh``
+items to :func:`fail_unlisted_skip`). An example marked ``# doctest: +SKIP`` throughout
+documents a call that needs root, a guest or a network: it is read, not run, so it is
+no test and is deselected at collection (it never counts as a skip). ``./setup.sh``
 installs everything else the suite needs (tests/test_dependencies.py keeps it so).
 """
 
 from __future__ import annotations
 
+import doctest
 import os
 from collections.abc import Iterator
 
@@ -67,14 +69,29 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
-# The reason pytest gives a docstring example whose every line is ``# doctest: +SKIP``:
-# such an example documents a call that needs root or a guest (it is type-checked and
-# read, not run); the author's explicit marker stands in for an allow-list entry.
-DOCTEST_SKIP_REASON = "all tests skipped by +SKIP option"
-
-
 def _allowed(nodeid: str, reason: str = "") -> bool:
-    return nodeid.split("[", 1)[0] in CI_ALLOWED_SKIPS or reason == DOCTEST_SKIP_REASON
+    return nodeid.split("[", 1)[0] in CI_ALLOWED_SKIPS
+
+
+def _read_only_example(item: pytest.Item) -> bool:
+    """A docstring example whose every line is ``# doctest: +SKIP`` (nothing in it runs)."""
+    from _pytest.doctest import DoctestItem
+
+    if not isinstance(item, DoctestItem) or item.dtest is None:
+        return False
+    examples = item.dtest.examples
+    return bool(examples) and all(ex.options.get(doctest.SKIP, False) for ex in examples)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the docstring examples marked ``+SKIP`` throughout: they are documentation
+    of calls that need root, a guest or a network, not tests, so they never show up as
+    skips (the skip count is then exactly what :data:`CI_ALLOWED_SKIPS` allows)."""
+    dropped = [item for item in items if _read_only_example(item)]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        kept = set(map(id, dropped))
+        items[:] = [item for item in items if id(item) not in kept]
 
 
 def _skip_reason(longrepr: object) -> str:

@@ -288,13 +288,13 @@ def test_ci_turns_unlisted_skips_into_failures(tmp_path: Path) -> None:
     ci = pytest_run("test_mod.py", ci=True)
     assert ci.returncode != 0 and "module skipped under CI=true" in ci.stdout, ci.stdout
     assert "no_such_module_xyz" in ci.stdout
-    # docstring examples: one marked +SKIP throughout is allowed, any other skip is not
+    # docstring examples: one marked +SKIP throughout is deselected (not a test), a skip fails
     (tmp_path / "mod_doc.py").write_text(
         'def needs_root():\n    """\n    >>> needs_root()  # doctest: +SKIP\n    """\n'
         'def probes():\n    """\n    >>> import pytest; pytest.skip("needs frobnicator")\n    """\n'
     )
     ci = pytest_run("mod_doc.py", True, "--doctest-modules")
-    assert ci.returncode == 1 and "1 failed, 1 skipped" in ci.stdout, ci.stdout
+    assert ci.returncode == 1 and "1 failed, 1 deselected" in ci.stdout, ci.stdout
     assert "skipped under CI=true: needs frobnicator" in ci.stdout
 
 
