@@ -12,6 +12,7 @@ installs everything else the suite needs (tests/test_dependencies.py keeps it so
 
 from __future__ import annotations
 
+import contextlib
 import doctest
 import os
 from collections.abc import Iterator
@@ -136,3 +137,24 @@ def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
     """Under CI, a whole module skipped at import (importorskip, allow_module_level) fails too."""
     outcome = yield
     fail_unlisted_module_skip(outcome.get_result(), collector.nodeid)  # type: ignore[attr-defined]
+
+
+#: file names the tests give private keys (servers' TLS keys, CA keys, SSH host keys)
+_PRIVATE_KEY_GLOBS = ("*.key", "*key.pem", "*-key.pem", "id_ed25519", "id_rsa", "ssh_host_*_key")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Private keys never outlive the run that made them: pytest keeps its last basetemps
+    (``/tmp/pytest-of-<user>``) for debugging, but not the keys the tests wrote there."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None:
+        return
+    try:
+        base = factory.getbasetemp()
+    except (OSError, ValueError):
+        return
+    for pattern in _PRIVATE_KEY_GLOBS:
+        for path in base.rglob(pattern):
+            with contextlib.suppress(OSError):
+                if path.is_file() and not path.is_symlink():
+                    path.unlink()
