@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,7 @@ def test_short_fuzz_run(target: str, tmp_path: Path) -> None:
         [sys.executable, str(ROOT / "tests" / "fuzz" / target), "-max_total_time=4",
          "-rss_limit_mb=1024", f"-artifact_prefix={tmp_path}/", str(corpus)],
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env={**os.environ, "TMPDIR": str(tmp_path)},   # the target's mkdtemp() dirs stay in here
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Done" in proc.stderr
