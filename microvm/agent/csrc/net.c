@@ -15,22 +15,8 @@
 #include <unistd.h>
 
 #include "agent.h"
+#include "kernel_ipv6.h"
 
-/* Kernel layouts (linux/ipv6.h, linux/ipv6_route.h), declared here to avoid header clashes. */
-struct v6_ifreq {
-    struct in6_addr addr;
-    uint32_t prefixlen;
-    int ifindex;
-};
-struct v6_rtmsg {
-    struct in6_addr dst, src, gateway;
-    uint32_t type;
-    uint16_t dst_len, src_len;
-    uint32_t metric;
-    unsigned long info;
-    uint32_t flags;
-    int ifindex;
-};
 
 static bool valid_name(const char *s, size_t max) {
     size_t n = strlen(s);

@@ -34,6 +34,7 @@
 #include <unistd.h>
 
 #include "agent.h"
+#include "kernel_ipv6.h"
 
 /* linux/random.h (musl ships no kernel headers) */
 #define RNDADDENTROPY _IOW('R', 0x03, int[2])
@@ -65,22 +66,6 @@ static int add_entropy(const uint8_t *p, size_t n, char *err, size_t errlen) {
     return rc;
 }
 
-/* linux/ipv6.h, linux/ipv6_route.h (musl ships no kernel headers) */
-struct rc_in6_ifreq {
-    struct in6_addr addr;
-    uint32_t prefixlen;
-    int ifindex;
-};
-struct rc_in6_rtmsg {
-    struct in6_addr dst, src, gateway;
-    uint32_t type;
-    uint16_t dst_len, src_len;
-    uint32_t metric;
-    unsigned long info;
-    uint32_t flags;
-    int ifindex;
-};
-
 /* Every address of ifname goes, the link stays up (see the top of the file). */
 static int unaddress(const char *ifname, char *err, size_t errlen) {
     int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
@@ -104,7 +89,7 @@ static int unaddress(const char *ifname, char *err, size_t errlen) {
     unsigned idx, plen, scope, flags;
     while (fscanf(f, "%32s %x %x %x %x %16s", hex, &idx, &plen, &scope, &flags, name) == 6) {
         if (strcmp(name, ifname) != 0) continue;   /* link-local too: see add_link_local */
-        struct rc_in6_ifreq r6 = {.prefixlen = plen, .ifindex = (int)idx};
+        struct v6_ifreq r6 = {.prefixlen = plen, .ifindex = (int)idx};
         for (int i = 0; i < 16; i++) {
             unsigned b;
             if (sscanf(hex + 2 * i, "%2x", &b) != 1) b = 0;
@@ -114,7 +99,7 @@ static int unaddress(const char *ifname, char *err, size_t errlen) {
     }
     fclose(f);
     for (int i = 0; i < 8; i++) {   /* default routes (any gateway) */
-        struct rc_in6_rtmsg rt;
+        struct v6_rtmsg rt;
         memset(&rt, 0, sizeof rt);
         rt.metric = 1024;
         rt.flags = RTF_UP;
@@ -137,7 +122,7 @@ static void add_link_local(const char *ifname, const char *mac) {
     struct ifreq ifr = {0};
     snprintf(ifr.ifr_name, IFNAMSIZ, "%s", ifname);
     if (ioctl(s6, SIOCGIFINDEX, &ifr) == 0) {
-        struct rc_in6_ifreq r6 = {.prefixlen = 64, .ifindex = ifr.ifr_ifindex};
+        struct v6_ifreq r6 = {.prefixlen = 64, .ifindex = ifr.ifr_ifindex};
         uint8_t *a = r6.addr.s6_addr;
         a[0] = 0xfe; a[1] = 0x80;
         a[8] = (uint8_t)(m[0] ^ 0x02); a[9] = (uint8_t)m[1]; a[10] = (uint8_t)m[2];
