@@ -13,7 +13,11 @@ slot/TAP set-up to every path), the paths interleaved per round:
   fork, over 3 forks of one source;
 * ``restore_phases_s``: where the median restore spent its time (seconds since the call
   when the supervisor was requested, ran, checked the snapshot, started QEMU, had the
-  agent reconfigured, served, reported; then the first exec's own time).
+  agent reconfigured, served, reported; then the first exec's own time);
+* why a restore costs what it does under TCG: ``restore_tcg_blocks``, the guest code
+  blocks the restored QEMU translated by the end of the first exec (QMP ``info jit``;
+  a new QEMU starts with an empty translation cache), and ``restore_first_exec_s`` vs
+  ``restore_warm_exec_s``, the first and the second ``/bin/true`` in a restore (medians).
 
     python -m benchmarks.snapshot [--quick]     # last line: one JSON object
 """
@@ -62,6 +66,22 @@ def _tree_pss_mib(pids: list[int]) -> float:
     return total / 1024
 
 
+def _tcg_blocks(sb: Any) -> int | None:
+    """Translation blocks in ``sb``'s QEMU (``info jit`` over its QMP socket), or None
+    (not QEMU TCG, or the monitor did not answer)."""
+    import re
+
+    from microvm.backends._qmp import QmpClient
+
+    try:
+        with QmpClient.connect(sb.paths.run / "qmp.sock", timeout=5.0) as q:
+            text = q.execute("human-monitor-command", {"command-line": "info jit"})
+    except Exception:
+        return None
+    m = re.search(r"TB count\s+(\d+)", str(text))
+    return int(m.group(1)) if m else None
+
+
 def run(quick: bool) -> dict[str, Any]:
     """All paths, interleaved; returns the result keys (see the module docstring)."""
     from microvm import Pool, Sandbox
@@ -72,6 +92,7 @@ def run(quick: bool) -> dict[str, Any]:
     os.environ["MICROVM_HOME"] = home
     img = _image()
     cold, restore, fork, pool_t = [], [], [], []
+    first_exec, warm_exec, blocks = [], [], []
     phases: list[dict[str, float]] = []
     base = Sandbox.create("base", image=img, memory=MEMORY_MIB, network="none")
     base.shell("echo warm > /tmp/warm")
@@ -90,9 +111,16 @@ def run(quick: bool) -> dict[str, Any]:
             s = Sandbox.restore("warm", name=f"rest{r}")
             t_up = time.monotonic()
             s.exec("/bin/true")
-            restore.append(time.monotonic() - t0)
-            phases.append({**restore_phases(s.name), "first_exec": round(
-                time.monotonic() - t_up, 4)})
+            t_end = time.monotonic()
+            restore.append(t_end - t0)
+            first_exec.append(t_end - t_up)
+            phases.append({**restore_phases(s.name), "first_exec": round(t_end - t_up, 4)})
+            n_blocks = _tcg_blocks(s)   # after the timed part: the query costs QEMU time
+            if n_blocks is not None:
+                blocks.append(n_blocks)
+            t1 = time.monotonic()
+            s.exec("/bin/true")
+            warm_exec.append(time.monotonic() - t1)
             s.stop()
             Sandbox.remove(s.name)
 
@@ -137,6 +165,9 @@ def run(quick: bool) -> dict[str, Any]:
         "fork_pss_mib": round(one, 1),
         "all_sandboxes_pss_mib": round(total, 1),
         "rounds": rounds,
+        "restore_tcg_blocks": int(statistics.median(blocks)) if blocks else None,
+        "restore_first_exec_s": round(statistics.median(first_exec), 4),
+        "restore_warm_exec_s": round(statistics.median(warm_exec), 4),
         # where the median restore's time went: seconds since the call at each supervisor
         # step (snapshots.restore_phases), then the first exec's own time
         "restore_phases_s": sorted(phases, key=lambda p: p.get("reported", 0.0))[
