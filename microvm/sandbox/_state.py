@@ -83,7 +83,9 @@ def process_alive(pid: int | None, start: int | None) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
-        return data[data.rfind(b")") + 2:data.rfind(b")") + 3] != b"Z"
+        # Z: a zombie; X (x): dead, being released. A SIGKILLed multi-threaded process
+        # reads Z, then X for a moment, then is gone: both are dead.
+        return data[data.rfind(b")") + 2:data.rfind(b")") + 3] not in (b"Z", b"X", b"x")
     except OSError:
         return False
 
