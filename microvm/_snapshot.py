@@ -49,7 +49,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,26 @@ MANIFEST = "manifest.json"
 _MEMO: dict[tuple[str, int, int, int], str] = {}
 
 Manifest = dict[str, Any]
+
+
+def data_extents(fd: int) -> Iterator[tuple[int, int]]:
+    """The data extents ``(offset, length)`` of the open file ``fd``, in order
+    (``SEEK_DATA``/``SEEK_HOLE``): what a sparse copy, digest or archive reads.
+
+    Example::
+
+        fd = os.open("upper.ext4", os.O_RDONLY)
+        print(sum(n for _, n in data_extents(fd)), "bytes of data")
+    """
+    size, off = os.fstat(fd).st_size, 0
+    while off < size:
+        try:
+            data = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError:   # ENXIO: only a hole remains
+            return
+        end = os.lseek(fd, data, os.SEEK_HOLE)
+        yield data, end - data
+        off = end
 
 
 def sparse_copy(src: Path | int, dst: Path) -> int:
@@ -82,21 +102,14 @@ def sparse_copy(src: Path | int, dst: Path) -> int:
         copied = 0
         try:
             os.ftruncate(fo, size)
-            off = 0
-            while off < size:
-                try:
-                    data = os.lseek(fi, off, os.SEEK_DATA)
-                except OSError:  # ENXIO: only a hole remains
-                    break
-                end = os.lseek(fi, data, os.SEEK_HOLE)
-                pos = data
+            for data, length in data_extents(fi):
+                pos, end = data, data + length
                 while pos < end:
                     n = _copy_range(fi, fo, min(end - pos, 1 << 30), pos)
                     if n <= 0:
                         raise SnapshotError(f"copying {src!r} to {str(dst)!r} stopped at {pos}")
                     pos += n
-                copied += end - data
-                off = end
+                copied += length
         finally:
             os.close(fo)
         return copied
@@ -135,20 +148,15 @@ def _sparse_digest(path: Path) -> str:
     try:
         size = os.fstat(fd).st_size
         h.update(size.to_bytes(8, "little"))
-        off, done = 0, -1
-        while off < size:
-            try:
-                data = os.lseek(fd, off, os.SEEK_DATA)
-            except OSError:
-                break
-            end = os.lseek(fd, data, os.SEEK_HOLE)
+        done = -1
+        for data, length in data_extents(fd):
+            end = data + length
             for idx in range(max(data // _BLOCK, done + 1), (end - 1) // _BLOCK + 1):
                 block = os.pread(fd, _BLOCK, idx * _BLOCK)
                 done = idx
                 if block != _ZERO[:len(block)]:
                     h.update(idx.to_bytes(8, "little"))
                     h.update(block)
-            off = end
     finally:
         os.close(fd)
     return h.hexdigest()

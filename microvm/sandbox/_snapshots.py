@@ -44,7 +44,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from microvm._snapshot import load_manifest, verify
+from microvm._snapshot import data_extents, load_manifest, verify
 from microvm.errors import (
     BootError,
     SandboxConfigError,
@@ -234,21 +234,11 @@ _SPARSE_MAP = "sparse-map.json"
 
 def _extents(f: Path) -> list[tuple[int, int]]:
     """The data extents ``(offset, length)`` of a file (SEEK_DATA/SEEK_HOLE)."""
-    out: list[tuple[int, int]] = []
     fd = os.open(f, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        size, off = os.fstat(fd).st_size, 0
-        while off < size:
-            try:
-                data = os.lseek(fd, off, os.SEEK_DATA)
-            except OSError:   # ENXIO: only a hole remains
-                break
-            end = os.lseek(fd, data, os.SEEK_HOLE)
-            out.append((data, end - data))
-            off = end
+        return list(data_extents(fd))
     finally:
         os.close(fd)
-    return out
 
 
 class _ExtentReader(io.RawIOBase):
