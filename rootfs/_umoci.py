@@ -36,10 +36,12 @@ from rootfs._unpack import (
     LayerEntry,
     UnpackState,
     apply_whiteout,
+    check_diff_id,
+    layer_compression,
     resolve_entry,
     scan_layer,
 )
-from rootfs.errors import DigestError, ImageFormatError, RootfsError
+from rootfs.errors import ImageFormatError, RootfsError
 
 _CHUNK = 1 << 20
 _ROOTLESS_XATTR = "user.rootlesscontainers"
@@ -83,9 +85,7 @@ class UmociUnpacker:
         with tempfile.TemporaryDirectory(prefix="rootfs-umoci-") as td:
             work = Path(td)
             entries, diff_id, plain = _preflight(blob, state, work / "layer.tar")
-            if expected_diff_id is not None and diff_id != expected_diff_id:
-                raise DigestError(f"layer diff_id mismatch: expected {expected_diff_id}, "
-                                  f"got {diff_id}")
+            check_diff_id(diff_id, expected_diff_id)
             layer = work / "layer.tar" if plain else blob
             _write_layout(work / "oci", layer, diff_id, gzip=not plain and _is_gzip(blob))
             cmd = [self.binary, "--log", "error", "raw", "unpack"]
@@ -103,7 +103,7 @@ class UmociUnpacker:
 
 def _is_gzip(blob: Path) -> bool:
     with open(blob, "rb") as f:
-        return f.read(2) == b"\x1f\x8b"
+        return layer_compression(f.read(4)) == "gzip"
 
 
 def _preflight(blob: Path, state: UnpackState,
@@ -113,7 +113,7 @@ def _preflight(blob: Path, state: UnpackState,
     A zstd layer is written decompressed to ``plain_out`` (umoci reads gzip or tar).
     """
     with open(blob, "rb") as f:
-        plain = f.read(4) == b"\x28\xb5\x2f\xfd"
+        plain = layer_compression(f.read(4)) == "zstd"
         f.seek(0)
         if not plain:
             return (*scan_layer(f, state=state), False)

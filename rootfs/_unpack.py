@@ -41,12 +41,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, BinaryIO, cast
+from typing import IO, BinaryIO, Literal, cast
 
 import zstandard
 
 from rootfs._walk import walk_parents
-from rootfs.errors import ImageFormatError, UnsafeLayerError
+from rootfs.errors import DigestError, ImageFormatError, UnsafeLayerError
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -183,6 +183,25 @@ class _ZstdFrames:
         return self.state == "magic" and not self.buf and not self.skip
 
 
+Compression = Literal["gzip", "zstd", "tar"]
+
+
+def layer_compression(head: bytes) -> Compression:
+    """How a layer blob starting with ``head`` (its first 4 bytes) is compressed, by magic.
+
+    Example::
+
+        >>> from rootfs._unpack import layer_compression
+        >>> layer_compression(b"\\x1f\\x8b\\x08\\x00"), layer_compression(b"usr/")
+        ('gzip', 'tar')
+    """
+    if head[:2] == b"\x1f\x8b":
+        return "gzip"
+    if head[:4] == b"\x28\xb5\x2f\xfd":
+        return "zstd"
+    return "tar"
+
+
 @contextmanager
 def decompressed(fileobj: BinaryIO) -> Iterator[IO[bytes]]:
     """Yield an uncompressed view of a layer blob (gzip, zstd or plain tar, by magic).
@@ -194,10 +213,11 @@ def decompressed(fileobj: BinaryIO) -> Iterator[IO[bytes]]:
     """
     head = fileobj.read(4)
     fileobj.seek(-len(head), os.SEEK_CUR)
-    if head[:2] == b"\x1f\x8b":
+    kind = layer_compression(head)
+    if kind == "gzip":
         with gzip.GzipFile(fileobj=fileobj, mode="rb") as gz:
             yield cast(IO[bytes], gz)
-    elif head == b"\x28\xb5\x2f\xfd":
+    elif kind == "zstd":
         # In-process and streaming: the decompressor's window is capped (zstd's default
         # 128 MiB limit), so a hostile frame cannot make us allocate more.
         frames = _ZstdFrames(fileobj)
@@ -322,24 +342,44 @@ def apply_layer(
         >>> sorted(p.name for p in Path("rootfs").rglob("*"))
         ['etc', 'motd']
     """
-    from rootfs.errors import DigestError
-
     st = state if state is not None else UnpackState()
     root = os.fspath(dest)
     os.makedirs(root, exist_ok=True)
+    with _reading(fileobj, f"layer could not be applied to {root!r}") as reader:
+        _apply_tar(reader, root, st)
+    diff_id = "sha256:" + reader.sha.hexdigest()
+    check_diff_id(diff_id, expected_diff_id)
+    return diff_id
+
+
+def check_diff_id(diff_id: str, expected: str | None) -> None:
+    """Raise :class:`~rootfs.errors.DigestError` unless ``diff_id`` is ``expected`` (or that is None).
+
+    Example::
+
+        check_diff_id(diff_id, image.diff_ids[i])
+    """
+    if expected is not None and diff_id != expected:
+        raise DigestError(f"layer diff_id mismatch: expected {expected}, got {diff_id}")
+
+
+@contextmanager
+def _reading(fileobj: BinaryIO, failure: str,
+             copy_to: IO[bytes] | None = None) -> Iterator[_HashingReader]:
+    """Yield a hashing reader over the uncompressed layer; drain it after the body.
+
+    Damage to the compressed stream, and any OSError (prefixed by ``failure``), raise
+    :class:`~rootfs.errors.ImageFormatError`.
+    """
     try:
         with decompressed(fileobj) as raw:
-            reader = _HashingReader(raw)
-            _apply_tar(reader, root, st)
+            reader = _HashingReader(raw, copy_to)
+            yield reader
             reader.drain()
     except (gzip.BadGzipFile, zlib.error, zstandard.ZstdError, EOFError) as exc:
         raise ImageFormatError(f"corrupt compressed layer: {exc}") from None
     except OSError as exc:
-        raise ImageFormatError(f"layer could not be applied to {root!r}: {exc}") from None
-    diff_id = "sha256:" + reader.sha.hexdigest()
-    if expected_diff_id is not None and diff_id != expected_diff_id:
-        raise DigestError(f"layer diff_id mismatch: expected {expected_diff_id}, got {diff_id}")
-    return diff_id
+        raise ImageFormatError(f"{failure}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -511,15 +551,8 @@ def scan_layer(fileobj: BinaryIO, *, state: UnpackState,
         with open("layer.tar.zst", "rb") as f:
             entries, diff_id = scan_layer(f, state=UnpackState())
     """
-    try:
-        with decompressed(fileobj) as raw:
-            reader = _HashingReader(raw, copy_to)
-            entries = [check_entry(m, state) for _, m in iter_layer(cast(IO[bytes], reader))]
-            reader.drain()
-    except (gzip.BadGzipFile, zlib.error, zstandard.ZstdError, EOFError) as exc:
-        raise ImageFormatError(f"corrupt compressed layer: {exc}") from None
-    except OSError as exc:
-        raise ImageFormatError(f"layer could not be read: {exc}") from None
+    with _reading(fileobj, "layer could not be read", copy_to) as reader:
+        entries = [check_entry(m, state) for _, m in iter_layer(cast(IO[bytes], reader))]
     return entries, "sha256:" + reader.sha.hexdigest()
 
 
