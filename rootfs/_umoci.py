@@ -30,9 +30,11 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import BinaryIO, cast
 
 from rootfs._image import OCI_CONFIG, OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_MANIFEST
 from rootfs._unpack import (
+    Compression,
     LayerEntry,
     UnpackState,
     apply_whiteout,
@@ -84,10 +86,10 @@ class UmociUnpacker:
         dest.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="rootfs-umoci-") as td:
             work = Path(td)
-            entries, diff_id, plain = _preflight(blob, state, work / "layer.tar")
+            entries, diff_id, kind, layer_digest = _preflight(blob, state, work / "layer.tar")
             check_diff_id(diff_id, expected_diff_id)
-            layer = work / "layer.tar" if plain else blob
-            _write_layout(work / "oci", layer, diff_id, gzip=not plain and _is_gzip(blob))
+            layer = work / "layer.tar" if kind == "zstd" else blob
+            _write_layout(work / "oci", layer, layer_digest, diff_id, gzip=kind == "gzip")
             cmd = [self.binary, "--log", "error", "raw", "unpack"]
             rootless = os.geteuid() != 0
             if rootless:
@@ -101,28 +103,67 @@ class UmociUnpacker:
         return diff_id
 
 
-def _is_gzip(blob: Path) -> bool:
-    with open(blob, "rb") as f:
-        return layer_compression(f.read(4)) == "gzip"
+class _RawDigest:
+    """Reads through to ``f``, hashing each byte of the file once, in file order.
+
+    :func:`~rootfs._unpack.decompressed` reads the magic and seeks back: bytes read
+    again are not hashed again.
+    """
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.sha = hashlib.sha256()
+        self.hashed = 0  # length of the prefix of the file hashed so far
+
+    def read(self, n: int = -1) -> bytes:
+        pos = self.f.tell()
+        data = self.f.read(n)
+        if pos <= self.hashed < pos + len(data):
+            self.sha.update(data[self.hashed - pos:])
+            self.hashed = pos + len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self.f.seek(offset, whence)
+
+    def digest(self) -> str:
+        """The whole file's digest (reading whatever the reads so far left out)."""
+        self.f.seek(self.hashed)
+        while self.read(_CHUNK):
+            pass
+        return "sha256:" + self.sha.hexdigest()
 
 
 def _preflight(blob: Path, state: UnpackState,
-               plain_out: Path) -> tuple[list[LayerEntry], str, bool]:
-    """Our per-entry checks over the whole layer; (entries, diff_id, decompressed).
+               plain_out: Path) -> tuple[list[LayerEntry], str, Compression, str]:
+    """Our per-entry checks over the whole layer, in one read of it.
 
-    A zstd layer is written decompressed to ``plain_out`` (umoci reads gzip or tar).
+    Returns (entries, diff_id, compression, digest of the file umoci is to read). A
+    zstd layer is written decompressed to ``plain_out`` (umoci reads gzip or tar), so
+    that file's digest, like a plain tar's, is the diff_id; a gzip layer's is taken
+    from its compressed bytes as they are read.
     """
     with open(blob, "rb") as f:
-        plain = layer_compression(f.read(4)) == "zstd"
+        kind = layer_compression(f.read(4))
         f.seek(0)
-        if not plain:
-            return (*scan_layer(f, state=state), False)
-        with open(plain_out, "wb") as out:
-            return (*scan_layer(f, state=state, copy_to=out), True)
+        if kind == "zstd":
+            with open(plain_out, "wb") as out:
+                entries, diff_id = scan_layer(f, state=state, copy_to=out)
+            return entries, diff_id, kind, diff_id
+        if kind == "tar":
+            entries, diff_id = scan_layer(f, state=state)
+            return entries, diff_id, kind, diff_id
+        raw = _RawDigest(f)
+        entries, diff_id = scan_layer(cast(BinaryIO, raw), state=state)
+        return entries, diff_id, kind, raw.digest()
 
 
-def _write_layout(oci: Path, layer: Path, diff_id: str, *, gzip: bool) -> None:
-    """A one-image OCI layout (tag ``layer``) whose only layer is ``layer`` (symlinked)."""
+def _write_layout(oci: Path, layer: Path, layer_digest: str, diff_id: str, *,
+                  gzip: bool) -> None:
+    """A one-image OCI layout (tag ``layer``) whose only layer is ``layer`` (symlinked).
+
+    ``layer_digest``: the sha256 of ``layer``'s bytes, as :func:`_preflight` found it.
+    """
     blobs = oci / "blobs" / "sha256"
     blobs.mkdir(parents=True)
 
@@ -131,12 +172,7 @@ def _write_layout(oci: Path, layer: Path, diff_id: str, *, gzip: bool) -> None:
         (blobs / hexd).write_bytes(data)
         return "sha256:" + hexd, len(data)
 
-    sha = hashlib.sha256()
-    with open(layer, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            sha.update(chunk)
-    layer_digest = "sha256:" + sha.hexdigest()
-    os.symlink(layer.absolute(), blobs / sha.hexdigest())
+    os.symlink(layer.absolute(), blobs / layer_digest.removeprefix("sha256:"))
     config = {"architecture": "amd64", "os": "linux",
               "rootfs": {"type": "layers", "diff_ids": [diff_id]}}
     cdig, csize = put(json.dumps(config).encode())
