@@ -1,7 +1,7 @@
 """Helpers the benchmarks share: the ``[--quick]`` command line that prints one JSON
-result (:func:`quick_main`), a busybox image (:func:`busybox_image`), and finding and
-killing a process tree by a path in its command lines (:func:`process_tree`,
-:func:`kill_process_tree`; the fleet benchmark and tests clean up a Ray cluster so)."""
+result (:func:`quick_main`), and finding and killing a process tree by a path in its
+command lines (:func:`process_tree`, :func:`kill_process_tree`; the fleet benchmark and
+tests clean up a Ray cluster so)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,11 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import signal
-import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-import rootfs
 
 
 def quick_main(doc: str | None, run: Callable[[bool], dict[str, Any]], quick_help: str) -> None:
@@ -96,25 +91,3 @@ def kill_process_tree(marker: str | Path, rounds: int = 3) -> None:
                 os.kill(p, signal.SIGKILL)
         time.sleep(0.5)
 
-
-def busybox_image(name: str, store: rootfs.ImageStore) -> rootfs.Image:
-    """Build image ``name`` in ``store``: the host's /bin/busybox with every applet linked
-    under /bin, ``Cmd`` ``/bin/sh``, ``PATH=/bin``.
-
-    Example::
-
-        img = busybox_image("local/snapbench:1", rootfs.ImageStore())
-    """
-    root = Path(tempfile.mkdtemp(prefix="bench-root-"))
-    try:
-        for d in ("bin", "etc", "tmp", "proc", "sys", "dev", "root"):
-            (root / d).mkdir()
-        shutil.copy2("/bin/busybox", root / "bin" / "busybox")
-        for a in subprocess.run(["/bin/busybox", "--list"], capture_output=True, text=True,
-                                check=True).stdout.split():
-            if a != "busybox":
-                (root / "bin" / a).symlink_to("busybox")
-        return rootfs.build_image(root, name, store,
-                                  config={"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]})
-    finally:
-        shutil.rmtree(root, ignore_errors=True)

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import rootfs
-from benchmarks._common import busybox_image, kill_process_tree, quick_main
+from benchmarks._common import kill_process_tree, quick_main
+from tests.microvm.sandbox_fixtures import busybox_image
 
 MEMORY_MIB = 256
 IMAGE = "local/fleetbench:1"
@@ -41,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _image(home: Path) -> None:
-    busybox_image(IMAGE, rootfs.ImageStore(home / "images"))
+    busybox_image(rootfs.ImageStore(home / "images"), IMAGE)
 
 
 def _node(home: Path, *args: str) -> None:

@@ -32,13 +32,14 @@ from pathlib import Path
 from typing import Any
 
 import rootfs
-from benchmarks._common import busybox_image, quick_main
+from benchmarks._common import quick_main
+from tests.microvm.sandbox_fixtures import busybox_image
 
 MEMORY_MIB = 256
 
 
 def _image() -> rootfs.Image:
-    return busybox_image("local/snapbench:1", rootfs.ImageStore())
+    return busybox_image(rootfs.ImageStore(), "local/snapbench:1")
 
 
 def _pss_kib(pid: int) -> int:
