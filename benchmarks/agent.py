@@ -16,9 +16,7 @@ Side by side in the same run:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import os
 import socket
 import statistics
@@ -28,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks._common import quick_main
 from microvm.agent import AgentClient, agent_binary
 
 
@@ -143,10 +142,7 @@ def test_agent_fs_read_8mib(benchmark, tmp_path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.agent")
-    ap.add_argument("--quick", action="store_true", help="fewer samples, 32 MiB file (under a minute)")
-    args = ap.parse_args()
-    print(json.dumps(asyncio.run(measure(args.quick))))
+    quick_main(__doc__, lambda q: asyncio.run(measure(q)), "fewer samples, 32 MiB file (under a minute)")
 
 
 if __name__ == "__main__":

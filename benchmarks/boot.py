@@ -11,14 +11,13 @@ through the agent.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks._common import quick_main
 from benchmarks._microvm_bare import bare_boot_once, build_bare_disk
 from microvm.kernel import Kernel, ensure_kernel
 
@@ -134,10 +133,7 @@ def test_machine_first_exec(benchmark, tmp_path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.boot")
-    ap.add_argument("--quick", action="store_true", help="5 rounds (under a minute)")
-    ns = ap.parse_args()
-    print(json.dumps(run(ns.quick)))
+    quick_main(__doc__, run, "5 rounds (under a minute)")
 
 
 if __name__ == "__main__":

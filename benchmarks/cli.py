@@ -29,8 +29,6 @@ Without it every CLI start recompiles the whole stack from source.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import shutil
 import statistics
@@ -42,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import rootfs
+from benchmarks._common import quick_main
 from benchmarks._sandbox_rig import busybox_root
 
 IMAGE = "local/clibench:1"
@@ -131,10 +130,7 @@ def run(quick: bool) -> dict[str, Any]:
 
 def main() -> None:
     """``python -m benchmarks.cli [--quick]``: the last line printed is the JSON result."""
-    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="3 rounds, 10 execs")
-    ns = ap.parse_args()
-    print(json.dumps(run(ns.quick)))
+    quick_main(__doc__, run, "3 rounds, 10 execs")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,6 @@ of either path ranged 0.14-1.2 Gbit/s within a minute, which made one-shot ratio
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -60,6 +59,7 @@ from typing import Any
 import pytest
 from pyroute2 import IPRoute, NetNS
 
+from benchmarks._common import quick_main
 from benchmarks._netstack_gateway_pump import CPump
 from netstack import Classifier, NetworkPolicy, Rule
 from netstack.gateway import AddressPlan, Gateway, PasstUplink, TapUplink, cleanup_stale
@@ -461,10 +461,7 @@ def test_direct_tcp_throughput(benchmark: Any, rig: Bench) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.gateway")
-    ap.add_argument("--quick", action="store_true", help="3 s per run (under a minute)")
-    args = ap.parse_args()
-    print(json.dumps(measure(args.quick)))
+    quick_main(__doc__, measure, "3 s per run (under a minute)")
 
 
 if __name__ == "__main__":

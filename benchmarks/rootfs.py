@@ -14,8 +14,6 @@ HTTP) and the same ~30 MB four-layer image:
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import statistics
 import subprocess
@@ -28,6 +26,7 @@ from typing import Any
 import pytest
 
 import rootfs
+from benchmarks._common import quick_main
 from benchmarks._rootfs_image import bench_layers
 from rootfs import Patch
 from rootfs._disks import build_ext4, ext4_size_for
@@ -200,10 +199,7 @@ def test_warm_prepare_10_patches(benchmark: Any, bench_setup: Setup) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.rootfs")
-    ap.add_argument("--quick", action="store_true", help="fewer rounds (under a minute)")
-    ns = ap.parse_args()
-    print(json.dumps(run(ns.quick)))
+    quick_main(__doc__, run, "fewer rounds (under a minute)")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ the three start paths interleaved so background load hits them alike:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import rootfs
+from benchmarks._common import quick_main
 from benchmarks._microvm_bare import bare_boot_once, build_bare_disk
 from benchmarks._sandbox_rig import (
     UPSTREAM_IP,
@@ -229,10 +229,7 @@ def test_machine_first_exec(benchmark: Any) -> None:
 
 def main() -> None:
     """``python -m benchmarks.sandbox [--quick]``: the last line printed is the JSON result."""
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.sandbox")
-    ap.add_argument("--quick", action="store_true", help="3 rounds (about a minute)")
-    ns = ap.parse_args()
-    print(json.dumps(run(ns.quick)))
+    quick_main(__doc__, run, "3 rounds (about a minute)")
 
 
 if __name__ == "__main__":

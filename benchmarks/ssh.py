@@ -13,8 +13,6 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import re
 import signal
@@ -25,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks._common import quick_main
 
 
 def _median_ms(fn: Any, n: int) -> float:
@@ -145,10 +145,7 @@ def measure(quick: bool) -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.ssh")
-    ap.add_argument("--quick", action="store_true", help="fewer samples, a 32 MiB file")
-    args = ap.parse_args()
-    print(json.dumps(measure(args.quick)))
+    quick_main(__doc__, measure, "fewer samples, a 32 MiB file")
 
 
 if __name__ == "__main__":
