@@ -29,7 +29,7 @@ from rootfs._disks import PreparedRoot, build_erofs, build_ext4, ext4_size_for
 from rootfs._fs import atomic_replace, atomic_write, fsync_dir, lock, process_start_time
 from rootfs._image import Image
 from rootfs._patches import Patch, PatchTarget
-from rootfs._unpack import UnpackLimits, UnpackState
+from rootfs._unpack import UnpackLimits, UnpackState, remove_node
 from rootfs.errors import DiskError, ImageNotFoundError, RootfsError
 from rootfs.protocols import Unpacker
 
@@ -60,10 +60,7 @@ def unpack_image(store: BlobDir, img: Image, dest: Path, *, unpacker: Unpacker,
         # Never leave a half-applied tree behind (dest was empty or absent).
         if existed:
             for child in dest.iterdir():
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child, ignore_errors=True)
-                else:
-                    child.unlink()
+                remove_node(os.fspath(child), ignore_errors=True)
         else:
             shutil.rmtree(dest, ignore_errors=True)
         raise

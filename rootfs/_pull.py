@@ -18,7 +18,7 @@ import hashlib
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
+from typing import Literal, get_args
 
 from rootfs._blobs import BlobDir
 from rootfs._fs import atomic_replace, lock
@@ -36,7 +36,7 @@ from rootfs._registry import ProgressFn, RegistryClient
 from rootfs.errors import AuthError, DigestError, ImageNotFoundError, RegistryError
 
 PullPolicy = Literal["always", "if-missing", "never"]
-POLICIES = ("always", "if-missing", "never")
+POLICIES: tuple[str, ...] = get_args(PullPolicy)
 
 
 def pull_image(store: BlobDir, r: Reference, *, client: RegistryClient, policy: PullPolicy,

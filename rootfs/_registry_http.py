@@ -357,16 +357,6 @@ class _AuthFlow(httpx.Auth):
         return token
 
 
-def read_capped(response: httpx.Response, limit: int) -> bytes:
-    """Up to ``limit + 1`` body bytes (so the caller can tell "too large")."""
-    buf = bytearray()
-    for chunk in response.iter_bytes():
-        buf += chunk
-        if len(buf) > limit:
-            break
-    return bytes(buf[:limit + 1])
-
-
 class Session:
     """One registry's :class:`httpx.Client`: GETs that stream, errors as rootfs's.
 
@@ -437,10 +427,15 @@ class Session:
 
     def read(self, response: httpx.Response, limit: int) -> bytes:
         """Up to ``limit + 1`` body bytes (so the caller can tell "too large")."""
+        buf = bytearray()
         try:
-            return read_capped(response, limit)
+            for chunk in response.iter_bytes():
+                buf += chunk
+                if len(buf) > limit:
+                    break
         except httpx.HTTPError as exc:
             raise _transport_error(exc, response.request.url) from None
+        return bytes(buf[:limit + 1])
 
     def chunks(self, response: httpx.Response, what: str) -> Iterator[bytes]:
         """The body as it arrives (bounded chunks); a broken download raises RegistryError."""

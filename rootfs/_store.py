@@ -256,10 +256,9 @@ class ImageStore(BlobDir):
         if isinstance(upper_size_mib, bool) or not isinstance(upper_size_mib, int) \
                 or not 8 <= upper_size_mib <= (1 << 24):
             raise DiskError(f"upper_size_mib={upper_size_mib!r}: must be an int in 8..16777216")
-        plist = list(patches)
         disk = self.image_disk(img, image_format)
         lower = self.rootfs_dir(img)
-        return prepare_root(self, img, patches=plist, upper_size_mib=upper_size_mib,
+        return prepare_root(self, img, patches=patches, upper_size_mib=upper_size_mib,
                             image_format=image_format, disk=disk, lower=lower, dest=dest,
                             staging_dir=self.staging_dir)
 

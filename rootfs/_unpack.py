@@ -282,13 +282,21 @@ def _resolve_parent(root: str, parts: list[str], entry: str, create: bool) -> st
     return os.path.join(root, *walk_parents(parts, probe, settle, fail))
 
 
-def _remove_node(path: str) -> None:
+def remove_node(path: str, *, ignore_errors: bool = False) -> None:
+    """Remove ``path`` (a directory with its contents; never following a symlink), if there.
+
+    ``ignore_errors`` applies to a directory's contents, as in :func:`shutil.rmtree`.
+
+    Example::
+
+        remove_node(os.path.join(root, "etc"))
+    """
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
     if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path)
+        shutil.rmtree(path, ignore_errors=ignore_errors)
     else:
         os.unlink(path)
 
@@ -483,11 +491,11 @@ def apply_whiteout(root: str, entry: LayerEntry, created: set[str]) -> None:
     if entry.kind == "opaque":
         for child in os.listdir(parent):
             if (f"{parent_rel}/{child}" if parent_rel else child) not in created:
-                _remove_node(os.path.join(parent, child))
+                remove_node(os.path.join(parent, child))
         return
     target = parts[-1][len(WHITEOUT_PREFIX) :]
     if (f"{parent_rel}/{target}" if parent_rel else target) not in created:
-        _remove_node(os.path.join(parent, target))
+        remove_node(os.path.join(parent, target))
 
 
 def resolve_entry(root: str, entry: LayerEntry) -> str | None:
@@ -600,7 +608,7 @@ def _apply_member(
         try:
             old = os.lstat(path)
             if not stat.S_ISDIR(old.st_mode):
-                _remove_node(path)
+                remove_node(path)
                 os.mkdir(path, 0o700)
         except FileNotFoundError:
             os.mkdir(path, 0o700)
@@ -619,10 +627,10 @@ def _apply_member(
             raise UnsafeLayerError(name, f"hardlink target {member.linkname!r} is a directory")
         if os.path.abspath(src) == os.path.abspath(path):
             return
-        _remove_node(path)
+        remove_node(path)
         os.link(src, path, follow_symlinks=False)
         return
-    _remove_node(path)
+    remove_node(path)
     if member.isreg():
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(path, flags, 0o600)
