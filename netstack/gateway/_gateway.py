@@ -88,7 +88,6 @@ from netstack.gateway._published import PortPublisher, PublishedPort
 from netstack.gateway._steering import (
     DNS_POOL,
     TLS_POOL,
-    DnsPoolServer,
     SteerClaim,
     TlsInterception,
     loopback_listeners,
@@ -130,7 +129,6 @@ class _Resources:
     publisher: PortPublisher | None = None
     thread: threading.Thread | None = None
     dns: ForwarderThread | None = None
-    steer_dns: DnsPoolServer | None = None
     pcap: PcapWriter | None = None
     own_pcap: bool = False
     classifier: Classifier | None = None
@@ -149,8 +147,6 @@ class _Resources:
             gw = self.gw
         if self.publisher is not None:
             self.publisher.close()
-        if self.steer_dns is not None:
-            self.steer_dns.close()
         if gw is not None:
             lib.ns_gw_stop(gw)          # joins the C thread, wakes the event reader
         if self.thread is not None and self.thread is not threading.current_thread():
@@ -386,9 +382,7 @@ class Gateway:
                                "descriptors)")
         res.gw = gw
         if self._steering:
-            assert res.dns is not None
-            res.steer_dns = DnsPoolServer(self._enable_steering(gw), self._steer_claim(),
-                                          res.dns.submit)
+            self._serve_steered_dns(self._enable_steering(gw))
         self._event_fd = int(lib.ns_gw_event_fd(gw))
         res.thread = threading.Thread(target=self._events, name="netstack-gateway-events",
                                       daemon=True)
@@ -432,6 +426,22 @@ class Gateway:
                 s.close()
             raise
         return socks
+
+    def _serve_steered_dns(self, socks: list[socket.socket]) -> None:
+        """DNS over TCP on the steering pool's listeners, served by the forwarder: each
+        connection's original destination is claimed from the C loop (:class:`SteerClaim`),
+        and a connection with none is closed."""
+        assert self._res.dns is not None
+        lookup = self._steer_claim()
+        served = 0
+        try:
+            for s in socks:
+                self._res.dns.serve_tcp_socket(s, lookup=lookup)
+                served += 1
+        except BaseException:
+            for s in socks[served:]:   # the forwarder closes those it serves
+                s.close()
+            raise
 
     def _steer_claim(self) -> SteerClaim:
         res = self._res

@@ -1,5 +1,6 @@
 """The Python half of the steering NAT (``netstack/csrc/steer.c``): loopback listener
-pools, the original-destination lookup, and DNS over TCP served from a pool.
+pools and the original-destination lookup (the DNS forwarder serves DNS over TCP on its
+pool with it: ``ForwarderThread.serve_tcp_socket(sock, lookup=...)``).
 
 An uplink without a local network stack (passt) cannot redirect the guest's TLS and
 DNS-over-TCP flows with nftables, and the host sockets it opens for the guest carry
@@ -27,22 +28,17 @@ a denial of service, never a leak.)
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import ipaddress
 import logging
 import socket
-import struct
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from netstack.errors import GatewayError
 
 log = logging.getLogger("netstack.gateway")
 
-__all__ = ["DnsPoolServer", "SteerClaim", "TlsInterception", "loopback_listeners",
+__all__ = ["SteerClaim", "TlsInterception", "loopback_listeners",
            "socket_uid"]
 
 Address = tuple[str, int]
@@ -52,7 +48,6 @@ Lookup = Callable[[Address, Address], "Address | None"]
 #: listener ports of the TLS pool and of the DNS-over-TCP pool
 TLS_POOL = 16
 DNS_POOL = 4
-_TCP_IDLE = 30.0
 
 
 def loopback_listeners(n: int, *, ipv6: bool = False, backlog: int = 1024
@@ -199,102 +194,6 @@ class TlsInterception:
         """
         for s in self.sockets:
             s.close()
-
-
-class DnsPoolServer:
-    """DNS over TCP on the steering pool's sockets, in its own event loop thread: every
-    connection's original destination comes from ``lookup``, each query is answered by
-    ``submit(wire, "tcp", dst)`` (``ForwarderThread.submit``: the forwarder judges it
-    like a UDP query to that address).
-
-    >>> import concurrent.futures
-    >>> def nothing(wire, protocol, dst):
-    ...     f = concurrent.futures.Future(); f.set_result(None); return f
-    >>> srv = DnsPoolServer(loopback_listeners(1), lambda p, l: None, nothing)
-    >>> srv.close(); srv.closed
-    True
-    """
-
-    def __init__(self, sockets: Sequence[socket.socket], lookup: Lookup,
-                 submit: Callable[[bytes, str, Address | None], Any]) -> None:
-        self._socks = list(sockets)
-        self._lookup = lookup
-        self._submit = submit
-        self._loop = asyncio.new_event_loop()
-        self._servers: list[asyncio.AbstractServer] = []
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
-                                        name="netstack-steer-dns")
-        self._thread.start()
-        try:
-            asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
-        except BaseException:
-            self.close()
-            raise
-
-    async def _start(self) -> None:
-        for s in self._socks:
-            self._servers.append(await asyncio.start_server(self._serve, sock=s))
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            peer, local = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
-            dst = self._lookup((peer[0], peer[1]), (local[0], local[1]))
-            if dst is None:
-                return
-            while True:
-                (n,) = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2),
-                                                                  _TCP_IDLE))
-                wire = await asyncio.wait_for(reader.readexactly(n), _TCP_IDLE)
-                answer = await asyncio.wrap_future(self._submit(wire, "tcp", dst))
-                if answer is not None:
-                    writer.write(struct.pack("!H", len(answer)) + answer)
-                    await writer.drain()
-        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError):
-            pass
-        except Exception:  # never let one connection take the server down
-            log.exception("gateway: DNS over TCP (steered) failed")
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
-
-    async def _shutdown(self) -> None:
-        for srv in self._servers:
-            srv.close()
-        me = asyncio.current_task()
-        tasks = [t for t in asyncio.all_tasks() if t is not me]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    @property
-    def closed(self) -> bool:
-        """True once :meth:`close` ran.
-
-        >>> srv.closed                                   # doctest: +SKIP
-        False
-        """
-        return self._loop.is_closed()
-
-    def close(self) -> None:
-        """Stop serving, close the sockets and join the thread (idempotent).
-
-        >>> srv.close()                                  # doctest: +SKIP
-        """
-        if self._loop.is_closed():
-            return
-        if self._thread.is_alive():
-            try:
-                asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
-            except Exception as e:  # pragma: no cover - best effort at exit
-                log.warning("stopping the steered DNS listeners failed: %s", e)
-            finally:
-                self._loop.call_soon_threadsafe(self._loop.stop)
-                self._thread.join(10)
-        for s in self._socks:
-            s.close()
-        if not self._thread.is_alive():
-            self._loop.close()
 
 
 def passt_uid(pid: int) -> int | None:

@@ -37,7 +37,7 @@ import dns.rrset
 
 from netstack._flow import Decision, Flow
 from netstack.errors import DnsForwarderError
-from netstack.gateway._dns_forwarder._listeners import Listeners
+from netstack.gateway._dns_forwarder._listeners import Listeners, Lookup
 from netstack.gateway._dns_forwarder._upstream import Upstream, resolv_conf_upstreams
 
 log = logging.getLogger("netstack.dns")
@@ -483,13 +483,15 @@ class DnsForwarder:
         """
         return await self._listeners.start(host, port)
 
-    async def start_tcp_socket(self, sock: socket.socket, *,
-                               original_dst: bool = False) -> None:
+    async def start_tcp_socket(self, sock: socket.socket, *, original_dst: bool = False,
+                               lookup: Lookup | None = None) -> None:
         """Serve DNS over TCP on an already bound and listening socket (e.g. one created
         inside another network namespace); closed by :meth:`stop`. ``original_dst``:
         connections were DNATed to this listener (guest DNS to any address), so each
         connection's pre-NAT destination (``SO_ORIGINAL_DST``) is the resolver the guest
-        asked, judged like a UDP query's (see :meth:`handle`).
+        asked, judged like a UDP query's (see :meth:`handle`). ``lookup(peer, local)``:
+        that destination comes from this callback instead (a steering pool's listener);
+        a connection it answers None for is closed.
 
         >>> import asyncio, socket
         >>> from netstack import NetworkPolicy
@@ -500,7 +502,8 @@ class DnsForwarder:
         ...     await fwd.stop()
         >>> asyncio.run(demo())
         """
-        await self._listeners.start_tcp_socket(sock, original_dst=original_dst)
+        await self._listeners.start_tcp_socket(sock, original_dst=original_dst,
+                                               lookup=lookup)
 
     async def stop(self) -> None:
         """Close the listeners started by :meth:`start` (idempotent).

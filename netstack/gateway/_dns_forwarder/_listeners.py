@@ -3,9 +3,10 @@
 :class:`Listeners` serves any :class:`QueryHandler` (``DnsForwarder.handle`` is one):
 UDP datagrams, TCP connections (two-byte length prefix, several queries per connection,
 closed after ``_TCP_IDLE_TIMEOUT`` idle seconds), and TCP on a socket someone else
-bound (one created inside the uplink's network namespace), optionally reading each
-connection's pre-NAT destination (:func:`original_destination`) so the handler knows
-which resolver the guest asked.
+bound (one created inside the uplink's network namespace, or a steering pool's loopback
+listener), optionally telling the handler which resolver the guest asked: each
+connection's pre-NAT destination (:func:`original_destination`), or the answer of a
+``lookup(peer, local)`` callback (:data:`Lookup`).
 
 >>> import asyncio, socket
 >>> async def echo_id(wire: bytes, protocol: str = "udp", dst=None) -> bytes | None:
@@ -32,6 +33,7 @@ import contextlib
 import logging
 import socket
 import struct
+from collections.abc import Callable
 from typing import Any, Final, Protocol, cast
 
 from netstack.gateway._sockopt import original_dst
@@ -39,6 +41,10 @@ from netstack.gateway._sockopt import original_dst
 log = logging.getLogger("netstack.dns")
 
 _TCP_IDLE_TIMEOUT: Final = 30.0
+
+#: ``lookup(peer, local) -> (ip, port) | None``: a connection's original destination
+#: (the shape ``tls_proxy.TlsProxy.listen_transparent`` takes); None closes it
+Lookup = Callable[[tuple[str, int], tuple[str, int]], "tuple[str, int] | None"]
 
 
 class QueryHandler(Protocol):
@@ -112,10 +118,12 @@ class Listeners:
         self._servers.append(transport)
         return str(bound[0]), int(bound[1])
 
-    async def start_tcp_socket(self, sock: socket.socket, *,
-                               original_dst: bool = False) -> None:
+    async def start_tcp_socket(self, sock: socket.socket, *, original_dst: bool = False,
+                               lookup: Lookup | None = None) -> None:
         """Serve DNS over TCP on a bound, listening socket; ``original_dst``: pass each
-        connection's pre-NAT destination to the handler as ``dst``.
+        connection's pre-NAT destination to the handler as ``dst``; ``lookup``: pass
+        ``lookup(peer, local)`` instead (run in the loop's default executor: it may read
+        ``/proc``), and close a connection it answers None for.
 
         >>> import asyncio, socket
         >>> async def nothing(wire: bytes, protocol: str = "udp", dst=None) -> bytes | None:
@@ -125,16 +133,46 @@ class Listeners:
         ...     await ls.start_tcp_socket(socket.create_server(("127.0.0.1", 0)))
         ...     await ls.stop()
         >>> asyncio.run(demo())
+        >>> async def refused():        # a lookup answering None: closed, nothing served
+        ...     ls = Listeners(nothing, 5.0)
+        ...     srv = socket.create_server(("127.0.0.1", 0))
+        ...     await ls.start_tcp_socket(srv, lookup=lambda peer, local: None)
+        ...     r, w = await asyncio.open_connection(*srv.getsockname())
+        ...     data = await r.read()
+        ...     w.close(); await ls.stop()
+        ...     return data
+        >>> asyncio.run(refused())
+        b''
         """
         async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             dst = None
-            if original_dst:
+            if lookup is not None:
+                dst = await self._lookup(lookup, writer)
+                if dst is None:
+                    writer.close()
+                    with contextlib.suppress(Exception):
+                        await writer.wait_closed()
+                    return
+            elif original_dst:
                 conn = writer.get_extra_info("socket")
                 dst = original_destination(conn) if conn is not None else None
             await self.serve_tcp(reader, writer, dst)
 
         server = await asyncio.start_server(serve, sock=sock)
         self._servers.append(server)
+
+    @staticmethod
+    async def _lookup(lookup: Lookup, writer: asyncio.StreamWriter) -> tuple[str, int] | None:
+        """``lookup(peer, local)`` of the connection, off the loop; None if it failed."""
+        peer, local = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
+        if peer is None or local is None:        # already reset
+            return None
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                None, lookup, (peer[0], peer[1]), (local[0], local[1]))
+        except Exception:   # never let one connection take the listener down
+            log.exception("DNS over TCP: the destination lookup failed")
+            return None
 
     async def stop(self) -> None:
         """Close every listener (idempotent).

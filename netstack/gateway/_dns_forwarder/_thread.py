@@ -25,6 +25,7 @@ from netstack.gateway._portal import Portal
 
 if TYPE_CHECKING:
     from netstack.gateway._dns_forwarder._forwarder import DnsForwarder
+    from netstack.gateway._dns_forwarder._listeners import Lookup
 
 log = logging.getLogger("netstack.dns")
 
@@ -97,8 +98,10 @@ class ForwarderThread:
             raise DnsForwarderError("the forwarder thread is closed")
         return self._portal.run(self.forwarder.start(host, port), timeout=10)
 
-    def serve_tcp_socket(self, sock: socket.socket, *, original_dst: bool = False) -> None:
-        """:meth:`DnsForwarder.start_tcp_socket` on the thread's loop.
+    def serve_tcp_socket(self, sock: socket.socket, *, original_dst: bool = False,
+                         lookup: Lookup | None = None) -> None:
+        """:meth:`DnsForwarder.start_tcp_socket` on the thread's loop (``lookup`` runs in
+        its default executor, never blocking it).
 
         >>> import socket
         >>> from netstack import NetworkPolicy
@@ -109,8 +112,8 @@ class ForwarderThread:
         """
         if self._portal.closed:
             raise DnsForwarderError("the forwarder thread is closed")
-        self._portal.run(self.forwarder.start_tcp_socket(sock, original_dst=original_dst),
-                         timeout=10)
+        self._portal.run(self.forwarder.start_tcp_socket(sock, original_dst=original_dst,
+                                                         lookup=lookup), timeout=10)
 
     def close(self) -> None:
         """Stop listeners and the loop, join the thread (idempotent).
