@@ -31,6 +31,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -89,15 +90,26 @@ def loopback_listeners(n: int, *, ipv6: bool = False, backlog: int = 1024
     return out
 
 
-def _proc_addr(text: str, v6: bool) -> tuple[str, int]:
-    host, port = text.split(":")
-    raw = bytes.fromhex(host)
-    # /proc/net/tcp prints the address as host-order 32-bit words
-    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-    ip = ipaddress.ip_address(words)
-    if v6 and isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return str(ip), int(port, 16)
+def _proc_addr(addr: Address, v6: bool) -> bytes | None:
+    """``addr`` as ``/proc/net/tcp`` (``v6``: ``tcp6``) prints it: the address as
+    host-order 32-bit words in hex, ``:``, the port in hex; an IPv4 address in ``tcp6``
+    is the v4-mapped one. None if that file cannot hold it (IPv6 in ``tcp``).
+
+    >>> import sys
+    >>> _proc_addr(("127.0.0.1", 8080), False) == (b"0100007F:1F90" if sys.byteorder ==
+    ...                                             "little" else b"7F000001:1F90")
+    True
+    >>> _proc_addr(("::1", 53), False) is None, len(_proc_addr(("127.0.0.1", 53), True))
+    (True, 37)
+    """
+    ip = ipaddress.ip_address(addr[0])
+    if isinstance(ip, ipaddress.IPv4Address) and v6:
+        ip = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + ip.packed)
+    elif isinstance(ip, ipaddress.IPv6Address) and not v6:
+        return None
+    raw = ip.packed
+    words = struct.unpack(f"={len(raw) // 4}I", raw)
+    return ("".join(f"{w:08X}" for w in words) + f":{int(addr[1]):04X}").encode()
 
 
 def socket_uid(local: Address, remote: Address) -> int | None:
@@ -112,26 +124,25 @@ def socket_uid(local: Address, remote: Address) -> int | None:
     True
     >>> c.close(); srv.close()
     """
-    want = ((ipaddress.ip_address(local[0]), int(local[1])),
-            (ipaddress.ip_address(remote[0]), int(remote[1])))
     for path, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        # the wanted pair as /proc prints it: only a line whose address fields are
+        # these very strings is parsed
+        want_local, want_remote = _proc_addr(local, v6), _proc_addr(remote, v6)
+        if want_local is None or want_remote is None:
+            continue
         try:
             # bytes, not text: no codec lookup (an import) in a process that dropped
             # privileges and can no longer read its interpreter's library
             with open(path, "rb") as f:
                 next(f, None)
                 for raw in f:
-                    parts = raw.decode().split()
+                    parts = raw.split()
+                    if len(parts) < 10 or parts[1] != want_local or parts[2] != want_remote:
+                        continue
                     # no inode: a time-wait or orphaned socket (closed), no owner
-                    if len(parts) < 10 or parts[3] in ("06", "07") or parts[9] == "0":
+                    if parts[3] in (b"06", b"07") or parts[9] == b"0":
                         continue
-                    try:
-                        a, b = _proc_addr(parts[1], v6), _proc_addr(parts[2], v6)
-                    except ValueError:
-                        continue
-                    if ((ipaddress.ip_address(a[0]), a[1]),
-                            (ipaddress.ip_address(b[0]), b[1])) == want:
-                        return int(parts[7])
+                    return int(parts[7])
         except OSError:
             continue
     return None
