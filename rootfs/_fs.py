@@ -1,7 +1,8 @@
 """Small filesystem helpers: the one atomic write, lock files, home directory.
 
-Every file rootfs publishes (blobs, refs, records, image disks, saved archives) goes
-through :func:`atomic_replace`: written under a temporary name in a directory of the
+Every file rootfs publishes (blobs, refs, records, image disks, saved archives, each
+file of a saved layout directory) goes through :func:`atomic_replace` (or is a hard
+link to a blob already published): written under a temporary name in a directory of the
 same filesystem, fsynced, chmodded, renamed over the final name, and the directory
 fsynced, so a crash leaves either the old file or the whole new one, never a torn one.
 :func:`atomic_write`, :func:`microvm_home` and :func:`process_start_time` are public

@@ -235,8 +235,9 @@ def _link_blob(store: BlobStore, dest: Path, digest: str) -> dict[str, Any]:
     if not target.exists():
         try:
             os.link(store.blob_path(digest), target)
-        except OSError:
-            shutil.copyfile(store.blob_path(digest), target)
+        except OSError:  # no hard link (another filesystem, say): a copy, published whole
+            with atomic_replace(target, 0o644) as tmp:
+                shutil.copyfile(store.blob_path(digest), tmp)
     return {"digest": digest, "size": target.stat().st_size}
 
 
@@ -257,7 +258,7 @@ def write_oci_layout(
         ['blobs', 'index.json', 'oci-layout']
     """
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
+    atomic_write(dest / "oci-layout", json.dumps({"imageLayoutVersion": "1.0.0"}).encode())
     index_path = dest / "index.json"
     existing: list[dict[str, Any]] = []
     if index_path.exists():
