@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from microvm._cli_stream import DETACHED, _scan_detach, _write_all
+from microvm._cli_util import Failure, read_new
 
 if TYPE_CHECKING:
     from microvm.sandbox._sandbox import Sandbox
@@ -67,8 +68,6 @@ def launch_main(sb: Sandbox, argv: list[str], *, stdin: bool) -> None:
 
         launch_main(sb, ["sleep", "600"], stdin=False)
     """
-    from microvm._cli_util import Failure
-
     out = sb.exec(sb.config.shell, ["-c", _LAUNCH, "sh", "-i" if stdin else "-", *argv])
     if not out.success:
         raise Failure(f"could not start {argv[0]!r} in the background: {out.stderr_text}")
@@ -148,11 +147,8 @@ def attach_main(sb: Sandbox, detach_keys: bytes) -> int | None:
     result: int | None = None
     try:
         while result is None:
-            if path.exists() and path.stat().st_size > pos:
-                with path.open("rb") as f:
-                    f.seek(pos)
-                    chunk = f.read(1 << 20)
-                pos += len(chunk)
+            chunk, pos = read_new(path, pos, 1 << 20)
+            if chunk:
                 with contextlib.suppress(BrokenPipeError):
                     _write_all(1, chunk)
                 continue

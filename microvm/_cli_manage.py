@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from microvm._cli_util import Failure, for_each, for_each_sandbox, guarded, parse_labels
+from microvm._cli_util import Failure, for_each, for_each_sandbox, guarded, parse_labels, read_new
 
 if TYPE_CHECKING:
     from microvm.sandbox._asandbox import SandboxInfo
@@ -170,11 +170,8 @@ def logs_cmd(name: str, follow: bool, tail: int | None, supervisor: bool) -> Non
         pos = path.stat().st_size if path.exists() else 0
         try:
             while True:
-                if path.exists() and path.stat().st_size > pos:
-                    with path.open("rb") as f:
-                        f.seek(pos)
-                        chunk = f.read()
-                    pos += len(chunk)
+                chunk, pos = read_new(path, pos)
+                if chunk:
                     sys.stdout.buffer.write(chunk)
                     sys.stdout.flush()
                 elif sb.state not in ("running", "created"):

@@ -40,6 +40,7 @@ __all__ = [
     "parse_memory",
     "parse_patch",
     "prestart_supervisor",
+    "read_new",
     "supervisor_ready",
 ]
 
@@ -241,6 +242,23 @@ def parse_patch(spec: str) -> Any:
     except (PatchError, ValueError, OSError) as e:
         raise click.BadParameter(f"{spec!r}: {one_line(e)}", param_hint="--patch") from None
     raise click.BadParameter(f"{spec!r}: {usage}", param_hint="--patch")
+
+
+def read_new(path: Path, pos: int, limit: int = -1) -> tuple[bytes, int]:
+    """What a growing file (a log) holds past offset ``pos``, up to ``limit`` bytes (all
+    when negative), and the offset after it: ``(b"", pos)`` when it has nothing new or
+    does not exist. ``logs -f`` and ``attach`` tail the console log with it.
+
+    Example::
+
+        chunk, pos = read_new(sb.paths.console_log, pos)
+    """
+    if not path.exists() or path.stat().st_size <= pos:
+        return b"", pos
+    with path.open("rb") as f:
+        f.seek(pos)
+        chunk = f.read(limit)
+    return chunk, pos + len(chunk)
 
 
 def prestart_supervisor() -> None:
