@@ -239,10 +239,6 @@ def _default_name(image: str) -> str:
     return f"{base[:40]}-{secrets.token_hex(3)}"
 
 
-def _exit(code: int) -> NoReturn:
-    leave(code)
-
-
 def _run_in(sb: Sandbox, argv: list[str], *, interactive: bool, tty: bool,
             env: dict[str, str] | None = None, cwd: str | None = None, user: str | None = None,
             timeout: float | None = None, detach_keys: bytes | None = None,
@@ -341,7 +337,7 @@ def run_cmd(image: str | None, cmd: tuple[str, ...], from_snapshot: str | None, 
     finally:
         if not detached:
             _finish(sb, remove)
-    _exit(code)
+    leave(code)
 
 
 #: the ``create`` flags a restore takes (the rest is fixed by the snapshot)
@@ -401,8 +397,6 @@ def _finish(sb: Sandbox, remove: bool) -> None:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-
-
 
 
 @click.command("create", context_settings={"allow_interspersed_args": False})
@@ -487,7 +481,7 @@ def exec_cmd(name: str, cmd: tuple[str, ...], interactive: bool, tty: bool,
     except Interrupted as e:
         code = 128 + e.signum
     sb.close()
-    _exit(0 if code == DETACHED else code)
+    leave(0 if code == DETACHED else code)
 
 
 def _interactive(name: str, keys: bytes, *, main: bool = False) -> NoReturn:
@@ -510,7 +504,7 @@ def _interactive(name: str, keys: bytes, *, main: bool = False) -> NoReturn:
     if code == DETACHED:
         click.echo(f"\r\nmicrovm: detached from {name!r}", err=True)
         code = 0
-    _exit(code)
+    leave(code)
 
 
 @click.command("shell")

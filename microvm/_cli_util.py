@@ -305,21 +305,20 @@ def leave(code: int) -> NoReturn:
 
         leave(0)
     """
-    for f in (sys.stdout, sys.stderr):
-        try:
-            f.flush()
-        except (BrokenPipeError, ValueError):
-            pass
+    def flush() -> None:
+        for f in (sys.stdout, sys.stderr):
+            try:
+                f.flush()
+            except (BrokenPipeError, ValueError):
+                pass
+
+    flush()
     if not PROGRAM:
         sys.exit(code)
     import atexit
 
     atexit._run_exitfuncs()
-    for f in (sys.stdout, sys.stderr):
-        try:
-            f.flush()
-        except (BrokenPipeError, ValueError):
-            pass
+    flush()
     os._exit(code)
 
 

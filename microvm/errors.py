@@ -172,7 +172,6 @@ class NoUplinkError(SandboxError):
     """
 
 
-
 class DiskError(MicrovmError):
     """A guest disk image could not be built (bad source directory, size, or mkfs failure).
 
