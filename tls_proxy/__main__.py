@@ -27,7 +27,7 @@ from pathlib import Path
 
 import click
 
-from tls_proxy._ca import CertificateAuthority, default_ca_dir
+from tls_proxy._ca import MAX_VALIDITY_HOURS, CertificateAuthority, default_ca_dir
 from tls_proxy._proxy import ProxyConfig, TlsProxy
 from tls_proxy._secrets import Secret, parse_secret_spec
 from tls_proxy.errors import TlsProxyError
@@ -36,9 +36,6 @@ __all__ = ["EXIT_USAGE", "cli", "main"]
 
 EXIT_USAGE = 2
 """Exit status for a bad command line or a configuration the proxy refuses."""
-
-MAX_VALIDITY_HOURS = 24 * 397
-"""The longest leaf lifetime the CA mints (browsers refuse longer ones)."""
 
 _EPILOG = """\b
 Example:

@@ -33,6 +33,8 @@ from tls_proxy.errors import CertificateError
 
 CA_CERT_FILE = "ca.crt"
 CA_KEY_FILE = "ca.key"
+MAX_VALIDITY_HOURS = 24 * 397
+"""The longest leaf lifetime the CA mints (browsers refuse longer ones)."""
 BACKDATE = _dt.timedelta(seconds=120)
 """Leaves are valid from ``now - BACKDATE``: a guest clock a little behind still accepts them."""
 RENEW_BEFORE = _dt.timedelta(minutes=5)
@@ -125,12 +127,7 @@ class CertificateAuthority:
         cache_capacity: int = 1000,
         reuse_leaf_key: bool = True,
     ) -> None:
-        if not (0 < validity_hours <= 24 * 397):
-            raise CertificateError(
-                f"invalid validity_hours {validity_hours!r}: must be in (0, {24 * 397}]"
-            )
-        if cache_capacity < 1:
-            raise CertificateError(f"invalid cache_capacity {cache_capacity!r}: must be >= 1")
+        self._check_options(validity_hours, cache_capacity)
         self.cert = cert
         self._key = key
         self.cert_path = cert_path
@@ -149,6 +146,16 @@ class CertificateAuthority:
 
     def __repr__(self) -> str:
         return f"CertificateAuthority(subject={self.cert.subject.rfc4514_string()!r}, path={self.cert_path!s})"
+
+    @staticmethod
+    def _check_options(validity_hours: float, cache_capacity: int) -> None:
+        """Refuse a leaf lifetime or cache size the CA cannot use (CertificateError)."""
+        if not (0 < validity_hours <= MAX_VALIDITY_HOURS):
+            raise CertificateError(
+                f"invalid validity_hours {validity_hours!r}: must be in (0, {MAX_VALIDITY_HOURS}]"
+            )
+        if cache_capacity < 1:
+            raise CertificateError(f"invalid cache_capacity {cache_capacity!r}: must be >= 1")
 
     @staticmethod
     def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -218,7 +225,9 @@ class CertificateAuthority:
         """Load ``ca.crt``/``ca.key`` from ``directory`` or create them (key mode 0600).
 
         Creation is atomic (temp file + rename) and guarded by a file lock, so two
-        processes sharing the directory end up with the same CA.
+        processes sharing the directory end up with the same CA. Bad ``validity_hours``
+        or ``cache_capacity`` is refused (:class:`CertificateError`) before anything is
+        created.
 
         Example::
 
@@ -226,6 +235,7 @@ class CertificateAuthority:
             >>> ca.cert_path                                            # doctest: +SKIP
             PosixPath('/tmp/my-ca/ca.crt')
         """
+        cls._check_options(validity_hours, cache_capacity)
         d = Path(directory).expanduser()
         try:
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
