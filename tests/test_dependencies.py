@@ -2,10 +2,12 @@
 
 The sources are parsed with :mod:`ast` for the program names given to
 ``shutil.which``, ``require_binaries`` and ``subprocess``/``asyncio`` argv[0]
-literals (also the program after ``ip netns exec NS``); each must be provided by a
-Debian package listed in ``deps/apt.txt`` (``dpkg -S``), by an essential package
-(on every Debian system), or by the Python environment the suite runs in. Python
-itself must be ``sys.executable``, never a ``python3`` looked up on PATH.
+literals (also the program after ``ip netns exec NS``, the first argument of a
+``_run("prog", ...)`` helper and the argv of a topology's ``run_in_guest``); each
+must be provided by a Debian package listed in ``deps/apt.txt`` (``dpkg -S``), by an
+essential package (on every Debian system), or by the Python environment the suite
+runs in. Python itself must be ``sys.executable``, never a ``python3`` looked up on
+PATH.
 
 Also: setup.sh's virtual environment, the clang runtimes the fuzz targets link,
 and pyproject metadata that setuptools reads without deprecation warnings.
@@ -29,8 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SOURCE_DIRS = ("netstack", "tls_proxy", "rootfs", "microvm", "tests", "benchmarks")
 SUBPROCESS_FUNCS = {
     "run", "Popen", "call", "check_call", "check_output", "getoutput",
-    "create_subprocess_exec", "spawn", "_run", "execvp", "execv",
+    "create_subprocess_exec", "spawn", "_run", "execvp", "execv", "run_in_guest",
 }  # fmt: skip
+# helpers called as ``_run("prog", "arg", ...)``: the program is the first argument itself
+STAR_ARGV_FUNCS = {"_run"}
 # programs that are not host programs: run inside a guest or named only in messages
 NOT_HOST_PROGRAMS: set[str] = set()
 # names looked up only as a fallback for another distribution: fine when the first
@@ -107,9 +111,9 @@ def collect_programs() -> dict[str, list[str]]:
             if name == "which" or name == "require_binaries":
                 names = [s for a in node.args if (s := _str(a, consts)) is not None]
             elif name in SUBPROCESS_FUNCS and node.args:
-                if name == "create_subprocess_exec":
-                    s = _str(node.args[0], consts)
-                    names = [s] if s is not None else []
+                first = _str(node.args[0], consts)
+                if name == "create_subprocess_exec" or (name in STAR_ARGV_FUNCS and first is not None):
+                    names = [first] if first is not None else []
                 else:
                     names = _argv_programs(node.args[0], consts)
             where = f"{path.relative_to(ROOT)}:{node.lineno}"
@@ -190,6 +194,7 @@ def test_collector_finds_known_programs() -> None:
     assert "ping" in progs  # require_binaries in the gateway e2e tests
     assert "/usr/lib/qemu/virtiofsd" in progs  # require_binaries(VIRTIOFSD), a module constant
     assert "iperf3" in progs  # ip netns exec NS iperf3
+    assert "sysctl" in progs  # _run("sysctl", ...) in netstack/serve.py
     assert "clang" in progs
 
 

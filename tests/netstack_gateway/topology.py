@@ -41,6 +41,7 @@ import trustme
 from pyroute2 import IPRoute, NetNS, netns
 
 from netstack.gateway import AddressPlan, PasstUplink, TapUplink, cleanup_stale, uplink_names
+from netstack.gateway._netns import write_sysctls
 from tests.netstack_gateway.kernel_objects import snapshot
 
 _TUNSETIFF = 0x400454CA
@@ -226,7 +227,7 @@ class Topology:
             ns.link("set", index=idx, ifname="eth0", address=self.plan.guest_mac,
                     mtu=self.plan.mtu)
             if self.plan.guest_ipv6 is None:
-                self.run_in_guest(["sysctl", "-qw", "net.ipv6.conf.eth0.disable_ipv6=1"])
+                write_sysctls(self.guest_ns, {"net/ipv6/conf/eth0/disable_ipv6": 1})
             else:
                 ns.addr("add", index=idx, address=str(self.plan.guest_ipv6), prefixlen=64,
                         IFA_FLAGS=_NODAD)
