@@ -95,6 +95,7 @@ from netstack.gateway._steering import (
 from netstack.gateway._uplink import (
     RedirectingUplink,
     Uplink,
+    check_intercept_ports,
     has_redirects,
     has_steering,
     missing_uplink_members,
@@ -548,15 +549,7 @@ class Gateway:
         >>> for s in ti.sockets:                                   # doctest: +SKIP
         ...     await proxy.listen_transparent(sock=s, lookup=ti.lookup)
         """
-        if isinstance(ports, str | bytes):
-            raise GatewayError(f"ports must be a list of port numbers, got {ports!r}")
-        wanted = tuple(ports)
-        if not wanted or len(wanted) > 64 or any(
-                isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= 65535
-                for p in wanted):
-            raise GatewayError(f"ports must be 1..64 port numbers in 1..65535, got {wanted!r}")
-        if 53 in wanted:
-            raise GatewayError("port 53 is DNS: it always goes to the DNS forwarder")
+        wanted = check_intercept_ports(ports, GatewayError)
         if self.closed:
             raise GatewayError("this Gateway is closed")
         if not self._steering:

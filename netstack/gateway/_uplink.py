@@ -75,8 +75,8 @@ from typing import Protocol, Self, runtime_checkable
 from netstack.errors import UplinkError
 from netstack.gateway._addressing import AddressPlan
 
-__all__ = ["RedirectingUplink", "Uplink", "can_intercept_tls", "has_redirects",
-           "has_steering", "missing_uplink_members"]
+__all__ = ["RedirectingUplink", "Uplink", "can_intercept_tls", "check_intercept_ports",
+           "has_redirects", "has_steering", "missing_uplink_members"]
 
 _CORE = ("plan", "mtu", "vnet_hdr", "ipv6_egress", "tap_fd", "set_mtu", "close")
 _CORE_METHODS = ("set_mtu", "close")
@@ -99,6 +99,30 @@ def _check_plan(plan: AddressPlan, ipv6_egress: bool | None) -> None:
     if ipv6_egress and not plan.ipv6:
         raise UplinkError("ipv6_egress=True needs a plan with IPv6 (AddressPlan(..., "
                           "ipv6=True))")
+
+
+def check_intercept_ports(ports: Iterable[int],
+                          error: type[Exception] = UplinkError) -> tuple[int, ...]:
+    """The ports of a TLS interception (``redirect_tcp``, ``Gateway.tls_interception``)
+    as a tuple: 1..64 port numbers in 1..65535, never 53 (DNS); else ``error`` naming
+    the bad value.
+
+    >>> check_intercept_ports([443, 8443])
+    (443, 8443)
+    >>> check_intercept_ports([53])
+    Traceback (most recent call last):
+    netstack.errors.UplinkError: port 53 is DNS: it always goes to the DNS forwarder
+    """
+    if isinstance(ports, str | bytes):
+        raise error(f"ports must be a list of port numbers, got {ports!r}")
+    wanted = tuple(ports)
+    if not wanted or len(wanted) > 64 or any(
+            isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= 65535
+            for p in wanted):
+        raise error(f"ports must be 1..64 port numbers in 1..65535, got {wanted!r}")
+    if 53 in wanted:
+        raise error("port 53 is DNS: it always goes to the DNS forwarder")
+    return wanted
 
 
 class _FinalizedUplink:

@@ -87,7 +87,7 @@ from netstack.gateway._state import (
     state_dir,
     write_record,
 )
-from netstack.gateway._uplink import _check_plan, _FinalizedUplink
+from netstack.gateway._uplink import _check_plan, _FinalizedUplink, check_intercept_ports
 
 log = logging.getLogger("netstack.gateway")
 
@@ -475,15 +475,7 @@ class TapUplink(_FinalizedUplink):
 
         >>> up.redirect_tcp([443], 8443)                           # doctest: +SKIP
         """
-        if isinstance(ports, str | bytes):
-            raise UplinkError(f"ports must be a list of port numbers, got {ports!r}")
-        wanted = tuple(ports)
-        if not wanted or len(wanted) > 64 or any(
-                isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= 65535
-                for p in wanted):
-            raise UplinkError(f"ports must be 1..64 port numbers in 1..65535, got {wanted!r}")
-        if 53 in wanted:
-            raise UplinkError("port 53 is DNS: it always goes to the DNS forwarder")
+        wanted = check_intercept_ports(ports, UplinkError)
         if isinstance(to_port, bool) or not isinstance(to_port, int) \
                 or not 1 <= to_port <= 65535:
             raise UplinkError(f"to_port must be a port number 1..65535, got {to_port!r}")
