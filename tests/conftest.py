@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import doctest
+import fnmatch
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -44,8 +46,6 @@ def _session_zygotes() -> Iterator[None]:
     try:
         yield
     finally:
-        from pathlib import Path
-
         from microvm.sandbox import _zygote as zygote
 
         zygote.stop_shared(Path(d))
@@ -70,7 +70,7 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
-def _allowed(nodeid: str, reason: str = "") -> bool:
+def _allowed(nodeid: str) -> bool:
     return nodeid.split("[", 1)[0] in CI_ALLOWED_SKIPS
 
 
@@ -103,8 +103,8 @@ def _skip_reason(longrepr: object) -> str:
 
 def fail_unlisted_skip(rep: pytest.TestReport, nodeid: str) -> None:
     """Under CI, turn ``rep``, a skip that is not allow-listed, into a failure with its reason."""
-    reason = _skip_reason(rep.longrepr)
-    if rep.skipped and in_ci() and not hasattr(rep, "wasxfail") and not _allowed(nodeid, reason):
+    if rep.skipped and in_ci() and not hasattr(rep, "wasxfail") and not _allowed(nodeid):
+        reason = _skip_reason(rep.longrepr)
         rep.outcome = "failed"
         rep.longrepr = (
             f"skipped under CI=true: {reason}\n"
@@ -145,16 +145,18 @@ _PRIVATE_KEY_GLOBS = ("*.key", "*key.pem", "*-key.pem", "id_ed25519", "id_rsa", 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Private keys never outlive the run that made them: pytest keeps its last basetemps
-    (``/tmp/pytest-of-<user>``) for debugging, but not the keys the tests wrote there."""
+    (``/tmp/pytest-of-<user>``) for debugging, but not the keys the tests wrote there.
+    A session that never asked for a tmp_path has no basetemp (``getbasetemp()`` would
+    make one): nothing to do then. One walk, not following symlinked directories (as
+    ``Path.rglob``)."""
     factory = getattr(session.config, "_tmp_path_factory", None)
-    if factory is None:
+    base: Path | None = getattr(factory, "_basetemp", None)  # pytest's own sessionfinish reads it so
+    if base is None:
         return
-    try:
-        base = factory.getbasetemp()
-    except (OSError, ValueError):
-        return
-    for pattern in _PRIVATE_KEY_GLOBS:
-        for path in base.rglob(pattern):
-            with contextlib.suppress(OSError):
-                if path.is_file() and not path.is_symlink():
-                    path.unlink()
+    for dirpath, _dirs, files in os.walk(base):
+        for name in files:
+            if any(fnmatch.fnmatchcase(name, g) for g in _PRIVATE_KEY_GLOBS):
+                path = Path(dirpath, name)
+                with contextlib.suppress(OSError):
+                    if path.is_file() and not path.is_symlink():
+                        path.unlink()
