@@ -10,8 +10,10 @@ the sandbox is left.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,7 +23,14 @@ from pathlib import Path
 import pytest
 
 from tests.microvm.sandbox_upstream import NAMES, UPSTREAM_DNS_IP, UPSTREAM_IP, Upstream
-from tests.support import NOBODY, NOGROUP, require_binaries, require_root, unprivileged_argv
+from tests.support import (
+    NOBODY,
+    NOGROUP,
+    pids_named,
+    require_binaries,
+    require_root,
+    unprivileged_argv,
+)
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(420)]
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,14 +85,10 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
 
 def _passt_pids_of(uid: int) -> set[int]:
     out = set()
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                if Path(f"/proc/{d}/comm").read_text().startswith("passt") and \
-                        os.stat(f"/proc/{d}").st_uid == uid:
-                    out.add(int(d))
-            except OSError:
-                continue
+    for pid in pids_named("passt"):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            if os.stat(f"/proc/{pid}").st_uid == uid:
+                out.add(pid)
     return out
 
 
@@ -119,8 +124,7 @@ def test_an_unprivileged_user_runs_a_public_only_sandbox_through_passt(
         assert st["steered"] >= 1 and st["claimed"] == st["steered"], out
         assert not _passt_pids_of(NOBODY) - before, "passt left running"
         # nothing of the sandbox left under the user's home but its (empty) registry
-        left = subprocess.run(["find", str(home / "mv"), "-path", "*/sandboxes/*"],
-                              capture_output=True, text=True, check=False).stdout.split()
+        left = [str(p) for p in (home / "mv").rglob("*") if "/sandboxes/" in str(p)]
         assert not left, left
     finally:
-        subprocess.run(["rm", "-rf", str(home)], check=False)
+        shutil.rmtree(home, ignore_errors=True)

@@ -28,10 +28,9 @@ from tests.netstack_gateway.topology import (
     Topology,
     uplink_and_topology,
 )
-from tests.support import GUEST_HTTP_SERVER, require_binaries, require_root
+from tests.support import GUEST_HTTP_SERVER, NOBODY, NOGROUP, require_binaries, require_root
 
 pytestmark = pytest.mark.timeout(90)
-NOBODY, NOGROUP = 65534, 65534
 
 
 def _gone(pid: int, timeout: float = 5.0) -> bool:

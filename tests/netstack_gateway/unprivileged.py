@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pickle
+import shutil
 import socket
 import struct
 import subprocess
@@ -113,7 +114,7 @@ class UnprivilegedGateways:
             self.proc.wait(10)
         finally:
             self._sock.close()
-            subprocess.run(["rm", "-rf", str(self.workdir)], check=False)
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 class RemoteGateway:
