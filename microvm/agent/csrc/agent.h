@@ -223,7 +223,13 @@ int find_channel(char *path, size_t len);
 int write_file_at(const struct agent *a, const char *path, const char *data, size_t n, bool append);
 
 /* net.c */
+struct in6_addr;
 int net_configure(struct agent *a, int64_t net, const char *hostname, char *err, size_t errlen);
+/* "aa:bb:cc:dd:ee:ff" into mac; -1 when s is not exactly that. */
+int parse_mac(const char *s, uint8_t mac[6]);
+/* Gives ifname the IPv6 address addr/prefix through the AF_INET6 socket s (one it already
+ * has is no error); its interface index, or -1 (errno set). */
+int v6_add_addr(int s, const char *ifname, const struct in6_addr *addr, uint32_t prefix);
 /* core.reconfigure (reconfig.c): new identity after a snapshot restore or fork */
 void on_reconfigure(struct agent *a, uint32_t id, int64_t p);
 

@@ -36,7 +36,7 @@ static int if_up(int s, const char *ifname) {
     return ioctl(s, SIOCSIFFLAGS, &ifr);
 }
 
-static int parse_mac(const char *s, uint8_t mac[6]) {
+int parse_mac(const char *s, uint8_t mac[6]) {
     unsigned v[6];
     char tail;
     if (sscanf(s, "%2x:%2x:%2x:%2x:%2x:%2x%c", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &tail) != 6) return -1;
@@ -121,23 +121,30 @@ static int apply_v4(int s, const char *ifname, const struct ipcfg *c) {
     return 0;
 }
 
+int v6_add_addr(int s, const char *ifname, const struct in6_addr *addr, uint32_t prefix) {
+    struct ifreq ifr = {0};
+    snprintf(ifr.ifr_name, IFNAMSIZ, "%s", ifname);
+    if (ioctl(s, SIOCGIFINDEX, &ifr) < 0) return -1;
+    struct v6_ifreq r6 = {.addr = *addr, .prefixlen = prefix, .ifindex = ifr.ifr_ifindex};
+    if (ioctl(s, SIOCSIFADDR, &r6) < 0 && errno != EEXIST) return -1;
+    return ifr.ifr_ifindex;
+}
+
 static int apply_v6(const char *ifname, const struct ipcfg *c) {
     int s = socket(AF_INET6, SOCK_DGRAM | SOCK_CLOEXEC, 0);
     if (s < 0) return -1;
-    struct ifreq ifr = {0};
-    snprintf(ifr.ifr_name, IFNAMSIZ, "%s", ifname);
+    struct in6_addr addr;
+    inet_pton(AF_INET6, c->address, &addr);
     int rc = -1;
-    if (ioctl(s, SIOCGIFINDEX, &ifr) < 0) goto out;
-    struct v6_ifreq r6 = {.prefixlen = (uint32_t)c->prefix, .ifindex = ifr.ifr_ifindex};
-    inet_pton(AF_INET6, c->address, &r6.addr);
-    if (ioctl(s, SIOCSIFADDR, &r6) < 0 && errno != EEXIST) goto out;
+    int ifindex = v6_add_addr(s, ifname, &addr, (uint32_t)c->prefix);
+    if (ifindex < 0) goto out;
     if (c->gateway) {
         struct v6_rtmsg rt;
         memset(&rt, 0, sizeof rt);
         inet_pton(AF_INET6, c->gateway, &rt.gateway);
         rt.flags = RTF_UP | RTF_GATEWAY;
         rt.metric = 1024;
-        rt.ifindex = ifr.ifr_ifindex;
+        rt.ifindex = ifindex;
         if (ioctl(s, SIOCADDRT, &rt) < 0 && errno != EEXIST) goto out;
     }
     rc = 0;

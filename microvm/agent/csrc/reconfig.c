@@ -113,23 +113,17 @@ static int unaddress(const char *ifname, char *err, size_t errlen) {
 /* The link-local address of the new MAC (EUI-64), as taking the link up would make: the
  * one unaddress() removed was derived from the snapshot's MAC, shared by every restore. */
 static void add_link_local(const char *ifname, const char *mac) {
-    unsigned m[6];
-    char tail;
-    if (!mac || sscanf(mac, "%2x:%2x:%2x:%2x:%2x:%2x%c", &m[0], &m[1], &m[2], &m[3], &m[4], &m[5], &tail) != 6)
-        return;
+    uint8_t m[6];
+    if (!mac || parse_mac(mac, m) < 0) return;
     int s6 = socket(AF_INET6, SOCK_DGRAM | SOCK_CLOEXEC, 0);
     if (s6 < 0) return;
-    struct ifreq ifr = {0};
-    snprintf(ifr.ifr_name, IFNAMSIZ, "%s", ifname);
-    if (ioctl(s6, SIOCGIFINDEX, &ifr) == 0) {
-        struct v6_ifreq r6 = {.prefixlen = 64, .ifindex = ifr.ifr_ifindex};
-        uint8_t *a = r6.addr.s6_addr;
-        a[0] = 0xfe; a[1] = 0x80;
-        a[8] = (uint8_t)(m[0] ^ 0x02); a[9] = (uint8_t)m[1]; a[10] = (uint8_t)m[2];
-        a[11] = 0xff; a[12] = 0xfe;
-        a[13] = (uint8_t)m[3]; a[14] = (uint8_t)m[4]; a[15] = (uint8_t)m[5];
-        (void)ioctl(s6, SIOCSIFADDR, &r6);
-    }
+    struct in6_addr ll = {0};
+    uint8_t *a = ll.s6_addr;
+    a[0] = 0xfe; a[1] = 0x80;
+    a[8] = (uint8_t)(m[0] ^ 0x02); a[9] = m[1]; a[10] = m[2];
+    a[11] = 0xff; a[12] = 0xfe;
+    a[13] = m[3]; a[14] = m[4]; a[15] = m[5];
+    (void)v6_add_addr(s6, ifname, &ll, 64);   /* best effort: a failure is ignored */
     close(s6);
 }
 
