@@ -169,16 +169,6 @@ static uint32_t csum_add(uint32_t s, const uint8_t *p, size_t n) {
     return s;
 }
 
-static uint16_t csum_fold(uint32_t s) {
-    while (s >> 16) s = (s & 0xffff) + (s >> 16);
-    return (uint16_t)(~s & 0xffff);
-}
-
-static void wr16(uint8_t *p, uint16_t v) {
-    p[0] = (uint8_t)(v >> 8);
-    p[1] = (uint8_t)v;
-}
-
 /* Ethernet + IP header + the l4 bytes (already laid out at out + hdr), with
  * the L4 checksum at csum_off (within l4) computed; returns the frame length
  * or 0 if it does not fit. */
@@ -196,26 +186,26 @@ static size_t finish_ip(uint8_t *out, size_t cap, const uint8_t *dst_mac, const 
     t[csum_off] = t[csum_off + 1] = 0;
     uint32_t s = 0;
     if (v4) {
-        wr16(out + 12, 0x0800);
+        ns_wr16(out + 12, 0x0800);
         memset(ip, 0, 20);
         ip[0] = 0x45;
-        wr16(ip + 2, (uint16_t)(20 + l4len));
-        wr16(ip + 6, 0x4000); /* DF */
+        ns_wr16(ip + 2, (uint16_t)(20 + l4len));
+        ns_wr16(ip + 6, 0x4000); /* DF */
         ip[8] = 64;
         ip[9] = proto;
         memcpy(ip + 12, src16 + 12, 4);
         memcpy(ip + 16, dst16 + 12, 4);
-        wr16(ip + 10, csum_fold(csum_add(0, ip, 20)));
+        ns_wr16(ip + 10, ns_csum_fold(csum_add(0, ip, 20)));
         if (proto != 1) { /* ICMPv4 has no pseudo-header */
             s = csum_add(s, ip + 12, 8);
             s += proto;
             s += (uint32_t)l4len;
         }
     } else {
-        wr16(out + 12, 0x86dd);
+        ns_wr16(out + 12, 0x86dd);
         memset(ip, 0, 8);
         ip[0] = 0x60;
-        wr16(ip + 4, (uint16_t)l4len);
+        ns_wr16(ip + 4, (uint16_t)l4len);
         ip[6] = proto;
         ip[7] = 64;
         memcpy(ip + 8, src16, 16);
@@ -225,9 +215,9 @@ static size_t finish_ip(uint8_t *out, size_t cap, const uint8_t *dst_mac, const 
         s += proto;
     }
     s = csum_add(s, t, l4len);
-    uint16_t c = csum_fold(s);
+    uint16_t c = ns_csum_fold(s);
     if (proto == 17 && c == 0) c = 0xffff;
-    wr16(t + csum_off, c);
+    ns_wr16(t + csum_off, c);
     return hdr + l4len;
 }
 
@@ -237,9 +227,9 @@ size_t ns_gw_build_udp(const uint8_t *dst_mac, const uint8_t *src_mac, const uin
                        const uint8_t *payload, size_t len, uint8_t *out, size_t cap) {
     if (len > 65000 || cap < 62 + len) return 0;
     uint8_t *l4 = out + 62; /* build past the largest header, finish_ip moves it */
-    wr16(l4, sport);
-    wr16(l4 + 2, dport);
-    wr16(l4 + 4, (uint16_t)(8 + len));
+    ns_wr16(l4, sport);
+    ns_wr16(l4 + 2, dport);
+    ns_wr16(l4 + 4, (uint16_t)(8 + len));
     l4[6] = l4[7] = 0;
     memcpy(l4 + 8, payload, len);
     return finish_ip(out, cap, dst_mac, src_mac, src16, dst16, 17, l4, 8 + len, 6);
@@ -252,8 +242,8 @@ static size_t build_rst(const uint8_t *buf, const ns_frame *fr, uint8_t *out, si
     uint8_t flags = fr->tcp_flags;
     uint32_t ack = ns_rd32(t + 8);
     memset(l4, 0, sizeof(l4));
-    wr16(l4, fr->dport);
-    wr16(l4 + 2, fr->sport);
+    ns_wr16(l4, fr->dport);
+    ns_wr16(l4 + 2, fr->sport);
     if (flags & 0x10) { /* ACK set: RST with seq = their ack */
         l4[4] = (uint8_t)(ack >> 24);
         l4[5] = (uint8_t)(ack >> 16);
@@ -278,8 +268,8 @@ static size_t build_rst_upstream(const uint8_t *buf, const ns_frame *fr, uint32_
                                  uint8_t *out, size_t cap) {
     uint8_t l4[20];
     memset(l4, 0, sizeof(l4));
-    wr16(l4, fr->sport);
-    wr16(l4 + 2, fr->dport);
+    ns_wr16(l4, fr->sport);
+    ns_wr16(l4 + 2, fr->dport);
     l4[4] = (uint8_t)(seq >> 24);
     l4[5] = (uint8_t)(seq >> 16);
     l4[6] = (uint8_t)(seq >> 8);
@@ -428,13 +418,13 @@ static void co_flush(ns_gw *g) {
         if (g->co_mss + hl - 14 > g->cfg.uplink_mtu) gso = g->cfg.uplink_mtu - (hl - 14);
         uint8_t *ip = f + 14;
         size_t iplen = g->co_len - 14;
-        wr16(ip + 2, (uint16_t)iplen);
+        ns_wr16(ip + 2, (uint16_t)iplen);
         ip[10] = ip[11] = 0;
-        wr16(ip + 10, csum_fold(csum_add(0, ip, 20)));
+        ns_wr16(ip + 10, ns_csum_fold(csum_add(0, ip, 20)));
         /* CHECKSUM_PARTIAL: the field holds the folded pseudo-header sum */
         uint32_t sum = csum_add(0, ip + 12, 8) + 6u + (uint32_t)(iplen - 20);
         while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16);
-        wr16(f + 34 + 16, (uint16_t)sum);
+        ns_wr16(f + 34 + 16, (uint16_t)sum);
         h[0] = 1;                             /* VIRTIO_NET_HDR_F_NEEDS_CSUM */
         h[1] = 1;                             /* VIRTIO_NET_HDR_GSO_TCPV4 */
         h[2] = (uint8_t)hl;                   /* hdr_len (little endian) */
@@ -477,7 +467,7 @@ static int big_tcp_vnet(const ns_gw *g, uint8_t *frame, size_t len, uint8_t *h) 
     if (hl - 14 >= g->cfg.uplink_mtu || fr.l4_off + l4len > len) return 0;
     uint32_t gso = g->cfg.uplink_mtu - (hl - 14);
     while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16);
-    wr16(frame + fr.l4_off + 16, (uint16_t)sum);
+    ns_wr16(frame + fr.l4_off + 16, (uint16_t)sum);
     memset(h, 0, 10);
     h[0] = 1;                                   /* NEEDS_CSUM */
     h[1] = fr.family == 4 ? 1 : 4;              /* GSO_TCPV4 / GSO_TCPV6 */
@@ -536,10 +526,10 @@ size_t ns_gw_build_too_big(const uint8_t *frame, size_t len, uint32_t mtu, const
     if (v4) {
         l4[0] = 3; /* destination unreachable */
         l4[1] = 4; /* fragmentation needed and DF set */
-        wr16(l4 + 6, (uint16_t)mtu);
+        ns_wr16(l4 + 6, (uint16_t)mtu);
     } else {
         l4[0] = 2; /* packet too big */
-        wr16(l4 + 6, (uint16_t)mtu);
+        ns_wr16(l4 + 6, (uint16_t)mtu);
     }
     memcpy(l4 + 8, frame + l3, quote);
     const uint8_t *src = fr.dst;
@@ -675,10 +665,10 @@ static int fragment_v4(ns_gw *g, const uint8_t *buf, size_t len, size_t l3) {
         uint8_t *p = hdr + l3;
         memcpy(p, h, hl);
         p[0] = (uint8_t)(0x40 | (hl / 4));
-        wr16(p + 2, (uint16_t)(hl + chunk));
-        wr16(p + 6, (uint16_t)(((base + off) / 8) | (more ? 0x2000u : 0u)));
+        ns_wr16(p + 2, (uint16_t)(hl + chunk));
+        ns_wr16(p + 6, (uint16_t)(((base + off) / 8) | (more ? 0x2000u : 0u)));
         p[10] = p[11] = 0;
-        wr16(p + 10, csum_fold(csum_add(0, p, hl)));
+        ns_wr16(p + 10, ns_csum_fold(csum_add(0, p, hl)));
         struct iovec iov[3] = {{(void *)zero_vnet, 10}, {hdr, l3 + hl},
                                {(void *)(ip + ihl + off), chunk}};
         uplink_write(g, iov, 3);
@@ -1116,7 +1106,7 @@ static int tcp_csum_fix(uint8_t *d, size_t len, const ns_frame *fr) {
     if (fr->l4_off + l4len > len) return 0;
     uint8_t *t = d + fr->l4_off;
     t[16] = t[17] = 0;
-    wr16(t + 16, csum_fold(csum_add(s, t, l4len)));
+    ns_wr16(t + 16, ns_csum_fold(csum_add(s, t, l4len)));
     return 1;
 }
 
@@ -1150,7 +1140,7 @@ static void raise_mss(ns_gw *g, uint8_t *d, size_t len) {
             if (want > 65535) want = 65535;
             if (mss + iph + 20 < g->cfg.uplink_mtu || mss >= want) return;
             uint8_t old[2] = {t[i + 2], t[i + 3]};
-            wr16(t + i + 2, (uint16_t)want);
+            ns_wr16(t + i + 2, (uint16_t)want);
             if (!tcp_csum_fix(d, len, &fr)) {
                 t[i + 2] = old[0];
                 t[i + 3] = old[1];
@@ -1227,9 +1217,9 @@ static void uplink_frame(ns_gw *g, uint8_t *d, size_t len, double now) {
             if (vh[0] & 1) {
                 size_t cs = (size_t)(vh[6] | (vh[7] << 8)), co = (size_t)(vh[8] | (vh[9] << 8));
                 if (cs + co + 2 > len) return;
-                uint16_t c = csum_fold(csum_add(0, d + cs, len - cs));
+                uint16_t c = ns_csum_fold(csum_add(0, d + cs, len - cs));
                 /* the field held the pseudo-header sum: fold it in */
-                wr16(d + cs + co, c);
+                ns_wr16(d + cs + co, c);
             }
         }
         if (g->cfg.guest_mtu && len > 14u + g->cfg.guest_mtu +

@@ -298,6 +298,17 @@ static inline int ns_is_v4mapped(const uint8_t *a) {
 
 static inline uint16_t ns_rd16(const uint8_t *p) { return (uint16_t)((p[0] << 8) | p[1]); }
 
+static inline void ns_wr16(uint8_t *p, uint16_t v) {
+    p[0] = (uint8_t)(v >> 8);
+    p[1] = (uint8_t)v;
+}
+
+/* The Internet checksum of a 32-bit one's-complement sum: folded to 16 bits, inverted. */
+static inline uint16_t ns_csum_fold(uint32_t s) {
+    while (s >> 16) s = (s & 0xffff) + (s >> 16);
+    return (uint16_t)(~s & 0xffff);
+}
+
 /* IPv6 neighbour solicitation and advertisement (ICMPv6 135/136 with hop limit 255):
  * link-local address resolution between the guest and the gateway's own interface, the
  * IPv6 counterpart of ARP.  Router advertisements and redirects are not (a guest must

@@ -144,7 +144,7 @@ static steer_ent *find_rev(ns_steer *s, int v6, uint16_t sport, uint16_t pport) 
     return NULL;
 }
 
-static void idx_insert(ns_steer *s, uint16_t *tab, uint32_t h, uint16_t x) {
+static void idx_insert(uint16_t *tab, uint32_t h, uint16_t x) {
     while (tab[h]) h = (h + 1) & (STEER_SLOTS - 1);
     tab[h] = x;
 }
@@ -266,13 +266,7 @@ static uint16_t csum_replace(uint16_t c, const uint8_t *old, const uint8_t *new,
         s += (uint16_t)~ns_rd16(old + i);
         s += ns_rd16(new + i);
     }
-    while (s >> 16) s = (s & 0xffff) + (s >> 16);
-    return (uint16_t)~s;
-}
-
-static void wr16be(uint8_t *p, uint16_t v) {
-    p[0] = (uint8_t)(v >> 8);
-    p[1] = (uint8_t)v;
+    return ns_csum_fold(s);
 }
 
 /* Replace an address (4 or 16 bytes at `addr`) and a port (at `port`) of a TCP segment
@@ -280,12 +274,12 @@ static void wr16be(uint8_t *p, uint16_t v) {
 static void rewrite(uint8_t *ip4, uint8_t *addr, size_t alen, const uint8_t *naddr,
                     uint8_t *port, uint16_t nport, uint8_t *t) {
     uint8_t np[2];
-    wr16be(np, nport);
+    ns_wr16(np, nport);
     uint16_t c = ns_rd16(t + 16);
     c = csum_replace(c, addr, naddr, alen);
     c = csum_replace(c, port, np, 2);
-    wr16be(t + 16, c);
-    if (ip4) wr16be(ip4 + 10, csum_replace(ns_rd16(ip4 + 10), addr, naddr, alen));
+    ns_wr16(t + 16, c);
+    if (ip4) ns_wr16(ip4 + 10, csum_replace(ns_rd16(ip4 + 10), addr, naddr, alen));
     memmove(addr, naddr, alen);
     memcpy(port, np, 2);
 }
@@ -450,8 +444,8 @@ int ns_steer_out(ns_steer *s, uint8_t *f, size_t len, double now) {
         e->pport = p->port[i];
         memcpy(e->odst, odst, 16);
         uint16_t x = (uint16_t)(e - s->ent + 1);
-        idx_insert(s, s->fwd, h_fwd(s, e->v6, sport, odst, dport), x);
-        idx_insert(s, s->rev, h_rev(s, e->v6, sport, e->pport), x);
+        idx_insert(s->fwd, h_fwd(s, e->v6, sport, odst, dport), x);
+        idx_insert(s->rev, h_rev(s, e->v6, sport, e->pport), x);
         s->nent++;
         s->st.flows++;
     }
