@@ -1231,13 +1231,13 @@ static void uplink_frame(ns_gw *g, uint8_t *d, size_t len, double now) {
         g->st.uplink_bytes += len;
         int steered = g->steer ? ns_steer_in(g->steer, d, len, now) : 0;
         /* a steered DNS flow's answers (the forwarder's, back to the address the guest
-         * asked) pass; a steered TLS flow's are the flow's replies, looked up as such */
-        int k = steered < 0 ? 0 : steered == 2 ? 1 : ns_ctx_reply_lookup(g->ctx, d, len, now);
-        int pass = steered >= 0 && (k == 1 || k == 3);
+         * asked) pass; a steered TLS flow's are the flow's replies, looked up as such;
+         * from a listener port, of no steered flow (steered < 0): nothing the guest asked
+         * for, -1 like an unparseable frame, which no branch below lets through */
+        int k = steered < 0 ? -1 : steered == 2 ? 1 : ns_ctx_reply_lookup(g->ctx, d, len, now);
+        int pass = k == 1 || k == 3;
         ns_frame fr;
-        if (steered < 0) {
-            /* from a listener port, of no steered flow: nothing the guest asked for */
-        } else if (k == 2) { /* flow still waiting for its hello: handshake only */
+        if (k == 2) { /* flow still waiting for its hello: handshake only */
             pass = ns_parse_frame(d, len, &fr) == NS_PARSE_OK && fr.payload_len == 0;
         } else if (k == 0 && !g->cfg.dns_tcp_reset && !g->steer &&
                    ns_parse_frame(d, len, &fr) == NS_PARSE_OK &&
