@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import rootfs
-from benchmarks._common import kill_process_tree, quick_main
+from benchmarks._common import quick_main
 from tests.microvm.sandbox_fixtures import busybox_image
+from tests.support import kill_process_tree
 
 MEMORY_MIB = 256
 IMAGE = "local/fleetbench:1"

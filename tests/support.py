@@ -1,14 +1,20 @@
 """Shared test helpers: skip reasons for missing root, binaries or a bootable VMM; running
 a program as an unprivileged user from a root test (:func:`unprivileged_argv`); the pids
-of processes by name (:func:`pids_named`); the guest's HTTP server script
+of processes by name (:func:`pids_named`); a process's command line and parent
+(:func:`cmdline`, :func:`ppid`) and finding and killing a process tree by a path in its
+command lines (:func:`process_tree`, :func:`kill_process_tree`: the fleet benchmark
+and tests clean up a Ray cluster so); the guest's HTTP server script
 (:data:`GUEST_HTTP_SERVER`); the agent's tty-and-resize check (:func:`assert_tty_resize`)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -112,6 +118,67 @@ def pids_named(prefix: str) -> set[int]:
             except OSError:
                 continue
     return out
+
+
+def cmdline(pid: int) -> str:
+    """Process ``pid``'s command line, arguments joined by spaces ("" if it is gone).
+
+    >>> "python" in cmdline(os.getpid()) or "pytest" in cmdline(os.getpid())
+    True
+    """
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+            errors="replace")
+    except OSError:
+        return ""
+
+
+def ppid(pid: int) -> int:
+    """Process ``pid``'s parent pid (-1 if it is gone).
+
+    >>> ppid(os.getpid()) == os.getppid()
+    True
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return -1
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def process_tree(marker: str | Path) -> set[int]:
+    """Every process (but this one) whose command line names ``marker`` (e.g. a Ray
+    cluster's session directory), and all their descendants.
+
+    >>> process_tree("/no/such/marker/dir")
+    set()
+    """
+    pids = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+    found = {p for p in pids if str(marker) in cmdline(p) and p != os.getpid()}
+    grew = True
+    while grew:
+        grew = False
+        for p in pids:
+            if p not in found and ppid(p) in found:
+                found.add(p)
+                grew = True
+    return found
+
+
+def kill_process_tree(marker: str | Path, rounds: int = 3) -> None:
+    """SIGKILL :func:`process_tree` of ``marker`` until it is empty (at most ``rounds``
+    times, half a second apart).
+
+    >>> kill_process_tree("/no/such/marker/dir")
+    """
+    for _ in range(rounds):
+        pids = process_tree(marker)
+        if not pids:
+            break
+        for p in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(p, signal.SIGKILL)
+        time.sleep(0.5)
 
 
 #: a Python script for ``python -c`` in a guest namespace: an HTTP server on

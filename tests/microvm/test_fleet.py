@@ -33,7 +33,6 @@ from typing import Any
 import pytest
 
 import rootfs
-from benchmarks._common import cmdline, kill_process_tree, process_tree
 from microvm import DnsOptions, TlsOptions
 from netstack import NetworkPolicy, Rule
 from tests.microvm.sandbox_fixtures import (
@@ -44,7 +43,13 @@ from tests.microvm.sandbox_fixtures import (
     owned_processes,
 )
 from tests.microvm.sandbox_upstream import UPSTREAM_DNS_IP, Upstream
-from tests.support import require_binaries, require_root
+from tests.support import (
+    cmdline,
+    kill_process_tree,
+    process_tree,
+    require_binaries,
+    require_root,
+)
 
 ray = pytest.importorskip("ray")
 

@@ -27,7 +27,7 @@ from microvm.sandbox._snapshots import (
     snapshots_root,
 )
 from tests.microvm.sandbox_fixtures import busybox_image, sandbox_home_fixture  # noqa: F401
-from tests.support import require_binaries
+from tests.support import cmdline, ppid, require_binaries
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
 
@@ -208,10 +208,9 @@ def _procs_of(*names: str) -> set[int]:
     out = set()
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
-            with contextlib.suppress(OSError):
-                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                if "qemu" in cmd and any(m in cmd for m in marks):
-                    out.add(int(d.name))
+            cmd = cmdline(int(d.name))
+            if "qemu" in cmd and any(m in cmd for m in marks):
+                out.add(int(d.name))
     return out
 
 
@@ -290,9 +289,8 @@ def test_pool_hands_out_and_refills(source: Sandbox, warm: str) -> None:
             assert z is not None and z.ready.is_set()
             for sb in (a, b):
                 pid = sb.info().pid
-                stat = Path(f"/proc/{pid}/stat").read_text()
-                assert int(stat[stat.rfind(")") + 2:].split()[1]) == z.proc.pid
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                assert pid is not None and ppid(pid) == z.proc.pid
+                cmd = cmdline(pid)
                 assert f"microvm.sandbox._supervisor {SandboxPaths.of(sb.name).dir}" in cmd
             assert a.shell("cat /tmp/file").stdout_text == "in-tmp\n"
             pool.release(a)

@@ -29,6 +29,7 @@ import pytest
 
 import rootfs
 from microvm.sandbox import _zygote as zygote
+from microvm.sandbox._state import process_alive
 from tests.microvm.sandbox_fixtures import busybox_image, sandbox_home_fixture  # noqa: F401
 from tests.support import require_binaries
 
@@ -57,14 +58,6 @@ def _status(d: Path) -> tuple[int, int] | None:
     return int(pid), int(served)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def _cli(env: dict[str, str], *argv: str) -> None:
     r = subprocess.run([sys.executable, "-m", "microvm", *argv], capture_output=True,
                        stdin=subprocess.DEVNULL, timeout=180, env=env)
@@ -82,11 +75,11 @@ def test_second_run_forks_from_the_lingering_zygote(sandbox_home: Path, zdir: Pa
     _cli(env, "run", "--rm", "--net", "none", IMG, "echo", "zyg")
     first = _status(zdir)
     assert first is not None and first[1] == 1, first   # it forked the first supervisor
-    assert _alive(first[0])                               # and outlived the command
+    assert process_alive(first[0], None)                  # and outlived the command
     _cli(env, "run", "--rm", "--net", "none", IMG, "echo", "zyg")
     assert _status(zdir) == (first[0], 2)                 # the same zygote forked the second
     assert zygote.stop_shared(zdir) == 1
-    assert not _alive(first[0])
+    assert not process_alive(first[0], None)
     assert _status(zdir) is None and not list(zdir.glob("*.sock"))
 
 
@@ -133,7 +126,7 @@ def test_another_uid_is_refused(zdir: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert r.stdout == b"b''", r.stdout     # connected, then closed without "ready"
     zdir.chmod(0o700)
     st = _status(zdir)
-    assert st is not None and _alive(st[0])  # and it still serves
+    assert st is not None and process_alive(st[0], None)  # and it still serves
 
 
 def test_runtime_dir_refuses_foreign_or_open_directories(tmp_path: Path) -> None:
