@@ -33,7 +33,7 @@ import logging
 import socket
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from netstack.errors import GatewayError
 
@@ -165,7 +165,6 @@ class SteerClaim:
 
     claim: Callable[[int], Address | None]
     peer_uid: int | None
-    refused: int = field(default=0)
 
     def __call__(self, peer: Address, local: Address) -> Address | None:
         if self.peer_uid is not None:
@@ -174,7 +173,6 @@ class SteerClaim:
                 self.claim(int(local[1]))
                 return None
             if uid != self.peer_uid:
-                self.refused += 1
                 log.warning("gateway: a connection to steering port %s from %s (uid %s, not "
                             "the uplink's %d) was refused", local[1], peer, uid,
                             self.peer_uid)
