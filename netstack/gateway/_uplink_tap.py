@@ -499,14 +499,6 @@ class TapUplink(_FinalizedUplink):
         self._dns_redirect, self._intercept = False, None
         self._load_netns_ruleset()
 
-    def close(self) -> None:
-        """Remove everything the uplink created (idempotent).
-
-        >>> with TapUplink("doc-c", AddressPlan(4000)) as up:   # doctest: +SKIP
-        ...     pass                                            # closed on exit
-        """
-        self._finalizer()
-
     def __repr__(self) -> str:
         return (f"TapUplink({self.sandbox!r}, slot={self.plan.slot}, "
                 f"netns={self.names['netns']!r}, closed={self.closed})")

@@ -25,7 +25,6 @@ with "no upstream resolvers").
 from __future__ import annotations
 
 import ipaddress
-import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +33,6 @@ import dns.exception
 import dns.resolver
 
 from netstack.errors import DnsForwarderError
-
-log = logging.getLogger("netstack.dns")
 
 _BRACKETED = re.compile(r"\[([0-9A-Fa-f:.]+)\](?::(\d{1,5}))?")
 
