@@ -203,20 +203,3 @@ class TlsInterception:
         """
         for s in self.sockets:
             s.close()
-
-
-def passt_uid(pid: int) -> int | None:
-    """The effective uid of process ``pid`` (``/proc/PID/status``), None if unknown.
-
-    >>> import os
-    >>> passt_uid(os.getpid()) == os.geteuid()
-    True
-    """
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Uid:"):
-                    return int(line.split()[2])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None

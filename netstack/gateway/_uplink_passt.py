@@ -184,6 +184,23 @@ def _stop_process(proc: subprocess.Popen[bytes], ours: socket.socket | None,
         errlog.close()
 
 
+def passt_uid(pid: int) -> int | None:
+    """The effective uid of process ``pid`` (``/proc/PID/status``), None if unknown.
+
+    >>> import os
+    >>> passt_uid(os.getpid()) == os.geteuid()
+    True
+    """
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    return int(line.split()[2])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 class PasstUplink(_FinalizedUplink):
     """A rootless uplink: ``passt`` behind a framed socket pair (see the module docstring).
 
@@ -355,8 +372,6 @@ class PasstUplink(_FinalizedUplink):
         True
         """
         if self._peer_uid is None and self._proc.poll() is None:
-            from netstack.gateway._steering import passt_uid
-
             self._peer_uid = passt_uid(self._proc.pid)
         return self._peer_uid
 
