@@ -766,11 +766,13 @@ class Gateway:
         12
         """
         out = ffi.new("ns_gw_stats *")
+        steer = ffi.new("ns_gw_steer_stats *")
         with self._res.lock:
             if self._res.gw is None:
                 raise GatewayError("this Gateway is closed")
             lib.ns_gw_stats_get(self._res.gw, out)
             pending = int(lib.ns_gw_pending(self._res.gw))
+            lib.ns_gw_steer_stats_get(self._res.gw, steer)
         stats: dict[str, Any] = {name: int(getattr(out, name)) for name in _STAT_FIELDS}
         stats["verdicts"] = {Verdict(i).label: int(out.verdicts[i]) for i in range(8)}
         stats["pending_flows"] = pending
@@ -782,10 +784,6 @@ class Gateway:
         stats["rule_hits"] = [c.hits for c in self.rule_counters()]
         pub = self._res.publisher
         stats["published"] = dict(pub.stats) if pub is not None else {}
-        steer = ffi.new("ns_gw_steer_stats *")
-        with self._res.lock:
-            if self._res.gw is not None:
-                lib.ns_gw_steer_stats_get(self._res.gw, steer)
         stats["steering"] = {name: int(getattr(steer, name)) for name in _STEER_FIELDS}
         return stats
 
