@@ -241,13 +241,14 @@ class TlsProxy:
     ) -> Address:
         """Listen for redirected TLS flows; the destination comes from ``lookup`` or
         ``SO_ORIGINAL_DST`` (nftables/iptables ``redirect``). ``sock``: serve an already
-        bound, listening socket instead of ``host``/``port`` (e.g. one a gateway opened in
-        its uplink namespace: ``netstack.gateway.Gateway.intercept_tls()``).
+        bound, listening socket instead of ``host``/``port`` (e.g. one of the sockets of
+        ``netstack.gateway.Gateway.tls_interception()``, served with its ``lookup``).
 
         Example::
 
-            >>> await proxy.listen_transparent(sock=gateway.intercept_tls())  # doctest: +SKIP
-            ('::', 40123)
+            >>> ti = gateway.tls_interception([443])                            # doctest: +SKIP
+            >>> for s in ti.sockets:                                            # doctest: +SKIP
+            ...     await proxy.listen_transparent(sock=s, lookup=ti.lookup)
         """
 
         async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:

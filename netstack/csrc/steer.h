@@ -60,8 +60,8 @@ int ns_steer_out(ns_steer *s, uint8_t *f, size_t len, double now);
  * DNS flow (rewritten: pass), -1 = drop. */
 int ns_steer_in(ns_steer *s, uint8_t *f, size_t len, double now);
 void ns_steer_expire(ns_steer *s, double now);
-/* The original destination of the oldest unclaimed flow on listener port `port` (any
- * thread): 0 and dst16/dport filled, or -1 (none pending). */
+/* The original destination of the unclaimed flow on listener port `port` (at most one
+ * is pending per port; any thread): 0 and dst16/dport filled, or -1 (none pending). */
 int ns_steer_claim(ns_steer *s, uint16_t port, double now, uint8_t *dst16, uint16_t *dport);
 void ns_steer_stats(ns_steer *s, ns_gw_steer_stats *out);
 
