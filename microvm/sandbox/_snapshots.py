@@ -130,7 +130,12 @@ class SnapshotInfo:
 
             SnapshotInfo.of(resolve("warm")).source
         """
-        man = load_manifest(path)
+        return cls._from(path, load_manifest(path))
+
+    @classmethod
+    def _from(cls, path: Path, man: dict[str, Any]) -> SnapshotInfo:
+        """The info of the snapshot at ``path`` from its manifest ``man``, already loaded
+        and checked (:func:`~microvm._snapshot.load_manifest`)."""
         extra = man.get("extra", {})
         if extra.get("kind") != SANDBOX_KIND:
             raise SnapshotError(f"snapshot {str(path)!r} is a machine snapshot, not a "
@@ -192,7 +197,7 @@ def export_snapshot(snapshot: str | os.PathLike[str], archive: str | os.PathLike
         microvm.errors.SnapshotError: snapshot '...no-such-snapshot' does not exist (no such directory)
     """
     path = resolve(snapshot)
-    verify(path, full=False)
+    man = verify(path, full=False)
     out = Path(archive).absolute()
     if out.exists():
         raise SnapshotError(f"archive {str(out)!r} already exists")
@@ -205,7 +210,7 @@ def export_snapshot(snapshot: str | os.PathLike[str], archive: str | os.PathLike
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     # the manifest and the files it lists (seals): never plugins.pickle, which a restore
     # unpickles (a pickle from an archive would run its code)
-    listed = set(load_manifest(path)["files"]) | {"manifest.json"}
+    listed = set(man["files"]) | {"manifest.json"}
     files = sorted(f for f in path.iterdir() if f.is_file() and f.name in listed)
     smap = {f.name: {"size": f.stat().st_size, "extents": _extents(f)} for f in files}
     try:
@@ -319,7 +324,7 @@ def import_snapshot(archive: str | os.PathLike[str], name: str) -> SnapshotInfo:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return SnapshotInfo.of(dest)
+    return SnapshotInfo._from(dest, man)
 
 
 def _unpack(tar: Any, tmp: Path, archive: str) -> None:
@@ -380,20 +385,36 @@ async def take(sb: AsyncSandbox, target: Path, *, checksums: bool = True) -> Pat
 
     target.parent.mkdir(parents=True, exist_ok=True)
     check_target(target)
-    if sb.config.volumes:
-        raise SnapshotError(f"sandbox {sb.name!r} has volumes: virtio-fs shares cannot be "
-                            f"snapshotted")
-    if sb.config.image_kind == "dir":
-        raise SnapshotError(f"sandbox {sb.name!r} serves a directory as its root (virtio-fs): "
-                            f"it cannot be snapshotted")
-    extra = {"kind": SANDBOX_KIND, "source": sb.name, "config": sb.config.to_json(),
-             "launch": {k: sb._launch[k] for k in _LAUNCH_KEYS if k in sb._launch}}
-    await sb._control({"op": "snapshot", "path": str(target), "extra": extra,
+    why_not = _not_snapshottable(sb)
+    if why_not:
+        raise SnapshotError(why_not)
+    await sb._control({"op": "snapshot", "path": str(target), "extra": _extra(sb),
                        "checksums": checksums}, timeout=600.0)
+    _copy_plugins(sb, target)
+    return target
+
+
+def _not_snapshottable(sb: AsyncSandbox) -> str | None:
+    """Why ``sb`` cannot be snapshotted (virtio-fs cannot be migrated), or None."""
+    if sb.config.volumes:
+        return f"sandbox {sb.name!r} has volumes: virtio-fs shares cannot be snapshotted"
+    if sb.config.image_kind == "dir":
+        return (f"sandbox {sb.name!r} serves a directory as its root (virtio-fs): it cannot "
+                f"be snapshotted")
+    return None
+
+
+def _extra(sb: AsyncSandbox) -> dict[str, Any]:
+    """The manifest's ``extra`` of a sandbox snapshot: what a restore rebuilds it from."""
+    return {"kind": SANDBOX_KIND, "source": sb.name, "config": sb.config.to_json(),
+             "launch": {k: sb._launch[k] for k in _LAUNCH_KEYS if k in sb._launch}}
+
+
+def _copy_plugins(sb: AsyncSandbox, target: Path) -> None:
+    """The sandbox's plugins (backend, uplink: pickled) go with its snapshot."""
     plugins = sb.paths.dir / "plugins.pickle"
     if plugins.exists():
         shutil.copyfile(plugins, target / "plugins.pickle")
-    return target
 
 
 async def take_disk(sb: AsyncSandbox, target: Path) -> Path:
@@ -441,13 +462,11 @@ async def take_disk(sb: AsyncSandbox, target: Path) -> Path:
         finally:
             if not was_paused:
                 await sb._control({"op": "resume"})
-        extra = {"kind": SANDBOX_KIND, "source": sb.name, "config": sb.config.to_json(),
-                 "launch": {k: sb._launch[k] for k in _LAUNCH_KEYS if k in sb._launch}}
         manifest = {"format": FORMAT, "kind": "disk", "created": time.time(),
                     "image": {"lower": lower, "upper_fstype": plan["upper"].get("fstype")},
                     "files": await asyncio.to_thread(describe_files, tmp, ["upper.img"],
                                                      checksums=True),
-                    "extra": extra}
+                    "extra": _extra(sb)}
         await asyncio.to_thread(write_manifest, tmp, manifest)
         await asyncio.to_thread(finish, tmp, target)
     except BaseException:
@@ -489,8 +508,9 @@ async def restore(cls: type[AsyncSandbox], snapshot: str | os.PathLike[str], *, 
         raise SandboxConfigError(f"bad boot_timeout {boot_timeout!r}: seconds > 0")
     t_call = time.time()
     path = resolve(snapshot)
-    info = await asyncio.to_thread(SnapshotInfo.of, path)
-    extra = load_manifest(path)["extra"]
+    man = await asyncio.to_thread(load_manifest, path)
+    info = SnapshotInfo._from(path, man)
+    extra = man["extra"]
     src_cfg = SandboxConfig.from_json(extra["config"])
     secret_list = parse_secrets(secrets)
     want = {s.env for s in src_cfg.secrets}
@@ -529,7 +549,7 @@ async def restore(cls: type[AsyncSandbox], snapshot: str | os.PathLike[str], *, 
                 upper = paths.root / "upper.img"
                 await asyncio.to_thread(sparse_copy, path / "upper.img", upper)
                 launch["root_plan"] = await asyncio.to_thread(
-                    _disk_root_plan, path, load_manifest(path), upper)
+                    _disk_root_plan, path, man, upper)
                 launch["prepared"] = {"record_dir": None, "upper_disk": str(upper)}
             _launch.write_launch(paths, launch, plugins)
             try:
@@ -660,20 +680,16 @@ async def _template(sb: AsyncSandbox, template: Path) -> None:
 
     template.parent.mkdir(parents=True, exist_ok=True)
     check_target(template)
-    if not sb.config.volumes and sb.config.image_kind != "dir":
-        extra = {"kind": SANDBOX_KIND, "source": sb.name, "config": sb.config.to_json(),
-                 "launch": {k: sb._launch[k] for k in _LAUNCH_KEYS if k in sb._launch}}
+    if _not_snapshottable(sb) is None:
         res = await sb._control({"op": "fork_template", "path": str(template),
-                                 "extra": extra}, timeout=600.0)
+                                 "extra": _extra(sb)}, timeout=600.0)
         if isinstance(res, dict) and res.get("cow"):
             # the relay was rebuilt on the new VMM: drop the cached connection now
             client, sb._client = sb._client, None
             if client is not None:
                 with contextlib.suppress(Exception):
                     await client.close()
-            plugins = sb.paths.dir / "plugins.pickle"
-            if plugins.exists():
-                shutil.copyfile(plugins, template / "plugins.pickle")
+            _copy_plugins(sb, template)
             log.debug("fork template of %s frozen in place: %s", sb.name, res)
             return
     await take(sb, template, checksums=False)
