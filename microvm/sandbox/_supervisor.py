@@ -90,7 +90,7 @@ class Supervisor:
         self.last_touch = time.monotonic()
         self.paused = False
         #: wall-clock time (epoch seconds) of each bring-up step (the report's ``phases``:
-        #: where a start's time goes; benchmarks.snapshot --phases prints them)
+        #: where a start's time goes; benchmarks.snapshot reports a restore's)
         self.phases: dict[str, float] = {}
         #: memfds of fork templates this sandbox was frozen into (``fork_template``), kept
         #: open until the forks mapped them (``fork_release``) or the sandbox stops
@@ -150,24 +150,33 @@ class Supervisor:
         os.chmod(self.paths.control_sock, 0o600)
         self._phase("serving")
 
-    async def _start(self, bootstrap: dict[str, Any]) -> Any:
-        """A sandbox without a network: boot (or restore) the machine."""
+    async def _new_machine(self, bootstrap: dict[str, Any], net_socket: Path | None = None
+                           ) -> Machine:
+        """The unstarted machine: a boot, or a snapshot restore or fork (its snapshot
+        checked and its disks copied: ``checks_start`` to ``vmm_start`` in the phases)."""
         cfg = self.cfg
         backend = self.plugins.get("backend") or cfg.backend
+        timeout = float(self.launch.get("boot_timeout", 120.0))
         restore = self.launch.get("restore")
         if restore:   # a snapshot restore or fork (microvm.sandbox._snapshots)
             self._phase("checks_start")
-            self.machine = await asyncio.to_thread(
+            machine = await asyncio.to_thread(
                 Machine.from_snapshot, Path(restore["snapshot"]), backend=backend,
-                rundir=self.paths.run, disk_dir=self.paths.root,
-                hostname=bootstrap["hostname"],
-                boot_timeout=float(self.launch.get("boot_timeout", 120.0)))
+                rundir=self.paths.run, disk_dir=self.paths.root, net_socket=net_socket,
+                hostname=bootstrap["hostname"], boot_timeout=timeout)
         else:
-            self.machine = Machine(
-                backend, cpus=cfg.cpus, memory=cfg.memory, shares=self._shares(),
-                bootstrap=bootstrap, rundir=self.paths.run, root=self.root_plan,
-                boot_timeout=float(self.launch.get("boot_timeout", 120.0)))
+            # with a network, the guest's MAC is its address plan's: the agent sets it
+            # from the network config
+            machine = Machine(
+                backend, cpus=cfg.cpus, memory=cfg.memory, net_socket=net_socket,
+                shares=self._shares(), bootstrap=bootstrap, rundir=self.paths.run,
+                root=self.root_plan, boot_timeout=timeout)
         self._phase("vmm_start")
+        return machine
+
+    async def _start(self, bootstrap: dict[str, Any]) -> Any:
+        """A sandbox without a network: boot (or restore) the machine."""
+        self.machine = await self._new_machine(bootstrap)
         return await self.machine.astart()
 
     async def _start_with_network(self, bootstrap: dict[str, Any]) -> Any:
@@ -176,7 +185,6 @@ class Supervisor:
         hello. A restore copies its disks and loads its snapshot meanwhile, and gets its
         new address in ``core.reconfigure``. A network failure stops the boot and fails
         the start with its own error."""
-        cfg = self.cfg
         net_sock = self.paths.run / "net.sock"
         with contextlib.suppress(FileNotFoundError):
             net_sock.unlink()
@@ -187,25 +195,13 @@ class Supervisor:
         except BaseException:
             listener.close()
             raise
-        backend = self.plugins.get("backend") or cfg.backend
-        timeout = float(self.launch.get("boot_timeout", 120.0))
-        restore = self.launch.get("restore")
         net_config: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         net = asyncio.ensure_future(self._network(listener, net_config))
         boot: asyncio.Future[Any] | None = None
         try:
-            # the guest's MAC is its address plan's: the agent sets it from the network
-            # config (a restore: in core.reconfigure, with its new address)
-            if restore:   # a snapshot restore or fork: its disks copied meanwhile
-                self.machine = await asyncio.to_thread(
-                    Machine.from_snapshot, Path(restore["snapshot"]), backend=backend,
-                    rundir=self.paths.run, disk_dir=self.paths.root, net_socket=net_sock,
-                    hostname=bootstrap["hostname"], boot_timeout=timeout)
-            else:
-                self.machine = Machine(
-                    backend, cpus=cfg.cpus, memory=cfg.memory, net_socket=net_sock,
-                    shares=self._shares(), bootstrap=bootstrap, rundir=self.paths.run,
-                    root=self.root_plan, boot_timeout=timeout)
+            # a restore or fork copies its disks meanwhile, and gets its new address in
+            # core.reconfigure
+            self.machine = await self._new_machine(bootstrap, net_sock)
             boot = asyncio.ensure_future(self.machine.astart(net_config))
             await asyncio.wait({boot, net}, return_when=asyncio.FIRST_EXCEPTION)
             if net.done() and not net.cancelled() and net.exception() is not None:
