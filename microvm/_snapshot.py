@@ -396,6 +396,23 @@ def snapshot_backend(backend: object) -> Any:
     return backend
 
 
+def _accel(backend: Any) -> str:
+    """The accelerator a backend runs guests with (``kvm``/``tcg``), as manifests record it."""
+    return str(backend.resolved_accel()) if hasattr(backend, "resolved_accel") else "unknown"
+
+
+def _machine_fields(spec: Any, accel: str, disks: list[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest's ``accel``, ``kernel`` and ``config``: what a restore must match and
+    start its VMM with."""
+    return {
+        "accel": accel,
+        "kernel": {"path": str(spec.kernel), "sha256": file_sha256(spec.kernel, cache=True)},
+        "config": {"cpus": spec.cpus, "memory_mib": spec.memory_mib, "init": spec.init,
+                   "cmdline_extra": spec.cmdline_extra, "mac": spec.mac,
+                   "net": spec.net_socket is not None, "disks": disks},
+    }
+
+
 def take(machine: Any, path: Path, *, extra: Mapping[str, Any] | None = None,
          checksums: bool = True) -> Manifest:
     """Snapshot a started ``machine`` into ``path`` (see the module docstring); the
@@ -419,7 +436,7 @@ def take(machine: Any, path: Path, *, extra: Mapping[str, Any] | None = None,
     handle = machine.handle
     if handle.poll() is not None:
         raise SnapshotError("the machine is not running")
-    accel = be.resolved_accel() if hasattr(be, "resolved_accel") else "unknown"
+    accel = _accel(be)
     stream = not spec.memory_shared
     tmp = new_tmp(path)
     try:
@@ -451,11 +468,7 @@ def take(machine: Any, path: Path, *, extra: Mapping[str, Any] | None = None,
             "created": time.time(),
             "paused_s": round(paused, 4),
             "memory": "stream" if stream else "file",
-            "accel": accel,
-            "kernel": {"path": str(spec.kernel), "sha256": file_sha256(spec.kernel, cache=True)},
-            "config": {"cpus": spec.cpus, "memory_mib": spec.memory_mib, "init": spec.init,
-                       "cmdline_extra": spec.cmdline_extra, "mac": spec.mac,
-                       "net": spec.net_socket is not None, "disks": disks},
+            **_machine_fields(spec, accel, disks),
             "files": describe_files(tmp, names, checksums=checksums),
             "extra": dict(extra or {}),
         }
@@ -480,7 +493,7 @@ def check_compatible(path: Path, manifest: Manifest, backend: Any, kernel: Path)
     if file_sha256(kernel, cache=True) != want:
         raise SnapshotError(f"snapshot {name!r} was taken with another kernel (sha256 "
                             f"{want[:12]}), not {str(kernel)!r}")
-    accel = backend.resolved_accel() if hasattr(backend, "resolved_accel") else "unknown"
+    accel = _accel(backend)
     if accel != manifest["accel"]:
         raise SnapshotError(f"snapshot {name!r} was taken under {manifest['accel']}, this "
                             f"backend runs {accel}: restore it with the same accelerator")
@@ -547,7 +560,7 @@ def freeze(machine: Any, path: Path, *, extra: Mapping[str, Any] | None = None
     handle = machine.handle
     if handle.poll() is not None:
         raise SnapshotError("the machine is not running")
-    accel = be.resolved_accel() if hasattr(be, "resolved_accel") else "unknown"
+    accel = _accel(be)
     tmp = new_tmp(path)
     dup = os.dup(memfd)
     moved: list[tuple[Path, Path]] = []
@@ -576,11 +589,7 @@ def freeze(machine: Any, path: Path, *, extra: Mapping[str, Any] | None = None
             "paused_s": round(time.monotonic() - t0, 4),
             "memory": "file",
             "frozen": True,
-            "accel": accel,
-            "kernel": {"path": str(spec.kernel), "sha256": file_sha256(spec.kernel, cache=True)},
-            "config": {"cpus": spec.cpus, "memory_mib": spec.memory_mib, "init": spec.init,
-                       "cmdline_extra": spec.cmdline_extra, "mac": spec.mac,
-                       "net": spec.net_socket is not None, "disks": disks},
+            **_machine_fields(spec, accel, disks),
             "files": describe_files(tmp, names, checksums=False, hash_state=False),
             "extra": dict(extra or {}),
         }
