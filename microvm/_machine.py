@@ -321,16 +321,9 @@ class Machine:
         """
         if self._handle is not None:
             raise MicrovmError("machine already started")
-        from microvm._portal import Portal
         from microvm.agent import SyncAgentClient
 
-        portal = Portal("machine")
-        try:
-            client = portal.run(self._boot(None))
-        except BaseException:
-            portal.close()
-            raise
-        self._agent = SyncAgentClient(client, portal)
+        self._agent = SyncAgentClient._connect(self._boot(None), "machine")
         return self
 
     def _load_state(self) -> None:

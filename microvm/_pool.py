@@ -274,9 +274,9 @@ def _looks_like_image(source: object) -> bool:
 
 
 def _warm(sb: Sandbox) -> None:
+    # exec connects to the agent first: an image without /bin/true is connected and
+    # warm enough
     with contextlib.suppress(Exception):
-        sb._loop.run(sb._sb._agent())
-    with contextlib.suppress(Exception):   # an image without /bin/true: warm enough
         sb.exec("/bin/true", timeout=30)
 
 

@@ -86,8 +86,9 @@ class SyncAgentClient:
         self.portal = portal
 
     @classmethod
-    def _connect(cls, factory: Coroutine[Any, Any, AgentClient]) -> SyncAgentClient:
-        portal = Portal("agent-client")
+    def _connect(cls, factory: Coroutine[Any, Any, AgentClient],
+                 name: str = "agent-client") -> SyncAgentClient:
+        portal = Portal(name)
         try:
             client = portal.run(factory)
         except BaseException:
