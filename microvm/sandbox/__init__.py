@@ -13,6 +13,9 @@ Module map (one job each):
   timers), :mod:`~microvm.sandbox._relay` (agent protocol relay) and
   :mod:`~microvm.sandbox._control` (its control socket);
 * :mod:`~microvm.sandbox._netwiring`: slot, uplink, gateway and TLS proxy of one sandbox;
+* :mod:`~microvm.sandbox._snapshots`: snapshots of sandboxes, restore, fork, pause,
+  export and import; :mod:`~microvm.sandbox._zygote`: the warm process supervisors are
+  forked from;
 * :mod:`~microvm.sandbox._state`: ``$MICROVM_HOME/sandboxes.db``;
   :mod:`~microvm.sandbox._paths`: where a sandbox keeps its files.
 

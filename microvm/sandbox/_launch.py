@@ -271,7 +271,7 @@ def spawn_supervisor(paths: SandboxPaths, name: str, secrets: Sequence[Secret], 
     """Start the supervisor, hand it the secrets, wait for its report (blocking).
 
     The supervisor is forked from this process's warm zygote once that runs (see
-    :mod:`microvm.sandbox._zygote`; the first call starts it), else spawned.
+    :mod:`microvm.sandbox._zygote`; the second call without one starts it), else spawned.
     Raises the error the supervisor reported (``BootError`` with the console tail,
     ``NoUplinkError``, ...); on failure the supervisor has exited.
 

@@ -4,10 +4,10 @@ forks one supervisor per sandbox start, restore or fork.
 Starting ``python -m microvm.sandbox._supervisor`` costs an interpreter start plus the
 imports (asyncio, the machine, the relay, the network stack and ``tls_proxy``): 0.3-0.5 s
 on our 2-core machines under load, 2 s with the network stack, more than QEMU's whole
-incoming migration. A zygote pays that once per creating process: the first
-:func:`spawn` starts it in the background (that start itself still uses a plain
-``Popen``), and every later one is an ``os.fork()`` of an already warm interpreter
-(a few milliseconds). A zygote serves one ``MICROVM_HOME``/``TMPDIR`` (another one
+incoming migration. A zygote pays that once per creating process: the second
+:func:`spawn` without one (or :func:`prestart`) starts it in the background (those
+starts themselves still use a plain ``Popen``), and every later one is an
+``os.fork()`` of an already warm interpreter (a few milliseconds). A zygote serves one ``MICROVM_HOME``/``TMPDIR`` (another one
 starts one anew) and exits after ``IDLE_EXIT_S`` without a request. It reports "ready"
 once the core modules are loaded and imports the network modules (``NET_PRELOAD``)
 while idle; a child that needs them before that imports them itself.
@@ -281,14 +281,11 @@ def stop_shared(directory: Path | None = None, timeout: float = 5.0) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
                 pids.append(pid)
+    from microvm.sandbox._state import process_alive
+
     deadline = time.monotonic() + timeout
     for pid in pids:
-        while time.monotonic() < deadline:
-            try:
-                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                    break
-            except OSError:
-                break
+        while time.monotonic() < deadline and process_alive(pid, None):
             time.sleep(0.01)
     return len(pids)
 
