@@ -10,7 +10,9 @@ Stable names other test modules may import (keep them):
   and on teardown every sandbox still recorded there is removed, then the module must
   have left nothing behind: no process running from that home, no network namespace,
   link or nft table of a sandbox it created (:func:`assert_nothing_left`);
-* :func:`owned_processes` / :func:`leftover_kernel_objects`: the leak probes.
+* :func:`owned_processes` / :func:`leftover_kernel_objects`: the leak probes;
+* :func:`microvm_cli`: the real ``microvm`` command in a subprocess (exit status and
+  "no traceback" asserted).
 
 Example::
 
@@ -30,9 +32,10 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import pytest
 
@@ -44,6 +47,7 @@ __all__ = [
     "busybox_image",
     "busybox_tree",
     "leftover_kernel_objects",
+    "microvm_cli",
     "owned_processes",
     "sandbox_home",
     "sandbox_home_fixture",
@@ -117,6 +121,37 @@ def busybox_image(store: rootfs.ImageStore, ref: str = "local/busybox:1", *,
         return rootfs.build_image(tree, ref, store, config=cfg)
     with tempfile.TemporaryDirectory(prefix="bbtree-") as tmp:
         return rootfs.build_image(busybox_tree(Path(tmp) / "root"), ref, store, config=cfg)
+
+
+@overload
+def microvm_cli(*argv: str, text: Literal[False] = False, check: int | None = 0,
+                stdin: bytes | None = None, env: Mapping[str, str] | None = None,
+                timeout: float = 240) -> subprocess.CompletedProcess[bytes]: ...
+@overload
+def microvm_cli(*argv: str, text: Literal[True], check: int | None = 0,
+                env: Mapping[str, str] | None = None, timeout: float = 240
+                ) -> subprocess.CompletedProcess[str]: ...
+def microvm_cli(*argv: str, text: bool = False, check: int | None = 0,
+                stdin: bytes | None = None, env: Mapping[str, str] | None = None,
+                timeout: float = 240) -> subprocess.CompletedProcess[Any]:
+    """``python -m microvm ARGV`` in a subprocess (stdin: the bytes ``stdin`` or
+    /dev/null; environment: ``env`` or this process's), its output captured (``str``
+    with ``text=True``, else ``bytes``). With ``check`` (not None) assert that exit
+    status; always assert that stderr holds no Python traceback.
+
+    Example::
+
+        assert microvm_cli("ls", "-a", "-q", text=True).stdout == ""
+    """
+    r = subprocess.run([sys.executable, "-m", "microvm", *argv], input=stdin,
+                       capture_output=True, text=text, timeout=timeout,
+                       env=dict(os.environ if env is None else env),
+                       stdin=None if stdin is not None else subprocess.DEVNULL)
+    err = r.stderr if text else r.stderr.decode(errors="replace")
+    if check is not None:
+        assert r.returncode == check, (argv, r.returncode, err)
+    assert "Traceback" not in err, err
+    return r
 
 
 # -- leak probes ------------------------------------------------------------------------------

@@ -25,7 +25,11 @@ from pathlib import Path
 import pytest
 
 import rootfs
-from tests.microvm.sandbox_fixtures import busybox_image, sandbox_home_fixture  # noqa: F401
+from tests.microvm.sandbox_fixtures import (  # noqa: F401
+    busybox_image,
+    microvm_cli,
+    sandbox_home_fixture,
+)
 
 pytestmark = [pytest.mark.vm, pytest.mark.root, pytest.mark.timeout(300)]
 
@@ -36,13 +40,7 @@ WEB = "cliweb1"
 def cli(*argv: str, stdin: bytes | None = None, timeout: float = 120,
         check: int | None = None) -> subprocess.CompletedProcess[bytes]:
     """Run ``microvm ARGV``; with ``check``, assert that exit status (stderr shown if not)."""
-    r = subprocess.run([sys.executable, "-m", "microvm", *argv], input=stdin,
-                       capture_output=True, timeout=timeout, env=dict(os.environ),
-                       stdin=None if stdin is not None else subprocess.DEVNULL)
-    if check is not None:
-        assert r.returncode == check, (argv, r.returncode, r.stderr.decode(errors="replace"))
-    assert b"Traceback" not in r.stderr, r.stderr.decode(errors="replace")
-    return r
+    return microvm_cli(*argv, stdin=stdin, timeout=timeout, check=check)
 
 
 def _free_port() -> int:

@@ -11,16 +11,18 @@ module; restores without a network avoid the known re-addressing hang (issue 16)
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import rootfs
-from tests.microvm.sandbox_fixtures import busybox_image, sandbox_home_fixture  # noqa: F401
+from tests.microvm.sandbox_fixtures import (  # noqa: F401
+    busybox_image,
+    microvm_cli,
+    sandbox_home_fixture,
+)
 from tests.support import require_binaries
 
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(600)]
@@ -31,13 +33,8 @@ SNAP = "clibase"
 
 
 def cli(*argv: str, check: int | None = 0, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    """``microvm ARGV`` in a subprocess; with ``check``, assert that exit status."""
-    r = subprocess.run([sys.executable, "-m", "microvm", *argv], capture_output=True, text=True,
-                       timeout=timeout, env=dict(os.environ), stdin=subprocess.DEVNULL)
-    if check is not None:
-        assert r.returncode == check, (argv, r.returncode, r.stderr)
-    assert "Traceback" not in r.stderr, r.stderr
-    return r
+    """``microvm ARGV`` in a subprocess (text output); with ``check``, assert that exit status."""
+    return microvm_cli(*argv, text=True, check=check, timeout=timeout)
 
 
 def _names(all_: bool = True) -> list[str]:

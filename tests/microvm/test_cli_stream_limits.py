@@ -29,6 +29,7 @@ import pytest
 import rootfs
 from tests.microvm.sandbox_fixtures import (  # noqa: F401
     busybox_image,
+    microvm_cli,
     owned_processes,
     sandbox_home_fixture,
 )
@@ -52,14 +53,8 @@ def _big() -> int:
     return 200_000_000 if kvm_usable() else 80_000_000
 
 
-def _cli(*argv: str, env: dict[str, str] | None = None, check: int | None = 0
-         ) -> subprocess.CompletedProcess[bytes]:
-    r = subprocess.run([sys.executable, "-m", "microvm", *argv], capture_output=True,
-                       stdin=subprocess.DEVNULL, timeout=120, env=env or dict(os.environ))
-    if check is not None:
-        assert r.returncode == check, (argv, r.returncode, r.stderr.decode(errors="replace"))
-    assert b"Traceback" not in r.stderr, r.stderr.decode(errors="replace")
-    return r
+def _cli(*argv: str, check: int | None = 0) -> subprocess.CompletedProcess[bytes]:
+    return microvm_cli(*argv, check=check, timeout=120)
 
 
 def _processes_of(home: Path, name: str) -> list[str]:

@@ -30,7 +30,11 @@ import pytest
 import rootfs
 from microvm.sandbox import _zygote as zygote
 from microvm.sandbox._state import process_alive
-from tests.microvm.sandbox_fixtures import busybox_image, sandbox_home_fixture  # noqa: F401
+from tests.microvm.sandbox_fixtures import (  # noqa: F401
+    busybox_image,
+    microvm_cli,
+    sandbox_home_fixture,
+)
 from tests.support import require_binaries
 
 IMG = "local/busybox:1"
@@ -59,9 +63,7 @@ def _status(d: Path) -> tuple[int, int] | None:
 
 
 def _cli(env: dict[str, str], *argv: str) -> None:
-    r = subprocess.run([sys.executable, "-m", "microvm", *argv], capture_output=True,
-                       stdin=subprocess.DEVNULL, timeout=180, env=env)
-    assert r.returncode == 0, (argv, r.stderr.decode(errors="replace"))
+    r = microvm_cli(*argv, env=env, timeout=180)
     assert r.stdout == b"zyg\n", r.stdout
 
 
